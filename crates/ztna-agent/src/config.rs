@@ -1,0 +1,197 @@
+//! Agent configuration (design §5).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+use ztna_proto::Protocol;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Intermediates in order of preference; the agent uses one and fails over to the next.
+    pub intermediates: Vec<String>,
+    #[serde(default = "default_ops")]
+    pub ops_listen: SocketAddr,
+    /// Local UDP address of the QUIC endpoint.
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    #[serde(default = "default_udp_idle", with = "duration")]
+    pub udp_idle_timeout: Duration,
+    /// How long a new local connection may wait for a tunnel (at startup or during failover)
+    /// before it is refused.
+    #[serde(default = "default_open_timeout", with = "duration")]
+    pub open_timeout: Duration,
+    #[serde(default = "default_keepalive", with = "duration")]
+    pub keepalive: Duration,
+    #[serde(default = "default_idle", with = "duration")]
+    pub idle_timeout: Duration,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub forward: Vec<Forward>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardProtocol {
+    Tcp,
+    Udp,
+}
+
+impl From<ForwardProtocol> for Protocol {
+    fn from(p: ForwardProtocol) -> Protocol {
+        match p {
+            ForwardProtocol::Tcp => Protocol::Tcp,
+            ForwardProtocol::Udp => Protocol::Udp,
+        }
+    }
+}
+
+/// A local port that tunnels to a service.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    pub service: String,
+    pub protocol: ForwardProtocol,
+    pub listen: SocketAddr,
+}
+
+impl Forward {
+    /// Parses the `--forward` shorthand `tcp:127.0.0.1:8080=web`.
+    pub fn parse(s: &str) -> Result<Forward, String> {
+        let usage = || {
+            format!("invalid forward {s:?}: expected PROTO:ADDR:PORT=SERVICE, e.g. tcp:127.0.0.1:8080=web")
+        };
+        let (lhs, service) = s.rsplit_once('=').ok_or_else(usage)?;
+        let (proto, listen) = lhs.split_once(':').ok_or_else(usage)?;
+        let protocol = match proto {
+            "tcp" => ForwardProtocol::Tcp,
+            "udp" => ForwardProtocol::Udp,
+            _ => {
+                return Err(format!(
+                    "invalid forward {s:?}: protocol must be tcp or udp"
+                ))
+            }
+        };
+        let listen = listen
+            .parse()
+            .map_err(|_| format!("invalid forward {s:?}: {listen:?} is not ADDR:PORT"))?;
+        if service.is_empty() {
+            return Err(usage());
+        }
+        Ok(Forward {
+            service: service.to_string(),
+            protocol,
+            listen,
+        })
+    }
+}
+
+fn default_ops() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9092))
+}
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+fn default_udp_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_open_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Config {
+    pub fn load(
+        path: Option<&Path>,
+        overrides: Vec<(&str, toml::Value)>,
+        extra: Vec<Forward>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = config::load(path, overrides)?;
+        cfg.forward.extend(extra);
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                origin: config::origin(path),
+                key,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.intermediates.is_empty() {
+            return Err((
+                "intermediates".into(),
+                "list at least one intermediate (host:port)".into(),
+            ));
+        }
+        for i in &self.intermediates {
+            if i.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(("intermediates".into(), format!("{i:?} is not host:port")));
+            }
+        }
+        if self.forward.is_empty() {
+            return Err((
+                "forward".into(),
+                "configure at least one [[forward]] (or --forward)".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, f) in self.forward.iter().enumerate() {
+            if f.service.is_empty() {
+                return Err((format!("forward[{i}].service"), "must not be empty".into()));
+            }
+            if !seen.insert((f.listen, f.protocol)) {
+                return Err((
+                    format!("forward[{i}].listen"),
+                    format!("{} is used twice", f.listen),
+                ));
+            }
+        }
+        if self.keepalive >= self.idle_timeout {
+            return Err((
+                "keepalive".into(),
+                "must be shorter than idle_timeout".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn transport(&self) -> ztna_node::transport::TransportOptions {
+        ztna_node::transport::TransportOptions {
+            keepalive: self.keepalive,
+            idle_timeout: self.idle_timeout,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_shorthand() {
+        let f = Forward::parse("tcp:127.0.0.1:8080=web").unwrap();
+        assert_eq!(f.service, "web");
+        assert_eq!(f.protocol, ForwardProtocol::Tcp);
+        assert_eq!(f.listen, "127.0.0.1:8080".parse().unwrap());
+        let f = Forward::parse("udp:[::1]:53=dns").unwrap();
+        assert_eq!(f.protocol, ForwardProtocol::Udp);
+        assert!(Forward::parse("sctp:127.0.0.1:1=x")
+            .unwrap_err()
+            .contains("tcp or udp"));
+        assert!(Forward::parse("tcp:127.0.0.1=web").is_err());
+        assert!(Forward::parse("tcp:127.0.0.1:80=").is_err());
+    }
+}

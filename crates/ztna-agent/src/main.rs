@@ -1,0 +1,106 @@
+//! ztna-agent binary: parse arguments, load config, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ztna_node::signals::{install, push_override};
+use ztna_node::CancellationToken;
+
+/// Exposes ZTNA services on local ports, tunnelled through an intermediate.
+#[derive(Parser)]
+#[command(name = "ztna-agent", version)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, env = "ZTNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and certificates), print the problem if any, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Intermediate host:port; repeat for each (`intermediates`).
+    #[arg(
+        long = "intermediate",
+        env = "ZTNA_INTERMEDIATES",
+        value_delimiter = ','
+    )]
+    intermediates: Vec<String>,
+    /// Ops endpoint address (`ops_listen`).
+    #[arg(long, env = "ZTNA_OPS_LISTEN")]
+    ops_listen: Option<String>,
+    /// Extra forward, e.g. `tcp:127.0.0.1:8080=web` (repeatable; adds to `[[forward]]`).
+    #[arg(long = "forward", env = "ZTNA_FORWARDS", value_delimiter = ',')]
+    forwards: Vec<String>,
+    /// CA certificate (`tls.ca`).
+    #[arg(long, env = "ZTNA_TLS_CA")]
+    tls_ca: Option<String>,
+    /// Certificate chain (`tls.cert`).
+    #[arg(long, env = "ZTNA_TLS_CERT")]
+    tls_cert: Option<String>,
+    /// Private key (`tls.key`).
+    #[arg(long, env = "ZTNA_TLS_KEY")]
+    tls_key: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ztna_node::logging::init();
+    let mut o = Vec::new();
+    if !cli.intermediates.is_empty() {
+        let list: Vec<toml::Value> = cli
+            .intermediates
+            .into_iter()
+            .map(toml::Value::from)
+            .collect();
+        o.push(("intermediates", toml::Value::Array(list)));
+    }
+    push_override(&mut o, "ops_listen", cli.ops_listen);
+    push_override(&mut o, "tls.ca", cli.tls_ca);
+    push_override(&mut o, "tls.cert", cli.tls_cert);
+    push_override(&mut o, "tls.key", cli.tls_key);
+    let mut extra = Vec::new();
+    for f in &cli.forwards {
+        match ztna_agent::Forward::parse(f) {
+            Ok(f) => extra.push(f),
+            Err(e) => {
+                eprintln!("ztna-agent: --forward: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let config = match ztna_agent::Config::load(cli.config.as_deref(), o, extra) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztna-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        if let Err(e) = ztna_node::Identity::load(&config.tls, ztna_proto::Role::Agent) {
+            eprintln!("ztna-agent: {e}");
+            return ExitCode::from(2);
+        }
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ztna-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = install(shutdown.clone(), "ztna-agent") {
+            eprintln!("ztna-agent: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        match ztna_agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztna-agent: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

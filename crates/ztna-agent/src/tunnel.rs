@@ -1,0 +1,246 @@
+//! The tunnel to an intermediate: connect, hello, service status, failover on loss or GoAway.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tracing::{debug, info, info_span, warn, Instrument};
+use ztna_node::backoff::{BackoffPolicy, Reconnect};
+use ztna_node::identity::describe_connection_error;
+use ztna_node::io::{read_frame, read_frame_timeout, write_frame};
+use ztna_node::CancellationToken;
+use ztna_proto::{datagram, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+
+use crate::Shared;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connection to an intermediate.
+pub struct Session {
+    pub conn: quinn::Connection,
+    pub intermediate: String,
+    status: Mutex<HashMap<String, (bool, String)>>,
+    /// UDP flow id → (local socket, local client) for return traffic.
+    udp: Mutex<HashMap<u64, (Arc<UdpSocket>, SocketAddr)>>,
+    going_away: AtomicBool,
+}
+
+impl Session {
+    /// Availability of `service` as last pushed by the intermediate, with the reason.
+    pub fn status(&self, service: &str) -> Option<(bool, String)> {
+        lock(&self.status).get(service).cloned()
+    }
+
+    /// True once the intermediate sent GoAway or the connection closed.
+    pub fn retiring(&self) -> bool {
+        self.going_away.load(Ordering::Relaxed) || self.conn.close_reason().is_some()
+    }
+
+    pub(crate) fn add_udp(&self, id: u64, socket: Arc<UdpSocket>, client: SocketAddr) {
+        lock(&self.udp).insert(id, (socket, client));
+    }
+
+    pub(crate) fn remove_udp(&self, id: u64) {
+        lock(&self.udp).remove(&id);
+    }
+
+    fn dispatch(&self, d: &Bytes) {
+        let Ok((id, payload)) = datagram::decode(d) else {
+            return;
+        };
+        let udp = lock(&self.udp);
+        if let Some((socket, client)) = udp.get(&id) {
+            let _ = socket.try_send_to(&payload, *client);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits up to `limit` for a usable session.
+pub(crate) async fn current(shared: &Shared, limit: Duration) -> Option<Arc<Session>> {
+    let mut rx = shared.current.subscribe();
+    let res = tokio::time::timeout(
+        limit,
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| !s.retiring())),
+    )
+    .await;
+    match res {
+        Ok(Ok(s)) => s.clone(),
+        _ => None,
+    }
+}
+
+pub(crate) async fn manage(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    stop: CancellationToken,
+) {
+    let targets = shared.config.intermediates.clone();
+    let mut backoff = Reconnect::new(BackoffPolicy::default());
+    let mut idx = 0usize;
+    loop {
+        let target = targets[idx % targets.len()].clone();
+        let span = info_span!("intermediate", %target);
+        let outcome = tokio::select! {
+            o = connect_and_serve(&shared, &endpoint, &target).instrument(span) => o,
+            _ = stop.cancelled() => return,
+        };
+        shared.current.send_replace(None);
+        shared.metrics.connected.set(0);
+        idx += 1;
+        let delay = match outcome {
+            Outcome::GoAway => Duration::ZERO,
+            Outcome::Lost(since) => backoff.next_delay(since),
+        };
+        if !delay.is_zero() {
+            debug!(?delay, "reconnecting after backoff");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+enum Outcome {
+    GoAway,
+    Lost(Option<Instant>),
+}
+
+async fn connect_and_serve(
+    shared: &Arc<Shared>,
+    endpoint: &quinn::Endpoint,
+    target: &str,
+) -> Outcome {
+    let conn = match connect(shared, endpoint, target).await {
+        Ok(c) => c,
+        Err(reason) => {
+            warn!(%reason, "cannot connect to intermediate");
+            return Outcome::Lost(None);
+        }
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(reason = %describe_connection_error(&e), "connection lost before hello");
+            return Outcome::Lost(None);
+        }
+    };
+    let mut watch: Vec<String> = shared
+        .config
+        .forward
+        .iter()
+        .map(|f| f.service.clone())
+        .collect();
+    watch.sort();
+    watch.dedup();
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Agent,
+        software: format!("ztna-agent/{}", ztna_node::VERSION),
+        watch,
+    };
+    if write_frame(&mut send, &hello).await.is_err() {
+        return Outcome::Lost(None);
+    }
+    match read_frame_timeout::<ServerMsg>(&mut recv, CONNECT_TIMEOUT).await {
+        Ok(ServerMsg::Welcome {
+            identity,
+            observed_addr,
+            ..
+        }) => {
+            info!(%identity, %observed_addr, "connected to intermediate");
+        }
+        Ok(ServerMsg::Refused { reason }) => {
+            warn!(%reason, "intermediate refused this agent");
+            return Outcome::Lost(None);
+        }
+        Ok(other) => {
+            warn!(msg = ?other, "expected Welcome");
+            return Outcome::Lost(None);
+        }
+        Err(e) => {
+            let why = conn
+                .close_reason()
+                .map(|c| describe_connection_error(&c))
+                .unwrap_or_else(|| e.to_string());
+            warn!(reason = %why, "no welcome");
+            return Outcome::Lost(None);
+        }
+    }
+    let since = Instant::now();
+    let session = Arc::new(Session {
+        conn: conn.clone(),
+        intermediate: target.to_string(),
+        status: Mutex::new(HashMap::new()),
+        udp: Mutex::new(HashMap::new()),
+        going_away: AtomicBool::new(false),
+    });
+    shared.current.send_replace(Some(session.clone()));
+    shared.metrics.connected.set(1);
+    loop {
+        tokio::select! {
+            msg = read_frame::<ServerMsg>(&mut recv) => match msg {
+                Ok(Some(ServerMsg::ServiceStatus { service, available, reason })) => {
+                    shared.metrics.service_available.with_label_values(&[&service]).set(i64::from(available));
+                    if available {
+                        info!(%service, %reason, "service available");
+                    } else {
+                        warn!(%service, %reason, "service unavailable");
+                    }
+                    lock(&session.status).insert(service, (available, reason));
+                }
+                Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
+                    info!(%reason, deadline_ms, "intermediate going away: new flows move to the next intermediate, running flows finish here");
+                    session.going_away.store(true, Ordering::Relaxed);
+                    // Keep delivering return datagrams of flows still running on this connection.
+                    let s = session.clone();
+                    tokio::spawn(async move {
+                        while let Ok(d) = s.conn.read_datagram().await {
+                            s.dispatch(&d);
+                        }
+                    });
+                    return Outcome::GoAway;
+                }
+                Ok(Some(other)) => debug!(msg = ?other, "control message"),
+                Ok(None) | Err(_) => {
+                    let reason = conn.close_reason().map(|c| describe_connection_error(&c)).unwrap_or_default();
+                    warn!(%reason, "lost intermediate");
+                    return Outcome::Lost(Some(since));
+                }
+            },
+            d = conn.read_datagram() => match d {
+                Ok(d) => session.dispatch(&d),
+                Err(e) => {
+                    warn!(reason = %describe_connection_error(&e), "lost intermediate");
+                    return Outcome::Lost(Some(since));
+                }
+            },
+        }
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    endpoint: &quinn::Endpoint,
+    target: &str,
+) -> Result<quinn::Connection, String> {
+    let (addr, sni) = ztna_node::transport::resolve(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connecting = endpoint
+        .connect_with(shared.client.clone(), addr, &sni)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(describe_connection_error(&e)),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}

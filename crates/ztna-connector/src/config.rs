@@ -1,0 +1,142 @@
+//! Connector configuration (design §5).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Every intermediate to register with (`host:port`); the connector keeps a connection to each.
+    pub intermediates: Vec<String>,
+    #[serde(default = "default_ops")]
+    pub ops_listen: SocketAddr,
+    /// Local UDP address of the QUIC endpoint (also used for direct P2P paths later).
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
+    /// Timeout for connecting to a TCP backend; a refused or silent backend rejects the flow.
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// A UDP flow with no datagram in either direction for this long is closed.
+    #[serde(default = "default_udp_idle", with = "duration")]
+    pub udp_idle_timeout: Duration,
+    #[serde(default = "default_keepalive", with = "duration")]
+    pub keepalive: Duration,
+    #[serde(default = "default_idle", with = "duration")]
+    pub idle_timeout: Duration,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub service: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Backend for TCP flows.
+    pub tcp: Option<SocketAddr>,
+    /// Backend for UDP flows.
+    pub udp: Option<SocketAddr>,
+}
+
+fn default_ops() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9091))
+}
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_udp_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Config {
+    pub fn load(
+        path: Option<&Path>,
+        overrides: Vec<(&str, toml::Value)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg: Config = config::load(path, overrides)?;
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                origin: config::origin(path),
+                key,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.intermediates.is_empty() {
+            return Err((
+                "intermediates".into(),
+                "list at least one intermediate (host:port)".into(),
+            ));
+        }
+        for i in &self.intermediates {
+            if i.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(("intermediates".into(), format!("{i:?} is not host:port")));
+            }
+        }
+        if self.service.is_empty() {
+            return Err((
+                "service".into(),
+                "configure at least one [[service]]".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.service.iter().enumerate() {
+            if s.name.is_empty() {
+                return Err((format!("service[{i}].name"), "must not be empty".into()));
+            }
+            if !seen.insert(&s.name) {
+                return Err((
+                    format!("service[{i}].name"),
+                    format!("duplicate service {:?}", s.name),
+                ));
+            }
+            if s.tcp.is_none() && s.udp.is_none() {
+                return Err((
+                    format!("service[{i}]"),
+                    format!(
+                        "service {:?} needs a `tcp` and/or `udp` backend address",
+                        s.name
+                    ),
+                ));
+            }
+        }
+        if self.keepalive >= self.idle_timeout {
+            return Err((
+                "keepalive".into(),
+                "must be shorter than idle_timeout".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn transport(&self) -> ztna_node::transport::TransportOptions {
+        ztna_node::transport::TransportOptions {
+            keepalive: self.keepalive,
+            idle_timeout: self.idle_timeout,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The connector's metrics (design §4).
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use ztna_node::metrics::{self as m, Common};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub common: Common,
+    pub intermediates_connected: IntGauge,
+    pub intermediates_configured: IntGauge,
+    pub reconnects: IntCounter,
+    pub flows_active: IntGaugeVec,
+    pub flows: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub backend_errors: IntCounterVec,
+    pub udp_rejected: IntCounterVec,
+    pub udp_dropped: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(services: &[(String, bool, bool)], intermediates: usize) -> Metrics {
+        let common = Common::new("connector");
+        let r = &common.registry;
+        let me = Metrics {
+            intermediates_connected: m::gauge(
+                r,
+                "ztna_connector_intermediates_connected",
+                "Intermediates this connector is registered with.",
+            ),
+            intermediates_configured: m::gauge(
+                r,
+                "ztna_connector_intermediates_configured",
+                "Intermediates in the configuration.",
+            ),
+            reconnects: m::counter(
+                r,
+                "ztna_connector_reconnects_total",
+                "Connection attempts after a lost or failed connection.",
+            ),
+            flows_active: m::gauge_vec(
+                r,
+                "ztna_connector_flows_active",
+                "Flows being forwarded to backends.",
+                &["service", "protocol"],
+            ),
+            flows: m::counter_vec(
+                r,
+                "ztna_connector_flows_total",
+                "Flow requests by outcome.",
+                &["service", "protocol", "result"],
+            ),
+            bytes: m::counter_vec(
+                r,
+                "ztna_connector_bytes_total",
+                "Payload bytes forwarded.",
+                &["service", "direction"],
+            ),
+            backend_errors: m::counter_vec(
+                r,
+                "ztna_connector_backend_errors_total",
+                "Backend connects or sends that failed.",
+                &["service"],
+            ),
+            udp_rejected: m::counter_vec(
+                r,
+                "ztna_connector_udp_rejected_total",
+                "UDP datagrams refused because they did not come from the flow's backend.",
+                &["service"],
+            ),
+            udp_dropped: m::counter_vec(
+                r,
+                "ztna_connector_udp_dropped_total",
+                "UDP datagrams dropped (too large for the path, unknown flow, queue full).",
+                &["reason"],
+            ),
+            common,
+        };
+        me.intermediates_configured.set(intermediates as i64);
+        for (s, tcp, udp) in services {
+            me.backend_errors.with_label_values(&[s]);
+            me.udp_rejected.with_label_values(&[s]);
+            for d in ["to_backend", "to_agent"] {
+                me.bytes.with_label_values(&[s, d]);
+            }
+            for (p, on) in [("tcp", *tcp), ("udp", *udp)] {
+                if on {
+                    me.flows_active.with_label_values(&[s, p]);
+                    for res in ["ok", "error"] {
+                        me.flows.with_label_values(&[s, p, res]);
+                    }
+                }
+            }
+        }
+        for r in ["too_large", "unknown_flow", "backend_busy"] {
+            me.udp_dropped.with_label_values(&[r]);
+        }
+        me
+    }
+}

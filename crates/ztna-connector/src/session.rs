@@ -1,0 +1,222 @@
+//! One supervised session per configured intermediate: connect, hello, register, serve flows,
+//! deregister on drain, reconnect with backoff after any loss.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::VarInt;
+use tracing::{debug, info, info_span, warn, Instrument};
+use ztna_node::backoff::{BackoffPolicy, Reconnect};
+use ztna_node::identity::describe_connection_error;
+use ztna_node::io::{read_frame, read_frame_timeout, write_frame};
+use ztna_node::CancellationToken;
+use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+
+use crate::flow::{self, ConnState};
+use crate::Shared;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn supervise(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    idx: usize,
+    target: String,
+    stop: CancellationToken,
+) {
+    let span = info_span!("intermediate", %target);
+    async move {
+        let mut backoff = Reconnect::new(BackoffPolicy::default());
+        let mut attempt = 0u64;
+        loop {
+            if stop.is_cancelled() || *shared.draining.borrow() {
+                return;
+            }
+            if attempt > 0 {
+                shared.metrics.reconnects.inc();
+            }
+            attempt += 1;
+            let since = match connect(&shared, &endpoint, &target).await {
+                Ok(conn) => serve(&shared, conn, idx, &stop).await,
+                Err(reason) => {
+                    warn!(%reason, "cannot connect to intermediate");
+                    None
+                }
+            };
+            if stop.is_cancelled() || *shared.draining.borrow() {
+                return;
+            }
+            let delay = backoff.next_delay(since);
+            info!(?delay, "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn connect(
+    shared: &Shared,
+    endpoint: &quinn::Endpoint,
+    target: &str,
+) -> Result<quinn::Connection, String> {
+    let (addr, sni) = ztna_node::transport::resolve(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connecting = endpoint
+        .connect_with(shared.client.clone(), addr, &sni)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(describe_connection_error(&e)),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+/// Runs one connection until it is lost or we stop. Returns when it was registered, for the
+/// backoff's "stayed healthy" reset.
+async fn serve(
+    shared: &Arc<Shared>,
+    conn: quinn::Connection,
+    idx: usize,
+    stop: &CancellationToken,
+) -> Option<Instant> {
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(reason = %describe_connection_error(&e), "connection lost before hello");
+            return None;
+        }
+    };
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Connector,
+        software: format!("ztna-connector/{}", ztna_node::VERSION),
+        watch: vec![],
+    };
+    if let Err(e) = write_frame(&mut send, &hello).await {
+        warn!(error = %e, "cannot send hello");
+        return None;
+    }
+    match read_frame_timeout::<ServerMsg>(&mut recv, REPLY_TIMEOUT).await {
+        Ok(ServerMsg::Welcome { observed_addr, .. }) => {
+            debug!(%observed_addr, "welcomed");
+        }
+        Ok(ServerMsg::Refused { reason }) => {
+            warn!(%reason, "intermediate refused this connector");
+            return None;
+        }
+        Ok(other) => {
+            warn!(msg = ?other, "expected Welcome");
+            conn.close(VarInt::from_u32(codes::PROTOCOL), b"expected Welcome");
+            return None;
+        }
+        Err(e) => {
+            let why = conn
+                .close_reason()
+                .map(|c| describe_connection_error(&c))
+                .unwrap_or_else(|| e.to_string());
+            warn!(reason = %why, "no welcome");
+            return None;
+        }
+    }
+    for s in shared.services.values() {
+        let msg = ClientMsg::Register {
+            service: s.name.clone(),
+            tcp: s.tcp.is_some(),
+            udp: s.udp.is_some(),
+        };
+        if write_frame(&mut send, &msg).await.is_err() {
+            return None;
+        }
+    }
+    let mut registered = Vec::new();
+    for _ in 0..shared.services.len() {
+        match read_frame_timeout::<ServerMsg>(&mut recv, REPLY_TIMEOUT).await {
+            Ok(ServerMsg::Registered { service }) => registered.push(service),
+            Ok(ServerMsg::RegisterRejected { service, reason }) => {
+                warn!(%service, %reason, "registration rejected");
+            }
+            Ok(ServerMsg::GoAway { reason, .. }) => {
+                info!(%reason, "intermediate is draining; will reconnect when it closes");
+            }
+            Ok(other) => debug!(msg = ?other, "ignoring control message"),
+            Err(e) => {
+                warn!(error = %e, "registration failed");
+                return None;
+            }
+        }
+    }
+    let since = Instant::now();
+    registered.sort();
+    info!(services = ?registered, "registered");
+    set_registered(shared, idx, !registered.is_empty());
+
+    let state = Arc::new(ConnState::new(conn.clone()));
+    let mut draining = shared.draining.subscribe();
+    let mut deregistered = false;
+    loop {
+        if *draining.borrow_and_update() && !deregistered {
+            deregistered = true;
+            for service in &registered {
+                let _ = write_frame(
+                    &mut send,
+                    &ClientMsg::Deregister {
+                        service: service.clone(),
+                    },
+                )
+                .await;
+            }
+            info!(services = ?registered, "deregistered; running flows continue");
+            set_registered(shared, idx, false);
+        }
+        tokio::select! {
+            _ = draining.changed() => {}
+            _ = stop.cancelled() => {
+                conn.close(VarInt::from_u32(codes::SHUTDOWN), b"connector stopped");
+                break;
+            }
+            msg = read_frame::<ServerMsg>(&mut recv) => match msg {
+                Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
+                    info!(%reason, deadline_ms, "intermediate is draining; running flows continue, reconnecting when it closes");
+                }
+                Ok(Some(other)) => debug!(msg = ?other, "control message"),
+                Ok(None) | Err(_) => {
+                    let reason = conn.close_reason().map(|c| describe_connection_error(&c)).unwrap_or_default();
+                    warn!(%reason, "lost intermediate");
+                    break;
+                }
+            },
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => {
+                    let span = info_span!("flow", stream = %r.id());
+                    tokio::spawn(flow::handle(shared.clone(), state.clone(), s, r).instrument(span));
+                }
+                Err(e) => {
+                    warn!(reason = %describe_connection_error(&e), "lost intermediate");
+                    break;
+                }
+            },
+            d = conn.read_datagram() => match d {
+                Ok(d) => flow::dispatch(shared, &state, &d),
+                Err(_) => {}
+            },
+        }
+    }
+    set_registered(shared, idx, false);
+    Some(since)
+}
+
+fn set_registered(shared: &Shared, idx: usize, on: bool) {
+    shared.registered.send_modify(|v| {
+        if let Some(slot) = v.get_mut(idx) {
+            *slot = on;
+        }
+    });
+    let n = shared.registered.borrow().iter().filter(|b| **b).count();
+    shared.metrics.intermediates_connected.set(n as i64);
+}

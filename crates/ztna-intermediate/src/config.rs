@@ -1,0 +1,103 @@
+//! Intermediate configuration (design §5).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+
+use crate::policy::{Policy, PolicyRule};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// QUIC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Ops endpoint (metrics, health); loopback by default.
+    #[serde(default = "default_ops")]
+    pub ops_listen: SocketAddr,
+    /// How long running flows may continue after a drain starts.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
+    /// QUIC keepalive interval; peers are declared dead after `idle_timeout`.
+    #[serde(default = "default_keepalive", with = "duration")]
+    pub keepalive: Duration,
+    #[serde(default = "default_idle", with = "duration")]
+    pub idle_timeout: Duration,
+    /// Concurrent flows one agent connection may have open.
+    #[serde(default = "default_flows_per_agent")]
+    pub max_flows_per_agent: u32,
+    /// Peers told in GoAway where to reconnect (e.g. the other intermediate).
+    #[serde(default)]
+    pub reconnect_hint: Vec<String>,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+fn default_ops() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_flows_per_agent() -> u32 {
+    1000
+}
+
+impl Config {
+    /// Loads and validates a config file with command-line overrides.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: Vec<(&str, toml::Value)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg: Config = config::load(path, overrides)?;
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                origin: config::origin(path),
+                key,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        Policy::new(self.policy.clone())
+            .validate()
+            .map_err(|m| ("policy".to_string(), m))?;
+        if self.keepalive >= self.idle_timeout {
+            return Err((
+                "keepalive".into(),
+                format!(
+                    "must be shorter than idle_timeout ({:?} >= {:?})",
+                    self.keepalive, self.idle_timeout
+                ),
+            ));
+        }
+        if self.max_flows_per_agent == 0 {
+            return Err(("max_flows_per_agent".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn transport(&self) -> ztna_node::transport::TransportOptions {
+        ztna_node::transport::TransportOptions {
+            keepalive: self.keepalive,
+            idle_timeout: self.idle_timeout,
+            // Control stream + flows, with headroom for flows that are closing.
+            max_streams: self.max_flows_per_agent.saturating_add(16),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! ztna-intermediate binary: parse arguments, load config, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ztna_node::signals::{install, push_override};
+use ztna_node::CancellationToken;
+
+/// Public QUIC relay of ZTNA: mTLS, default-deny policy, service registry, TCP/UDP relay.
+#[derive(Parser)]
+#[command(name = "ztna-intermediate", version)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, env = "ZTNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and certificates), print the problem if any, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// QUIC listen address (`listen`).
+    #[arg(long, env = "ZTNA_LISTEN")]
+    listen: Option<String>,
+    /// Ops endpoint address (`ops_listen`).
+    #[arg(long, env = "ZTNA_OPS_LISTEN")]
+    ops_listen: Option<String>,
+    /// Drain timeout, e.g. "30s" (`drain_timeout`).
+    #[arg(long, env = "ZTNA_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
+    /// CA certificate (`tls.ca`).
+    #[arg(long, env = "ZTNA_TLS_CA")]
+    tls_ca: Option<String>,
+    /// Certificate chain (`tls.cert`).
+    #[arg(long, env = "ZTNA_TLS_CERT")]
+    tls_cert: Option<String>,
+    /// Private key (`tls.key`).
+    #[arg(long, env = "ZTNA_TLS_KEY")]
+    tls_key: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ztna_node::logging::init();
+    let mut o = Vec::new();
+    push_override(&mut o, "listen", cli.listen);
+    push_override(&mut o, "ops_listen", cli.ops_listen);
+    push_override(&mut o, "drain_timeout", cli.drain_timeout);
+    push_override(&mut o, "tls.ca", cli.tls_ca);
+    push_override(&mut o, "tls.cert", cli.tls_cert);
+    push_override(&mut o, "tls.key", cli.tls_key);
+    let config = match ztna_intermediate::Config::load(cli.config.as_deref(), o) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztna-intermediate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        if let Err(e) = ztna_node::Identity::load(&config.tls, ztna_proto::Role::Intermediate) {
+            eprintln!("ztna-intermediate: {e}");
+            return ExitCode::from(2);
+        }
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ztna-intermediate: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = install(shutdown.clone(), "ztna-intermediate") {
+            eprintln!("ztna-intermediate: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        match ztna_intermediate::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztna-intermediate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

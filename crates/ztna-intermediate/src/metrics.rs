@@ -1,0 +1,128 @@
+//! The intermediate's metrics (design §4).
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use ztna_node::metrics::{self as m, Common};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub common: Common,
+    pub connections: IntGaugeVec,
+    pub handshakes: IntCounterVec,
+    pub service_connectors: IntGaugeVec,
+    pub flows_active: IntGaugeVec,
+    pub flows: IntCounterVec,
+    pub relay_bytes: IntCounterVec,
+    pub datagrams_dropped: IntCounterVec,
+    pub p2p: IntCounterVec,
+    pub peer_rtt: prometheus::HistogramVec,
+    pub draining: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let common = Common::new("intermediate");
+        let r = &common.registry;
+        let me = Metrics {
+            connections: m::gauge_vec(
+                r,
+                "ztna_intermediate_connections",
+                "Established peer connections.",
+                &["role"],
+            ),
+            handshakes: m::counter_vec(
+                r,
+                "ztna_intermediate_handshakes_total",
+                "Incoming QUIC handshakes by outcome.",
+                &["result"],
+            ),
+            service_connectors: m::gauge_vec(
+                r,
+                "ztna_intermediate_service_connectors",
+                "Connectors registered per service.",
+                &["service"],
+            ),
+            flows_active: m::gauge_vec(
+                r,
+                "ztna_intermediate_flows_active",
+                "Flows being relayed.",
+                &["protocol"],
+            ),
+            flows: m::counter_vec(
+                r,
+                "ztna_intermediate_flows_total",
+                "Flow open requests by outcome.",
+                &["protocol", "result"],
+            ),
+            relay_bytes: m::counter_vec(
+                r,
+                "ztna_intermediate_relay_bytes_total",
+                "Payload bytes relayed.",
+                &["protocol", "direction"],
+            ),
+            datagrams_dropped: m::counter_vec(
+                r,
+                "ztna_intermediate_datagrams_dropped_total",
+                "UDP datagrams dropped by the relay.",
+                &["reason"],
+            ),
+            p2p: m::counter_vec(
+                r,
+                "ztna_intermediate_p2p_total",
+                "P2P brokering outcomes.",
+                &["result"],
+            ),
+            peer_rtt: m::histogram_vec(
+                r,
+                "ztna_intermediate_peer_rtt_seconds",
+                "QUIC round-trip time to peers.",
+                &["role"],
+                m::rtt_buckets(),
+            ),
+            draining: m::gauge(
+                r,
+                "ztna_intermediate_draining",
+                "1 while the intermediate drains.",
+            ),
+            common,
+        };
+        // Make every label combination visible from the start, so dashboards and alerts see 0,
+        // not an absent series.
+        for role in ["agent", "connector"] {
+            me.connections.with_label_values(&[role]);
+            me.peer_rtt.with_label_values(&[role]);
+        }
+        for r in ["ok", "unauthorized", "failed"] {
+            me.handshakes.with_label_values(&[r]);
+        }
+        for p in ["tcp", "udp"] {
+            me.flows_active.with_label_values(&[p]);
+            for r in ["ok", "denied", "unavailable", "error"] {
+                me.flows.with_label_values(&[p, r]);
+            }
+            for d in ["to_connector", "to_agent"] {
+                me.relay_bytes.with_label_values(&[p, d]);
+            }
+        }
+        for r in ["unknown_flow", "too_large", "peer_gone", "malformed"] {
+            me.datagrams_dropped.with_label_values(&[r]);
+        }
+        for r in ["attempt", "direct", "fallback"] {
+            me.p2p.with_label_values(&[r]);
+        }
+        me
+    }
+
+    pub fn bytes(&self, protocol: &str, direction: &str) -> IntCounter {
+        self.relay_bytes.with_label_values(&[protocol, direction])
+    }
+
+    pub fn rtt(&self, role: &str) -> Histogram {
+        self.peer_rtt.with_label_values(&[role])
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

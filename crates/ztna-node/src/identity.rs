@@ -1,0 +1,579 @@
+//! Identity: the deployment CA, this node's certificate, SPIFFE IDs, and the rustls configs that
+//! enforce mutual TLS with role checks.
+//!
+//! * Servers (the intermediate, and later P2P listeners) require a client certificate that chains
+//!   to the CA *and* carries a SPIFFE ID of the same trust domain with an allowed role.
+//! * Clients verify the server by chain + SPIFFE role (not by DNS name), so connecting by IP works.
+//!
+//! There is no way to turn verification off.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use thiserror::Error;
+use ztna_proto::Role;
+
+use crate::config::TlsConfig;
+
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no {expected}")]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("{path}: {message}")]
+    BadCert { path: PathBuf, message: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// `spiffe://<trust-domain>/<role>/<name>`
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub role: Role,
+    pub name: String,
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/{}/{}",
+            self.trust_domain, self.role, self.name
+        )
+    }
+}
+
+fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl SpiffeId {
+    /// Parses a workload SPIFFE ID with exactly a role and a name segment.
+    pub fn parse(uri: &str) -> Result<SpiffeId, String> {
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| format!("{uri:?} is not a spiffe:// URI"))?;
+        let mut parts = rest.split('/');
+        let (td, role, name) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(td), Some(role), Some(name), None) => (td, role, name),
+            _ => {
+                return Err(format!(
+                    "{uri:?} is not spiffe://<trust-domain>/<role>/<name>"
+                ))
+            }
+        };
+        if !valid_trust_domain(td) {
+            return Err(format!("{uri:?} has an invalid trust domain"));
+        }
+        let role = Role::parse(role).ok_or_else(|| {
+            format!("{uri:?} has unknown role {role:?} (agent, connector or intermediate)")
+        })?;
+        if !valid_name(name) {
+            return Err(format!("{uri:?} has an invalid name"));
+        }
+        Ok(SpiffeId {
+            trust_domain: td.to_string(),
+            role,
+            name: name.to_string(),
+        })
+    }
+
+    /// Extracts the single SPIFFE URI SAN of a certificate.
+    pub fn from_cert(der: &[u8]) -> Result<SpiffeId, String> {
+        let uris = uri_sans(der)?;
+        let spiffe: Vec<&String> = uris.iter().filter(|u| u.starts_with("spiffe://")).collect();
+        match spiffe.as_slice() {
+            [one] => SpiffeId::parse(one),
+            [] => Err("certificate has no SPIFFE ID (URI SAN spiffe://...)".to_string()),
+            _ => Err("certificate has more than one SPIFFE ID".to_string()),
+        }
+    }
+}
+
+fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Trust domain of a CA certificate: its `spiffe://<td>` URI SAN (written by `ztna-pki init`).
+fn ca_trust_domain(der: &[u8]) -> Result<String, String> {
+    for uri in uri_sans(der)? {
+        if let Some(td) = uri.strip_prefix("spiffe://") {
+            let td = td.trim_end_matches('/');
+            if valid_trust_domain(td) {
+                return Ok(td.to_string());
+            }
+        }
+    }
+    Err(
+        "CA certificate has no spiffe://<trust-domain> URI SAN (create it with `ztna-pki init`)"
+            .into(),
+    )
+}
+
+fn not_after(der: &[u8]) -> Result<SystemTime, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable certificate: {e}"))?;
+    let ts = cert.validity().not_after.timestamp();
+    Ok(UNIX_EPOCH + Duration::from_secs(ts.max(0) as u64))
+}
+
+/// The crypto provider every config uses: rustls with *ring*.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Everything loaded from the `[tls]` section.
+#[derive(Clone)]
+pub struct Identity {
+    pub id: SpiffeId,
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    pub roots: Arc<RootCertStore>,
+    pub trust_domain: String,
+    /// notAfter of our own leaf certificate.
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.id.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
+    let path = TlsConfig::resolve(path);
+    std::fs::read(&path).map_err(|source| IdentityError::Read { what, path, source })
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let pem = read(what, path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::BadCert {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(IdentityError::Empty {
+            what,
+            path: path.into(),
+            expected: "PEM certificate",
+        });
+    }
+    Ok(certs)
+}
+
+impl Identity {
+    /// Loads CA, certificate chain and key, and checks that they belong together: the leaf must
+    /// carry a SPIFFE ID of `expected_role` in the CA's trust domain.
+    pub fn load(tls: &TlsConfig, expected_role: Role) -> Result<Identity, IdentityError> {
+        let ca = certs("CA certificate", &tls.ca)?;
+        let chain = certs("certificate", &tls.cert)?;
+        let key_pem = read("private key", &tls.key)?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| IdentityError::BadCert {
+                path: tls.key.clone(),
+                message: e.to_string(),
+            })?
+            .ok_or_else(|| IdentityError::Empty {
+                what: "private key",
+                path: tls.key.clone(),
+                expected: "PEM private key",
+            })?;
+        Self::from_parts(ca, chain, key, expected_role, &tls.cert)
+    }
+
+    /// Builds an identity from DER parts (also used by tests and the demo).
+    pub fn from_parts(
+        ca: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        expected_role: Role,
+        cert_path: &Path,
+    ) -> Result<Identity, IdentityError> {
+        let bad = |message: String| IdentityError::BadCert {
+            path: cert_path.into(),
+            message,
+        };
+        let ca_der = ca.first().ok_or_else(|| bad("no CA certificate".into()))?;
+        let trust_domain = ca_trust_domain(ca_der).map_err(bad)?;
+        let mut roots = RootCertStore::empty();
+        for c in &ca {
+            roots
+                .add(c.clone())
+                .map_err(|e| bad(format!("unusable CA certificate: {e}")))?;
+        }
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad("empty certificate chain".into()))?;
+        let id = SpiffeId::from_cert(leaf).map_err(bad)?;
+        if id.role != expected_role {
+            return Err(bad(format!(
+                "certificate is for role {} ({id}), this daemon needs role {expected_role}",
+                id.role
+            )));
+        }
+        if id.trust_domain != trust_domain {
+            return Err(bad(format!(
+                "certificate {id} is not in the CA's trust domain {trust_domain}"
+            )));
+        }
+        let not_after = not_after(leaf).map_err(bad)?;
+        // The key must match the certificate: rustls checks this when building a config.
+        let identity = Identity {
+            id,
+            chain,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+            trust_domain,
+            not_after,
+        };
+        identity.server_config(&[Role::Agent])?;
+        Ok(identity)
+    }
+
+    /// Seconds since the epoch of our certificate's notAfter.
+    pub fn expiry_unix(&self) -> f64 {
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    }
+
+    /// rustls server config requiring clients with one of `client_roles`.
+    pub fn server_config(
+        &self,
+        client_roles: &[Role],
+    ) -> Result<rustls::ServerConfig, IdentityError> {
+        let provider = provider();
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let verifier = Arc::new(SpiffeClientVerifier {
+            inner,
+            trust_domain: self.trust_domain.clone(),
+            roles: client_roles.to_vec(),
+        });
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| IdentityError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| IdentityError::Tls(format!("certificate and key do not match: {e}")))?;
+        cfg.alpn_protocols = vec![ztna_proto::ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// rustls client config that presents our certificate and accepts only a server with
+    /// `server_role` in our trust domain.
+    pub fn client_config(&self, server_role: Role) -> Result<rustls::ClientConfig, IdentityError> {
+        let provider = provider();
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: self.roots.clone(),
+            trust_domain: self.trust_domain.clone(),
+            role: server_role,
+            provider: provider.clone(),
+        });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| IdentityError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| IdentityError::Tls(format!("certificate and key do not match: {e}")))?;
+        cfg.alpn_protocols = vec![ztna_proto::ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
+fn spiffe_check(
+    der: &CertificateDer<'_>,
+    trust_domain: &str,
+    roles: &[Role],
+) -> Result<SpiffeId, rustls::Error> {
+    let id = SpiffeId::from_cert(der).map_err(|e| {
+        tracing::warn!(error = %e, "refused peer certificate");
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+            VerifyError(e),
+        ))))
+    })?;
+    if id.trust_domain != trust_domain || !roles.contains(&id.role) {
+        let want: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        tracing::warn!(peer = %id, expected_roles = ?want, %trust_domain, "refused peer: wrong role or trust domain");
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ));
+    }
+    Ok(id)
+}
+
+#[derive(Debug)]
+struct VerifyError(String);
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for VerifyError {}
+
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+    roles: Vec<Role>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            let who = SpiffeId::from_cert(end_entity)
+                .map(|i| i.to_string())
+                .unwrap_or_else(|e| e);
+            tracing::warn!(peer = %who, error = %e, "refused client certificate");
+            return Err(e);
+        }
+        spiffe_check(end_entity, &self.trust_domain, &self.roles)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+    role: Role,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Chain + validity + serverAuth EKU; the DNS name is deliberately not checked: the
+        // server is identified by its SPIFFE role, so `intermediates = ["203.0.113.7:4433"]` works.
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        spiffe_check(end_entity, &self.trust_domain, &[self.role])?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The SPIFFE ID of the peer of an established connection (already verified by the handshake).
+pub fn peer_id(conn: &quinn::Connection) -> Option<SpiffeId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    SpiffeId::from_cert(certs.first()?).ok()
+}
+
+/// Explains a failed connection in words an operator understands, in particular TLS alerts the
+/// other side sent while refusing our certificate.
+pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+    use quinn::ConnectionError as E;
+    match e {
+        E::ConnectionClosed(close) => {
+            let code = u64::from(close.error_code);
+            if (0x100..0x200).contains(&code) {
+                let alert = (code - 0x100) as u8;
+                format!(
+                    "refused by peer during TLS handshake: {}",
+                    alert_text(alert)
+                )
+            } else {
+                format!("closed by peer: {close}")
+            }
+        }
+        E::TransportError(t) => {
+            let code = u64::from(t.code);
+            if (0x100..0x200).contains(&code) {
+                format!(
+                    "TLS handshake failed: {} ({})",
+                    alert_text((code - 0x100) as u8),
+                    t.reason
+                )
+            } else {
+                format!("transport error: {t}")
+            }
+        }
+        E::ApplicationClosed(app) => {
+            let code = u64::from(app.error_code);
+            let reason = String::from_utf8_lossy(&app.reason);
+            format!(
+                "closed by peer ({}): {reason}",
+                ztna_proto::codes::name(code)
+            )
+        }
+        E::TimedOut => "timed out (peer unreachable or not answering)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn alert_text(alert: u8) -> &'static str {
+    match alert {
+        42 => "bad certificate",
+        43 => "unsupported certificate (wrong key usage)",
+        44 => "certificate revoked",
+        45 => "certificate expired or not yet valid",
+        46 => "certificate rejected (no valid SPIFFE ID)",
+        48 => "certificate not issued by the deployment CA (unknown CA)",
+        49 => "access denied (wrong role or trust domain for this peer)",
+        51 => "signature check failed",
+        116 => "certificate required",
+        120 => "no common application protocol (ALPN ztna/1)",
+        _ => "TLS alert",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_spiffe_ids() {
+        let id = SpiffeId::parse("spiffe://corp.example/connector/web-1").unwrap();
+        assert_eq!(id.role, Role::Connector);
+        assert_eq!(id.name, "web-1");
+        assert_eq!(id.to_string(), "spiffe://corp.example/connector/web-1");
+        for bad in [
+            "https://corp.example/agent/a",
+            "spiffe://corp.example/agent",
+            "spiffe://corp.example/agent/a/b",
+            "spiffe://corp.example/admin/a",
+            "spiffe://Corp.Example/agent/a",
+            "spiffe://corp.example/agent/",
+            "spiffe://corp.example/agent/a b",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

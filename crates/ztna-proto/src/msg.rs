@@ -1,0 +1,300 @@
+//! Messages of the ZTNA protocol.
+//!
+//! * The **control stream** is the first bidirectional stream a client opens. The client sends
+//!   [`ClientMsg`]s, the intermediate answers with [`ServerMsg`]s. The first client message is
+//!   always `Hello`, the first server message `Welcome` (or `Refused`).
+//! * Every other bidirectional stream is a **flow**. It starts with one [`FlowOpen`] frame from the
+//!   opener and one [`FlowReply`] frame from the other side; for TCP, raw bytes follow in both
+//!   directions; for UDP, the stream stays open for the flow's lifetime and payloads travel as
+//!   datagrams (see [`crate::datagram`]).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// What a peer is, as carried in its certificate's SPIFFE ID.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Agent,
+    Connector,
+    Intermediate,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Connector => "connector",
+            Role::Intermediate => "intermediate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "agent" => Some(Role::Agent),
+            "connector" => Some(Role::Connector),
+            "intermediate" => Some(Role::Intermediate),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Transport protocol of a flow.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Client (agent or connector) → intermediate, on the control stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ClientMsg {
+    /// First message. `watch` lists services whose availability an agent wants pushed to it.
+    Hello {
+        version: u16,
+        role: Role,
+        software: String,
+        watch: Vec<String>,
+    },
+    /// Connector offers a service (for the protocols it has backends for).
+    Register {
+        service: String,
+        tcp: bool,
+        udp: bool,
+    },
+    /// Connector stops offering a service: no new flows are routed to it.
+    Deregister { service: String },
+}
+
+/// Intermediate → client, on the control stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ServerMsg {
+    /// Answer to `Hello`: our version, the identity we authenticated, and the client's address as
+    /// we observe it (QUIC address discovery).
+    Welcome {
+        version: u16,
+        identity: String,
+        observed_addr: SocketAddr,
+    },
+    /// The connection is refused; it will be closed right after this message.
+    Refused {
+        reason: String,
+    },
+    Registered {
+        service: String,
+    },
+    RegisterRejected {
+        service: String,
+        reason: String,
+    },
+    /// Pushed to agents for every watched service, at once and on every change.
+    ServiceStatus {
+        service: String,
+        available: bool,
+        reason: String,
+    },
+    /// The intermediate is draining: open no new flows here, move to another intermediate.
+    /// Running flows may finish until `deadline_ms` from now.
+    GoAway {
+        reason: String,
+        deadline_ms: u64,
+        reconnect: Vec<String>,
+    },
+}
+
+/// First frame on a flow stream, from the side that opens it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FlowOpen {
+    pub service: String,
+    pub protocol: Protocol,
+    /// For UDP: the id that prefixes this flow's datagrams on this connection. 0 for TCP.
+    pub flow_id: u64,
+}
+
+/// Why a flow was not opened.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// No policy rule allows this agent to reach the service.
+    Denied,
+    /// No connector currently serves the service (for that protocol).
+    Unavailable,
+    /// The connector could not reach its backend.
+    BackendUnreachable,
+    /// A limit was hit (flows per agent, ...).
+    Limit,
+    /// The relay is draining.
+    Draining,
+    /// The request was malformed or named an unknown service.
+    BadRequest,
+    /// Anything else.
+    Error,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Denied => "denied",
+            RejectReason::Unavailable => "unavailable",
+            RejectReason::BackendUnreachable => "backend_unreachable",
+            RejectReason::Limit => "limit",
+            RejectReason::Draining => "draining",
+            RejectReason::BadRequest => "bad_request",
+            RejectReason::Error => "error",
+        }
+    }
+}
+
+/// Answer to [`FlowOpen`]; bytes flow only after `Accept`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum FlowReply {
+    Accept,
+    Reject {
+        reason: RejectReason,
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{self, FrameDecoder};
+    use proptest::prelude::*;
+    use serde::{de::DeserializeOwned, Serialize};
+    use std::fmt::Debug;
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![
+            Just(Role::Agent),
+            Just(Role::Connector),
+            Just(Role::Intermediate)
+        ]
+    }
+    fn proto() -> impl Strategy<Value = Protocol> {
+        prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]
+    }
+    fn name() -> impl Strategy<Value = String> {
+        ".{0,40}"
+    }
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::from((ip, p))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::from((ip, p))),
+        ]
+    }
+    fn client_msg() -> impl Strategy<Value = ClientMsg> {
+        prop_oneof![
+            (
+                any::<u16>(),
+                role(),
+                name(),
+                proptest::collection::vec(name(), 0..5)
+            )
+                .prop_map(|(version, role, software, watch)| ClientMsg::Hello {
+                    version,
+                    role,
+                    software,
+                    watch
+                }),
+            (name(), any::<bool>(), any::<bool>())
+                .prop_map(|(service, tcp, udp)| ClientMsg::Register { service, tcp, udp }),
+            name().prop_map(|service| ClientMsg::Deregister { service }),
+        ]
+    }
+    fn server_msg() -> impl Strategy<Value = ServerMsg> {
+        prop_oneof![
+            (any::<u16>(), name(), addr()).prop_map(|(version, identity, observed_addr)| {
+                ServerMsg::Welcome {
+                    version,
+                    identity,
+                    observed_addr,
+                }
+            }),
+            name().prop_map(|reason| ServerMsg::Refused { reason }),
+            name().prop_map(|service| ServerMsg::Registered { service }),
+            (name(), name())
+                .prop_map(|(service, reason)| ServerMsg::RegisterRejected { service, reason }),
+            (name(), any::<bool>(), name()).prop_map(|(service, available, reason)| {
+                ServerMsg::ServiceStatus {
+                    service,
+                    available,
+                    reason,
+                }
+            }),
+            (
+                name(),
+                any::<u64>(),
+                proptest::collection::vec(name(), 0..3)
+            )
+                .prop_map(|(reason, deadline_ms, reconnect)| ServerMsg::GoAway {
+                    reason,
+                    deadline_ms,
+                    reconnect
+                }),
+        ]
+    }
+    fn reject_reason() -> impl Strategy<Value = RejectReason> {
+        prop_oneof![
+            Just(RejectReason::Denied),
+            Just(RejectReason::Unavailable),
+            Just(RejectReason::BackendUnreachable),
+            Just(RejectReason::Limit),
+            Just(RejectReason::Draining),
+            Just(RejectReason::BadRequest),
+            Just(RejectReason::Error),
+        ]
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(msg: &T) {
+        let wire = frame::encode(msg).unwrap();
+        let mut d = FrameDecoder::new();
+        d.extend(&wire);
+        let back: T = d.next_msg().unwrap().unwrap();
+        assert_eq!(&back, msg);
+        assert_eq!(d.pending(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn client_msg_round_trip(m in client_msg()) { round_trip(&m); }
+        #[test]
+        fn server_msg_round_trip(m in server_msg()) { round_trip(&m); }
+        #[test]
+        fn flow_open_round_trip(service in name(), protocol in proto(), flow_id in any::<u64>()) {
+            round_trip(&FlowOpen { service, protocol, flow_id });
+        }
+        #[test]
+        fn flow_reply_round_trip(reason in reject_reason(), message in name(), accept in any::<bool>()) {
+            let m = if accept { FlowReply::Accept } else { FlowReply::Reject { reason, message } };
+            round_trip(&m);
+        }
+
+        #[test]
+        fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = frame::decode_payload::<ClientMsg>(&bytes);
+            let _ = frame::decode_payload::<ServerMsg>(&bytes);
+            let _ = frame::decode_payload::<FlowOpen>(&bytes);
+            let _ = frame::decode_payload::<FlowReply>(&bytes);
+        }
+    }
+}
