@@ -1,1 +1,407 @@
+//! Test harness: a throwaway PKI, echo backends, and the three daemons started through their
+//! library entry points on loopback.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+use ztna_node::config::TlsConfig;
+use ztna_node::CancellationToken;
+use ztna_pki::{Ca, IssueRequest, Issued, Validity};
+
+pub use ztna_agent::{Forward, ForwardProtocol};
+pub use ztna_intermediate::policy::PolicyRule;
+
+pub const TD: &str = "test.example";
+
+/// Installs a test log subscriber once (RUST_LOG controls it; quiet by default).
+pub fn logs() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A deployment CA in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub ca_path: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        Self::with_domain(TD)
+    }
+
+    pub fn with_domain(td: &str) -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate(td, Validity::days(30)).expect("CA");
+        let (ca_path, _) = ca.write(dir.path(), false).expect("write CA");
+        Pki { dir, ca, ca_path }
+    }
+
+    /// Writes an issued cert and returns a `[tls]` section trusting *this* CA.
+    pub fn tls_for(&self, issued: &Issued, file: &str) -> TlsConfig {
+        let (cert, key) = issued
+            .write(self.dir.path(), file, true)
+            .expect("write cert");
+        TlsConfig {
+            ca: self.ca_path.clone(),
+            cert,
+            key,
+        }
+    }
+
+    pub fn issue(&self, role: &str, name: &str) -> TlsConfig {
+        let issued = self
+            .ca
+            .issue(&IssueRequest::new(role, name))
+            .expect("issue");
+        self.tls_for(&issued, &format!("{role}-{name}"))
+    }
+
+    pub fn id(role: &str, name: &str) -> String {
+        format!("spiffe://{TD}/{role}/{name}")
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Policy that lets `connector/*` serve and `agent/*` reach each service.
+pub fn open_policy(services: &[&str]) -> Vec<PolicyRule> {
+    services
+        .iter()
+        .map(|s| PolicyRule {
+            service: s.to_string(),
+            connectors: vec![format!("spiffe://{TD}/connector/*")],
+            agents: vec![format!("spiffe://{TD}/agent/*")],
+        })
+        .collect()
+}
+
+pub struct Daemon<M> {
+    pub metrics: M,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl<M> Daemon<M> {
+    /// Cancels and waits for the daemon to return.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
+pub fn loopback0() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+fn tls_toml(tls: &TlsConfig) -> String {
+    format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        tls.ca.display().to_string(),
+        tls.cert.display().to_string(),
+        tls.key.display().to_string()
+    )
+}
+
+pub struct IntermediateHandle {
+    pub addr: SocketAddr,
+    pub daemon: Daemon<ztna_intermediate::metrics::Metrics>,
+}
+
+pub fn intermediate_config(
+    pki: &Pki,
+    listen: SocketAddr,
+    policy: Vec<PolicyRule>,
+) -> ztna_intermediate::Config {
+    let tls = pki.issue("intermediate", "relay");
+    let text = format!(
+        "listen = \"{listen}\"\ndrain_timeout = \"5s\"\n{}",
+        tls_toml(&tls)
+    );
+    let mut cfg: ztna_intermediate::Config = toml::from_str(&text).expect("intermediate config");
+    cfg.policy = policy;
+    cfg
+}
+
+pub fn start_intermediate_with(cfg: ztna_intermediate::Config) -> IntermediateHandle {
+    let im = ztna_intermediate::Intermediate::bind(cfg).expect("bind intermediate");
+    let addr = im.local_addr().expect("addr");
+    let metrics = im.metrics();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    IntermediateHandle {
+        addr,
+        daemon: Daemon {
+            metrics,
+            stop,
+            task,
+        },
+    }
+}
+
+pub fn start_intermediate(pki: &Pki, policy: Vec<PolicyRule>) -> IntermediateHandle {
+    start_intermediate_with(intermediate_config(pki, loopback0(), policy))
+}
+
+pub struct ConnectorHandle {
+    pub daemon: Daemon<ztna_connector::Metrics>,
+    pub registered: tokio::sync::watch::Receiver<Vec<bool>>,
+}
+
+impl ConnectorHandle {
+    /// Waits until registered with `n` intermediates.
+    pub async fn wait_registered(&mut self, n: usize) {
+        let ok = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.registered
+                .wait_for(|v| v.iter().filter(|b| **b).count() >= n),
+        )
+        .await;
+        assert!(
+            matches!(ok, Ok(Ok(_))),
+            "connector did not register with {n} intermediate(s)"
+        );
+    }
+}
+
+/// `services`: (name, tcp backend, udp backend).
+pub fn start_connector(
+    pki: &Pki,
+    name: &str,
+    intermediates: &[SocketAddr],
+    services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
+) -> ConnectorHandle {
+    let tls = pki.issue("connector", name);
+    start_connector_tls(tls, intermediates, services)
+}
+
+pub fn start_connector_tls(
+    tls: TlsConfig,
+    intermediates: &[SocketAddr],
+    services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
+) -> ConnectorHandle {
+    let mut text = format!(
+        "intermediates = [{}]\nudp_idle_timeout = \"10s\"\ndrain_timeout = \"5s\"\n",
+        intermediates
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    text.push_str(&tls_toml(&tls));
+    for (name, tcp, udp) in services {
+        text.push_str(&format!("[[service]]\nname = \"{name}\"\n"));
+        if let Some(t) = tcp {
+            text.push_str(&format!("tcp = \"{t}\"\n"));
+        }
+        if let Some(u) = udp {
+            text.push_str(&format!("udp = \"{u}\"\n"));
+        }
+    }
+    let cfg: ztna_connector::Config = toml::from_str(&text).expect("connector config");
+    cfg.validate().expect("valid connector config");
+    let c = ztna_connector::Connector::bind(cfg).expect("bind connector");
+    let metrics = c.metrics();
+    let registered = c.registered();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(c.run(stop.clone()));
+    ConnectorHandle {
+        daemon: Daemon {
+            metrics,
+            stop,
+            task,
+        },
+        registered,
+    }
+}
+
+pub struct AgentHandle {
+    pub daemon: Daemon<ztna_agent::Metrics>,
+    /// (service, protocol, local address) in forward order.
+    pub ports: Vec<(String, ztna_proto::Protocol, SocketAddr)>,
+    pub session: tokio::sync::watch::Receiver<Option<Arc<ztna_agent::Session>>>,
+}
+
+impl AgentHandle {
+    pub fn port(&self, service: &str, protocol: ztna_proto::Protocol) -> SocketAddr {
+        self.ports
+            .iter()
+            .find(|(s, p, _)| s == service && *p == protocol)
+            .map(|(_, _, a)| *a)
+            .expect("forward configured")
+    }
+
+    /// Waits for a connected session on which `service` has the given availability.
+    pub async fn wait_status(&mut self, service: &str, available: bool) -> String {
+        let mut reason = String::new();
+        let ok = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(s) = self.session.borrow().clone() {
+                    if let Some((a, r)) = s.status(service) {
+                        if a == available {
+                            reason = r;
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            ok.is_ok(),
+            "agent never saw {service} available={available}"
+        );
+        reason
+    }
+}
+
+pub async fn start_agent(
+    pki: &Pki,
+    name: &str,
+    intermediates: &[SocketAddr],
+    forwards: &[(&str, ForwardProtocol)],
+) -> AgentHandle {
+    start_agent_tls(pki.issue("agent", name), intermediates, forwards).await
+}
+
+pub async fn start_agent_tls(
+    tls: TlsConfig,
+    intermediates: &[SocketAddr],
+    forwards: &[(&str, ForwardProtocol)],
+) -> AgentHandle {
+    let mut text = format!(
+        "intermediates = [{}]\nudp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"\n",
+        intermediates
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    text.push_str(&tls_toml(&tls));
+    let mut cfg: ztna_agent::Config = toml::from_str(&text).expect("agent config");
+    cfg.forward = forwards
+        .iter()
+        .map(|(s, p)| Forward {
+            service: s.to_string(),
+            protocol: *p,
+            listen: loopback0(),
+        })
+        .collect();
+    let agent = ztna_agent::Agent::bind(cfg).await.expect("bind agent");
+    let ports = agent.local_addrs();
+    let metrics = agent.metrics();
+    let session = agent.session();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+    AgentHandle {
+        daemon: Daemon {
+            metrics,
+            stop,
+            task,
+        },
+        ports,
+        session,
+    }
+}
+
+/// TCP echo backend. Echoes until the client half-closes, then closes its side.
+pub async fn tcp_echo() -> (SocketAddr, JoinHandle<()>) {
+    let l = TcpListener::bind(loopback0()).await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// TCP backend that answers every connection with its own name, then closes.
+pub async fn tcp_named(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    let l = TcpListener::bind(loopback0()).await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// UDP echo backend; records every source address it saw (the connector's backend-facing sockets).
+pub async fn udp_echo() -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>, JoinHandle<()>) {
+    let s = UdpSocket::bind(loopback0()).await.expect("bind");
+    let addr = s.local_addr().expect("addr");
+    let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+    let seen2 = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            {
+                let mut v = seen2.lock().unwrap_or_else(|p| p.into_inner());
+                if !v.contains(&from) {
+                    v.push(from);
+                }
+            }
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, seen, task)
+}
+
+/// Connects to a local forward and exchanges `msg`, returning what came back (until EOF).
+pub async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// Value of a counter/gauge sample in a rendered metrics text, summed over matching lines.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}

@@ -1,0 +1,215 @@
+//! End to end through agent → intermediate → connector → backend, in one process on loopback.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use ztna_integration::*;
+use ztna_proto::Protocol;
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_8mib_intact_64_concurrent_and_half_close() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", true).await;
+    let port = a.port("web", Protocol::Tcp);
+
+    // 8 MiB over one flow, hash compared; the writer half-closes and still reads everything back.
+    let data: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want = Sha256::digest(&data);
+    let s = TcpStream::connect(port).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap(); // half-close: we keep reading
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(T, r.read_to_end(&mut got))
+        .await
+        .expect("8 MiB in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), 8 * 1024 * 1024);
+    assert_eq!(Sha256::digest(&got), want, "8 MiB corrupted");
+
+    // 64 concurrent flows, each with its own payload.
+    let mut tasks = Vec::new();
+    for i in 0..64u32 {
+        tasks.push(tokio::spawn(async move {
+            let msg: Vec<u8> = (0..20_000u32).map(|j| (i * 7 + j) as u8).collect();
+            let back = tcp_roundtrip(port, &msg).await.unwrap();
+            assert_eq!(back, msg, "flow {i} corrupted");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(T, t)
+            .await
+            .expect("concurrent flows in time")
+            .unwrap();
+    }
+    let text = im.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_intermediate_flows_total",
+            &[("protocol", "tcp"), ("result", "ok")]
+        ),
+        65.0
+    );
+    assert!(
+        metric(
+            &text,
+            "ztna_intermediate_relay_bytes_total",
+            &[("protocol", "tcp"), ("direction", "to_connector")]
+        ) >= 8.0 * 1024.0 * 1024.0
+    );
+    let ctext = c.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &ctext,
+            "ztna_connector_flows_total",
+            &[("service", "web"), ("result", "ok")]
+        ),
+        65.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_1000_mixed_sizes_echoed_and_oversize_dropped() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", true).await;
+    let port = a.port("dns", Protocol::Udp);
+    let client = UdpSocket::bind(loopback0()).await.unwrap();
+    client.connect(port).await.unwrap();
+    let mut buf = vec![0u8; 65_535];
+    // The first datagram opens the flow; retry it until the echo arrives.
+    let ok = tokio::time::timeout(T, async {
+        loop {
+            client.send(b"hello").await.unwrap();
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await
+            {
+                assert_eq!(&buf[..n], b"hello");
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "udp flow never opened");
+    let mut lost = 0;
+    for i in 0..1000u32 {
+        let size = 1 + (i as usize * 37) % 1100;
+        let msg: Vec<u8> = (0..size).map(|j| (i as usize + j) as u8).collect();
+        client.send(&msg).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf)).await {
+            Ok(Ok(n)) => assert_eq!(&buf[..n], &msg[..], "datagram {i} corrupted"),
+            _ => lost += 1,
+        }
+    }
+    assert_eq!(lost, 0, "datagrams lost on loopback");
+    // Larger than any QUIC datagram can carry: dropped and counted, nothing crashes.
+    client.send(&vec![7u8; 60_000]).await.unwrap();
+    let dropped = eventually(Duration::from_secs(5), || {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_udp_dropped_total",
+            &[("reason", "too_large")],
+        ) >= 1.0
+    })
+    .await;
+    assert!(dropped, "oversized datagram not counted");
+    // Still working afterwards.
+    client.send(b"after").await.unwrap();
+    let n = tokio::time::timeout(T, client.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"after");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_one_connector_and_two_connectors_share_one_service() {
+    logs();
+    let pki = Pki::new();
+    let (a1, _x) = tcp_named("one").await;
+    let (a2, _y) = tcp_named("two").await;
+    let (db, _z) = tcp_named("db").await;
+    let im = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let mut c1 = start_connector(
+        &pki,
+        "c1",
+        &[im.addr],
+        &[("web", Some(a1), None), ("db", Some(db), None)],
+    );
+    let mut c2 = start_connector(&pki, "c2", &[im.addr], &[("web", Some(a2), None)]);
+    c1.wait_registered(1).await;
+    c2.wait_registered(1).await;
+    let mut a = start_agent(
+        &pki,
+        "alice",
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+    )
+    .await;
+    a.wait_status("web", true).await;
+    a.wait_status("db", true).await;
+    let web = a.port("web", Protocol::Tcp);
+    assert_eq!(
+        tcp_roundtrip(a.port("db", Protocol::Tcp), b"")
+            .await
+            .unwrap(),
+        b"db"
+    );
+    // Concurrent flows spread over both connectors (least loaded first).
+    let mut holds = Vec::new();
+    let mut names = std::collections::HashMap::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        *names.entry(String::from_utf8(out).unwrap()).or_insert(0) += 1;
+        holds.push(s);
+    }
+    assert!(
+        names.get("one").copied().unwrap_or(0) > 0 && names.get("two").copied().unwrap_or(0) > 0,
+        "flows not shared: {names:?}"
+    );
+    // One connector stops: every new flow goes to the survivor.
+    c2.daemon.shutdown().await;
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")]
+        ) == 1.0)
+        .await
+    );
+    for _ in 0..10 {
+        assert_eq!(tcp_roundtrip(web, b"").await.unwrap(), b"one");
+    }
+    a.daemon.shutdown().await;
+    c1.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
