@@ -405,3 +405,32 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A hand-driven QUIC client with a given certificate, for hostile-peer tests.
+pub async fn raw_connect(
+    tls: &TlsConfig,
+    role: ztna_proto::Role,
+    server: SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let identity = ztna_node::Identity::load(tls, role).map_err(|e| e.to_string())?;
+    let cfg = ztna_node::transport::client_config(
+        &identity,
+        ztna_proto::Role::Intermediate,
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let ep = quinn::Endpoint::client(loopback0()).map_err(|e| e.to_string())?;
+    let connecting = ep.connect_with(cfg, server, "ztna-intermediate").map_err(|e| e.to_string())?;
+    match connecting.await {
+        Ok(c) => Ok((ep, c)),
+        Err(e) => Err(ztna_node::identity::describe_connection_error(&e)),
+    }
+}
+
+/// Waits for a connection to close and describes why.
+pub async fn closed_reason(conn: &quinn::Connection) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .ok()
+        .map(|e| ztna_node::identity::describe_connection_error(&e))
+}

@@ -1,0 +1,269 @@
+//! Identity, policy and hostile input: every refusal has a reason, and the daemons keep serving
+//! everyone else.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpStream, UdpSocket};
+use ztna_integration::*;
+use ztna_node::io::{read_frame_timeout, write_frame};
+use ztna_pki::{IssueRequest, Validity};
+use ztna_proto::{ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg, PROTOCOL_VERSION};
+
+struct World {
+    pki: Pki,
+    im: IntermediateHandle,
+    _c: ConnectorHandle,
+    agent: AgentHandle,
+}
+
+/// Policy: only agent/alice may reach web; only connector/web-* may serve it.
+async fn world() -> World {
+    logs();
+    let pki = Pki::new();
+    let (echo, _) = tcp_echo().await;
+    let policy = vec![PolicyRule {
+        service: "web".into(),
+        connectors: vec![Pki::id("connector", "web-*")],
+        agents: vec![Pki::id("agent", "alice")],
+    }];
+    let im = start_intermediate(&pki, policy);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut agent = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    agent.wait_status("web", true).await;
+    World { pki, im, _c: c, agent }
+}
+
+async fn legit_still_works(w: &World) {
+    let back = tcp_roundtrip(w.agent.port("web", Protocol::Tcp), b"still here").await.unwrap();
+    assert_eq!(back, b"still here", "legitimate agent affected");
+}
+
+async fn hello(conn: &quinn::Connection, role: Role) -> (quinn::SendStream, quinn::RecvStream, ServerMsg) {
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let msg = ClientMsg::Hello { version: PROTOCOL_VERSION, role, software: "test".into(), watch: vec!["web".into()] };
+    write_frame(&mut s, &msg).await.unwrap();
+    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await.unwrap();
+    (s, r, reply)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_denied_agent_learns_why_and_is_refused_at_once() {
+    let w = world().await;
+    let mut mallory = start_agent(&w.pki, "mallory", &[w.im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    let reason = mallory.wait_status("web", false).await;
+    assert!(reason.contains("policy does not allow") && reason.contains("agent/mallory"), "{reason}");
+    // The local connection is refused immediately, not after a timeout.
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(mallory.port("web", Protocol::Tcp)).await.unwrap();
+    let mut buf = Vec::new();
+    let r = s.read_to_end(&mut buf).await;
+    assert!(r.is_err() || buf.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(1), "refusal took {:?}", started.elapsed());
+    let text = mallory.daemon.metrics.common.render();
+    assert_eq!(metric(&text, "ztna_agent_flows_total", &[("service", "web"), ("result", "denied")]), 1.0);
+    assert_eq!(metric(&text, "ztna_agent_service_available", &[("service", "web")]), 0.0);
+
+    // A flow opened anyway (bypassing the agent's own check) is denied by the intermediate.
+    let tls = w.pki.issue("agent", "mallory2");
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (_cs, _cr, _) = hello(&conn, Role::Agent).await;
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    write_frame(&mut s, &FlowOpen { service: "web".into(), protocol: Protocol::Tcp, flow_id: 0 }).await.unwrap();
+    match read_frame_timeout::<FlowReply>(&mut r, Duration::from_secs(5)).await.unwrap() {
+        FlowReply::Reject { reason: RejectReason::Denied, message } => assert!(message.contains("mallory2"), "{message}"),
+        other => panic!("expected denial, got {other:?}"),
+    }
+    let text = w.im.daemon.metrics.common.render();
+    assert!(metric(&text, "ztna_intermediate_flows_total", &[("protocol", "tcp"), ("result", "denied")]) >= 1.0);
+    legit_still_works(&w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
+    let w = world().await;
+    // Certificate from another CA (same trust domain name), presented to the real intermediate.
+    let foreign = Pki::new();
+    let issued = foreign.ca.issue(&IssueRequest::new("agent", "eve")).unwrap();
+    let mut tls = foreign.tls_for(&issued, "eve");
+    tls.ca = w.pki.ca_path.clone();
+    let err = raw_connect(&tls, Role::Agent, w.im.addr).await.err().expect("foreign CA accepted");
+    assert!(err.contains("unknown CA"), "{err}");
+
+    // Expired certificate from the right CA.
+    let mut req = IssueRequest::new("agent", "old");
+    let now = time::OffsetDateTime::now_utc();
+    req.validity = Validity { not_before: now - time::Duration::days(10), not_after: now - time::Duration::days(1) };
+    let issued = w.pki.ca.issue(&req).unwrap();
+    let tls = w.pki.tls_for(&issued, "old");
+    let err = raw_connect(&tls, Role::Agent, w.im.addr).await.err().expect("expired cert accepted");
+    assert!(err.contains("expired"), "{err}");
+    // The real agent with that certificate never gets a tunnel.
+    let old = start_agent_tls(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(&old.daemon.metrics.common.render(), "ztna_agent_connected", &[]), 0.0);
+
+    // An intermediate certificate may not be used as a client.
+    let tls = w.pki.issue("intermediate", "rogue-relay");
+    let err = raw_connect(&tls, Role::Intermediate, w.im.addr).await.err().expect("intermediate as client accepted");
+    assert!(err.contains("access denied"), "{err}");
+
+    // A certificate without a SPIFFE ID.
+    let issued = w.pki.ca.issue_raw("nospiffe", &[], Validity::days(1)).unwrap();
+    let tls = w.pki.tls_for(&issued, "nospiffe");
+    assert!(ztna_node::Identity::load(&tls, Role::Agent).unwrap_err().to_string().contains("no SPIFFE ID"));
+
+    let text = w.im.daemon.metrics.common.render();
+    assert!(metric(&text, "ztna_intermediate_handshakes_total", &[("result", "unauthorized")]) >= 3.0, "{text}");
+
+    // Connector certificate claiming to be an agent in Hello.
+    let tls = w.pki.issue("connector", "web-9");
+    let (_ep, conn) = raw_connect(&tls, Role::Connector, w.im.addr).await.unwrap();
+    let (_s, _r, reply) = hello(&conn, Role::Agent).await;
+    assert!(matches!(&reply, ServerMsg::Refused { reason } if reason.contains("certificate says connector")), "{reply:?}");
+    assert!(closed_reason(&conn).await.unwrap().contains("unauthorized"));
+
+    // An agent may not register services.
+    let tls = w.pki.issue("agent", "alice2");
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (mut s, mut r, _) = hello(&conn, Role::Agent).await;
+    write_frame(&mut s, &ClientMsg::Register { service: "web".into(), tcp: true, udp: false }).await.unwrap();
+    let mut rejected = false;
+    while let Ok(m) = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await {
+        if let ServerMsg::RegisterRejected { reason, .. } = m {
+            assert!(reason.contains("agents cannot register"), "{reason}");
+            rejected = true;
+            break;
+        }
+    }
+    assert!(rejected);
+    assert!(closed_reason(&conn).await.unwrap().contains("unauthorized"));
+
+    // A connector may not open flows.
+    let tls = w.pki.issue("connector", "web-8");
+    let (_ep, conn) = raw_connect(&tls, Role::Connector, w.im.addr).await.unwrap();
+    let (_s, _r, _) = hello(&conn, Role::Connector).await;
+    let (mut fs, _fr) = conn.open_bi().await.unwrap();
+    write_frame(&mut fs, &FlowOpen { service: "web".into(), protocol: Protocol::Tcp, flow_id: 0 }).await.unwrap();
+    let why = closed_reason(&conn).await.unwrap();
+    assert!(why.contains("connectors cannot open flows"), "{why}");
+
+    // A connector the policy does not allow for the service gets a rejection with the reason.
+    let tls = w.pki.issue("connector", "db-1");
+    let (_ep, conn) = raw_connect(&tls, Role::Connector, w.im.addr).await.unwrap();
+    let (mut s, mut r, _) = hello(&conn, Role::Connector).await;
+    write_frame(&mut s, &ClientMsg::Register { service: "web".into(), tcp: true, udp: false }).await.unwrap();
+    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await.unwrap();
+    assert!(matches!(&reply, ServerMsg::RegisterRejected { reason, .. } if reason.contains("does not allow")), "{reply:?}");
+
+    legit_still_works(&w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_oversized_and_unknown_version_close_only_that_connection() {
+    let w = world().await;
+    let tls = w.pki.issue("agent", "fuzzer");
+
+    // Oversized frame announced on the control stream.
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (mut s, _r) = conn.open_bi().await.unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let why = closed_reason(&conn).await.expect("not closed");
+    assert!(why.contains("protocol violation"), "{why}");
+
+    // Garbage payload in a well-sized frame.
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (mut s, _r) = conn.open_bi().await.unwrap();
+    s.write_all(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).await.unwrap();
+    let why = closed_reason(&conn).await.expect("not closed");
+    assert!(why.contains("protocol violation"), "{why}");
+
+    // Unknown protocol version.
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let msg = ClientMsg::Hello { version: 99, role: Role::Agent, software: "future".into(), watch: vec![] };
+    write_frame(&mut s, &msg).await.unwrap();
+    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await.unwrap();
+    assert!(matches!(&reply, ServerMsg::Refused { reason } if reason.contains("version 99")), "{reply:?}");
+    let why = closed_reason(&conn).await.expect("not closed");
+    assert!(why.contains("unsupported protocol version"), "{why}");
+
+    // Malformed flow header after a proper hello.
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (_cs, _cr, _) = hello(&conn, Role::Agent).await;
+    let (mut s, _r) = conn.open_bi().await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 9, 9, 9]).await.unwrap();
+    let why = closed_reason(&conn).await.expect("not closed");
+    assert!(why.contains("protocol violation"), "{why}");
+
+    // Garbage datagrams for unknown flows are dropped and counted, the connection stays up.
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
+    let (_cs, _cr, _) = hello(&conn, Role::Agent).await;
+    for i in 0..100u8 {
+        let _ = conn.send_datagram(bytes::Bytes::from(vec![0x3f, i, i]));
+    }
+    let counted = eventually(Duration::from_secs(5), || {
+        metric(&w.im.daemon.metrics.common.render(), "ztna_intermediate_datagrams_dropped_total", &[("reason", "unknown_flow")]) >= 50.0
+    })
+    .await;
+    assert!(counted, "garbage datagrams not counted");
+    assert!(conn.close_reason().is_none());
+
+    legit_still_works(&w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
+    logs();
+    let pki = Pki::new();
+    let (echo, seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", true).await;
+    let client = UdpSocket::bind(loopback0()).await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let opened = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            client.send(b"legit-0").await.unwrap();
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(opened.is_ok());
+    // The backend saw the connector's backend-facing socket(s): aim the rogue at them.
+    let targets: Vec<_> = seen.lock().unwrap().clone();
+    assert!(!targets.is_empty());
+    let rogue = UdpSocket::bind(loopback0()).await.unwrap();
+    let flood = tokio::spawn(async move {
+        for i in 0..2000u32 {
+            for t in &targets {
+                let _ = rogue.send_to(format!("INJECT-{i}").as_bytes(), t).await;
+            }
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    // Legitimate traffic keeps working during the flood, and nothing injected reaches the agent.
+    for i in 1..=200u32 {
+        let msg = format!("legit-{i}");
+        client.send(msg.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf)).await.unwrap().unwrap();
+        assert!(!buf[..n].starts_with(b"INJECT"), "injected datagram reached the agent");
+        assert_eq!(&buf[..n], msg.as_bytes());
+    }
+    flood.await.unwrap();
+    // Drain anything still in flight: none of it may be injected data.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await {
+        assert!(!buf[..n].starts_with(b"INJECT"), "injected datagram reached the agent");
+    }
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
