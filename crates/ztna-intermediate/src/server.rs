@@ -186,7 +186,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             let unauthorized = matches!(&e, quinn::ConnectionError::TransportError(t)
-                if (0x12a..=0x131).contains(&u64::from(t.code)));
+                if matches!(u64::from(t.code), 0x12a..=0x131 | 0x133 | 0x174));
             let result = if unauthorized {
                 "unauthorized"
             } else {
@@ -301,15 +301,16 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection, id: SpiffeId) {
 }
 
 async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: u32, reason: &str) {
-    let _ = write_frame(
-        send,
-        &ServerMsg::Refused {
-            reason: reason.to_string(),
-        },
-    )
-    .await;
+    let msg = ServerMsg::Refused { reason: reason.to_string() };
+    send_then_close(conn, send, &msg, code, reason).await;
+}
+
+/// Sends a last control message, then closes the connection once the peer has it (or after a
+/// short grace period), so the peer can log our reason.
+async fn send_then_close(conn: &quinn::Connection, send: &mut SendStream, msg: &ServerMsg, code: u32, reason: &str) {
+    let _ = write_frame(send, msg).await;
     let _ = send.finish();
-    // Give the Refused frame a moment to arrive before the close overtakes it.
+    // Give the frame a moment to arrive before the close overtakes it.
     let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
     close(conn, code, reason);
 }
@@ -378,8 +379,8 @@ async fn agent_session(
                 Ok(Some(ClientMsg::Register { service, .. })) => {
                     warn!(%service, "agent tried to register a service, closing");
                     let reason = "agents cannot register services".to_string();
-                    let _ = write_frame(&mut send, &ServerMsg::RegisterRejected { service, reason: reason.clone() }).await;
-                    close(conn, codes::UNAUTHORIZED, &reason);
+                    let msg = ServerMsg::RegisterRejected { service, reason: reason.clone() };
+                    send_then_close(conn, &mut send, &msg, codes::UNAUTHORIZED, &reason).await;
                     return;
                 }
                 Ok(Some(other)) => {

@@ -547,7 +547,7 @@ fn alert_text(alert: u8) -> &'static str {
         46 => "certificate rejected (no valid SPIFFE ID)",
         48 => "certificate not issued by the deployment CA (unknown CA)",
         49 => "access denied (wrong role or trust domain for this peer)",
-        51 => "signature check failed",
+        51 => "certificate signature check failed (not issued by the deployment CA)",
         116 => "certificate required",
         120 => "no common application protocol (ALPN ztna/1)",
         _ => "TLS alert",

@@ -427,6 +427,19 @@ pub async fn raw_connect(
     }
 }
 
+/// Connects with a certificate the server should refuse and returns the refusal as the client
+/// sees it. In TLS 1.3 the client may finish its side of the handshake before the server has
+/// checked the client certificate, so a refusal can also arrive as an immediate close.
+pub async fn refused(tls: &TlsConfig, role: ztna_proto::Role, server: SocketAddr) -> Option<String> {
+    match raw_connect(tls, role, server).await {
+        Err(e) => Some(e),
+        Ok((_ep, conn)) => {
+            let _ = conn.open_bi().await;
+            closed_reason(&conn).await
+        }
+    }
+}
+
 /// Waits for a connection to close and describes why.
 pub async fn closed_reason(conn: &quinn::Connection) -> Option<String> {
     tokio::time::timeout(Duration::from_secs(5), conn.closed())

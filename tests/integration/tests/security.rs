@@ -56,10 +56,11 @@ async fn policy_denied_agent_learns_why_and_is_refused_at_once() {
     assert!(reason.contains("policy does not allow") && reason.contains("agent/mallory"), "{reason}");
     // The local connection is refused immediately, not after a timeout.
     let started = std::time::Instant::now();
-    let mut s = TcpStream::connect(mallory.port("web", Protocol::Tcp)).await.unwrap();
-    let mut buf = Vec::new();
-    let r = s.read_to_end(&mut buf).await;
-    assert!(r.is_err() || buf.is_empty());
+    if let Ok(mut s) = TcpStream::connect(mallory.port("web", Protocol::Tcp)).await {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf).await;
+        assert!(r.is_err() || buf.is_empty(), "denied service delivered data");
+    }
     assert!(started.elapsed() < Duration::from_secs(1), "refusal took {:?}", started.elapsed());
     let text = mallory.daemon.metrics.common.render();
     assert_eq!(metric(&text, "ztna_agent_flows_total", &[("service", "web"), ("result", "denied")]), 1.0);
@@ -88,8 +89,8 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     let issued = foreign.ca.issue(&IssueRequest::new("agent", "eve")).unwrap();
     let mut tls = foreign.tls_for(&issued, "eve");
     tls.ca = w.pki.ca_path.clone();
-    let err = raw_connect(&tls, Role::Agent, w.im.addr).await.err().expect("foreign CA accepted");
-    assert!(err.contains("unknown CA"), "{err}");
+    let err = refused(&tls, Role::Agent, w.im.addr).await.expect("foreign CA accepted");
+    assert!(err.contains("not issued by the deployment CA"), "{err}");
 
     // Expired certificate from the right CA.
     let mut req = IssueRequest::new("agent", "old");
@@ -97,7 +98,7 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     req.validity = Validity { not_before: now - time::Duration::days(10), not_after: now - time::Duration::days(1) };
     let issued = w.pki.ca.issue(&req).unwrap();
     let tls = w.pki.tls_for(&issued, "old");
-    let err = raw_connect(&tls, Role::Agent, w.im.addr).await.err().expect("expired cert accepted");
+    let err = refused(&tls, Role::Agent, w.im.addr).await.expect("expired cert accepted");
     assert!(err.contains("expired"), "{err}");
     // The real agent with that certificate never gets a tunnel.
     let old = start_agent_tls(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)]).await;
@@ -106,7 +107,7 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
 
     // An intermediate certificate may not be used as a client.
     let tls = w.pki.issue("intermediate", "rogue-relay");
-    let err = raw_connect(&tls, Role::Intermediate, w.im.addr).await.err().expect("intermediate as client accepted");
+    let err = refused(&tls, Role::Intermediate, w.im.addr).await.expect("intermediate as client accepted");
     assert!(err.contains("access denied"), "{err}");
 
     // A certificate without a SPIFFE ID.
