@@ -201,10 +201,11 @@ async fn serve(
                     break;
                 }
             },
-            d = conn.read_datagram() => match d {
-                Ok(d) => flow::dispatch(shared, &state, &d),
-                Err(_) => {}
-            },
+            d = conn.read_datagram() => {
+                if let Ok(d) = d {
+                    flow::dispatch(shared, &state, &d);
+                }
+            }
         }
     }
     set_registered(shared, idx, false);
