@@ -213,3 +213,51 @@ async fn two_services_one_connector_and_two_connectors_share_one_service() {
     c1.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_backend_rejects_the_flow_promptly_with_reason() {
+    logs();
+    let pki = Pki::new();
+    // A port with nothing listening.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(dead), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", true).await;
+    let started = std::time::Instant::now();
+    if let Ok(mut s) = TcpStream::connect(a.port("web", Protocol::Tcp)).await {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf).await;
+        assert!(r.is_err() || buf.is_empty());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+    let ctext = c.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &ctext,
+            "ztna_connector_backend_errors_total",
+            &[("service", "web")]
+        ),
+        1.0
+    );
+    let atext = a.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &atext,
+            "ztna_agent_flows_total",
+            &[("service", "web"), ("result", "unavailable")]
+        ),
+        1.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
