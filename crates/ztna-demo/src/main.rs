@@ -36,7 +36,10 @@ async fn main() -> Result<()> {
     let tls = |role: &str, name: &str| -> Result<String> {
         let issued = ca.issue(&IssueRequest::new(role, name))?;
         let (cert, key) = issued.write(dir.path(), name, false)?;
-        Ok(format!("[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n", ca_path, cert, key))
+        Ok(format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            ca_path, cert, key
+        ))
     };
 
     // Built-in backends.
@@ -75,30 +78,46 @@ async fn main() -> Result<()> {
         p + 1,
         p + 2
     ))?;
-    let agent = ztna_agent::Agent::bind(a_cfg)
-        .await
-        .with_context(|| format!("binding the agent's local ports {p}..{} (try --port)", p + 2))?;
+    let agent = ztna_agent::Agent::bind(a_cfg).await.with_context(|| {
+        format!(
+            "binding the agent's local ports {p}..{} (try --port)",
+            p + 2
+        )
+    })?;
     let a_task = tokio::spawn(agent.run(stop.clone()));
 
-    tokio::time::timeout(Duration::from_secs(10), registered.wait_for(|v| v.iter().any(|b| *b)))
-        .await
-        .context("the connector did not register within 10 s")??;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        registered.wait_for(|v| v.iter().any(|b| *b)),
+    )
+    .await
+    .context("the connector did not register within 10 s")??;
 
     println!();
-    println!("ZTNA demo running: agent -> intermediate ({relay}) -> connector -> built-in backends");
+    println!(
+        "ZTNA demo running: agent -> intermediate ({relay}) -> connector -> built-in backends"
+    );
     println!("  PKI (throwaway): {}", dir.path().display());
     println!();
     println!("Try:");
     println!("  curl http://127.0.0.1:{p}/                       # HTTP backend, via the relay");
-    println!("  echo hello | nc -q1 127.0.0.1 {}                # TCP echo", p + 1);
-    println!("  echo hello | nc -u -w1 127.0.0.1 {}             # UDP echo", p + 2);
+    println!(
+        "  echo hello | nc -q1 127.0.0.1 {}                # TCP echo",
+        p + 1
+    );
+    println!(
+        "  echo hello | nc -u -w1 127.0.0.1 {}             # UDP echo",
+        p + 2
+    );
     println!();
     println!("Ctrl-C stops everything cleanly.");
 
     match cli.seconds {
         Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
         None => {
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
         }
     }
     println!("stopping...");

@@ -301,13 +301,21 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection, id: SpiffeId) {
 }
 
 async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: u32, reason: &str) {
-    let msg = ServerMsg::Refused { reason: reason.to_string() };
+    let msg = ServerMsg::Refused {
+        reason: reason.to_string(),
+    };
     send_then_close(conn, send, &msg, code, reason).await;
 }
 
 /// Sends a last control message, then closes the connection once the peer has it (or after a
 /// short grace period), so the peer can log our reason.
-async fn send_then_close(conn: &quinn::Connection, send: &mut SendStream, msg: &ServerMsg, code: u32, reason: &str) {
+async fn send_then_close(
+    conn: &quinn::Connection,
+    send: &mut SendStream,
+    msg: &ServerMsg,
+    code: u32,
+    reason: &str,
+) {
     let _ = write_frame(send, msg).await;
     let _ = send.finish();
     // Give the frame a moment to arrive before the close overtakes it.

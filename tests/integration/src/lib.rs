@@ -420,7 +420,9 @@ pub async fn raw_connect(
     )
     .map_err(|e| e.to_string())?;
     let ep = quinn::Endpoint::client(loopback0()).map_err(|e| e.to_string())?;
-    let connecting = ep.connect_with(cfg, server, "ztna-intermediate").map_err(|e| e.to_string())?;
+    let connecting = ep
+        .connect_with(cfg, server, "ztna-intermediate")
+        .map_err(|e| e.to_string())?;
     match connecting.await {
         Ok(c) => Ok((ep, c)),
         Err(e) => Err(ztna_node::identity::describe_connection_error(&e)),
@@ -430,7 +432,11 @@ pub async fn raw_connect(
 /// Connects with a certificate the server should refuse and returns the refusal as the client
 /// sees it. In TLS 1.3 the client may finish its side of the handshake before the server has
 /// checked the client certificate, so a refusal can also arrive as an immediate close.
-pub async fn refused(tls: &TlsConfig, role: ztna_proto::Role, server: SocketAddr) -> Option<String> {
+pub async fn refused(
+    tls: &TlsConfig,
+    role: ztna_proto::Role,
+    server: SocketAddr,
+) -> Option<String> {
     match raw_connect(tls, role, server).await {
         Err(e) => Some(e),
         Ok((_ep, conn)) => {

@@ -8,7 +8,9 @@ use tokio::net::{TcpStream, UdpSocket};
 use ztna_integration::*;
 use ztna_node::io::{read_frame_timeout, write_frame};
 use ztna_pki::{IssueRequest, Validity};
-use ztna_proto::{ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg, PROTOCOL_VERSION};
+use ztna_proto::{
+    ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg, PROTOCOL_VERSION,
+};
 
 struct World {
     pki: Pki,
@@ -32,52 +34,116 @@ async fn world() -> World {
     c.wait_registered(1).await;
     let mut agent = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
     agent.wait_status("web", true).await;
-    World { pki, im, _c: c, agent }
+    World {
+        pki,
+        im,
+        _c: c,
+        agent,
+    }
 }
 
 async fn legit_still_works(w: &World) {
-    let back = tcp_roundtrip(w.agent.port("web", Protocol::Tcp), b"still here").await.unwrap();
+    let back = tcp_roundtrip(w.agent.port("web", Protocol::Tcp), b"still here")
+        .await
+        .unwrap();
     assert_eq!(back, b"still here", "legitimate agent affected");
 }
 
-async fn hello(conn: &quinn::Connection, role: Role) -> (quinn::SendStream, quinn::RecvStream, ServerMsg) {
+async fn hello(
+    conn: &quinn::Connection,
+    role: Role,
+) -> (quinn::SendStream, quinn::RecvStream, ServerMsg) {
     let (mut s, mut r) = conn.open_bi().await.unwrap();
-    let msg = ClientMsg::Hello { version: PROTOCOL_VERSION, role, software: "test".into(), watch: vec!["web".into()] };
+    let msg = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        software: "test".into(),
+        watch: vec!["web".into()],
+    };
     write_frame(&mut s, &msg).await.unwrap();
-    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await.unwrap();
+    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5))
+        .await
+        .unwrap();
     (s, r, reply)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_denied_agent_learns_why_and_is_refused_at_once() {
     let w = world().await;
-    let mut mallory = start_agent(&w.pki, "mallory", &[w.im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    let mut mallory = start_agent(
+        &w.pki,
+        "mallory",
+        &[w.im.addr],
+        &[("web", ForwardProtocol::Tcp)],
+    )
+    .await;
     let reason = mallory.wait_status("web", false).await;
-    assert!(reason.contains("policy does not allow") && reason.contains("agent/mallory"), "{reason}");
+    assert!(
+        reason.contains("policy does not allow") && reason.contains("agent/mallory"),
+        "{reason}"
+    );
     // The local connection is refused immediately, not after a timeout.
     let started = std::time::Instant::now();
     if let Ok(mut s) = TcpStream::connect(mallory.port("web", Protocol::Tcp)).await {
         let mut buf = Vec::new();
         let r = s.read_to_end(&mut buf).await;
-        assert!(r.is_err() || buf.is_empty(), "denied service delivered data");
+        assert!(
+            r.is_err() || buf.is_empty(),
+            "denied service delivered data"
+        );
     }
-    assert!(started.elapsed() < Duration::from_secs(1), "refusal took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refusal took {:?}",
+        started.elapsed()
+    );
     let text = mallory.daemon.metrics.common.render();
-    assert_eq!(metric(&text, "ztna_agent_flows_total", &[("service", "web"), ("result", "denied")]), 1.0);
-    assert_eq!(metric(&text, "ztna_agent_service_available", &[("service", "web")]), 0.0);
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_agent_flows_total",
+            &[("service", "web"), ("result", "denied")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "ztna_agent_service_available", &[("service", "web")]),
+        0.0
+    );
 
     // A flow opened anyway (bypassing the agent's own check) is denied by the intermediate.
     let tls = w.pki.issue("agent", "mallory2");
     let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
     let (_cs, _cr, _) = hello(&conn, Role::Agent).await;
     let (mut s, mut r) = conn.open_bi().await.unwrap();
-    write_frame(&mut s, &FlowOpen { service: "web".into(), protocol: Protocol::Tcp, flow_id: 0 }).await.unwrap();
-    match read_frame_timeout::<FlowReply>(&mut r, Duration::from_secs(5)).await.unwrap() {
-        FlowReply::Reject { reason: RejectReason::Denied, message } => assert!(message.contains("mallory2"), "{message}"),
+    write_frame(
+        &mut s,
+        &FlowOpen {
+            service: "web".into(),
+            protocol: Protocol::Tcp,
+            flow_id: 0,
+        },
+    )
+    .await
+    .unwrap();
+    match read_frame_timeout::<FlowReply>(&mut r, Duration::from_secs(5))
+        .await
+        .unwrap()
+    {
+        FlowReply::Reject {
+            reason: RejectReason::Denied,
+            message,
+        } => assert!(message.contains("mallory2"), "{message}"),
         other => panic!("expected denial, got {other:?}"),
     }
     let text = w.im.daemon.metrics.common.render();
-    assert!(metric(&text, "ztna_intermediate_flows_total", &[("protocol", "tcp"), ("result", "denied")]) >= 1.0);
+    assert!(
+        metric(
+            &text,
+            "ztna_intermediate_flows_total",
+            &[("protocol", "tcp"), ("result", "denied")]
+        ) >= 1.0
+    );
     legit_still_works(&w).await;
 }
 
@@ -86,50 +152,95 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     let w = world().await;
     // Certificate from another CA (same trust domain name), presented to the real intermediate.
     let foreign = Pki::new();
-    let issued = foreign.ca.issue(&IssueRequest::new("agent", "eve")).unwrap();
+    let issued = foreign
+        .ca
+        .issue(&IssueRequest::new("agent", "eve"))
+        .unwrap();
     let mut tls = foreign.tls_for(&issued, "eve");
     tls.ca = w.pki.ca_path.clone();
-    let err = refused(&tls, Role::Agent, w.im.addr).await.expect("foreign CA accepted");
+    let err = refused(&tls, Role::Agent, w.im.addr)
+        .await
+        .expect("foreign CA accepted");
     assert!(err.contains("not issued by the deployment CA"), "{err}");
 
     // Expired certificate from the right CA.
     let mut req = IssueRequest::new("agent", "old");
     let now = time::OffsetDateTime::now_utc();
-    req.validity = Validity { not_before: now - time::Duration::days(10), not_after: now - time::Duration::days(1) };
+    req.validity = Validity {
+        not_before: now - time::Duration::days(10),
+        not_after: now - time::Duration::days(1),
+    };
     let issued = w.pki.ca.issue(&req).unwrap();
     let tls = w.pki.tls_for(&issued, "old");
-    let err = refused(&tls, Role::Agent, w.im.addr).await.expect("expired cert accepted");
+    let err = refused(&tls, Role::Agent, w.im.addr)
+        .await
+        .expect("expired cert accepted");
     assert!(err.contains("expired"), "{err}");
     // The real agent with that certificate never gets a tunnel.
     let old = start_agent_tls(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(metric(&old.daemon.metrics.common.render(), "ztna_agent_connected", &[]), 0.0);
+    assert_eq!(
+        metric(
+            &old.daemon.metrics.common.render(),
+            "ztna_agent_connected",
+            &[]
+        ),
+        0.0
+    );
 
     // An intermediate certificate may not be used as a client.
     let tls = w.pki.issue("intermediate", "rogue-relay");
-    let err = refused(&tls, Role::Intermediate, w.im.addr).await.expect("intermediate as client accepted");
+    let err = refused(&tls, Role::Intermediate, w.im.addr)
+        .await
+        .expect("intermediate as client accepted");
     assert!(err.contains("access denied"), "{err}");
 
     // A certificate without a SPIFFE ID.
-    let issued = w.pki.ca.issue_raw("nospiffe", &[], Validity::days(1)).unwrap();
+    let issued = w
+        .pki
+        .ca
+        .issue_raw("nospiffe", &[], Validity::days(1))
+        .unwrap();
     let tls = w.pki.tls_for(&issued, "nospiffe");
-    assert!(ztna_node::Identity::load(&tls, Role::Agent).unwrap_err().to_string().contains("no SPIFFE ID"));
+    assert!(ztna_node::Identity::load(&tls, Role::Agent)
+        .unwrap_err()
+        .to_string()
+        .contains("no SPIFFE ID"));
 
     let text = w.im.daemon.metrics.common.render();
-    assert!(metric(&text, "ztna_intermediate_handshakes_total", &[("result", "unauthorized")]) >= 3.0, "{text}");
+    assert!(
+        metric(
+            &text,
+            "ztna_intermediate_handshakes_total",
+            &[("result", "unauthorized")]
+        ) >= 3.0,
+        "{text}"
+    );
 
     // Connector certificate claiming to be an agent in Hello.
     let tls = w.pki.issue("connector", "web-9");
     let (_ep, conn) = raw_connect(&tls, Role::Connector, w.im.addr).await.unwrap();
     let (_s, _r, reply) = hello(&conn, Role::Agent).await;
-    assert!(matches!(&reply, ServerMsg::Refused { reason } if reason.contains("certificate says connector")), "{reply:?}");
+    assert!(
+        matches!(&reply, ServerMsg::Refused { reason } if reason.contains("certificate says connector")),
+        "{reply:?}"
+    );
     assert!(closed_reason(&conn).await.unwrap().contains("unauthorized"));
 
     // An agent may not register services.
     let tls = w.pki.issue("agent", "alice2");
     let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
     let (mut s, mut r, _) = hello(&conn, Role::Agent).await;
-    write_frame(&mut s, &ClientMsg::Register { service: "web".into(), tcp: true, udp: false }).await.unwrap();
+    write_frame(
+        &mut s,
+        &ClientMsg::Register {
+            service: "web".into(),
+            tcp: true,
+            udp: false,
+        },
+    )
+    .await
+    .unwrap();
     let mut rejected = false;
     while let Ok(m) = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await {
         if let ServerMsg::RegisterRejected { reason, .. } = m {
@@ -146,7 +257,16 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     let (_ep, conn) = raw_connect(&tls, Role::Connector, w.im.addr).await.unwrap();
     let (_s, _r, _) = hello(&conn, Role::Connector).await;
     let (mut fs, _fr) = conn.open_bi().await.unwrap();
-    write_frame(&mut fs, &FlowOpen { service: "web".into(), protocol: Protocol::Tcp, flow_id: 0 }).await.unwrap();
+    write_frame(
+        &mut fs,
+        &FlowOpen {
+            service: "web".into(),
+            protocol: Protocol::Tcp,
+            flow_id: 0,
+        },
+    )
+    .await
+    .unwrap();
     let why = closed_reason(&conn).await.unwrap();
     assert!(why.contains("connectors cannot open flows"), "{why}");
 
@@ -154,9 +274,23 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     let tls = w.pki.issue("connector", "db-1");
     let (_ep, conn) = raw_connect(&tls, Role::Connector, w.im.addr).await.unwrap();
     let (mut s, mut r, _) = hello(&conn, Role::Connector).await;
-    write_frame(&mut s, &ClientMsg::Register { service: "web".into(), tcp: true, udp: false }).await.unwrap();
-    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await.unwrap();
-    assert!(matches!(&reply, ServerMsg::RegisterRejected { reason, .. } if reason.contains("does not allow")), "{reply:?}");
+    write_frame(
+        &mut s,
+        &ClientMsg::Register {
+            service: "web".into(),
+            tcp: true,
+            udp: false,
+        },
+    )
+    .await
+    .unwrap();
+    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&reply, ServerMsg::RegisterRejected { reason, .. } if reason.contains("does not allow")),
+        "{reply:?}"
+    );
 
     legit_still_works(&w).await;
 }
@@ -176,17 +310,29 @@ async fn malformed_oversized_and_unknown_version_close_only_that_connection() {
     // Garbage payload in a well-sized frame.
     let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
     let (mut s, _r) = conn.open_bi().await.unwrap();
-    s.write_all(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).await.unwrap();
+    s.write_all(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb])
+        .await
+        .unwrap();
     let why = closed_reason(&conn).await.expect("not closed");
     assert!(why.contains("protocol violation"), "{why}");
 
     // Unknown protocol version.
     let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
     let (mut s, mut r) = conn.open_bi().await.unwrap();
-    let msg = ClientMsg::Hello { version: 99, role: Role::Agent, software: "future".into(), watch: vec![] };
+    let msg = ClientMsg::Hello {
+        version: 99,
+        role: Role::Agent,
+        software: "future".into(),
+        watch: vec![],
+    };
     write_frame(&mut s, &msg).await.unwrap();
-    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await.unwrap();
-    assert!(matches!(&reply, ServerMsg::Refused { reason } if reason.contains("version 99")), "{reply:?}");
+    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&reply, ServerMsg::Refused { reason } if reason.contains("version 99")),
+        "{reply:?}"
+    );
     let why = closed_reason(&conn).await.expect("not closed");
     assert!(why.contains("unsupported protocol version"), "{why}");
 
@@ -205,7 +351,11 @@ async fn malformed_oversized_and_unknown_version_close_only_that_connection() {
         let _ = conn.send_datagram(bytes::Bytes::from(vec![0x3f, i, i]));
     }
     let counted = eventually(Duration::from_secs(5), || {
-        metric(&w.im.daemon.metrics.common.render(), "ztna_intermediate_datagrams_dropped_total", &[("reason", "unknown_flow")]) >= 50.0
+        metric(
+            &w.im.daemon.metrics.common.render(),
+            "ztna_intermediate_datagrams_dropped_total",
+            &[("reason", "unknown_flow")],
+        ) >= 50.0
     })
     .await;
     assert!(counted, "garbage datagrams not counted");
@@ -230,7 +380,9 @@ async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
     let opened = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             client.send(b"legit-0").await.unwrap();
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await
+            {
                 return;
             }
         }
@@ -255,14 +407,25 @@ async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
     for i in 1..=200u32 {
         let msg = format!("legit-{i}");
         client.send(msg.as_bytes()).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf)).await.unwrap().unwrap();
-        assert!(!buf[..n].starts_with(b"INJECT"), "injected datagram reached the agent");
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !buf[..n].starts_with(b"INJECT"),
+            "injected datagram reached the agent"
+        );
         assert_eq!(&buf[..n], msg.as_bytes());
     }
     flood.await.unwrap();
     // Drain anything still in flight: none of it may be injected data.
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await {
-        assert!(!buf[..n].starts_with(b"INJECT"), "injected datagram reached the agent");
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await
+    {
+        assert!(
+            !buf[..n].starts_with(b"INJECT"),
+            "injected datagram reached the agent"
+        );
     }
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
