@@ -12,23 +12,13 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::io::{read_frame_timeout, splice_tcp, write_frame, StreamError};
-use ztna_node::CancellationToken;
-use ztna_proto::{codes, datagram, FlowOpen, FlowReply, Protocol, RejectReason};
+use ztna_node::{lock, CancellationToken};
+use ztna_proto::{codes, datagram, FlowOpen, FlowReply, Protocol, RejectReason, ServiceState};
 
 use crate::tunnel::{current, Session};
 use crate::Shared;
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn result_label(reason: RejectReason) -> &'static str {
-    match reason {
-        RejectReason::Denied => "denied",
-        RejectReason::Unavailable | RejectReason::BackendUnreachable | RejectReason::Draining => {
-            "unavailable"
-        }
-        _ => "error",
-    }
-}
 
 /// Why a flow could not be opened.
 enum OpenError {
@@ -52,14 +42,15 @@ async fn open_flow(
         let Some(session) = current(shared, left).await else {
             return Err(OpenError::NoTunnel);
         };
-        if let Some((false, reason)) = session.status(service) {
-            // Known unavailable: refuse at once, do not make the user wait for a timeout.
-            let why = if reason.contains("policy") {
-                RejectReason::Denied
-            } else {
-                RejectReason::Unavailable
-            };
-            return Err(OpenError::Rejected(why, reason));
+        // Known unavailable or denied: refuse at once, do not make the user wait for a timeout.
+        match session.status(service) {
+            Some((ServiceState::Denied, reason)) => {
+                return Err(OpenError::Rejected(RejectReason::Denied, reason))
+            }
+            Some((ServiceState::Unavailable, reason)) => {
+                return Err(OpenError::Rejected(RejectReason::Unavailable, reason))
+            }
+            _ => {}
         }
         let id = flow_id();
         match try_open(&session, service, protocol, id).await {
@@ -155,7 +146,7 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
         }
         Err(OpenError::Rejected(reason, message)) => {
             flows
-                .with_label_values(&[&service, "tcp", "relay", result_label(reason)])
+                .with_label_values(&[&service, "tcp", "relay", reason.outcome()])
                 .inc();
             warn!(reason = reason.as_str(), %message, "refusing local connection to {service}");
             refuse_tcp(tcp);
@@ -274,10 +265,6 @@ pub(crate) async fn udp(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 async fn udp_flow(
     shared: Arc<Shared>,
     service: Arc<str>,
@@ -297,7 +284,7 @@ async fn udp_flow(
             Ok((session, _, send, recv)) => (session, send, recv),
             Err(e) => {
                 let (label, why) = match e {
-                    OpenError::Rejected(r, m) => (result_label(r), format!("{}: {m}", r.as_str())),
+                    OpenError::Rejected(r, m) => (r.outcome(), format!("{}: {m}", r.as_str())),
                     OpenError::NoTunnel => ("unavailable", "no intermediate reachable".to_string()),
                 };
                 flows

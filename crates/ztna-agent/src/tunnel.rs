@@ -3,17 +3,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::backoff::{BackoffPolicy, Reconnect};
+use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
-use ztna_node::io::{read_frame, read_frame_timeout, write_frame};
-use ztna_node::CancellationToken;
-use ztna_proto::{datagram, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+use ztna_node::io::read_frame;
+use ztna_node::{lock, CancellationToken};
+use ztna_proto::{datagram, Role, ServerMsg, ServiceState};
 
 use crate::Shared;
 
@@ -23,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Session {
     pub conn: quinn::Connection,
     pub intermediate: String,
-    status: Mutex<HashMap<String, (bool, String)>>,
+    status: Mutex<HashMap<String, (ServiceState, String)>>,
     /// UDP flow id → (local socket, local client) for return traffic.
     udp: Mutex<HashMap<u64, (Arc<UdpSocket>, SocketAddr)>>,
     going_away: AtomicBool,
@@ -31,7 +32,7 @@ pub struct Session {
 
 impl Session {
     /// Availability of `service` as last pushed by the intermediate, with the reason.
-    pub fn status(&self, service: &str) -> Option<(bool, String)> {
+    pub fn status(&self, service: &str) -> Option<(ServiceState, String)> {
         lock(&self.status).get(service).cloned()
     }
 
@@ -57,10 +58,6 @@ impl Session {
             let _ = socket.try_send_to(&payload, *client);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Waits up to `limit` for a usable session.
@@ -119,17 +116,10 @@ async fn connect_and_serve(
     endpoint: &quinn::Endpoint,
     target: &str,
 ) -> Outcome {
-    let conn = match connect(shared, endpoint, target).await {
+    let conn = match client::connect(endpoint, &shared.client, target, CONNECT_TIMEOUT).await {
         Ok(c) => c,
         Err(reason) => {
             warn!(%reason, "cannot connect to intermediate");
-            return Outcome::Lost(None);
-        }
-    };
-    let (mut send, mut recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(reason = %describe_connection_error(&e), "connection lost before hello");
             return Outcome::Lost(None);
         }
     };
@@ -141,40 +131,20 @@ async fn connect_and_serve(
         .collect();
     watch.sort();
     watch.dedup();
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Agent,
-        software: format!("ztna-agent/{}", ztna_node::VERSION),
-        watch,
+    let software = format!("ztna-agent/{}", ztna_node::VERSION);
+    let Control {
+        mut recv,
+        observed_addr,
+        identity,
+        ..
+    } = match client::hello(&conn, Role::Agent, software, watch, CONNECT_TIMEOUT).await {
+        Ok(c) => c,
+        Err(reason) => {
+            warn!(%reason, "intermediate did not welcome this agent");
+            return Outcome::Lost(None);
+        }
     };
-    if write_frame(&mut send, &hello).await.is_err() {
-        return Outcome::Lost(None);
-    }
-    match read_frame_timeout::<ServerMsg>(&mut recv, CONNECT_TIMEOUT).await {
-        Ok(ServerMsg::Welcome {
-            identity,
-            observed_addr,
-            ..
-        }) => {
-            info!(%identity, %observed_addr, "connected to intermediate");
-        }
-        Ok(ServerMsg::Refused { reason }) => {
-            warn!(%reason, "intermediate refused this agent");
-            return Outcome::Lost(None);
-        }
-        Ok(other) => {
-            warn!(msg = ?other, "expected Welcome");
-            return Outcome::Lost(None);
-        }
-        Err(e) => {
-            let why = conn
-                .close_reason()
-                .map(|c| describe_connection_error(&c))
-                .unwrap_or_else(|| e.to_string());
-            warn!(reason = %why, "no welcome");
-            return Outcome::Lost(None);
-        }
-    }
+    info!(%identity, %observed_addr, "connected to intermediate");
     let since = Instant::now();
     let session = Arc::new(Session {
         conn: conn.clone(),
@@ -188,14 +158,15 @@ async fn connect_and_serve(
     loop {
         tokio::select! {
             msg = read_frame::<ServerMsg>(&mut recv) => match msg {
-                Ok(Some(ServerMsg::ServiceStatus { service, available, reason })) => {
+                Ok(Some(ServerMsg::ServiceStatus { service, state, reason })) => {
+                    let available = state == ServiceState::Available;
                     shared.metrics.service_available.with_label_values(&[&service]).set(i64::from(available));
                     if available {
                         info!(%service, %reason, "service available");
                     } else {
                         warn!(%service, %reason, "service unavailable");
                     }
-                    lock(&session.status).insert(service, (available, reason));
+                    lock(&session.status).insert(service, (state, reason));
                 }
                 Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
                     info!(%reason, deadline_ms, "intermediate going away: new flows move to the next intermediate, running flows finish here");
@@ -224,23 +195,5 @@ async fn connect_and_serve(
                 }
             },
         }
-    }
-}
-
-async fn connect(
-    shared: &Shared,
-    endpoint: &quinn::Endpoint,
-    target: &str,
-) -> Result<quinn::Connection, String> {
-    let (addr, sni) = ztna_node::transport::resolve(target)
-        .await
-        .map_err(|e| e.to_string())?;
-    let connecting = endpoint
-        .connect_with(shared.client.clone(), addr, &sni)
-        .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(describe_connection_error(&e)),
-        Err(_) => Err("handshake timed out".into()),
     }
 }

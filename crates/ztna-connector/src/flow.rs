@@ -30,6 +30,9 @@ struct UdpFlow {
     socket: Arc<UdpSocket>,
     service: Arc<str>,
     last: Arc<AtomicU64>,
+    /// Resolved once per flow, so the per-datagram path does no label lookup.
+    to_backend: prometheus::IntCounter,
+    backend_errors: prometheus::IntCounter,
 }
 
 impl ConnState {
@@ -46,7 +49,7 @@ impl ConnState {
     }
 
     fn flows(&self) -> std::sync::MutexGuard<'_, HashMap<u64, UdpFlow>> {
-        self.udp.lock().unwrap_or_else(|p| p.into_inner())
+        ztna_node::lock(&self.udp)
     }
 }
 
@@ -66,16 +69,13 @@ pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
     };
     flow.last.store(now, Ordering::Relaxed);
     match flow.socket.try_send(&payload) {
-        Ok(n) => m
-            .bytes
-            .with_label_values(&[&flow.service, "to_backend"])
-            .inc_by(n as u64),
+        Ok(n) => flow.to_backend.inc_by(n as u64),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             m.udp_dropped.with_label_values(&["backend_busy"]).inc();
         }
         Err(e) => {
             debug!(service = %flow.service, error = %e, "backend send failed");
-            m.backend_errors.with_label_values(&[&flow.service]).inc();
+            flow.backend_errors.inc();
         }
     }
 }
@@ -272,6 +272,11 @@ async fn udp_flow(
                     socket: socket.clone(),
                     service: service.clone(),
                     last: last.clone(),
+                    to_backend: shared
+                        .metrics
+                        .bytes
+                        .with_label_values(&[&service, "to_backend"]),
+                    backend_errors: shared.metrics.backend_errors.with_label_values(&[&service]),
                 });
                 true
             }

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use quinn::VarInt;
 use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::backoff::{BackoffPolicy, Reconnect};
+use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
 use ztna_node::io::{read_frame, read_frame_timeout, write_frame};
 use ztna_node::CancellationToken;
-use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+use ztna_proto::{codes, ClientMsg, Role, ServerMsg};
 
 use crate::flow::{self, ConnState};
 use crate::Shared;
@@ -37,13 +38,14 @@ pub(crate) async fn supervise(
                 shared.metrics.reconnects.inc();
             }
             attempt += 1;
-            let since = match connect(&shared, &endpoint, &target).await {
-                Ok(conn) => serve(&shared, conn, idx, &stop).await,
-                Err(reason) => {
-                    warn!(%reason, "cannot connect to intermediate");
-                    None
-                }
-            };
+            let since =
+                match client::connect(&endpoint, &shared.client, &target, CONNECT_TIMEOUT).await {
+                    Ok(conn) => serve(&shared, conn, idx, &stop).await,
+                    Err(reason) => {
+                        warn!(%reason, "cannot connect to intermediate");
+                        None
+                    }
+                };
             if stop.is_cancelled() || *shared.draining.borrow() {
                 return;
             }
@@ -59,24 +61,6 @@ pub(crate) async fn supervise(
     .await
 }
 
-async fn connect(
-    shared: &Shared,
-    endpoint: &quinn::Endpoint,
-    target: &str,
-) -> Result<quinn::Connection, String> {
-    let (addr, sni) = ztna_node::transport::resolve(target)
-        .await
-        .map_err(|e| e.to_string())?;
-    let connecting = endpoint
-        .connect_with(shared.client.clone(), addr, &sni)
-        .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(describe_connection_error(&e)),
-        Err(_) => Err("handshake timed out".into()),
-    }
-}
-
 /// Runs one connection until it is lost or we stop. Returns when it was registered, for the
 /// backoff's "stayed healthy" reset.
 async fn serve(
@@ -85,45 +69,20 @@ async fn serve(
     idx: usize,
     stop: &CancellationToken,
 ) -> Option<Instant> {
-    let (mut send, mut recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(reason = %describe_connection_error(&e), "connection lost before hello");
+    let software = format!("ztna-connector/{}", ztna_node::VERSION);
+    let Control {
+        mut send,
+        mut recv,
+        observed_addr,
+        ..
+    } = match client::hello(&conn, Role::Connector, software, vec![], REPLY_TIMEOUT).await {
+        Ok(c) => c,
+        Err(reason) => {
+            warn!(%reason, "intermediate did not welcome this connector");
             return None;
         }
     };
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Connector,
-        software: format!("ztna-connector/{}", ztna_node::VERSION),
-        watch: vec![],
-    };
-    if let Err(e) = write_frame(&mut send, &hello).await {
-        warn!(error = %e, "cannot send hello");
-        return None;
-    }
-    match read_frame_timeout::<ServerMsg>(&mut recv, REPLY_TIMEOUT).await {
-        Ok(ServerMsg::Welcome { observed_addr, .. }) => {
-            debug!(%observed_addr, "welcomed");
-        }
-        Ok(ServerMsg::Refused { reason }) => {
-            warn!(%reason, "intermediate refused this connector");
-            return None;
-        }
-        Ok(other) => {
-            warn!(msg = ?other, "expected Welcome");
-            conn.close(VarInt::from_u32(codes::PROTOCOL), b"expected Welcome");
-            return None;
-        }
-        Err(e) => {
-            let why = conn
-                .close_reason()
-                .map(|c| describe_connection_error(&c))
-                .unwrap_or_else(|| e.to_string());
-            warn!(reason = %why, "no welcome");
-            return None;
-        }
-    }
+    debug!(%observed_addr, "welcomed");
     for s in shared.services.values() {
         let msg = ClientMsg::Register {
             service: s.name.clone(),
@@ -201,11 +160,13 @@ async fn serve(
                     break;
                 }
             },
-            d = conn.read_datagram() => {
-                if let Ok(d) = d {
-                    flow::dispatch(shared, &state, &d);
+            d = conn.read_datagram() => match d {
+                Ok(d) => flow::dispatch(shared, &state, &d),
+                Err(e) => {
+                    warn!(reason = %describe_connection_error(&e), "lost intermediate");
+                    break;
                 }
-            }
+            },
         }
     }
     set_registered(shared, idx, false);

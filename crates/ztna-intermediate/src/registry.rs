@@ -50,10 +50,7 @@ impl Peer {
     }
 }
 
-/// Locks a mutex, recovering the data if a previous holder panicked: the tables stay usable.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub use ztna_node::lock;
 
 struct Offer {
     peer: Arc<Peer>,

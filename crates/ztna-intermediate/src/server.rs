@@ -15,7 +15,7 @@ use ztna_node::io::{read_frame, read_frame_timeout, splice_quic, write_frame, St
 use ztna_node::{CancellationToken, Identity, SpiffeId};
 use ztna_proto::{
     codes, datagram, ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg,
-    PROTOCOL_VERSION,
+    ServiceState, PROTOCOL_VERSION,
 };
 
 use crate::config::Config;
@@ -323,17 +323,23 @@ async fn send_then_close(
     close(conn, code, reason);
 }
 
-/// Availability of `service` as seen by `agent`, with the reason when unavailable.
-fn status_for(shared: &Shared, service: &str, agent: &SpiffeId) -> (bool, String) {
+/// Availability of `service` as seen by `agent`, with the reason.
+fn status_for(shared: &Shared, service: &str, agent: &SpiffeId) -> (ServiceState, String) {
     if !shared.policy().may_reach(service, &agent.to_string()) {
         return (
-            false,
+            ServiceState::Denied,
             format!("policy does not allow {agent} to reach {service}"),
         );
     }
     match shared.registry.count(service) {
-        0 => (false, format!("no connector is serving {service}")),
-        n => (true, format!("{n} connector(s) serving {service}")),
+        0 => (
+            ServiceState::Unavailable,
+            format!("no connector is serving {service}"),
+        ),
+        n => (
+            ServiceState::Available,
+            format!("{n} connector(s) serving {service}"),
+        ),
     }
 }
 
@@ -347,7 +353,7 @@ async fn agent_session(
     let conn = &peer.conn;
     let mut changes = shared.registry.subscribe();
     let mut draining = shared.draining.subscribe();
-    let mut last: std::collections::HashMap<String, bool> = Default::default();
+    let mut last: std::collections::HashMap<String, ServiceState> = Default::default();
     let mut rtt = tokio::time::interval(RTT_SAMPLE_INTERVAL);
     let rtt_hist = shared.metrics.rtt("agent");
     let datagrams = relay_datagrams(shared.clone(), peer.clone(), "to_connector");
@@ -359,12 +365,12 @@ async fn agent_session(
         if push_status {
             push_status = false;
             for service in &watch {
-                let (available, reason) = status_for(shared, service, &peer.id);
-                if last.get(service) != Some(&available) {
-                    last.insert(service.clone(), available);
+                let (state, reason) = status_for(shared, service, &peer.id);
+                if last.get(service) != Some(&state) {
+                    last.insert(service.clone(), state);
                     let msg = ServerMsg::ServiceStatus {
                         service: service.clone(),
-                        available,
+                        state,
                         reason,
                     };
                     if write_frame(&mut send, &msg).await.is_err() {
@@ -500,16 +506,6 @@ async fn connector_session(
     }
 }
 
-fn result_label(reason: RejectReason) -> &'static str {
-    match reason {
-        RejectReason::Denied => "denied",
-        RejectReason::Unavailable | RejectReason::BackendUnreachable | RejectReason::Draining => {
-            "unavailable"
-        }
-        _ => "error",
-    }
-}
-
 struct FlowGuard<'a> {
     shared: &'a Shared,
     protocol: Protocol,
@@ -618,7 +614,7 @@ async fn reject_flow(
     message: String,
 ) {
     flows
-        .with_label_values(&[protocol.as_str(), result_label(reason)])
+        .with_label_values(&[protocol.as_str(), reason.outcome()])
         .inc();
     info!(reason = reason.as_str(), %message, "flow rejected");
     let _ = write_frame(send, &FlowReply::Reject { reason, message }).await;

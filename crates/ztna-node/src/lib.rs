@@ -2,6 +2,7 @@
 //! loading, stream I/O helpers, logging and the metrics registry.
 
 pub mod backoff;
+pub mod client;
 pub mod config;
 pub mod identity;
 pub mod io;
@@ -15,3 +16,9 @@ pub use tokio_util::sync::CancellationToken;
 
 /// Version string reported in `Hello` and `ztna_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Locks a mutex, recovering the data if a previous holder panicked, so one failed task cannot
+/// wedge a shared table for the rest of the process.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -111,7 +111,7 @@ pub enum ServerMsg {
     /// Pushed to agents for every watched service, at once and on every change.
     ServiceStatus {
         service: String,
-        available: bool,
+        state: ServiceState,
         reason: String,
     },
     /// The intermediate is draining: open no new flows here, move to another intermediate.
@@ -121,6 +121,17 @@ pub enum ServerMsg {
         deadline_ms: u64,
         reconnect: Vec<String>,
     },
+}
+
+/// Whether an agent can reach a service right now.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceState {
+    /// At least one connector serves it and policy allows this agent.
+    Available,
+    /// Policy allows this agent, but no connector serves it now.
+    Unavailable,
+    /// No policy rule lets this agent reach it.
+    Denied,
 }
 
 /// First frame on a flow stream, from the side that opens it.
@@ -152,6 +163,17 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// The `result` label of the flow metrics this outcome counts under.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            RejectReason::Denied => "denied",
+            RejectReason::Unavailable
+            | RejectReason::BackendUnreachable
+            | RejectReason::Draining => "unavailable",
+            RejectReason::Limit | RejectReason::BadRequest | RejectReason::Error => "error",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Denied => "denied",
@@ -234,10 +256,10 @@ mod tests {
             name().prop_map(|service| ServerMsg::Registered { service }),
             (name(), name())
                 .prop_map(|(service, reason)| ServerMsg::RegisterRejected { service, reason }),
-            (name(), any::<bool>(), name()).prop_map(|(service, available, reason)| {
+            (name(), state(), name()).prop_map(|(service, state, reason)| {
                 ServerMsg::ServiceStatus {
                     service,
-                    available,
+                    state,
                     reason,
                 }
             }),
@@ -251,6 +273,13 @@ mod tests {
                     deadline_ms,
                     reconnect
                 }),
+        ]
+    }
+    fn state() -> impl Strategy<Value = ServiceState> {
+        prop_oneof![
+            Just(ServiceState::Available),
+            Just(ServiceState::Unavailable),
+            Just(ServiceState::Denied),
         ]
     }
     fn reject_reason() -> impl Strategy<Value = RejectReason> {

@@ -245,13 +245,13 @@ impl AgentHandle {
     }
 
     /// Waits for a connected session on which `service` has the given availability.
-    pub async fn wait_status(&mut self, service: &str, available: bool) -> String {
+    pub async fn wait_status(&mut self, service: &str, want: ztna_proto::ServiceState) -> String {
         let mut reason = String::new();
         let ok = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(s) = self.session.borrow().clone() {
                     if let Some((a, r)) = s.status(service) {
-                        if a == available {
+                        if a == want {
                             reason = r;
                             return;
                         }
@@ -263,7 +263,7 @@ impl AgentHandle {
         .await;
         assert!(
             ok.is_ok(),
-            "agent never saw {service} available={available}"
+            "agent never saw {service} in state {want:?}"
         );
         reason
     }

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use ztna_integration::*;
-use ztna_proto::Protocol;
+use ztna_proto::{Protocol, ServiceState};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -19,7 +19,7 @@ async fn tcp_8mib_intact_64_concurrent_and_half_close() {
     let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
     c.wait_registered(1).await;
     let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", true).await;
+    a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
 
     // 8 MiB over one flow, hash compared; the writer half-closes and still reads everything back.
@@ -96,7 +96,7 @@ async fn udp_1000_mixed_sizes_echoed_and_oversize_dropped() {
     let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
     c.wait_registered(1).await;
     let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", true).await;
+    a.wait_status("dns", ServiceState::Available).await;
     let port = a.port("dns", Protocol::Udp);
     let client = UdpSocket::bind(loopback0()).await.unwrap();
     client.connect(port).await.unwrap();
@@ -173,8 +173,8 @@ async fn two_services_one_connector_and_two_connectors_share_one_service() {
         &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
     )
     .await;
-    a.wait_status("web", true).await;
-    a.wait_status("db", true).await;
+    a.wait_status("web", ServiceState::Available).await;
+    a.wait_status("db", ServiceState::Available).await;
     let web = a.port("web", Protocol::Tcp);
     assert_eq!(
         tcp_roundtrip(a.port("db", Protocol::Tcp), b"")
@@ -227,7 +227,7 @@ async fn refused_backend_rejects_the_flow_promptly_with_reason() {
     let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(dead), None)]);
     c.wait_registered(1).await;
     let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", true).await;
+    a.wait_status("web", ServiceState::Available).await;
     let started = std::time::Instant::now();
     if let Ok(mut s) = TcpStream::connect(a.port("web", Protocol::Tcp)).await {
         let mut buf = Vec::new();

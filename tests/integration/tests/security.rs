@@ -9,7 +9,8 @@ use ztna_integration::*;
 use ztna_node::io::{read_frame_timeout, write_frame};
 use ztna_pki::{IssueRequest, Validity};
 use ztna_proto::{
-    ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg, PROTOCOL_VERSION,
+    ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg, ServiceState,
+    PROTOCOL_VERSION,
 };
 
 struct World {
@@ -33,7 +34,7 @@ async fn world() -> World {
     let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
     c.wait_registered(1).await;
     let mut agent = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    agent.wait_status("web", true).await;
+    agent.wait_status("web", ServiceState::Available).await;
     World {
         pki,
         im,
@@ -77,7 +78,7 @@ async fn policy_denied_agent_learns_why_and_is_refused_at_once() {
         &[("web", ForwardProtocol::Tcp)],
     )
     .await;
-    let reason = mallory.wait_status("web", false).await;
+    let reason = mallory.wait_status("web", ServiceState::Denied).await;
     assert!(
         reason.contains("policy does not allow") && reason.contains("agent/mallory"),
         "{reason}"
@@ -373,7 +374,7 @@ async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
     let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
     c.wait_registered(1).await;
     let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", true).await;
+    a.wait_status("dns", ServiceState::Available).await;
     let client = UdpSocket::bind(loopback0()).await.unwrap();
     client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
     let mut buf = vec![0u8; 2048];

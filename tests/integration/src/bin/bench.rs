@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::time::timeout;
 use ztna_integration::*;
-use ztna_proto::Protocol;
+use ztna_proto::{Protocol, ServiceState};
 
 const MIB: u64 = 1024 * 1024;
 const MSG: usize = 64;
@@ -222,8 +222,8 @@ async fn main() -> Result<()> {
         ("sink", ForwardProtocol::Tcp),
     ];
     let mut a = start_agent(&pki, "bench", &[im.addr], &forwards).await;
-    a.wait_status("echo", true).await;
-    a.wait_status("sink", true).await;
+    a.wait_status("echo", ServiceState::Available).await;
+    a.wait_status("sink", ServiceState::Available).await;
     let (relay_sink, relay_tcp, relay_udp) = (
         a.port("sink", Protocol::Tcp),
         a.port("echo", Protocol::Tcp),

@@ -1,0 +1,86 @@
+//! The client side of the control protocol, shared by the connector and the agent: connect to an
+//! intermediate, say Hello, get Welcome.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream, VarInt};
+use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+
+use crate::identity::describe_connection_error;
+use crate::io::{read_frame_timeout, write_frame};
+
+/// Connects to `target` (`host:port`) within `limit`; the error says why in operator words.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    target: &str,
+    limit: Duration,
+) -> Result<quinn::Connection, String> {
+    let (addr, sni) = crate::transport::resolve(target)
+        .await
+        .map_err(|e| format!("cannot resolve {target}: {e}"))?;
+    let connecting = endpoint
+        .connect_with(client.clone(), addr, &sni)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(describe_connection_error(&e)),
+        Err(_) => Err(format!("handshake did not complete within {limit:?}")),
+    }
+}
+
+/// An open control stream after a successful Hello/Welcome.
+pub struct Control {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    /// Our address as the intermediate sees it.
+    pub observed_addr: SocketAddr,
+    /// The intermediate's view of our identity.
+    pub identity: String,
+}
+
+/// Opens the control stream and exchanges Hello/Welcome. A `Refused` answer or anything else
+/// comes back as an error naming the reason.
+pub async fn hello(
+    conn: &quinn::Connection,
+    role: Role,
+    software: String,
+    watch: Vec<String>,
+    limit: Duration,
+) -> Result<Control, String> {
+    let lost = |e: &dyn std::fmt::Display| {
+        conn.close_reason()
+            .map(|c| describe_connection_error(&c))
+            .unwrap_or_else(|| e.to_string())
+    };
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
+    let msg = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        software,
+        watch,
+    };
+    write_frame(&mut send, &msg).await.map_err(|e| lost(&e))?;
+    match read_frame_timeout::<ServerMsg>(&mut recv, limit).await {
+        Ok(ServerMsg::Welcome {
+            identity,
+            observed_addr,
+            ..
+        }) => Ok(Control {
+            send,
+            recv,
+            observed_addr,
+            identity,
+        }),
+        Ok(ServerMsg::Refused { reason }) => Err(format!("refused by the intermediate: {reason}")),
+        Ok(other) => {
+            conn.close(VarInt::from_u32(codes::PROTOCOL), b"expected Welcome");
+            Err(format!("expected Welcome, got {other:?}"))
+        }
+        Err(e) => Err(lost(&e)),
+    }
+}
