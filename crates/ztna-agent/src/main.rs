@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ztna_node::signals::{install, push_override};
-use ztna_node::CancellationToken;
+use ztna_node::signals::push_override;
 
 /// Exposes ZTNA services on local ports, tunnelled through an intermediate.
 #[derive(Parser)]
@@ -43,7 +42,6 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ztna_node::logging::init();
     let mut o = Vec::new();
     if !cli.intermediates.is_empty() {
         let list: Vec<toml::Value> = cli
@@ -67,40 +65,16 @@ fn main() -> ExitCode {
             }
         }
     }
-    let config = match ztna_agent::Config::load(cli.config.as_deref(), o, extra) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ztna-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if cli.check_config {
-        if let Err(e) = ztna_node::Identity::load(&config.tls, ztna_proto::Role::Agent) {
-            eprintln!("ztna-agent: {e}");
-            return ExitCode::from(2);
-        }
-        println!("config ok");
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ztna-agent: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        if let Err(e) = install(shutdown.clone(), "ztna-agent") {
-            eprintln!("ztna-agent: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-        match ztna_agent::run(config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ztna-agent: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let config = ztna_agent::Config::load(cli.config.as_deref(), o, extra);
+    ztna_node::daemon::main(
+        "ztna-agent",
+        config,
+        cli.check_config,
+        |c| {
+            ztna_node::Identity::load(&c.tls, ztna_proto::Role::Agent)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+        ztna_agent::run,
+    )
 }

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ztna_node::signals::{install, push_override};
-use ztna_node::CancellationToken;
+use ztna_node::signals::push_override;
 
 /// Public QUIC relay of ZTNA: mTLS, default-deny policy, service registry, TCP/UDP relay.
 #[derive(Parser)]
@@ -39,7 +38,6 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ztna_node::logging::init();
     let mut o = Vec::new();
     push_override(&mut o, "listen", cli.listen);
     push_override(&mut o, "ops_listen", cli.ops_listen);
@@ -47,40 +45,16 @@ fn main() -> ExitCode {
     push_override(&mut o, "tls.ca", cli.tls_ca);
     push_override(&mut o, "tls.cert", cli.tls_cert);
     push_override(&mut o, "tls.key", cli.tls_key);
-    let config = match ztna_intermediate::Config::load(cli.config.as_deref(), o) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ztna-intermediate: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if cli.check_config {
-        if let Err(e) = ztna_node::Identity::load(&config.tls, ztna_proto::Role::Intermediate) {
-            eprintln!("ztna-intermediate: {e}");
-            return ExitCode::from(2);
-        }
-        println!("config ok");
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ztna-intermediate: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        if let Err(e) = install(shutdown.clone(), "ztna-intermediate") {
-            eprintln!("ztna-intermediate: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-        match ztna_intermediate::run(config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ztna-intermediate: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let config = ztna_intermediate::Config::load(cli.config.as_deref(), o);
+    ztna_node::daemon::main(
+        "ztna-intermediate",
+        config,
+        cli.check_config,
+        |c| {
+            ztna_node::Identity::load(&c.tls, ztna_proto::Role::Intermediate)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+        ztna_intermediate::run,
+    )
 }

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod identity;
 pub mod io;
 pub mod logging;

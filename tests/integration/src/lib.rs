@@ -261,10 +261,7 @@ impl AgentHandle {
             }
         })
         .await;
-        assert!(
-            ok.is_ok(),
-            "agent never saw {service} in state {want:?}"
-        );
+        assert!(ok.is_ok(), "agent never saw {service} in state {want:?}");
         reason
     }
 }

@@ -1,0 +1,65 @@
+//! `--forward` shorthand and config validation through the binary.
+
+use std::process::Command;
+
+use ztna_pki::{Ca, IssueRequest, Validity};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztna-agent");
+
+#[test]
+fn forward_shorthand_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("cli.example", Validity::days(1)).unwrap();
+    ca.write(dir.path(), true).unwrap();
+    ca.issue(&IssueRequest::new("agent", "alice"))
+        .unwrap()
+        .write(dir.path(), "alice", true)
+        .unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "intermediates = [\"127.0.0.1:4433\"]\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/alice.pem\"\nkey = \"{0}/alice.key\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    // No forward at all is an error naming the key.
+    let (code, text) = run(&["--check-config"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("forward"), "{text}");
+    // The shorthand supplies one.
+    let (code, text) = run(&["--check-config", "--forward", "tcp:127.0.0.1:18080=web"]);
+    assert_eq!(code, 0, "{text}");
+    // A malformed shorthand names the problem.
+    let (code, text) = run(&["--check-config", "--forward", "sctp:127.0.0.1:1=web"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("tcp or udp"), "{text}");
+    // Environment variables work like flags.
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .env("ZTNA_CONFIG", &cfg)
+        .env("ZTNA_FORWARDS", "udp:127.0.0.1:15353=dns")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
