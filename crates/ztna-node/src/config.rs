@@ -242,4 +242,33 @@ mod tests {
             .to_string()
             .contains("listen"));
     }
+
+    #[test]
+    fn tls_paths_resolve_in_credentials_directory() {
+        // The only test in this crate that touches CREDENTIALS_DIRECTORY.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "x").unwrap();
+        std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
+        assert_eq!(
+            TlsConfig::resolve(Path::new("cert.pem")),
+            dir.path().join("cert.pem")
+        );
+        assert_eq!(
+            TlsConfig::resolve(Path::new("${CREDENTIALS_DIRECTORY}/key.pem")),
+            dir.path().join("key.pem")
+        );
+        assert_eq!(
+            TlsConfig::resolve(Path::new("$CREDENTIALS_DIRECTORY/ca.pem")),
+            dir.path().join("ca.pem")
+        );
+        assert_eq!(
+            TlsConfig::resolve(Path::new("/etc/ztna/ca.pem")),
+            PathBuf::from("/etc/ztna/ca.pem")
+        );
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        assert_eq!(
+            TlsConfig::resolve(Path::new("cert.pem")),
+            PathBuf::from("cert.pem")
+        );
+    }
 }

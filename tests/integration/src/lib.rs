@@ -185,23 +185,39 @@ pub fn start_connector(
     services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
 ) -> ConnectorHandle {
     let tls = pki.issue("connector", name);
-    start_connector_tls(tls, intermediates, services)
+    start_connector_with(tls, intermediates, services, "")
 }
 
-pub fn start_connector_tls(
+/// Top-level settings shared by connector and agent configs, then `settings` (which may
+/// override the defaults used here), then `[tls]`.
+fn client_toml(
+    tls: &TlsConfig,
+    intermediates: &[SocketAddr],
+    defaults: &str,
+    settings: &str,
+) -> String {
+    let list: Vec<String> = intermediates.iter().map(|a| format!("\"{a}\"")).collect();
+    let mut text = format!("intermediates = [{}]\n{settings}\n", list.join(", "));
+    for line in defaults.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        if !settings.lines().any(|l| l.trim_start().starts_with(key)) {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text.push_str(&tls_toml(tls));
+    text
+}
+
+/// Starts a connector; `settings` are extra top-level TOML lines (e.g. `udp_idle_timeout = "1s"`).
+pub fn start_connector_with(
     tls: TlsConfig,
     intermediates: &[SocketAddr],
     services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
+    settings: &str,
 ) -> ConnectorHandle {
-    let mut text = format!(
-        "intermediates = [{}]\nudp_idle_timeout = \"10s\"\ndrain_timeout = \"5s\"\n",
-        intermediates
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    text.push_str(&tls_toml(&tls));
+    let defaults = "udp_idle_timeout = \"10s\"\ndrain_timeout = \"5s\"";
+    let mut text = client_toml(&tls, intermediates, defaults, settings);
     for (name, tcp, udp) in services {
         text.push_str(&format!("[[service]]\nname = \"{name}\"\n"));
         if let Some(t) = tcp {
@@ -272,23 +288,18 @@ pub async fn start_agent(
     intermediates: &[SocketAddr],
     forwards: &[(&str, ForwardProtocol)],
 ) -> AgentHandle {
-    start_agent_tls(pki.issue("agent", name), intermediates, forwards).await
+    start_agent_with(pki.issue("agent", name), intermediates, forwards, "").await
 }
 
-pub async fn start_agent_tls(
+/// Starts an agent; `settings` are extra top-level TOML lines.
+pub async fn start_agent_with(
     tls: TlsConfig,
     intermediates: &[SocketAddr],
     forwards: &[(&str, ForwardProtocol)],
+    settings: &str,
 ) -> AgentHandle {
-    let mut text = format!(
-        "intermediates = [{}]\nudp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"\n",
-        intermediates
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    text.push_str(&tls_toml(&tls));
+    let defaults = "udp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"";
+    let text = client_toml(&tls, intermediates, defaults, settings);
     let mut cfg: ztna_agent::Config = toml::from_str(&text).expect("agent config");
     cfg.forward = forwards
         .iter()

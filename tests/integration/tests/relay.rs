@@ -261,3 +261,144 @@ async fn refused_backend_rejects_the_flow_promptly_with_reason() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_per_agent_are_bounded() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.max_flows_per_agent = 2;
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    // Two long-lived flows, proven open by an echo each.
+    let mut held = Vec::new();
+    for i in 0..2u8 {
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        held.push(s);
+    }
+    // The third is refused by the limit.
+    if let Ok(mut s) = TcpStream::connect(port).await {
+        let _ = s.write_all(b"x").await;
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(T, s.read_to_end(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            r.is_err() || buf.is_empty(),
+            "flow over the limit was relayed"
+        );
+    }
+    let text = im.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_intermediate_flows_total",
+            &[("protocol", "tcp"), ("result", "error")]
+        ),
+        1.0
+    );
+    // Closing one makes room again.
+    drop(held.pop());
+    let ok = eventually(Duration::from_secs(5), || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_flows_active",
+            &[("protocol", "tcp")],
+        ) <= 1.0
+    })
+    .await;
+    assert!(ok);
+    assert_eq!(tcp_roundtrip(port, b"again").await.unwrap(), b"again");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_udp_flows_are_closed_everywhere_and_reopen_on_demand() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let idle = "udp_idle_timeout = \"1s\"";
+    let mut c = start_connector_with(
+        pki.issue("connector", "dns-1"),
+        &[im.addr],
+        &[("dns", None, Some(echo))],
+        idle,
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("dns", ForwardProtocol::Udp)],
+        idle,
+    )
+    .await;
+    a.wait_status("dns", ServiceState::Available).await;
+    let client = UdpSocket::bind(loopback0()).await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    let mut buf = [0u8; 64];
+    let echo_once = |msg: &'static [u8]| {
+        let client = &client;
+        async move {
+            let mut buf = [0u8; 64];
+            for _ in 0..30 {
+                client.send(msg).await.unwrap();
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await
+                {
+                    return buf[..n] == *msg;
+                }
+            }
+            false
+        }
+    };
+    assert!(echo_once(b"one").await, "first flow never echoed");
+    let active = |text: &str| {
+        metric(
+            text,
+            "ztna_intermediate_flows_active",
+            &[("protocol", "udp")],
+        )
+    };
+    assert_eq!(active(&im.daemon.metrics.common.render()), 1.0);
+    // Quiet for longer than the idle timeout: the flow ends at the connector and the relay.
+    let closed = eventually(Duration::from_secs(6), || {
+        active(&im.daemon.metrics.common.render()) == 0.0
+            && metric(
+                &c.daemon.metrics.common.render(),
+                "ztna_connector_flows_active",
+                &[("protocol", "udp")],
+            ) == 0.0
+    })
+    .await;
+    assert!(closed, "idle UDP flow still open");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf))
+            .await
+            .is_err()
+    );
+    // The next datagram opens a fresh flow.
+    assert!(echo_once(b"two").await, "flow did not reopen");
+    let ok = metric(
+        &c.daemon.metrics.common.render(),
+        "ztna_connector_flows_total",
+        &[("protocol", "udp"), ("result", "ok")],
+    );
+    assert_eq!(ok, 2.0);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}

@@ -178,7 +178,7 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
         .expect("expired cert accepted");
     assert!(err.contains("expired"), "{err}");
     // The real agent with that certificate never gets a tunnel.
-    let old = start_agent_tls(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    let old = start_agent_with(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)], "").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         metric(
