@@ -1,6 +1,7 @@
 //! ztna-agent: exposes services on local ports and tunnels each connection through an
 //! intermediate, failing over between intermediates.
 
+pub mod cli;
 pub mod config;
 mod forward;
 pub mod metrics;
@@ -8,15 +9,17 @@ mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tracing::info;
+use ztna_node::health::Health;
 use ztna_node::identity::IdentityError;
+use ztna_node::ops::Ops;
 use ztna_node::{CancellationToken, Identity};
-use ztna_proto::{Protocol, Role};
+use ztna_proto::{Protocol, Role, ServiceState};
 
 pub use config::{Config, Forward, ForwardProtocol};
 pub use metrics::Metrics;
@@ -34,11 +37,97 @@ pub enum StartError {
     },
 }
 
+impl Shared {
+    pub fn client(&self) -> quinn::ClientConfig {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Recomputes readiness and the status line (after a connection or service status change).
+    pub fn update_status(&self) {
+        let current = self.current.borrow().clone();
+        let Some(session) = current.filter(|s| !s.retiring()) else {
+            self.health.set_ready(false);
+            self.health.set_status("connecting to an intermediate");
+            return;
+        };
+        let services: Vec<String> = session
+            .services()
+            .into_iter()
+            .map(|(name, state)| match state {
+                ServiceState::Available => format!("{name} available"),
+                ServiceState::Unavailable => format!("{name} unavailable (no connector)"),
+                ServiceState::Denied => format!("{name} denied by policy"),
+            })
+            .collect();
+        self.health.set_status(format!(
+            "connected to {}; {}",
+            session.intermediate,
+            services.join(", ")
+        ));
+        self.health.set_ready(true);
+    }
+}
+
+/// Control of a running agent (reload).
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Applies a new configuration's certificate and CA to new connections; the current tunnel
+    /// and its flows keep running. Other changes need a restart. On error nothing changes.
+    pub fn reload(&self, new: Config) -> Result<String, String> {
+        let shared = &self.shared;
+        new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        let identity = Identity::load(&new.tls, Role::Agent).map_err(|e| e.to_string())?;
+        let client = ztna_node::transport::client_config(
+            &identity,
+            Role::Intermediate,
+            &shared.config.transport(),
+        )
+        .map_err(|e| e.to_string())?;
+        for (key, changed) in [
+            (
+                "intermediates",
+                new.intermediates != shared.config.intermediates,
+            ),
+            ("forward", new.forward != shared.config.forward),
+            ("ops_listen", new.ops_listen != shared.config.ops_listen),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the config file; a reload does not apply it, restart to do so"
+                );
+            }
+        }
+        *shared.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        shared
+            .metrics
+            .common
+            .cert_expiry
+            .set(identity.expiry_unix());
+        let summary = format!(
+            "certificate {} (expires at unix {:.0}) used for new connections",
+            identity.id,
+            identity.expiry_unix()
+        );
+        *shared.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+        Ok(summary)
+    }
+}
+
 pub(crate) struct Shared {
     pub config: Config,
-    pub identity: Identity,
-    pub client: quinn::ClientConfig,
+    pub identity: RwLock<Identity>,
+    /// TLS/QUIC config for new connections; replaced on reload.
+    client: RwLock<quinn::ClientConfig>,
     pub metrics: Metrics,
+    pub health: Health,
     /// The session new flows use; `None` while (re)connecting.
     pub current: watch::Sender<Option<Arc<Session>>>,
     pub next_udp_id: AtomicU64,
@@ -52,6 +141,7 @@ enum Listener {
 /// A bound agent, ready to [`run`](Agent::run).
 pub struct Agent {
     endpoint: quinn::Endpoint,
+    ops: Ops,
     shared: Arc<Shared>,
     listeners: Vec<(Forward, Listener)>,
 }
@@ -104,18 +194,41 @@ impl Agent {
             .collect();
         let metrics = Metrics::new(&list);
         metrics.common.cert_expiry.set(identity.expiry_unix());
+        let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Bind {
+            what: "ops_listen",
+            addr: config.ops_listen,
+            source,
+        })?;
+        let health = Health::new(config.idle_timeout.max(std::time::Duration::from_secs(5)));
         Ok(Agent {
             endpoint,
+            ops,
             shared: Arc::new(Shared {
                 config,
-                identity,
-                client,
+                identity: RwLock::new(identity),
+                client: RwLock::new(client),
                 metrics,
+                health,
                 current: watch::Sender::new(None),
                 next_udp_id: AtomicU64::new(1),
             }),
             listeners,
         })
+    }
+
+    /// Address of the ops endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub fn ops_addr(&self) -> std::io::Result<SocketAddr> {
+        self.ops.local_addr()
+    }
+
+    pub fn health(&self) -> Health {
+        self.shared.health.clone()
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The local addresses actually bound, in `[[forward]]` order (useful with port 0).
@@ -144,29 +257,47 @@ impl Agent {
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
-        info!(identity = %shared.identity.id, intermediates = ?shared.config.intermediates, "agent starting");
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(tunnel::manage(
-            shared.clone(),
-            self.endpoint.clone(),
-            shutdown.clone(),
+        let health = shared.health.clone();
+        let background = CancellationToken::new();
+        health.spawn_heartbeat();
+        tokio::spawn(self.ops.serve(
+            shared.metrics.common.clone(),
+            health.clone(),
+            background.clone(),
         ));
+        shared.update_status();
+        tokio::spawn(health.clone().notify_systemd(background.clone()));
+        info!(
+            identity = %shared.identity.read().unwrap_or_else(|p| p.into_inner()).id,
+            intermediates = ?shared.config.intermediates,
+            "agent starting"
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        let manage = tunnel::manage(shared.clone(), self.endpoint.clone(), shutdown.clone());
+        let h = health.clone();
+        tasks.spawn(async move { h.watched("tunnel", manage).await });
         for (f, l) in self.listeners {
             let addr = match &l {
                 Listener::Tcp(t) => t.local_addr().ok(),
                 Listener::Udp(u) => u.local_addr().ok(),
             };
             info!(service = %f.service, protocol = ?f.protocol, listen = ?addr, "forwarding");
+            let name = format!("{:?} forward {}", f.protocol, f.service);
+            let h = health.clone();
             match l {
                 Listener::Tcp(t) => {
-                    tasks.spawn(forward::tcp(shared.clone(), f.service, t, shutdown.clone()))
+                    let fwd = forward::tcp(shared.clone(), f.service, t, shutdown.clone());
+                    tasks.spawn(async move { h.watched(&name, fwd).await })
                 }
                 Listener::Udp(u) => {
-                    tasks.spawn(forward::udp(shared.clone(), f.service, u, shutdown.clone()))
+                    let fwd = forward::udp(shared.clone(), f.service, u, shutdown.clone());
+                    tasks.spawn(async move { h.watched(&name, fwd).await })
                 }
             };
         }
         shutdown.cancelled().await;
+        health.set_stopping();
+        health.set_status("stopping");
         while tasks.join_next().await.is_some() {}
         self.endpoint.close(
             quinn::VarInt::from_u32(ztna_proto::codes::SHUTDOWN),
@@ -174,6 +305,7 @@ impl Agent {
         );
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
             .await;
+        background.cancel();
         info!("agent stopped");
     }
 }

@@ -36,6 +36,16 @@ impl Session {
         lock(&self.status).get(service).cloned()
     }
 
+    /// Every service status pushed so far, sorted by name.
+    pub fn services(&self) -> Vec<(String, ServiceState)> {
+        let mut v: Vec<_> = lock(&self.status)
+            .iter()
+            .map(|(k, (s, _))| (k.clone(), *s))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// True once the intermediate sent GoAway or the connection closed.
     pub fn retiring(&self) -> bool {
         self.going_away.load(Ordering::Relaxed) || self.conn.close_reason().is_some()
@@ -90,6 +100,7 @@ pub(crate) async fn manage(
             _ = stop.cancelled() => return,
         };
         shared.current.send_replace(None);
+        shared.update_status();
         shared.metrics.connected.set(0);
         idx += 1;
         let delay = match outcome {
@@ -116,7 +127,7 @@ async fn connect_and_serve(
     endpoint: &quinn::Endpoint,
     target: &str,
 ) -> Outcome {
-    let conn = match client::connect(endpoint, &shared.client, target, CONNECT_TIMEOUT).await {
+    let conn = match client::connect(endpoint, &shared.client(), target, CONNECT_TIMEOUT).await {
         Ok(c) => c,
         Err(reason) => {
             warn!(%reason, "cannot connect to intermediate");
@@ -154,6 +165,7 @@ async fn connect_and_serve(
         going_away: AtomicBool::new(false),
     });
     shared.current.send_replace(Some(session.clone()));
+    shared.update_status();
     shared.metrics.connected.set(1);
     loop {
         tokio::select! {
@@ -167,6 +179,7 @@ async fn connect_and_serve(
                         warn!(%service, %reason, "service unavailable");
                     }
                     lock(&session.status).insert(service, (state, reason));
+                    shared.update_status();
                 }
                 Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
                     info!(%reason, deadline_ms, "intermediate going away: new flows move to the next intermediate, running flows finish here");

@@ -5,6 +5,7 @@
 //! flow's backend address, so no other local process can inject into the tunnel (seed finding 7).
 //! The receive path reuses one arena per flow: no allocation per datagram (seed finding 14).
 
+pub mod cli;
 pub mod config;
 mod flow;
 pub mod metrics;
@@ -13,13 +14,15 @@ mod session;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::info;
+use ztna_node::health::Health;
 use ztna_node::identity::IdentityError;
+use ztna_node::ops::Ops;
 use ztna_node::{CancellationToken, Identity};
 use ztna_proto::Role;
 
@@ -35,14 +38,21 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on ops_listen {addr}: {source}")]
+    Ops {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub(crate) struct Shared {
     pub config: Config,
     pub services: HashMap<String, ServiceConfig>,
-    pub identity: Identity,
-    pub client: quinn::ClientConfig,
+    pub identity: RwLock<Identity>,
+    /// TLS/QUIC config for new connections; replaced on reload.
+    client: RwLock<quinn::ClientConfig>,
     pub metrics: Metrics,
+    pub health: Health,
     /// Flows running on any connection (drain waits for 0).
     pub active_flows: AtomicUsize,
     /// Set when the drain starts: sessions deregister and stop taking flows.
@@ -51,10 +61,98 @@ pub(crate) struct Shared {
     pub registered: watch::Sender<Vec<bool>>,
 }
 
+impl Shared {
+    pub fn client(&self) -> quinn::ClientConfig {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Recomputes readiness and the status line after a registration change.
+    pub fn update_status(&self) {
+        let registered = self.registered.borrow().clone();
+        let n = registered.iter().filter(|b| **b).count();
+        self.metrics.intermediates_connected.set(n as i64);
+        if *self.draining.borrow() {
+            let flows = self.active_flows.load(Ordering::Relaxed);
+            self.health
+                .set_status(format!("draining: deregistered, {flows} flows left"));
+            return;
+        }
+        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        self.health.set_status(format!(
+            "registered {} on {n}/{} intermediates",
+            names.join(","),
+            registered.len()
+        ));
+        self.health.set_ready(n > 0);
+    }
+}
+
 /// A bound connector, ready to [`run`](Connector::run).
 pub struct Connector {
     endpoint: quinn::Endpoint,
+    ops: Ops,
     shared: Arc<Shared>,
+}
+
+/// Control of a running connector (reload).
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Applies a new configuration's certificate and CA to new connections; established
+    /// connections and their flows keep running. Other changes need a restart. On error nothing
+    /// changes.
+    pub fn reload(&self, new: Config) -> Result<String, String> {
+        let shared = &self.shared;
+        new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        let identity = Identity::load(&new.tls, Role::Connector).map_err(|e| e.to_string())?;
+        let client = ztna_node::transport::client_config(
+            &identity,
+            Role::Intermediate,
+            &shared.config.transport(),
+        )
+        .map_err(|e| e.to_string())?;
+        let old = &shared.config;
+        let same_services = new.service.len() == old.service.len()
+            && new.service.iter().all(|s| {
+                shared
+                    .services
+                    .get(&s.name)
+                    .is_some_and(|o| o.tcp == s.tcp && o.udp == s.udp)
+            });
+        for (key, changed) in [
+            ("intermediates", new.intermediates != old.intermediates),
+            ("service", !same_services),
+            ("ops_listen", new.ops_listen != old.ops_listen),
+            ("bind", new.bind != old.bind),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the config file; a reload does not apply it, restart to do so"
+                );
+            }
+        }
+        *shared.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        shared
+            .metrics
+            .common
+            .cert_expiry
+            .set(identity.expiry_unix());
+        let summary = format!(
+            "certificate {} (expires at unix {:.0}) used for new connections",
+            identity.id,
+            identity.expiry_unix()
+        );
+        *shared.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+        Ok(summary)
+    }
 }
 
 impl Connector {
@@ -66,6 +164,10 @@ impl Connector {
             Role::Intermediate,
             &config.transport(),
         )?;
+        let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Ops {
+            addr: config.ops_listen,
+            source,
+        })?;
         let endpoint = ztna_node::transport::client_endpoint(config.bind).map_err(|source| {
             StartError::Bind {
                 addr: config.bind,
@@ -85,14 +187,17 @@ impl Connector {
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
         let n = config.intermediates.len();
+        let health = Health::new(config.idle_timeout.max(Duration::from_secs(5)));
         Ok(Connector {
             endpoint,
+            ops,
             shared: Arc::new(Shared {
                 config,
                 services,
-                identity,
-                client,
+                identity: RwLock::new(identity),
+                client: RwLock::new(client),
                 metrics,
+                health,
                 active_flows: AtomicUsize::new(0),
                 draining: watch::Sender::new(false),
                 registered: watch::Sender::new(vec![false; n]),
@@ -104,6 +209,21 @@ impl Connector {
         self.shared.metrics.clone()
     }
 
+    /// Address of the ops endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub fn ops_addr(&self) -> std::io::Result<SocketAddr> {
+        self.ops.local_addr()
+    }
+
+    pub fn health(&self) -> Health {
+        self.shared.health.clone()
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Number of intermediates the connector is registered with, as it changes.
     pub fn registered(&self) -> watch::Receiver<Vec<bool>> {
         self.shared.registered.subscribe()
@@ -112,8 +232,18 @@ impl Connector {
     /// Runs until `shutdown` is cancelled, then deregisters everywhere, drains flows and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
+        let health = shared.health.clone();
+        let background = CancellationToken::new();
+        health.spawn_heartbeat();
+        tokio::spawn(self.ops.serve(
+            shared.metrics.common.clone(),
+            health.clone(),
+            background.clone(),
+        ));
+        shared.update_status();
+        tokio::spawn(health.clone().notify_systemd(background.clone()));
         info!(
-            identity = %shared.identity.id,
+            identity = %shared.identity.read().unwrap_or_else(|p| p.into_inner()).id,
             intermediates = ?shared.config.intermediates,
             services = ?shared.services.keys().collect::<Vec<_>>(),
             "connector starting"
@@ -121,24 +251,31 @@ impl Connector {
         let mut tasks = tokio::task::JoinSet::new();
         let stop_sessions = CancellationToken::new();
         for (idx, target) in shared.config.intermediates.iter().enumerate() {
-            tasks.spawn(session::supervise(
+            let name = format!("session with {target}");
+            let session = session::supervise(
                 shared.clone(),
                 self.endpoint.clone(),
                 idx,
                 target.clone(),
                 stop_sessions.clone(),
-            ));
+            );
+            let health = health.clone();
+            tasks.spawn(async move { health.watched(&name, session).await });
         }
         shutdown.cancelled().await;
         info!("draining: deregistering services on every intermediate");
+        health.set_stopping();
         shared.draining.send_replace(true);
         let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
-        // Sessions deregister as soon as they see the drain; give them a moment to do so, then
-        // wait for running flows.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Sessions deregister as soon as they see the drain (no new flow is routed here), then
+        // running flows may finish.
+        let mut registered = shared.registered.subscribe();
+        let _ =
+            tokio::time::timeout_at(deadline, registered.wait_for(|v| v.iter().all(|b| !b))).await;
         while shared.active_flows.load(Ordering::Relaxed) > 0
             && tokio::time::Instant::now() < deadline
         {
+            shared.update_status();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let left = shared.active_flows.load(Ordering::Relaxed);
@@ -152,6 +289,7 @@ impl Connector {
             b"connector stopped",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        background.cancel();
         info!("connector stopped");
     }
 }

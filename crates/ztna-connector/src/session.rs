@@ -38,14 +38,15 @@ pub(crate) async fn supervise(
                 shared.metrics.reconnects.inc();
             }
             attempt += 1;
-            let since =
-                match client::connect(&endpoint, &shared.client, &target, CONNECT_TIMEOUT).await {
-                    Ok(conn) => serve(&shared, conn, idx, &stop).await,
-                    Err(reason) => {
-                        warn!(%reason, "cannot connect to intermediate");
-                        None
-                    }
-                };
+            let since = match client::connect(&endpoint, &shared.client(), &target, CONNECT_TIMEOUT)
+                .await
+            {
+                Ok(conn) => serve(&shared, conn, idx, &stop).await,
+                Err(reason) => {
+                    warn!(%reason, "cannot connect to intermediate");
+                    None
+                }
+            };
             if stop.is_cancelled() || *shared.draining.borrow() {
                 return;
             }
@@ -179,6 +180,5 @@ fn set_registered(shared: &Shared, idx: usize, on: bool) {
             *slot = on;
         }
     });
-    let n = shared.registered.borrow().iter().filter(|b| **b).count();
-    shared.metrics.intermediates_connected.set(n as i64);
+    shared.update_status();
 }

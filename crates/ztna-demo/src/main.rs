@@ -56,21 +56,23 @@ async fn main() -> Result<()> {
     ))?;
     let im = ztna_intermediate::Intermediate::bind(im_cfg)?;
     let relay = im.local_addr()?;
+    let im_ops = im.ops_addr()?;
     let im_task = tokio::spawn(im.run(stop.clone()));
 
     let c_cfg: ztna_connector::Config = toml::from_str(&format!(
-        "intermediates = [\"{relay}\"]\ndrain_timeout = \"2s\"\n{}\n\
+        "intermediates = [\"{relay}\"]\nops_listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n{}\n\
          [[service]]\nname = \"web\"\ntcp = \"{http}\"\n\
          [[service]]\nname = \"echo\"\ntcp = \"{echo}\"\nudp = \"{udp}\"\n",
         tls("connector", "demo-connector")?
     ))?;
     let c = ztna_connector::Connector::bind(c_cfg)?;
     let mut registered = c.registered();
+    let c_ops = c.ops_addr()?;
     let c_task = tokio::spawn(c.run(stop.clone()));
 
     let p = cli.port;
     let a_cfg: ztna_agent::Config = toml::from_str(&format!(
-        "intermediates = [\"{relay}\"]\n{}\n\
+        "intermediates = [\"{relay}\"]\nops_listen = \"127.0.0.1:0\"\n{}\n\
          [[forward]]\nservice = \"web\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:{p}\"\n\
          [[forward]]\nservice = \"echo\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:{}\"\n\
          [[forward]]\nservice = \"echo\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:{}\"\n",
@@ -84,6 +86,7 @@ async fn main() -> Result<()> {
             p + 2
         )
     })?;
+    let a_ops = agent.ops_addr()?;
     let a_task = tokio::spawn(agent.run(stop.clone()));
 
     tokio::time::timeout(
@@ -109,6 +112,11 @@ async fn main() -> Result<()> {
         "  echo hello | nc -u -w1 127.0.0.1 {}             # UDP echo",
         p + 2
     );
+    println!();
+    println!("Ops endpoints (/metrics, /healthz, /readyz):");
+    println!("  intermediate http://{im_ops}/metrics");
+    println!("  connector    http://{c_ops}/metrics");
+    println!("  agent        http://{a_ops}/readyz");
     println!();
     println!("Ctrl-C stops everything cleanly.");
 

@@ -5,6 +5,7 @@
 //! spliced QUIC streams and UDP flows as rewritten datagrams, reports each client's observed
 //! address, and drains gracefully.
 
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod policy;
@@ -12,7 +13,7 @@ pub mod registry;
 mod server;
 
 pub use config::Config;
-pub use server::{Intermediate, StartError};
+pub use server::{Handle, Intermediate, StartError};
 
 use ztna_node::CancellationToken;
 

@@ -78,7 +78,8 @@ impl Registry {
         self.changed.subscribe()
     }
 
-    fn bump(&self) {
+    /// Tells watchers (agent sessions) to recompute service status.
+    pub fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -141,6 +142,29 @@ impl Registry {
             self.bump();
         }
         gone
+    }
+
+    /// Keeps only the offers `keep(service, peer)` allows; returns what was removed.
+    pub fn retain(&self, keep: impl Fn(&str, &Peer) -> bool) -> Vec<(String, SpiffeId)> {
+        let mut removed = Vec::new();
+        {
+            let mut s = lock(&self.services);
+            for (service, offers) in s.iter_mut() {
+                offers.retain(|o| {
+                    let ok = keep(service, &o.peer);
+                    if !ok {
+                        removed.push((service.clone(), o.peer.id.clone()));
+                    }
+                    ok
+                });
+                self.set_gauge(service, offers.len());
+            }
+            s.retain(|_, offers| !offers.is_empty());
+        }
+        if !removed.is_empty() {
+            self.bump();
+        }
+        removed
     }
 
     /// Connectors for `service` and `protocol`, least loaded first.

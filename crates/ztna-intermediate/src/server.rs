@@ -10,8 +10,10 @@ use quinn::{RecvStream, SendStream, VarInt};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
+use ztna_node::health::Health;
 use ztna_node::identity::{describe_connection_error, peer_id, IdentityError};
 use ztna_node::io::{read_frame, read_frame_timeout, splice_quic, write_frame, StreamError};
+use ztna_node::ops::Ops;
 use ztna_node::{CancellationToken, Identity, SpiffeId};
 use ztna_proto::{
     codes, datagram, ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg,
@@ -39,11 +41,18 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on ops_listen {addr}: {source}")]
+    Ops {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 struct Shared {
     config: Config,
-    identity: RwLock<Identity>,
+    endpoint: quinn::Endpoint,
+    health: Health,
+    identity: RwLock<SpiffeId>,
     policy: RwLock<Arc<Policy>>,
     registry: Registry,
     metrics: Metrics,
@@ -64,7 +73,84 @@ impl Shared {
 /// A bound intermediate, ready to [`run`](Intermediate::run).
 pub struct Intermediate {
     endpoint: quinn::Endpoint,
+    ops: Ops,
     shared: Arc<Shared>,
+}
+
+/// Control of a running intermediate (reload), usable while [`Intermediate::run`] runs.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Applies a new configuration's certificates, CA and policy without touching established
+    /// connections: new handshakes use the new certificate and CA, new flows and registrations
+    /// the new policy, and registrations the new policy no longer allows are dropped. On error
+    /// nothing changes.
+    pub fn reload(&self, new: Config) -> Result<String, String> {
+        let shared = &self.shared;
+        new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        let identity = Identity::load(&new.tls, Role::Intermediate).map_err(|e| e.to_string())?;
+        let server = ztna_node::transport::server_config(
+            &identity,
+            &[Role::Agent, Role::Connector],
+            &shared.config.transport(),
+        )
+        .map_err(|e| e.to_string())?;
+        for (key, changed) in [
+            ("listen", new.listen != shared.config.listen),
+            ("ops_listen", new.ops_listen != shared.config.ops_listen),
+            (
+                "drain_timeout",
+                new.drain_timeout != shared.config.drain_timeout,
+            ),
+            ("keepalive", new.keepalive != shared.config.keepalive),
+            (
+                "idle_timeout",
+                new.idle_timeout != shared.config.idle_timeout,
+            ),
+            (
+                "max_flows_per_agent",
+                new.max_flows_per_agent != shared.config.max_flows_per_agent,
+            ),
+            (
+                "reconnect_hint",
+                new.reconnect_hint != shared.config.reconnect_hint,
+            ),
+        ] {
+            if changed {
+                warn!(
+                    key,
+                    "changed in the config file; a reload does not apply it, restart to do so"
+                );
+            }
+        }
+        shared.endpoint.set_server_config(Some(server));
+        shared
+            .metrics
+            .common
+            .cert_expiry
+            .set(identity.expiry_unix());
+        let policy = Arc::new(Policy::new(new.policy));
+        let rules = policy.rules().len();
+        *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        let dropped = shared
+            .registry
+            .retain(|service, peer| policy.may_serve(service, &peer.id.to_string()));
+        for (service, peer) in &dropped {
+            warn!(%service, connector = %peer, "registration no longer allowed by policy, removed");
+        }
+        // Agents get their service status recomputed under the new policy.
+        shared.registry.bump();
+        let id = identity.id.to_string();
+        *shared.identity.write().unwrap_or_else(|p| p.into_inner()) = identity.id.clone();
+        Ok(format!(
+            "certificate {id} (expires at unix {:.0}), {rules} policy rules, {} registrations removed",
+            identity.expiry_unix(),
+            dropped.len()
+        ))
+    }
 }
 
 impl Intermediate {
@@ -81,15 +167,23 @@ impl Intermediate {
                 addr: config.listen,
                 source,
             })?;
+        let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Ops {
+            addr: config.ops_listen,
+            source,
+        })?;
         let metrics = Metrics::new();
         metrics.common.cert_expiry.set(identity.expiry_unix());
         let registry = Registry::new(metrics.service_connectors.clone());
         let policy = Arc::new(Policy::new(config.policy.clone()));
+        let health = Health::new(config.idle_timeout.max(Duration::from_secs(5)));
         Ok(Intermediate {
-            endpoint,
+            endpoint: endpoint.clone(),
+            ops,
             shared: Arc::new(Shared {
                 config,
-                identity: RwLock::new(identity),
+                endpoint,
+                health,
+                identity: RwLock::new(identity.id),
                 policy: RwLock::new(policy),
                 registry,
                 metrics,
@@ -107,41 +201,98 @@ impl Intermediate {
         self.shared.metrics.clone()
     }
 
+    /// Address of the ops endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub fn ops_addr(&self) -> std::io::Result<SocketAddr> {
+        self.ops.local_addr()
+    }
+
+    pub fn health(&self) -> Health {
+        self.shared.health.clone()
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Serves until `shutdown` is cancelled, then drains: refuses new connections, sends GoAway to
     /// every peer, lets flows finish until `drain_timeout`, closes and waits for peers to be told.
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared.clone();
+        let health = shared.health.clone();
+        let background = CancellationToken::new();
+        health.spawn_heartbeat();
+        tokio::spawn(self.ops.serve(
+            shared.metrics.common.clone(),
+            health.clone(),
+            background.clone(),
+        ));
+        tokio::spawn(status_loop(shared.clone(), background.clone()));
+        health.set_ready(true);
+        tokio::spawn(health.clone().notify_systemd(background.clone()));
         info!(
             listen = %self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            identity = %lock_read(&shared.identity).id,
+            identity = %lock_read(&shared.identity),
             rules = shared.policy().rules().len(),
             "intermediate listening"
         );
         if shared.policy().rules().is_empty() {
             warn!("no [[policy]] rules: every registration and flow will be denied");
         }
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    tokio::spawn(handle_incoming(shared.clone(), incoming));
+        let accept = async {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    incoming = self.endpoint.accept() => {
+                        let Some(incoming) = incoming else { break };
+                        tokio::spawn(handle_incoming(shared.clone(), incoming));
+                    }
                 }
             }
-        }
-        self.drain().await;
+        };
+        health.watched("accept loop", accept).await;
+        drain(&self.endpoint, &shared).await;
+        background.cancel();
     }
+}
 
-    async fn drain(self) {
-        let shared = &self.shared;
+/// Keeps the operator status line current.
+async fn status_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = &shared.metrics;
+        let flows: i64 = ["tcp", "udp"]
+            .iter()
+            .map(|p| m.flows_active.with_label_values(&[p]).get())
+            .sum();
+        let agents = m.connections.with_label_values(&["agent"]).get();
+        let connectors = m.connections.with_label_values(&["connector"]).get();
+        let status = if *shared.draining.borrow() {
+            format!("draining: {flows} flows left")
+        } else {
+            format!("serving: {agents} agents, {connectors} connectors, {flows} flows")
+        };
+        shared.health.set_status(status);
+    }
+}
+
+async fn drain(endpoint: &quinn::Endpoint, shared: &Shared) {
+    {
         let deadline = Instant::now() + shared.config.drain_timeout;
         info!(timeout = ?shared.config.drain_timeout, "draining: refusing new connections, sending GoAway");
+        shared.health.set_stopping();
+        shared.health.set_status("draining: sending GoAway");
         shared.metrics.draining.set(1);
         shared.draining.send_replace(true);
         // Keep answering new connection attempts with a refusal (they retry elsewhere).
-        let endpoint = self.endpoint.clone();
+        let endpoint2 = endpoint.clone();
         let refuser = tokio::spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
+            while let Some(incoming) = endpoint2.accept().await {
                 incoming.refuse();
             }
         });
@@ -160,9 +311,8 @@ impl Intermediate {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.endpoint
-            .close(VarInt::from_u32(codes::DRAINING), b"intermediate drained");
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        endpoint.close(VarInt::from_u32(codes::DRAINING), b"intermediate drained");
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         refuser.abort();
         shared.metrics.draining.set(0);
         info!("intermediate stopped");

@@ -60,7 +60,11 @@ fn config_errors_check_config_and_exit_codes() {
         "{text}"
     );
 
-    std::fs::write(&cfg, format!("listen = \"127.0.0.1:0\"\n{tls}")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\n{tls}"),
+    )
+    .unwrap();
     let (code, text) = run(&cfg, &["--check-config"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("config ok"), "{text}");
@@ -98,7 +102,9 @@ fn sigterm_drains_and_exits_zero() {
     let cfg = dir.path().join("intermediate.toml");
     std::fs::write(
         &cfg,
-        format!("listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n{tls}"),
+        format!(
+            "listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n{tls}"
+        ),
     )
     .unwrap();
     let mut child = Command::new(BIN)

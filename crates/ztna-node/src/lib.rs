@@ -5,10 +5,12 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod identity;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod signals;
 pub mod transport;
 

@@ -1,17 +1,35 @@
 //! Signal handling shared by the daemons: SIGTERM/SIGINT start a graceful drain (cancel the
-//! token), a second one forces exit.
+//! token), a second one forces exit; SIGHUP asks for a reload.
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Spawns the signal watcher. Returns an error if the handlers cannot be installed.
-pub fn install(shutdown: CancellationToken, name: &'static str) -> std::io::Result<()> {
+/// Spawns the signal watcher. Every SIGHUP puts one `()` on the returned channel.
+pub fn install(
+    shutdown: CancellationToken,
+    name: &'static str,
+) -> std::io::Result<mpsc::Receiver<()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining (send again to force exit)"),
-            _ = int.recv() => tracing::info!("SIGINT: draining (press Ctrl-C again to force exit)"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining (send again to force exit)");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: draining (press Ctrl-C again to force exit)");
+                    break;
+                }
+                _ = hup.recv() => {
+                    // A reload already queued covers this one too.
+                    let _ = tx.try_send(());
+                }
+            }
         }
         shutdown.cancel();
         tokio::select! {
@@ -21,7 +39,7 @@ pub fn install(shutdown: CancellationToken, name: &'static str) -> std::io::Resu
         eprintln!("{name}: second signal, exiting immediately");
         std::process::exit(130);
     });
-    Ok(())
+    Ok(rx)
 }
 
 /// Adds `value` under `key` to a list of config overrides if it was given.

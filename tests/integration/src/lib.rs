@@ -128,7 +128,7 @@ pub fn intermediate_config(
 ) -> ztna_intermediate::Config {
     let tls = pki.issue("intermediate", "relay");
     let text = format!(
-        "listen = \"{listen}\"\ndrain_timeout = \"5s\"\n{}",
+        "listen = \"{listen}\"\nops_listen = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n{}",
         tls_toml(&tls)
     );
     let mut cfg: ztna_intermediate::Config = toml::from_str(&text).expect("intermediate config");
@@ -216,7 +216,8 @@ pub fn start_connector_with(
     services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
     settings: &str,
 ) -> ConnectorHandle {
-    let defaults = "udp_idle_timeout = \"10s\"\ndrain_timeout = \"5s\"";
+    let defaults =
+        "udp_idle_timeout = \"10s\"\ndrain_timeout = \"5s\"\nops_listen = \"127.0.0.1:0\"";
     let mut text = client_toml(&tls, intermediates, defaults, settings);
     for (name, tcp, udp) in services {
         text.push_str(&format!("[[service]]\nname = \"{name}\"\n"));
@@ -298,7 +299,8 @@ pub async fn start_agent_with(
     forwards: &[(&str, ForwardProtocol)],
     settings: &str,
 ) -> AgentHandle {
-    let defaults = "udp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"";
+    let defaults =
+        "udp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"\nops_listen = \"127.0.0.1:0\"";
     let text = client_toml(&tls, intermediates, defaults, settings);
     let mut cfg: ztna_agent::Config = toml::from_str(&text).expect("agent config");
     cfg.forward = forwards

@@ -1,0 +1,197 @@
+//! The ops endpoint: `GET /metrics` (Prometheus text), `GET /healthz` (liveness probe),
+//! `GET /readyz` (200 only when the daemon can do its job).
+//!
+//! A deliberately small HTTP/1.1 server: one request per connection, request head capped at
+//! 8 KiB and 5 s, at most 32 connections at once. It listens on loopback by default.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::metrics::Common;
+
+const MAX_HEAD: usize = 8 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONNECTIONS: usize = 32;
+
+/// A bound ops listener (bind early so a port in use fails the start).
+pub struct Ops {
+    listener: TcpListener,
+}
+
+impl Ops {
+    /// Binds the listener; must be called inside a Tokio runtime.
+    pub fn bind(addr: SocketAddr) -> std::io::Result<Ops> {
+        let std = std::net::TcpListener::bind(addr)?;
+        std.set_nonblocking(true)?;
+        Ok(Ops {
+            listener: TcpListener::from_std(std)?,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled.
+    pub async fn serve(self, metrics: Common, health: Health, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ops accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue; // over the limit: drop the connection
+            };
+            let (metrics, health) = (metrics.clone(), health.clone());
+            tokio::spawn(async move {
+                let _ = handle(stream, &metrics, &health).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return Some(String::from_utf8_lossy(&buf).into_owned());
+        }
+        if buf.len() > MAX_HEAD {
+            return None;
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, metrics: &Common, health: &Health) -> std::io::Result<()> {
+    let Ok(Some(head)) = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await else {
+        return Ok(());
+    };
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (code, ctype, body) = if method != "GET" && method != "HEAD" {
+        (405, "text/plain", "only GET\n".to_string())
+    } else {
+        match path {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics.render(),
+            ),
+            "/healthz" => match health.live() {
+                Ok(()) => (200, "text/plain", "ok\n".to_string()),
+                Err(why) => (503, "text/plain", format!("unhealthy: {why}\n")),
+            },
+            "/readyz" => {
+                if health.is_ready() {
+                    (200, "text/plain", format!("ready: {}\n", health.status()))
+                } else {
+                    (
+                        503,
+                        "text/plain",
+                        format!("not ready: {}\n", health.status()),
+                    )
+                }
+            }
+            _ => (
+                404,
+                "text/plain",
+                "not found (try /metrics, /healthz, /readyz)\n".to_string(),
+            ),
+        }
+    };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+/// Minimal GET for tests and tools: returns (status code, body).
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: ztna\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status"))?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_metrics_health_and_readiness() {
+        let ops = Ops::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ops.local_addr().unwrap();
+        let metrics = Common::new("test");
+        let health = Health::new(Duration::from_secs(2));
+        health.spawn_heartbeat();
+        let stop = CancellationToken::new();
+        tokio::spawn(ops.serve(metrics, health.clone(), stop.clone()));
+        let (code, body) = get(addr, "/metrics").await.unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains("ztna_build_info{role=\"test\""), "{body}");
+        assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+        health.set_status("connecting");
+        let (code, body) = get(addr, "/readyz").await.unwrap();
+        assert_eq!((code, body.as_str()), (503, "not ready: connecting\n"));
+        health.set_ready(true);
+        assert_eq!(get(addr, "/readyz").await.unwrap().0, 200);
+        assert_eq!(get(addr, "/nope").await.unwrap().0, 404);
+        // Garbage and oversized heads do not take the server down.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&vec![b'A'; 20_000]).await.unwrap();
+        drop(s);
+        let _beat_never = health.register("stuck loop");
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let (code, body) = get(addr, "/healthz").await.unwrap();
+        assert_eq!(code, 503);
+        assert!(body.contains("stuck loop"), "{body}");
+        stop.cancel();
+    }
+}
