@@ -9,6 +9,7 @@ pub struct Metrics {
     pub intermediates_connected: IntGauge,
     pub intermediates_configured: IntGauge,
     pub reconnects: IntCounter,
+    pub reconnect_backoff: prometheus::Gauge,
     pub flows_active: IntGaugeVec,
     pub flows: IntCounterVec,
     pub bytes: IntCounterVec,
@@ -31,6 +32,11 @@ impl Metrics {
                 r,
                 "ztna_connector_intermediates_configured",
                 "Intermediates in the configuration.",
+            ),
+            reconnect_backoff: m::float_gauge(
+                r,
+                "ztna_connector_reconnect_backoff_seconds",
+                "Delay before the most recent reconnect attempt (grows while an intermediate stays unreachable).",
             ),
             reconnects: m::counter(
                 r,

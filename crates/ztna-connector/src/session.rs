@@ -51,6 +51,7 @@ pub(crate) async fn supervise(
                 return;
             }
             let delay = backoff.next_delay(since);
+            shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
             info!(?delay, "reconnecting after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

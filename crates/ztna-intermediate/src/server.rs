@@ -162,11 +162,18 @@ impl Intermediate {
             &[Role::Agent, Role::Connector],
             &config.transport(),
         )?;
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_err = |source| StartError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::new(Arc::new(identity.reset_key())),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Ops {
             addr: config.ops_listen,
             source,

@@ -281,6 +281,17 @@ impl Identity {
         Ok(identity)
     }
 
+    /// Key for QUIC stateless resets, derived from our private key so it survives a restart.
+    ///
+    /// A peer whose connection died with a crashed intermediate learns it on its next packet to
+    /// the restarted process (a valid stateless reset), within one keepalive interval, instead of
+    /// waiting out the idle timeout.
+    pub fn reset_key(&self) -> ring::hmac::Key {
+        let label = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"ztna/1 stateless reset key");
+        let derived = ring::hmac::sign(&label, self.key.secret_der());
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+    }
+
     /// Seconds since the epoch of our certificate's notAfter.
     pub fn expiry_unix(&self) -> f64 {
         self.not_after

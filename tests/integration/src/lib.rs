@@ -118,6 +118,7 @@ fn tls_toml(tls: &TlsConfig) -> String {
 
 pub struct IntermediateHandle {
     pub addr: SocketAddr,
+    pub ops: SocketAddr,
     pub daemon: Daemon<ztna_intermediate::metrics::Metrics>,
 }
 
@@ -139,11 +140,13 @@ pub fn intermediate_config(
 pub fn start_intermediate_with(cfg: ztna_intermediate::Config) -> IntermediateHandle {
     let im = ztna_intermediate::Intermediate::bind(cfg).expect("bind intermediate");
     let addr = im.local_addr().expect("addr");
+    let ops = im.ops_addr().expect("ops addr");
     let metrics = im.metrics();
     let stop = CancellationToken::new();
     let task = tokio::spawn(im.run(stop.clone()));
     IntermediateHandle {
         addr,
+        ops,
         daemon: Daemon {
             metrics,
             stop,
@@ -157,6 +160,7 @@ pub fn start_intermediate(pki: &Pki, policy: Vec<PolicyRule>) -> IntermediateHan
 }
 
 pub struct ConnectorHandle {
+    pub ops: SocketAddr,
     pub daemon: Daemon<ztna_connector::Metrics>,
     pub registered: tokio::sync::watch::Receiver<Vec<bool>>,
 }
@@ -209,16 +213,16 @@ fn client_toml(
     text
 }
 
-/// Starts a connector; `settings` are extra top-level TOML lines (e.g. `udp_idle_timeout = "1s"`).
-pub fn start_connector_with(
-    tls: TlsConfig,
+/// Connector config text: `services` are (name, tcp backend, udp backend).
+fn connector_toml(
+    tls: &TlsConfig,
     intermediates: &[SocketAddr],
     services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
     settings: &str,
-) -> ConnectorHandle {
+) -> String {
     let defaults =
         "udp_idle_timeout = \"10s\"\ndrain_timeout = \"5s\"\nops_listen = \"127.0.0.1:0\"";
-    let mut text = client_toml(&tls, intermediates, defaults, settings);
+    let mut text = client_toml(tls, intermediates, defaults, settings);
     for (name, tcp, udp) in services {
         text.push_str(&format!("[[service]]\nname = \"{name}\"\n"));
         if let Some(t) = tcp {
@@ -228,14 +232,45 @@ pub fn start_connector_with(
             text.push_str(&format!("udp = \"{u}\"\n"));
         }
     }
+    text
+}
+
+/// Writes a connector config file for a child process and returns its path.
+pub fn connector_file(
+    pki: &Pki,
+    name: &str,
+    intermediates: &[SocketAddr],
+    services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
+    settings: &str,
+) -> PathBuf {
+    let tls = pki.issue("connector", name);
+    let path = pki.dir.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        connector_toml(&tls, intermediates, services, settings),
+    )
+    .expect("write config");
+    path
+}
+
+/// Starts a connector; `settings` are extra top-level TOML lines (e.g. `udp_idle_timeout = "1s"`).
+pub fn start_connector_with(
+    tls: TlsConfig,
+    intermediates: &[SocketAddr],
+    services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
+    settings: &str,
+) -> ConnectorHandle {
+    let text = connector_toml(&tls, intermediates, services, settings);
     let cfg: ztna_connector::Config = toml::from_str(&text).expect("connector config");
     cfg.validate().expect("valid connector config");
     let c = ztna_connector::Connector::bind(cfg).expect("bind connector");
     let metrics = c.metrics();
     let registered = c.registered();
+    let ops = c.ops_addr().expect("ops addr");
     let stop = CancellationToken::new();
     let task = tokio::spawn(c.run(stop.clone()));
     ConnectorHandle {
+        ops,
         daemon: Daemon {
             metrics,
             stop,
@@ -246,6 +281,7 @@ pub fn start_connector_with(
 }
 
 pub struct AgentHandle {
+    pub ops: SocketAddr,
     pub daemon: Daemon<ztna_agent::Metrics>,
     /// (service, protocol, local address) in forward order.
     pub ports: Vec<(String, ztna_proto::Protocol, SocketAddr)>,
@@ -313,11 +349,13 @@ pub async fn start_agent_with(
         .collect();
     let agent = ztna_agent::Agent::bind(cfg).await.expect("bind agent");
     let ports = agent.local_addrs();
+    let ops = agent.ops_addr().expect("ops addr");
     let metrics = agent.metrics();
     let session = agent.session();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
     AgentHandle {
+        ops,
         daemon: Daemon {
             metrics,
             stop,
@@ -462,4 +500,156 @@ pub async fn closed_reason(conn: &quinn::Connection) -> Option<String> {
         .await
         .ok()
         .map(|e| ztna_node::identity::describe_connection_error(&e))
+}
+
+/// A loopback port that was free a moment ago (UDP for QUIC listeners).
+pub fn free_udp_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+/// A loopback TCP port that was free a moment ago (ops endpoints of child processes).
+pub fn free_tcp_port() -> SocketAddr {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+/// `GET` on an ops endpoint: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    ztna_node::ops::get(addr, path)
+        .await
+        .unwrap_or((0, String::new()))
+}
+
+/// Writes an intermediate config file and returns its path.
+pub fn intermediate_file(
+    pki: &Pki,
+    name: &str,
+    listen: SocketAddr,
+    ops: SocketAddr,
+    services: &[&str],
+) -> PathBuf {
+    let tls = pki.issue("intermediate", name);
+    let mut text = format!(
+        "listen = \"{listen}\"\nops_listen = \"{ops}\"\ndrain_timeout = \"10s\"\n{}",
+        tls_toml(&tls)
+    );
+    for s in services {
+        text.push_str(&format!(
+            "[[policy]]\nservice = \"{s}\"\nconnectors = [\"spiffe://{TD}/connector/*\"]\nagents = [\"spiffe://{TD}/agent/*\"]\n"
+        ));
+    }
+    let path = pki.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A daemon running as a child process (the real command line, via the `ztna-daemon` test
+/// binary). Killed on drop; its output goes to a log file whose tail is printed on failure.
+pub struct Proc {
+    pub name: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// `bin` is the test's `env!("CARGO_BIN_EXE_ztna-daemon")` (only test targets see it).
+    pub fn spawn(
+        bin: &str,
+        role: &str,
+        name: &str,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let log = config.with_extension(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = std::process::Command::new(bin)
+            .arg(role)
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env.iter().copied())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn ztna-daemon");
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {} failed", self.name);
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit; returns its exit code (None on timeout or by signal).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if tokio::time::Instant::now() >= end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `n` log lines, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "--- last {n} lines of {} ---\n{}",
+            self.name,
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.tail(30));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until an ops endpoint answers `/readyz` with 200.
+pub async fn wait_ready(ops: SocketAddr, limit: Duration) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if http_get(ops, "/readyz").await.0 == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
