@@ -168,7 +168,7 @@ impl Intermediate {
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::new(Arc::new(identity.reset_key())),
+            ztna_node::transport::restart_aware_endpoint_config(&identity),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

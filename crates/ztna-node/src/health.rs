@@ -155,18 +155,23 @@ impl Health {
         self.inner.status.borrow().clone()
     }
 
-    /// Marks the start of a drain: not ready, `STOPPING=1`.
+    /// Marks the start of a drain: not ready, and `STOPPING=1` to systemd right away (not via the
+    /// notify task, which may already be shutting down when a drain is short).
     pub fn set_stopping(&self) {
         self.set_ready(false);
-        self.inner.stopping.send_replace(true);
+        if !self.inner.stopping.send_replace(true) && std::env::var_os("NOTIFY_SOCKET").is_some() {
+            if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+                tracing::warn!(error = %e, "sd_notify failed");
+            }
+        }
     }
 
     pub fn is_stopping(&self) -> bool {
         *self.inner.stopping.borrow()
     }
 
-    /// Talks to systemd until `stop`: `READY=1` at once, `STATUS=` on every change, `STOPPING=1`
-    /// when a drain starts, and `WATCHDOG=1` every half `WATCHDOG_USEC` while the liveness probe
+    /// Talks to systemd until `stop`: `READY=1` at once, `STATUS=` on every change (`STOPPING=1` is sent
+    /// by [`Health::set_stopping`]), and `WATCHDOG=1` every half `WATCHDOG_USEC` while the liveness probe
     /// passes. Returns immediately, doing nothing, without `NOTIFY_SOCKET`.
     pub async fn notify_systemd(self, stop: tokio_util::sync::CancellationToken) {
         use sd_notify::NotifyState;
@@ -179,13 +184,11 @@ impl Health {
             }
         };
         let mut status = self.inner.status.subscribe();
-        let mut stopping = self.inner.stopping.subscribe();
         let first = status.borrow_and_update().clone();
         send(&[NotifyState::Ready, NotifyState::Status(&first)]);
         let period = sd_notify::watchdog_enabled().map(|usec| usec / 2);
         let mut watchdog = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
         let mut failing = false;
-        let mut stopping_sent = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -193,13 +196,6 @@ impl Health {
                     if r.is_err() { return; }
                     let s = status.borrow_and_update().clone();
                     send(&[NotifyState::Status(&s)]);
-                }
-                r = stopping.changed() => {
-                    if r.is_err() { return; }
-                    if *stopping.borrow_and_update() && !stopping_sent {
-                        stopping_sent = true;
-                        send(&[NotifyState::Stopping]);
-                    }
                 }
                 _ = watchdog.tick(), if period.is_some() => match self.live() {
                     Ok(()) => {

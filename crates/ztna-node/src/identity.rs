@@ -281,15 +281,14 @@ impl Identity {
         Ok(identity)
     }
 
-    /// Key for QUIC stateless resets, derived from our private key so it survives a restart.
-    ///
-    /// A peer whose connection died with a crashed intermediate learns it on its next packet to
-    /// the restarted process (a valid stateless reset), within one keepalive interval, instead of
-    /// waiting out the idle timeout.
-    pub fn reset_key(&self) -> ring::hmac::Key {
-        let label = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"ztna/1 stateless reset key");
-        let derived = ring::hmac::sign(&label, self.key.secret_der());
-        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+    /// A secret derived from our private key for `purpose`: stable across restarts, useless to
+    /// anyone without the key.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
+        let tag = ring::hmac::sign(&key, format!("ztna/1 {purpose}").as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
     }
 
     /// Seconds since the epoch of our certificate's notAfter.

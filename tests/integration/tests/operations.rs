@@ -127,7 +127,10 @@ async fn metrics_contract_moves_with_traffic_and_readyz_follows_the_design() {
     );
 
     let im = start_intermediate_with(intermediate_config(&pki, relay, open_policy(&["web"])));
-    assert!(until_ready(im.ops, 200).await, "listening intermediate not ready");
+    assert!(
+        until_ready(im.ops, 200).await,
+        "listening intermediate not ready"
+    );
     c.wait_registered(1).await;
     assert!(
         until_ready(c.ops, 200).await,
@@ -334,4 +337,459 @@ async fn metrics_contract_moves_with_traffic_and_readyz_follows_the_design() {
     );
     c.daemon.shutdown().await;
     a.daemon.shutdown().await;
+}
+
+/// Continuous new TCP flows through the agent, counting failures.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(u64, Vec<String>)>,
+}
+
+fn start_load(port: std::net::SocketAddr) -> Load {
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut attempts = 0u64;
+        let mut failures = Vec::new();
+        while !*rx.borrow() {
+            attempts += 1;
+            let msg = format!("flow {attempts}");
+            match tokio::time::timeout(Duration::from_secs(10), tcp_roundtrip(port, msg.as_bytes()))
+                .await
+            {
+                Ok(Ok(back)) if back == msg.as_bytes() => {}
+                other => failures.push(format!("attempt {attempts}: {other:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (attempts, failures)
+    });
+    Load { stop, task }
+}
+
+impl Load {
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.send_replace(true);
+        self.task.await.expect("load task")
+    }
+}
+
+async fn wait_registered_count(
+    c: &mut ConnectorHandle,
+    n: usize,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    tokio::time::timeout(
+        limit,
+        c.registered
+            .wait_for(|v| v.iter().filter(|b| **b).count() == n),
+    )
+    .await
+    .ok()
+    .map(|_| start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_both_intermediates_under_load_fails_no_flow() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let relays: Vec<_> = ["relay-a", "relay-b"]
+        .iter()
+        .map(|name| {
+            let (addr, ops) = (free_udp_port(), free_tcp_port());
+            let cfg = intermediate_file(&pki, name, addr, ops, &["web"]);
+            (name.to_string(), addr, ops, cfg)
+        })
+        .collect();
+    let mut procs: Vec<Proc> = relays
+        .iter()
+        .map(|(n, _, _, cfg)| Proc::spawn(BIN, "intermediate", n, cfg, &[]))
+        .collect();
+    for (_, _, ops, _) in &relays {
+        assert!(wait_ready(*ops, Duration::from_secs(10)).await);
+    }
+    let addrs: Vec<_> = relays.iter().map(|r| r.1).collect();
+    let mut c = start_connector(&pki, "web-1", &addrs, &[("web", Some(echo), None)]);
+    c.wait_registered(2).await;
+    let mut a = start_agent(&pki, "alice", &addrs, &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let load = start_load(a.port("web", Protocol::Tcp));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    for (i, (name, _, ops, cfg)) in relays.iter().enumerate() {
+        let t0 = Instant::now();
+        procs[i].signal("TERM");
+        let code = procs[i].wait_exit(Duration::from_secs(30)).await;
+        let drained = t0.elapsed();
+        assert_eq!(
+            code,
+            Some(0),
+            "{name} did not drain and exit 0\n{}",
+            procs[i].tail(30)
+        );
+        assert!(
+            procs[i].log().contains("drain complete"),
+            "{}",
+            procs[i].tail(30)
+        );
+        procs[i] = Proc::spawn(BIN, "intermediate", name, cfg, &[]);
+        let t1 = Instant::now();
+        assert!(
+            wait_ready(*ops, Duration::from_secs(10)).await,
+            "{} not ready after restart",
+            name
+        );
+        let back = wait_registered_count(&mut c, 2, Duration::from_secs(15)).await;
+        assert!(
+            back.is_some(),
+            "connector not back on 2/2 after restarting {name}"
+        );
+        println!(
+            "MEASURED {name}: SIGTERM to exit under load {:.0} ms; restart to connector on 2/2 {:.0} ms",
+            drained.as_secs_f64() * 1e3,
+            t1.elapsed().as_secs_f64() * 1e3
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let (attempts, failures) = load.finish().await;
+    println!(
+        "MEASURED rolling restart: {attempts} flows attempted, {} failed",
+        failures.len()
+    );
+    assert!(attempts > 50, "load too small to mean anything: {attempts}");
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} flows failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_intermediates_connected",
+            &[]
+        ),
+        2.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_reregisters_fast_and_backoff_grows_while_down() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(&pki, "relay", addr, ops, &["web"]);
+    let mut relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    // Default keepalive (1 s) and idle timeout (5 s).
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let reconnects = |c: &ConnectorHandle| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_reconnects_total",
+            &[],
+        )
+    };
+    let before = reconnects(&c);
+
+    // Crash and immediate restart on the same port.
+    let t_kill = Instant::now();
+    relay.signal("KILL");
+    assert_eq!(
+        relay.wait_exit(Duration::from_secs(5)).await,
+        None,
+        "SIGKILL leaves no exit code"
+    );
+    relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    let t_restart = Instant::now();
+    // First the connector must notice the loss, then register again.
+    let lost = wait_registered_count(&mut c, 0, Duration::from_secs(10)).await;
+    assert!(lost.is_some(), "connector never noticed the crash");
+    let back = wait_registered_count(&mut c, 1, Duration::from_secs(5)).await;
+    assert!(
+        back.is_some(),
+        "not registered again within 5 s of the restart\n{}",
+        relay.tail(20)
+    );
+    println!(
+        "MEASURED crash to re-registration: {:.0} ms after SIGKILL, {:.0} ms after the restarted relay was ready",
+        t_kill.elapsed().as_secs_f64() * 1e3,
+        t_restart.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(reconnects(&c) > before, "reconnects_total did not move");
+
+    // Down for a while: a connector with fast loss detection shows its backoff growing.
+    let mut fast = start_connector_with(
+        pki.issue("connector", "web-2"),
+        &[addr],
+        &[("web", Some(echo), None)],
+        "keepalive = \"250ms\"\nidle_timeout = \"1s\"",
+    );
+    fast.wait_registered(1).await;
+    relay.signal("KILL");
+    let _ = relay.wait_exit(Duration::from_secs(5)).await;
+    let mut seen: Vec<f64> = Vec::new();
+    let end = Instant::now() + Duration::from_secs(16);
+    while Instant::now() < end {
+        let v = metric(
+            &fast.daemon.metrics.common.render(),
+            "ztna_connector_reconnect_backoff_seconds",
+            &[],
+        );
+        if v > 0.0 && seen.last() != Some(&v) {
+            seen.push(v);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!("MEASURED backoff delays while the relay stayed down 16 s: {seen:?}");
+    assert!(seen.len() >= 3, "too few reconnect attempts: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[1] >= w[0]),
+        "backoff shrank while down: {seen:?}"
+    );
+    assert!(
+        seen[seen.len() - 1] >= 2.0 * seen[0],
+        "backoff did not grow: {seen:?}"
+    );
+    fast.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_the_only_connector_deregisters_first_then_drains_and_exits_zero() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let c_ops = free_tcp_port();
+    let cfg = connector_file(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), None)],
+        &format!("ops_listen = \"{c_ops}\""),
+    );
+    let mut conn = Proc::spawn(BIN, "connector", "connector", &cfg, &[]);
+    assert!(
+        wait_ready(c_ops, Duration::from_secs(10)).await,
+        "{}",
+        conn.tail(20)
+    );
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    // A flow that keeps the connector's drain busy.
+    let mut held = TcpStream::connect(port).await.unwrap();
+    held.write_all(b"a").await.unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).await.unwrap();
+
+    let t0 = Instant::now();
+    conn.signal("TERM");
+    let gone = eventually(Duration::from_secs(5), || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")],
+        ) == 0.0
+    })
+    .await;
+    assert!(gone, "intermediate still lists the connector");
+    assert!(conn.alive(), "connector exited before it was deregistered");
+    a.wait_status("web", ServiceState::Unavailable).await;
+    let t_new = Instant::now();
+    if let Ok(mut s) = TcpStream::connect(port).await {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf).await;
+        assert!(r.is_err() || buf.is_empty());
+    }
+    assert!(
+        t_new.elapsed() < Duration::from_secs(1),
+        "new connection took {:?} to fail",
+        t_new.elapsed()
+    );
+    // The running flow continues during the drain.
+    held.write_all(b"b").await.unwrap();
+    held.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"b");
+    assert!(conn.alive());
+    drop(held);
+    let code = conn.wait_exit(Duration::from_secs(10)).await;
+    println!(
+        "MEASURED connector SIGTERM to exit with one flow held open then closed: {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(code, Some(0), "{}", conn.tail(20));
+    a.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+fn pem_certs(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let pem = std::fs::read(path).unwrap();
+    rustls_pemfile::certs(&mut pem.as_slice())
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+async fn presented_cert(pki: &Pki, addr: std::net::SocketAddr) -> Vec<u8> {
+    let tls = pki.issue("agent", "probe");
+    let (_ep, conn) = raw_connect(&tls, ztna_proto::Role::Agent, addr)
+        .await
+        .expect("connect");
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .expect("peer certs");
+    certs[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_and_survives_a_broken_file() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(&pki, "relay", addr, ops, &["web"]);
+    let mut relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut held = TcpStream::connect(port).await.unwrap();
+    held.write_all(b"1").await.unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).await.unwrap();
+    let cert_path = pki.dir.path().join("intermediate-relay.pem");
+    let old_der = pem_certs(&cert_path)[0].clone();
+    assert_eq!(presented_cert(&pki, addr).await, old_der);
+    let expiry = |t: &str| metric(t, "ztna_tls_cert_expiry_timestamp_seconds", &[]);
+    let old_expiry = expiry(&http_get(ops, "/metrics").await.1);
+
+    // Re-issue (longer validity) in place and SIGHUP.
+    let mut req = ztna_pki::IssueRequest::new("intermediate", "relay");
+    req.validity = ztna_pki::Validity::days(90);
+    let issued = pki.ca.issue(&req).unwrap();
+    pki.tls_for(&issued, "intermediate-relay");
+    let new_der = pem_certs(&cert_path)[0].clone();
+    assert_ne!(new_der, old_der);
+    relay.signal("HUP");
+    let reloaded = eventually(Duration::from_secs(5), || {
+        relay.log().contains("configuration reloaded")
+    })
+    .await;
+    assert!(reloaded, "{}", relay.tail(20));
+    let new_expiry = expiry(&http_get(ops, "/metrics").await.1);
+    let want = issued.not_after.unix_timestamp() as f64;
+    assert!(
+        new_expiry != old_expiry && (new_expiry - want).abs() < 2.0,
+        "expiry metric {old_expiry} -> {new_expiry}, want {want}"
+    );
+    assert_eq!(
+        presented_cert(&pki, addr).await,
+        new_der,
+        "new connections do not present the new certificate"
+    );
+    // The flow opened before the reload keeps running; new flows work.
+    held.write_all(b"2").await.unwrap();
+    held.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"2");
+    assert_eq!(
+        tcp_roundtrip(port, b"after reload").await.unwrap(),
+        b"after reload"
+    );
+
+    // A broken file: the reload fails, the old config stays, the process lives.
+    std::fs::write(
+        &cert_path,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    relay.signal("HUP");
+    let failed = eventually(Duration::from_secs(5), || {
+        relay.log().contains("reload failed")
+    })
+    .await;
+    assert!(failed, "{}", relay.tail(20));
+    assert!(relay.alive());
+    assert_eq!(expiry(&http_get(ops, "/metrics").await.1), new_expiry);
+    assert_eq!(presented_cert(&pki, addr).await, new_der);
+    held.write_all(b"3").await.unwrap();
+    held.read_exact(&mut one).await.unwrap();
+    assert_eq!(tcp_roundtrip(port, b"still").await.unwrap(), b"still");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_speaks_sd_notify_on_a_real_socket() {
+    logs();
+    let pki = Pki::new();
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(&pki, "relay", addr, ops, &["web"]);
+    let sock_path = pki.dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let sp = sock_path.to_string_lossy().to_string();
+    let mut relay = Proc::spawn(
+        BIN,
+        "intermediate",
+        "relay",
+        &cfg,
+        &[("NOTIFY_SOCKET", &sp), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut msgs: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(3);
+    while let Ok(Ok(n)) = tokio::time::timeout(
+        end.saturating_duration_since(Instant::now()),
+        sock.recv(&mut buf),
+    )
+    .await
+    {
+        msgs.extend(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .map(str::to_string),
+        );
+    }
+    assert_eq!(
+        msgs.first().map(String::as_str),
+        Some("READY=1"),
+        "{msgs:?}\n{}",
+        relay.tail(20)
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("STATUS=serving: 0 agents")),
+        "{msgs:?}"
+    );
+    let pings = msgs.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(
+        (10..=18).contains(&pings),
+        "expected ~14 WATCHDOG=1 in 3 s at 200 ms, got {pings}"
+    );
+    relay.signal("TERM");
+    let mut after = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await {
+        after.extend(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .map(str::to_string),
+        );
+        if after.iter().any(|m| m == "STOPPING=1") {
+            break;
+        }
+    }
+    assert!(after.iter().any(|m| m == "STOPPING=1"), "{after:?}");
+    assert_eq!(relay.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
