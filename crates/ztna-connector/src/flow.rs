@@ -204,12 +204,13 @@ async fn tcp_flow(
         }
     };
     let _ = tcp.set_nodelay(true);
+    // Counted before Accept goes out, so a drain never misses a flow that is about to carry data.
+    let _guard = ActiveGuard::new(shared, service, Protocol::Tcp);
     if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
         return;
     }
     let m = &shared.metrics;
     m.flows.with_label_values(&[service, "tcp", "ok"]).inc();
-    let _guard = ActiveGuard::new(shared, service, Protocol::Tcp);
     let to_agent = m.bytes.with_label_values(&[service, "to_agent"]);
     let to_backend = m.bytes.with_label_values(&[service, "to_backend"]);
     let stats = splice_tcp(
@@ -286,13 +287,13 @@ async fn udp_flow(
         let msg = format!("UDP flow id {} already in use", open.flow_id);
         return reject(shared, &mut send, open, RejectReason::BadRequest, msg).await;
     }
+    let guard = ActiveGuard::new(shared, &service, Protocol::Udp);
     if write_frame(&mut send, &FlowReply::Accept).await.is_ok() {
         shared
             .metrics
             .flows
             .with_label_values(&[&service, "udp", "ok"])
             .inc();
-        let _guard = ActiveGuard::new(shared, &service, Protocol::Udp);
         let idle = shared.config.udp_idle_timeout;
         let reader = backend_reader(
             shared,
@@ -325,6 +326,7 @@ async fn udp_flow(
         let _ = send.finish();
     }
     state.flows().remove(&open.flow_id);
+    drop(guard);
 }
 
 /// Reads the flow's backend socket and sends each datagram to the intermediate.

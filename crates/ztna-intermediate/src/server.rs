@@ -669,6 +669,24 @@ struct FlowGuard<'a> {
     peers: [Arc<Peer>; 2],
 }
 
+impl<'a> FlowGuard<'a> {
+    fn new(shared: &'a Shared, protocol: Protocol, peers: [Arc<Peer>; 2]) -> Self {
+        shared
+            .metrics
+            .flows_active
+            .with_label_values(&[protocol.as_str()])
+            .inc();
+        for p in &peers {
+            p.active_flows.fetch_add(1, Ordering::Relaxed);
+        }
+        FlowGuard {
+            shared,
+            protocol,
+            peers,
+        }
+    }
+}
+
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
         self.shared
@@ -740,20 +758,20 @@ async fn agent_flow(
             agent.routes().insert(flow_id, Route { peer: connector.clone(), flow_id: c_flow_id });
             connector.routes().insert(c_flow_id, Route { peer: agent.clone(), flow_id });
         }
+        // Count the flow before the agent hears Accept: from then on data can flow, and the
+        // least-loaded choice and the gauges must already see it.
+        let guard = FlowGuard::new(&shared, protocol, [agent.clone(), connector.clone()]);
         if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
             let _ = c_send.reset(VarInt::from_u32(codes::FLOW_ABORTED));
         } else {
             flows.with_label_values(&[protocol.as_str(), "ok"]).inc();
-            shared.metrics.flows_active.with_label_values(&[protocol.as_str()]).inc();
-            agent.active_flows.fetch_add(1, Ordering::Relaxed);
-            connector.active_flows.fetch_add(1, Ordering::Relaxed);
-            let _guard = FlowGuard { shared: &shared, protocol, peers: [agent.clone(), connector.clone()] };
             debug!(connector = %connector.id, "flow accepted");
             let up = shared.metrics.bytes(protocol.as_str(), "to_connector");
             let down = shared.metrics.bytes(protocol.as_str(), "to_agent");
             let stats = splice_quic((&mut send, &mut recv), (&mut c_send, &mut c_recv), Some(&up), Some(&down)).await;
             debug!(up = stats.forward, down = stats.backward, aborted = stats.aborted, "flow ended");
         }
+        drop(guard);
         if protocol == Protocol::Udp {
             agent.routes().remove(&flow_id);
             connector.routes().remove(&c_flow_id);
