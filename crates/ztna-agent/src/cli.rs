@@ -1,62 +1,41 @@
 //! Command line of `ztna-agent`: parse arguments, load config, run, reload on SIGHUP.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ztna_node::signals::push_override;
+use ztna_node::daemon::CommonArgs;
 
 /// Exposes ZTNA services on local ports, tunnelled through an intermediate.
 #[derive(Parser)]
 #[command(name = "ztna-agent", version)]
 struct Cli {
-    /// Config file (TOML).
-    #[arg(long, short, env = "ZTNA_CONFIG")]
-    config: Option<PathBuf>,
-    /// Validate the configuration (and certificates), print the problem if any, and exit.
-    #[arg(long)]
-    check_config: bool,
-    /// Intermediate host:port; repeat for each (`intermediates`).
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Intermediate host:port in order of preference; repeat for each (`intermediates`).
     #[arg(
         long = "intermediate",
         env = "ZTNA_INTERMEDIATES",
         value_delimiter = ','
     )]
     intermediates: Vec<String>,
-    /// Ops endpoint address (`ops_listen`).
-    #[arg(long, env = "ZTNA_OPS_LISTEN")]
-    ops_listen: Option<String>,
     /// Extra forward, e.g. `tcp:127.0.0.1:8080=web` (repeatable; adds to `[[forward]]`).
     #[arg(long = "forward", env = "ZTNA_FORWARDS", value_delimiter = ',')]
     forwards: Vec<String>,
-    /// CA certificate (`tls.ca`).
-    #[arg(long, env = "ZTNA_TLS_CA")]
-    tls_ca: Option<String>,
-    /// Certificate chain (`tls.cert`).
-    #[arg(long, env = "ZTNA_TLS_CERT")]
-    tls_cert: Option<String>,
-    /// Private key (`tls.key`).
-    #[arg(long, env = "ZTNA_TLS_KEY")]
-    tls_key: Option<String>,
 }
 
 /// Runs the daemon with these command-line arguments (the first is the program name).
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
-    let mut o = Vec::new();
+    let mut o = cli.common.overrides();
     if !cli.intermediates.is_empty() {
-        let list: Vec<toml::Value> = cli
+        let list = cli
             .intermediates
             .into_iter()
             .map(toml::Value::from)
             .collect();
         o.push(("intermediates", toml::Value::Array(list)));
     }
-    push_override(&mut o, "ops_listen", cli.ops_listen);
-    push_override(&mut o, "tls.ca", cli.tls_ca);
-    push_override(&mut o, "tls.cert", cli.tls_cert);
-    push_override(&mut o, "tls.key", cli.tls_key);
     let mut extra = Vec::new();
     for f in &cli.forwards {
         match crate::Forward::parse(f) {
@@ -67,26 +46,17 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
             }
         }
     }
-    let config = crate::Config::load(cli.config.as_deref(), o.clone(), extra.clone());
-    let path = cli.config.clone();
-    let load = move || {
-        crate::Config::load(path.as_deref(), o.clone(), extra.clone()).map_err(|e| e.to_string())
-    };
+    let path = cli.common.config;
     ztna_node::daemon::main(
         "ztna-agent",
-        config,
-        cli.check_config,
-        |c| {
-            ztna_node::Identity::load(&c.tls, ztna_proto::Role::Agent)
-                .map(drop)
-                .map_err(|e| e.to_string())
-        },
-        |config, shutdown, hups| async move {
+        ztna_proto::Role::Agent,
+        cli.common.check_config,
+        move || crate::Config::load(path.as_deref(), o.clone(), extra.clone()),
+        |c| &c.tls,
+        |config, shutdown, reloads| async move {
             let daemon = crate::Agent::bind(config).await?;
             let handle = daemon.handle();
-            tokio::spawn(ztna_node::daemon::reload_loop(hups, load, move |c| {
-                handle.reload(c)
-            }));
+            reloads.spawn(move |c| handle.reload(c));
             daemon.run(shutdown).await;
             Ok::<(), crate::StartError>(())
         },

@@ -9,16 +9,17 @@ mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tracing::info;
+use ztna_node::client::ClientTls;
 use ztna_node::health::Health;
 use ztna_node::identity::IdentityError;
 use ztna_node::ops::Ops;
-use ztna_node::{CancellationToken, Identity};
+use ztna_node::CancellationToken;
 use ztna_proto::{Protocol, Role, ServiceState};
 
 pub use config::{Config, Forward, ForwardProtocol};
@@ -39,10 +40,7 @@ pub enum StartError {
 
 impl Shared {
     pub fn client(&self) -> quinn::ClientConfig {
-        self.client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.tls.config()
     }
 
     /// Recomputes readiness and the status line (after a connection or service status change).
@@ -83,49 +81,28 @@ impl Handle {
     pub fn reload(&self, new: Config) -> Result<String, String> {
         let shared = &self.shared;
         new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
-        let identity = Identity::load(&new.tls, Role::Agent).map_err(|e| e.to_string())?;
-        let client = ztna_node::transport::client_config(
-            &identity,
-            Role::Intermediate,
-            &shared.config.transport(),
-        )
-        .map_err(|e| e.to_string())?;
-        for (key, changed) in [
+        ztna_node::daemon::warn_unapplied(&[
             (
                 "intermediates",
                 new.intermediates != shared.config.intermediates,
             ),
             ("forward", new.forward != shared.config.forward),
             ("ops_listen", new.ops_listen != shared.config.ops_listen),
-        ] {
-            if changed {
-                tracing::warn!(
-                    key,
-                    "changed in the config file; a reload does not apply it, restart to do so"
-                );
-            }
-        }
-        *shared.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        ]);
+        let summary = shared.tls.reload(&new.tls)?;
         shared
             .metrics
             .common
             .cert_expiry
-            .set(identity.expiry_unix());
-        let summary = format!(
-            "certificate {} (expires at unix {:.0}) used for new connections",
-            identity.id,
-            identity.expiry_unix()
-        );
-        *shared.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+            .set(shared.tls.expiry_unix());
         Ok(summary)
     }
 }
 
 pub(crate) struct Shared {
     pub config: Config,
-    pub identity: RwLock<Identity>,
-    /// TLS/QUIC config for new connections; replaced on reload.
-    client: RwLock<quinn::ClientConfig>,
+    /// Certificate and QUIC client config for new connections; replaced on reload.
+    pub tls: ClientTls,
     pub metrics: Metrics,
     pub health: Health,
     /// The session new flows use; `None` while (re)connecting.
@@ -150,12 +127,7 @@ impl Agent {
     /// Loads the identity, binds the QUIC endpoint and every local port (so a port in use is an
     /// error at startup, not later). Must be called inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Agent, StartError> {
-        let identity = Identity::load(&config.tls, Role::Agent)?;
-        let client = ztna_node::transport::client_config(
-            &identity,
-            Role::Intermediate,
-            &config.transport(),
-        )?;
+        let tls = ClientTls::load(&config.tls, Role::Agent, config.transport())?;
         let endpoint = ztna_node::transport::client_endpoint(config.bind).map_err(|source| {
             StartError::Bind {
                 what: "QUIC socket",
@@ -193,7 +165,7 @@ impl Agent {
             .map(|f| (f.service.clone(), Protocol::from(f.protocol).as_str()))
             .collect();
         let metrics = Metrics::new(&list);
-        metrics.common.cert_expiry.set(identity.expiry_unix());
+        metrics.common.cert_expiry.set(tls.expiry_unix());
         let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Bind {
             what: "ops_listen",
             addr: config.ops_listen,
@@ -205,8 +177,7 @@ impl Agent {
             ops,
             shared: Arc::new(Shared {
                 config,
-                identity: RwLock::new(identity),
-                client: RwLock::new(client),
+                tls,
                 metrics,
                 health,
                 current: watch::Sender::new(None),
@@ -258,17 +229,14 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
         let health = shared.health.clone();
-        let background = CancellationToken::new();
-        health.spawn_heartbeat();
-        tokio::spawn(self.ops.serve(
+        shared.update_status();
+        let background = ztna_node::ops::start_background(
+            self.ops,
             shared.metrics.common.clone(),
             health.clone(),
-            background.clone(),
-        ));
-        shared.update_status();
-        tokio::spawn(health.clone().notify_systemd(background.clone()));
+        );
         info!(
-            identity = %shared.identity.read().unwrap_or_else(|p| p.into_inner()).id,
+            identity = %shared.tls.id(),
             intermediates = ?shared.config.intermediates,
             "agent starting"
         );

@@ -14,16 +14,17 @@ mod session;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::info;
+use ztna_node::client::ClientTls;
 use ztna_node::health::Health;
 use ztna_node::identity::IdentityError;
 use ztna_node::ops::Ops;
-use ztna_node::{CancellationToken, Identity};
+use ztna_node::CancellationToken;
 use ztna_proto::Role;
 
 pub use config::{Config, ServiceConfig};
@@ -48,9 +49,8 @@ pub enum StartError {
 pub(crate) struct Shared {
     pub config: Config,
     pub services: HashMap<String, ServiceConfig>,
-    pub identity: RwLock<Identity>,
-    /// TLS/QUIC config for new connections; replaced on reload.
-    client: RwLock<quinn::ClientConfig>,
+    /// Certificate and QUIC client config for new connections; replaced on reload.
+    pub tls: ClientTls,
     pub metrics: Metrics,
     pub health: Health,
     /// Flows running on any connection (drain waits for 0).
@@ -63,10 +63,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn client(&self) -> quinn::ClientConfig {
-        self.client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.tls.config()
     }
 
     /// Recomputes readiness and the status line after a registration change.
@@ -111,13 +108,6 @@ impl Handle {
     pub fn reload(&self, new: Config) -> Result<String, String> {
         let shared = &self.shared;
         new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
-        let identity = Identity::load(&new.tls, Role::Connector).map_err(|e| e.to_string())?;
-        let client = ztna_node::transport::client_config(
-            &identity,
-            Role::Intermediate,
-            &shared.config.transport(),
-        )
-        .map_err(|e| e.to_string())?;
         let old = &shared.config;
         let same_services = new.service.len() == old.service.len()
             && new.service.iter().all(|s| {
@@ -126,31 +116,18 @@ impl Handle {
                     .get(&s.name)
                     .is_some_and(|o| o.tcp == s.tcp && o.udp == s.udp)
             });
-        for (key, changed) in [
+        ztna_node::daemon::warn_unapplied(&[
             ("intermediates", new.intermediates != old.intermediates),
             ("service", !same_services),
             ("ops_listen", new.ops_listen != old.ops_listen),
             ("bind", new.bind != old.bind),
-        ] {
-            if changed {
-                tracing::warn!(
-                    key,
-                    "changed in the config file; a reload does not apply it, restart to do so"
-                );
-            }
-        }
-        *shared.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        ]);
+        let summary = shared.tls.reload(&new.tls)?;
         shared
             .metrics
             .common
             .cert_expiry
-            .set(identity.expiry_unix());
-        let summary = format!(
-            "certificate {} (expires at unix {:.0}) used for new connections",
-            identity.id,
-            identity.expiry_unix()
-        );
-        *shared.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+            .set(shared.tls.expiry_unix());
         Ok(summary)
     }
 }
@@ -158,12 +135,7 @@ impl Handle {
 impl Connector {
     /// Loads the identity and binds the QUIC endpoint. Must be called inside a Tokio runtime.
     pub fn bind(config: Config) -> Result<Connector, StartError> {
-        let identity = Identity::load(&config.tls, Role::Connector)?;
-        let client = ztna_node::transport::client_config(
-            &identity,
-            Role::Intermediate,
-            &config.transport(),
-        )?;
+        let tls = ClientTls::load(&config.tls, Role::Connector, config.transport())?;
         let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Ops {
             addr: config.ops_listen,
             source,
@@ -180,7 +152,7 @@ impl Connector {
             .map(|s| (s.name.clone(), s.tcp.is_some(), s.udp.is_some()))
             .collect();
         let metrics = Metrics::new(&list, config.intermediates.len());
-        metrics.common.cert_expiry.set(identity.expiry_unix());
+        metrics.common.cert_expiry.set(tls.expiry_unix());
         let services = config
             .service
             .iter()
@@ -194,8 +166,7 @@ impl Connector {
             shared: Arc::new(Shared {
                 config,
                 services,
-                identity: RwLock::new(identity),
-                client: RwLock::new(client),
+                tls,
                 metrics,
                 health,
                 active_flows: AtomicUsize::new(0),
@@ -233,17 +204,14 @@ impl Connector {
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
         let health = shared.health.clone();
-        let background = CancellationToken::new();
-        health.spawn_heartbeat();
-        tokio::spawn(self.ops.serve(
+        shared.update_status();
+        let background = ztna_node::ops::start_background(
+            self.ops,
             shared.metrics.common.clone(),
             health.clone(),
-            background.clone(),
-        ));
-        shared.update_status();
-        tokio::spawn(health.clone().notify_systemd(background.clone()));
+        );
         info!(
-            identity = %shared.identity.read().unwrap_or_else(|p| p.into_inner()).id,
+            identity = %shared.tls.id(),
             intermediates = ?shared.config.intermediates,
             services = ?shared.services.keys().collect::<Vec<_>>(),
             "connector starting"

@@ -98,7 +98,7 @@ impl Handle {
             &shared.config.transport(),
         )
         .map_err(|e| e.to_string())?;
-        for (key, changed) in [
+        ztna_node::daemon::warn_unapplied(&[
             ("listen", new.listen != shared.config.listen),
             ("ops_listen", new.ops_listen != shared.config.ops_listen),
             (
@@ -118,14 +118,7 @@ impl Handle {
                 "reconnect_hint",
                 new.reconnect_hint != shared.config.reconnect_hint,
             ),
-        ] {
-            if changed {
-                warn!(
-                    key,
-                    "changed in the config file; a reload does not apply it, restart to do so"
-                );
-            }
-        }
+        ]);
         shared.endpoint.set_server_config(Some(server));
         shared
             .metrics
@@ -228,16 +221,14 @@ impl Intermediate {
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared.clone();
         let health = shared.health.clone();
-        let background = CancellationToken::new();
-        health.spawn_heartbeat();
-        tokio::spawn(self.ops.serve(
+        health.set_status("serving: 0 agents, 0 connectors, 0 flows");
+        health.set_ready(true);
+        let background = ztna_node::ops::start_background(
+            self.ops,
             shared.metrics.common.clone(),
             health.clone(),
-            background.clone(),
-        ));
+        );
         tokio::spawn(status_loop(shared.clone(), background.clone()));
-        health.set_ready(true);
-        tokio::spawn(health.clone().notify_systemd(background.clone()));
         info!(
             listen = %self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             identity = %lock_read(&shared.identity),

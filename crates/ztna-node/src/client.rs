@@ -84,3 +84,66 @@ pub async fn hello(
         Err(e) => Err(lost(&e)),
     }
 }
+
+/// The identity a client presents to intermediates, replaceable while running (SIGHUP).
+pub struct ClientTls {
+    role: Role,
+    opts: crate::transport::TransportOptions,
+    current: std::sync::RwLock<(crate::Identity, quinn::ClientConfig)>,
+}
+
+impl ClientTls {
+    pub fn load(
+        tls: &crate::config::TlsConfig,
+        role: Role,
+        opts: crate::transport::TransportOptions,
+    ) -> Result<ClientTls, crate::identity::IdentityError> {
+        let (identity, config) = Self::build(tls, role, &opts)?;
+        Ok(ClientTls {
+            role,
+            opts,
+            current: std::sync::RwLock::new((identity, config)),
+        })
+    }
+
+    fn build(
+        tls: &crate::config::TlsConfig,
+        role: Role,
+        opts: &crate::transport::TransportOptions,
+    ) -> Result<(crate::Identity, quinn::ClientConfig), crate::identity::IdentityError> {
+        let identity = crate::Identity::load(tls, role)?;
+        let config = crate::transport::client_config(&identity, Role::Intermediate, opts)?;
+        Ok((identity, config))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, (crate::Identity, quinn::ClientConfig)> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The QUIC client config for the next connection.
+    pub fn config(&self) -> quinn::ClientConfig {
+        self.read().1.clone()
+    }
+
+    pub fn id(&self) -> crate::SpiffeId {
+        self.read().0.id.clone()
+    }
+
+    pub fn expiry_unix(&self) -> f64 {
+        self.read().0.expiry_unix()
+    }
+
+    /// Loads new files; on success new connections present them (established ones keep
+    /// theirs). On error nothing changes.
+    pub fn reload(&self, tls: &crate::config::TlsConfig) -> Result<String, String> {
+        let (identity, config) =
+            Self::build(tls, self.role, &self.opts).map_err(|e| e.to_string())?;
+        let summary = format!(
+            "certificate {} (expires at unix {:.0}) used for new connections",
+            identity.id,
+            identity.expiry_unix()
+        );
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (identity, config);
+        Ok(summary)
+    }
+}

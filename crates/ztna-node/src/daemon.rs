@@ -1,35 +1,111 @@
-//! The part of `main` every daemon shares: config errors and `--check-config`, the runtime,
-//! signal handling and exit codes (0 after a graceful stop, 1 when it cannot start, 2 for a bad
-//! configuration).
+//! The part of `main` every daemon shares: the common arguments, config errors and
+//! `--check-config`, the runtime, signal handling, SIGHUP reloads and exit codes (0 after a
+//! graceful stop, 1 when it cannot start, 2 for a bad configuration).
 
 use std::fmt::Display;
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use ztna_proto::Role;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, TlsConfig};
+use crate::signals::push_override;
+
+/// Arguments every daemon takes (each also a config key, see design §5).
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Config file (TOML).
+    #[arg(long, short, env = "ZTNA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration (and certificates), print the problem if any, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Ops endpoint address (`ops_listen`).
+    #[arg(long, env = "ZTNA_OPS_LISTEN")]
+    pub ops_listen: Option<String>,
+    /// CA certificate (`tls.ca`).
+    #[arg(long, env = "ZTNA_TLS_CA")]
+    pub tls_ca: Option<String>,
+    /// Certificate chain (`tls.cert`).
+    #[arg(long, env = "ZTNA_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// Private key (`tls.key`).
+    #[arg(long, env = "ZTNA_TLS_KEY")]
+    pub tls_key: Option<String>,
+}
+
+impl CommonArgs {
+    /// The config overrides these arguments stand for.
+    pub fn overrides(&self) -> Vec<(&'static str, toml::Value)> {
+        let mut o = Vec::new();
+        push_override(&mut o, "ops_listen", self.ops_listen.clone());
+        push_override(&mut o, "tls.ca", self.tls_ca.clone());
+        push_override(&mut o, "tls.cert", self.tls_cert.clone());
+        push_override(&mut o, "tls.key", self.tls_key.clone());
+        o
+    }
+}
+
+/// Hands SIGHUPs to a daemon: each one re-reads the configuration and applies it.
+pub struct Reloads<C> {
+    hups: mpsc::Receiver<()>,
+    load: Box<dyn Fn() -> Result<C, ConfigError> + Send>,
+}
+
+impl<C: Send + 'static> Reloads<C> {
+    /// Applies reloads in the background until the process ends. A failure (unreadable file, bad
+    /// config, bad certificate) keeps the running configuration and logs why.
+    pub fn spawn(self, apply: impl Fn(C) -> Result<String, String> + Send + 'static) {
+        let Reloads { mut hups, load } = self;
+        tokio::spawn(async move {
+            while hups.recv().await.is_some() {
+                match load().map_err(|e| e.to_string()).and_then(&apply) {
+                    Ok(summary) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
+                    Err(why) => {
+                        tracing::error!(%why, "SIGHUP: reload failed, keeping the running configuration")
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Logs the keys a reload changed but cannot apply.
+pub fn warn_unapplied(changes: &[(&str, bool)]) {
+    for (key, changed) in changes {
+        if *changed {
+            tracing::warn!(
+                key,
+                "changed in the config file; a reload does not apply it, restart to do so"
+            );
+        }
+    }
+}
 
 /// Runs a daemon binary.
 ///
-/// `check` validates what the config points to (certificates); with `check_config` the process
-/// stops after it. Otherwise `run` is driven on a multi-threaded runtime until it returns, with
-/// SIGTERM/SIGINT cancelling its token (a second signal exits at once) and every SIGHUP arriving
-/// on its channel.
+/// `load` reads the configuration (and again on every SIGHUP); `tls` finds its `[tls]` section,
+/// which `--check-config` also validates against `role`. Otherwise `run` is driven on a
+/// multi-threaded runtime until it returns, with SIGTERM/SIGINT cancelling its token (a second
+/// signal exits at once).
 pub fn main<C, E, Fut>(
     name: &'static str,
-    config: Result<C, ConfigError>,
+    role: Role,
     check_config: bool,
-    check: impl FnOnce(&C) -> Result<(), String>,
-    run: impl FnOnce(C, CancellationToken, mpsc::Receiver<()>) -> Fut,
+    load: impl Fn() -> Result<C, ConfigError> + Send + 'static,
+    tls: impl FnOnce(&C) -> &TlsConfig,
+    run: impl FnOnce(C, CancellationToken, Reloads<C>) -> Fut,
 ) -> ExitCode
 where
+    C: Send + 'static,
     E: Display,
     Fut: Future<Output = Result<(), E>>,
 {
     crate::logging::init();
-    let config = match config {
+    let config = match load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{name}: {e}");
@@ -37,8 +113,8 @@ where
         }
     };
     if check_config {
-        return match check(&config) {
-            Ok(()) => {
+        return match crate::Identity::load(tls(&config), role) {
+            Ok(_) => {
                 println!("{name}: config ok");
                 ExitCode::SUCCESS
             }
@@ -64,7 +140,11 @@ where
                 return ExitCode::FAILURE;
             }
         };
-        match run(config, shutdown, hups).await {
+        let reloads = Reloads {
+            hups,
+            load: Box::new(load),
+        };
+        match run(config, shutdown, reloads).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{name}: {e}");
@@ -72,21 +152,4 @@ where
             }
         }
     })
-}
-
-/// Applies reloads until the channel closes: each SIGHUP re-reads the configuration with `load`
-/// and hands it to `apply`. A failure keeps the running configuration and logs why.
-pub async fn reload_loop<C>(
-    mut hups: mpsc::Receiver<()>,
-    load: impl Fn() -> Result<C, String>,
-    apply: impl Fn(C) -> Result<String, String>,
-) {
-    while hups.recv().await.is_some() {
-        match load().and_then(&apply) {
-            Ok(summary) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
-            Err(why) => {
-                tracing::error!(%why, "SIGHUP: reload failed, keeping the running configuration")
-            }
-        }
-    }
 }

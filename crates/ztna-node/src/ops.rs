@@ -139,6 +139,16 @@ async fn handle(mut stream: TcpStream, metrics: &Common, health: &Health) -> std
     stream.shutdown().await
 }
 
+/// Starts what every daemon runs beside its work: the runtime heartbeat, the ops endpoint and the
+/// systemd notifier. Cancel the returned token when the daemon has finished.
+pub fn start_background(ops: Ops, metrics: Common, health: Health) -> CancellationToken {
+    let stop = CancellationToken::new();
+    health.spawn_heartbeat();
+    tokio::spawn(ops.serve(metrics, health.clone(), stop.clone()));
+    tokio::spawn(health.notify_systemd(stop.clone()));
+    stop
+}
+
 /// Minimal GET for tests and tools: returns (status code, body).
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
