@@ -16,6 +16,8 @@ pub struct Metrics {
     pub p2p: IntCounterVec,
     pub peer_rtt: prometheus::HistogramVec,
     pub draining: IntGauge,
+    pub drain_timeout: prometheus::Gauge,
+    pub drain_started: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -82,6 +84,16 @@ impl Metrics {
                 r,
                 "ztna_intermediate_draining",
                 "1 while the intermediate drains.",
+            ),
+            drain_timeout: m::float_gauge(
+                r,
+                "ztna_intermediate_drain_timeout_seconds",
+                "Configured drain_timeout.",
+            ),
+            drain_started: m::float_gauge(
+                r,
+                "ztna_intermediate_drain_started_timestamp_seconds",
+                "When the current drain started (Unix time); 0 when not draining.",
             ),
             common,
         };

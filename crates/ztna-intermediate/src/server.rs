@@ -173,6 +173,16 @@ impl Intermediate {
         })?;
         let metrics = Metrics::new();
         metrics.common.cert_expiry.set(identity.expiry_unix());
+        metrics
+            .drain_timeout
+            .set(config.drain_timeout.as_secs_f64());
+        // Every service the policy knows shows up at 0 until a connector registers it, so a
+        // service that never got a connector alerts like one that lost it.
+        for rule in &config.policy {
+            metrics
+                .service_connectors
+                .with_label_values(&[&rule.service]);
+        }
         let registry = Registry::new(metrics.service_connectors.clone());
         let policy = Arc::new(Policy::new(config.policy.clone()));
         let health = Health::new(config.idle_timeout.max(Duration::from_secs(5)));
@@ -286,6 +296,10 @@ async fn drain(endpoint: &quinn::Endpoint, shared: &Shared) {
         shared.health.set_stopping();
         shared.health.set_status("draining: sending GoAway");
         shared.metrics.draining.set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        shared.metrics.drain_started.set(now.as_secs_f64());
         shared.draining.send_replace(true);
         // Keep answering new connection attempts with a refusal (they retry elsewhere).
         let endpoint2 = endpoint.clone();
@@ -313,6 +327,7 @@ async fn drain(endpoint: &quinn::Endpoint, shared: &Shared) {
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         refuser.abort();
         shared.metrics.draining.set(0);
+        shared.metrics.drain_started.set(0.0);
         info!("intermediate stopped");
     }
 }
