@@ -46,11 +46,11 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
             }
         }
     }
-    let path = cli.common.config;
+    let path = cli.common.config.clone();
     ztna_node::daemon::main(
         "ztna-agent",
         ztna_proto::Role::Agent,
-        cli.common.check_config,
+        &cli.common,
         move || crate::Config::load(path.as_deref(), o.clone(), extra.clone()),
         |c| &c.tls,
         |config, shutdown, reloads| async move {

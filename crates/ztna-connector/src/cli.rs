@@ -38,11 +38,11 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
         o.push(("intermediates", toml::Value::Array(list)));
     }
     push_override(&mut o, "drain_timeout", cli.drain_timeout);
-    let path = cli.common.config;
+    let path = cli.common.config.clone();
     ztna_node::daemon::main(
         "ztna-connector",
         ztna_proto::Role::Connector,
-        cli.common.check_config,
+        &cli.common,
         move || crate::Config::load(path.as_deref(), o.clone()),
         |c| &c.tls,
         |config, shutdown, reloads| async move {

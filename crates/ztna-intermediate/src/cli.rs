@@ -27,11 +27,11 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let mut o = cli.common.overrides();
     push_override(&mut o, "listen", cli.listen);
     push_override(&mut o, "drain_timeout", cli.drain_timeout);
-    let path = cli.common.config;
+    let path = cli.common.config.clone();
     ztna_node::daemon::main(
         "ztna-intermediate",
         ztna_proto::Role::Intermediate,
-        cli.common.check_config,
+        &cli.common,
         move || crate::Config::load(path.as_deref(), o.clone()),
         |c| &c.tls,
         |config, shutdown, reloads| async move {

@@ -86,6 +86,11 @@ fn config_errors_check_config_and_exit_codes() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("relay.key"), "{text}");
 
+    // --config-only checks the file without the certificates (build-time check in Nix).
+    let (code, text) = run(&cfg, &["--check-config", "--config-only"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("certificates not checked"), "{text}");
+
     // Port in use: exit 1 with a one-line reason.
     let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();

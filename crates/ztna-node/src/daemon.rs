@@ -23,6 +23,10 @@ pub struct CommonArgs {
     /// Validate the configuration (and certificates), print the problem if any, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// With --check-config: check the file only, without reading the certificates (for
+    /// build-time checks, when the keys are systemd credentials that only exist at run time).
+    #[arg(long, requires = "check_config")]
+    pub config_only: bool,
     /// Ops endpoint address (`ops_listen`).
     #[arg(long, env = "ZTNA_OPS_LISTEN")]
     pub ops_listen: Option<String>,
@@ -94,7 +98,7 @@ pub fn warn_unapplied(changes: &[(&str, bool)]) {
 pub fn main<C, E, Fut>(
     name: &'static str,
     role: Role,
-    check_config: bool,
+    common: &CommonArgs,
     load: impl Fn() -> Result<C, ConfigError> + Send + 'static,
     tls: impl FnOnce(&C) -> &TlsConfig,
     run: impl FnOnce(C, CancellationToken, Reloads<C>) -> Fut,
@@ -112,7 +116,11 @@ where
             return ExitCode::from(2);
         }
     };
-    if check_config {
+    if common.check_config && common.config_only {
+        println!("{name}: config ok (certificates not checked)");
+        return ExitCode::SUCCESS;
+    }
+    if common.check_config {
         return match crate::Identity::load(tls(&config), role) {
             Ok(_) => {
                 println!("{name}: config ok");
