@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Small network helpers for the systemd suite (host side; the container shares the host's
+network namespace): echo backends, round trips, a held flow, a load loop, HTTP GET."""
+import socket, sys, threading, time, urllib.request, os
+
+
+def echo_backends(tcp_port, udp_port):
+    def tcp():
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", tcp_port)); s.listen(128)
+        while True:
+            c, _ = s.accept()
+            def serve(c=c):
+                try:
+                    while (d := c.recv(65536)):
+                        c.sendall(d)
+                    c.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                c.close()
+            threading.Thread(target=serve, daemon=True).start()
+    def udp():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", udp_port))
+        while True:
+            d, a = s.recvfrom(65536); s.sendto(d, a)
+    threading.Thread(target=tcp, daemon=True).start()
+    threading.Thread(target=udp, daemon=True).start()
+    while True:
+        time.sleep(3600)
+
+
+def tcp_roundtrip(port, msg=b"hello through ztna"):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(msg); s.shutdown(socket.SHUT_WR)
+        out = b""
+        while (d := s.recv(65536)):
+            out += d
+    return out == msg
+
+
+def udp_roundtrip(port, msg=b"udp through ztna"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+    for _ in range(20):
+        s.sendto(msg, ("127.0.0.1", port))
+        try:
+            d, _ = s.recvfrom(65536)
+            return d == msg
+        except socket.timeout:
+            continue
+    return False
+
+
+def hold(port, go_file, result_file):
+    """Opens a flow, proves it works, waits until go_file exists, proves it still works."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"1"); ok1 = s.recv(1) == b"1"
+    open(result_file + ".open", "w").write("open")
+    while not os.path.exists(go_file):
+        time.sleep(0.05)
+    try:
+        s.sendall(b"2"); ok2 = s.recv(1) == b"2"
+    except OSError:
+        ok2 = False
+    open(result_file, "w").write("ok" if ok1 and ok2 else "broken")
+    s.close()
+
+
+def load(port, stop_file, result_file):
+    attempts = failures = 0
+    while not os.path.exists(stop_file):
+        attempts += 1
+        try:
+            if not tcp_roundtrip(port, b"load %d" % attempts):
+                failures += 1
+        except OSError:
+            failures += 1
+        time.sleep(0.02)
+    open(result_file, "w").write(f"{attempts} {failures}")
+
+
+def get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "backends":
+        echo_backends(int(args[0]), int(args[1]))
+    elif cmd == "tcp":
+        sys.exit(0 if tcp_roundtrip(int(args[0])) else 1)
+    elif cmd == "udp":
+        sys.exit(0 if udp_roundtrip(int(args[0])) else 1)
+    elif cmd == "hold":
+        hold(int(args[0]), args[1], args[2])
+    elif cmd == "load":
+        load(int(args[0]), args[1], args[2])
+    elif cmd == "get":
+        code, body = get(int(args[0]), args[1])
+        print(body, end="")
+        sys.exit(0 if code == 200 else 1)
+    elif cmd == "metric":
+        code, body = get(int(args[0]), "/metrics")
+        for line in body.splitlines():
+            if line.startswith(args[1] + " ") or line.startswith(args[1] + "{"):
+                print(line.rsplit(" ", 1)[1]); break
