@@ -18,6 +18,17 @@ for f in $(git ls-files '*.nix'); do
   fi
 done
 echo "nix parse: $passed files ok"
+# The unit data must evaluate with plain nix-instantiate (no nixpkgs): render it.
+if units=$(mktemp -d) && "$(dirname "$0")/../system/render-units" "$units" >/dev/null; then
+  for u in "$units"/*.service; do
+    grep -q '^Type=notify$' "$u" && grep -q '^WatchdogSec=' "$u" || { echo "FAIL rendered unit $u lacks Type=notify/WatchdogSec"; failed=$((failed + 1)); }
+  done
+  echo "unit data: rendered $(ls "$units" | wc -l) units"
+  passed=$((passed + 1))
+else
+  echo "FAIL unit data does not evaluate"
+  failed=$((failed + 1))
+fi
 if [ -n "${NIXPKGS_LIB:-}" ]; then
   for t in tests/nix/*-eval.nix; do
     if out=$(nix-instantiate --eval --strict --json "$t" --arg lib "import $NIXPKGS_LIB" 2>&1); then

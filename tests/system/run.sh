@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# System suites (need root): the rendered units under real systemd in a systemd-nspawn container.
+# Installs what it lacks with apt-get. Prints each case and a final "N passed, N failed".
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+if [ "$(id -u)" != 0 ]; then
+  echo "SKIP system suites: need root"
+  exit 0
+fi
+need=()
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v nix-instantiate >/dev/null || need+=(nix-bin)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || echo "apt-get install failed"
+fi
+total_pass=0 total_fail=0
+run_suite() {
+  local name=$1; shift
+  echo "=== suite: $name ==="
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  echo "$out"
+  local p f
+  p=$(echo "$out" | grep -Eo '^[a-z]+: [0-9]+ passed' | tail -1 | grep -Eo '[0-9]+' || echo 0)
+  f=$(echo "$out" | grep -Eo '[0-9]+ failed' | tail -1 | grep -Eo '[0-9]+' || echo 0)
+  if [ "$rc" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then f=1; fi
+  total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-0}))
+}
+run_suite systemd "$here/systemd.sh"
+echo
+echo "system: $total_pass passed, $total_fail failed"
+[ "$total_fail" -eq 0 ]
