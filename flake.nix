@@ -15,12 +15,12 @@
   };
 
   outputs =
-    {
-      self,
-      nixpkgs,
-      crane,
-      deploy-rs,
-      advisory-db,
+    { self
+    , nixpkgs
+    , crane
+    , deploy-rs
+    , advisory-db
+    ,
     }:
     let
       inherit (nixpkgs) lib;
@@ -80,10 +80,12 @@
             commonArgs
             cargoArtifacts
             ;
-          packages = lib.genAttrs (daemons ++ [
-            "ztna-pki"
-            "ztna-demo"
-          ]) crate;
+          packages = lib.genAttrs
+            (daemons ++ [
+              "ztna-pki"
+              "ztna-demo"
+            ])
+            crate;
         };
 
       mkImage =
@@ -104,130 +106,132 @@
     {
       packages = forAllSystems (
         system: pkgs:
-        let
-          native = mkBuild pkgs;
-          static = mkBuild pkgs.pkgsStatic;
-          all = pkgs.symlinkJoin {
-            name = "ztna-${native.packages.ztna-intermediate.version}";
-            paths = builtins.attrValues native.packages;
-          };
-        in
-        native.packages
-        // {
-          default = all;
-          # Static musl binaries for release artifacts.
-          ztna-static = pkgs.symlinkJoin {
-            name = "ztna-static";
-            paths = builtins.attrValues static.packages;
-          };
-          ztna-intermediate-image = mkImage pkgs static.packages.ztna-intermediate "ztna-intermediate" {
-            ExposedPorts."4433/udp" = { };
-          };
-          ztna-connector-image = mkImage pkgs static.packages.ztna-connector "ztna-connector" { };
-        }
-        // lib.optionalAttrs (system == "x86_64-linux") (
           let
-            cross = mkBuild pkgs.pkgsCross.aarch64-multiplatform;
-          in
-          {
-            # aarch64-linux binaries cross-built on x86_64-linux (no aarch64 builder needed).
-            ztna-aarch64-cross = pkgs.symlinkJoin {
-              name = "ztna-aarch64-cross";
-              paths = builtins.attrValues cross.packages;
+            native = mkBuild pkgs;
+            static = mkBuild pkgs.pkgsStatic;
+            all = pkgs.symlinkJoin {
+              name = "ztna-${native.packages.ztna-intermediate.version}";
+              paths = builtins.attrValues native.packages;
             };
+          in
+          native.packages
+          // {
+            default = all;
+            # Static musl binaries for release artifacts.
+            ztna-static = pkgs.symlinkJoin {
+              name = "ztna-static";
+              paths = builtins.attrValues static.packages;
+            };
+            ztna-intermediate-image = mkImage pkgs static.packages.ztna-intermediate "ztna-intermediate" {
+              ExposedPorts."4433/udp" = { };
+            };
+            ztna-connector-image = mkImage pkgs static.packages.ztna-connector "ztna-connector" { };
           }
-        )
+          // lib.optionalAttrs (system == "x86_64-linux") (
+            let
+              cross = mkBuild pkgs.pkgsCross.aarch64-multiplatform;
+            in
+            {
+              # aarch64-linux binaries cross-built on x86_64-linux (no aarch64 builder needed).
+              ztna-aarch64-cross = pkgs.symlinkJoin {
+                name = "ztna-aarch64-cross";
+                paths = builtins.attrValues cross.packages;
+              };
+            }
+          )
       );
 
       checks = forAllSystems (
         system: pkgs:
-        let
-          b = mkBuild pkgs;
-          inherit (b) craneLib commonArgs cargoArtifacts;
-          nixFiles = lib.fileset.toSource {
-            root = ./.;
-            fileset = lib.fileset.fileFilter (f: f.hasExt "nix") ./.;
-          };
-          # deploy-rs checks only for the nodes of this system, so that `nix flake check` on
-          # one system never builds the other system's closures.
-          ownNodes = lib.filterAttrs (
-            _: node: node.profiles.system.path.system or system == system
-          ) (self.deploy.nodes or { });
-        in
-        b.packages
-        // {
-          clippy = craneLib.cargoClippy (
-            commonArgs
-            // {
-              inherit cargoArtifacts;
-              cargoClippyExtraArgs = "--all-targets -- --deny warnings";
-            }
-          );
-          fmt = craneLib.cargoFmt { inherit (b) src; };
-          audit = craneLib.cargoAudit {
-            inherit (b) src;
-            inherit advisory-db;
-          };
-          nextest = craneLib.cargoNextest (
-            commonArgs
-            // {
-              inherit cargoArtifacts;
-              # promtool/prometheus for the metrics and monitoring tests, kill for signal tests.
-              nativeCheckInputs = [
-                pkgs.prometheus
-                pkgs.procps
-              ];
-            }
-          );
-          nix-format = pkgs.runCommand "ztna-nix-format" { nativeBuildInputs = [ pkgs.nixpkgs-fmt ]; } ''
-            nixpkgs-fmt --check ${nixFiles}
-            touch $out
-          '';
-          deadnix = pkgs.runCommand "ztna-deadnix" { nativeBuildInputs = [ pkgs.deadnix ]; } ''
-            deadnix --fail ${nixFiles}
-            touch $out
-          '';
-          alert-rules = pkgs.runCommand "ztna-alert-rules" { nativeBuildInputs = [ pkgs.prometheus ]; } ''
-            cd ${./nixos/monitoring}
-            promtool check rules alerts.yml
-            promtool test rules alerts.test.yml
-            touch $out
-          '';
-        }
-        // lib.optionalAttrs (system == "x86_64-linux") {
-          nixos-e2e = pkgs.testers.runNixOSTest (import ./tests/nixos/e2e.nix { inherit self; });
-          nixos-rolling = pkgs.testers.runNixOSTest (import ./tests/nixos/rolling.nix { inherit self; });
-        }
-        // lib.optionalAttrs (ownNodes != { }) (
-          deploy-rs.lib.${system}.deployChecks {
-            nodes = ownNodes;
+          let
+            b = mkBuild pkgs;
+            inherit (b) craneLib commonArgs cargoArtifacts;
+            nixFiles = lib.fileset.toSource {
+              root = ./.;
+              fileset = lib.fileset.fileFilter (f: f.hasExt "nix") ./.;
+            };
+            # deploy-rs checks only for the nodes of this system, so that `nix flake check` on
+            # one system never builds the other system's closures.
+            ownNodes = lib.filterAttrs
+              (
+                _: node: node.profiles.system.path.system or system == system
+              )
+              (self.deploy.nodes or { });
+          in
+          b.packages
+          // {
+            clippy = craneLib.cargoClippy (
+              commonArgs
+              // {
+                inherit cargoArtifacts;
+                cargoClippyExtraArgs = "--all-targets -- --deny warnings";
+              }
+            );
+            fmt = craneLib.cargoFmt { inherit (b) src; };
+            audit = craneLib.cargoAudit {
+              inherit (b) src;
+              inherit advisory-db;
+            };
+            nextest = craneLib.cargoNextest (
+              commonArgs
+              // {
+                inherit cargoArtifacts;
+                # promtool/prometheus for the metrics and monitoring tests, kill for signal tests.
+                nativeCheckInputs = [
+                  pkgs.prometheus
+                  pkgs.procps
+                ];
+              }
+            );
+            nix-format = pkgs.runCommand "ztna-nix-format" { nativeBuildInputs = [ pkgs.nixpkgs-fmt ]; } ''
+              nixpkgs-fmt --check ${nixFiles}
+              touch $out
+            '';
+            deadnix = pkgs.runCommand "ztna-deadnix" { nativeBuildInputs = [ pkgs.deadnix ]; } ''
+              deadnix --fail ${nixFiles}
+              touch $out
+            '';
+            alert-rules = pkgs.runCommand "ztna-alert-rules" { nativeBuildInputs = [ pkgs.prometheus ]; } ''
+              cd ${./nixos/monitoring}
+              promtool check rules alerts.yml
+              promtool test rules alerts.test.yml
+              touch $out
+            '';
           }
-        )
+          // lib.optionalAttrs (system == "x86_64-linux") {
+            nixos-e2e = pkgs.testers.runNixOSTest (import ./tests/nixos/e2e.nix { inherit self; });
+            nixos-rolling = pkgs.testers.runNixOSTest (import ./tests/nixos/rolling.nix { inherit self; });
+          }
+          // lib.optionalAttrs (ownNodes != { }) (
+            deploy-rs.lib.${system}.deployChecks {
+              nodes = ownNodes;
+            }
+          )
       );
 
       devShells = forAllSystems (
         system: pkgs:
-        let
-          # terraform is unfree (BSL) in nixpkgs; allow exactly that one.
-          unfree = import nixpkgs {
-            inherit system;
-            config.allowUnfreePredicate = p: lib.getName p == "terraform";
-          };
-        in
-        {
-          default = (mkBuild pkgs).craneLib.devShell {
-            checks = self.checks.${system};
-            packages = [
-              pkgs.cargo-nextest
-              pkgs.cargo-audit
-              pkgs.prometheus # promtool
-              pkgs.nixpkgs-fmt
-              pkgs.deadnix
-              unfree.terraform
-              deploy-rs.packages.${system}.default
-            ];
-          };
-        }
+          let
+            # terraform is unfree (BSL) in nixpkgs; allow exactly that one.
+            unfree = import nixpkgs {
+              inherit system;
+              config.allowUnfreePredicate = p: lib.getName p == "terraform";
+            };
+          in
+          {
+            default = (mkBuild pkgs).craneLib.devShell {
+              checks = self.checks.${system};
+              packages = [
+                pkgs.cargo-nextest
+                pkgs.cargo-audit
+                pkgs.prometheus # promtool
+                pkgs.nixpkgs-fmt
+                pkgs.deadnix
+                unfree.terraform
+                deploy-rs.packages.${system}.default
+              ];
+            };
+          }
       );
 
       apps = forAllSystems (

@@ -73,15 +73,15 @@ in
   inherit credentialNames hardening;
 
   unit =
-    {
-      role,
-      execStart,
-      configFile,
-      credentials,
-      drainTimeoutSec ? 30,
-      watchdogSec ? 30,
-      bindsPrivilegedPort ? false,
-      killCommand ? "kill",
+    { role
+    , execStart
+    , configFile
+    , credentials
+    , drainTimeoutSec ? 30
+    , watchdogSec ? 30
+    , bindsPrivilegedPort ? false
+    , killCommand ? "kill"
+    ,
     }:
     {
       description = "ZTNA ${role}";

@@ -5,40 +5,40 @@ import ./daemon.nix {
 
   settingsOptions =
     { lib, ... }:
-    with lib;
-    {
-      intermediates = mkOption {
-        type = types.listOf types.str;
-        description = "Intermediates in order of preference (`host:port`); the agent fails over between them.";
-      };
-      ops_listen = mkOption {
-        type = types.str;
-        default = "127.0.0.1:9092";
-        description = "Ops endpoint (/metrics, /healthz, /readyz).";
-      };
-      forward = mkOption {
-        default = [ ];
-        description = "Local ports and the services they reach.";
-        type = types.listOf (
-          types.submodule {
-            options = {
-              service = mkOption { type = types.str; };
-              protocol = mkOption {
-                type = types.enum [
-                  "tcp"
-                  "udp"
-                ];
-                default = "tcp";
+      with lib;
+      {
+        intermediates = mkOption {
+          type = types.listOf types.str;
+          description = "Intermediates in order of preference (`host:port`); the agent fails over between them.";
+        };
+        ops_listen = mkOption {
+          type = types.str;
+          default = "127.0.0.1:9092";
+          description = "Ops endpoint (/metrics, /healthz, /readyz).";
+        };
+        forward = mkOption {
+          default = [ ];
+          description = "Local ports and the services they reach.";
+          type = types.listOf (
+            types.submodule {
+              options = {
+                service = mkOption { type = types.str; };
+                protocol = mkOption {
+                  type = types.enum [
+                    "tcp"
+                    "udp"
+                  ];
+                  default = "tcp";
+                };
+                listen = mkOption {
+                  type = types.str;
+                  example = "127.0.0.1:8080";
+                };
               };
-              listen = mkOption {
-                type = types.str;
-                example = "127.0.0.1:8080";
-              };
-            };
-          }
-        );
+            }
+          );
+        };
       };
-    };
 
   assertions =
     { cfg, ... }:

@@ -5,42 +5,42 @@ import ./daemon.nix {
 
   settingsOptions =
     { lib, ... }:
-    with lib;
-    {
-      intermediates = mkOption {
-        type = types.listOf types.str;
-        example = [
-          "relay-blue.example.com:4433"
-          "relay-green.example.com:4433"
-        ];
-        description = "Every intermediate (`host:port`); the connector registers with all of them.";
-      };
-      ops_listen = mkOption {
-        type = types.str;
-        default = "127.0.0.1:9091";
-        description = "Ops endpoint (/metrics, /healthz, /readyz).";
-      };
-      service = mkOption {
-        default = [ ];
-        description = "Services offered and their backends.";
-        type = types.listOf (
-          types.submodule {
-            options = {
-              name = mkOption { type = types.str; };
-              tcp = mkOption {
-                type = types.nullOr types.str;
-                default = null;
-                example = "127.0.0.1:8080";
+      with lib;
+      {
+        intermediates = mkOption {
+          type = types.listOf types.str;
+          example = [
+            "relay-blue.example.com:4433"
+            "relay-green.example.com:4433"
+          ];
+          description = "Every intermediate (`host:port`); the connector registers with all of them.";
+        };
+        ops_listen = mkOption {
+          type = types.str;
+          default = "127.0.0.1:9091";
+          description = "Ops endpoint (/metrics, /healthz, /readyz).";
+        };
+        service = mkOption {
+          default = [ ];
+          description = "Services offered and their backends.";
+          type = types.listOf (
+            types.submodule {
+              options = {
+                name = mkOption { type = types.str; };
+                tcp = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "127.0.0.1:8080";
+                };
+                udp = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                };
               };
-              udp = mkOption {
-                type = types.nullOr types.str;
-                default = null;
-              };
-            };
-          }
-        );
+            }
+          );
+        };
       };
-    };
 
   assertions =
     { lib, cfg }:

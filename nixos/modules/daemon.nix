@@ -1,18 +1,17 @@
 # One NixOS module per ZTNA daemon, built from the shared unit data in ../lib/units.nix.
 # intermediate.nix, connector.nix and agent.nix call this with the role and its typed settings.
-{
-  role,
-  description,
-  settingsOptions,
-  extraOptions ? _: { },
-  assertions ? _: [ ],
-  extraConfig ? _: { },
+{ role
+, description
+, settingsOptions
+, extraOptions ? _: { }
+, assertions ? _: [ ]
+, extraConfig ? _: { }
+,
 }:
-{
-  config,
-  lib,
-  pkgs,
-  ...
+{ config
+, lib
+, pkgs
+, ...
 }:
 let
   cfg = config.services.ztna.${role};

@@ -5,45 +5,45 @@ import ./daemon.nix {
 
   settingsOptions =
     { lib, ... }:
-    with lib;
-    {
-      listen = mkOption {
-        type = types.str;
-        default = "0.0.0.0:4433";
-        description = "QUIC (UDP) listen address.";
-      };
-      ops_listen = mkOption {
-        type = types.str;
-        default = "127.0.0.1:9090";
-        description = "Ops endpoint (/metrics, /healthz, /readyz).";
-      };
-      reconnect_hint = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        description = "Addresses sent to peers in GoAway (e.g. the other intermediate).";
-      };
-      policy = mkOption {
-        default = [ ];
-        description = "Who may serve and reach each service; anything not allowed is denied.";
-        type = types.listOf (
-          types.submodule {
-            options = {
-              service = mkOption { type = types.str; };
-              connectors = mkOption {
-                type = types.listOf types.str;
-                default = [ ];
-                example = [ "spiffe://corp.example/connector/web-*" ];
+      with lib;
+      {
+        listen = mkOption {
+          type = types.str;
+          default = "0.0.0.0:4433";
+          description = "QUIC (UDP) listen address.";
+        };
+        ops_listen = mkOption {
+          type = types.str;
+          default = "127.0.0.1:9090";
+          description = "Ops endpoint (/metrics, /healthz, /readyz).";
+        };
+        reconnect_hint = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Addresses sent to peers in GoAway (e.g. the other intermediate).";
+        };
+        policy = mkOption {
+          default = [ ];
+          description = "Who may serve and reach each service; anything not allowed is denied.";
+          type = types.listOf (
+            types.submodule {
+              options = {
+                service = mkOption { type = types.str; };
+                connectors = mkOption {
+                  type = types.listOf types.str;
+                  default = [ ];
+                  example = [ "spiffe://corp.example/connector/web-*" ];
+                };
+                agents = mkOption {
+                  type = types.listOf types.str;
+                  default = [ ];
+                  example = [ "spiffe://corp.example/agent/*" ];
+                };
               };
-              agents = mkOption {
-                type = types.listOf types.str;
-                default = [ ];
-                example = [ "spiffe://corp.example/agent/*" ];
-              };
-            };
-          }
-        );
+            }
+          );
+        };
       };
-    };
 
   extraOptions =
     { lib, ... }:

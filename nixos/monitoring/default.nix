@@ -9,7 +9,7 @@ let
   job = name: targets: {
     job_name = name;
     scrape_interval = cfg.scrapeInterval;
-    static_configs = [ { inherit targets; } ];
+    static_configs = [{ inherit targets; }];
   };
 in
 {

@@ -90,7 +90,7 @@ let
       package = pkg;
       keyFile = "/nix/store/22222222222222222222222222222222-key.pem";
       settings.intermediates = [ ];
-      settings.service = [ { name = "web"; } ];
+      settings.service = [{ name = "web"; }];
     };
   };
   badRelay = failing {

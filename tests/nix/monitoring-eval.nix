@@ -53,10 +53,10 @@ let
 in
 assert full.services.prometheus.enable;
 assert
-  map (j: j.job_name) full.services.prometheus.scrapeConfigs == [
-    "ztna-intermediate"
-    "ztna-connector"
-  ];
+map (j: j.job_name) full.services.prometheus.scrapeConfigs == [
+  "ztna-intermediate"
+  "ztna-connector"
+];
 assert (builtins.head full.services.prometheus.scrapeConfigs).static_configs == [
   {
     targets = [
@@ -68,7 +68,7 @@ assert (builtins.head full.services.prometheus.scrapeConfigs).static_configs == 
 assert builtins.length full.services.prometheus.ruleFiles == 1;
 assert builtins.baseNameOf (toString (builtins.head full.services.prometheus.ruleFiles)) == "alerts.yml";
 assert
-  (builtins.head full.services.grafana.provision.datasources.settings.datasources).url
+(builtins.head full.services.grafana.provision.datasources.settings.datasources).url
   == "http://127.0.0.1:9090";
 assert builtins.length failed == 1;
 assert !(off.services.prometheus ? enable);

@@ -59,7 +59,7 @@ in
         enable = true;
         settings = {
           intermediates = [ "192.168.2.10:4433" ];
-          service = [ { name = "web"; tcp = "192.168.3.30:7000"; udp = "192.168.3.30:7001"; } ];
+          service = [{ name = "web"; tcp = "192.168.3.30:7000"; udp = "192.168.3.30:7001"; }];
         };
       };
     };

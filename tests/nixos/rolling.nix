@@ -39,7 +39,7 @@ in
         enable = true;
         settings = {
           intermediates = [ "192.168.2.10:4433" "192.168.2.11:4433" ];
-          service = [ { name = "web"; tcp = "127.0.0.1:7000"; } ];
+          service = [{ name = "web"; tcp = "127.0.0.1:7000"; }];
         };
       };
     };
@@ -55,7 +55,7 @@ in
         enable = true;
         settings = {
           intermediates = [ "192.168.1.10:4433" "192.168.1.11:4433" ];
-          forward = [ { service = "web"; listen = "127.0.0.1:8080"; } ];
+          forward = [{ service = "web"; listen = "127.0.0.1:8080"; }];
         };
       };
     };
