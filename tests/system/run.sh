@@ -21,9 +21,11 @@ total_pass=0 total_fail=0
 run_suite() {
   local name=$1; shift
   echo "=== suite: $name ==="
-  local out rc
-  out=$("$@" 2>&1); rc=$?
-  echo "$out"
+  local out rc log
+  log=$(mktemp)
+  # Bounded, and streamed as it runs; a suite that hangs is stopped and counted as failed.
+  timeout 1800 "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  out=$(cat "$log"); rm -f "$log"
   local p f
   p=$(echo "$out" | grep -Eo '^[a-z]+: [0-9]+ passed' | tail -1 | grep -Eo '[0-9]+' || echo 0)
   f=$(echo "$out" | grep -Eo '[0-9]+ failed' | tail -1 | grep -Eo '[0-9]+' || echo 0)

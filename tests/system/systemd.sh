@@ -38,6 +38,8 @@ cleanup() {
     kill -9 "$nspawn_pid" 2>/dev/null || true
   fi
   [ -n "$backends_pid" ] && kill "$backends_pid" 2>/dev/null
+  touch "$WORK/go1" "$WORK/go2" "$WORK/stopload" 2>/dev/null
+  wait 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -110,7 +112,10 @@ rm -f "$ROOTFS"/etc/systemd/system/ztna-*.service
 WATCHDOG_SEC=3 DRAIN_TIMEOUT_SEC=5 "$here/render-units" "$ROOTFS/etc/systemd/system" >/dev/null || { echo "render-units failed"; exit 1; }
 
 # --- boot ----------------------------------------------------------------------------------------
-H backends 27000 27001 & backends_pid=$!
+# Background helpers must not hold the caller's stdout (run.sh captures it) and must be the
+# direct children we kill on exit.
+python3 "$here/helpers.py" backends 27000 27001 >"$WORK/backends.log" 2>&1 &
+backends_pid=$!
 log "booting $ROOTFS with systemd-nspawn"
 systemd-nspawn -q -D "$ROOTFS" -b -M "$MACHINE" --register=no --keep-unit >"$WORK/nspawn.log" 2>&1 &
 nspawn_pid=$!
@@ -162,7 +167,8 @@ done
   || { case_fail "systemd-analyze security exposure <= $MAX_EXPOSURE" "$detail"; in_ct systemd-analyze security ztna-intermediate.service --no-pager | grep -v '✓' | head -30; }
 
 # --- 4. reload with re-issued certificates keeps a live flow ---------------------------------------
-H hold 28080 "$WORK/go1" "$WORK/hold1" & hold_pid=$!
+python3 "$here/helpers.py" hold 28080 "$WORK/go1" "$WORK/hold1" >>"$WORK/helpers.log" 2>&1 &
+hold_pid=$!
 for _ in $(seq 100); do [ -f "$WORK/hold1.open" ] && break; sleep 0.05; done
 before=$(H metric 29090 ztna_tls_cert_expiry_timestamp_seconds)
 issue intermediate relay 90
@@ -194,8 +200,10 @@ fi
 # --- 5. systemctl stop drains under load and exits 0 within TimeoutStopSec ---------------------------
 # Wait until flows work end to end again (the connector re-registers after the restart above).
 for _ in $(seq 100); do H tcp 28080 && break; sleep 0.1; done
-H load 28080 "$WORK/stopload" "$WORK/load" & load_pid=$!
-H hold 28080 "$WORK/go2" "$WORK/hold2" & hold2_pid=$!
+python3 "$here/helpers.py" load 28080 "$WORK/stopload" "$WORK/load" >>"$WORK/helpers.log" 2>&1 &
+load_pid=$!
+python3 "$here/helpers.py" hold 28080 "$WORK/go2" "$WORK/hold2" >>"$WORK/helpers.log" 2>&1 &
+hold2_pid=$!
 for _ in $(seq 100); do [ -f "$WORK/hold2.open" ] && break; sleep 0.05; done
 sleep 1
 timeout_stop=$(show ztna-intermediate TimeoutStopUSec)
