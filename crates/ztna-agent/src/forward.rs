@@ -132,6 +132,7 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
     let flows = &shared.metrics.flows;
     match open_flow(&shared, &service, Protocol::Tcp, || 0).await {
         Ok((session, _, mut send, mut recv)) => {
+            let _on = session.track_flow();
             flows
                 .with_label_values(&[&service, "tcp", "relay", "ok"])
                 .inc();
@@ -299,6 +300,7 @@ async fn udp_flow(
     flows
         .with_label_values(&[&service, "udp", "relay", "ok"])
         .inc();
+    let _on = session.track_flow();
     session.add_udp(id, socket, client);
     if let Some(c) = lock(&clients).get_mut(&client) {
         c.session = Some(session.clone());

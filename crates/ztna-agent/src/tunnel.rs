@@ -19,6 +19,9 @@ use ztna_proto::{datagram, Role, ServerMsg, ServiceState};
 use crate::Shared;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a watched service may have no connector via this intermediate before the agent
+/// tries the next intermediate (which may still have one, e.g. after a partial network cut).
+const REHOME_AFTER: Duration = Duration::from_secs(2);
 
 /// One connection to an intermediate.
 pub struct Session {
@@ -28,6 +31,17 @@ pub struct Session {
     /// UDP flow id → (local socket, local client) for return traffic.
     udp: Mutex<HashMap<u64, (Arc<UdpSocket>, SocketAddr)>>,
     going_away: AtomicBool,
+    /// Flows running on this connection.
+    active: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a flow on a session while it lives.
+pub(crate) struct FlowOnSession(Arc<Session>);
+
+impl Drop for FlowOnSession {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Session {
@@ -44,6 +58,11 @@ impl Session {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    pub(crate) fn track_flow(self: &Arc<Session>) -> FlowOnSession {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        FlowOnSession(self.clone())
     }
 
     /// True once the intermediate sent GoAway or the connection closed.
@@ -92,11 +111,14 @@ pub(crate) async fn manage(
     let targets = shared.config.intermediates.clone();
     let mut backoff = Reconnect::new(BackoffPolicy::default());
     let mut idx = 0usize;
+    // Moves made because a service had no connector via the current intermediate; bounded so a
+    // service that is down everywhere does not make the agent hop forever.
+    let mut rehomes = 0usize;
     loop {
         let target = targets[idx % targets.len()].clone();
         let span = info_span!("intermediate", %target);
         let outcome = tokio::select! {
-            o = connect_and_serve(&shared, &endpoint, &target).instrument(span) => o,
+            o = connect_and_serve(&shared, &endpoint, &target, &mut rehomes).instrument(span) => o,
             _ = stop.cancelled() => return,
         };
         shared.current.send_replace(None);
@@ -105,6 +127,10 @@ pub(crate) async fn manage(
         idx += 1;
         let delay = match outcome {
             Outcome::GoAway => Duration::ZERO,
+            Outcome::Rehome => {
+                rehomes += 1;
+                Duration::ZERO
+            }
             Outcome::Lost(since) => backoff.next_delay(since),
         };
         if !delay.is_zero() {
@@ -119,13 +145,40 @@ pub(crate) async fn manage(
 
 enum Outcome {
     GoAway,
+    /// A watched service had no connector via this intermediate for a while; try the next one.
+    Rehome,
     Lost(Option<Instant>),
+}
+
+/// Stops using a session for new flows. Flows already on it keep running (their datagrams keep
+/// flowing); once the last one ends, the connection is closed.
+fn retire(session: &Arc<Session>) {
+    session.going_away.store(true, Ordering::Relaxed);
+    let s = session.clone();
+    tokio::spawn(async move {
+        let mut idle_check = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                d = s.conn.read_datagram() => match d {
+                    Ok(d) => s.dispatch(&d),
+                    Err(_) => return,
+                },
+                _ = idle_check.tick() => {
+                    if s.active.load(Ordering::Relaxed) == 0 {
+                        s.conn.close(quinn::VarInt::from_u32(ztna_proto::codes::OK), b"agent moved to another intermediate");
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 async fn connect_and_serve(
     shared: &Arc<Shared>,
     endpoint: &quinn::Endpoint,
     target: &str,
+    rehomes: &mut usize,
 ) -> Outcome {
     let conn = match client::connect(endpoint, &shared.client(), target, CONNECT_TIMEOUT).await {
         Ok(c) => c,
@@ -163,12 +216,33 @@ async fn connect_and_serve(
         status: Mutex::new(HashMap::new()),
         udp: Mutex::new(HashMap::new()),
         going_away: AtomicBool::new(false),
+        active: std::sync::atomic::AtomicUsize::new(0),
     });
     shared.current.send_replace(Some(session.clone()));
     shared.update_status();
     shared.metrics.connected.set(1);
+    let others = shared.config.intermediates.len().saturating_sub(1);
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut unavailable_since: Option<Instant> = None;
     loop {
         tokio::select! {
+            _ = check.tick() => {
+                let states = session.services();
+                if !states.is_empty() && states.iter().all(|(_, s)| *s == ServiceState::Available) {
+                    *rehomes = 0;
+                }
+                let missing = states.iter().find(|(_, s)| *s == ServiceState::Unavailable).map(|(n, _)| n.clone());
+                match (&missing, unavailable_since) {
+                    (None, _) => unavailable_since = None,
+                    (Some(_), None) => unavailable_since = Some(Instant::now()),
+                    (Some(service), Some(t)) if t.elapsed() >= REHOME_AFTER && *rehomes < others => {
+                        info!(%service, "no connector for {service} via this intermediate; moving to the next intermediate (running flows finish here)");
+                        retire(&session);
+                        return Outcome::Rehome;
+                    }
+                    _ => {}
+                }
+            }
             msg = read_frame::<ServerMsg>(&mut recv) => match msg {
                 Ok(Some(ServerMsg::ServiceStatus { service, state, reason })) => {
                     let available = state == ServiceState::Available;
@@ -183,14 +257,7 @@ async fn connect_and_serve(
                 }
                 Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
                     info!(%reason, deadline_ms, "intermediate going away: new flows move to the next intermediate, running flows finish here");
-                    session.going_away.store(true, Ordering::Relaxed);
-                    // Keep delivering return datagrams of flows still running on this connection.
-                    let s = session.clone();
-                    tokio::spawn(async move {
-                        while let Ok(d) = s.conn.read_datagram().await {
-                            s.dispatch(&d);
-                        }
-                    });
+                    retire(&session);
                     return Outcome::GoAway;
                 }
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),

@@ -402,3 +402,77 @@ async fn idle_udp_flows_are_closed_everywhere_and_reopen_on_demand() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_moves_to_an_intermediate_that_has_a_connector_and_does_not_flap_when_none_has() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let a_relay = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let b_relay = start_intermediate(&pki, open_policy(&["web", "db"]));
+    // The connector reaches only relay B (think: its path to A is cut).
+    let mut c = start_connector(&pki, "web-1", &[b_relay.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut agent = start_agent(
+        &pki,
+        "alice",
+        &[a_relay.addr, b_relay.addr],
+        &[("web", ForwardProtocol::Tcp)],
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    agent.wait_status("web", ServiceState::Available).await;
+    println!(
+        "MEASURED agent moved to the intermediate with a connector after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        tcp_roundtrip(agent.port("web", Protocol::Tcp), b"via b")
+            .await
+            .unwrap(),
+        b"via b"
+    );
+    let agents = |h: &IntermediateHandle| {
+        metric(
+            &h.daemon.metrics.common.render(),
+            "ztna_intermediate_connections",
+            &[("role", "agent")],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || agents(&a_relay) == 0.0
+            && agents(&b_relay) == 1.0)
+        .await,
+        "the old connection was not closed"
+    );
+
+    // A service nobody serves: one move at most, then the agent stays put.
+    let mut lonely = start_agent(
+        &pki,
+        "bob",
+        &[a_relay.addr, b_relay.addr],
+        &[("db", ForwardProtocol::Tcp)],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let ok = |h: &IntermediateHandle| {
+        metric(
+            &h.daemon.metrics.common.render(),
+            "ztna_intermediate_handshakes_total",
+            &[("result", "ok")],
+        )
+    };
+    // Handshakes: connector 1 + alice 2 + bob at most 2 (A, then B once).
+    assert!(
+        ok(&a_relay) + ok(&b_relay) <= 5.0,
+        "agent keeps hopping: {} handshakes",
+        ok(&a_relay) + ok(&b_relay)
+    );
+    let reason = lonely.wait_status("db", ServiceState::Unavailable).await;
+    assert!(reason.contains("no connector"), "{reason}");
+    lonely.daemon.shutdown().await;
+    agent.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    a_relay.daemon.shutdown().await;
+    b_relay.daemon.shutdown().await;
+}
