@@ -4,10 +4,10 @@ network namespace): echo backends, round trips, a held flow, a load loop, HTTP G
 import socket, sys, threading, time, urllib.request, os
 
 
-def echo_backends(tcp_port, udp_port):
+def echo_backends(tcp_port, udp_port, host="127.0.0.1"):
     def tcp():
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", tcp_port)); s.listen(128)
+        s.bind((host, tcp_port)); s.listen(128)
         while True:
             c, _ = s.accept()
             def serve(c=c):
@@ -20,7 +20,7 @@ def echo_backends(tcp_port, udp_port):
                 c.close()
             threading.Thread(target=serve, daemon=True).start()
     def udp():
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", udp_port))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((host, udp_port))
         while True:
             d, a = s.recvfrom(65536); s.sendto(d, a)
     threading.Thread(target=tcp, daemon=True).start()
@@ -78,6 +78,74 @@ def load(port, stop_file, result_file):
     open(result_file, "w").write(f"{attempts} {failures}")
 
 
+def big(port, mib):
+    """Sends `mib` MiB of pseudo-random bytes through an echo and compares SHA-256 both ways."""
+    import hashlib, random
+    rnd = random.Random(7)
+    data = rnd.randbytes(mib * 1024 * 1024)
+    want = hashlib.sha256(data).hexdigest()
+    start = time.time()
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    def send():
+        s.sendall(data); s.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=send); t.start()
+    h = hashlib.sha256(); n = 0
+    while (d := s.recv(1 << 16)):
+        h.update(d); n += len(d)
+    t.join()
+    secs = time.time() - start
+    print(f"{n} bytes in {secs:.2f} s ({n / secs / 1048576:.1f} MiB/s), sha256 {'match' if h.hexdigest() == want else 'MISMATCH'}")
+    return n == len(data) and h.hexdigest() == want
+
+
+def udp_many(port, count, marker):
+    """`count` UDP round trips; fails if any reply is not ours (e.g. contains `marker`)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s.connect(("127.0.0.1", port))
+    ok = 0
+    for i in range(count):
+        msg = b"legit-%d" % i
+        for _ in range(5):
+            s.send(msg)
+            try:
+                d = s.recv(65536)
+            except socket.timeout:
+                continue
+            if marker.encode() in d:
+                print(f"injected datagram reached the client: {d[:40]!r}"); return False
+            if d == msg:
+                ok += 1; break
+    print(f"{ok}/{count} legit round trips")
+    return ok == count
+
+
+def flood(host, ports, count, payload):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(count):
+        for p in ports:
+            try:
+                s.sendto(payload if payload else os.urandom(1200), (host, p))
+            except OSError:
+                pass
+        if i % 200 == 0:
+            time.sleep(0.005)
+
+
+def probe(port, stop_file, out_file):
+    """New TCP flows every 50 ms; writes `start end ok` lines."""
+    with open(out_file, "w") as out:
+        i = 0
+        while not os.path.exists(stop_file):
+            i += 1
+            t = time.time()
+            try:
+                ok = tcp_roundtrip(port, b"probe %d" % i)
+            except OSError:
+                ok = False
+            out.write(f"{t:.3f} {time.time():.3f} {1 if ok else 0}\n"); out.flush()
+            time.sleep(0.05)
+
+
 def get(port, path):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
@@ -100,6 +168,19 @@ if __name__ == "__main__":
         hold(int(args[0]), args[1], args[2])
     elif cmd == "load":
         load(int(args[0]), args[1], args[2])
+    elif cmd == "backends-on":
+        echo_backends(int(args[1]), int(args[2]), args[0])
+    elif cmd == "big":
+        sys.exit(0 if big(int(args[0]), int(args[1])) else 1)
+    elif cmd == "udpmany":
+        sys.exit(0 if udp_many(int(args[0]), int(args[1]), args[2]) else 1)
+    elif cmd == "flood":
+        payload = None
+        if len(args) > 3:
+            payload = bytes.fromhex(args[3][4:]) if args[3].startswith("hex:") else args[3].encode()
+        flood(args[0], [int(p) for p in args[1].split(",") if p], int(args[2]), payload)
+    elif cmd == "probe":
+        probe(int(args[0]), args[1], args[2])
     elif cmd == "get":
         code, body = get(int(args[0]), args[1])
         print(body, end="")

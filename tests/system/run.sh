@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System suites (need root): the rendered units under real systemd in a systemd-nspawn container.
+# System suites (need root): the product across network-namespace hosts (netns.py), and the
+# rendered units under real systemd in a systemd-nspawn container (systemd.sh).
 # Installs what it lacks with apt-get. Prints each case and a final "N passed, N failed".
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,6 +14,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v nix-instantiate >/dev/null || need+=(nix-bin)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
+command -v nft >/dev/null || need+=(nftables)
+command -v ss >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || echo "apt-get install failed"
@@ -32,6 +35,7 @@ run_suite() {
   if [ "$rc" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then f=1; fi
   total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-0}))
 }
+run_suite netns python3 "$here/netns.py"
 run_suite systemd "$here/systemd.sh"
 echo
 echo "system: $total_pass passed, $total_fail failed"
