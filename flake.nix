@@ -244,6 +244,59 @@
         }
       );
 
+      # Hosts come from Terraform: `terraform -chdir=terraform output -json intermediate_public_ips`
+      # and `connector_hosts` give deploy/hosts.json (see docs/operations.md); the example file keeps
+      # evaluation working before the first apply.
+      nixosConfigurations =
+        let
+          hostsFile = if builtins.pathExists ./deploy/hosts.json then ./deploy/hosts.json else ./deploy/hosts.example.json;
+          hosts = builtins.fromJSON (builtins.readFile hostsFile);
+          mk =
+            modules:
+            nixpkgs.lib.nixosSystem {
+              inherit (hosts) system;
+              modules = [ ./deploy/common.nix ] ++ modules;
+            };
+        in
+        {
+          intermediate-blue = mk [
+            self.nixosModules.intermediate
+            (import ./deploy/intermediate.nix { colour = "blue"; inherit hosts; })
+          ];
+          intermediate-green = mk [
+            self.nixosModules.intermediate
+            (import ./deploy/intermediate.nix { colour = "green"; inherit hosts; })
+          ];
+          connector = mk [
+            self.nixosModules.connector
+            (import ./deploy/connector.nix { inherit hosts; })
+          ];
+        };
+
+      # deploy-rs: `deploy .#intermediate-blue`, wait for connectors on 2/2, `deploy .#intermediate-green`.
+      # magicRollback reverts if the new system cannot reach back; autoRollback if activation fails
+      # (a daemon not becoming ready fails it: Type=notify plus the ztna-*-ready gate).
+      deploy.nodes =
+        let
+          hostsFile = if builtins.pathExists ./deploy/hosts.json then ./deploy/hosts.json else ./deploy/hosts.example.json;
+          hosts = builtins.fromJSON (builtins.readFile hostsFile);
+          node = name: hostname: {
+            inherit hostname;
+            sshUser = "root";
+            magicRollback = true;
+            autoRollback = true;
+            profiles.system = {
+              user = "root";
+              path = deploy-rs.lib.${hosts.system}.activate.nixos self.nixosConfigurations.${name};
+            };
+          };
+        in
+        {
+          intermediate-blue = node "intermediate-blue" hosts.blue;
+          intermediate-green = node "intermediate-green" hosts.green;
+          connector = node "connector" hosts.connector;
+        };
+
       nixosModules =
         let
           withPackage =
