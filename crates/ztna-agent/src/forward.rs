@@ -56,7 +56,16 @@ async fn open_flow(
         match try_open(&session, service, protocol, id).await {
             Ok((send, recv, FlowReply::Accept)) => return Ok((session, id, send, recv)),
             Ok((_, _, FlowReply::Reject { reason, message })) => {
-                return Err(OpenError::Rejected(reason, message))
+                // An intermediate that is draining (or whose connection we already know is
+                // going) cannot speak for the others: try the flow on the next one.
+                let moving = reason == RejectReason::Draining
+                    || (reason == RejectReason::Unavailable && session.retiring());
+                if moving && Instant::now() < deadline {
+                    debug!(reason = reason.as_str(), %message, "intermediate is going away, retrying the flow on the next one");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                return Err(OpenError::Rejected(reason, message));
             }
             Err(e) => {
                 if session.retiring() && Instant::now() < deadline {

@@ -58,7 +58,26 @@ struct Shared {
     metrics: Metrics,
     /// Becomes true when the drain starts; sessions send GoAway on the change.
     draining: watch::Sender<bool>,
+    /// Flow opens in progress (header read, connector not yet answered). The drain waits for
+    /// these too, so it never closes the endpoint under a flow that is about to be accepted.
+    opening: std::sync::atomic::AtomicUsize,
     next_conn_id: AtomicU64,
+}
+
+/// Counts a flow open in progress on [`Shared::opening`] while it lives.
+struct Opening<'a>(&'a Shared);
+
+impl<'a> Opening<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.opening.fetch_add(1, Ordering::SeqCst);
+        Opening(shared)
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -198,6 +217,7 @@ impl Intermediate {
                 registry,
                 metrics,
                 draining: watch::Sender::new(false),
+                opening: std::sync::atomic::AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
             }),
         })
@@ -312,7 +332,8 @@ async fn drain(endpoint: &quinn::Endpoint, shared: &Shared) {
             let active: i64 = ["tcp", "udp"]
                 .iter()
                 .map(|p| shared.metrics.flows_active.with_label_values(&[p]).get())
-                .sum();
+                .sum::<i64>()
+                + shared.opening.load(Ordering::SeqCst) as i64;
             if active == 0 {
                 info!("drain complete: no flows left");
                 break;
@@ -727,6 +748,7 @@ async fn agent_flow(
     } = open;
     let span = info_span!("open", %service, %protocol);
     async move {
+        let opening = Opening::new(&shared);
         let flows = &shared.metrics.flows;
         if !shared.policy().may_reach(&service, &agent.id.to_string()) {
             let msg = format!("policy does not allow {} to reach {service}", agent.id);
@@ -754,6 +776,12 @@ async fn agent_flow(
             }
         }
         let Some((connector, c_flow_id, mut c_send, mut c_recv, reply)) = chosen else {
+            if *shared.draining.borrow() {
+                // The connectors are leaving because we are: the agent should retry this flow on
+                // another intermediate rather than fail it.
+                let msg = "intermediate is draining; open the flow on another intermediate".to_string();
+                return reject_flow(flows, &mut send, protocol, RejectReason::Draining, msg).await;
+            }
             let msg = format!("no connector is serving {service} over {protocol}");
             return reject_flow(flows, &mut send, protocol, RejectReason::Unavailable, msg).await;
         };
@@ -767,6 +795,7 @@ async fn agent_flow(
         // Count the flow before the agent hears Accept: from then on data can flow, and the
         // least-loaded choice and the gauges must already see it.
         let guard = FlowGuard::new(&shared, protocol, [agent.clone(), connector.clone()]);
+        drop(opening);
         if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
             let _ = c_send.reset(VarInt::from_u32(codes::FLOW_ABORTED));
         } else {

@@ -339,6 +339,96 @@ async fn metrics_contract_moves_with_traffic_and_readyz_follows_the_design() {
     a.daemon.shutdown().await;
 }
 
+/// A flow open that reaches an intermediate after its drain started and after its connectors
+/// left must come back as `Draining` (the agent then retries on the next intermediate), not as
+/// "unavailable", which the agent would pass on to the user as a refused connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_opened_on_a_draining_intermediate_is_told_to_go_elsewhere() {
+    use ztna_node::io::{read_frame_timeout, write_frame};
+    use ztna_proto::{ClientMsg, FlowOpen, FlowReply, RejectReason, Role, ServerMsg};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+
+    let tls = pki.issue("agent", "alice");
+    let (_ep, conn) = raw_connect(&tls, Role::Agent, im.addr)
+        .await
+        .expect("agent connects");
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.expect("control stream");
+    let hello = ClientMsg::Hello {
+        version: ztna_proto::PROTOCOL_VERSION,
+        role: Role::Agent,
+        software: "test".into(),
+        watch: vec!["web".into()],
+    };
+    write_frame(&mut ctl_send, &hello).await.expect("hello");
+    let open = |conn: quinn::Connection| async move {
+        let (mut s, mut r) = conn.open_bi().await.expect("flow stream");
+        let req = FlowOpen {
+            service: "web".into(),
+            protocol: Protocol::Tcp,
+            flow_id: 0,
+        };
+        write_frame(&mut s, &req).await.expect("flow open");
+        let reply = read_frame_timeout::<FlowReply>(&mut r, Duration::from_secs(5))
+            .await
+            .expect("flow reply");
+        (s, r, reply)
+    };
+    // A running flow keeps the drain waiting.
+    let (mut held_s, mut held_r, reply) = open(conn.clone()).await;
+    assert!(matches!(reply, FlowReply::Accept), "{reply:?}");
+    held_s.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    held_r.read_exact(&mut buf).await.expect("echo");
+
+    im.daemon.stop.cancel();
+    let mut goaway = false;
+    while let Ok(m) = read_frame_timeout::<ServerMsg>(&mut ctl_recv, Duration::from_secs(5)).await {
+        if matches!(m, ServerMsg::GoAway { .. }) {
+            goaway = true;
+            break;
+        }
+    }
+    assert!(goaway, "no GoAway after the drain started");
+    // The connector leaves (it deregisters first; the held flow keeps it draining).
+    c.daemon.stop.cancel();
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")]
+        ) == 0.0)
+        .await,
+        "connector did not deregister"
+    );
+    let (_s, _r, reply) = open(conn.clone()).await;
+    match reply {
+        FlowReply::Reject {
+            reason: RejectReason::Draining,
+            message,
+        } => {
+            assert!(message.contains("draining"), "{message}")
+        }
+        other => panic!("expected a Draining rejection, got {other:?}"),
+    }
+    assert!(
+        !im.daemon.task.is_finished(),
+        "the drain did not wait for the running flow"
+    );
+    drop((held_s, held_r));
+    conn.close(0u32.into(), b"done");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), im.daemon.task)
+            .await
+            .is_ok(),
+        "intermediate did not finish its drain"
+    );
+}
+
 /// Continuous new TCP flows through the agent, counting failures.
 struct Load {
     stop: tokio::sync::watch::Sender<bool>,
