@@ -262,6 +262,73 @@ async fn refused_backend_rejects_the_flow_promptly_with_reason() {
     im.daemon.shutdown().await;
 }
 
+/// A backend that never answers the SYN (its accept queue is full, so the kernel drops it) is
+/// given up after `connect_timeout`, not after the kernel's minutes of SYN retries, and the
+/// agent's user sees the connection refused with the reason counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_backend_is_given_up_after_connect_timeout() {
+    logs();
+    let pki = Pki::new();
+    let silent = tokio::net::TcpSocket::new_v4().unwrap();
+    silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = silent.listen(0).unwrap();
+    let backend = silent.local_addr().unwrap();
+    // Backlog 0 queues one connection; with it taken, further SYNs go unanswered.
+    let _filler = std::net::TcpStream::connect(backend).unwrap();
+    let probe = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(backend)).await;
+    if probe.is_ok() {
+        println!("SKIP silent backend: this kernel still answers SYNs on a full accept queue");
+        return;
+    }
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im.addr],
+        &[("web", Some(backend), None)],
+        "connect_timeout = \"700ms\"",
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let started = std::time::Instant::now();
+    if let Ok(mut s) = TcpStream::connect(a.port("web", Protocol::Tcp)).await {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf).await;
+        assert!(
+            r.is_err() || buf.is_empty(),
+            "silent backend delivered data"
+        );
+    }
+    let took = started.elapsed();
+    println!(
+        "MEASURED silent backend: local connection refused after {took:?} (connect_timeout 700ms)"
+    );
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(5),
+        "refusal after {took:?}, expected just after connect_timeout"
+    );
+    assert_eq!(
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_backend_errors_total",
+            &[("service", "web")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_flows_total",
+            &[("service", "web"), ("result", "unavailable")]
+        ),
+        1.0
+    );
+    drop(silent);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_per_agent_are_bounded() {
     logs();
