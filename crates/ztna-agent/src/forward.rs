@@ -15,7 +15,7 @@ use ztna_node::io::{read_frame_timeout, splice_tcp, write_frame, StreamError};
 use ztna_node::{lock, CancellationToken};
 use ztna_proto::{codes, datagram, FlowOpen, FlowReply, Protocol, RejectReason, ServiceState};
 
-use crate::tunnel::{current, Session};
+use crate::tunnel::{current, request_rehome, Session};
 use crate::Shared;
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -48,7 +48,11 @@ async fn open_flow(
                 return Err(OpenError::Rejected(RejectReason::Denied, reason))
             }
             Some((ServiceState::Unavailable, reason)) => {
-                return Err(OpenError::Rejected(RejectReason::Unavailable, reason))
+                // Another intermediate may still reach a connector: wait for it instead.
+                if request_rehome(shared, &session, service) {
+                    continue;
+                }
+                return Err(OpenError::Rejected(RejectReason::Unavailable, reason));
             }
             _ => {}
         }
@@ -59,7 +63,8 @@ async fn open_flow(
                 // An intermediate that is draining (or whose connection we already know is
                 // going) cannot speak for the others: try the flow on the next one.
                 let moving = reason == RejectReason::Draining
-                    || (reason == RejectReason::Unavailable && session.retiring());
+                    || (reason == RejectReason::Unavailable
+                        && (session.retiring() || request_rehome(shared, &session, service)));
                 if moving && Instant::now() < deadline {
                     debug!(reason = reason.as_str(), %message, "intermediate is going away, retrying the flow on the next one");
                     tokio::time::sleep(Duration::from_millis(20)).await;

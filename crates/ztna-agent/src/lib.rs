@@ -108,6 +108,11 @@ pub(crate) struct Shared {
     /// The session new flows use; `None` while (re)connecting.
     pub current: watch::Sender<Option<Arc<Session>>>,
     pub next_udp_id: AtomicU64,
+    /// What is known about the other intermediates, for moves made because a service has no
+    /// connector via the current one.
+    pub rehomes: std::sync::Mutex<tunnel::Rehomes>,
+    /// Wakes the tunnel manager when a flow asked to move to the next intermediate.
+    pub rehome_now: tokio::sync::Notify,
 }
 
 enum Listener {
@@ -181,6 +186,8 @@ impl Agent {
                 metrics,
                 health,
                 current: watch::Sender::new(None),
+                rehomes: std::sync::Mutex::new(tunnel::Rehomes::default()),
+                rehome_now: tokio::sync::Notify::new(),
                 next_udp_id: AtomicU64::new(1),
             }),
             listeners,

@@ -22,6 +22,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a watched service may have no connector via this intermediate before the agent
 /// tries the next intermediate (which may still have one, e.g. after a partial network cut).
 const REHOME_AFTER: Duration = Duration::from_secs(2);
+/// How long the agent remembers which services an intermediate lacked when it left it. A
+/// service down everywhere therefore costs one move per intermediate per this period.
+const REHOME_MEMORY: Duration = Duration::from_secs(30);
+
+/// What the agent knows about the intermediates it is not connected to.
+#[derive(Default)]
+pub(crate) struct Rehomes {
+    /// intermediate → (when the agent left it, services it had no connector for then).
+    missing: HashMap<String, (Instant, Vec<String>)>,
+    /// Index of the intermediate a requested move goes to.
+    next: Option<usize>,
+}
 
 /// One connection to an intermediate.
 pub struct Session {
@@ -31,6 +43,12 @@ pub struct Session {
     /// UDP flow id → (local socket, local client) for return traffic.
     udp: Mutex<HashMap<u64, (Arc<UdpSocket>, SocketAddr)>>,
     going_away: AtomicBool,
+    /// Position of this intermediate in the configured list.
+    index: usize,
+    connected_at: Instant,
+    /// A flow found a service without a connector here and asked to move to the next
+    /// intermediate.
+    moving: AtomicBool,
     /// Flows running on this connection.
     active: std::sync::atomic::AtomicUsize,
 }
@@ -89,6 +107,54 @@ impl Session {
     }
 }
 
+/// Called when `service` has no connector via `session` (a flow wants it, or it has been missing
+/// for a while): if another intermediate may have one, stops using `session` for new flows,
+/// wakes the tunnel manager to move there and returns true; a flow then waits for that session.
+/// Returns false when the service should be refused here and now: there is one intermediate
+/// only, or every other one is known (from the last visit, within [`REHOME_MEMORY`]) to lack
+/// the service or to lack a service that works here, so moving would not help or would break
+/// something else. That knowledge is also what keeps an agent from hopping when a service is
+/// down everywhere.
+pub(crate) fn request_rehome(shared: &Shared, session: &Session, service: &str) -> bool {
+    if session.moving.load(Ordering::SeqCst) {
+        return true;
+    }
+    let mut memory = lock(&shared.rehomes);
+    if session.moving.load(Ordering::SeqCst) {
+        return true;
+    }
+    let targets = &shared.config.intermediates;
+    let working_here: Vec<String> = session
+        .services()
+        .into_iter()
+        .filter(|(_, s)| *s == ServiceState::Available)
+        .map(|(n, _)| n)
+        .collect();
+    let choice = (1..targets.len())
+        .map(|k| (session.index + k) % targets.len())
+        .find(|&j| match memory.missing.get(&targets[j]) {
+            Some((seen, missing)) if seen.elapsed() < REHOME_MEMORY => !missing
+                .iter()
+                .any(|m| m == service || working_here.contains(m)),
+            _ => true,
+        });
+    let Some(next) = choice else {
+        return false;
+    };
+    memory.next = Some(next);
+    // Remember the service as missing here even if its pushed status has not caught up (the
+    // flow learnt it from a rejection), so the agent does not come straight back for it.
+    memory.missing.insert(
+        session.intermediate.clone(),
+        (Instant::now(), vec![service.to_string()]),
+    );
+    session.moving.store(true, Ordering::SeqCst);
+    // Not retiring yet for the manager (it retires on the wake-up), but new flows skip it now.
+    session.going_away.store(true, Ordering::SeqCst);
+    shared.rehome_now.notify_one();
+    true
+}
+
 /// Waits up to `limit` for a usable session.
 pub(crate) async fn current(shared: &Shared, limit: Duration) -> Option<Arc<Session>> {
     let mut rx = shared.current.subscribe();
@@ -111,26 +177,46 @@ pub(crate) async fn manage(
     let targets = shared.config.intermediates.clone();
     let mut backoff = Reconnect::new(BackoffPolicy::default());
     let mut idx = 0usize;
-    // Moves made because a service had no connector via the current intermediate; bounded so a
-    // service that is down everywhere does not make the agent hop forever.
-    let mut rehomes = 0usize;
     loop {
         let target = targets[idx % targets.len()].clone();
         let span = info_span!("intermediate", %target);
         let outcome = tokio::select! {
-            o = connect_and_serve(&shared, &endpoint, &target, &mut rehomes).instrument(span) => o,
+            o = connect_and_serve(&shared, &endpoint, &target, idx % targets.len()).instrument(span) => o,
             _ = stop.cancelled() => return,
         };
-        shared.current.send_replace(None);
+        if let Some(left) = shared.current.send_replace(None) {
+            let mut memory = lock(&shared.rehomes);
+            let mut missing: Vec<String> = left
+                .services()
+                .into_iter()
+                .filter(|(_, s)| *s != ServiceState::Available)
+                .map(|(n, _)| n)
+                .collect();
+            // Keep what flows learnt during this visit.
+            if let Some((seen, known)) = memory.missing.get(&left.intermediate) {
+                if *seen >= left.connected_at {
+                    missing.extend(
+                        known
+                            .iter()
+                            .filter(|k| !missing.contains(k))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                }
+            }
+            memory
+                .missing
+                .insert(left.intermediate.clone(), (Instant::now(), missing));
+        }
         shared.update_status();
         shared.metrics.connected.set(0);
-        idx += 1;
+        idx = match (&outcome, lock(&shared.rehomes).next.take()) {
+            (Outcome::Rehome, Some(next)) => next,
+            _ => idx % targets.len() + 1,
+        };
         let delay = match outcome {
             Outcome::GoAway => Duration::ZERO,
-            Outcome::Rehome => {
-                rehomes += 1;
-                Duration::ZERO
-            }
+            Outcome::Rehome => Duration::ZERO,
             Outcome::Lost(since) => backoff.next_delay(since),
         };
         if !delay.is_zero() {
@@ -178,7 +264,7 @@ async fn connect_and_serve(
     shared: &Arc<Shared>,
     endpoint: &quinn::Endpoint,
     target: &str,
-    rehomes: &mut usize,
+    index: usize,
 ) -> Outcome {
     let conn = match client::connect(endpoint, &shared.client(), target, CONNECT_TIMEOUT).await {
         Ok(c) => c,
@@ -216,31 +302,38 @@ async fn connect_and_serve(
         status: Mutex::new(HashMap::new()),
         udp: Mutex::new(HashMap::new()),
         going_away: AtomicBool::new(false),
+        index,
+        connected_at: Instant::now(),
+        moving: AtomicBool::new(false),
         active: std::sync::atomic::AtomicUsize::new(0),
     });
     shared.current.send_replace(Some(session.clone()));
     shared.update_status();
     shared.metrics.connected.set(1);
-    let others = shared.config.intermediates.len().saturating_sub(1);
     let mut check = tokio::time::interval(Duration::from_millis(250));
     let mut unavailable_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = check.tick() => {
                 let states = session.services();
-                if !states.is_empty() && states.iter().all(|(_, s)| *s == ServiceState::Available) {
-                    *rehomes = 0;
-                }
                 let missing = states.iter().find(|(_, s)| *s == ServiceState::Unavailable).map(|(n, _)| n.clone());
                 match (&missing, unavailable_since) {
                     (None, _) => unavailable_since = None,
                     (Some(_), None) => unavailable_since = Some(Instant::now()),
-                    (Some(service), Some(t)) if t.elapsed() >= REHOME_AFTER && *rehomes < others => {
+                    (Some(service), Some(t)) if t.elapsed() >= REHOME_AFTER && request_rehome(shared, &session, service) => {
                         info!(%service, "no connector for {service} via this intermediate; moving to the next intermediate (running flows finish here)");
                         retire(&session);
                         return Outcome::Rehome;
                     }
                     _ => {}
+                }
+            }
+            _ = shared.rehome_now.notified() => {
+                // A wake-up left over from an earlier session is ignored.
+                if session.moving.load(Ordering::SeqCst) {
+                    info!("a flow found no connector via this intermediate; moving to the next intermediate (running flows finish here)");
+                    retire(&session);
+                    return Outcome::Rehome;
                 }
             }
             msg = read_frame::<ServerMsg>(&mut recv) => match msg {

@@ -470,6 +470,84 @@ async fn idle_udp_flows_are_closed_everywhere_and_reopen_on_demand() {
     im.daemon.shutdown().await;
 }
 
+/// The agent sits on an intermediate that has no connector for a service (think: the
+/// connector's path to it is cut) while another intermediate has one. A new local connection is
+/// not refused: it moves the agent to the next intermediate and goes through there. A service no
+/// intermediate serves is still refused promptly, after at most one move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_for_a_service_missing_here_moves_the_agent_instead_of_failing() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let a_relay = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let b_relay = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let mut c = start_connector(&pki, "web-1", &[b_relay.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut agent = start_agent(
+        &pki,
+        "alice",
+        &[a_relay.addr, b_relay.addr],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+    )
+    .await;
+    // On relay A, web has no connector.
+    let reason = agent.wait_status("web", ServiceState::Unavailable).await;
+    assert!(reason.contains("no connector"), "{reason}");
+    let t0 = std::time::Instant::now();
+    let back = tcp_roundtrip(agent.port("web", Protocol::Tcp), b"first try").await;
+    println!(
+        "MEASURED first flow after landing where web has no connector: {:?} in {:?}",
+        back.as_ref().map(|b| b.len()),
+        t0.elapsed()
+    );
+    assert_eq!(back.expect("the flow moved to relay B"), b"first try");
+    let text = agent.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_agent_flows_total",
+            &[("service", "web"), ("result", "unavailable")]
+        ),
+        0.0,
+        "a flow was refused although relay B serves web"
+    );
+    let agents = |h: &IntermediateHandle| {
+        metric(
+            &h.daemon.metrics.common.render(),
+            "ztna_intermediate_connections",
+            &[("role", "agent")],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || agents(&a_relay) == 0.0
+            && agents(&b_relay) == 1.0)
+        .await,
+        "the agent did not move to relay B"
+    );
+    // db is served nowhere: refused, promptly, and the agent stays on B where web works.
+    let t1 = std::time::Instant::now();
+    if let Ok(mut s) = TcpStream::connect(agent.port("db", Protocol::Tcp)).await {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf).await;
+        assert!(r.is_err() || buf.is_empty(), "db delivered data");
+    }
+    assert!(
+        t1.elapsed() < Duration::from_secs(2),
+        "db refusal took {:?}",
+        t1.elapsed()
+    );
+    assert_eq!(
+        tcp_roundtrip(agent.port("web", Protocol::Tcp), b"still here")
+            .await
+            .unwrap(),
+        b"still here"
+    );
+    agent.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    a_relay.daemon.shutdown().await;
+    b_relay.daemon.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_moves_to_an_intermediate_that_has_a_connector_and_does_not_flap_when_none_has() {
     logs();
