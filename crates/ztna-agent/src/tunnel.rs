@@ -19,8 +19,9 @@ use ztna_proto::{datagram, Role, ServerMsg, ServiceState};
 use crate::Shared;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a watched service may have no connector via this intermediate before the agent
-/// tries the next intermediate (which may still have one, e.g. after a partial network cut).
+/// How long no watched service may have a connector via this intermediate before the agent tries
+/// the next intermediate (which may still have one, e.g. after a partial network cut), even
+/// without a flow asking for it.
 const REHOME_AFTER: Duration = Duration::from_secs(2);
 /// How long the agent remembers which services an intermediate lacked when it left it. A
 /// service down everywhere therefore costs one move per intermediate per this period.
@@ -316,7 +317,14 @@ async fn connect_and_serve(
         tokio::select! {
             _ = check.tick() => {
                 let states = session.services();
-                let missing = states.iter().find(|(_, s)| *s == ServiceState::Unavailable).map(|(n, _)| n.clone());
+                // Without a flow asking, move only when nothing works here: a working service is
+                // not given up for one that may be missing everywhere (a flow for the missing
+                // one can still ask, see `request_rehome`).
+                let useless = !states.iter().any(|(_, s)| *s == ServiceState::Available);
+                let missing = states
+                    .iter()
+                    .find(|(_, s)| useless && *s == ServiceState::Unavailable)
+                    .map(|(n, _)| n.clone());
                 match (&missing, unavailable_since) {
                     (None, _) => unavailable_since = None,
                     (Some(_), None) => unavailable_since = Some(Instant::now()),

@@ -548,6 +548,78 @@ async fn a_flow_for_a_service_missing_here_moves_the_agent_instead_of_failing() 
     b_relay.daemon.shutdown().await;
 }
 
+/// Services split across intermediates (web only via A, db only via B): one connection cannot
+/// serve both, so the agent must not trade a working service for a missing one on its own, must
+/// go where a user's flow needs to go, and must not then bounce back for the other service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_does_not_bounce_between_intermediates_that_each_lack_a_service() {
+    logs();
+    let pki = Pki::new();
+    let (web, _w) = tcp_named("web").await;
+    let (db, _d) = tcp_named("db").await;
+    let a_relay = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let b_relay = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let mut cw = start_connector(&pki, "web-1", &[a_relay.addr], &[("web", Some(web), None)]);
+    let mut cd = start_connector(&pki, "db-1", &[b_relay.addr], &[("db", Some(db), None)]);
+    cw.wait_registered(1).await;
+    cd.wait_registered(1).await;
+    let mut agent = start_agent(
+        &pki,
+        "alice",
+        &[a_relay.addr, b_relay.addr],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+    )
+    .await;
+    agent.wait_status("web", ServiceState::Available).await;
+    let agents = |h: &IntermediateHandle| {
+        metric(
+            &h.daemon.metrics.common.render(),
+            "ztna_intermediate_connections",
+            &[("role", "agent")],
+        )
+    };
+    // Longer than the 2 s after which an agent with nothing working leaves on its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        agents(&a_relay),
+        1.0,
+        "the agent left relay A where web works"
+    );
+    let web_port = agent.port("web", Protocol::Tcp);
+    let db_port = agent.port("db", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(web_port, b"x").await.unwrap(), b"web");
+
+    // A db flow goes where db is.
+    assert_eq!(tcp_roundtrip(db_port, b"x").await.unwrap(), b"db");
+    assert!(
+        eventually(Duration::from_secs(5), || agents(&a_relay) == 0.0
+            && agents(&b_relay) == 1.0)
+        .await,
+        "the agent did not move to relay B for db"
+    );
+    // Now web is the one missing; relay A is known to lack db, which works here: refused at
+    // once, and the agent stays.
+    let t = std::time::Instant::now();
+    if let Ok(mut s) = TcpStream::connect(web_port).await {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf).await;
+        assert!(r.is_err() || buf.is_empty(), "web answered via relay B");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(agents(&b_relay), 1.0, "the agent bounced back to relay A");
+    assert_eq!(tcp_roundtrip(db_port, b"x").await.unwrap(), b"db");
+    agent.daemon.shutdown().await;
+    cw.daemon.shutdown().await;
+    cd.daemon.shutdown().await;
+    a_relay.daemon.shutdown().await;
+    b_relay.daemon.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_moves_to_an_intermediate_that_has_a_connector_and_does_not_flap_when_none_has() {
     logs();
