@@ -429,6 +429,31 @@ pub async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<
 }
 
 /// Value of a counter/gauge sample in a rendered metrics text, summed over matching lines.
+/// Opens a local connection to an agent port that should be refused; asserts that nothing was
+/// delivered on it and returns how long the refusal took.
+pub async fn refused_locally(port: SocketAddr) -> Duration {
+    let started = std::time::Instant::now();
+    if let Ok(mut s) = tokio::net::TcpStream::connect(port).await {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Err(_))) || (matches!(r, Ok(Ok(_))) && buf.is_empty()),
+            "a refused connection to {port} delivered {} bytes or hung: {r:?}",
+            buf.len()
+        );
+    }
+    started.elapsed()
+}
+
+/// Agents connected to an intermediate, from its metrics.
+pub fn agents_on(h: &IntermediateHandle) -> f64 {
+    metric(
+        &h.daemon.metrics.common.render(),
+        "ztna_intermediate_connections",
+        &[("role", "agent")],
+    )
+}
+
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
