@@ -216,7 +216,11 @@ pub(crate) async fn manage(
             _ => idx % targets.len() + 1,
         };
         let delay = match outcome {
-            Outcome::GoAway => Duration::ZERO,
+            Outcome::GoAway => {
+                // A drain, not a failure: delays grown by earlier failures start over.
+                backoff.reset();
+                Duration::ZERO
+            }
             Outcome::Rehome => Duration::ZERO,
             Outcome::Lost(since) => backoff.next_delay(since),
         };
@@ -365,6 +369,9 @@ async fn connect_and_serve(
                 Ok(None) | Err(_) => {
                     let reason = conn.close_reason().map(|c| describe_connection_error(&c)).unwrap_or_default();
                     warn!(%reason, "lost intermediate");
+                    if client::closed_by_drain(&conn) {
+                        return Outcome::GoAway;
+                    }
                     return Outcome::Lost(Some(since));
                 }
             },
@@ -372,6 +379,9 @@ async fn connect_and_serve(
                 Ok(d) => session.dispatch(&d),
                 Err(e) => {
                     warn!(reason = %describe_connection_error(&e), "lost intermediate");
+                    if client::closed_by_drain(&conn) {
+                        return Outcome::GoAway;
+                    }
                     return Outcome::Lost(Some(since));
                 }
             },

@@ -38,19 +38,24 @@ pub(crate) async fn supervise(
                 shared.metrics.reconnects.inc();
             }
             attempt += 1;
-            let since = match client::connect(&endpoint, &shared.client(), &target, CONNECT_TIMEOUT)
+            let ended = match client::connect(&endpoint, &shared.client(), &target, CONNECT_TIMEOUT)
                 .await
             {
                 Ok(conn) => serve(&shared, conn, idx, &stop).await,
                 Err(reason) => {
                     warn!(%reason, "cannot connect to intermediate");
-                    None
+                    Ended::default()
                 }
             };
             if stop.is_cancelled() || *shared.draining.borrow() {
                 return;
             }
-            let delay = backoff.next_delay(since);
+            if ended.drained {
+                // The intermediate drained on purpose (a restart or upgrade): delays grown by
+                // earlier failures start over, so we are back soon after it is.
+                backoff.reset();
+            }
+            let delay = backoff.next_delay(ended.since);
             shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
             info!(?delay, "reconnecting after backoff");
             tokio::select! {
@@ -63,14 +68,22 @@ pub(crate) async fn supervise(
     .await
 }
 
-/// Runs one connection until it is lost or we stop. Returns when it was registered, for the
-/// backoff's "stayed healthy" reset.
+/// How a connection ended, for the backoff.
+#[derive(Default)]
+struct Ended {
+    /// When it was registered (for the "stayed healthy" reset), if it was.
+    since: Option<Instant>,
+    /// The intermediate told us it was draining (GoAway) before the connection ended.
+    drained: bool,
+}
+
+/// Runs one connection until it is lost or we stop.
 async fn serve(
     shared: &Arc<Shared>,
     conn: quinn::Connection,
     idx: usize,
     stop: &CancellationToken,
-) -> Option<Instant> {
+) -> Ended {
     let software = format!("ztna-connector/{}", ztna_node::VERSION);
     let Control {
         mut send,
@@ -81,7 +94,7 @@ async fn serve(
         Ok(c) => c,
         Err(reason) => {
             warn!(%reason, "intermediate did not welcome this connector");
-            return None;
+            return Ended::default();
         }
     };
     debug!(%observed_addr, "welcomed");
@@ -92,10 +105,11 @@ async fn serve(
             udp: s.udp.is_some(),
         };
         if write_frame(&mut send, &msg).await.is_err() {
-            return None;
+            return Ended::default();
         }
     }
     let mut registered = Vec::new();
+    let mut drained = false;
     for _ in 0..shared.services.len() {
         match read_frame_timeout::<ServerMsg>(&mut recv, REPLY_TIMEOUT).await {
             Ok(ServerMsg::Registered { service }) => registered.push(service),
@@ -104,11 +118,15 @@ async fn serve(
             }
             Ok(ServerMsg::GoAway { reason, .. }) => {
                 info!(%reason, "intermediate is draining; will reconnect when it closes");
+                drained = true;
             }
             Ok(other) => debug!(msg = ?other, "ignoring control message"),
             Err(e) => {
                 warn!(error = %e, "registration failed");
-                return None;
+                return Ended {
+                    since: None,
+                    drained,
+                };
             }
         }
     }
@@ -144,6 +162,7 @@ async fn serve(
             msg = read_frame::<ServerMsg>(&mut recv) => match msg {
                 Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
                     info!(%reason, deadline_ms, "intermediate is draining; running flows continue, reconnecting when it closes");
+                    drained = true;
                 }
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
                 Ok(None) | Err(_) => {
@@ -172,7 +191,10 @@ async fn serve(
         }
     }
     set_registered(shared, idx, false);
-    Some(since)
+    Ended {
+        since: Some(since),
+        drained: drained || client::closed_by_drain(&conn),
+    }
 }
 
 fn set_registered(shared: &Shared, idx: usize, on: bool) {

@@ -46,6 +46,13 @@ impl Reconnect {
             .build()
     }
 
+    /// Starts the schedule over. For a peer that went away on purpose (a drain with GoAway): that
+    /// says nothing about whether it is reachable, and it is usually back within seconds, so the
+    /// delays that grow while it restarts must not carry over from earlier failures.
+    pub fn reset(&mut self) {
+        self.iter = Self::build(&self.policy);
+    }
+
     /// Delay before the next attempt, given when the last connection was established (if it was).
     pub fn next_delay(&mut self, connected_since: Option<Instant>) -> Duration {
         if connected_since.is_some_and(|t| t.elapsed() >= self.policy.healthy_after) {
@@ -93,5 +100,11 @@ mod tests {
         }
         assert!(r.next_delay(None) >= Duration::from_millis(1600));
         assert!(r.next_delay(Some(Instant::now())) <= Duration::from_millis(400));
+        // A drain starts the schedule over, however short the connection was.
+        for _ in 0..5 {
+            r.next_delay(None);
+        }
+        r.reset();
+        assert!(r.next_delay(None) <= Duration::from_millis(400));
     }
 }

@@ -147,3 +147,12 @@ impl ClientTls {
         Ok(summary)
     }
 }
+
+/// True when the intermediate closed `conn` at the end of a drain (restart or upgrade), as
+/// opposed to a failure: the client's reconnect backoff starts over.
+pub fn closed_by_drain(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == VarInt::from_u32(codes::DRAINING)
+    )
+}
