@@ -46,7 +46,6 @@ pub struct Session {
     going_away: AtomicBool,
     /// Position of this intermediate in the configured list.
     index: usize,
-    connected_at: Instant,
     /// A flow found a service without a connector here and asked to move to the next
     /// intermediate.
     moving: AtomicBool,
@@ -143,11 +142,14 @@ pub(crate) fn request_rehome(shared: &Shared, session: &Session, service: &str) 
         return false;
     };
     memory.next = Some(next);
-    // Remember the service as missing here even if its pushed status has not caught up (the
-    // flow learnt it from a rejection), so the agent does not come straight back for it.
-    memory.missing.insert(
-        session.intermediate.clone(),
-        (Instant::now(), vec![service.to_string()]),
+    // The flow may have learnt it from a rejection before the pushed status caught up: record it
+    // where the manager looks when it leaves, so the agent does not come straight back for it.
+    lock(&session.status).insert(
+        service.to_string(),
+        (
+            ServiceState::Unavailable,
+            "a flow was refused here".to_string(),
+        ),
     );
     session.moving.store(true, Ordering::SeqCst);
     // Not retiring yet for the manager (it retires on the wake-up), but new flows skip it now.
@@ -186,26 +188,13 @@ pub(crate) async fn manage(
             _ = stop.cancelled() => return,
         };
         if let Some(left) = shared.current.send_replace(None) {
-            let mut memory = lock(&shared.rehomes);
-            let mut missing: Vec<String> = left
+            let missing = left
                 .services()
                 .into_iter()
                 .filter(|(_, s)| *s != ServiceState::Available)
                 .map(|(n, _)| n)
                 .collect();
-            // Keep what flows learnt during this visit.
-            if let Some((seen, known)) = memory.missing.get(&left.intermediate) {
-                if *seen >= left.connected_at {
-                    missing.extend(
-                        known
-                            .iter()
-                            .filter(|k| !missing.contains(k))
-                            .cloned()
-                            .collect::<Vec<_>>(),
-                    );
-                }
-            }
-            memory
+            lock(&shared.rehomes)
                 .missing
                 .insert(left.intermediate.clone(), (Instant::now(), missing));
         }
@@ -308,7 +297,6 @@ async fn connect_and_serve(
         udp: Mutex::new(HashMap::new()),
         going_away: AtomicBool::new(false),
         index,
-        connected_at: Instant::now(),
         moving: AtomicBool::new(false),
         active: std::sync::atomic::AtomicUsize::new(0),
     });
