@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ztna_node::daemon::CommonArgs;
+use ztna_node::signals::push_list_override;
 
 /// Exposes ZTNA services on local ports, tunnelled through an intermediate.
 #[derive(Parser)]
@@ -28,14 +29,7 @@ struct Cli {
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
     let mut o = cli.common.overrides();
-    if !cli.intermediates.is_empty() {
-        let list = cli
-            .intermediates
-            .into_iter()
-            .map(toml::Value::from)
-            .collect();
-        o.push(("intermediates", toml::Value::Array(list)));
-    }
+    push_list_override(&mut o, "intermediates", cli.intermediates);
     let mut extra = Vec::new();
     for f in &cli.forwards {
         match crate::Forward::parse(f) {

@@ -62,4 +62,44 @@ fn forward_shorthand_and_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `intermediates` may come from repeated --intermediate flags or ZTNA_INTERMEDIATES alone.
+    let bare = dir.path().join("bare.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &bare,
+        text.replace("intermediates = [\"127.0.0.1:4433\"]\n", ""),
+    )
+    .unwrap();
+    let check = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&bare)
+            .args(["--check-config", "--forward", "tcp:127.0.0.1:18080=web"])
+            .args(extra)
+            .env_remove("ZTNA_INTERMEDIATES");
+        if let Some(v) = env {
+            cmd.env("ZTNA_INTERMEDIATES", v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, text) = check(&[], None);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("intermediates"), "{text}");
+    let (code, text) = check(
+        &[
+            "--intermediate",
+            "127.0.0.1:4433",
+            "--intermediate",
+            "127.0.0.1:4434",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = check(&[], Some("127.0.0.1:4433,127.0.0.1:4434"));
+    assert_eq!(code, 0, "{text}");
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ztna_node::daemon::CommonArgs;
-use ztna_node::signals::push_override;
+use ztna_node::signals::{push_list_override, push_override};
 
 /// Runs next to private backends; dials out to every intermediate and forwards flows.
 #[derive(Parser)]
@@ -29,14 +29,7 @@ struct Cli {
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
     let mut o = cli.common.overrides();
-    if !cli.intermediates.is_empty() {
-        let list = cli
-            .intermediates
-            .into_iter()
-            .map(toml::Value::from)
-            .collect();
-        o.push(("intermediates", toml::Value::Array(list)));
-    }
+    push_list_override(&mut o, "intermediates", cli.intermediates);
     push_override(&mut o, "drain_timeout", cli.drain_timeout);
     let path = cli.common.config.clone();
     ztna_node::daemon::main(

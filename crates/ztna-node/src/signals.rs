@@ -52,3 +52,12 @@ pub fn push_override(
         overrides.push((key, v.into()));
     }
 }
+
+/// Adds a list override for `key` (from a repeatable flag) when the list is not empty.
+pub fn push_list_override(
+    overrides: &mut Vec<(&'static str, toml::Value)>,
+    key: &'static str,
+    values: Vec<String>,
+) {
+    push_override(overrides, key, (!values.is_empty()).then_some(values));
+}
