@@ -89,13 +89,9 @@ impl Handle {
             ("forward", new.forward != shared.config.forward),
             ("ops_listen", new.ops_listen != shared.config.ops_listen),
         ]);
-        let summary = shared.tls.reload(&new.tls)?;
         shared
-            .metrics
-            .common
-            .cert_expiry
-            .set(shared.tls.expiry_unix());
-        Ok(summary)
+            .tls
+            .reload(&new.tls, &shared.metrics.common.cert_expiry)
     }
 }
 

@@ -122,13 +122,9 @@ impl Handle {
             ("ops_listen", new.ops_listen != old.ops_listen),
             ("bind", new.bind != old.bind),
         ]);
-        let summary = shared.tls.reload(&new.tls)?;
         shared
-            .metrics
-            .common
-            .cert_expiry
-            .set(shared.tls.expiry_unix());
-        Ok(summary)
+            .tls
+            .reload(&new.tls, &shared.metrics.common.cert_expiry)
     }
 }
 

@@ -134,8 +134,13 @@ impl ClientTls {
     }
 
     /// Loads new files; on success new connections present them (established ones keep
-    /// theirs). On error nothing changes.
-    pub fn reload(&self, tls: &crate::config::TlsConfig) -> Result<String, String> {
+    /// theirs) and `expiry` (the `ztna_tls_cert_expiry_timestamp_seconds` gauge) follows. On
+    /// error nothing changes.
+    pub fn reload(
+        &self,
+        tls: &crate::config::TlsConfig,
+        expiry: &prometheus::Gauge,
+    ) -> Result<String, String> {
         let (identity, config) =
             Self::build(tls, self.role, &self.opts).map_err(|e| e.to_string())?;
         let summary = format!(
@@ -143,6 +148,7 @@ impl ClientTls {
             identity.id,
             identity.expiry_unix()
         );
+        expiry.set(identity.expiry_unix());
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = (identity, config);
         Ok(summary)
     }

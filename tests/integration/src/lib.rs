@@ -161,6 +161,9 @@ pub fn start_intermediate(pki: &Pki, policy: Vec<PolicyRule>) -> IntermediateHan
 
 pub struct ConnectorHandle {
     pub ops: SocketAddr,
+    /// The configuration it was started with, and its reload handle (what SIGHUP calls).
+    pub config: ztna_connector::Config,
+    pub handle: ztna_connector::Handle,
     pub daemon: Daemon<ztna_connector::Metrics>,
     pub registered: tokio::sync::watch::Receiver<Vec<bool>>,
 }
@@ -263,7 +266,9 @@ pub fn start_connector_with(
     let text = connector_toml(&tls, intermediates, services, settings);
     let cfg: ztna_connector::Config = toml::from_str(&text).expect("connector config");
     cfg.validate().expect("valid connector config");
+    let config = cfg.clone();
     let c = ztna_connector::Connector::bind(cfg).expect("bind connector");
+    let handle = c.handle();
     let metrics = c.metrics();
     let registered = c.registered();
     let ops = c.ops_addr().expect("ops addr");
@@ -271,6 +276,8 @@ pub fn start_connector_with(
     let task = tokio::spawn(c.run(stop.clone()));
     ConnectorHandle {
         ops,
+        config,
+        handle,
         daemon: Daemon {
             metrics,
             stop,

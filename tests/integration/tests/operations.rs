@@ -812,6 +812,36 @@ async fn sighup_reloads_the_certificate_and_survives_a_broken_file() {
     held.write_all(b"3").await.unwrap();
     held.read_exact(&mut one).await.unwrap();
     assert_eq!(tcp_roundtrip(port, b"still").await.unwrap(), b"still");
+
+    // The connector's reload (what its SIGHUP runs): a re-issued certificate moves its expiry
+    // metric and keeps its registration and flows; a broken one is refused and changes nothing.
+    let c_expiry = || expiry(&c.daemon.metrics.common.render());
+    let before = c_expiry();
+    let mut req = ztna_pki::IssueRequest::new("connector", "web-1");
+    req.validity = ztna_pki::Validity::days(90);
+    let issued = pki.ca.issue(&req).unwrap();
+    pki.tls_for(&issued, "connector-web-1");
+    let summary = c.handle.reload(c.config.clone()).expect("connector reload");
+    assert!(summary.contains("web-1"), "{summary}");
+    let want = issued.not_after.unix_timestamp() as f64;
+    assert!(
+        c_expiry() != before && (c_expiry() - want).abs() < 2.0,
+        "connector expiry metric {before} -> {}, want {want}",
+        c_expiry()
+    );
+    std::fs::write(
+        pki.dir.path().join("connector-web-1.pem"),
+        "not a certificate",
+    )
+    .unwrap();
+    assert!(c.handle.reload(c.config.clone()).is_err());
+    assert!(
+        (c_expiry() - want).abs() < 2.0,
+        "a failed reload moved the metric"
+    );
+    held.write_all(b"4").await.unwrap();
+    held.read_exact(&mut one).await.unwrap();
+    assert_eq!(tcp_roundtrip(port, b"after").await.unwrap(), b"after");
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
 }
