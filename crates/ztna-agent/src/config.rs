@@ -24,6 +24,9 @@ pub struct Config {
     /// before it is refused.
     #[serde(default = "default_open_timeout", with = "duration")]
     pub open_timeout: Duration,
+    /// On SIGTERM, how long running flows may continue while new local connections are refused.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
     #[serde(default = "default_keepalive", with = "duration")]
     pub keepalive: Duration,
     #[serde(default = "default_idle", with = "duration")]
@@ -100,6 +103,9 @@ fn default_udp_idle() -> Duration {
 }
 fn default_open_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(1)

@@ -1,30 +1,41 @@
 //! ztna-agent: exposes services on local ports and tunnels each connection through an
-//! intermediate, failing over between intermediates.
+//! intermediate.
+//!
+//! The agent keeps a link to every configured intermediate ([`link`]); one manager task owns
+//! what is known about them ([`relays`]); every new flow picks its relay from that ([`open`]):
+//! the first one, in configured order, that is connected, not draining and has the service.
+//! Local ports: TCP in [`forward`], UDP in [`udp`].
 
 pub mod cli;
 pub mod config;
 mod forward;
+mod link;
 pub mod metrics;
-mod tunnel;
+mod open;
+pub mod relays;
+mod udp;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
-use tracing::info;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 use ztna_node::client::ClientTls;
+use ztna_node::flows::Flows;
 use ztna_node::health::Health;
 use ztna_node::identity::IdentityError;
 use ztna_node::ops::Ops;
 use ztna_node::CancellationToken;
-use ztna_proto::{Protocol, Role, ServiceState};
+use ztna_proto::{codes, Protocol, Role, ServiceState};
 
 pub use config::{Config, Forward, ForwardProtocol};
 pub use metrics::Metrics;
-pub use tunnel::Session;
+pub use relays::Snapshot;
+
+use crate::relays::{Conn, Event};
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -38,34 +49,99 @@ pub enum StartError {
     },
 }
 
+/// Socket buffers of each local UDP port: room for a burst at line rate.
+const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// A UDP flow quiet for this long does not hold a drain.
+const UDP_DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// What the flow table knows of each flow.
+#[derive(Clone)]
+pub(crate) struct FlowMeta {
+    #[allow(dead_code)]
+    pub service: Arc<str>,
+}
+
+pub(crate) struct Shared {
+    pub config: Config,
+    /// Certificate and QUIC client config for new connections; replaced on reload.
+    pub tls: ClientTls,
+    pub metrics: Metrics,
+    pub health: Health,
+    pub flows: Flows<FlowMeta>,
+    pub udp: udp::UdpFlows,
+    /// What is known about every relay (written only by the manager task).
+    pub relays: watch::Sender<Snapshot>,
+    /// To the manager task.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
 impl Shared {
     pub fn client(&self) -> quinn::ClientConfig {
         self.tls.config()
     }
 
-    /// Recomputes readiness and the status line (after a connection or service status change).
-    pub fn update_status(&self) {
-        let current = self.current.borrow().clone();
-        let Some(session) = current.filter(|s| !s.retiring()) else {
-            self.health.set_ready(false);
-            self.health.set_status("connecting to an intermediate");
+    pub fn report(&self, ev: Event) {
+        let _ = self.events.send(ev);
+    }
+
+    /// Readiness, the status line and the availability metrics, from a snapshot.
+    fn update_status(&self, snap: &Snapshot) {
+        if self.health.is_stopping() {
+            let flows = self.flows.len();
+            self.health
+                .set_status(format!("draining: {flows} flows left"));
             return;
-        };
-        let services: Vec<String> = session
-            .services()
-            .into_iter()
-            .map(|(name, state)| match state {
-                ServiceState::Available => format!("{name} available"),
-                ServiceState::Unavailable => format!("{name} unavailable (no connector)"),
-                ServiceState::Denied => format!("{name} denied by policy"),
+        }
+        let m = &self.metrics;
+        m.connected.set(i64::from(snap.connected() > 0));
+        m.intermediates_connected.set(snap.connected() as i64);
+        let mut services: Vec<&str> = self
+            .config
+            .forward
+            .iter()
+            .map(|f| f.service.as_str())
+            .collect();
+        services.sort_unstable();
+        services.dedup();
+        let mut words = Vec::new();
+        for s in &services {
+            let state = snap.service_state(s);
+            let available = matches!(state, Some((ServiceState::Available, _)));
+            m.service_available
+                .with_label_values(&[s])
+                .set(i64::from(available));
+            words.push(match state {
+                Some((ServiceState::Available, _)) => format!("{s} available"),
+                Some((ServiceState::Unavailable, _)) => format!("{s} unavailable (no connector)"),
+                Some((ServiceState::Denied, _)) => format!("{s} denied by policy"),
+                None => format!("{s} unknown"),
+            });
+        }
+        let relays: Vec<String> = snap
+            .relays
+            .iter()
+            .map(|r| match &r.conn {
+                Conn::Up { draining: false } => format!("{} up", r.target),
+                Conn::Up { draining: true } => format!("{} draining", r.target),
+                Conn::Connecting => format!("{} connecting", r.target),
+                Conn::Down { .. } => format!("{} down", r.target),
             })
             .collect();
+        if snap.connected() == 0 {
+            self.health.set_ready(false);
+            self.health
+                .set_status(format!("connecting: {}", relays.join(", ")));
+            return;
+        }
         self.health.set_status(format!(
-            "connected to {}; {}",
-            session.intermediate,
-            services.join(", ")
+            "connected to {}/{} intermediates ({}); {}",
+            snap.connected(),
+            snap.relays.len(),
+            relays.join(", "),
+            words.join(", ")
         ));
-        self.health.set_ready(true);
+        // Ready while some relay takes new flows; a draining one only finishes what runs.
+        self.health.set_ready(snap.usable() > 0);
     }
 }
 
@@ -76,18 +152,17 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Applies a new configuration's certificate and CA to new connections; the current tunnel
-    /// and its flows keep running. Other changes need a restart. On error nothing changes.
+    /// Applies a new configuration's certificate and CA to new connections; the current links
+    /// and their flows keep running. Other changes need a restart. On error nothing changes.
     pub fn reload(&self, new: Config) -> Result<String, String> {
         let shared = &self.shared;
         new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        let old = &shared.config;
         ztna_node::daemon::warn_unapplied(&[
-            (
-                "intermediates",
-                new.intermediates != shared.config.intermediates,
-            ),
-            ("forward", new.forward != shared.config.forward),
-            ("ops_listen", new.ops_listen != shared.config.ops_listen),
+            ("intermediates", new.intermediates != old.intermediates),
+            ("forward", new.forward != old.forward),
+            ("ops_listen", new.ops_listen != old.ops_listen),
+            ("drain_timeout", new.drain_timeout != old.drain_timeout),
         ]);
         shared
             .tls
@@ -95,25 +170,9 @@ impl Handle {
     }
 }
 
-pub(crate) struct Shared {
-    pub config: Config,
-    /// Certificate and QUIC client config for new connections; replaced on reload.
-    pub tls: ClientTls,
-    pub metrics: Metrics,
-    pub health: Health,
-    /// The session new flows use; `None` while (re)connecting.
-    pub current: watch::Sender<Option<Arc<Session>>>,
-    pub next_udp_id: AtomicU64,
-    /// What is known about the other intermediates, for moves made because a service has no
-    /// connector via the current one.
-    pub rehomes: std::sync::Mutex<tunnel::Rehomes>,
-    /// Wakes the tunnel manager when a flow asked to move to the next intermediate.
-    pub rehome_now: tokio::sync::Notify,
-}
-
 enum Listener {
     Tcp(TcpListener),
-    Udp(Arc<UdpSocket>),
+    Udp(Arc<tokio::net::UdpSocket>),
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
@@ -121,6 +180,7 @@ pub struct Agent {
     endpoint: quinn::Endpoint,
     ops: Ops,
     shared: Arc<Shared>,
+    events: mpsc::UnboundedReceiver<Event>,
     listeners: Vec<(Forward, Listener)>,
 }
 
@@ -148,15 +208,15 @@ impl Agent {
                         }
                     })?)
                 }
-                ForwardProtocol::Udp => {
-                    Listener::Udp(Arc::new(UdpSocket::bind(f.listen).await.map_err(
-                        |source| StartError::Bind {
+                ForwardProtocol::Udp => Listener::Udp(Arc::new(
+                    ztna_node::udp::bound(f.listen, UDP_SOCKET_BUFFER)
+                        .await
+                        .map_err(|source| StartError::Bind {
                             what: "UDP forward",
                             addr: f.listen,
                             source,
-                        },
-                    )?))
-                }
+                        })?,
+                )),
             };
             listeners.push((f.clone(), l));
         }
@@ -165,14 +225,17 @@ impl Agent {
             .iter()
             .map(|f| (f.service.clone(), Protocol::from(f.protocol).as_str()))
             .collect();
-        let metrics = Metrics::new(&list);
+        let metrics = Metrics::new(&list, config.intermediates.len());
         metrics.common.cert_expiry.set(tls.expiry_unix());
         let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Bind {
             what: "ops_listen",
             addr: config.ops_listen,
             source,
         })?;
-        let health = Health::new(config.idle_timeout.max(std::time::Duration::from_secs(5)));
+        ztna_node::fdlimit::raise_nofile();
+        let health = Health::new(config.idle_timeout.max(Duration::from_secs(5)));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let snapshot = Snapshot::new(&config.intermediates);
         Ok(Agent {
             endpoint,
             ops,
@@ -181,11 +244,12 @@ impl Agent {
                 tls,
                 metrics,
                 health,
-                current: watch::Sender::new(None),
-                rehomes: std::sync::Mutex::new(tunnel::Rehomes::default()),
-                rehome_now: tokio::sync::Notify::new(),
-                next_udp_id: AtomicU64::new(1),
+                flows: Flows::new(),
+                udp: udp::UdpFlows::default(),
+                relays: watch::Sender::new(snapshot),
+                events: events_tx,
             }),
+            events,
             listeners,
         })
     }
@@ -223,16 +287,17 @@ impl Agent {
         self.shared.metrics.clone()
     }
 
-    /// The session new flows would use now (`None` while connecting).
-    pub fn session(&self) -> watch::Receiver<Option<Arc<Session>>> {
-        self.shared.current.subscribe()
+    /// What the agent knows about its relays, as it changes.
+    pub fn relays(&self) -> watch::Receiver<Snapshot> {
+        self.shared.relays.subscribe()
     }
 
-    /// Runs until `shutdown` is cancelled.
+    /// Runs until `shutdown` is cancelled, then drains: new local connections are refused at
+    /// once, running flows may finish until `drain_timeout` (UDP flows only while active).
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
         let health = shared.health.clone();
-        shared.update_status();
+        shared.update_status(&shared.relays.borrow());
         let background = ztna_node::ops::start_background(
             self.ops,
             shared.metrics.common.clone(),
@@ -243,10 +308,37 @@ impl Agent {
             intermediates = ?shared.config.intermediates,
             "agent starting"
         );
-        let mut tasks = tokio::task::JoinSet::new();
-        let manage = tunnel::manage(shared.clone(), self.endpoint.clone(), shutdown.clone());
-        let h = health.clone();
-        tasks.spawn(async move { h.watched("tunnel", manage).await });
+        tokio::spawn(relays::manage(self.events, shared.relays.clone()));
+        // Status, readiness and availability metrics follow every snapshot.
+        let status = {
+            let shared = shared.clone();
+            let mut snaps = shared.relays.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    shared.update_status(&snaps.borrow_and_update());
+                    if snaps.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let stop_links = CancellationToken::new();
+        let mut links = tokio::task::JoinSet::new();
+        for (index, target) in shared.config.intermediates.iter().enumerate() {
+            let name = format!("link to {target}");
+            let fut = link::supervise(
+                shared.clone(),
+                self.endpoint.clone(),
+                index,
+                target.clone(),
+                shared.events.clone(),
+                stop_links.clone(),
+            );
+            let h = health.clone();
+            links.spawn(async move { h.watched(&name, fut).await });
+        }
+        let stop_accepting = CancellationToken::new();
+        let mut forwards = tokio::task::JoinSet::new();
         for (f, l) in self.listeners {
             let addr = match &l {
                 Listener::Tcp(t) => t.local_addr().ok(),
@@ -257,25 +349,43 @@ impl Agent {
             let h = health.clone();
             match l {
                 Listener::Tcp(t) => {
-                    let fwd = forward::tcp(shared.clone(), f.service, t, shutdown.clone());
-                    tasks.spawn(async move { h.watched(&name, fwd).await })
+                    let fwd = forward::tcp(shared.clone(), f.service, t, stop_accepting.clone());
+                    forwards.spawn(async move { h.watched(&name, fwd).await })
                 }
                 Listener::Udp(u) => {
-                    let fwd = forward::udp(shared.clone(), f.service, u, shutdown.clone());
-                    tasks.spawn(async move { h.watched(&name, fwd).await })
+                    let fwd = udp::udp(shared.clone(), f.service, u, stop_accepting.clone());
+                    forwards.spawn(async move { h.watched(&name, fwd).await })
                 }
             };
         }
         shutdown.cancelled().await;
+        // The drain: refuse new local connections, let running flows finish.
+        let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
         health.set_stopping();
-        health.set_status("stopping");
-        while tasks.join_next().await.is_some() {}
-        self.endpoint.close(
-            quinn::VarInt::from_u32(ztna_proto::codes::SHUTDOWN),
-            b"agent stopped",
-        );
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
+        let running = shared.flows.len();
+        info!(running, timeout = ?shared.config.drain_timeout, "draining: new local connections are refused, running flows may finish");
+        stop_accepting.cancel();
+        shared.update_status(&shared.relays.borrow());
+        let left = shared
+            .flows
+            .drain(deadline, UDP_DRAIN_GRACE, codes::SHUTDOWN)
             .await;
+        if left > 0 {
+            warn!(left, "drain timeout reached, closed the remaining flows");
+        } else {
+            info!("drain complete: no flows left");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while forwards.join_next().await.is_some() {}
+        })
+        .await;
+        forwards.abort_all();
+        stop_links.cancel();
+        while links.join_next().await.is_some() {}
+        status.abort();
+        self.endpoint
+            .close(quinn::VarInt::from_u32(codes::SHUTDOWN), b"agent stopped");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         background.cancel();
         info!("agent stopped");
     }

@@ -10,10 +10,13 @@ pub struct Metrics {
     pub service_available: IntGaugeVec,
     pub flows: IntCounterVec,
     pub udp_dropped: IntCounterVec,
+    pub intermediates_connected: IntGauge,
+    pub intermediates_configured: IntGauge,
+    pub udp_moves: prometheus::IntCounter,
 }
 
 impl Metrics {
-    pub fn new(services: &[(String, &'static str)]) -> Metrics {
+    pub fn new(services: &[(String, &'static str)], intermediates: usize) -> Metrics {
         let common = Common::new("agent");
         let r = &common.registry;
         let me = Metrics {
@@ -37,8 +40,23 @@ impl Metrics {
             udp_dropped: m::counter_vec(
                 r,
                 "ztna_agent_udp_dropped_total",
-                "Local UDP datagrams dropped (too large for the path, flow not open yet).",
+                "Local UDP datagrams dropped, by reason (pending: queue full while the flow opens; send_buffer_full: the path is congested; stream_full: oversized payload queue full; client_busy: the local client's socket is full; draining: new client during a drain).",
                 &["reason"],
+            ),
+            intermediates_connected: m::gauge(
+                r,
+                "ztna_agent_intermediates_connected",
+                "Intermediates the agent has a connection to (draining ones included).",
+            ),
+            intermediates_configured: m::gauge(
+                r,
+                "ztna_agent_intermediates_configured",
+                "Intermediates in the configuration.",
+            ),
+            udp_moves: m::counter(
+                r,
+                "ztna_agent_udp_flows_moved_total",
+                "UDP flows moved to another intermediate because theirs drained or went away.",
             ),
             common,
         };
@@ -48,7 +66,15 @@ impl Metrics {
                 me.flows.with_label_values(&[s.as_str(), p, "relay", res]);
             }
         }
-        for r in ["too_large", "pending", "no_tunnel"] {
+        me.intermediates_configured.set(intermediates as i64);
+        for r in [
+            "too_large",
+            "pending",
+            "send_buffer_full",
+            "stream_full",
+            "client_busy",
+            "draining",
+        ] {
             me.udp_dropped.with_label_values(&[r]);
         }
         me

@@ -25,6 +25,14 @@ pub struct Config {
     /// A UDP flow with no datagram in either direction for this long is closed.
     #[serde(default = "default_udp_idle", with = "duration")]
     pub udp_idle_timeout: Duration,
+    /// A TCP flow with no byte in either direction for this long is reset (like a NAT's timeout).
+    #[serde(default = "default_tcp_idle", with = "duration")]
+    pub tcp_idle_timeout: Duration,
+    /// Concurrent flows this connector serves (each holds a socket); at the limit new flows are
+    /// refused (the intermediate tries another connector) and the connector reports not ready.
+    /// Also capped by the process's descriptor limit (LimitNOFILE).
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
     #[serde(default = "default_keepalive", with = "duration")]
     pub keepalive: Duration,
     #[serde(default = "default_idle", with = "duration")]
@@ -58,6 +66,12 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_udp_idle() -> Duration {
     Duration::from_secs(60)
+}
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_max_flows() -> u32 {
+    16_000
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(1)
@@ -129,6 +143,12 @@ impl Config {
                 "must be shorter than idle_timeout".into(),
             ));
         }
+        if self.max_flows == 0 {
+            return Err(("max_flows".into(), "must be at least 1".into()));
+        }
+        if self.tcp_idle_timeout < Duration::from_secs(1) {
+            return Err(("tcp_idle_timeout".into(), "must be at least 1s".into()));
+        }
         Ok(())
     }
 
@@ -136,6 +156,8 @@ impl Config {
         ztna_node::transport::TransportOptions {
             keepalive: self.keepalive,
             idle_timeout: self.idle_timeout,
+            // Flows arrive as streams the intermediate opens: allow every flow we may serve.
+            max_streams: self.max_flows.saturating_add(16),
             ..Default::default()
         }
     }

@@ -2,34 +2,41 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::net::{TcpStream, UdpSocket};
-use tracing::{debug, info, warn};
-use ztna_node::io::{read_frame_timeout, splice_tcp, write_frame};
+use tracing::debug;
+use ztna_node::clock::Activity;
+use ztna_node::datagram::{self as dg, Sent};
+use ztna_node::flows::{FlowGuard, Kind};
+use ztna_node::io::{prepare_tcp, splice_tcp, write_frame, write_raw_frame, FramedRecv, SpliceCtl};
+use ztna_node::ratelimit::LogLimiter;
 use ztna_proto::{datagram, varint, FlowOpen, FlowReply, Protocol, RejectReason};
 
-use crate::Shared;
+use crate::{FlowMeta, Shared};
 
 const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest UDP payload we can receive.
 const MAX_UDP: usize = 65_535;
+/// Socket buffers of each backend-facing UDP socket: room for a burst at line rate.
+const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+static REJECT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+static DROP_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
 
 /// Per-connection state: the UDP flows whose datagrams arrive on this connection.
 pub(crate) struct ConnState {
-    conn: quinn::Connection,
+    pub conn: quinn::Connection,
     udp: Mutex<HashMap<u64, UdpFlow>>,
-    epoch: Instant,
 }
 
 struct UdpFlow {
     socket: Arc<UdpSocket>,
     service: Arc<str>,
-    last: Arc<AtomicU64>,
+    activity: Activity,
     /// Resolved once per flow, so the per-datagram path does no label lookup.
     to_backend: prometheus::IntCounter,
     backend_errors: prometheus::IntCounter,
@@ -40,12 +47,7 @@ impl ConnState {
         ConnState {
             conn,
             udp: Mutex::new(HashMap::new()),
-            epoch: Instant::now(),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
     }
 
     fn flows(&self) -> std::sync::MutexGuard<'_, HashMap<u64, UdpFlow>> {
@@ -61,17 +63,25 @@ pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
         m.udp_dropped.with_label_values(&["unknown_flow"]).inc();
         return;
     };
-    let now = state.now_ms();
     let flows = state.flows();
     let Some(flow) = flows.get(&id) else {
         m.udp_dropped.with_label_values(&["unknown_flow"]).inc();
         return;
     };
-    flow.last.store(now, Ordering::Relaxed);
-    match flow.socket.try_send(&payload) {
+    flow.activity.touch();
+    to_backend(shared, flow, &payload);
+}
+
+fn to_backend(shared: &Shared, flow: &UdpFlow, payload: &[u8]) {
+    match flow.socket.try_send(payload) {
         Ok(n) => flow.to_backend.inc_by(n as u64),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            m.udp_dropped.with_label_values(&["backend_busy"]).inc();
+            shared
+                .metrics
+                .udp_dropped
+                .with_label_values(&["backend_busy"])
+                .inc();
+            ztna_node::warn_limited!(DROP_LOG, service = %flow.service, "UDP datagram to the backend dropped: socket buffer full");
         }
         Err(e) => {
             debug!(service = %flow.service, error = %e, "backend send failed");
@@ -80,38 +90,14 @@ pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
     }
 }
 
-struct ActiveGuard<'a> {
-    shared: &'a Shared,
-    gauge: prometheus::IntGauge,
-}
-
-impl<'a> ActiveGuard<'a> {
-    fn new(shared: &'a Shared, service: &str, protocol: Protocol) -> Self {
-        let gauge = shared
-            .metrics
-            .flows_active
-            .with_label_values(&[service, protocol.as_str()]);
-        gauge.inc();
-        shared.active_flows.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard { shared, gauge }
-    }
-}
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.gauge.dec();
-        self.shared.active_flows.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn reject(
     shared: &Shared,
-    send: &mut SendStream,
+    mut send: SendStream,
     open: &FlowOpen,
     reason: RejectReason,
-    message: String,
+    why: String,
 ) {
-    info!(service = %open.service, protocol = %open.protocol, reason = reason.as_str(), %message, "flow rejected");
+    ztna_node::info_limited!(REJECT_LOG, service = %open.service, protocol = %open.protocol, reason = reason.as_str(), why = %why, "flow rejected");
     if shared.services.contains_key(&open.service) {
         shared
             .metrics
@@ -119,7 +105,14 @@ async fn reject(
             .with_label_values(&[&open.service, open.protocol.as_str(), "error"])
             .inc();
     }
-    let _ = write_frame(send, &FlowReply::Reject { reason, message }).await;
+    let _ = write_frame(
+        &mut send,
+        &FlowReply::Reject {
+            reason,
+            message: why,
+        },
+    )
+    .await;
     let _ = send.finish();
 }
 
@@ -127,45 +120,67 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     state: Arc<ConnState>,
     mut send: SendStream,
-    mut recv: RecvStream,
+    recv: RecvStream,
 ) {
-    let open = match read_frame_timeout::<FlowOpen>(&mut recv, FLOW_HEADER_TIMEOUT).await {
+    let mut recv = FramedRecv::new(recv);
+    let open = match recv.expect::<FlowOpen>(FLOW_HEADER_TIMEOUT).await {
         Ok(o) => o,
         Err(e) => {
-            warn!(error = %e, "bad flow header from intermediate");
+            tracing::warn!(error = %e, "bad flow header from intermediate");
             let _ = send.reset(VarInt::from_u32(e.code()));
             return;
         }
     };
     let Some(svc) = shared.services.get(&open.service) else {
-        let msg = format!("this connector does not serve {:?}", open.service);
-        return reject(&shared, &mut send, &open, RejectReason::BadRequest, msg).await;
+        let why = format!("this connector does not serve {:?}", open.service);
+        return reject(&shared, send, &open, RejectReason::BadRequest, why).await;
     };
     let backend = match open.protocol {
         Protocol::Tcp => svc.tcp,
         Protocol::Udp => svc.udp,
     };
     let Some(backend) = backend else {
-        let msg = format!("service {} has no {} backend", open.service, open.protocol);
-        return reject(&shared, &mut send, &open, RejectReason::BadRequest, msg).await;
+        let why = format!("service {} has no {} backend", open.service, open.protocol);
+        return reject(&shared, send, &open, RejectReason::BadRequest, why).await;
+    };
+    if shared.is_draining() {
+        let why = "connector is draining; use another connector".to_string();
+        return reject(&shared, send, &open, RejectReason::Draining, why).await;
+    }
+    let meta = FlowMeta {
+        service: Arc::from(open.service.as_str()),
+    };
+    let max = shared.max_flows;
+    let guard = match shared.flows.register_if(meta, Kind::Opening, |flows| {
+        if flows.count() >= max {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }) {
+        Ok(g) => g,
+        Err(()) => {
+            let why = format!("connector is at its flow limit ({max}, max_flows)");
+            return reject(&shared, send, &open, RejectReason::Limit, why).await;
+        }
     };
     match open.protocol {
-        Protocol::Tcp => tcp_flow(&shared, send, recv, &open, backend).await,
-        Protocol::Udp => udp_flow(&shared, &state, send, recv, &open, backend).await,
+        Protocol::Tcp => tcp_flow(&shared, guard, send, recv, &open, backend).await,
+        Protocol::Udp => udp_flow(&shared, &state, guard, send, recv, &open, backend).await,
     }
 }
 
 async fn tcp_flow(
     shared: &Shared,
+    mut guard: FlowGuard<FlowMeta>,
     mut send: SendStream,
-    mut recv: RecvStream,
+    recv: FramedRecv,
     open: &FlowOpen,
     backend: SocketAddr,
 ) {
     let service = open.service.as_str();
-    let tcp = match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(backend))
-        .await
-    {
+    let limit = shared.config.connect_timeout;
+    let tcp = match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             shared
@@ -173,15 +188,8 @@ async fn tcp_flow(
                 .backend_errors
                 .with_label_values(&[service])
                 .inc();
-            let msg = format!("backend {backend} of {service} refused the connection: {e}");
-            return reject(
-                shared,
-                &mut send,
-                open,
-                RejectReason::BackendUnreachable,
-                msg,
-            )
-            .await;
+            let why = format!("backend {backend} of {service} refused the connection: {e}");
+            return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
         }
         Err(_) => {
             shared
@@ -189,81 +197,57 @@ async fn tcp_flow(
                 .backend_errors
                 .with_label_values(&[service])
                 .inc();
-            let msg = format!(
-                "backend {backend} of {service} did not answer within {:?}",
-                shared.config.connect_timeout
-            );
-            return reject(
-                shared,
-                &mut send,
-                open,
-                RejectReason::BackendUnreachable,
-                msg,
-            )
-            .await;
+            let why = format!("backend {backend} of {service} did not answer within {limit:?}");
+            return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
         }
     };
-    let _ = tcp.set_nodelay(true);
+    // If this process dies, the backend sees a reset, never a clean end of a truncated stream.
+    prepare_tcp(&tcp);
+    guard.set_kind(Kind::Tcp);
+    let m = &shared.metrics;
     // Counted before Accept goes out, so a drain never misses a flow that is about to carry data.
-    let _guard = ActiveGuard::new(shared, service, Protocol::Tcp);
+    guard.count_in(m.flows_active.with_label_values(&[service, "tcp"]));
     if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
         return;
     }
-    let m = &shared.metrics;
     m.flows.with_label_values(&[service, "tcp", "ok"]).inc();
     let to_agent = m.bytes.with_label_values(&[service, "to_agent"]);
     let to_backend = m.bytes.with_label_values(&[service, "to_backend"]);
+    let ctl = SpliceCtl::for_flow(&guard, Some(shared.config.tcp_idle_timeout));
+    let (mut recv, prefix) = recv.into_parts();
     let stats = splice_tcp(
         tcp,
         &mut send,
         &mut recv,
+        prefix,
         Some(&to_agent),
         Some(&to_backend),
+        &ctl,
     )
     .await;
-    debug!(%service, to_agent = stats.forward, to_backend = stats.backward, aborted = stats.aborted, "tcp flow ended");
+    debug!(%service, to_agent = stats.forward, to_backend = stats.backward, end = ?stats.end, "tcp flow ended");
 }
 
 async fn udp_flow(
     shared: &Shared,
     state: &Arc<ConnState>,
+    mut guard: FlowGuard<FlowMeta>,
     mut send: SendStream,
-    mut recv: RecvStream,
+    mut recv: FramedRecv,
     open: &FlowOpen,
     backend: SocketAddr,
 ) {
     let service: Arc<str> = Arc::from(open.service.as_str());
-    let local: SocketAddr = if backend.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        ([0u16; 8], 0).into()
-    };
+    let m = &shared.metrics;
     // A *connected* socket: the kernel drops datagrams from any address but the backend.
-    let socket = match UdpSocket::bind(local).await {
-        Ok(s) => s,
+    let socket = match ztna_node::udp::connected(backend, UDP_SOCKET_BUFFER).await {
+        Ok(s) => Arc::new(s),
         Err(e) => {
-            let msg = format!("cannot open a UDP socket for {service}: {e}");
-            return reject(shared, &mut send, open, RejectReason::Error, msg).await;
+            m.backend_errors.with_label_values(&[&service]).inc();
+            let why = format!("cannot open a UDP socket to backend {backend} of {service}: {e}");
+            return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
         }
     };
-    if let Err(e) = socket.connect(backend).await {
-        shared
-            .metrics
-            .backend_errors
-            .with_label_values(&[&service])
-            .inc();
-        let msg = format!("backend {backend} of {service} is unreachable: {e}");
-        return reject(
-            shared,
-            &mut send,
-            open,
-            RejectReason::BackendUnreachable,
-            msg,
-        )
-        .await;
-    }
-    let socket = Arc::new(socket);
-    let last = Arc::new(AtomicU64::new(state.now_ms()));
     let inserted = {
         let mut flows = state.flows();
         match flows.entry(open.flow_id) {
@@ -272,68 +256,87 @@ async fn udp_flow(
                 v.insert(UdpFlow {
                     socket: socket.clone(),
                     service: service.clone(),
-                    last: last.clone(),
-                    to_backend: shared
-                        .metrics
-                        .bytes
-                        .with_label_values(&[&service, "to_backend"]),
-                    backend_errors: shared.metrics.backend_errors.with_label_values(&[&service]),
+                    activity: guard.activity.clone(),
+                    to_backend: m.bytes.with_label_values(&[&service, "to_backend"]),
+                    backend_errors: m.backend_errors.with_label_values(&[&service]),
                 });
                 true
             }
         }
     };
     if !inserted {
-        let msg = format!("UDP flow id {} already in use", open.flow_id);
-        return reject(shared, &mut send, open, RejectReason::BadRequest, msg).await;
+        let why = format!("UDP flow id {} already in use", open.flow_id);
+        return reject(shared, send, open, RejectReason::BadRequest, why).await;
     }
-    let guard = ActiveGuard::new(shared, &service, Protocol::Udp);
+    guard.set_kind(Kind::Udp);
+    guard.count_in(m.flows_active.with_label_values(&[&service, "udp"]));
     if write_frame(&mut send, &FlowReply::Accept).await.is_ok() {
-        shared
-            .metrics
-            .flows
-            .with_label_values(&[&service, "udp", "ok"])
-            .inc();
+        m.flows.with_label_values(&[&service, "udp", "ok"]).inc();
         let idle = shared.config.udp_idle_timeout;
-        let reader = backend_reader(
-            shared,
-            state,
-            &socket,
-            backend,
-            open.flow_id,
-            &service,
-            &last,
-        );
-        let watch_stream = async {
-            // The stream carries the flow's lifetime: finished or reset means the agent side ended.
-            while let Ok(Some(_)) = recv.read_chunk(1024, true).await {}
-        };
-        let idle_check = async {
-            loop {
-                tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
-                let quiet = state.now_ms().saturating_sub(last.load(Ordering::Relaxed));
-                if quiet >= idle.as_millis() as u64 {
-                    debug!(%service, "udp flow idle, closing");
-                    return;
+        let ended = {
+            let reader = backend_reader(
+                shared,
+                state,
+                &socket,
+                backend,
+                open.flow_id,
+                &service,
+                &guard.activity,
+                &mut send,
+            );
+            // Payloads too large for a datagram arrive on the stream; its end is the flow's end.
+            let from_agent = async {
+                loop {
+                    match recv.next_frame().await {
+                        Ok(Some(p)) => {
+                            guard.activity.touch();
+                            m.udp_stream_carried
+                                .with_label_values(&[&service, "to_backend"])
+                                .inc();
+                            if let Some(f) = state.flows().get(&open.flow_id) {
+                                to_backend(shared, f, &p);
+                            }
+                        }
+                        _ => return,
+                    }
                 }
+            };
+            let idle_out = async {
+                loop {
+                    let quiet = guard.activity.idle_for();
+                    if quiet >= idle {
+                        debug!(%service, "udp flow idle, closing");
+                        return;
+                    }
+                    tokio::time::sleep(idle - quiet + Duration::from_millis(10)).await;
+                }
+            };
+            tokio::select! {
+                _ = reader => None,
+                _ = from_agent => None,
+                _ = idle_out => None,
+                _ = guard.cancel.cancelled() => Some(guard.code.get()),
             }
         };
-        tokio::select! {
-            _ = reader => {}
-            _ = watch_stream => {}
-            _ = idle_check => {}
+        match ended {
+            Some(code) => {
+                let _ = send.reset(VarInt::from_u32(code));
+            }
+            None => {
+                let _ = send.finish();
+            }
         }
-        let _ = send.finish();
     }
     state.flows().remove(&open.flow_id);
-    drop(guard);
 }
 
-/// Reads the flow's backend socket and sends each datagram to the intermediate.
+/// Reads the flow's backend socket and sends each datagram to the intermediate; one too large
+/// for a datagram on the path goes on the flow's stream.
 ///
 /// One arena per flow: the header is written once per datagram, the payload is received
 /// straight behind it, and the frozen result is handed to quinn without a copy or an allocation
 /// (the arena is refilled a chunk at a time). Anything not from `backend` is refused and counted.
+#[allow(clippy::too_many_arguments)]
 async fn backend_reader(
     shared: &Shared,
     state: &ConnState,
@@ -341,12 +344,17 @@ async fn backend_reader(
     backend: SocketAddr,
     flow_id: u64,
     service: &str,
-    last: &AtomicU64,
+    activity: &Activity,
+    send: &mut SendStream,
 ) {
     let m = &shared.metrics;
     let rejected = m.udp_rejected.with_label_values(&[service]);
     let to_agent = m.bytes.with_label_values(&[service, "to_agent"]);
-    let too_large = m.udp_dropped.with_label_values(&["too_large"]);
+    let carried = m
+        .udp_stream_carried
+        .with_label_values(&[service, "to_agent"]);
+    let dropped = |r: &str| m.udp_dropped.with_label_values(&[r]);
+    let (drop_full, drop_gone) = (dropped("send_buffer_full"), dropped("peer_gone"));
     let mut hdr = [0u8; datagram::MAX_HEADER_LEN];
     let Ok(hdr_len) = varint::encode(flow_id, &mut hdr) else {
         return;
@@ -372,16 +380,29 @@ async fn backend_reader(
         if from != backend {
             // Not from the flow's backend (the connected socket should already prevent this).
             rejected.inc();
-            warn!(%service, %from, "refused UDP datagram from unexpected source");
+            ztna_node::warn_limited!(DROP_LOG, %service, %from, "refused UDP datagram from unexpected source");
             arena.clear();
             continue;
         }
-        last.store(state.now_ms(), Ordering::Relaxed);
+        activity.touch();
         let out = arena.split().freeze();
-        match state.conn.send_datagram(out) {
-            Ok(()) => to_agent.inc_by(n as u64),
-            Err(quinn::SendDatagramError::TooLarge) => too_large.inc(),
-            Err(_) => return,
+        match dg::send(&state.conn, out.clone()) {
+            Sent::Queued => to_agent.inc_by(n as u64),
+            Sent::TooLarge => {
+                if write_raw_frame(send, out.slice(hdr_len..)).await.is_err() {
+                    return;
+                }
+                carried.inc();
+                to_agent.inc_by(n as u64);
+            }
+            Sent::BufferFull => {
+                drop_full.inc();
+                ztna_node::warn_limited!(DROP_LOG, %service, "UDP datagram to the agent dropped: send buffer full (congested)");
+            }
+            Sent::Gone => {
+                drop_gone.inc();
+                return;
+            }
         }
     }
 }

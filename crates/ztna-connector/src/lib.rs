@@ -2,8 +2,9 @@
 //! services and forwards flows to the backends.
 //!
 //! UDP flows use one *connected* socket per flow, and every datagram read is checked against the
-//! flow's backend address, so no other local process can inject into the tunnel (seed finding 7).
-//! The receive path reuses one arena per flow: no allocation per datagram (seed finding 14).
+//! flow's backend address, so the kernel drops datagrams from other sources before we read them
+//! and anything that slips through is refused and counted. The receive path reuses one arena per
+//! flow: no allocation per datagram.
 
 pub mod cli;
 pub mod config;
@@ -11,21 +12,21 @@ mod flow;
 pub mod metrics;
 mod session;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 use ztna_node::client::ClientTls;
+use ztna_node::flows::Flows;
 use ztna_node::health::Health;
 use ztna_node::identity::IdentityError;
 use ztna_node::ops::Ops;
 use ztna_node::CancellationToken;
-use ztna_proto::Role;
+use ztna_proto::{codes, Role};
 
 pub use config::{Config, ServiceConfig};
 pub use metrics::Metrics;
@@ -46,6 +47,28 @@ pub enum StartError {
     },
 }
 
+/// Where one service stands with one intermediate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// Asked, no answer yet.
+    Pending,
+    Registered,
+    /// Refused (policy), with the intermediate's reason. A policy reload there may still
+    /// register it later; the intermediate then says so.
+    Rejected(String),
+}
+
+/// Per configured intermediate (in config order): the standing of each service there; empty
+/// while not connected.
+pub type Registrations = Vec<BTreeMap<String, Registration>>;
+
+/// What the flow table knows of each flow.
+#[derive(Clone)]
+pub(crate) struct FlowMeta {
+    #[allow(dead_code)]
+    pub service: Arc<str>,
+}
+
 pub(crate) struct Shared {
     pub config: Config,
     pub services: HashMap<String, ServiceConfig>,
@@ -53,12 +76,13 @@ pub(crate) struct Shared {
     pub tls: ClientTls,
     pub metrics: Metrics,
     pub health: Health,
-    /// Flows running on any connection (drain waits for 0).
-    pub active_flows: AtomicUsize,
+    pub flows: Flows<FlowMeta>,
+    /// `max_flows`, lowered to fit the descriptor limit.
+    pub max_flows: usize,
     /// Set when the drain starts: sessions deregister and stop taking flows.
     pub draining: watch::Sender<bool>,
-    /// Intermediates we are currently registered with, by index (for status and readiness).
-    pub registered: watch::Sender<Vec<bool>>,
+    /// What is registered where (status, readiness, metrics).
+    pub registrations: watch::Sender<Registrations>,
 }
 
 impl Shared {
@@ -66,25 +90,96 @@ impl Shared {
         self.tls.config()
     }
 
-    /// Recomputes readiness and the status line after a registration change.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Records the standing of `service` on intermediate `idx` (`None`: forget everything there,
+    /// the connection is gone) and recomputes status, readiness and metrics.
+    pub fn set_registration(&self, idx: usize, service: Option<(&str, Registration)>) {
+        self.registrations.send_modify(|regs| {
+            if let Some(slot) = regs.get_mut(idx) {
+                match service {
+                    Some((s, r)) => {
+                        slot.insert(s.to_string(), r);
+                    }
+                    None => slot.clear(),
+                }
+            }
+        });
+        self.update_status();
+    }
+
+    /// Recomputes readiness, the status line and the registration metrics from what is
+    /// registered where.
     pub fn update_status(&self) {
-        let registered = self.registered.borrow().clone();
-        let n = registered.iter().filter(|b| **b).count();
-        self.metrics.intermediates_connected.set(n as i64);
-        if *self.draining.borrow() {
-            let flows = self.active_flows.load(Ordering::Relaxed);
+        let regs = self.registrations.borrow().clone();
+        let targets = &self.config.intermediates;
+        let registered_on = |i: usize| {
+            regs[i]
+                .values()
+                .any(|r| matches!(r, Registration::Registered))
+        };
+        let connected = (0..regs.len()).filter(|i| registered_on(*i)).count();
+        self.metrics.intermediates_connected.set(connected as i64);
+        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        for s in &names {
+            let n = regs
+                .iter()
+                .filter(|r| matches!(r.get(*s), Some(Registration::Registered)))
+                .count();
+            self.metrics
+                .service_registrations
+                .with_label_values(&[s])
+                .set(n as i64);
+        }
+        let flows = self.flows.len();
+        if self.is_draining() {
+            self.health.set_ready(false);
             self.health
                 .set_status(format!("draining: deregistered, {flows} flows left"));
             return;
         }
-        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        self.health.set_status(format!(
-            "registered {} on {n}/{} intermediates",
-            names.join(","),
-            registered.len()
-        ));
-        self.health.set_ready(n > 0);
+        let saturated = flows >= self.max_flows;
+        // "registered web,dns on 2/2 intermediates", or per service where they differ, with the
+        // reason a registration was refused.
+        let mut parts: Vec<(usize, Vec<&str>)> = Vec::new();
+        let mut refusals = Vec::new();
+        for s in &names {
+            let n = regs
+                .iter()
+                .filter(|r| matches!(r.get(*s), Some(Registration::Registered)))
+                .count();
+            match parts.iter_mut().find(|(k, _)| *k == n) {
+                Some((_, v)) => v.push(s),
+                None => parts.push((n, vec![s])),
+            }
+            for (i, r) in regs.iter().enumerate() {
+                if let Some(Registration::Rejected(why)) = r.get(*s) {
+                    refusals.push(format!("{s} rejected by {}: {why}", targets[i]));
+                }
+            }
+        }
+        parts.sort_by_key(|p| std::cmp::Reverse(p.0));
+        let total = targets.len();
+        let mut line = parts
+            .iter()
+            .map(|(n, v)| format!("{} on {n}/{total} intermediates", v.join(",")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        line = format!("registered {line}");
+        if !refusals.is_empty() {
+            line.push_str(&format!(" ({})", refusals.join("; ")));
+        }
+        if saturated {
+            line = format!(
+                "saturated: {flows}/{} flows (max_flows); {line}",
+                self.max_flows
+            );
+        }
+        self.health.set_status(line);
+        self.health.set_ready(connected > 0 && !saturated);
     }
 }
 
@@ -121,6 +216,7 @@ impl Handle {
             ("service", !same_services),
             ("ops_listen", new.ops_listen != old.ops_listen),
             ("bind", new.bind != old.bind),
+            ("max_flows", new.max_flows != old.max_flows),
         ]);
         shared
             .tls
@@ -149,6 +245,15 @@ impl Connector {
             .collect();
         let metrics = Metrics::new(&list, config.intermediates.len());
         metrics.common.cert_expiry.set(tls.expiry_unix());
+        let max_flows = ztna_node::fdlimit::flow_budget(config.max_flows);
+        if max_flows < config.max_flows {
+            warn!(
+                max_flows,
+                configured = config.max_flows,
+                "max_flows lowered to fit the descriptor limit (raise LimitNOFILE / ulimit -n)"
+            );
+        }
+        metrics.flow_capacity.set(i64::from(max_flows));
         let services = config
             .service
             .iter()
@@ -165,9 +270,10 @@ impl Connector {
                 tls,
                 metrics,
                 health,
-                active_flows: AtomicUsize::new(0),
+                flows: Flows::new(),
+                max_flows: max_flows as usize,
                 draining: watch::Sender::new(false),
-                registered: watch::Sender::new(vec![false; n]),
+                registrations: watch::Sender::new(vec![BTreeMap::new(); n]),
             }),
         })
     }
@@ -191,9 +297,9 @@ impl Connector {
         }
     }
 
-    /// Number of intermediates the connector is registered with, as it changes.
-    pub fn registered(&self) -> watch::Receiver<Vec<bool>> {
-        self.shared.registered.subscribe()
+    /// What is registered where, as it changes.
+    pub fn registrations(&self) -> watch::Receiver<Registrations> {
+        self.shared.registrations.subscribe()
     }
 
     /// Runs until `shutdown` is cancelled, then deregisters everywhere, drains flows and returns.
@@ -210,6 +316,7 @@ impl Connector {
             identity = %shared.tls.id(),
             intermediates = ?shared.config.intermediates,
             services = ?shared.services.keys().collect::<Vec<_>>(),
+            max_flows = shared.max_flows,
             "connector starting"
         );
         let mut tasks = tokio::task::JoinSet::new();
@@ -226,30 +333,49 @@ impl Connector {
             let health = health.clone();
             tasks.spawn(async move { health.watched(&name, session).await });
         }
+        // Status follows the flow count too (saturation).
+        let status = {
+            let shared = shared.clone();
+            let stop = background.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => shared.update_status(),
+                    }
+                }
+            })
+        };
         shutdown.cancelled().await;
         info!("draining: deregistering services on every intermediate");
         health.set_stopping();
         shared.draining.send_replace(true);
+        shared.update_status();
         let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
         // Sessions deregister as soon as they see the drain (no new flow is routed here), then
         // running flows may finish.
-        let mut registered = shared.registered.subscribe();
-        let _ =
-            tokio::time::timeout_at(deadline, registered.wait_for(|v| v.iter().all(|b| !b))).await;
-        while shared.active_flows.load(Ordering::Relaxed) > 0
-            && tokio::time::Instant::now() < deadline
-        {
-            shared.update_status();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let left = shared.active_flows.load(Ordering::Relaxed);
+        let mut regs = shared.registrations.subscribe();
+        let _ = tokio::time::timeout_at(
+            deadline,
+            regs.wait_for(|v| {
+                v.iter()
+                    .all(|r| !r.values().any(|s| matches!(s, Registration::Registered)))
+            }),
+        )
+        .await;
+        let left = shared
+            .flows
+            .drain(deadline, UDP_DRAIN_GRACE, codes::SHUTDOWN)
+            .await;
         if left > 0 {
-            tracing::warn!(left, "drain timeout reached, closing remaining flows");
+            warn!(left, "drain timeout reached, closed the remaining flows");
         }
         stop_sessions.cancel();
         while tasks.join_next().await.is_some() {}
+        status.abort();
         self.endpoint.close(
-            quinn::VarInt::from_u32(ztna_proto::codes::SHUTDOWN),
+            quinn::VarInt::from_u32(codes::SHUTDOWN),
             b"connector stopped",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -257,6 +383,9 @@ impl Connector {
         info!("connector stopped");
     }
 }
+
+/// A UDP flow quiet for this long does not hold a drain.
+const UDP_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs a connector until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {

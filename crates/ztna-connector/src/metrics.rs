@@ -16,6 +16,9 @@ pub struct Metrics {
     pub backend_errors: IntCounterVec,
     pub udp_rejected: IntCounterVec,
     pub udp_dropped: IntCounterVec,
+    pub service_registrations: IntGaugeVec,
+    pub flow_capacity: IntGauge,
+    pub udp_stream_carried: IntCounterVec,
 }
 
 impl Metrics {
@@ -79,14 +82,37 @@ impl Metrics {
                 "UDP datagrams dropped (too large for the path, unknown flow, queue full).",
                 &["reason"],
             ),
+            service_registrations: m::gauge_vec(
+                r,
+                "ztna_connector_service_registrations",
+                "Intermediates on which the service is registered now (accepted by their policy).",
+                &["service"],
+            ),
+            flow_capacity: m::gauge(
+                r,
+                "ztna_connector_flow_capacity",
+                "Flows this connector may serve at once (max_flows, lowered to fit the descriptor limit).",
+            ),
+            udp_stream_carried: m::counter_vec(
+                r,
+                "ztna_connector_udp_stream_payloads_total",
+                "UDP payloads too large for a QUIC datagram, carried on the flow's stream instead.",
+                &["service", "direction"],
+            ),
             common,
         };
         me.intermediates_configured.set(intermediates as i64);
         for (s, tcp, udp) in services {
+            me.service_registrations.with_label_values(&[s]);
             me.backend_errors.with_label_values(&[s]);
             me.udp_rejected.with_label_values(&[s]);
             for d in ["to_backend", "to_agent"] {
                 me.bytes.with_label_values(&[s, d]);
+            }
+            if *udp {
+                for d in ["to_backend", "to_agent"] {
+                    me.udp_stream_carried.with_label_values(&[s, d]);
+                }
             }
             for (p, on) in [("tcp", *tcp), ("udp", *udp)] {
                 if on {
@@ -97,7 +123,14 @@ impl Metrics {
                 }
             }
         }
-        for r in ["too_large", "unknown_flow", "backend_busy"] {
+        for r in [
+            "too_large",
+            "unknown_flow",
+            "backend_busy",
+            "send_buffer_full",
+            "stream_full",
+            "peer_gone",
+        ] {
             me.udp_dropped.with_label_values(&[r]);
         }
         me

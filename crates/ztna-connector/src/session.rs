@@ -1,23 +1,22 @@
-//! One supervised session per configured intermediate: connect, hello, register, serve flows,
-//! deregister on drain, reconnect with backoff after any loss.
+//! One supervised session per configured intermediate: connect, hello, register, then serve the
+//! connection as independent tasks (control stream, flow streams, datagrams) until it is lost or
+//! we stop; deregister on drain; reconnect with backoff after any loss (polling at ~1 s while an
+//! intermediate that drained restarts).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use quinn::VarInt;
 use tracing::{debug, info, info_span, warn, Instrument};
-use ztna_node::backoff::{BackoffPolicy, Reconnect};
+use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
 use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
-use ztna_node::io::{read_frame, read_frame_timeout, write_frame};
+use ztna_node::io::{write_frame, FramedRecv};
 use ztna_node::CancellationToken;
 use ztna_proto::{codes, ClientMsg, Role, ServerMsg};
 
 use crate::flow::{self, ConnState};
-use crate::Shared;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{Registration, Shared};
 
 pub(crate) async fn supervise(
     shared: Arc<Shared>,
@@ -31,7 +30,7 @@ pub(crate) async fn supervise(
         let mut backoff = Reconnect::new(BackoffPolicy::default());
         let mut attempt = 0u64;
         loop {
-            if stop.is_cancelled() || *shared.draining.borrow() {
+            if stop.is_cancelled() || shared.is_draining() {
                 return;
             }
             if attempt > 0 {
@@ -47,13 +46,14 @@ pub(crate) async fn supervise(
                     Ended::default()
                 }
             };
-            if stop.is_cancelled() || *shared.draining.borrow() {
+            shared.set_registration(idx, None);
+            if stop.is_cancelled() || shared.is_draining() {
                 return;
             }
             if ended.drained {
-                // The intermediate drained on purpose (a restart or upgrade): delays grown by
-                // earlier failures start over, so we are back soon after it is.
-                backoff.reset();
+                // The intermediate drained on purpose (a restart or upgrade): poll it at about a
+                // second until it is back, whatever earlier failures did to the delays.
+                backoff.planned();
             }
             let delay = backoff.next_delay(ended.since);
             shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
@@ -71,9 +71,9 @@ pub(crate) async fn supervise(
 /// How a connection ended, for the backoff.
 #[derive(Default)]
 struct Ended {
-    /// When it was registered (for the "stayed healthy" reset), if it was.
+    /// When it was established (for the "stayed healthy" reset), if it was.
     since: Option<Instant>,
-    /// The intermediate told us it was draining (GoAway) before the connection ended.
+    /// The intermediate told us it was draining (GoAway, or a close with the DRAINING code).
     drained: bool,
 }
 
@@ -87,10 +87,10 @@ async fn serve(
     let software = format!("ztna-connector/{}", ztna_node::VERSION);
     let Control {
         mut send,
-        mut recv,
+        recv,
         observed_addr,
         ..
-    } = match client::hello(&conn, Role::Connector, software, vec![], REPLY_TIMEOUT).await {
+    } = match client::hello(&conn, Role::Connector, software, vec![], CONNECT_TIMEOUT).await {
         Ok(c) => c,
         Err(reason) => {
             warn!(%reason, "intermediate did not welcome this connector");
@@ -98,7 +98,11 @@ async fn serve(
         }
     };
     debug!(%observed_addr, "welcomed");
-    for s in shared.services.values() {
+    let since = Instant::now();
+    let mut names: Vec<&String> = shared.services.keys().collect();
+    names.sort();
+    for name in names {
+        let s = &shared.services[name];
         let msg = ClientMsg::Register {
             service: s.name.clone(),
             tcp: s.tcp.is_some(),
@@ -107,101 +111,100 @@ async fn serve(
         if write_frame(&mut send, &msg).await.is_err() {
             return Ended::default();
         }
+        shared.set_registration(idx, Some((&s.name, Registration::Pending)));
     }
-    let mut registered = Vec::new();
-    let mut drained = false;
-    for _ in 0..shared.services.len() {
-        match read_frame_timeout::<ServerMsg>(&mut recv, REPLY_TIMEOUT).await {
-            Ok(ServerMsg::Registered { service }) => registered.push(service),
-            Ok(ServerMsg::RegisterRejected { service, reason }) => {
-                warn!(%service, %reason, "registration rejected");
-            }
-            Ok(ServerMsg::GoAway { reason, .. }) => {
-                info!(%reason, "intermediate is draining; will reconnect when it closes");
-                drained = true;
-            }
-            Ok(other) => debug!(msg = ?other, "ignoring control message"),
-            Err(e) => {
-                warn!(error = %e, "registration failed");
-                return Ended {
-                    since: None,
-                    drained,
-                };
-            }
-        }
-    }
-    let since = Instant::now();
-    registered.sort();
-    info!(services = ?registered, "registered");
-    set_registered(shared, idx, !registered.is_empty());
-
     let state = Arc::new(ConnState::new(conn.clone()));
-    let mut draining = shared.draining.subscribe();
-    let mut deregistered = false;
-    loop {
-        if *draining.borrow_and_update() && !deregistered {
-            deregistered = true;
-            for service in &registered {
-                let _ = write_frame(
-                    &mut send,
-                    &ClientMsg::Deregister {
-                        service: service.clone(),
-                    },
-                )
-                .await;
-            }
-            info!(services = ?registered, "deregistered; running flows continue");
-            set_registered(shared, idx, false);
+    let mut drained = false;
+    let why = tokio::select! {
+        why = control(shared, idx, send, recv, &mut drained) => why,
+        why = accept_flows(shared, &state) => why,
+        why = datagrams(shared, &state) => why,
+        _ = stop.cancelled() => {
+            conn.close(VarInt::from_u32(codes::SHUTDOWN), b"connector stopped");
+            return Ended { since: Some(since), drained: false };
         }
-        tokio::select! {
-            _ = draining.changed() => {}
-            _ = stop.cancelled() => {
-                conn.close(VarInt::from_u32(codes::SHUTDOWN), b"connector stopped");
-                break;
-            }
-            msg = read_frame::<ServerMsg>(&mut recv) => match msg {
-                Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
-                    info!(%reason, deadline_ms, "intermediate is draining; running flows continue, reconnecting when it closes");
-                    drained = true;
-                }
-                Ok(Some(other)) => debug!(msg = ?other, "control message"),
-                Ok(None) | Err(_) => {
-                    let reason = conn.close_reason().map(|c| describe_connection_error(&c)).unwrap_or_default();
-                    warn!(%reason, "lost intermediate");
-                    break;
-                }
-            },
-            stream = conn.accept_bi() => match stream {
-                Ok((s, r)) => {
-                    let span = info_span!("flow", stream = %r.id());
-                    tokio::spawn(flow::handle(shared.clone(), state.clone(), s, r).instrument(span));
-                }
-                Err(e) => {
-                    warn!(reason = %describe_connection_error(&e), "lost intermediate");
-                    break;
-                }
-            },
-            d = conn.read_datagram() => match d {
-                Ok(d) => flow::dispatch(shared, &state, &d),
-                Err(e) => {
-                    warn!(reason = %describe_connection_error(&e), "lost intermediate");
-                    break;
-                }
-            },
-        }
-    }
-    set_registered(shared, idx, false);
+    };
+    warn!(reason = %why, "lost intermediate");
     Ended {
         since: Some(since),
         drained: drained || client::closed_by_drain(&conn),
     }
 }
 
-fn set_registered(shared: &Shared, idx: usize, on: bool) {
-    shared.registered.send_modify(|v| {
-        if let Some(slot) = v.get_mut(idx) {
-            *slot = on;
+/// The control stream: registration answers (which may come at any time: a policy reload at the
+/// intermediate can register or reject a service later), GoAway, and our deregistration when we
+/// drain.
+async fn control(
+    shared: &Shared,
+    idx: usize,
+    mut send: quinn::SendStream,
+    mut recv: FramedRecv,
+    drained: &mut bool,
+) -> String {
+    let mut draining = shared.draining.subscribe();
+    let mut deregistered = false;
+    loop {
+        if *draining.borrow_and_update() && !deregistered {
+            deregistered = true;
+            let mut names: Vec<&String> = shared.services.keys().collect();
+            names.sort();
+            for service in names {
+                let msg = ClientMsg::Deregister {
+                    service: service.clone(),
+                };
+                let _ = write_frame(&mut send, &msg).await;
+                shared.set_registration(idx, Some((service, Registration::Pending)));
+            }
+            info!("deregistered; running flows continue");
         }
-    });
-    shared.update_status();
+        tokio::select! {
+            r = draining.changed() => if r.is_err() { return std::future::pending().await },
+            msg = recv.next::<ServerMsg>() => match msg {
+                Ok(Some(ServerMsg::Registered { service })) => {
+                    if !shared.services.contains_key(&service) {
+                        debug!(%service, "ignoring a registration we did not ask for");
+                    } else if !deregistered {
+                        info!(%service, "registered");
+                        shared.set_registration(idx, Some((&service, Registration::Registered)));
+                    }
+                }
+                Ok(Some(ServerMsg::RegisterRejected { service, reason })) => {
+                    if shared.services.contains_key(&service) {
+                        warn!(%service, why = %reason, "registration rejected");
+                        shared.set_registration(idx, Some((&service, Registration::Rejected(reason))));
+                    }
+                }
+                Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
+                    info!(why = %reason, deadline_ms, "intermediate is draining; running flows continue, reconnecting when it closes");
+                    *drained = true;
+                }
+                Ok(Some(other)) => debug!(msg = ?other, "control message"),
+                Ok(None) => return "the intermediate closed the control stream".to_string(),
+                Err(e) => return format!("control stream: {e}"),
+            },
+        }
+    }
+}
+
+async fn accept_flows(shared: &Arc<Shared>, state: &Arc<ConnState>) -> String {
+    loop {
+        match state.conn.accept_bi().await {
+            Ok((s, r)) => {
+                let span = info_span!("flow", stream = %r.id());
+                shared
+                    .flows
+                    .spawn(flow::handle(shared.clone(), state.clone(), s, r).instrument(span));
+            }
+            Err(e) => return describe_connection_error(&e),
+        }
+    }
+}
+
+async fn datagrams(shared: &Shared, state: &ConnState) -> String {
+    loop {
+        match state.conn.read_datagram().await {
+            Ok(d) => flow::dispatch(shared, state, &d),
+            Err(e) => return describe_connection_error(&e),
+        }
+    }
 }

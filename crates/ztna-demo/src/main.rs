@@ -66,7 +66,7 @@ async fn main() -> Result<()> {
         tls("connector", "demo-connector")?
     ))?;
     let c = ztna_connector::Connector::bind(c_cfg)?;
-    let mut registered = c.registered();
+    let mut registered = c.registrations();
     let c_ops = c.ops_addr()?;
     let c_task = tokio::spawn(c.run(stop.clone()));
 
@@ -91,7 +91,12 @@ async fn main() -> Result<()> {
 
     tokio::time::timeout(
         Duration::from_secs(10),
-        registered.wait_for(|v| v.iter().any(|b| *b)),
+        registered.wait_for(|v| {
+            v.iter().any(|r| {
+                r.values()
+                    .any(|s| *s == ztna_connector::Registration::Registered)
+            })
+        }),
     )
     .await
     .context("the connector did not register within 10 s")??;

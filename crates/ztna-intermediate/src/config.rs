@@ -26,9 +26,24 @@ pub struct Config {
     pub keepalive: Duration,
     #[serde(default = "default_idle", with = "duration")]
     pub idle_timeout: Duration,
-    /// Concurrent flows one agent connection may have open.
+    /// Concurrent flows one agent identity may have open, across all its connections.
     #[serde(default = "default_flows_per_agent")]
     pub max_flows_per_agent: u32,
+    /// Concurrent flows routed to one connector connection.
+    #[serde(default = "default_flows_per_connector")]
+    pub max_flows_per_connector: u32,
+    /// Concurrent flows through this intermediate; at the limit it reports not ready.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    /// Concurrent connections one identity (agent or connector) may hold.
+    #[serde(default = "default_connections_per_identity")]
+    pub max_connections_per_identity: u32,
+    /// A TCP flow with no byte in either direction for this long is reset (like a NAT's timeout).
+    #[serde(default = "default_tcp_idle", with = "duration")]
+    pub tcp_idle_timeout: Duration,
+    /// A UDP flow with no datagram in either direction for this long is closed.
+    #[serde(default = "default_udp_idle", with = "duration")]
+    pub udp_idle_timeout: Duration,
     /// Peers told in GoAway where to reconnect (e.g. the other intermediate).
     #[serde(default)]
     pub reconnect_hint: Vec<String>,
@@ -54,6 +69,21 @@ fn default_idle() -> Duration {
 }
 fn default_flows_per_agent() -> u32 {
     1000
+}
+fn default_flows_per_connector() -> u32 {
+    16_000
+}
+fn default_max_flows() -> u32 {
+    100_000
+}
+fn default_connections_per_identity() -> u32 {
+    16
+}
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_udp_idle() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Config {
@@ -85,8 +115,26 @@ impl Config {
                 ),
             ));
         }
-        if self.max_flows_per_agent == 0 {
-            return Err(("max_flows_per_agent".into(), "must be at least 1".into()));
+        for (key, v) in [
+            ("max_flows_per_agent", self.max_flows_per_agent),
+            ("max_flows_per_connector", self.max_flows_per_connector),
+            ("max_flows", self.max_flows),
+            (
+                "max_connections_per_identity",
+                self.max_connections_per_identity,
+            ),
+        ] {
+            if v == 0 {
+                return Err((key.into(), "must be at least 1".into()));
+            }
+        }
+        for (key, v) in [
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
+            ("udp_idle_timeout", self.udp_idle_timeout),
+        ] {
+            if v < Duration::from_secs(1) {
+                return Err((key.into(), "must be at least 1s".into()));
+            }
         }
         Ok(())
     }

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub p2p: IntCounterVec,
     pub peer_rtt: prometheus::HistogramVec,
     pub draining: IntGauge,
+    pub limit_rejections: IntCounterVec,
+    pub revocations: IntCounterVec,
+    pub udp_stream_carried: IntCounterVec,
     pub drain_timeout: prometheus::Gauge,
     pub drain_started: prometheus::Gauge,
 }
@@ -85,6 +88,24 @@ impl Metrics {
                 "ztna_intermediate_draining",
                 "1 while the intermediate drains.",
             ),
+            limit_rejections: m::counter_vec(
+                r,
+                "ztna_intermediate_limit_rejections_total",
+                "Flows and connections refused because a limit was reached.",
+                &["limit"],
+            ),
+            revocations: m::counter_vec(
+                r,
+                "ztna_intermediate_revocations_total",
+                "Connections, flows and registrations ended because access was revoked.",
+                &["reason"],
+            ),
+            udp_stream_carried: m::counter_vec(
+                r,
+                "ztna_intermediate_udp_stream_payloads_total",
+                "UDP payloads too large for a QUIC datagram on the next hop, carried on the flow's stream instead.",
+                &["direction"],
+            ),
             drain_timeout: m::float_gauge(
                 r,
                 "ztna_intermediate_drain_timeout_seconds",
@@ -115,8 +136,29 @@ impl Metrics {
                 me.relay_bytes.with_label_values(&[p, d]);
             }
         }
-        for r in ["unknown_flow", "too_large", "peer_gone", "malformed"] {
+        for r in [
+            "unknown_flow",
+            "too_large",
+            "peer_gone",
+            "malformed",
+            "send_buffer_full",
+            "stream_full",
+        ] {
             me.datagrams_dropped.with_label_values(&[r]);
+        }
+        for l in crate::limits::Limit::ALL {
+            me.limit_rejections.with_label_values(&[l.label()]);
+        }
+        for r in [
+            "certificate_expired",
+            "ca_changed",
+            "policy_flow",
+            "policy_registration",
+        ] {
+            me.revocations.with_label_values(&[r]);
+        }
+        for d in ["to_connector", "to_agent"] {
+            me.udp_stream_carried.with_label_values(&[d]);
         }
         for r in ["attempt", "direct", "fallback"] {
             me.p2p.with_label_values(&[r]);

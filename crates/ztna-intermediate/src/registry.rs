@@ -1,43 +1,107 @@
-//! Service registry: which connector connections serve which service, and per-connection UDP
-//! routing tables.
+//! Service registry: which connector connections offer which service, which of those offers
+//! the policy allows, and how healthy each connector has been lately.
+//!
+//! Offers are kept even when the policy rejects them, so a policy reload can re-evaluate every
+//! offer in both directions: a registration the new policy forbids is removed, and one it now
+//! allows (refused earlier) comes into service without the connector having to reconnect.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use ztna_node::clock::{now_ms, Activity};
 use ztna_node::SpiffeId;
-use ztna_proto::Protocol;
+use ztna_proto::{Protocol, Role, ServerMsg};
 
-/// State of one peer connection (agent or connector) that flows and datagrams refer to.
-pub struct Peer {
-    pub conn: quinn::Connection,
-    pub id: SpiffeId,
-    /// Stable id of this connection within the process.
-    pub conn_id: u64,
-    /// UDP flow id on this connection → where its datagrams go.
-    pub routes: Mutex<HashMap<u64, Route>>,
-    /// Next flow id this side allocates on this connection (connector side).
-    next_flow_id: AtomicU64,
-    /// Flows currently relayed over this connection.
-    pub active_flows: AtomicUsize,
-}
+pub use ztna_node::lock;
 
+/// Where a UDP flow's datagrams arriving on one connection go.
 #[derive(Clone)]
 pub struct Route {
     pub peer: Arc<Peer>,
     pub flow_id: u64,
+    /// Payloads too large for a datagram towards `peer` are carried on the flow's stream.
+    pub overflow: mpsc::Sender<bytes::Bytes>,
+    pub activity: Activity,
+}
+
+/// Recent flow-open outcomes of a connector, for a least-loaded choice that avoids a connector
+/// whose opens keep failing (say its backend is down while another connector's is up).
+#[derive(Default)]
+pub struct ConnectorHealth {
+    consecutive_failures: AtomicU32,
+    demoted_until_ms: AtomicU64,
+}
+
+impl ConnectorHealth {
+    /// A flow open failed here: demote for 1 s, doubling per consecutive failure, up to 30 s.
+    pub fn failed(&self) {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let ms = (1000u64 << (n - 1).min(5)).min(30_000);
+        self.demoted_until_ms
+            .store(now_ms() + ms, Ordering::Relaxed);
+    }
+
+    pub fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.demoted_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    pub fn demoted(&self) -> bool {
+        now_ms() < self.demoted_until_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// One authenticated peer connection (agent or connector).
+pub struct Peer {
+    pub conn: quinn::Connection,
+    pub id: SpiffeId,
+    /// `id` as text, made once (policy checks, limits, logs).
+    pub id_str: Arc<str>,
+    pub role: Role,
+    /// Stable id of this connection within the process.
+    pub conn_id: u64,
+    /// The certificate chain it authenticated with (re-verified when the CA changes).
+    pub chain: Vec<ztna_node::CertificateDer<'static>>,
+    /// notAfter of its certificate: the connection is closed then.
+    pub expires: Option<SystemTime>,
+    /// Control messages to send to it (the session's writer task sends them in order).
+    pub control: mpsc::Sender<ServerMsg>,
+    /// UDP flow id on this connection → where its datagrams go.
+    pub routes: Mutex<HashMap<u64, Route>>,
+    /// Next flow id this side allocates on this connection (towards connectors).
+    next_flow_id: AtomicU64,
+    /// Flows currently relayed over this connection (for the least-loaded choice).
+    pub load: AtomicUsize,
+    pub health: ConnectorHealth,
 }
 
 impl Peer {
-    pub fn new(conn: quinn::Connection, id: SpiffeId, conn_id: u64) -> Peer {
+    pub fn new(
+        conn: quinn::Connection,
+        id: SpiffeId,
+        conn_id: u64,
+        chain: Vec<ztna_node::CertificateDer<'static>>,
+        control: mpsc::Sender<ServerMsg>,
+    ) -> Peer {
+        let expires = chain
+            .first()
+            .and_then(|c| ztna_node::identity::cert_not_after(c));
         Peer {
             conn,
+            id_str: Arc::from(id.to_string()),
+            role: id.role,
             id,
             conn_id,
+            chain,
+            expires,
+            control,
             routes: Mutex::new(HashMap::new()),
             next_flow_id: AtomicU64::new(1),
-            active_flows: AtomicUsize::new(0),
+            load: AtomicUsize::new(0),
+            health: ConnectorHealth::default(),
         }
     }
 
@@ -45,20 +109,47 @@ impl Peer {
         self.next_flow_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn routes(&self) -> MutexGuard<'_, HashMap<u64, Route>> {
+    pub fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Route>> {
         lock(&self.routes)
+    }
+
+    /// Queues a control message without waiting; false if the peer is not reading them.
+    pub fn say(&self, msg: ServerMsg) -> bool {
+        self.control.try_send(msg).is_ok()
+    }
+
+    /// Counts a flow on this connection while the returned guard lives.
+    pub fn load_guard(self: &Arc<Self>) -> LoadGuard {
+        self.load.fetch_add(1, Ordering::Relaxed);
+        LoadGuard(self.clone())
     }
 }
 
-pub use ztna_node::lock;
+/// See [`Peer::load_guard`].
+pub struct LoadGuard(Arc<Peer>);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 struct Offer {
     peer: Arc<Peer>,
     tcp: bool,
     udp: bool,
+    /// Whether the current policy allows this connector to serve the service.
+    allowed: bool,
 }
 
-/// service → connectors offering it. Every change bumps a version watched by agent sessions.
+/// A registration whose standing changed on a policy reload.
+pub struct Change {
+    pub peer: Arc<Peer>,
+    pub service: String,
+    pub allowed: bool,
+}
+
+/// service → offers. Every change bumps a version watched by agent sessions.
 pub struct Registry {
     services: Mutex<HashMap<String, Vec<Offer>>>,
     changed: watch::Sender<u64>,
@@ -83,11 +174,14 @@ impl Registry {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    fn set_gauge(&self, service: &str, n: usize) {
+    fn set_gauge(&self, service: &str, offers: &[Offer]) {
+        let n = offers.iter().filter(|o| o.allowed).count();
         self.gauge.with_label_values(&[service]).set(n as i64);
     }
 
-    pub fn register(&self, service: &str, peer: &Arc<Peer>, tcp: bool, udp: bool) {
+    /// Records a connector's offer (replacing an earlier one of the same connection) and whether
+    /// the policy allows it.
+    pub fn offer(&self, service: &str, peer: &Arc<Peer>, tcp: bool, udp: bool, allowed: bool) {
         {
             let mut s = lock(&self.services);
             let offers = s.entry(service.to_string()).or_default();
@@ -96,26 +190,29 @@ impl Registry {
                 peer: peer.clone(),
                 tcp,
                 udp,
+                allowed,
             });
-            self.set_gauge(service, offers.len());
+            self.set_gauge(service, offers);
         }
         self.bump();
     }
 
-    pub fn deregister(&self, service: &str, conn_id: u64) -> bool {
+    /// Withdraws a connection's offer of `service`; true if it was serving it.
+    pub fn withdraw(&self, service: &str, conn_id: u64) -> bool {
         let removed = {
             let mut s = lock(&self.services);
             let Some(offers) = s.get_mut(service) else {
                 return false;
             };
-            let before = offers.len();
+            let was = offers
+                .iter()
+                .any(|o| o.peer.conn_id == conn_id && o.allowed);
             offers.retain(|o| o.peer.conn_id != conn_id);
-            let n = offers.len();
-            self.set_gauge(service, n);
-            if n == 0 {
+            self.set_gauge(service, offers);
+            if offers.is_empty() {
                 s.remove(service);
             }
-            n != before
+            was
         };
         if removed {
             self.bump();
@@ -129,45 +226,53 @@ impl Registry {
         {
             let mut s = lock(&self.services);
             for (service, offers) in s.iter_mut() {
-                let before = offers.len();
-                offers.retain(|o| o.peer.conn_id != conn_id);
-                if offers.len() != before {
+                if offers
+                    .iter()
+                    .any(|o| o.peer.conn_id == conn_id && o.allowed)
+                {
                     gone.push(service.clone());
-                    self.set_gauge(service, offers.len());
                 }
+                offers.retain(|o| o.peer.conn_id != conn_id);
+                self.set_gauge(service, offers);
             }
             s.retain(|_, offers| !offers.is_empty());
         }
         if !gone.is_empty() {
             self.bump();
         }
+        gone.sort();
         gone
     }
 
-    /// Keeps only the offers `keep(service, peer)` allows; returns what was removed.
-    pub fn retain(&self, keep: impl Fn(&str, &Peer) -> bool) -> Vec<(String, SpiffeId)> {
-        let mut removed = Vec::new();
+    /// Re-evaluates every offer with `allowed(service, peer)`; returns those whose standing
+    /// changed (in both directions).
+    pub fn reevaluate(&self, allowed: impl Fn(&str, &Peer) -> bool) -> Vec<Change> {
+        let mut changes = Vec::new();
         {
             let mut s = lock(&self.services);
             for (service, offers) in s.iter_mut() {
-                offers.retain(|o| {
-                    let ok = keep(service, &o.peer);
-                    if !ok {
-                        removed.push((service.clone(), o.peer.id.clone()));
+                for o in offers.iter_mut() {
+                    let now = allowed(service, &o.peer);
+                    if now != o.allowed {
+                        o.allowed = now;
+                        changes.push(Change {
+                            peer: o.peer.clone(),
+                            service: service.clone(),
+                            allowed: now,
+                        });
                     }
-                    ok
-                });
-                self.set_gauge(service, offers.len());
+                }
+                self.set_gauge(service, offers);
             }
-            s.retain(|_, offers| !offers.is_empty());
         }
-        if !removed.is_empty() {
+        if !changes.is_empty() {
             self.bump();
         }
-        removed
+        changes
     }
 
-    /// Connectors for `service` and `protocol`, least loaded first.
+    /// Connectors allowed to serve `service` over `protocol`: healthy ones least loaded first,
+    /// then those whose recent opens failed (still tried rather than refusing the flow).
     pub fn candidates(&self, service: &str, protocol: Protocol) -> Vec<Arc<Peer>> {
         let s = lock(&self.services);
         let mut peers: Vec<Arc<Peer>> = s
@@ -175,23 +280,26 @@ impl Registry {
             .map(|offers| {
                 offers
                     .iter()
-                    .filter(|o| match protocol {
-                        Protocol::Tcp => o.tcp,
-                        Protocol::Udp => o.udp,
+                    .filter(|o| {
+                        o.allowed
+                            && match protocol {
+                                Protocol::Tcp => o.tcp,
+                                Protocol::Udp => o.udp,
+                            }
                     })
                     .map(|o| o.peer.clone())
                     .collect()
             })
             .unwrap_or_default();
-        peers.sort_by_key(|p| p.active_flows.load(Ordering::Relaxed));
+        peers.sort_by_key(|p| (p.health.demoted(), p.load.load(Ordering::Relaxed)));
         peers
     }
 
-    /// Number of connectors serving `service` (any protocol).
+    /// Number of connectors serving `service` (any protocol) under the current policy.
     pub fn count(&self, service: &str) -> usize {
         lock(&self.services)
             .get(service)
-            .map(|o| o.len())
+            .map(|o| o.iter().filter(|o| o.allowed).count())
             .unwrap_or(0)
     }
 }

@@ -1,9 +1,18 @@
-//! Reconnect backoff: exponential with jitter (`backon`), initial ~200 ms, capped at 30 s, reset
-//! only after a connection has stayed healthy for a while.
+//! Reconnect schedule.
+//!
+//! * After an unexplained failure: exponential backoff (`backon`, initial 200 ms, doubling),
+//!   capped so a peer that comes back is used within seconds (cap 3 s; with the 3 s handshake
+//!   timeout a returned peer is reached within about 5 s), with "equal jitter" applied *after*
+//!   the cap (each delay is 50–100 % of the capped value), so a fleet that lost the same relay
+//!   does not come back in lockstep.
+//! * After a drain (GoAway, or a close with the DRAINING code) the peer told us a restart is
+//!   planned: poll every 0.5–1 s (jittered) until it is back, for up to `planned_window`.
+//! * A connection that stayed up for `healthy_after` resets the schedule.
 
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use rand::Rng;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BackoffPolicy {
@@ -11,21 +20,34 @@ pub struct BackoffPolicy {
     pub max: Duration,
     /// A connection that lived at least this long resets the backoff.
     pub healthy_after: Duration,
+    /// Poll interval while a peer restarts after a drain (jittered down to half of it).
+    pub planned_poll: Duration,
+    /// How long after a drain to keep polling at `planned_poll` before falling back to the
+    /// exponential schedule (a relay that was drained and never came back).
+    pub planned_window: Duration,
 }
 
 impl Default for BackoffPolicy {
     fn default() -> Self {
         BackoffPolicy {
             initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
+            max: Duration::from_secs(3),
             healthy_after: Duration::from_secs(10),
+            planned_poll: Duration::from_secs(1),
+            planned_window: Duration::from_secs(300),
         }
     }
 }
 
+/// Handshake timeout for (re)connection attempts: long enough for a slow path's handshake, short
+/// enough that a returned peer is not missed for long by an attempt whose Initials went nowhere.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub struct Reconnect {
     policy: BackoffPolicy,
     iter: ExponentialBackoff,
+    /// Set by [`Reconnect::planned`]: until when to poll at the planned interval.
+    planned_until: Option<Instant>,
 }
 
 impl Reconnect {
@@ -33,6 +55,7 @@ impl Reconnect {
         Reconnect {
             policy,
             iter: Self::build(&policy),
+            planned_until: None,
         }
     }
 
@@ -41,16 +64,26 @@ impl Reconnect {
             .with_min_delay(p.initial)
             .with_max_delay(p.max)
             .with_factor(2.0)
-            .with_jitter()
             .without_max_times()
             .build()
     }
 
-    /// Starts the schedule over. For a peer that went away on purpose (a drain with GoAway): that
-    /// says nothing about whether it is reachable, and it is usually back within seconds, so the
-    /// delays that grow while it restarts must not carry over from earlier failures.
+    /// Starts the schedule over (a connection succeeded and stayed up).
     pub fn reset(&mut self) {
         self.iter = Self::build(&self.policy);
+        self.planned_until = None;
+    }
+
+    /// The peer drained on purpose: it is restarting, so poll it at the planned interval until it
+    /// is back (delays grown by earlier failures do not carry over).
+    pub fn planned(&mut self) {
+        self.iter = Self::build(&self.policy);
+        self.planned_until = Some(Instant::now() + self.policy.planned_window);
+    }
+
+    /// True while polling a peer that drained.
+    pub fn is_planned(&self) -> bool {
+        self.planned_until.is_some_and(|t| Instant::now() < t)
     }
 
     /// Delay before the next attempt, given when the last connection was established (if it was).
@@ -58,13 +91,21 @@ impl Reconnect {
         if connected_since.is_some_and(|t| t.elapsed() >= self.policy.healthy_after) {
             self.iter = Self::build(&self.policy);
         }
-        // backon's jitter adds up to one more delay on top; the cap is a promise to operators
-        // ("reconnects within 30 s of the peer being back"), so it holds with jitter too.
-        self.iter
-            .next()
-            .unwrap_or(self.policy.max)
-            .min(self.policy.max)
+        let base = if self.is_planned() {
+            self.policy.planned_poll
+        } else {
+            self.iter
+                .next()
+                .unwrap_or(self.policy.max)
+                .min(self.policy.max)
+        };
+        jitter(base)
     }
+}
+
+/// 50–100 % of `d`.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
 
 #[cfg(test)]
@@ -77,18 +118,19 @@ mod tests {
             initial: Duration::from_millis(200),
             max: Duration::from_secs(2),
             healthy_after: Duration::from_millis(0),
+            ..Default::default()
         };
         let mut r = Reconnect::new(BackoffPolicy {
             healthy_after: Duration::from_secs(3600),
             ..policy
         });
         let delays: Vec<Duration> = (0..8).map(|_| r.next_delay(Some(Instant::now()))).collect();
-        // Jitter adds up to one extra delay; the trend still grows, and the cap holds.
         assert!(
-            delays[0] >= Duration::from_millis(200) && delays[0] <= Duration::from_millis(400),
+            delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(200),
             "{delays:?}"
         );
-        assert!(delays[4] >= Duration::from_millis(1600), "{delays:?}");
+        // 200, 400, 800, 1600 ms, then the cap; each jittered to 50-100 %.
+        assert!(delays[4] >= Duration::from_millis(1000), "{delays:?}");
         assert!(
             delays.iter().all(|d| *d <= Duration::from_secs(2)),
             "{delays:?}"
@@ -98,13 +140,43 @@ mod tests {
         for _ in 0..5 {
             r.next_delay(None);
         }
-        assert!(r.next_delay(None) >= Duration::from_millis(1600));
-        assert!(r.next_delay(Some(Instant::now())) <= Duration::from_millis(400));
-        // A drain starts the schedule over, however short the connection was.
-        for _ in 0..5 {
+        assert!(r.next_delay(None) >= Duration::from_millis(1000));
+        assert!(r.next_delay(Some(Instant::now())) <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn after_a_drain_polls_every_second_with_jitter() {
+        let mut r = Reconnect::new(BackoffPolicy::default());
+        for _ in 0..10 {
             r.next_delay(None);
         }
+        r.planned();
+        assert!(r.is_planned());
+        let delays: Vec<Duration> = (0..50).map(|_| r.next_delay(None)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(500) && *d <= Duration::from_secs(1)),
+            "{delays:?}"
+        );
+        // Jittered: not all the same.
+        assert!(delays.iter().any(|d| *d != delays[0]), "{delays:?}");
         r.reset();
-        assert!(r.next_delay(None) <= Duration::from_millis(400));
+        assert!(!r.is_planned());
+    }
+
+    #[test]
+    fn the_default_cap_keeps_a_returned_peer_within_five_seconds() {
+        let p = BackoffPolicy::default();
+        let mut r = Reconnect::new(p);
+        let worst = (0..100)
+            .map(|_| r.next_delay(None))
+            .max()
+            .unwrap_or_default();
+        assert!(
+            worst + CONNECT_TIMEOUT <= Duration::from_secs(6),
+            "{worst:?}"
+        );
+        assert!(worst <= p.max);
     }
 }

@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{SendStream, VarInt};
 use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
 
 use crate::identity::describe_connection_error;
-use crate::io::{read_frame_timeout, write_frame};
+use crate::io::{write_frame, FramedRecv};
 
 /// Connects to `target` (`host:port`) within `limit`; the error says why in operator words.
 pub async fn connect(
@@ -33,7 +33,8 @@ pub async fn connect(
 /// An open control stream after a successful Hello/Welcome.
 pub struct Control {
     pub send: SendStream,
-    pub recv: RecvStream,
+    /// The intermediate's messages; cancel-safe to read in a `select!`.
+    pub recv: FramedRecv,
     /// Our address as the intermediate sees it.
     pub observed_addr: SocketAddr,
     /// The intermediate's view of our identity.
@@ -54,10 +55,11 @@ pub async fn hello(
             .map(|c| describe_connection_error(&c))
             .unwrap_or_else(|| e.to_string())
     };
-    let (mut send, mut recv) = conn
+    let (mut send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| describe_connection_error(&e))?;
+    let mut recv = FramedRecv::new(recv);
     let msg = ClientMsg::Hello {
         version: PROTOCOL_VERSION,
         role,
@@ -65,7 +67,7 @@ pub async fn hello(
         watch,
     };
     write_frame(&mut send, &msg).await.map_err(|e| lost(&e))?;
-    match read_frame_timeout::<ServerMsg>(&mut recv, limit).await {
+    match recv.expect::<ServerMsg>(limit).await {
         Ok(ServerMsg::Welcome {
             identity,
             observed_addr,

@@ -564,6 +564,51 @@ fn alert_text(alert: u8) -> &'static str {
     }
 }
 
+/// The certificate chain the peer of an established connection presented (leaf first).
+pub fn peer_chain(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default()
+}
+
+/// notAfter of a certificate, if it parses.
+pub fn cert_not_after(der: &[u8]) -> Option<SystemTime> {
+    not_after(der).ok()
+}
+
+impl Identity {
+    /// Checks a client's chain (leaf first) as a new handshake would now: it must chain to our
+    /// current CA, be valid at this moment and carry a SPIFFE ID with one of `roles` in our trust
+    /// domain. Used to re-verify established peers after the CA changed.
+    pub fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        roles: &[Role],
+    ) -> Result<SpiffeId, String> {
+        let (leaf, rest) = chain
+            .split_first()
+            .ok_or_else(|| "no certificate".to_string())?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| e.to_string())?;
+        verifier
+            .verify_client_cert(leaf, rest, UnixTime::now())
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+                | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+                    "certificate not issued by the deployment CA".to_string()
+                }
+                rustls::Error::InvalidCertificate(CertificateError::Expired) => {
+                    "certificate expired".to_string()
+                }
+                other => other.to_string(),
+            })?;
+        spiffe_check(leaf, &self.trust_domain, roles)
+            .map_err(|_| "wrong role or trust domain".to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,18 +1,29 @@
 //! Stream helpers: framed messages on QUIC streams and the splices that carry flows.
 //!
+//! Reads of framed streams go through [`FramedRecv`], which owns the stream *and* its receive
+//! buffer: bytes are taken with quinn's cancel-safe `read_chunk` and parsed by
+//! [`ztna_proto::FrameDecoder`], so a `select!` that drops a pending read loses nothing, however
+//! the peer's frames were split into packets.
+//!
 //! Splices map transport semantics end to end: a finished stream becomes a TCP FIN (and back), a
 //! reset stream becomes a TCP RST (and back), and QUIC flow control gives backpressure because
-//! nothing is read faster than it can be written on.
+//! nothing is read faster than it can be written on. Every splice also ends on an idle timeout
+//! or an external abort (revocation, drain deadline), resetting both sides.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use prometheus::IntCounter;
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ztna_proto::{codes, frame, FrameError};
+use tokio_util::sync::CancellationToken;
+use ztna_proto::{codes, frame, FrameDecoder, FrameError, Message};
+
+use crate::clock::Activity;
+use crate::flows::{CancelCode, FlowGuard};
 
 #[derive(Debug, Error)]
 pub enum StreamError {
@@ -36,38 +47,78 @@ impl StreamError {
             _ => codes::FLOW_ABORTED,
         }
     }
+
+    /// True when the peer sent something malformed (as opposed to going away).
+    pub fn is_protocol(&self) -> bool {
+        matches!(self, StreamError::Frame(_))
+    }
 }
 
-/// Reads one frame. Returns `Ok(None)` if the stream finished cleanly before any byte of a frame.
-pub async fn read_frame<T: DeserializeOwned>(
-    recv: &mut RecvStream,
-) -> Result<Option<T>, StreamError> {
-    let mut prefix = [0u8; frame::HEADER_LEN];
-    let mut got = 0;
-    while got < prefix.len() {
-        match recv.read(&mut prefix[got..]).await? {
-            Some(n) => got += n,
-            None if got == 0 => return Ok(None),
-            None => return Err(StreamError::Closed),
+/// Largest chunk taken from a stream at once.
+const CHUNK: usize = 64 * 1024;
+
+/// A receive stream carrying length-prefixed frames, with its own buffer (cancel-safe reads).
+pub struct FramedRecv {
+    recv: RecvStream,
+    dec: FrameDecoder,
+    finished: bool,
+}
+
+impl FramedRecv {
+    pub fn new(recv: RecvStream) -> FramedRecv {
+        FramedRecv {
+            recv,
+            dec: FrameDecoder::new(),
+            finished: false,
         }
     }
-    let len = frame::check_len(prefix)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => StreamError::Closed,
-        quinn::ReadExactError::ReadError(e) => StreamError::Read(e),
-    })?;
-    Ok(Some(frame::decode_payload(&payload)?))
-}
 
-/// Reads one frame within `limit`; a finished stream is an error here.
-pub async fn read_frame_timeout<T: DeserializeOwned>(
-    recv: &mut RecvStream,
-    limit: Duration,
-) -> Result<T, StreamError> {
-    match tokio::time::timeout(limit, read_frame(recv)).await {
-        Err(_) => Err(StreamError::Timeout),
-        Ok(r) => r?.ok_or(StreamError::Closed),
+    /// The next complete frame's payload; `Ok(None)` when the stream finished cleanly between
+    /// frames. Cancel-safe: dropping the future keeps every byte already received.
+    pub async fn next_frame(&mut self) -> Result<Option<Bytes>, StreamError> {
+        loop {
+            if let Some(f) = self.dec.next_frame()? {
+                return Ok(Some(f));
+            }
+            if self.finished {
+                return if self.dec.pending() == 0 {
+                    Ok(None)
+                } else {
+                    Err(StreamError::Closed)
+                };
+            }
+            match self.recv.read_chunk(CHUNK, true).await? {
+                Some(chunk) => self.dec.extend(&chunk.bytes),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// The next message; `Ok(None)` at a clean end of stream. Cancel-safe.
+    pub async fn next<T: Message>(&mut self) -> Result<Option<T>, StreamError> {
+        match self.next_frame().await? {
+            Some(payload) => Ok(Some(frame::decode_payload(&payload)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The next message within `limit`; an ended stream is an error here.
+    pub async fn expect<T: Message>(&mut self, limit: Duration) -> Result<T, StreamError> {
+        match tokio::time::timeout(limit, self.next()).await {
+            Err(_) => Err(StreamError::Timeout),
+            Ok(r) => r?.ok_or(StreamError::Closed),
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut RecvStream {
+        &mut self.recv
+    }
+
+    /// The stream and whatever was received past the last frame (bytes a peer pipelined after a
+    /// flow header), to be passed on before anything read later.
+    pub fn into_parts(mut self) -> (RecvStream, Bytes) {
+        let rest = self.dec.take_pending();
+        (self.recv, rest)
     }
 }
 
@@ -78,41 +129,138 @@ pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result
     Ok(())
 }
 
-/// Byte totals of a finished splice and whether it ended by an abort (reset) rather than FINs.
+/// Writes an opaque payload as one raw frame (`u32 length ‖ payload`), without copying it.
+pub async fn write_raw_frame(send: &mut SendStream, payload: Bytes) -> Result<(), StreamError> {
+    let header = frame::raw_header(payload.len())?;
+    send.write_all_chunks(&mut [Bytes::copy_from_slice(&header), payload])
+        .await?;
+    Ok(())
+}
+
+/// How a splice ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Both directions finished (FIN both ways).
+    #[default]
+    Finished,
+    /// One side reset, stopped or went away; the other side was reset too.
+    Aborted,
+    /// No byte in either direction for the idle timeout; both sides were reset.
+    Idle,
+    /// Ended from outside (revocation, drain deadline, shutdown); both sides were reset.
+    Cancelled,
+}
+
+/// Byte totals of a finished splice and how it ended.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SpliceStats {
     /// Bytes read from the first endpoint and written to the second.
     pub forward: u64,
     /// Bytes read from the second endpoint and written to the first.
     pub backward: u64,
-    pub aborted: bool,
+    pub end: SpliceEnd,
+}
+
+impl SpliceStats {
+    pub fn aborted(&self) -> bool {
+        self.end != SpliceEnd::Finished
+    }
+}
+
+/// What else can end a splice besides its endpoints.
+#[derive(Clone, Default)]
+pub struct SpliceCtl {
+    /// Reset both sides when no byte moved either way for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Reset both sides (with the code in `code`) when this is cancelled.
+    pub cancel: CancellationToken,
+    pub code: CancelCode,
+    /// Touched on every byte moved (for idle decisions elsewhere, e.g. a drain).
+    pub activity: Activity,
+}
+
+impl SpliceCtl {
+    /// Ends with the flow: its cancellation, reason code and activity clock.
+    pub fn for_flow<M>(guard: &FlowGuard<M>, idle_timeout: Option<Duration>) -> Self {
+        SpliceCtl {
+            idle_timeout,
+            cancel: guard.cancel.clone(),
+            code: guard.code.clone(),
+            activity: guard.activity.clone(),
+        }
+    }
+
+    /// Completes with the reason the splice must end early: idle or cancelled.
+    async fn stop_reason(&self) -> SpliceEnd {
+        let idle = async {
+            let Some(limit) = self.idle_timeout else {
+                return std::future::pending().await;
+            };
+            loop {
+                let quiet = self.activity.idle_for();
+                if quiet >= limit {
+                    return;
+                }
+                tokio::time::sleep(limit - quiet + Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            _ = self.cancel.cancelled() => SpliceEnd::Cancelled,
+            _ = idle => SpliceEnd::Idle,
+        }
+    }
+
+    fn end_code(&self, end: SpliceEnd) -> u32 {
+        match end {
+            SpliceEnd::Idle => codes::IDLE,
+            SpliceEnd::Cancelled => self.code.get(),
+            _ => codes::FLOW_ABORTED,
+        }
+    }
 }
 
 fn code(c: u32) -> VarInt {
     VarInt::from_u32(c)
 }
 
-/// Copies one QUIC stream into another, chunk by chunk without copying the bytes, propagating
-/// finish, reset and stop in both directions. Returns bytes copied and whether it was aborted.
-pub async fn pipe_quic(
+/// Copies one QUIC stream into another, chunk by chunk without copying the bytes, starting with
+/// `prefix` (bytes already read past a header), propagating finish, reset and stop in both
+/// directions. Ends early (with a reset) when `stop` is cancelled. Returns bytes copied and
+/// whether it was aborted.
+async fn pipe_quic(
     recv: &mut RecvStream,
+    prefix: Bytes,
     send: &mut SendStream,
     counter: Option<&IntCounter>,
+    activity: &Activity,
+    stop: &CancellationToken,
 ) -> (u64, bool) {
     let mut total = 0u64;
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
+    let mut pending = (!prefix.is_empty()).then_some(prefix);
     loop {
-        let chunk = tokio::select! {
-            r = recv.read_chunk(64 * 1024, true) => r,
-            stopped = send.stopped() => {
-                let c = match stopped { Ok(Some(c)) => c, _ => code(codes::FLOW_ABORTED) };
-                let _ = recv.stop(c);
-                return (total, true);
-            }
+        let chunk = match pending.take() {
+            Some(p) => Ok(Some(p)),
+            None => tokio::select! {
+                r = recv.read_chunk(CHUNK, true) => r.map(|c| c.map(|c| c.bytes)),
+                s = &mut stopped => {
+                    let c = match s { Ok(Some(c)) => c, _ => code(codes::FLOW_ABORTED) };
+                    let _ = recv.stop(c);
+                    return (total, true);
+                }
+                _ = stop.cancelled() => return (total, true),
+            },
         };
         match chunk {
-            Ok(Some(chunk)) => {
-                let n = chunk.bytes.len() as u64;
-                if let Err(e) = send.write_chunk(chunk.bytes).await {
+            Ok(Some(bytes)) => {
+                let n = bytes.len() as u64;
+                activity.touch();
+                let res = tokio::select! {
+                    r = send.write_chunk(bytes) => r,
+                    _ = stop.cancelled() => return (total, true),
+                };
+                if let Err(e) = res {
                     let c = match e {
                         WriteError::Stopped(c) => c,
                         _ => code(codes::FLOW_ABORTED),
@@ -141,126 +289,214 @@ pub async fn pipe_quic(
     }
 }
 
-/// Relays a flow between two QUIC streams in both directions until both are done.
+/// One side of a QUIC splice: the stream pair and any bytes already read from `recv`.
+pub struct QuicSide<'a> {
+    pub send: &'a mut SendStream,
+    pub recv: &'a mut RecvStream,
+    pub prefix: Bytes,
+}
+
+/// Relays a flow between two QUIC stream pairs in both directions until both are done, the
+/// flow idles out, or `ctl.cancel` fires.
 pub async fn splice_quic(
-    a: (&mut SendStream, &mut RecvStream),
-    b: (&mut SendStream, &mut RecvStream),
+    a: QuicSide<'_>,
+    b: QuicSide<'_>,
     a_to_b: Option<&IntCounter>,
     b_to_a: Option<&IntCounter>,
+    ctl: &SpliceCtl,
 ) -> SpliceStats {
-    let (a_send, a_recv) = a;
-    let (b_send, b_recv) = b;
-    let ((forward, f_abort), (backward, b_abort)) = tokio::join!(
-        pipe_quic(a_recv, b_send, a_to_b),
-        pipe_quic(b_recv, a_send, b_to_a)
-    );
+    let early = CancellationToken::new();
+    let (((forward, f_abort), (backward, b_abort)), early_end) = {
+        let pipes = async {
+            tokio::join!(
+                pipe_quic(a.recv, a.prefix, b.send, a_to_b, &ctl.activity, &early),
+                pipe_quic(b.recv, b.prefix, a.send, b_to_a, &ctl.activity, &early)
+            )
+        };
+        tokio::pin!(pipes);
+        tokio::select! {
+            r = &mut pipes => (r, None),
+            why = ctl.stop_reason() => {
+                early.cancel();
+                (pipes.await, Some(why))
+            }
+        }
+    };
+    let end = match early_end {
+        Some(why) => {
+            let c = code(ctl.end_code(why));
+            let _ = a.send.reset(c);
+            let _ = b.send.reset(c);
+            let _ = a.recv.stop(c);
+            let _ = b.recv.stop(c);
+            why
+        }
+        None if f_abort || b_abort => SpliceEnd::Aborted,
+        None => SpliceEnd::Finished,
+    };
     SpliceStats {
         forward,
         backward,
-        aborted: f_abort || b_abort,
+        end,
     }
+}
+
+/// Makes a TCP socket abortive by default: if this process dies, the kernel closes it with RST,
+/// so the peer sees the truncation instead of a clean end of stream. A graceful end sends its
+/// FIN with an explicit `shutdown(Write)` and clears the linger before the socket is dropped
+/// (see [`splice_tcp`]). Also enables TCP keepalive so a peer that vanished is noticed.
+pub fn prepare_tcp(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let _ = sock.set_linger(Some(Duration::ZERO));
+    let _ = tcp.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&ka);
 }
 
 /// Relays a flow between a TCP connection and a QUIC stream pair until both directions are done.
 ///
 /// TCP EOF → stream finish; stream finish → TCP shutdown(write) (FIN), so half-close works.
-/// TCP reset or read error → stream reset; stream reset → TCP RST (SO_LINGER 0 then close).
-/// `forward` counts TCP→QUIC bytes, `backward` QUIC→TCP.
+/// TCP reset or read error → stream reset; stream reset or stop → TCP RST. An idle timeout or
+/// `ctl.cancel` resets the stream and the TCP connection. `forward` counts TCP→QUIC bytes,
+/// `backward` QUIC→TCP. `prefix` is stream data already read past the flow header.
+///
+/// The TCP socket should have gone through [`prepare_tcp`] (abortive close by default).
 pub async fn splice_tcp(
     tcp: TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
+    prefix: Bytes,
     tcp_to_quic: Option<&IntCounter>,
     quic_to_tcp: Option<&IntCounter>,
+    ctl: &SpliceCtl,
 ) -> SpliceStats {
     let (mut rd, mut wr) = tcp.into_split();
-    let abort = tokio_util::sync::CancellationToken::new();
-
-    let up = async {
-        let mut buf = vec![0u8; 32 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = tokio::select! {
-                _ = abort.cancelled() => { let _ = send.reset(code(codes::FLOW_ABORTED)); return total; }
-                r = rd.read(&mut buf) => r,
-            };
-            match n {
-                Ok(0) => {
-                    let _ = send.finish();
-                    return total;
-                }
-                Ok(n) => {
-                    let res = tokio::select! {
-                        _ = abort.cancelled() => { let _ = send.reset(code(codes::FLOW_ABORTED)); return total; }
-                        r = send.write_all(&buf[..n]) => r,
-                    };
-                    if res.is_err() {
+    let abort = CancellationToken::new();
+    let activity = &ctl.activity;
+    let ((forward, backward), early) = {
+        let up = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            // The peer stopping the stream (or its connection going away) ends this direction even
+            // while the TCP side has nothing to say.
+            let stopped = send.stopped();
+            tokio::pin!(stopped);
+            loop {
+                let n = tokio::select! {
+                    _ = abort.cancelled() => return total,
+                    r = rd.read(&mut buf) => r,
+                    _ = &mut stopped => {
                         abort.cancel();
                         return total;
                     }
-                    total += n as u64;
-                    if let Some(c) = tcp_to_quic {
-                        c.inc_by(n as u64);
+                };
+                match n {
+                    Ok(0) => {
+                        let _ = send.finish();
+                        return total;
+                    }
+                    Ok(n) => {
+                        activity.touch();
+                        let res = tokio::select! {
+                            _ = abort.cancelled() => return total,
+                            r = send.write_all(&buf[..n]) => r,
+                        };
+                        if res.is_err() {
+                            abort.cancel();
+                            return total;
+                        }
+                        total += n as u64;
+                        if let Some(c) = tcp_to_quic {
+                            c.inc_by(n as u64);
+                        }
+                    }
+                    Err(_) => {
+                        let _ = send.reset(code(codes::FLOW_RESET));
+                        abort.cancel();
+                        return total;
                     }
                 }
-                Err(_) => {
-                    let _ = send.reset(code(codes::FLOW_RESET));
-                    abort.cancel();
-                    return total;
-                }
             }
-        }
-    };
+        };
 
-    let down = async {
-        let mut total = 0u64;
-        loop {
-            let chunk = tokio::select! {
-                _ = abort.cancelled() => { let _ = recv.stop(code(codes::FLOW_ABORTED)); return total; }
-                r = recv.read_chunk(64 * 1024, true) => r,
-            };
-            match chunk {
-                Ok(Some(chunk)) => {
-                    let n = chunk.bytes.len() as u64;
-                    let res = tokio::select! {
+        let down = async {
+            let mut total = 0u64;
+            let mut pending = (!prefix.is_empty()).then_some(prefix);
+            loop {
+                let chunk = match pending.take() {
+                    Some(p) => Ok(Some(p)),
+                    None => tokio::select! {
                         _ = abort.cancelled() => return total,
-                        r = wr.write_all(&chunk.bytes) => r,
-                    };
-                    if res.is_err() {
-                        let _ = recv.stop(code(codes::FLOW_RESET));
+                        r = recv.read_chunk(CHUNK, true) => r.map(|c| c.map(|c| c.bytes)),
+                    },
+                };
+                match chunk {
+                    Ok(Some(bytes)) => {
+                        let n = bytes.len() as u64;
+                        activity.touch();
+                        let res = tokio::select! {
+                            _ = abort.cancelled() => return total,
+                            r = wr.write_all(&bytes) => r,
+                        };
+                        if res.is_err() {
+                            abort.cancel();
+                            return total;
+                        }
+                        total += n;
+                        if let Some(c) = quic_to_tcp {
+                            c.inc_by(n);
+                        }
+                    }
+                    Ok(None) => {
+                        // A real FIN, whatever the socket's linger setting.
+                        let _ = wr.shutdown().await;
+                        return total;
+                    }
+                    Err(_) => {
                         abort.cancel();
                         return total;
                     }
-                    total += n;
-                    if let Some(c) = quic_to_tcp {
-                        c.inc_by(n);
-                    }
                 }
-                Ok(None) => {
-                    let _ = wr.shutdown().await;
-                    return total;
-                }
-                Err(_) => {
-                    abort.cancel();
-                    return total;
-                }
+            }
+        };
+
+        let both = async { tokio::join!(up, down) };
+        tokio::pin!(both);
+        tokio::select! {
+            r = &mut both => (r, None),
+            why = ctl.stop_reason() => {
+                abort.cancel();
+                (both.await, Some(why))
             }
         }
     };
-
-    let (forward, backward) = tokio::join!(up, down);
-    let aborted = abort.is_cancelled();
-    if aborted {
-        // Abortive close: the local TCP peer sees RST, not a clean FIN.
-        if let Ok(tcp) = rd.reunite(wr) {
-            // SO_LINGER 0 does not block on close; it makes close() send RST.
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-            drop(tcp);
+    let end = match early {
+        Some(why) => why,
+        None if abort.is_cancelled() => SpliceEnd::Aborted,
+        None => SpliceEnd::Finished,
+    };
+    let tcp = rd.reunite(wr).ok();
+    if end == SpliceEnd::Finished {
+        // Both FINs exchanged: an orderly close, not a reset.
+        if let Some(tcp) = &tcp {
+            let _ = socket2::SockRef::from(tcp).set_linger(None);
+        }
+    } else {
+        // Abortive close: the stream is reset and the local TCP peer sees RST (SO_LINGER 0 makes
+        // close() send RST), never a clean FIN it could take for a complete transfer.
+        let c = code(ctl.end_code(end));
+        let _ = send.reset(c);
+        let _ = recv.stop(c);
+        if let Some(tcp) = &tcp {
+            let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
         }
     }
+    drop(tcp);
     SpliceStats {
         forward,
         backward,
-        aborted,
+        end,
     }
 }

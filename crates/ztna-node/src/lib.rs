@@ -3,18 +3,25 @@
 
 pub mod backoff;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod datagram;
+pub mod fdlimit;
+pub mod flows;
 pub mod health;
 pub mod identity;
 pub mod io;
 pub mod logging;
 pub mod metrics;
 pub mod ops;
+pub mod ratelimit;
 pub mod signals;
 pub mod transport;
+pub mod udp;
 
 pub use identity::{Identity, SpiffeId};
+pub use rustls_pki_types::CertificateDer;
 pub use tokio_util::sync::CancellationToken;
 
 /// Version string reported in `Hello` and `ztna_build_info`.

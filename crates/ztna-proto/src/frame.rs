@@ -4,8 +4,10 @@
 //! costs us four bytes of reading, not an allocation.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 use thiserror::Error;
+
+use crate::msg::Message;
 
 /// Hard cap on one frame's payload. Control messages and flow headers are tiny; 64 KiB leaves
 /// room for a long registration list while bounding what a peer can make us buffer.
@@ -39,18 +41,31 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
     Ok(out.freeze())
 }
 
-/// Deserializes one frame's payload (without the prefix). Trailing bytes are an error: a frame
-/// holds exactly one message.
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (msg, rest) =
-        postcard::take_from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
+/// Deserializes one frame's payload (without the prefix) and checks the message's bounds
+/// ([`Message::check`]). Trailing bytes are an error: a frame holds exactly one message.
+pub fn decode_payload<T: Message>(payload: &[u8]) -> Result<T, FrameError> {
+    let (msg, rest) = postcard::take_from_bytes::<T>(payload)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::Malformed(format!(
             "{} trailing bytes",
             rest.len()
         )));
     }
+    msg.check().map_err(FrameError::Malformed)?;
     Ok(msg)
+}
+
+/// The length prefix of a raw frame carrying `len` bytes (an opaque payload such as a UDP
+/// datagram too large for one QUIC datagram).
+pub fn raw_header(len: usize) -> Result<[u8; HEADER_LEN], FrameError> {
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok((len as u32).to_be_bytes())
 }
 
 /// Checks a length prefix against the cap.
@@ -98,7 +113,7 @@ impl FrameDecoder {
     }
 
     /// Decodes the next complete message, if any.
-    pub fn next_msg<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_msg<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
         match self.next_frame()? {
             Some(payload) => decode_payload(&payload).map(Some),
             None => Ok(None),
@@ -108,6 +123,11 @@ impl FrameDecoder {
     /// Bytes buffered but not yet returned; non-zero at end of stream means a truncated frame.
     pub fn pending(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Takes the bytes buffered past the last complete frame (data a peer sent after a header).
+    pub fn take_pending(&mut self) -> Bytes {
+        self.buf.split().freeze()
     }
 }
 

@@ -43,6 +43,11 @@ pub mod codes {
     pub const SHUTDOWN: u32 = 7;
     /// Unsupported protocol version.
     pub const VERSION: u32 = 8;
+    /// Flow-level: no byte in either direction for the configured idle timeout.
+    pub const IDLE: u32 = 9;
+    /// Connection or flow: the peer's certificate expired, its CA is no longer trusted, or the
+    /// policy no longer allows what it carries.
+    pub const REVOKED: u32 = 10;
 
     /// Human-readable name of a code, for logs.
     pub fn name(code: u64) -> &'static str {
@@ -56,6 +61,8 @@ pub mod codes {
             6 => "reset by peer",
             7 => "shutdown",
             8 => "unsupported protocol version",
+            9 => "idle timeout",
+            10 => "access revoked",
             _ => "unknown",
         }
     }

@@ -10,7 +10,53 @@
 
 use std::net::SocketAddr;
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Longest service name (and software string) a peer may send. Names come from configuration,
+/// so anything longer is hostile or broken and is refused when the frame is decoded, before it
+/// can reach a log line or a table.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest free-text reason a peer may send.
+pub const MAX_TEXT_LEN: usize = 1024;
+/// Most entries in a list a peer may send (watched services, reconnect hints).
+pub const MAX_LIST_LEN: usize = 256;
+
+/// A message of this protocol: serde-encoded, with bounds that [`crate::frame::decode_payload`]
+/// enforces beyond the frame size cap.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Checks what the frame cap cannot: name and list lengths. The error names the field.
+    fn check(&self) -> Result<(), String>;
+}
+
+fn name(field: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{field} of {} bytes exceeds the {MAX_NAME_LEN}-byte limit",
+            s.len()
+        ));
+    }
+    Ok(())
+}
+
+fn text(field: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_TEXT_LEN {
+        return Err(format!(
+            "{field} of {} bytes exceeds the {MAX_TEXT_LEN}-byte limit",
+            s.len()
+        ));
+    }
+    Ok(())
+}
+
+fn list<T>(field: &str, v: &[T], each: impl Fn(&T) -> Result<(), String>) -> Result<(), String> {
+    if v.len() > MAX_LIST_LEN {
+        return Err(format!(
+            "{field} has {} entries, more than the limit of {MAX_LIST_LEN}",
+            v.len()
+        ));
+    }
+    v.iter().try_for_each(each)
+}
 
 /// What a peer is, as carried in its certificate's SPIFFE ID.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,12 +243,65 @@ pub enum FlowReply {
     },
 }
 
+impl Message for ClientMsg {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            ClientMsg::Hello {
+                software, watch, ..
+            } => {
+                name("software", software)?;
+                list("watch", watch, |s| name("watched service name", s))
+            }
+            ClientMsg::Register { service, .. } | ClientMsg::Deregister { service } => {
+                name("service name", service)
+            }
+        }
+    }
+}
+
+impl Message for ServerMsg {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            ServerMsg::Welcome { identity, .. } => text("identity", identity),
+            ServerMsg::Refused { reason } => text("reason", reason),
+            ServerMsg::Registered { service } => name("service name", service),
+            ServerMsg::RegisterRejected { service, reason }
+            | ServerMsg::ServiceStatus {
+                service, reason, ..
+            } => {
+                name("service name", service)?;
+                text("reason", reason)
+            }
+            ServerMsg::GoAway {
+                reason, reconnect, ..
+            } => {
+                text("reason", reason)?;
+                list("reconnect", reconnect, |s| text("reconnect hint", s))
+            }
+        }
+    }
+}
+
+impl Message for FlowOpen {
+    fn check(&self) -> Result<(), String> {
+        name("service name", &self.service)
+    }
+}
+
+impl Message for FlowReply {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            FlowReply::Accept => Ok(()),
+            FlowReply::Reject { message, .. } => text("message", message),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::{self, FrameDecoder};
     use proptest::prelude::*;
-    use serde::{de::DeserializeOwned, Serialize};
     use std::fmt::Debug;
 
     fn role() -> impl Strategy<Value = Role> {
@@ -294,7 +393,7 @@ mod tests {
         ]
     }
 
-    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(msg: &T) {
+    fn round_trip<T: Message + PartialEq + Debug>(msg: &T) {
         let wire = frame::encode(msg).unwrap();
         let mut d = FrameDecoder::new();
         d.extend(&wire);
@@ -316,6 +415,20 @@ mod tests {
         fn flow_reply_round_trip(reason in reject_reason(), message in name(), accept in any::<bool>()) {
             let m = if accept { FlowReply::Accept } else { FlowReply::Reject { reason, message } };
             round_trip(&m);
+        }
+
+        #[test]
+        fn oversized_names_are_refused_at_decode(len in (MAX_NAME_LEN + 1)..(4 * MAX_NAME_LEN)) {
+            // Encoded like a well-formed message, refused for its bounds, naming the field.
+            let open = frame::encode(&FlowOpen { service: "s".repeat(len), protocol: Protocol::Tcp, flow_id: 0 }).unwrap();
+            let reg = frame::encode(&ClientMsg::Register { service: "s".repeat(len), tcp: true, udp: false }).unwrap();
+            let e1 = frame::decode_payload::<FlowOpen>(&open[frame::HEADER_LEN..]).unwrap_err().to_string();
+            let e2 = frame::decode_payload::<ClientMsg>(&reg[frame::HEADER_LEN..]).unwrap_err().to_string();
+            for e in [e1, e2] {
+                prop_assert!(e.contains("service name") && e.contains("limit"), "{}", e);
+            }
+            let ok = frame::encode(&FlowOpen { service: "s".repeat(MAX_NAME_LEN), protocol: Protocol::Tcp, flow_id: 0 }).unwrap();
+            prop_assert!(frame::decode_payload::<FlowOpen>(&ok[frame::HEADER_LEN..]).is_ok());
         }
 
         #[test]

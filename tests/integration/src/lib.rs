@@ -165,7 +165,17 @@ pub struct ConnectorHandle {
     pub config: ztna_connector::Config,
     pub handle: ztna_connector::Handle,
     pub daemon: Daemon<ztna_connector::Metrics>,
-    pub registered: tokio::sync::watch::Receiver<Vec<bool>>,
+    pub registered: tokio::sync::watch::Receiver<ztna_connector::Registrations>,
+}
+
+/// Intermediates on which at least one service is registered.
+pub fn registered_on(regs: &ztna_connector::Registrations) -> usize {
+    regs.iter()
+        .filter(|r| {
+            r.values()
+                .any(|s| *s == ztna_connector::Registration::Registered)
+        })
+        .count()
 }
 
 impl ConnectorHandle {
@@ -173,8 +183,7 @@ impl ConnectorHandle {
     pub async fn wait_registered(&mut self, n: usize) {
         let ok = tokio::time::timeout(
             Duration::from_secs(10),
-            self.registered
-                .wait_for(|v| v.iter().filter(|b| **b).count() >= n),
+            self.registered.wait_for(|v| registered_on(v) >= n),
         )
         .await;
         assert!(
@@ -270,7 +279,7 @@ pub fn start_connector_with(
     let c = ztna_connector::Connector::bind(cfg).expect("bind connector");
     let handle = c.handle();
     let metrics = c.metrics();
-    let registered = c.registered();
+    let registered = c.registrations();
     let ops = c.ops_addr().expect("ops addr");
     let stop = CancellationToken::new();
     let task = tokio::spawn(c.run(stop.clone()));
@@ -292,7 +301,8 @@ pub struct AgentHandle {
     pub daemon: Daemon<ztna_agent::Metrics>,
     /// (service, protocol, local address) in forward order.
     pub ports: Vec<(String, ztna_proto::Protocol, SocketAddr)>,
-    pub session: tokio::sync::watch::Receiver<Option<Arc<ztna_agent::Session>>>,
+    /// What the agent knows about its relays.
+    pub relays: tokio::sync::watch::Receiver<ztna_agent::Snapshot>,
 }
 
 impl AgentHandle {
@@ -304,17 +314,16 @@ impl AgentHandle {
             .expect("forward configured")
     }
 
-    /// Waits for a connected session on which `service` has the given availability.
+    /// Waits until the agent sees `service` in the given state (as a user would: available if
+    /// some usable relay has it), and returns the reason the relay gave.
     pub async fn wait_status(&mut self, service: &str, want: ztna_proto::ServiceState) -> String {
         let mut reason = String::new();
         let ok = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Some(s) = self.session.borrow().clone() {
-                    if let Some((a, r)) = s.status(service) {
-                        if a == want {
-                            reason = r;
-                            return;
-                        }
+                if let Some((a, r)) = self.relays.borrow().service_state(service) {
+                    if a == want {
+                        reason = r;
+                        return;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -358,7 +367,7 @@ pub async fn start_agent_with(
     let ports = agent.local_addrs();
     let ops = agent.ops_addr().expect("ops addr");
     let metrics = agent.metrics();
-    let session = agent.session();
+    let relays = agent.relays();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
     AgentHandle {
@@ -369,7 +378,7 @@ pub async fn start_agent_with(
             task,
         },
         ports,
-        session,
+        relays,
     }
 }
 

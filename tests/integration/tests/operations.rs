@@ -344,7 +344,7 @@ async fn metrics_contract_moves_with_traffic_and_readyz_follows_the_design() {
 /// "unavailable", which the agent would pass on to the user as a refused connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_opened_on_a_draining_intermediate_is_told_to_go_elsewhere() {
-    use ztna_node::io::{read_frame_timeout, write_frame};
+    use ztna_node::io::{write_frame, FramedRecv};
     use ztna_proto::{ClientMsg, FlowOpen, FlowReply, RejectReason, Role, ServerMsg};
     logs();
     let pki = Pki::new();
@@ -357,7 +357,8 @@ async fn a_flow_opened_on_a_draining_intermediate_is_told_to_go_elsewhere() {
     let (_ep, conn) = raw_connect(&tls, Role::Agent, im.addr)
         .await
         .expect("agent connects");
-    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.expect("control stream");
+    let (mut ctl_send, ctl_recv) = conn.open_bi().await.expect("control stream");
+    let mut ctl_recv = FramedRecv::new(ctl_recv);
     let hello = ClientMsg::Hello {
         version: ztna_proto::PROTOCOL_VERSION,
         role: Role::Agent,
@@ -366,14 +367,16 @@ async fn a_flow_opened_on_a_draining_intermediate_is_told_to_go_elsewhere() {
     };
     write_frame(&mut ctl_send, &hello).await.expect("hello");
     let open = |conn: quinn::Connection| async move {
-        let (mut s, mut r) = conn.open_bi().await.expect("flow stream");
+        let (mut s, r) = conn.open_bi().await.expect("flow stream");
+        let mut r = FramedRecv::new(r);
         let req = FlowOpen {
             service: "web".into(),
             protocol: Protocol::Tcp,
             flow_id: 0,
         };
         write_frame(&mut s, &req).await.expect("flow open");
-        let reply = read_frame_timeout::<FlowReply>(&mut r, Duration::from_secs(5))
+        let reply = r
+            .expect::<FlowReply>(Duration::from_secs(5))
             .await
             .expect("flow reply");
         (s, r, reply)
@@ -383,11 +386,11 @@ async fn a_flow_opened_on_a_draining_intermediate_is_told_to_go_elsewhere() {
     assert!(matches!(reply, FlowReply::Accept), "{reply:?}");
     held_s.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
-    held_r.read_exact(&mut buf).await.expect("echo");
+    held_r.stream().read_exact(&mut buf).await.expect("echo");
 
     im.daemon.stop.cancel();
     let mut goaway = false;
-    while let Ok(m) = read_frame_timeout::<ServerMsg>(&mut ctl_recv, Duration::from_secs(5)).await {
+    while let Ok(m) = ctl_recv.expect::<ServerMsg>(Duration::from_secs(5)).await {
         if matches!(m, ServerMsg::GoAway { .. }) {
             goaway = true;
             break;
@@ -472,7 +475,7 @@ async fn wait_registered_count(
     tokio::time::timeout(
         limit,
         c.registered
-            .wait_for(|v| v.iter().filter(|b| **b).count() == n),
+            .wait_for(|v| ztna_integration::registered_on(v) == n),
     )
     .await
     .ok()

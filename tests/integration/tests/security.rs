@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use ztna_integration::*;
-use ztna_node::io::{read_frame_timeout, write_frame};
+use ztna_node::io::{write_frame, FramedRecv};
 use ztna_pki::{IssueRequest, Validity};
 use ztna_proto::{
     ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role, ServerMsg, ServiceState,
@@ -49,11 +49,9 @@ async fn legit_still_works(w: &World) {
     assert_eq!(back, b"still here", "legitimate agent affected");
 }
 
-async fn hello(
-    conn: &quinn::Connection,
-    role: Role,
-) -> (quinn::SendStream, quinn::RecvStream, ServerMsg) {
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
+async fn hello(conn: &quinn::Connection, role: Role) -> (quinn::SendStream, FramedRecv, ServerMsg) {
+    let (mut s, r) = conn.open_bi().await.unwrap();
+    let mut r = FramedRecv::new(r);
     let msg = ClientMsg::Hello {
         version: PROTOCOL_VERSION,
         role,
@@ -61,9 +59,7 @@ async fn hello(
         watch: vec!["web".into()],
     };
     write_frame(&mut s, &msg).await.unwrap();
-    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let reply = r.expect::<ServerMsg>(Duration::from_secs(5)).await.unwrap();
     (s, r, reply)
 }
 
@@ -103,7 +99,8 @@ async fn policy_denied_agent_learns_why_and_is_refused_at_once() {
     let tls = w.pki.issue("agent", "mallory2");
     let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
     let (_cs, _cr, _) = hello(&conn, Role::Agent).await;
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let (mut s, r) = conn.open_bi().await.unwrap();
+    let mut r = FramedRecv::new(r);
     write_frame(
         &mut s,
         &FlowOpen {
@@ -114,10 +111,7 @@ async fn policy_denied_agent_learns_why_and_is_refused_at_once() {
     )
     .await
     .unwrap();
-    match read_frame_timeout::<FlowReply>(&mut r, Duration::from_secs(5))
-        .await
-        .unwrap()
-    {
+    match r.expect::<FlowReply>(Duration::from_secs(5)).await.unwrap() {
         FlowReply::Reject {
             reason: RejectReason::Denied,
             message,
@@ -230,7 +224,7 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     .await
     .unwrap();
     let mut rejected = false;
-    while let Ok(m) = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5)).await {
+    while let Ok(m) = r.expect::<ServerMsg>(Duration::from_secs(5)).await {
         if let ServerMsg::RegisterRejected { reason, .. } = m {
             assert!(reason.contains("agents cannot register"), "{reason}");
             rejected = true;
@@ -272,9 +266,7 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
     )
     .await
     .unwrap();
-    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let reply = r.expect::<ServerMsg>(Duration::from_secs(5)).await.unwrap();
     assert!(
         matches!(&reply, ServerMsg::RegisterRejected { reason, .. } if reason.contains("does not allow")),
         "{reply:?}"
@@ -306,7 +298,8 @@ async fn malformed_oversized_and_unknown_version_close_only_that_connection() {
 
     // Unknown protocol version.
     let (_ep, conn) = raw_connect(&tls, Role::Agent, w.im.addr).await.unwrap();
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let (mut s, r) = conn.open_bi().await.unwrap();
+    let mut r = FramedRecv::new(r);
     let msg = ClientMsg::Hello {
         version: 99,
         role: Role::Agent,
@@ -314,9 +307,7 @@ async fn malformed_oversized_and_unknown_version_close_only_that_connection() {
         watch: vec![],
     };
     write_frame(&mut s, &msg).await.unwrap();
-    let reply = read_frame_timeout::<ServerMsg>(&mut r, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let reply = r.expect::<ServerMsg>(Duration::from_secs(5)).await.unwrap();
     assert!(
         matches!(&reply, ServerMsg::Refused { reason } if reason.contains("version 99")),
         "{reply:?}"

@@ -1,0 +1,193 @@
+//! One supervised link per configured intermediate: connect, hello, then follow its control
+//! stream (service status, GoAway) and deliver its datagrams, until the connection ends; then
+//! reconnect (polling at about a second after a drain, exponential backoff capped at 3 s after
+//! a failure). Everything that happens is reported to the relay manager.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
+use ztna_node::client::{self, Control};
+use ztna_node::identity::describe_connection_error;
+use ztna_node::CancellationToken;
+use ztna_proto::{Role, ServerMsg, ServiceState};
+
+use crate::relays::{Event, Link};
+use crate::Shared;
+
+pub(crate) async fn supervise(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    index: usize,
+    target: String,
+    events: mpsc::UnboundedSender<Event>,
+    stop: CancellationToken,
+) {
+    let span = info_span!("intermediate", %target);
+    async move {
+        let mut backoff = Reconnect::new(BackoffPolicy::default());
+        let mut generation = 0u64;
+        let _ = events.send(Event::Connecting(index));
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let client_config = shared.client();
+            let attempt = tokio::select! {
+                r = client::connect(&endpoint, &client_config, &target, CONNECT_TIMEOUT) => r,
+                _ = stop.cancelled() => return,
+            };
+            let ended = match attempt {
+                Ok(conn) => {
+                    generation += 1;
+                    let link = Arc::new(Link {
+                        index,
+                        generation,
+                        target: target.clone(),
+                        conn,
+                    });
+                    let ended = serve(&shared, link.clone(), &events, &stop).await;
+                    let _ = events.send(Event::Down {
+                        index,
+                        error: ended.why.clone(),
+                    });
+                    ended
+                }
+                Err(why) => {
+                    warn!(reason = %why, "cannot connect to intermediate");
+                    let _ = events.send(Event::Down { index, error: why });
+                    Ended::default()
+                }
+            };
+            if stop.is_cancelled() {
+                return;
+            }
+            if ended.drained {
+                // A restart is planned: poll at about a second until it is back.
+                backoff.planned();
+            }
+            let delay = backoff.next_delay(ended.since);
+            debug!(?delay, "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(Default)]
+struct Ended {
+    since: Option<Instant>,
+    drained: bool,
+    why: String,
+}
+
+async fn serve(
+    shared: &Shared,
+    link: Arc<Link>,
+    events: &mpsc::UnboundedSender<Event>,
+    stop: &CancellationToken,
+) -> Ended {
+    let conn = &link.conn;
+    let mut watch: Vec<String> = shared
+        .config
+        .forward
+        .iter()
+        .map(|f| f.service.clone())
+        .collect();
+    watch.sort();
+    watch.dedup();
+    let software = format!("ztna-agent/{}", ztna_node::VERSION);
+    let Control {
+        mut recv,
+        observed_addr,
+        identity,
+        send: _send,
+    } = match client::hello(conn, Role::Agent, software, watch, CONNECT_TIMEOUT).await {
+        Ok(c) => c,
+        Err(why) => {
+            warn!(reason = %why, "intermediate did not welcome this agent");
+            return Ended {
+                why,
+                ..Ended::default()
+            };
+        }
+    };
+    info!(%identity, %observed_addr, "connected to intermediate");
+    let since = Instant::now();
+    let _ = events.send(Event::Up(link.clone()));
+    let mut drained = false;
+    let control = async {
+        loop {
+            match recv.next::<ServerMsg>().await {
+                Ok(Some(ServerMsg::ServiceStatus {
+                    service,
+                    state,
+                    reason,
+                })) => {
+                    if state == ServiceState::Available {
+                        info!(%service, why = %reason, "service available");
+                    } else {
+                        warn!(%service, why = %reason, "service unavailable");
+                    }
+                    let _ = events.send(Event::Status {
+                        index: link.index,
+                        generation: link.generation,
+                        service,
+                        state,
+                        reason,
+                    });
+                }
+                Ok(Some(ServerMsg::GoAway {
+                    reason,
+                    deadline_ms,
+                    ..
+                })) => {
+                    info!(why = %reason, deadline_ms, "intermediate going away: new flows use another intermediate, running flows finish here");
+                    drained = true;
+                    let _ = events.send(Event::Draining {
+                        index: link.index,
+                        generation: link.generation,
+                    });
+                }
+                Ok(Some(other)) => debug!(msg = ?other, "control message"),
+                Ok(None) => return "the intermediate closed the control stream".to_string(),
+                Err(e) => {
+                    return conn
+                        .close_reason()
+                        .map(|c| describe_connection_error(&c))
+                        .unwrap_or_else(|| format!("control stream: {e}"))
+                }
+            }
+        }
+    };
+    let datagrams = async {
+        loop {
+            match conn.read_datagram().await {
+                Ok(d) => shared.udp.dispatch(&d),
+                Err(e) => return describe_connection_error(&e),
+            }
+        }
+    };
+    let why = tokio::select! {
+        why = control => why,
+        why = datagrams => why,
+        _ = stop.cancelled() => "agent stopping".to_string(),
+    };
+    let drained = drained || client::closed_by_drain(conn);
+    if drained {
+        info!(reason = %why, "intermediate closed after its drain; reconnecting as it restarts");
+    } else if !stop.is_cancelled() {
+        warn!(reason = %why, "lost intermediate");
+    }
+    Ended {
+        since: Some(since),
+        drained,
+        why,
+    }
+}

@@ -1,0 +1,588 @@
+//! What the agent knows about each intermediate, owned by one task, and the decision every new
+//! flow makes from it.
+//!
+//! The agent keeps a link to every configured intermediate (like the connector). Each link task
+//! reports what happens to it ([`Event`]); the manager task ([`manage`]) is the only writer of
+//! the per-relay knowledge and publishes it as an immutable [`Snapshot`]. A new flow asks
+//! [`choose`] for a relay: a pure function of the snapshot, unit-tested below without sockets.
+//!
+//! The rules, in order:
+//! 1. Use the first relay (config order = preference) that is connected, not draining and has the
+//!    service available.
+//! 2. If none, wait while a relay is still connecting or has not reported the service yet.
+//! 3. Otherwise use a draining relay that still has the service (the only way left; it serves
+//!    until it closes).
+//! 4. Otherwise refuse, with the reason the relays gave (no connector, or denied), or say that no
+//!    relay is reachable and why.
+//!
+//! So a relay that sent GoAway or refused a connection is never chosen while another one works,
+//! a service that any reachable non-draining relay has is never refused, and flows for one
+//! service never move because of another service: there are no moves, only per-flow choices.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use ztna_proto::{RejectReason, ServiceState};
+
+/// A connection to one intermediate, as flows use it.
+pub struct Link {
+    pub index: usize,
+    /// Counts connections to this relay; events about an older one are ignored.
+    pub generation: u64,
+    pub target: String,
+    pub conn: quinn::Connection,
+}
+
+/// Where one relay stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conn {
+    /// First attempt (or an attempt after a drain) in progress.
+    Connecting,
+    Up {
+        /// It sent GoAway: running flows finish there, new ones go elsewhere.
+        draining: bool,
+    },
+    /// The last attempt failed or the connection was lost; retrying with backoff.
+    Down { error: String },
+}
+
+/// One relay in a snapshot.
+#[derive(Clone)]
+pub struct RelayView {
+    pub target: String,
+    pub conn: Conn,
+    /// The current connection while `conn` is `Up`.
+    pub link: Option<Arc<Link>>,
+    pub generation: u64,
+    /// Pushed by the relay (reset when the connection is lost).
+    pub services: BTreeMap<String, (ServiceState, String)>,
+}
+
+impl RelayView {
+    pub fn new(target: &str) -> RelayView {
+        RelayView {
+            target: target.to_string(),
+            conn: Conn::Connecting,
+            link: None,
+            generation: 0,
+            services: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.conn, Conn::Up { .. })
+    }
+
+    pub fn usable(&self) -> bool {
+        self.conn == Conn::Up { draining: false }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.conn == Conn::Up { draining: true }
+    }
+
+    pub fn state(&self, service: &str) -> Option<ServiceState> {
+        self.services.get(service).map(|(s, _)| *s)
+    }
+}
+
+/// Everything the agent knows about its relays, in config order.
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    pub relays: Vec<RelayView>,
+}
+
+/// What a new flow should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Open it via the relay at this index.
+    Use(usize),
+    /// Ask again when the snapshot changes.
+    Wait,
+    Refuse(RejectReason, String),
+}
+
+/// The relay for a new flow to `service`, skipping relays in `avoid` (ones this flow already
+/// failed on).
+pub fn choose(snap: &Snapshot, service: &str, avoid: &[usize]) -> Choice {
+    let considered = || {
+        snap.relays
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !avoid.contains(i))
+    };
+    // 1. Connected, not draining, service available: the first in preference order.
+    if let Some((i, _)) =
+        considered().find(|(_, r)| r.usable() && r.state(service) == Some(ServiceState::Available))
+    {
+        return Choice::Use(i);
+    }
+    // 2. Something may still tell us the service is there.
+    let pending = considered().any(|(_, r)| match &r.conn {
+        Conn::Connecting => true,
+        Conn::Up { draining: false } => r.state(service).is_none(),
+        _ => false,
+    });
+    if pending {
+        return Choice::Wait;
+    }
+    // 3. A draining relay that still has it.
+    if let Some((i, _)) = considered()
+        .find(|(_, r)| r.draining() && r.state(service) == Some(ServiceState::Available))
+    {
+        return Choice::Use(i);
+    }
+    // 4. Refuse, in the relays' own words.
+    let said: Vec<&(ServiceState, String)> = considered()
+        .filter(|(_, r)| r.is_up())
+        .filter_map(|(_, r)| r.services.get(service))
+        .collect();
+    if let Some((_, why)) = said.iter().find(|(s, _)| *s == ServiceState::Unavailable) {
+        return Choice::Refuse(RejectReason::Unavailable, why.clone());
+    }
+    if let Some((_, why)) = said.iter().find(|(s, _)| *s == ServiceState::Denied) {
+        return Choice::Refuse(RejectReason::Denied, why.clone());
+    }
+    if considered().any(|(_, r)| r.is_up()) {
+        return Choice::Refuse(
+            RejectReason::Unavailable,
+            format!("no usable intermediate serves {service} now"),
+        );
+    }
+    let errors: Vec<String> = snap
+        .relays
+        .iter()
+        .filter_map(|r| match &r.conn {
+            Conn::Down { error } => Some(format!("{}: {error}", r.target)),
+            _ => None,
+        })
+        .collect();
+    Choice::Refuse(
+        RejectReason::Unavailable,
+        if errors.is_empty() {
+            "no intermediate reachable".to_string()
+        } else {
+            format!("no intermediate reachable ({})", errors.join("; "))
+        },
+    )
+}
+
+impl Snapshot {
+    pub fn new(targets: &[String]) -> Snapshot {
+        Snapshot {
+            relays: targets.iter().map(|t| RelayView::new(t)).collect(),
+        }
+    }
+
+    /// The service's availability as a user would see it: available if some usable relay has it;
+    /// otherwise what the connected relays said.
+    pub fn service_state(&self, service: &str) -> Option<(ServiceState, String)> {
+        let said: Vec<(bool, &(ServiceState, String))> = self
+            .relays
+            .iter()
+            .filter(|r| r.is_up())
+            .filter_map(|r| r.services.get(service).map(|s| (r.usable(), s)))
+            .collect();
+        said.iter()
+            .find(|(usable, (s, _))| *usable && *s == ServiceState::Available)
+            .or_else(|| {
+                said.iter()
+                    .find(|(_, (s, _))| *s == ServiceState::Available)
+            })
+            .or_else(|| {
+                said.iter()
+                    .find(|(_, (s, _))| *s == ServiceState::Unavailable)
+            })
+            .or_else(|| said.first())
+            .map(|(_, x)| (*x).clone())
+    }
+
+    /// Relays with a connection up (draining or not).
+    pub fn connected(&self) -> usize {
+        self.relays.iter().filter(|r| r.is_up()).count()
+    }
+
+    /// Relays connected and not draining.
+    pub fn usable(&self) -> usize {
+        self.relays.iter().filter(|r| r.usable()).count()
+    }
+
+    /// The link of relay `i` if it is up.
+    pub fn link(&self, i: usize) -> Option<Arc<Link>> {
+        self.relays.get(i).and_then(|r| r.link.clone())
+    }
+
+    /// Whether `link` is still its relay's current, non-draining connection.
+    pub fn is_current_and_usable(&self, link: &Link) -> bool {
+        self.relays
+            .get(link.index)
+            .is_some_and(|r| r.generation == link.generation && r.usable())
+    }
+}
+
+/// What link tasks and flows report to the manager.
+pub enum Event {
+    Connecting(usize),
+    Up(Arc<Link>),
+    Status {
+        index: usize,
+        generation: u64,
+        service: String,
+        state: ServiceState,
+        reason: String,
+    },
+    /// GoAway (or a Draining refusal) on that connection.
+    Draining {
+        index: usize,
+        generation: u64,
+    },
+    Down {
+        index: usize,
+        error: String,
+    },
+    /// A flow was told the service is missing there although the last status said otherwise
+    /// (the status push is on its way): believe the flow until the relay says more.
+    Missing {
+        index: usize,
+        generation: u64,
+        service: String,
+        reason: String,
+    },
+}
+
+/// Applies one event (the manager's whole job, kept pure for tests). Events about a connection
+/// that is no longer current are ignored.
+pub fn apply(snap: &mut Snapshot, ev: Event) {
+    fn current(snap: &mut Snapshot, i: usize, generation: u64) -> Option<&mut RelayView> {
+        snap.relays
+            .get_mut(i)
+            .filter(|r| r.generation == generation && r.is_up())
+    }
+    match ev {
+        Event::Connecting(i) => {
+            if let Some(r) = snap.relays.get_mut(i) {
+                r.conn = Conn::Connecting;
+                r.link = None;
+                r.services.clear();
+            }
+        }
+        Event::Up(link) => {
+            if let Some(r) = snap.relays.get_mut(link.index) {
+                r.conn = Conn::Up { draining: false };
+                r.generation = link.generation;
+                r.link = Some(link);
+                r.services.clear();
+            }
+        }
+        Event::Status {
+            index,
+            generation,
+            service,
+            state,
+            reason,
+        } => {
+            if let Some(r) = current(snap, index, generation) {
+                r.services.insert(service, (state, reason));
+            }
+        }
+        Event::Draining { index, generation } => {
+            if let Some(r) = current(snap, index, generation) {
+                r.conn = Conn::Up { draining: true };
+            }
+        }
+        Event::Down { index, error } => {
+            if let Some(r) = snap.relays.get_mut(index) {
+                r.conn = Conn::Down { error };
+                r.link = None;
+                r.services.clear();
+            }
+        }
+        Event::Missing {
+            index,
+            generation,
+            service,
+            reason,
+        } => {
+            if let Some(r) = current(snap, index, generation) {
+                r.services
+                    .insert(service, (ServiceState::Unavailable, reason));
+            }
+        }
+    }
+}
+
+/// The manager: owns the per-relay knowledge, applies events in order, publishes snapshots.
+pub async fn manage(mut events: mpsc::UnboundedReceiver<Event>, out: watch::Sender<Snapshot>) {
+    while let Some(ev) = events.recv().await {
+        out.send_modify(|snap| apply(snap, ev));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ServiceState::{Available as A, Denied as D, Unavailable as U};
+
+    /// A relay in a table row: its connection and what it said about services.
+    fn relay(conn: Conn, services: &[(&str, ServiceState)]) -> RelayView {
+        RelayView {
+            target: "r".into(),
+            conn,
+            link: None,
+            generation: 1,
+            services: services
+                .iter()
+                .map(|(s, st)| (s.to_string(), (*st, format!("{s} is {st:?}"))))
+                .collect(),
+        }
+    }
+    fn up(services: &[(&str, ServiceState)]) -> RelayView {
+        relay(Conn::Up { draining: false }, services)
+    }
+    fn draining(services: &[(&str, ServiceState)]) -> RelayView {
+        relay(Conn::Up { draining: true }, services)
+    }
+    fn down() -> RelayView {
+        relay(
+            Conn::Down {
+                error: "timed out".into(),
+            },
+            &[],
+        )
+    }
+    fn connecting() -> RelayView {
+        relay(Conn::Connecting, &[])
+    }
+    fn refuse_unavailable() -> Choice {
+        Choice::Refuse(RejectReason::Unavailable, String::new())
+    }
+
+    /// Compares choices, ignoring refusal texts (checked separately).
+    fn same(a: &Choice, b: &Choice) -> bool {
+        match (a, b) {
+            (Choice::Refuse(x, _), Choice::Refuse(y, _)) => x == y,
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        /// (situation, relays, service, relays to avoid, expected choice)
+        type Case = (
+            &'static str,
+            Vec<RelayView>,
+            &'static str,
+            Vec<usize>,
+            Choice,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "first usable relay with the service wins",
+                vec![up(&[("web", A)]), up(&[("web", A)])],
+                "web",
+                vec![],
+                Choice::Use(0),
+            ),
+            (
+                "a service only via B goes to B, flows for web stay on A",
+                vec![up(&[("web", A), ("dns", U)]), up(&[("web", A), ("dns", A)])],
+                "dns",
+                vec![],
+                Choice::Use(1),
+            ),
+            (
+                "... and web still goes to A",
+                vec![up(&[("web", A), ("dns", U)]), up(&[("web", A), ("dns", A)])],
+                "web",
+                vec![],
+                Choice::Use(0),
+            ),
+            (
+                "a draining relay is never chosen while another works",
+                vec![draining(&[("web", A)]), up(&[("web", A)])],
+                "web",
+                vec![],
+                Choice::Use(1),
+            ),
+            (
+                "web only via B, B draining, A lacks it: B still serves it",
+                vec![up(&[("web", U)]), draining(&[("web", A)])],
+                "web",
+                vec![],
+                Choice::Use(1),
+            ),
+            (
+                "lone relay draining: still used until it closes",
+                vec![draining(&[("web", A)])],
+                "web",
+                vec![],
+                Choice::Use(0),
+            ),
+            (
+                "a relay that refused connections (down) is skipped",
+                vec![down(), up(&[("web", A)])],
+                "web",
+                vec![],
+                Choice::Use(1),
+            ),
+            (
+                "still connecting at start: wait, do not refuse",
+                vec![up(&[("web", U)]), connecting()],
+                "web",
+                vec![],
+                Choice::Wait,
+            ),
+            (
+                "status not pushed yet: wait",
+                vec![up(&[])],
+                "web",
+                vec![],
+                Choice::Wait,
+            ),
+            (
+                "down everywhere reachable: refuse at once",
+                vec![up(&[("web", U)]), down()],
+                "web",
+                vec![],
+                refuse_unavailable(),
+            ),
+            (
+                "down on both: refuse at once",
+                vec![up(&[("web", U)]), up(&[("web", U)])],
+                "web",
+                vec![],
+                refuse_unavailable(),
+            ),
+            (
+                "denied everywhere: refuse as denied",
+                vec![up(&[("web", D)]), up(&[("web", D)])],
+                "web",
+                vec![],
+                Choice::Refuse(RejectReason::Denied, String::new()),
+            ),
+            (
+                "nothing reachable: refuse",
+                vec![down(), down()],
+                "web",
+                vec![],
+                refuse_unavailable(),
+            ),
+            (
+                "a relay the flow failed on is avoided",
+                vec![up(&[("web", A)]), up(&[("web", A)])],
+                "web",
+                vec![0],
+                Choice::Use(1),
+            ),
+            (
+                "avoiding the only one that has it: refuse",
+                vec![up(&[("web", A)]), up(&[("web", U)])],
+                "web",
+                vec![0],
+                refuse_unavailable(),
+            ),
+            (
+                "preference order beats draining order",
+                vec![
+                    up(&[("web", A)]),
+                    draining(&[("web", A)]),
+                    up(&[("web", A)]),
+                ],
+                "web",
+                vec![],
+                Choice::Use(0),
+            ),
+        ];
+        for (name, relays, service, avoid, want) in cases {
+            let snap = Snapshot { relays };
+            let got = choose(&snap, service, &avoid);
+            assert!(same(&got, &want), "{name}: got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_carry_the_reason() {
+        let snap = Snapshot {
+            relays: vec![up(&[("web", U)]), down()],
+        };
+        match choose(&snap, "web", &[]) {
+            Choice::Refuse(RejectReason::Unavailable, why) => assert_eq!(why, "web is Unavailable"),
+            other => panic!("{other:?}"),
+        }
+        let snap = Snapshot {
+            relays: vec![down(), down()],
+        };
+        match choose(&snap, "web", &[]) {
+            Choice::Refuse(_, why) => assert!(why.contains("timed out"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_follow_connections_and_ignore_stale_ones() {
+        let mut snap = Snapshot::new(&["a:1".to_string(), "b:1".to_string()]);
+        assert_eq!(choose(&snap, "web", &[]), Choice::Wait);
+        // Relay 0 comes up (generation 1) and says web is available.
+        snap.relays[0].conn = Conn::Up { draining: false };
+        snap.relays[0].generation = 1;
+        let status = |index, generation, state| Event::Status {
+            index,
+            generation,
+            service: "web".into(),
+            state,
+            reason: String::new(),
+        };
+        apply(&mut snap, status(0, 1, A));
+        apply(
+            &mut snap,
+            Event::Down {
+                index: 1,
+                error: "refused".into(),
+            },
+        );
+        assert_eq!(choose(&snap, "web", &[]), Choice::Use(0));
+        // A stale event from an older connection of relay 0 changes nothing.
+        apply(
+            &mut snap,
+            Event::Draining {
+                index: 0,
+                generation: 0,
+            },
+        );
+        apply(&mut snap, status(0, 0, U));
+        assert_eq!(choose(&snap, "web", &[]), Choice::Use(0));
+        // A flow learns web is missing there before the push does: believed.
+        apply(
+            &mut snap,
+            Event::Missing {
+                index: 0,
+                generation: 1,
+                service: "web".into(),
+                reason: "no connector".into(),
+            },
+        );
+        assert!(matches!(choose(&snap, "web", &[]), Choice::Refuse(..)));
+        apply(&mut snap, status(0, 1, A));
+        apply(
+            &mut snap,
+            Event::Draining {
+                index: 0,
+                generation: 1,
+            },
+        );
+        assert!(snap.relays[0].draining());
+        // Draining and nothing else: still used.
+        assert_eq!(choose(&snap, "web", &[]), Choice::Use(0));
+        assert_eq!(snap.service_state("web").map(|s| s.0), Some(A));
+        apply(
+            &mut snap,
+            Event::Down {
+                index: 0,
+                error: "closed".into(),
+            },
+        );
+        assert!(snap.relays[0].services.is_empty());
+        assert_eq!(snap.connected(), 0);
+    }
+}

@@ -1,0 +1,414 @@
+//! Local UDP ports: each client address becomes one UDP flow whose datagrams travel as QUIC
+//! datagrams (payloads too large for one go on the flow's stream).
+//!
+//! A flow is carried by one relay at a time (a *leg*). When that relay drains (GoAway) or goes
+//! away while another can carry the service, the flow moves: a new leg is opened on the other
+//! relay while the old one still delivers, then the flow switches to it, so the local client
+//! keeps its address and loses nothing sent after the move. Datagrams that arrive while no leg
+//! is open yet are queued (bounded) and sent once it is.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{ReadError, SendStream, VarInt};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+use ztna_node::clock::Activity;
+use ztna_node::datagram::{self as dg, Sent};
+use ztna_node::flows::{FlowGuard, Kind};
+use ztna_node::io::{write_raw_frame, FramedRecv, StreamError};
+use ztna_node::ratelimit::LogLimiter;
+use ztna_node::{lock, CancellationToken};
+use ztna_proto::{codes, datagram, Protocol};
+
+use crate::open::{open_flow, OpenError, Opened};
+use crate::relays::{choose, Choice, Link};
+use crate::{FlowMeta, Shared};
+
+/// Datagrams queued per flow while its leg is being opened or moved.
+const PENDING: usize = 128;
+/// Oversized payloads queued per flow for the flow's stream.
+const OVERFLOW_QUEUE: usize = 64;
+
+static DROP_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+
+/// Every UDP flow of the agent by flow id (flow ids are unique per agent, whichever relay
+/// carries the flow), for datagrams coming back.
+#[derive(Default)]
+pub(crate) struct UdpFlows {
+    by_id: Mutex<HashMap<u64, Arc<UdpFlow>>>,
+    next_id: AtomicU64,
+}
+
+impl UdpFlows {
+    fn alloc_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A datagram from a relay: hand its payload to the flow's local client.
+    pub fn dispatch(&self, d: &Bytes) {
+        let Ok((id, payload)) = datagram::decode(d) else {
+            return;
+        };
+        let flow = lock(&self.by_id).get(&id).cloned();
+        if let Some(flow) = flow {
+            flow.to_client(&payload);
+        }
+    }
+}
+
+/// The leg a flow's datagrams go out on.
+#[derive(Clone)]
+struct Path {
+    link: Arc<Link>,
+    id: u64,
+    overflow: mpsc::Sender<Bytes>,
+}
+
+struct UdpFlow {
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    service: Arc<str>,
+    activity: Activity,
+    path: Mutex<Option<Path>>,
+    pending: Mutex<VecDeque<Bytes>>,
+    dropped: prometheus::IntCounterVec,
+}
+
+impl UdpFlow {
+    fn drop_one(&self, reason: &str) {
+        self.dropped.with_label_values(&[reason]).inc();
+    }
+
+    fn to_client(&self, payload: &[u8]) {
+        self.activity.touch();
+        if let Err(e) = self.socket.try_send_to(payload, self.client) {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                self.drop_one("client_busy");
+            }
+        }
+    }
+
+    fn queue(&self, payload: &[u8]) {
+        let mut q = lock(&self.pending);
+        if q.len() >= PENDING {
+            self.drop_one("pending");
+            return;
+        }
+        q.push_back(Bytes::copy_from_slice(payload));
+    }
+
+    /// A datagram from the local client: out on the current leg, or queued until there is one.
+    fn send_out(&self, arena: &mut BytesMut, payload: &[u8]) {
+        self.activity.touch();
+        let path = lock(&self.path).clone();
+        let Some(p) = path else {
+            return self.queue(payload);
+        };
+        let Ok(d) = datagram::encode_into(arena, p.id, payload) else {
+            return;
+        };
+        match dg::send(&p.link.conn, d) {
+            Sent::Queued => {}
+            Sent::TooLarge => {
+                if p.overflow
+                    .try_send(Bytes::copy_from_slice(payload))
+                    .is_err()
+                {
+                    self.drop_one("stream_full");
+                    ztna_node::warn_limited!(DROP_LOG, service = %self.service, size = payload.len(), "UDP datagram dropped: too large for a QUIC datagram and the flow's stream queue is full");
+                }
+            }
+            Sent::BufferFull => {
+                self.drop_one("send_buffer_full");
+                ztna_node::warn_limited!(DROP_LOG, service = %self.service, "UDP datagram dropped: send buffer full (the path to the intermediate is congested)");
+            }
+            // The leg's connection is gone: keep it for the next leg.
+            Sent::Gone => self.queue(payload),
+        }
+    }
+
+    /// Sends what was queued on the current leg.
+    fn flush(&self) {
+        let queued: Vec<Bytes> = lock(&self.pending).drain(..).collect();
+        let mut arena = BytesMut::new();
+        for p in queued {
+            self.send_out(&mut arena, &p);
+        }
+    }
+}
+
+/// Serves one local UDP port until the agent drains: then datagrams from new client addresses
+/// are dropped while running flows continue, and the loop ends when they have.
+pub(crate) async fn udp(
+    shared: Arc<Shared>,
+    service: String,
+    socket: Arc<UdpSocket>,
+    stop: CancellationToken,
+) {
+    let service: Arc<str> = Arc::from(service);
+    let clients: Arc<Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>> = Arc::default();
+    let mut buf = vec![0u8; 65_535];
+    let mut arena = BytesMut::new();
+    let mut accepting = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let (n, client) = tokio::select! {
+            _ = stop.cancelled(), if accepting => {
+                accepting = false;
+                continue;
+            }
+            _ = tick.tick(), if !accepting => {
+                if lock(&clients).is_empty() {
+                    return;
+                }
+                continue;
+            }
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "udp recv error");
+                    continue;
+                }
+            },
+        };
+        let payload = &buf[..n];
+        let existing = lock(&clients).get(&client).cloned();
+        if let Some(flow) = existing {
+            flow.send_out(&mut arena, payload);
+            continue;
+        }
+        if !accepting {
+            shared
+                .metrics
+                .udp_dropped
+                .with_label_values(&["draining"])
+                .inc();
+            continue;
+        }
+        let guard = shared.flows.register(
+            FlowMeta {
+                service: service.clone(),
+            },
+            Kind::Udp,
+        );
+        let flow = Arc::new(UdpFlow {
+            socket: socket.clone(),
+            client,
+            service: service.clone(),
+            activity: guard.activity.clone(),
+            path: Mutex::new(None),
+            pending: Mutex::new(VecDeque::new()),
+            dropped: shared.metrics.udp_dropped.clone(),
+        });
+        flow.queue(payload);
+        lock(&clients).insert(client, flow.clone());
+        let span = info_span!("udp", %service, %client);
+        shared
+            .flows
+            .spawn(run_flow(shared.clone(), flow, guard, clients.clone()).instrument(span));
+    }
+}
+
+/// One relay's part in carrying a flow.
+struct Leg {
+    link: Arc<Link>,
+    id: u64,
+    send: SendStream,
+    recv: FramedRecv,
+    overflow: mpsc::Receiver<Bytes>,
+}
+
+enum LegEnd {
+    /// The flow is over (idle, closed by the other side, or the agent stops).
+    Over,
+    /// Its relay is draining or was lost and another may carry the flow. `broken`: the leg can
+    /// carry nothing more (its stream or connection ended), so the flow ends if no other relay
+    /// takes it.
+    Move { broken: bool },
+}
+
+async fn open_leg(
+    shared: &Shared,
+    flow: &Arc<UdpFlow>,
+    avoid: &mut Vec<usize>,
+) -> Result<Leg, OpenError> {
+    let id = shared.udp.alloc_id();
+    // Known before Accept, so the first datagrams coming back are delivered.
+    lock(&shared.udp.by_id).insert(id, flow.clone());
+    match open_flow(shared, &flow.service, Protocol::Udp, id, avoid).await {
+        Ok(Opened { link, send, recv }) => {
+            let (tx, rx) = mpsc::channel(OVERFLOW_QUEUE);
+            *lock(&flow.path) = Some(Path {
+                link: link.clone(),
+                id,
+                overflow: tx,
+            });
+            flow.flush();
+            Ok(Leg {
+                link,
+                id,
+                send,
+                recv,
+                overflow: rx,
+            })
+        }
+        Err(e) => {
+            lock(&shared.udp.by_id).remove(&id);
+            Err(e)
+        }
+    }
+}
+
+async fn run_flow(
+    shared: Arc<Shared>,
+    flow: Arc<UdpFlow>,
+    guard: FlowGuard<FlowMeta>,
+    clients: Arc<Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>>,
+) {
+    let flows = &shared.metrics.flows;
+    let service = flow.service.clone();
+    let mut avoid = Vec::new();
+    let mut leg = match open_leg(&shared, &flow, &mut avoid).await {
+        Ok(leg) => {
+            flows
+                .with_label_values(&[&service, "udp", "relay", "ok"])
+                .inc();
+            info!(intermediate = %leg.link.target, "udp flow open");
+            leg
+        }
+        Err(e) => {
+            let (label, why) = e.describe();
+            flows
+                .with_label_values(&[&service, "udp", "relay", label])
+                .inc();
+            warn!(why = %why, "refusing UDP flow to {service}");
+            // Keep the entry briefly so a burst is not re-opened per datagram.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            forget(&clients, &flow);
+            return;
+        }
+    };
+    let idle = shared.config.udp_idle_timeout;
+    loop {
+        match run_leg(&shared, &flow, &guard, &mut leg, idle).await {
+            LegEnd::Over => break,
+            LegEnd::Move { broken } => {
+                let mut avoid = vec![leg.link.index];
+                match open_leg(&shared, &flow, &mut avoid).await {
+                    Ok(next) => {
+                        info!(from = %leg.link.target, to = %next.link.target, "udp flow moved to another intermediate");
+                        shared.metrics.udp_moves.inc();
+                        let old = std::mem::replace(&mut leg, next);
+                        end_leg(&shared, old, None);
+                    }
+                    Err(e) => {
+                        let (_, why) = e.describe();
+                        if broken || leg.link.conn.close_reason().is_some() {
+                            warn!(why = %why, "udp flow lost its intermediate and none other can carry it");
+                            break;
+                        }
+                        // The old leg still works (a draining relay serves until it closes).
+                        debug!(why = %why, "udp flow stays on its draining intermediate");
+                        wait_for_change(&shared, &guard).await;
+                    }
+                }
+            }
+        }
+    }
+    let code = guard.cancel.is_cancelled().then(|| guard.code.get());
+    end_leg(&shared, leg, code);
+    forget(&clients, &flow);
+    debug!("udp flow ended");
+}
+
+/// Waits until the relay snapshot changes (or the flow is cancelled) before trying to move again.
+async fn wait_for_change(shared: &Shared, guard: &FlowGuard<FlowMeta>) {
+    let mut snaps = shared.relays.subscribe();
+    snaps.borrow_and_update();
+    tokio::select! {
+        _ = snaps.changed() => {}
+        _ = guard.cancel.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+}
+
+fn end_leg(shared: &Shared, mut leg: Leg, code: Option<u32>) {
+    match code {
+        Some(c) => {
+            let _ = leg.send.reset(VarInt::from_u32(c));
+        }
+        None => {
+            let _ = leg.send.finish();
+        }
+    }
+    lock(&shared.udp.by_id).remove(&leg.id);
+}
+
+fn forget(clients: &Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>, flow: &Arc<UdpFlow>) {
+    let mut c = lock(clients);
+    if c.get(&flow.client).is_some_and(|f| Arc::ptr_eq(f, flow)) {
+        c.remove(&flow.client);
+    }
+}
+
+async fn run_leg(
+    shared: &Shared,
+    flow: &UdpFlow,
+    guard: &FlowGuard<FlowMeta>,
+    leg: &mut Leg,
+    idle: Duration,
+) -> LegEnd {
+    let mut snaps = shared.relays.subscribe();
+    let should_move = |snaps: &tokio::sync::watch::Receiver<crate::relays::Snapshot>| {
+        let snap = snaps.borrow();
+        !snap.is_current_and_usable(&leg.link)
+            && matches!(
+                choose(&snap, &flow.service, &[leg.link.index]),
+                Choice::Use(_)
+            )
+    };
+    if should_move(&snaps) {
+        return LegEnd::Move { broken: false };
+    }
+    loop {
+        let quiet = flow.activity.idle_for();
+        if quiet >= idle {
+            debug!("udp flow idle, closing");
+            return LegEnd::Over;
+        }
+        tokio::select! {
+            f = leg.recv.next_frame() => match f {
+                Ok(Some(p)) => flow.to_client(&p),
+                Ok(None) => return LegEnd::Over,
+                Err(e) => {
+                    let drained = matches!(&e, StreamError::Read(ReadError::Reset(c)) if *c == VarInt::from_u32(codes::DRAINING));
+                    let lost = leg.link.conn.close_reason().is_some();
+                    if drained || lost {
+                        return LegEnd::Move { broken: true };
+                    }
+                    return LegEnd::Over;
+                }
+            },
+            p = leg.overflow.recv() => {
+                if let Some(p) = p {
+                    if write_raw_frame(&mut leg.send, p).await.is_err() {
+                        return LegEnd::Move { broken: true };
+                    }
+                }
+            }
+            r = snaps.changed() => {
+                if r.is_ok() && should_move(&snaps) {
+                    return LegEnd::Move { broken: false };
+                }
+            }
+            _ = tokio::time::sleep(idle - quiet + Duration::from_millis(10)) => {}
+            _ = guard.cancel.cancelled() => return LegEnd::Over,
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! One flow from an agent: read its header, check policy and limits, open it at a connector
+//! (healthy and least loaded first, the next one when a connector refuses or does not answer),
+//! then relay it: TCP as two spliced streams, UDP as datagrams (see `datagrams`) plus the flow's
+//! streams for payloads too large for a datagram on the next hop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{SendStream, VarInt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info_span, Instrument};
+use ztna_node::flows::{FlowGuard, Kind};
+use ztna_node::io::{
+    splice_quic, write_frame, write_raw_frame, FramedRecv, QuicSide, SpliceCtl, StreamError,
+};
+use ztna_node::ratelimit::LogLimiter;
+use ztna_proto::{codes, FlowOpen, FlowReply, Protocol, RejectReason};
+
+use crate::registry::{Peer, Route};
+use crate::session::close;
+use crate::state::{FlowMeta, Shared};
+
+const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Opening a stream towards a connector waits while its stream limit is reached; that is a busy
+/// connector, so the next one is tried.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connector may take to answer (it includes its backend connect).
+const CONNECTOR_REPLY_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long all attempts at opening one flow may take together.
+const OPEN_DEADLINE: Duration = Duration::from_secs(18);
+/// Oversized UDP payloads queued per flow and direction for the flow's stream.
+const OVERFLOW_QUEUE: usize = 64;
+
+static REJECT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+
+pub(crate) async fn agent_flow(
+    shared: Arc<Shared>,
+    agent: Arc<Peer>,
+    mut send: SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut recv = FramedRecv::new(recv);
+    let open = match recv.expect::<FlowOpen>(FLOW_HEADER_TIMEOUT).await {
+        Ok(o) => o,
+        Err(e) => {
+            if e.is_protocol() {
+                tracing::warn!(error = %e, "protocol violation in a flow header, closing connection");
+                close(&agent.conn, codes::PROTOCOL, &format!("flow header: {e}"));
+            }
+            let _ = send.reset(VarInt::from_u32(e.code()));
+            return;
+        }
+    };
+    let FlowOpen {
+        service,
+        protocol,
+        flow_id,
+    } = open;
+    let span = info_span!("open", %service, %protocol);
+    open_and_relay(&shared, &agent, send, recv, service, protocol, flow_id)
+        .instrument(span)
+        .await
+}
+
+async fn open_and_relay(
+    shared: &Arc<Shared>,
+    agent: &Arc<Peer>,
+    mut send: SendStream,
+    recv: FramedRecv,
+    service: String,
+    protocol: Protocol,
+    flow_id: u64,
+) {
+    let m = &shared.metrics;
+    let reject = |send: SendStream, reason: RejectReason, why: String| {
+        m.flows
+            .with_label_values(&[protocol.as_str(), reason.outcome()])
+            .inc();
+        ztna_node::info_limited!(REJECT_LOG, reason = reason.as_str(), why = %why, "flow rejected");
+        send_reject(send, reason, why)
+    };
+    if !shared.policy().may_reach(&service, &agent.id_str) {
+        let why = format!("policy does not allow {} to reach {service}", agent.id);
+        return reject(send, RejectReason::Denied, why).await;
+    }
+    let mut slot = match shared.limits.admit_flow(&agent.id_str) {
+        Ok(s) => s,
+        Err(limit) => {
+            m.limit_rejections.with_label_values(&[limit.label()]).inc();
+            let why = match limit {
+                crate::limits::Limit::FlowsPerAgent => format!(
+                    "this agent already has {} flows open ({})",
+                    shared.config.max_flows_per_agent,
+                    limit.key()
+                ),
+                _ => format!("the intermediate is at its flow limit ({})", limit.key()),
+            };
+            return reject(send, RejectReason::Limit, why).await;
+        }
+    };
+    if protocol == Protocol::Udp && agent.routes().contains_key(&flow_id) {
+        let why = format!("UDP flow id {flow_id} is already in use on this connection");
+        return reject(send, RejectReason::BadRequest, why).await;
+    }
+    let opened = match open_at_connector(shared, &service, protocol).await {
+        Ok(o) => o,
+        Err((reason, why)) => return reject(send, reason, why).await,
+    };
+    let Opened {
+        connector,
+        flow_id: c_flow_id,
+        send: mut c_send,
+        recv: c_recv,
+    } = opened;
+    if let Err(limit) = shared.limits.assign_connector(&mut slot, connector.conn_id) {
+        m.limit_rejections.with_label_values(&[limit.label()]).inc();
+        let _ = c_send.reset(VarInt::from_u32(codes::LIMIT));
+        let why = format!("the connector is at its flow limit ({})", limit.key());
+        return reject(send, RejectReason::Limit, why).await;
+    }
+    // In the flow table (revocation, drain) and counted before the agent hears Accept: from
+    // then on data can flow, and the least-loaded choice and the gauges must already see it.
+    let meta = FlowMeta {
+        agent: agent.id_str.clone(),
+        service: Arc::from(service.as_str()),
+        connector: connector.id_str.clone(),
+    };
+    let kind = match protocol {
+        Protocol::Tcp => Kind::Tcp,
+        Protocol::Udp => Kind::Udp,
+    };
+    let mut guard = shared.flows.register(meta, kind);
+    guard.count_in(m.flows_active.with_label_values(&[protocol.as_str()]));
+    let _loads = (agent.load_guard(), connector.load_guard());
+    if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
+        let _ = c_send.reset(VarInt::from_u32(codes::FLOW_ABORTED));
+        return;
+    }
+    m.flows.with_label_values(&[protocol.as_str(), "ok"]).inc();
+    debug!(connector = %connector.id, "flow accepted");
+    match protocol {
+        Protocol::Tcp => {
+            let ctl = SpliceCtl::for_flow(&guard, Some(shared.config.tcp_idle_timeout));
+            let up = m.bytes("tcp", "to_connector");
+            let down = m.bytes("tcp", "to_agent");
+            let (mut a_recv, a_prefix) = recv.into_parts();
+            let (mut c_recv, c_prefix) = c_recv.into_parts();
+            let stats = splice_quic(
+                QuicSide {
+                    send: &mut send,
+                    recv: &mut a_recv,
+                    prefix: a_prefix,
+                },
+                QuicSide {
+                    send: &mut c_send,
+                    recv: &mut c_recv,
+                    prefix: c_prefix,
+                },
+                Some(&up),
+                Some(&down),
+                &ctl,
+            )
+            .await;
+            debug!(up = stats.forward, down = stats.backward, end = ?stats.end, "flow ended");
+        }
+        Protocol::Udp => {
+            let flow = UdpFlow {
+                agent: agent.clone(),
+                connector: connector.clone(),
+                a_id: flow_id,
+                c_id: c_flow_id,
+            };
+            flow.relay(shared, &guard, (send, recv), (c_send, c_recv))
+                .await;
+        }
+    }
+}
+
+async fn send_reject(mut send: SendStream, reason: RejectReason, why: String) {
+    let msg = FlowReply::Reject {
+        reason,
+        message: why,
+    };
+    let _ = write_frame(&mut send, &msg).await;
+    let _ = send.finish();
+}
+
+struct Opened {
+    connector: Arc<Peer>,
+    flow_id: u64,
+    send: SendStream,
+    recv: FramedRecv,
+}
+
+/// Opens the flow at the best connector that takes it. A connector that refuses (its backend is
+/// down, it is at a limit), is busy or does not answer is demoted for a while and the next one is
+/// tried; only when none takes the flow is it rejected, with the last reason heard.
+async fn open_at_connector(
+    shared: &Shared,
+    service: &str,
+    protocol: Protocol,
+) -> Result<Opened, (RejectReason, String)> {
+    let deadline = Instant::now() + OPEN_DEADLINE;
+    let mut last: Option<(RejectReason, String)> = None;
+    for c in shared.registry.candidates(service, protocol) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let c_flow_id = if protocol == Protocol::Udp {
+            c.alloc_flow_id()
+        } else {
+            0
+        };
+        match try_connector(&c, service, protocol, c_flow_id, deadline).await {
+            Ok((send, recv, FlowReply::Accept)) => {
+                c.health.succeeded();
+                return Ok(Opened {
+                    connector: c,
+                    flow_id: c_flow_id,
+                    send,
+                    recv,
+                });
+            }
+            Ok((_, _, FlowReply::Reject { reason, message })) => {
+                c.health.failed();
+                debug!(connector = %c.id, reason = reason.as_str(), why = %message, "connector refused the flow, trying the next one");
+                last = Some((reason, message));
+            }
+            Err(e) => {
+                c.health.failed();
+                debug!(connector = %c.id, error = %e, "connector did not take the flow, trying the next one");
+            }
+        }
+    }
+    if let Some(last) = last {
+        return Err(last);
+    }
+    if shared.is_draining() {
+        // The connectors are leaving because we are: the agent should retry this flow on another
+        // intermediate rather than fail it.
+        return Err((
+            RejectReason::Draining,
+            "intermediate is draining; open the flow on another intermediate".to_string(),
+        ));
+    }
+    Err((
+        RejectReason::Unavailable,
+        format!("no connector is serving {service} over {protocol}"),
+    ))
+}
+
+async fn try_connector(
+    c: &Peer,
+    service: &str,
+    protocol: Protocol,
+    flow_id: u64,
+    deadline: Instant,
+) -> Result<(SendStream, FramedRecv, FlowReply), StreamError> {
+    let (mut s, r) = match tokio::time::timeout(OPEN_STREAM_TIMEOUT, c.conn.open_bi()).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(_)) => return Err(StreamError::Closed),
+        Err(_) => return Err(StreamError::Timeout),
+    };
+    let open = FlowOpen {
+        service: service.to_string(),
+        protocol,
+        flow_id,
+    };
+    write_frame(&mut s, &open).await?;
+    let mut r = FramedRecv::new(r);
+    let limit = CONNECTOR_REPLY_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+    match r.expect::<FlowReply>(limit).await {
+        Ok(reply) => Ok((s, r, reply)),
+        Err(e) => {
+            let _ = s.reset(VarInt::from_u32(codes::FLOW_ABORTED));
+            Err(e)
+        }
+    }
+}
+
+/// A relayed UDP flow: its datagrams are routed by `datagrams::relay` (flow ids rewritten per
+/// hop); this task carries the flow's lifetime and the payloads too large for a datagram.
+struct UdpFlow {
+    agent: Arc<Peer>,
+    connector: Arc<Peer>,
+    a_id: u64,
+    c_id: u64,
+}
+
+impl UdpFlow {
+    async fn relay(
+        self,
+        shared: &Shared,
+        guard: &FlowGuard<FlowMeta>,
+        (mut a_send, a_recv): (SendStream, FramedRecv),
+        (mut c_send, c_recv): (SendStream, FramedRecv),
+    ) {
+        let (to_c, to_c_rx) = mpsc::channel(OVERFLOW_QUEUE);
+        let (to_a, to_a_rx) = mpsc::channel(OVERFLOW_QUEUE);
+        self.agent.routes().insert(
+            self.a_id,
+            Route {
+                peer: self.connector.clone(),
+                flow_id: self.c_id,
+                overflow: to_c,
+                activity: guard.activity.clone(),
+            },
+        );
+        self.connector.routes().insert(
+            self.c_id,
+            Route {
+                peer: self.agent.clone(),
+                flow_id: self.a_id,
+                overflow: to_a,
+                activity: guard.activity.clone(),
+            },
+        );
+        let m = &shared.metrics;
+        let up_n = m.udp_stream_carried.with_label_values(&["to_connector"]);
+        let down_n = m.udp_stream_carried.with_label_values(&["to_agent"]);
+        let idle = shared.config.udp_idle_timeout;
+        let ended = {
+            let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, guard);
+            let down = forward_frames(c_recv, to_a_rx, &mut a_send, &down_n, guard);
+            let idle_out = async {
+                loop {
+                    let quiet = guard.activity.idle_for();
+                    if quiet >= idle {
+                        return;
+                    }
+                    tokio::time::sleep(idle - quiet + Duration::from_millis(10)).await;
+                }
+            };
+            tokio::select! {
+                _ = async { tokio::join!(up, down) } => None,
+                _ = guard.cancel.cancelled() => Some(guard.code.get()),
+                _ = idle_out => Some(codes::IDLE),
+            }
+        };
+        if let Some(code) = ended {
+            // Cut short (idle, drain, revocation): both ends learn why.
+            let c = VarInt::from_u32(code);
+            let _ = a_send.reset(c);
+            let _ = c_send.reset(c);
+        }
+        self.agent.routes().remove(&self.a_id);
+        self.connector.routes().remove(&self.c_id);
+        debug!(end = ?ended, "udp flow ended");
+    }
+}
+
+/// Passes one direction of a UDP flow's stream on: raw frames (oversized payloads) from the
+/// sender, plus those the datagram relay could not send as datagrams on the next hop.
+async fn forward_frames(
+    mut from: FramedRecv,
+    mut overflow: mpsc::Receiver<Bytes>,
+    to: &mut SendStream,
+    carried: &prometheus::IntCounter,
+    guard: &FlowGuard<FlowMeta>,
+) {
+    let mut overflow_open = true;
+    loop {
+        let payload = tokio::select! {
+            f = from.next_frame() => match f {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    let _ = to.finish();
+                    return;
+                }
+                Err(e) => {
+                    let _ = to.reset(VarInt::from_u32(e.code()));
+                    return;
+                }
+            },
+            p = overflow.recv(), if overflow_open => match p {
+                Some(p) => {
+                    carried.inc();
+                    p
+                }
+                None => {
+                    overflow_open = false;
+                    continue;
+                }
+            },
+        };
+        guard.activity.touch();
+        if write_raw_frame(to, payload).await.is_err() {
+            return;
+        }
+    }
+}

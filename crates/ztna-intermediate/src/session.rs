@@ -1,0 +1,448 @@
+//! One authenticated peer: Hello/Welcome on the control stream, then the session as a few
+//! independent tasks joined together (control reader, control writer, status pushes, flow
+//! streams, datagram relay, RTT sampling, certificate expiry). Each owns its own loop, so a
+//! control write that waits for a slow peer never stalls that peer's datagrams or flows; the
+//! first task to end (the connection closed, a protocol violation, the certificate expired)
+//! ends the session.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use quinn::{SendStream, VarInt};
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+use ztna_node::identity::describe_connection_error;
+use ztna_node::io::{write_frame, FramedRecv, StreamError};
+use ztna_node::ratelimit::LogLimiter;
+use ztna_node::SpiffeId;
+use ztna_proto::{codes, ClientMsg, Role, ServerMsg, ServiceState, MAX_LIST_LEN, PROTOCOL_VERSION};
+
+use crate::registry::Peer;
+use crate::state::Shared;
+use crate::{datagrams, flow};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Control messages queued for one peer before it counts as not reading them.
+const CONTROL_QUEUE: usize = 2 * MAX_LIST_LEN;
+
+static LIMIT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+
+pub(crate) fn close(conn: &quinn::Connection, code: u32, reason: &str) {
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+/// Why a session ended, for the disconnect log line.
+fn lost(conn: &quinn::Connection) -> String {
+    conn.close_reason()
+        .map(|e| describe_connection_error(&e))
+        .unwrap_or_else(|| "connection lost".to_string())
+}
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    id: SpiffeId,
+    chain: Vec<ztna_node::CertificateDer<'static>>,
+) {
+    let (mut send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(reason = %describe_connection_error(&e), "peer left before hello");
+            return;
+        }
+        Err(_) => {
+            warn!("no control stream within {HELLO_TIMEOUT:?}, closing");
+            close(
+                &conn,
+                codes::PROTOCOL,
+                "expected a control stream with Hello",
+            );
+            return;
+        }
+    };
+    let mut recv = FramedRecv::new(recv);
+    let hello = match recv.expect::<ClientMsg>(HELLO_TIMEOUT).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %e, "bad hello, closing");
+            close(&conn, codes::PROTOCOL, &format!("bad hello: {e}"));
+            return;
+        }
+    };
+    let ClientMsg::Hello {
+        version,
+        role,
+        software,
+        watch,
+    } = hello
+    else {
+        warn!("first control message was not Hello, closing");
+        close(
+            &conn,
+            codes::PROTOCOL,
+            "first control message must be Hello",
+        );
+        return;
+    };
+    if version != PROTOCOL_VERSION {
+        let reason = format!(
+            "unsupported protocol version {version}; this intermediate speaks {PROTOCOL_VERSION}"
+        );
+        warn!(%reason, "refusing peer");
+        refuse(&conn, &mut send, codes::VERSION, &reason).await;
+        return;
+    }
+    if role != id.role || role == Role::Intermediate {
+        let reason = if role == Role::Intermediate {
+            "intermediates do not peer".to_string()
+        } else {
+            format!(
+                "hello says role {role} but the certificate says {}",
+                id.role
+            )
+        };
+        warn!(%reason, "refusing peer");
+        refuse(&conn, &mut send, codes::UNAUTHORIZED, &reason).await;
+        return;
+    }
+    let id_str: Arc<str> = Arc::from(id.to_string());
+    let _conn_slot = match shared.limits.admit_connection(&id_str) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            shared
+                .metrics
+                .limit_rejections
+                .with_label_values(&[limit.label()])
+                .inc();
+            let reason = format!(
+                "this identity already holds {} connections ({})",
+                shared.config.max_connections_per_identity,
+                limit.key()
+            );
+            ztna_node::warn_limited!(LIMIT_LOG, %reason, "refusing peer");
+            refuse(&conn, &mut send, codes::LIMIT, &reason).await;
+            return;
+        }
+    };
+    let welcome = ServerMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        identity: id.to_string(),
+        observed_addr: conn.remote_address(),
+    };
+    if write_frame(&mut send, &welcome).await.is_err() {
+        return;
+    }
+    let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, chain, tx));
+    ztna_node::lock(&shared.peers).insert(conn_id, peer.clone());
+    let gauge = shared
+        .metrics
+        .connections
+        .with_label_values(&[role.as_str()]);
+    gauge.inc();
+    info!(%software, "{role} connected");
+    let why = match role {
+        Role::Agent => agent(&shared, &peer, send, recv, rx, watch).await,
+        _ => connector(&shared, &peer, send, recv, rx).await,
+    };
+    gauge.dec();
+    ztna_node::lock(&shared.peers).remove(&conn_id);
+    let gone = shared.registry.remove_peer(conn_id);
+    peer.routes().clear();
+    if gone.is_empty() {
+        info!(reason = %why, "{role} disconnected");
+    } else {
+        info!(reason = %why, services = ?gone, "{role} disconnected");
+    }
+}
+
+async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: u32, reason: &str) {
+    let msg = ServerMsg::Refused {
+        reason: reason.to_string(),
+    };
+    let _ = write_frame(send, &msg).await;
+    let _ = send.finish();
+    // Give the frame a moment to arrive before the close overtakes it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    close(conn, code, reason);
+}
+
+/// Sends the peer's queued control messages, in order.
+async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<ServerMsg>) -> String {
+    while let Some(msg) = rx.recv().await {
+        if let Err(e) = write_frame(&mut send, &msg).await {
+            return format!("control stream write failed: {e}");
+        }
+    }
+    let _ = send.finish();
+    std::future::pending().await
+}
+
+/// Tells the peer something, then closes with `code` once it had a moment to read it.
+async fn say_then_close(peer: &Peer, msg: ServerMsg, code: u32, reason: &str) -> String {
+    let _ = peer.control.send(msg).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    close(&peer.conn, code, reason);
+    reason.to_string()
+}
+
+fn protocol_error(conn: &quinn::Connection, what: &str, e: &StreamError) -> String {
+    if e.is_protocol() {
+        warn!(error = %e, "protocol violation on {what}, closing connection");
+        close(conn, codes::PROTOCOL, &format!("{what}: {e}"));
+        format!("protocol violation on {what}: {e}")
+    } else {
+        lost(conn)
+    }
+}
+
+async fn sample_rtt(shared: &Shared, peer: &Peer, role: &str) -> String {
+    let hist = shared.metrics.rtt(role);
+    let mut tick = tokio::time::interval(RTT_SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => hist.observe(peer.conn.rtt().as_secs_f64()),
+            e = peer.conn.closed() => return describe_connection_error(&e),
+        }
+    }
+}
+
+/// Closes the connection when the peer's certificate expires: an established connection must
+/// not outlive the credential it was authorized with.
+async fn expire(shared: &Shared, peer: &Peer) -> String {
+    let Some(at) = peer.expires else {
+        return std::future::pending().await;
+    };
+    loop {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            break;
+        }
+        // Re-check at least daily: the wall clock may be stepped.
+        tokio::time::sleep(left.min(Duration::from_secs(86_400))).await;
+    }
+    shared
+        .metrics
+        .revocations
+        .with_label_values(&["certificate_expired"])
+        .inc();
+    warn!("peer certificate expired, closing the connection");
+    close(&peer.conn, codes::REVOKED, "certificate expired");
+    "certificate expired".to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents
+
+async fn agent(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    send: SendStream,
+    recv: FramedRecv,
+    rx: mpsc::Receiver<ServerMsg>,
+    watch: Vec<String>,
+) -> String {
+    tokio::select! {
+        why = write_control(send, rx) => why,
+        why = agent_control(peer, recv) => why,
+        why = push_status(shared, peer, watch) => why,
+        why = accept_flows(shared, peer) => why,
+        why = datagrams::relay(shared.clone(), peer.clone(), "to_connector") => why,
+        why = sample_rtt(shared, peer, "agent") => why,
+        why = expire(shared, peer) => why,
+    }
+}
+
+/// An agent has nothing to say on the control stream after Hello.
+async fn agent_control(peer: &Peer, mut recv: FramedRecv) -> String {
+    match recv.next::<ClientMsg>().await {
+        // The agent closed its side of the control stream; it can still open flows.
+        Ok(None) => std::future::pending().await,
+        Ok(Some(ClientMsg::Register { service, .. })) => {
+            warn!(%service, "agent tried to register a service, closing");
+            let reason = "agents cannot register services".to_string();
+            let msg = ServerMsg::RegisterRejected {
+                service,
+                reason: reason.clone(),
+            };
+            say_then_close(peer, msg, codes::UNAUTHORIZED, &reason).await
+        }
+        Ok(Some(other)) => {
+            warn!(msg = ?other, "unexpected control message from agent, closing");
+            close(&peer.conn, codes::PROTOCOL, "unexpected control message");
+            "unexpected control message".to_string()
+        }
+        Err(e) => protocol_error(&peer.conn, "control stream", &e),
+    }
+}
+
+/// Availability of `service` as seen by `agent`, with the reason.
+fn status_for(shared: &Shared, service: &str, agent: &str) -> (ServiceState, String) {
+    if !shared.policy().may_reach(service, agent) {
+        return (
+            ServiceState::Denied,
+            format!("policy does not allow {agent} to reach {service}"),
+        );
+    }
+    match shared.registry.count(service) {
+        0 => (
+            ServiceState::Unavailable,
+            format!("no connector is serving {service}"),
+        ),
+        n => (
+            ServiceState::Available,
+            format!("{n} connector(s) serving {service}"),
+        ),
+    }
+}
+
+fn goaway(shared: &Shared) -> ServerMsg {
+    ServerMsg::GoAway {
+        reason: "intermediate is draining".to_string(),
+        deadline_ms: shared.config.drain_timeout.as_millis() as u64,
+        reconnect: shared.config.reconnect_hint.clone(),
+    }
+}
+
+/// Pushes the availability of every watched service at once and on every change, and GoAway
+/// when the drain starts.
+async fn push_status(shared: &Shared, peer: &Peer, watch: Vec<String>) -> String {
+    let mut changes = shared.registry.subscribe();
+    let mut draining = shared.draining.subscribe();
+    let mut last: HashMap<String, ServiceState> = HashMap::new();
+    let mut goaway_sent = false;
+    loop {
+        changes.borrow_and_update();
+        for service in &watch {
+            let (state, reason) = status_for(shared, service, &peer.id_str);
+            if last.get(service) != Some(&state) {
+                last.insert(service.clone(), state);
+                let msg = ServerMsg::ServiceStatus {
+                    service: service.clone(),
+                    state,
+                    reason,
+                };
+                if peer.control.send(msg).await.is_err() {
+                    return lost(&peer.conn);
+                }
+            }
+        }
+        if *draining.borrow_and_update() && !goaway_sent {
+            goaway_sent = true;
+            if peer.control.send(goaway(shared)).await.is_err() {
+                return lost(&peer.conn);
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return std::future::pending().await },
+            r = draining.changed() => if r.is_err() { return std::future::pending().await },
+        }
+    }
+}
+
+async fn accept_flows(shared: &Arc<Shared>, peer: &Arc<Peer>) -> String {
+    loop {
+        match peer.conn.accept_bi().await {
+            Ok((s, r)) => {
+                let span = info_span!("flow", stream = %r.id());
+                shared
+                    .flows
+                    .spawn(flow::agent_flow(shared.clone(), peer.clone(), s, r).instrument(span));
+            }
+            Err(e) => return describe_connection_error(&e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connectors
+
+async fn connector(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    send: SendStream,
+    recv: FramedRecv,
+    rx: mpsc::Receiver<ServerMsg>,
+) -> String {
+    tokio::select! {
+        why = write_control(send, rx) => why,
+        why = connector_control(shared, peer, recv) => why,
+        why = push_goaway(shared, peer) => why,
+        why = refuse_streams(peer) => why,
+        why = datagrams::relay(shared.clone(), peer.clone(), "to_agent") => why,
+        why = sample_rtt(shared, peer, "connector") => why,
+        why = expire(shared, peer) => why,
+    }
+}
+
+/// Registrations and deregistrations. Every offer is kept with its standing under the current
+/// policy, so a policy reload can bring back one that was refused (see `reload`).
+async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRecv) -> String {
+    loop {
+        let reply = match recv.next::<ClientMsg>().await {
+            Ok(None) => {
+                debug!("connector closed its control stream");
+                close(&peer.conn, codes::OK, "control stream closed");
+                return "connector closed its control stream".to_string();
+            }
+            Ok(Some(ClientMsg::Register { service, tcp, udp })) => {
+                let allowed = shared.policy().may_serve(&service, &peer.id_str);
+                shared.registry.offer(&service, peer, tcp, udp, allowed);
+                if allowed {
+                    info!(%service, tcp, udp, "service registered");
+                    ServerMsg::Registered { service }
+                } else {
+                    let reason = format!("policy does not allow {} to serve {service}", peer.id);
+                    warn!(%service, "registration denied by policy");
+                    ServerMsg::RegisterRejected { service, reason }
+                }
+            }
+            Ok(Some(ClientMsg::Deregister { service })) => {
+                shared.registry.withdraw(&service, peer.conn_id);
+                info!(%service, "service deregistered");
+                continue;
+            }
+            Ok(Some(ClientMsg::Hello { .. })) => {
+                warn!("second Hello, closing");
+                close(&peer.conn, codes::PROTOCOL, "duplicate Hello");
+                return "duplicate Hello".to_string();
+            }
+            Err(e) => return protocol_error(&peer.conn, "control stream", &e),
+        };
+        if peer.control.send(reply).await.is_err() {
+            return lost(&peer.conn);
+        }
+    }
+}
+
+async fn push_goaway(shared: &Shared, peer: &Peer) -> String {
+    let mut draining = shared.draining.subscribe();
+    if draining.wait_for(|d| *d).await.is_err() {
+        return std::future::pending().await;
+    }
+    if peer.control.send(goaway(shared)).await.is_err() {
+        return lost(&peer.conn);
+    }
+    std::future::pending().await
+}
+
+async fn refuse_streams(peer: &Peer) -> String {
+    match peer.conn.accept_bi().await {
+        Ok(_) => {
+            warn!("connector tried to open a flow, closing");
+            close(
+                &peer.conn,
+                codes::UNAUTHORIZED,
+                "connectors cannot open flows",
+            );
+            "connector tried to open a flow".to_string()
+        }
+        Err(e) => describe_connection_error(&e),
+    }
+}

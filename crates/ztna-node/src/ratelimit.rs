@@ -1,0 +1,83 @@
+//! Rate-limited logging: a line that a peer can trigger at will (a refused flow, a dropped
+//! datagram) is logged at most once per period; the rest are counted and the count is reported
+//! with the next line that gets through.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::clock::now_ms;
+
+/// Lets one event through per period and counts the others.
+#[derive(Debug)]
+pub struct LogLimiter {
+    period_ms: u64,
+    /// When the last event was let through (ms since the process clock's epoch), plus one so 0
+    /// means "never".
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    pub const fn new(period: Duration) -> LogLimiter {
+        LogLimiter {
+            period_ms: period.as_millis() as u64,
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the
+    /// last one that was; `None` when it must be dropped (it is counted).
+    pub fn allow(&self) -> Option<u64> {
+        let now = now_ms() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.period_ms;
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// Logs at warn level through a [`LogLimiter`], appending how many similar lines were skipped.
+#[macro_export]
+macro_rules! warn_limited {
+    ($limiter:expr, $($arg:tt)+) => {
+        if let Some(skipped) = $limiter.allow() {
+            tracing::warn!(skipped, $($arg)+);
+        }
+    };
+}
+
+/// Logs at info level through a [`LogLimiter`].
+#[macro_export]
+macro_rules! info_limited {
+    ($limiter:expr, $($arg:tt)+) => {
+        if let Some(skipped) = $limiter.allow() {
+            tracing::info!(skipped, $($arg)+);
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_per_period_and_counts_the_rest() {
+        let l = LogLimiter::new(Duration::from_millis(50));
+        assert_eq!(l.allow(), Some(0));
+        for _ in 0..99 {
+            assert_eq!(l.allow(), None);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(l.allow(), Some(99));
+        assert_eq!(l.allow(), None);
+    }
+}
