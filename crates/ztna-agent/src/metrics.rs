@@ -40,7 +40,7 @@ impl Metrics {
             udp_dropped: m::counter_vec(
                 r,
                 "ztna_agent_udp_dropped_total",
-                "Local UDP datagrams dropped, by reason (pending: queue full while the flow opens; send_buffer_full: the path is congested; stream_full: oversized payload queue full; client_busy: the local client's socket is full; draining: new client during a drain).",
+                "Local UDP datagrams dropped, by reason (pending: queue full while the flow opens; send_buffer_full: the path is congested; stream_full: oversized payload queue full; client_busy: the local client's socket is full; draining: new client during a drain; socket_overflow: the kernel dropped them, the forward's receive buffer was full).",
                 &["reason"],
             ),
             intermediates_connected: m::gauge(
@@ -74,6 +74,7 @@ impl Metrics {
             "stream_full",
             "client_busy",
             "draining",
+            "socket_overflow",
         ] {
             me.udp_dropped.with_label_values(&[r]);
         }

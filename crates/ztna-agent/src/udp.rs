@@ -157,6 +157,12 @@ pub(crate) async fn udp(
     let mut arena = BytesMut::new();
     let mut accepting = true;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    ztna_node::udp::report_overflows(&socket);
+    let mut overflows = ztna_node::udp::OverflowCounter::default();
+    let overflowed = shared
+        .metrics
+        .udp_dropped
+        .with_label_values(&["socket_overflow"]);
     loop {
         let (n, client) = tokio::select! {
             _ = stop.cancelled(), if accepting => {
@@ -169,8 +175,15 @@ pub(crate) async fn udp(
                 }
                 continue;
             }
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+            r = ztna_node::udp::recv_from(&socket, &mut buf) => match r {
+                Ok(r) => {
+                    let lost = overflows.delta(r.overflows);
+                    if lost > 0 {
+                        overflowed.inc_by(lost);
+                        ztna_node::warn_limited!(DROP_LOG, %service, lost, "the kernel dropped UDP datagrams from local clients: the forward's receive buffer was full (raise net.core.rmem_max)");
+                    }
+                    (r.len, r.from)
+                }
                 Err(e) => {
                     debug!(error = %e, "udp recv error");
                     continue;

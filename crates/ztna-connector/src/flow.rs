@@ -355,6 +355,9 @@ async fn backend_reader(
         .with_label_values(&[service, "to_agent"]);
     let dropped = |r: &str| m.udp_dropped.with_label_values(&[r]);
     let (drop_full, drop_gone) = (dropped("send_buffer_full"), dropped("peer_gone"));
+    let overflowed = dropped("socket_overflow");
+    ztna_node::udp::report_overflows(socket);
+    let mut overflows = ztna_node::udp::OverflowCounter::default();
     let mut hdr = [0u8; datagram::MAX_HEADER_LEN];
     let Ok(hdr_len) = varint::encode(flow_id, &mut hdr) else {
         return;
@@ -363,8 +366,15 @@ async fn backend_reader(
     loop {
         datagram::reserve(&mut arena, hdr_len + MAX_UDP);
         arena.extend_from_slice(&hdr[..hdr_len]);
-        let (n, from) = match socket.recv_buf_from(&mut arena).await {
-            Ok(r) => r,
+        let (n, from) = match ztna_node::udp::recv_buf_from(socket, &mut arena).await {
+            Ok(r) => {
+                let lost = overflows.delta(r.overflows);
+                if lost > 0 {
+                    overflowed.inc_by(lost);
+                    ztna_node::warn_limited!(DROP_LOG, %service, lost, "the kernel dropped UDP datagrams from the backend: the socket's receive buffer was full (raise net.core.rmem_max)");
+                }
+                (r.len, r.from)
+            }
             Err(e) => {
                 // ICMP port unreachable from the backend surfaces here; keep the flow.
                 debug!(%service, error = %e, "backend socket error");

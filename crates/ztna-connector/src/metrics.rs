@@ -130,6 +130,7 @@ impl Metrics {
             "send_buffer_full",
             "stream_full",
             "peer_gone",
+            "socket_overflow",
         ] {
             me.udp_dropped.with_label_values(&[r]);
         }

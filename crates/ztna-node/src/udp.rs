@@ -35,3 +35,213 @@ pub async fn bound(addr: SocketAddr, bytes: usize) -> std::io::Result<UdpSocket>
     size_buffers(&socket, bytes);
     Ok(socket)
 }
+
+/// One datagram received with [`recv_from`] / [`recv_buf_from`].
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    pub from: SocketAddr,
+    /// The socket's cumulative count of datagrams the kernel dropped because its receive buffer
+    /// was full (`SO_RXQ_OVFL`), if the socket reports it.
+    pub overflows: Option<u32>,
+}
+
+/// Asks the kernel to report receive-buffer drops with every datagram (`SO_RXQ_OVFL`, Linux).
+/// Returns whether it will.
+pub fn report_overflows(socket: &UdpSocket) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RXQ_OVFL,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        false
+    }
+}
+
+/// `recvmsg` into `buf`, with the `SO_RXQ_OVFL` control message decoded.
+#[cfg(target_os = "linux")]
+fn recvmsg(
+    fd: std::os::fd::RawFd,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+) -> std::io::Result<Received> {
+    let (buf, cap) = (buf.as_mut_ptr().cast::<u8>(), buf.len());
+    // Room for one SO_RXQ_OVFL control message (CMSG_SPACE(4) is 16 on 64-bit Linux).
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: cap,
+    };
+    // SAFETY: every pointer handed to recvmsg points at live locals or at `buf`, which the
+    // caller guarantees is valid for `cap` writable bytes; the kernel writes at most the lengths
+    // given. Control messages are walked with the libc CMSG macros within `msg_controllen`.
+    let (len, overflows, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, addr_len| {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = storage.cast();
+            msg.msg_namelen = *addr_len;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            let n = libc::recvmsg(fd, &mut msg, 0);
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            *addr_len = msg.msg_namelen;
+            let mut overflows = None;
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                    overflows = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+            Ok((n as usize, overflows))
+        })
+        .map(|((n, o), addr)| (n, o, addr))?
+    };
+    let from = addr.as_socket().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "datagram from a non-IP address",
+        )
+    })?;
+    Ok(Received {
+        len,
+        from,
+        overflows,
+    })
+}
+
+/// Receives one datagram into `buf`, reporting kernel receive-buffer drops (see
+/// [`report_overflows`]).
+pub async fn recv_from(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        // SAFETY: viewing initialised bytes as possibly-uninitialised ones is sound as long as
+        // nothing uninitialised is written through the view; only the kernel writes into it.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(
+                buf.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                buf.len(),
+            )
+        };
+        socket
+            .async_io(tokio::io::Interest::READABLE, || recvmsg(fd, buf))
+            .await
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (len, from) = socket.recv_from(buf).await?;
+        Ok(Received {
+            len,
+            from,
+            overflows: None,
+        })
+    }
+}
+
+/// Receives one datagram into the spare capacity of `buf` (extending its length), reporting
+/// kernel receive-buffer drops. `buf` must have spare capacity for the largest datagram.
+pub async fn recv_buf_from(
+    socket: &UdpSocket,
+    buf: &mut bytes::BytesMut,
+) -> std::io::Result<Received> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        let spare = buf.spare_capacity_mut();
+        let r = socket
+            .async_io(tokio::io::Interest::READABLE, || recvmsg(fd, spare))
+            .await?;
+        // SAFETY: the kernel initialised `r.len <= cap` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + r.len) };
+        Ok(r)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (len, from) = socket.recv_buf_from(buf).await?;
+        Ok(Received {
+            len,
+            from,
+            overflows: None,
+        })
+    }
+}
+
+/// Turns a socket's cumulative `SO_RXQ_OVFL` readings into counter increments.
+#[derive(Debug, Default)]
+pub struct OverflowCounter {
+    last: Option<u32>,
+}
+
+impl OverflowCounter {
+    /// Drops since the previous reading (the first reading counts from zero).
+    pub fn delta(&mut self, reading: Option<u32>) -> u64 {
+        let Some(now) = reading else { return 0 };
+        let before = self.last.replace(now).unwrap_or(0);
+        u64::from(now.wrapping_sub(before))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket nobody reads overflows; the next datagram read reports how many the kernel
+    /// dropped, and payloads and sources come through intact.
+    #[tokio::test]
+    async fn kernel_receive_drops_are_reported() {
+        let rx = bound("127.0.0.1:0".parse().unwrap(), 4096).await.unwrap();
+        assert!(report_overflows(&rx));
+        let to = rx.local_addr().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for i in 0..2000u32 {
+            let _ = tx.send_to(&[i as u8; 1000], to).await;
+        }
+        // The kernel stamps each datagram with the socket's drop count when it is queued, so
+        // drain what was queued before the drops, then read one queued after them.
+        let mut buf = vec![0u8; 2048];
+        while let Ok(Ok(r)) = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            recv_from(&rx, &mut buf),
+        )
+        .await
+        {
+            assert_eq!(r.len, 1000);
+        }
+        let _ = tx.send_to(&[9u8; 1000], to).await;
+        let r = recv_from(&rx, &mut buf).await.unwrap();
+        assert_eq!((r.len, &buf[..3]), (1000, &[9u8, 9, 9][..]));
+        assert_eq!(r.from, tx.local_addr().unwrap());
+        let dropped = r.overflows;
+        let dropped = dropped.expect("SO_RXQ_OVFL reported");
+        assert!(dropped > 100, "only {dropped} drops counted");
+        let mut c = OverflowCounter::default();
+        assert_eq!(c.delta(Some(dropped)), u64::from(dropped));
+        assert_eq!(c.delta(Some(dropped + 5)), 5);
+        let mut arena = bytes::BytesMut::with_capacity(4096);
+        arena.extend_from_slice(b"hdr");
+        let _ = tx.send_to(&[7u8; 1000], to).await;
+        let r = recv_buf_from(&rx, &mut arena).await.unwrap();
+        assert_eq!(arena.len(), 3 + r.len);
+        assert_eq!(&arena[..3], b"hdr");
+    }
+}

@@ -265,6 +265,32 @@ pub fn connector_file(
     path
 }
 
+/// Writes an agent config file for a child process (`forwards`: service, protocol, local
+/// address) and returns its path.
+pub fn agent_file(
+    pki: &Pki,
+    name: &str,
+    intermediates: &[SocketAddr],
+    forwards: &[(&str, &str, SocketAddr)],
+    settings: &str,
+) -> PathBuf {
+    let tls = pki.issue("agent", name);
+    let mut text = client_toml(
+        &tls,
+        intermediates,
+        "ops_listen = \"127.0.0.1:0\"",
+        settings,
+    );
+    for (service, protocol, listen) in forwards {
+        text.push_str(&format!(
+            "[[forward]]\nservice = \"{service}\"\nprotocol = \"{protocol}\"\nlisten = \"{listen}\"\n"
+        ));
+    }
+    let path = pki.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
 /// Starts a connector; `settings` are extra top-level TOML lines (e.g. `udp_idle_timeout = "1s"`).
 pub fn start_connector_with(
     tls: TlsConfig,

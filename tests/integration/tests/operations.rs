@@ -911,3 +911,93 @@ async fn the_binary_speaks_sd_notify_on_a_real_socket() {
     assert!(after.iter().any(|m| m == "STOPPING=1"), "{after:?}");
     assert_eq!(relay.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
+
+/// A backend that answers every connection with `chunks` × 64 KiB, one chunk every `gap`, then
+/// closes: a download that takes a while.
+async fn slow_download_backend(chunks: usize, gap: Duration) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                for _ in 0..chunks {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// SIGTERM on the agent is a drain: a download in progress completes (every byte, then a clean
+/// end), a new local connection is refused at once, and the agent exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_agent_lets_a_running_transfer_finish_and_refuses_new_ones() {
+    logs();
+    let pki = Pki::new();
+    let backend = slow_download_backend(40, Duration::from_millis(60)).await;
+    let im = start_intermediate(&pki, open_policy(&["files"]));
+    let mut c = start_connector(
+        &pki,
+        "files-1",
+        &[im.addr],
+        &[("files", Some(backend), None)],
+    );
+    c.wait_registered(1).await;
+    let (port, ops) = (free_tcp_port(), free_tcp_port());
+    let cfg = agent_file(
+        &pki,
+        "alice",
+        &[im.addr],
+        &[("files", "tcp", port)],
+        &format!("ops_listen = \"{ops}\"\ndrain_timeout = \"30s\""),
+    );
+    let mut agent = Proc::spawn(BIN, "agent", "agent", &cfg, &[]);
+    assert!(
+        wait_ready(ops, Duration::from_secs(10)).await,
+        "{}",
+        agent.tail(20)
+    );
+    let download = tokio::spawn(async move {
+        let mut s = TcpStream::connect(port).await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        Ok::<usize, std::io::Error>(got.len())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    agent.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New local connections are refused during the drain.
+    let refused = match TcpStream::connect(port).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            )
+        }
+    };
+    assert!(refused, "a new connection was accepted during the drain");
+    let got = tokio::time::timeout(Duration::from_secs(20), download)
+        .await
+        .expect("download finished")
+        .expect("task")
+        .expect("download completed without error");
+    let code = agent.wait_exit(Duration::from_secs(10)).await;
+    println!(
+        "MEASURED agent SIGTERM during a 2.5 MiB download: {got} bytes arrived, exit {code:?} {:.0} ms after SIGTERM",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(got, 40 * 64 * 1024, "the transfer was cut");
+    assert_eq!(code, Some(0), "{}", agent.tail(20));
+    assert!(agent.log().contains("drain complete"), "{}", agent.tail(20));
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
