@@ -146,6 +146,40 @@ def probe(port, stop_file, out_file):
             time.sleep(0.05)
 
 
+def dig_probe(port, name, stop_file, out_file):
+    """A DNS query every 50 ms with dig (one try, 1 s timeout); writes `start end ok` lines."""
+    import subprocess
+    with open(out_file, "w") as out:
+        while not os.path.exists(stop_file):
+            t = time.time()
+            r = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short", name],
+                               capture_output=True, text=True)
+            ok = r.returncode == 0 and r.stdout.strip() != ""
+            out.write(f"{t:.3f} {time.time():.3f} {1 if ok else 0}\n"); out.flush()
+            time.sleep(0.05)
+
+
+def udp_sizes(port, sizes):
+    """Echoes one datagram of each size; prints what came back."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s.connect(("127.0.0.1", port))
+    ok = True
+    for n in sizes:
+        msg = bytes((i * 7 + n) % 256 for i in range(n))
+        got = None
+        for _ in range(3):
+            s.send(msg)
+            try:
+                got = s.recv(65536)
+                break
+            except socket.timeout:
+                continue
+        good = got == msg
+        ok &= good
+        print(f"{n} bytes: {'echoed intact' if good else ('lost' if got is None else f'got {len(got)} bytes')}")
+    return ok
+
+
 def get(port, path):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
@@ -181,6 +215,10 @@ if __name__ == "__main__":
         flood(args[0], [int(p) for p in args[1].split(",") if p], int(args[2]), payload)
     elif cmd == "probe":
         probe(int(args[0]), args[1], args[2])
+    elif cmd == "digprobe":
+        dig_probe(int(args[0]), args[1], args[2], args[3])
+    elif cmd == "udpsizes":
+        sys.exit(0 if udp_sizes(int(args[0]), [int(x) for x in args[1].split(",")]) else 1)
     elif cmd == "get":
         code, body = get(int(args[0]), args[1])
         print(body, end="")

@@ -7,11 +7,12 @@ only host on the backend's private segment. The release binaries run as real pro
 Each case prints PASS/FAIL with its measured figures; the last line is "N passed, N failed".
 Every load loop is bounded in count and time; traffic stays on these namespaces' addresses.
 """
-import os, re, shutil, signal, subprocess, sys, tempfile, time, traceback
+import hashlib, json, os, re, shutil, signal, subprocess, sys, tempfile, time, traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-BIN = os.path.join(REPO, "target", "release")
+# ZTNA_BIN_DIR runs the suite against other binaries (e.g. an older build, for before/after).
+BIN = os.environ.get("ZTNA_BIN_DIR") or os.path.join(REPO, "target", "release")
 HELP = os.path.join(HERE, "helpers.py")
 PREFIX = "ztna-"
 HOSTS = ["agent", "relay-a", "relay-b", "connector", "backend"]
@@ -176,6 +177,49 @@ def restart_relay(name):
     return wait(lambda: helper(name, "get", "9090", "/readyz")[0], 10)
 
 
+BIG_TXT = [("%02d" % i) * 120 for i in range(8)]  # 8 strings of 240 chars: a ~2 KB answer
+
+
+def real_servers(pki_dir):
+    """dnsmasq, an iperf3 server and sshd on the backend host (real, unmodified servers)."""
+    pidf = os.path.join(WORK, "dnsmasq.pid")
+    txt = ",".join(BIG_TXT)  # dnsmasq splits TXT strings at commas (quotes would be literal)
+    procs["dnsmasq"] = {"proc": subprocess.Popen(nsx("backend", "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
+        "--listen-address=" + BACKEND, "--bind-interfaces", "--port=53", "--user=root", "--pid-file=" + pidf,
+        "--address=/web.test/10.9.9.9", "--txt-record=big.test," + txt, "--edns-packet-max=4096"),
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "dnsmasq.log"), "w")), "role": "", "host": "backend", "config": ""}
+    procs["iperf3"] = {"proc": subprocess.Popen(nsx("backend", "iperf3", "-s", "-B", BACKEND, "-p", "5201"),
+        stdout=open(os.path.join(WORK, "iperf3.log"), "w"), stderr=subprocess.STDOUT), "role": "", "host": "backend", "config": ""}
+    os.makedirs("/run/sshd", exist_ok=True)
+    hostkey, clientkey = os.path.join(WORK, "hostkey"), os.path.join(WORK, "clientkey")
+    for k in [hostkey, clientkey]:
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k)
+    auth = os.path.join(WORK, "authorized_keys")
+    shutil.copy(clientkey + ".pub", auth)
+    os.chmod(auth, 0o600)
+    conf = os.path.join(WORK, "sshd_config")
+    open(conf, "w").write(f"Port 22\nListenAddress {BACKEND}\nHostKey {hostkey}\nAuthorizedKeysFile {auth}\n"
+                          f"PidFile {WORK}/sshd.pid\nStrictModes no\nUsePAM no\nPermitRootLogin yes\n"
+                          "PasswordAuthentication no\n"
+                          "Subsystem sftp /usr/lib/openssh/sftp-server\n")
+    procs["sshd"] = {"proc": subprocess.Popen(nsx("backend", shutil.which("sshd"), "-D", "-e", "-f", conf),
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "sshd.log"), "w")), "role": "", "host": "backend", "config": ""}
+
+
+def dig(name, *extra):
+    return subprocess.run(nsx("agent", "dig", "@127.0.0.1", "-p", "5353", "+time=2", "+tries=2", *extra, name),
+                          capture_output=True, text=True, timeout=30)
+
+
+def probe_rows(out):
+    return [(float(t), ok == "1", float(end) - float(t)) for t, end, ok in
+            (l.split() for l in open(out).read().splitlines() if l.strip())]
+
+
+def relay_ops_ready(name):
+    return helper(name, "get", "9090", "/readyz")[0]
+
+
 # ---------------------------------------------------------------------------------------------
 def main():
     if os.geteuid() != 0:
@@ -183,12 +227,21 @@ def main():
     for tool in ["ip", "ss", "nft"]:
         if not shutil.which(tool):
             print(f"SKIP namespace suite: {tool} missing (apt-get install iproute2 nftables)"); return 0
-    print("building release binaries", flush=True)
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "ztna-intermediate", "-p", "ztna-connector", "-p", "ztna-agent", "-p", "ztna-pki"], cwd=REPO, check=True)
+    if not os.environ.get("ZTNA_BIN_DIR"):
+        print("building release binaries", flush=True)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "ztna-intermediate", "-p", "ztna-connector", "-p", "ztna-agent", "-p", "ztna-pki"], cwd=REPO, check=True)
+    print(f"binaries: {BIN}", flush=True)
+    missing = [t for t in ["dnsmasq", "dig", "iperf3", "sshd", "scp", "ssh-keygen"] if not shutil.which(t)]
+    if missing:
+        print(f"FAIL setup: real clients missing: {missing} (apt-get install dnsmasq dnsutils iperf3 openssh-server)")
+        return 1
     setup()
     d, foreign = pki()
     policy = ('[[policy]]\nservice = "web"\nconnectors = ["spiffe://netns.test/connector/web-*"]\n'
               'agents = ["spiffe://netns.test/agent/alice", "spiffe://netns.test/agent/eve", "spiffe://netns.test/agent/old"]\n')
+    for svc in ["dns", "iperf", "ssh"]:
+        policy += f'[[policy]]\nservice = "{svc}"\nconnectors = ["spiffe://netns.test/connector/web-*"]\nagents = ["spiffe://netns.test/agent/alice"]\n'
+    real_servers(d)
     for r in ["relay-a", "relay-b"]:
         cfg = write(r, f'listen = "0.0.0.0:4433"\nops_listen = "127.0.0.1:9090"\ndrain_timeout = "10s"\n{tls(d, r)}{policy}')
         start(r, "intermediate", r, cfg)
@@ -197,11 +250,19 @@ def main():
     procs["backend"] = {"proc": backends, "role": "", "host": "backend", "config": ""}
     conn_cfg = write("connector", 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:9091"\n%s'
                      '[[service]]\nname = "web"\ntcp = "%s:7000"\nudp = "%s:7001"\n'
-                     % (RELAY_FOR_CONNECTOR["relay-a"], RELAY_FOR_CONNECTOR["relay-b"], tls(d, "web-1"), BACKEND, BACKEND))
+                     '[[service]]\nname = "dns"\nudp = "%s:53"\n'
+                     '[[service]]\nname = "iperf"\ntcp = "%s:5201"\nudp = "%s:5201"\n'
+                     '[[service]]\nname = "ssh"\ntcp = "%s:22"\n'
+                     % (RELAY_FOR_CONNECTOR["relay-a"], RELAY_FOR_CONNECTOR["relay-b"], tls(d, "web-1"), BACKEND, BACKEND,
+                        BACKEND, BACKEND, BACKEND, BACKEND))
     start("connector", "connector", "connector", conn_cfg)
     agent_head = 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:%%d"\n' % (RELAY_FOR_AGENT["relay-a"], RELAY_FOR_AGENT["relay-b"])
     fwd = '[[forward]]\nservice = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:%d"\n[[forward]]\nservice = "web"\nprotocol = "udp"\nlisten = "127.0.0.1:%d"\n'
-    start("agent", "agent", "agent", write("agent", (agent_head % 9092) + tls(d, "alice") + fwd % (8080, 8081)))
+    real_fwd = ('[[forward]]\nservice = "dns"\nprotocol = "udp"\nlisten = "127.0.0.1:5353"\n'
+                '[[forward]]\nservice = "iperf"\nprotocol = "tcp"\nlisten = "127.0.0.1:5201"\n'
+                '[[forward]]\nservice = "iperf"\nprotocol = "udp"\nlisten = "127.0.0.1:5201"\n'
+                '[[forward]]\nservice = "ssh"\nprotocol = "tcp"\nlisten = "127.0.0.1:2222"\n')
+    start("agent", "agent", "agent", write("agent", (agent_head % 9092) + tls(d, "alice") + fwd % (8080, 8081) + real_fwd))
     if not connector_on(2) or not wait(lambda: helper("agent", "tcp", "8080")[0], 20):
         print("FAIL setup: the system did not come up"); [print(tail(k)) for k in procs]; return 1
 
@@ -374,6 +435,157 @@ def main():
         assert dropped > 0, "the loss rules dropped nothing"
         return f"8 MiB: {out}; {dropped} packets dropped by the loss rules"
     c7()
+
+    @case("8. UDP of any size: a DNS answer above 1412 bytes (dig + dnsmasq, EDNS) and 1472..65507-byte datagrams")
+    def c8():
+        r = dig("big.test", "TXT", "+bufsize=4096", "+ignore")
+        assert r.returncode == 0, r.stderr + r.stdout
+        flags = re.search(r";; flags: ([a-z ]+);", r.stdout)
+        size = re.search(r"MSG SIZE\s+rcvd: (\d+)", r.stdout)
+        answer = r.stdout.split("ANSWER SECTION:")[1] if "ANSWER SECTION:" in r.stdout else ""
+        got = "".join(re.findall(r'"([^"]*)"', answer))
+        assert flags and "tc" not in flags.group(1).split(), f"answer truncated: {r.stdout[:400]}"
+        assert size and int(size.group(1)) > 1412, r.stdout[-300:]
+        assert got == "".join(BIG_TXT), f"TXT answer incomplete ({len(got)} chars)"
+        ok, out = helper("agent", "udpsizes", "8081", "1200,1472,8192,65507")
+        assert ok, out
+        return f"dig TXT answer of {size.group(1)} bytes over UDP, complete and not truncated; datagrams: {out.replace(chr(10), '; ')}"
+    c8()
+
+    @case("9. iperf3 UDP through the tunnel: its default datagram size, -l 1472 at 100 Mbit/s, -l 1200 at 1 Gbit/s")
+    def c9():
+        figures = []
+        drops_before = metric("agent", "ztna_agent_udp_dropped_total") or 0
+        for label, args, must in [("defaults", [], True), ("-l 1472 -b 100M", ["-l", "1472", "-b", "100M"], True),
+                                  ("-l 1200 -b 1G", ["-l", "1200", "-b", "1G"], False)]:
+            r = subprocess.run(nsx("agent", "iperf3", "-c", "127.0.0.1", "-p", "5201", "-u", "-t", "3", "-J", *args),
+                               capture_output=True, text=True, timeout=60)
+            try:
+                j = json.loads(r.stdout)
+            except ValueError:
+                raise AssertionError(f"iperf3 {label}: {r.stdout[-300:]} {r.stderr[-300:]}")
+            assert "error" not in j, f"iperf3 {label}: {j.get('error')}"
+            e = j["end"]["sum"]
+            blk = j["start"]["test_start"]["blksize"]
+            figures.append(f"{label} ({blk}-byte datagrams): {e['packets']} sent, {e['lost_packets']} lost "
+                           f"({e['lost_percent']:.2f} %), {e['bits_per_second'] / 1e6:.1f} Mbit/s offered")
+            if must:
+                assert e["packets"] > 0 and e["lost_percent"] < 5.0, figures[-1]
+        drops = (metric("agent", "ztna_agent_udp_dropped_total") or 0) - drops_before
+        overflow = metric("agent", "ztna_agent_udp_dropped_total", 'reason="socket_overflow"')
+        return "; ".join(figures) + f"; agent drops counted during the runs: {drops:.0f} (socket_overflow total {overflow})"
+    c9()
+
+    @case("10. rolling restart of both relays under dig every 50 ms and new TCP flows: 0 failed, drains < 2 s")
+    def c10():
+        dstop, dout = os.path.join(WORK, "dig.stop"), os.path.join(WORK, "dig.out")
+        dp = subprocess.Popen(nsx("agent", sys.executable, HELP, "digprobe", "5353", "web.test", dstop, dout))
+        p, stop, out = probe_start("rolling2")
+        time.sleep(1.5)
+        figures = []
+        for r in ["relay-a", "relay-b"]:
+            t0 = time.time()
+            procs[r]["proc"].send_signal(signal.SIGTERM)
+            code = procs[r]["proc"].wait(timeout=60)
+            drained = time.time() - t0
+            assert code == 0, f"{r} exited {code}"
+            assert restart_relay(r), f"{r} did not restart"
+            assert connector_on(2), "connector not back on 2/2"
+            figures.append(f"{r} drained in {drained:.2f} s")
+            time.sleep(1.5)
+        open(dstop, "w").close()
+        dp.wait(timeout=30)
+        digs = probe_rows(dout)
+        tcp = probe_finish(p, stop, out)
+        dig_failed = sum(1 for _, ok, _ in digs if not ok)
+        tcp_failed = sum(1 for _, ok, _ in tcp if not ok)
+        slowest = max((d for _, _, d in digs), default=0)
+        line = (f"{len(digs)} dig queries, {dig_failed} failed (slowest {slowest:.2f} s); {len(tcp)} TCP flows, "
+                f"{tcp_failed} failed; " + "; ".join(figures))
+        assert len(digs) > 20, line
+        assert dig_failed == 0 and tcp_failed == 0, line
+        for f in figures:
+            assert float(f.split()[-2]) < 2.0, line
+        return line
+    c10()
+
+    @case("11. lone relay: an agent whose only relay drained and returned is usable within 2 s; after kill -9, 5 s")
+    def c11():
+        start("solo", "agent", "agent", write("solo", 'intermediates = ["%s:4433"]\nops_listen = "127.0.0.1:9093"\n'
+                                              % RELAY_FOR_AGENT["relay-a"] + tls(d, "alice") + fwd % (8090, 8091)))
+        assert wait(lambda: helper("agent", "tcp", "8090")[0], 20), "solo agent never worked"
+        figures = []
+        for how, sig, down, limit in [("drain", signal.SIGTERM, 5, 2.0), ("kill -9", signal.SIGKILL, 8, 5.0)]:
+            procs["relay-a"]["proc"].send_signal(sig)
+            procs["relay-a"]["proc"].wait(timeout=60)
+            time.sleep(down)
+            start("relay-a", "intermediate", "relay-a", procs["relay-a"]["config"])
+            assert wait(lambda: relay_ops_ready("relay-a"), 10, step=0.02), "relay-a did not come back"
+            t_ready = time.time()
+            ok = wait(lambda: helper("agent", "tcp", "8090")[0], 30, step=0.02)
+            took = time.time() - t_ready
+            figures.append(f"{how}, {down} s down: a flow through {took:.2f} s after the relay was ready")
+            assert ok and took <= limit, "; ".join(figures)
+        procs.pop("solo")["proc"].kill()
+        assert connector_on(2), "connector not back on 2/2"
+        return "; ".join(figures)
+    c11()
+
+    @case("12. policy reload round trip (SIGHUP): web taken from the connector on relay-a and given back, no reconnect")
+    def c12():
+        cfg = procs["relay-a"]["config"]
+        orig = open(cfg).read()
+        web_rule = 'service = "web"\nconnectors = ["spiffe://netns.test/connector/web-*"]'
+        assert web_rule in orig
+        reconnects = metric("connector", "ztna_connector_reconnects_total")
+        open(cfg, "w").write(orig.replace(web_rule, 'service = "web"\nconnectors = ["spiffe://netns.test/connector/nobody"]', 1))
+        t0 = time.time()
+        procs["relay-a"]["proc"].send_signal(signal.SIGHUP)
+        gone = wait(lambda: metric("relay-a", "ztna_intermediate_service_connectors", 'service="web"') == 0, 5, step=0.02)
+        removed = time.time() - t0
+        told = wait(lambda: "rejected" in helper("connector", "get", "9091", "/readyz")[1], 5)
+        status = helper("connector", "get", "9091", "/readyz")[1].strip()
+        open(cfg, "w").write(orig)
+        t1 = time.time()
+        procs["relay-a"]["proc"].send_signal(signal.SIGHUP)
+        back = wait(lambda: metric("relay-a", "ztna_intermediate_service_connectors", 'service="web"') == 1, 10, step=0.02)
+        restored = time.time() - t1
+        after = metric("connector", "ztna_connector_reconnects_total")
+        line = (f"removed in {removed:.2f} s (connector says: {status!r}); restored in {restored:.2f} s; "
+                f"connector reconnects {reconnects:.0f} -> {after:.0f}")
+        assert gone and told, line
+        assert back and restored < 2.0, line
+        assert after == reconnects, line
+        assert helper("agent", "tcp", "8080")[0], "web broken after the round trip"
+        return line
+    c12()
+
+    @case("13. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    def c13():
+        src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
+        h = hashlib.sha256()
+        with open(src, "wb") as f:
+            for _ in range(64):
+                chunk = os.urandom(1 << 20)
+                h.update(chunk); f.write(chunk)
+        scp = subprocess.Popen(nsx("agent", "scp", "-q", "-P", "2222", "-i", os.path.join(WORK, "clientkey"),
+                                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                   "-l", "150000", f"root@127.0.0.1:{src}", dst),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait(lambda: os.path.exists(dst) and os.path.getsize(dst) > (1 << 20), 30, step=0.05), "scp never started"
+        t0 = time.time()
+        at = os.path.getsize(dst)
+        procs["agent"]["proc"].send_signal(signal.SIGTERM)
+        _, err = scp.communicate(timeout=120)
+        took = time.time() - t0
+        code = procs["agent"]["proc"].wait(timeout=60)
+        same = hashlib.sha256(open(dst, "rb").read()).hexdigest() == h.hexdigest()
+        line = (f"SIGTERM at {at / 1048576:.1f} of 64 MiB; scp exit {scp.returncode} {err.strip()!r}, "
+                f"finished {took:.2f} s later, sha256 {'match' if same else 'MISMATCH'}; agent exit {code}")
+        assert scp.returncode == 0 and same, line
+        assert code == 0, line
+        return line
+    c13()
 
     print()
     print(f"netns: {sum(results)} passed, {len(results) - sum(results)} failed")

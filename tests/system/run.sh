@@ -16,6 +16,12 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v nft >/dev/null || need+=(nftables)
 command -v ss >/dev/null || need+=(iproute2)
+# Real, unmodified clients and servers for the namespace suite.
+command -v dnsmasq >/dev/null || need+=(dnsmasq)
+command -v dig >/dev/null || need+=(dnsutils)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v sshd >/dev/null || need+=(openssh-server)
+command -v scp >/dev/null || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || echo "apt-get install failed"
