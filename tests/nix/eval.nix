@@ -152,7 +152,11 @@ let
       ])
       "nixosConfigurations ${concatStringsSep ", " (lib.mapAttrsToList (n: h: "${n} (${h.config.nixpkgs.hostPlatform}, ${toString (builtins.length (attrNames (units h)))} units)") self.nixosConfigurations)}; deploy.nodes per host system";
 
-    nixos-tests = ok (lib.mapAttrsToList (_: h: expect (units h != { }) "units") testNodes)
+    nixos-tests = ok
+      (lib.mapAttrsToList (_: h: expect (units h != { }) "units") testNodes
+        # The test PKI is made when the test runs (by the driver), not in a cached derivation.
+        ++ lib.mapAttrsToList (n: h: expect (!(hasInfix "pki" (builtins.toJSON h.config.system.activationScripts))) "${n}: no build-time PKI in the VM") testNodes
+        ++ lib.mapAttrsToList (n: t: expect (hasInfix "/bin/ztna-pki\", *args" t.testScript) "${n}: the test script runs ztna-pki") nixosTests)
       "every node of ${concatStringsSep ", " (attrNames nixosTests)} evaluates: ${concatStringsSep " " (attrNames testNodes)}";
 
     # Defect 1: a port below 1024 needs the capability in the host's user namespace.

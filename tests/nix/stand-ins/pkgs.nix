@@ -139,13 +139,13 @@ let
     };
     socat = tool "socat" [ "socat" ];
     grafana = tool "grafana" [ "grafana" ];
-    iproute2 = tool "iproute2" [ "ip" "ss" ];
+    iproute2 = tool "iproute2" [ "ip" "ss" "nstat" ];
     python3 = tool "python3" [ "python3" ];
     cacert = tool "cacert" [ ];
     installShellFiles = tool "install-shell-files" [ ];
     nixpkgs-fmt = tool "nixpkgs-fmt" [ "nixpkgs-fmt" ];
     deadnix = tool "deadnix" [ "deadnix" ];
-    cargo-nextest = tool "cargo-nextest" [ "cargo-nextest" "cargo-ntr" ];
+    cargo-nextest = tool "cargo-nextest" [ "cargo-nextest" ];
     cargo-audit = tool "cargo-audit" [ "cargo-audit" ];
     terraform =
       let
