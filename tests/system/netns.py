@@ -27,7 +27,7 @@ SHORT = {"agent": "ag", "relay-a": "ra", "relay-b": "rb", "connector": "co", "ba
 RELAY_FOR_AGENT = {"relay-a": "10.201.1.2", "relay-b": "10.201.2.2"}
 RELAY_FOR_CONNECTOR = {"relay-a": "10.202.1.2", "relay-b": "10.202.2.2"}
 BACKEND = "10.203.1.2"
-OPS = {"relay-a": 9090, "relay-b": 9090, "connector": 9091, "agent": 9092}
+OPS = {"relay-a": 9470, "relay-b": 9470, "connector": 9471, "agent": 9472}
 
 WORK = tempfile.mkdtemp(prefix="ztna-netns.")
 procs = {}
@@ -173,7 +173,7 @@ def connector_on(n):
 
 def restart_relay(name):
     start(name, "intermediate", name, procs[name]["config"])
-    return wait(lambda: helper(name, "get", "9090", "/readyz")[0], 10)
+    return wait(lambda: helper(name, "get", "9470", "/readyz")[0], 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,18 +190,18 @@ def main():
     policy = ('[[policy]]\nservice = "web"\nconnectors = ["spiffe://netns.test/connector/web-*"]\n'
               'agents = ["spiffe://netns.test/agent/alice", "spiffe://netns.test/agent/eve", "spiffe://netns.test/agent/old"]\n')
     for r in ["relay-a", "relay-b"]:
-        cfg = write(r, f'listen = "0.0.0.0:4433"\nops_listen = "127.0.0.1:9090"\ndrain_timeout = "10s"\n{tls(d, r)}{policy}')
+        cfg = write(r, f'listen = "0.0.0.0:4433"\nops_listen = "127.0.0.1:9470"\ndrain_timeout = "10s"\n{tls(d, r)}{policy}')
         start(r, "intermediate", r, cfg)
     backends = subprocess.Popen(nsx("backend", sys.executable, HELP, "backends-on", BACKEND, "7000", "7001"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs["backend"] = {"proc": backends, "role": "", "host": "backend", "config": ""}
-    conn_cfg = write("connector", 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:9091"\n%s'
+    conn_cfg = write("connector", 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:9471"\n%s'
                      '[[service]]\nname = "web"\ntcp = "%s:7000"\nudp = "%s:7001"\n'
                      % (RELAY_FOR_CONNECTOR["relay-a"], RELAY_FOR_CONNECTOR["relay-b"], tls(d, "web-1"), BACKEND, BACKEND))
     start("connector", "connector", "connector", conn_cfg)
     agent_head = 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:%%d"\n' % (RELAY_FOR_AGENT["relay-a"], RELAY_FOR_AGENT["relay-b"])
     fwd = '[[forward]]\nservice = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:%d"\n[[forward]]\nservice = "web"\nprotocol = "udp"\nlisten = "127.0.0.1:%d"\n'
-    start("agent", "agent", "agent", write("agent", (agent_head % 9092) + tls(d, "alice") + fwd % (8080, 8081)))
+    start("agent", "agent", "agent", write("agent", (agent_head % 9472) + tls(d, "alice") + fwd % (8080, 8081)))
     if not connector_on(2) or not wait(lambda: helper("agent", "tcp", "8080")[0], 20):
         print("FAIL setup: the system did not come up"); [print(tail(k)) for k in procs]; return 1
 
