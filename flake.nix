@@ -47,19 +47,39 @@
           ];
         };
 
+      # Binaries that print their own shell completions and man page
+      # (`<bin> completions bash|zsh|fish`, `<bin> man`).
+      documented = daemons ++ [ "ztna-pki" ];
+
       # crane build of the workspace for one package set (native, cross or static).
       mkBuild =
         pkgs:
         let
           craneLib = crane.mkLib pkgs;
           src = sourceFor craneLib;
+          # The workspace version: member crates say `version.workspace = true`, which crane does
+          # not resolve (it would fall back to its 0.0.1 placeholder).
+          inherit (craneLib.crateNameFromCargoToml { cargoToml = ./Cargo.toml; }) version;
           commonArgs = {
-            inherit src;
+            inherit src version;
             strictDeps = true;
             pname = "ztna";
-            inherit (craneLib.crateNameFromCargoToml { cargoToml = ./crates/ztna-node/Cargo.toml; }) version;
+            # crane's default; spelled out because `cargoExtraArgs` below replaces it.
+            cargoExtraArgs = "--locked";
           };
           cargoArtifacts = craneLib.buildDepsOnly commonArgs;
+          # Generating completions and man pages runs the binary: only where the build platform
+          # can execute it (not when cross-compiling).
+          docs =
+            name:
+            lib.optionalString (lib.elem name documented && pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform) ''
+              installShellCompletion --cmd ${name} \
+                --bash <($out/bin/${name} completions bash) \
+                --zsh <($out/bin/${name} completions zsh) \
+                --fish <($out/bin/${name} completions fish)
+              $out/bin/${name} man > ${name}.1
+              installManPage ${name}.1
+            '';
           crate =
             name:
             craneLib.buildPackage (
@@ -67,8 +87,10 @@
               // {
                 inherit cargoArtifacts;
                 pname = name;
-                cargoExtraArgs = "-p ${name}";
+                cargoExtraArgs = "--locked -p ${name}";
                 doCheck = false; # the workspace tests run once, in checks.nextest
+                nativeBuildInputs = [ pkgs.installShellFiles ];
+                postInstall = docs name;
                 meta.mainProgram = name;
               }
             );
@@ -87,6 +109,19 @@
             ])
             crate;
         };
+
+      # deploy/hosts.json (Terraform's `deploy_hosts` output) or, before the first apply, the example:
+      # { blue = { hostname, system }; green = { ... }; connector = { ... } or null; }
+      deployHosts = rec {
+        file = if builtins.pathExists ./deploy/hosts.json then ./deploy/hosts.json else ./deploy/hosts.example.json;
+        hosts = builtins.fromJSON (builtins.readFile file);
+        # nixosConfigurations / deploy.nodes name -> its entry in hosts
+        byNode = {
+          intermediate-blue = hosts.blue;
+          intermediate-green = hosts.green;
+          connector = hosts.connector;
+        };
+      };
 
       mkImage =
         pkgs: pkg: name: extra:
@@ -176,9 +211,11 @@
               commonArgs
               // {
                 inherit cargoArtifacts;
-                # promtool/prometheus for the metrics and monitoring tests, kill for signal tests.
+                # The metrics and monitoring tests run promtool (in prometheus' `cli` output) and
+                # start a real Prometheus (`out`); kill for the signal tests.
                 nativeCheckInputs = [
                   pkgs.prometheus
+                  pkgs.prometheus.cli
                   pkgs.procps
                 ];
               }
@@ -191,7 +228,7 @@
               deadnix --fail ${nixFiles}
               touch $out
             '';
-            alert-rules = pkgs.runCommand "ztna-alert-rules" { nativeBuildInputs = [ pkgs.prometheus ]; } ''
+            alert-rules = pkgs.runCommand "ztna-alert-rules" { nativeBuildInputs = [ pkgs.prometheus.cli ]; } ''
               cd ${./nixos/monitoring}
               promtool check rules alerts.yml
               promtool test rules alerts.test.yml
@@ -224,7 +261,7 @@
               packages = [
                 pkgs.cargo-nextest
                 pkgs.cargo-audit
-                pkgs.prometheus # promtool
+                pkgs.prometheus.cli # promtool
                 pkgs.nixpkgs-fmt
                 pkgs.deadnix
                 unfree.terraform
@@ -241,33 +278,44 @@
             program = lib.getExe self.packages.${system}.ztna-demo;
             meta.description = "The whole ZTNA system on loopback with a throwaway PKI";
           };
+          # The deploy-rs of flake.lock (its activate-rs is what runs on the hosts):
+          # `nix run .#deploy-rs -- .#intermediate-blue`.
+          deploy-rs = {
+            type = "app";
+            program = "${deploy-rs.packages.${system}.deploy-rs}/bin/deploy";
+            meta.description = "deploy-rs at the revision pinned in flake.lock";
+          };
         }
       );
 
-      # Hosts come from Terraform: `terraform -chdir=terraform output -json intermediate_public_ips`
-      # and `connector_hosts` give deploy/hosts.json (see docs/operations.md); the example file keeps
-      # evaluation working before the first apply.
+      # NixOS systems of the deployed hosts, one per host with that host's own Nix system (an
+      # arm64 instance type runs aarch64-linux). deploy/hosts.json is Terraform's `deploy_hosts`
+      # output (see docs/operations.md); the example file keeps evaluation working before the
+      # first apply.
       nixosConfigurations =
         let
-          hostsFile = if builtins.pathExists ./deploy/hosts.json then ./deploy/hosts.json else ./deploy/hosts.example.json;
-          hosts = builtins.fromJSON (builtins.readFile hostsFile);
+          inherit (deployHosts) hosts;
           mk =
-            modules:
+            host: modules:
             nixpkgs.lib.nixosSystem {
-              inherit (hosts) system;
-              modules = [ ./deploy/common.nix ] ++ modules;
+              modules = [
+                { nixpkgs.hostPlatform = host.system; }
+                ./deploy/common.nix
+              ] ++ modules;
             };
         in
         {
-          intermediate-blue = mk [
+          intermediate-blue = mk hosts.blue [
             self.nixosModules.intermediate
             (import ./deploy/intermediate.nix { colour = "blue"; inherit hosts; })
           ];
-          intermediate-green = mk [
+          intermediate-green = mk hosts.green [
             self.nixosModules.intermediate
             (import ./deploy/intermediate.nix { colour = "green"; inherit hosts; })
           ];
-          connector = mk [
+        }
+        // lib.optionalAttrs (hosts.connector != null) {
+          connector = mk hosts.connector [
             self.nixosModules.connector
             (import ./deploy/connector.nix { inherit hosts; })
           ];
@@ -276,38 +324,49 @@
       # deploy-rs: `deploy .#intermediate-blue`, wait for connectors on 2/2, `deploy .#intermediate-green`.
       # magicRollback reverts if the new system cannot reach back; autoRollback if activation fails
       # (a daemon not becoming ready fails it: Type=notify plus the ztna-*-ready gate).
-      deploy.nodes =
-        let
-          hostsFile = if builtins.pathExists ./deploy/hosts.json then ./deploy/hosts.json else ./deploy/hosts.example.json;
-          hosts = builtins.fromJSON (builtins.readFile hostsFile);
-          node = name: hostname: {
-            inherit hostname;
-            sshUser = "root";
-            magicRollback = true;
-            autoRollback = true;
-            profiles.system = {
-              user = "root";
-              path = deploy-rs.lib.${hosts.system}.activate.nixos self.nixosConfigurations.${name};
-            };
+      deploy.nodes = lib.mapAttrs
+        (name: _: {
+          inherit (deployHosts.byNode.${name}) hostname;
+          sshUser = "root";
+          magicRollback = true;
+          autoRollback = true;
+          profiles.system = {
+            user = "root";
+            path = deploy-rs.lib.${deployHosts.byNode.${name}.system}.activate.nixos self.nixosConfigurations.${name};
           };
-        in
-        {
-          intermediate-blue = node "intermediate-blue" hosts.blue;
-          intermediate-green = node "intermediate-green" hosts.green;
-          connector = node "connector" hosts.connector;
-        };
+        })
+        self.nixosConfigurations;
 
+      # Every exported module has a stable `key`, so importing any combination (e.g. `default`
+      # together with `intermediate`) imports each one once.
       nixosModules =
         let
-          withPackage =
-            role:
-            { lib, pkgs, ... }:
-            {
-              imports = [ ./nixos/modules/${role}.nix ];
-              services.ztna.${role}.package =
-                lib.mkDefault
-                  self.packages.${pkgs.stdenv.hostPlatform.system}."ztna-${role}";
-            };
+          file = toString ./flake.nix;
+          withPackage = role: {
+            key = "${file}#nixosModules.${role}";
+            _file = "${file}#nixosModules.${role}";
+            imports = [
+              ./nixos/modules/${role}.nix
+              ({ lib, pkgs, ... }:
+                let
+                  inherit (pkgs.stdenv) buildPlatform hostPlatform;
+                  name = "ztna-${role}";
+                in
+                {
+                  services.ztna.${role} = {
+                    # Native systems use the flake's package; a cross-built system builds it
+                    # with its own (cross) package set.
+                    package = lib.mkDefault (
+                      if buildPlatform.system == hostPlatform.system
+                      then self.packages.${hostPlatform.system}.${name}
+                      else (mkBuild pkgs).packages.${name}
+                    );
+                    # The config is checked at build time by a binary of the build platform.
+                    configCheckPackage = lib.mkDefault (self.packages.${buildPlatform.system}.${name} or null);
+                  };
+                })
+            ];
+          };
         in
         {
           intermediate = withPackage "intermediate";
@@ -315,6 +374,8 @@
           agent = withPackage "agent";
           monitoring = ./nixos/monitoring/default.nix;
           default = {
+            key = "${file}#nixosModules.default";
+            _file = "${file}#nixosModules.default";
             imports = [
               self.nixosModules.intermediate
               self.nixosModules.connector

@@ -23,7 +23,9 @@ in
 
   # Type=notify already makes `switch-to-configuration` wait for READY=1. This gate also waits for
   # /readyz (intermediate listening; connector registered with at least one intermediate), and
-  # fails the activation if it does not come within 60 s: deploy-rs then rolls back.
+  # fails the activation if it does not come within 60 s: deploy-rs then rolls back. Each probe
+  # is bounded (--max-time): a daemon that accepts the connection but never answers (hung) must
+  # not hold the activation forever (a oneshot has no start timeout by default).
   systemd.services = lib.mapAttrs'
     (role: d: lib.nameValuePair "ztna-${role}-ready" {
       description = "Wait until ztna-${role} reports ready";
@@ -36,11 +38,12 @@ in
         RemainAfterExit = true;
       };
       script = ''
-        for i in $(seq 120); do
-          if ${pkgs.curl}/bin/curl -sf http://${d.settings.ops_listen}/readyz; then exit 0; fi
+        deadline=$((SECONDS + 60))
+        while [ "$SECONDS" -lt "$deadline" ]; do
+          if ${pkgs.curl}/bin/curl -sf --max-time 2 http://${d.settings.ops_listen}/readyz; then exit 0; fi
           sleep 0.5
         done
-        echo "ztna-${role} did not become ready" >&2
+        echo "ztna-${role} did not become ready within 60 s" >&2
         exit 1
       '';
     })

@@ -9,7 +9,7 @@
     certFile = "/var/lib/ztna/keys/connector.pem";
     keyFile = "/var/lib/ztna/keys/connector.key";
     settings = {
-      intermediates = [ "${hosts.blue}:4433" "${hosts.green}:4433" ];
+      intermediates = [ "${hosts.blue.hostname}:4433" "${hosts.green.hostname}:4433" ];
       service = [{ name = "web"; tcp = "127.0.0.1:8080"; }];
     };
   };

@@ -16,7 +16,7 @@ in
     drainTimeout = 30;
     settings = {
       listen = "0.0.0.0:4433";
-      reconnect_hint = [ "${hosts.${other}}:4433" ];
+      reconnect_hint = [ "${hosts.${other}.hostname}:4433" ];
       policy = [
         {
           service = "web";

@@ -2,10 +2,12 @@ locals {
   # Graviton instance types (t4g, m7g, c7gn, ...) run arm64 images.
   intermediate_arch = can(regex("^[a-z]+[0-9]+g[a-z]*\\.", var.intermediate_instance_type)) ? "arm64" : "x86_64"
   connector_arch    = can(regex("^[a-z]+[0-9]+g[a-z]*\\.", var.connector_instance_type)) ? "arm64" : "x86_64"
-  create_vpc        = var.vpc_id == ""
-  vpc_id            = local.create_vpc ? aws_vpc.this[0].id : var.vpc_id
-  subnet_id         = var.subnet_id != "" ? var.subnet_id : aws_subnet.public[0].id
-  colours           = toset(["blue", "green"])
+  # The Nix system of each kind of host, for deploy-rs (output deploy_hosts).
+  nix_system = { arm64 = "aarch64-linux", x86_64 = "x86_64-linux" }
+  create_vpc = var.vpc_id == ""
+  vpc_id     = local.create_vpc ? aws_vpc.this[0].id : var.vpc_id
+  subnet_id  = var.subnet_id != "" ? var.subnet_id : aws_subnet.public[0].id
+  colours    = toset(["blue", "green"])
 
   # Just enough NixOS configuration for deploy-rs to take over: root SSH with our key.
   user_data = <<-NIX

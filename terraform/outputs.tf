@@ -22,3 +22,12 @@ output "security_group_ids" {
   description = "Security groups, for adding rules elsewhere."
   value       = { intermediate = aws_security_group.intermediate.id, connector = aws_security_group.connector.id }
 }
+
+output "deploy_hosts" {
+  description = "deploy/hosts.json for the flake: each host's address and Nix system (aarch64-linux on Graviton types), so deploy-rs builds every host for its own architecture."
+  value = {
+    blue      = { hostname = aws_eip.intermediate["blue"].public_ip, system = local.nix_system[local.intermediate_arch] }
+    green     = { hostname = aws_eip.intermediate["green"].public_ip, system = local.nix_system[local.intermediate_arch] }
+    connector = length(aws_instance.connector) > 0 ? { hostname = aws_instance.connector[0].public_ip, system = local.nix_system[local.connector_arch] } : null
+  }
+}

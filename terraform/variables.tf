@@ -65,9 +65,9 @@ variable "quic_port" {
 }
 
 variable "ops_port" {
-  description = "TCP port of the ops endpoint (/metrics, /readyz) when it listens beyond loopback."
+  description = "TCP port of the intermediates' ops endpoint (/metrics, /readyz) when it listens beyond loopback (the module's openOpsFirewall)."
   type        = number
-  default     = 9090
+  default     = 9470
 }
 
 variable "monitoring_cidrs" {

@@ -10,6 +10,7 @@
 #     drainTimeoutSec = 30;                # the daemon's drain_timeout
 #     watchdogSec = 30;
 #     bindsPrivilegedPort = false;         # true: CAP_NET_BIND_SERVICE (listen port < 1024)
+#     limitNOFILE = 65536;                 # open files: one UDP socket per connector flow
 #     killCommand = "/run/current-system/sw/bin/kill";
 #   }
 #
@@ -39,8 +40,8 @@ let
     DevicePolicy = "closed";
     ProtectProc = "invisible";
     ProcSubset = "pid";
-    # Kernel and host.
-    PrivateUsers = true;
+    # Kernel and host. PrivateUsers=true is set by `unit` below unless the service needs a
+    # capability: in a private user namespace it has none in the host's namespace.
     PrivateIPC = true;
     ProtectHostname = true;
     ProtectClock = true;
@@ -80,6 +81,7 @@ in
     , drainTimeoutSec ? 30
     , watchdogSec ? 30
     , bindsPrivilegedPort ? false
+    , limitNOFILE ? 65536
     , killCommand ? "kill"
     ,
     }:
@@ -106,6 +108,14 @@ in
           "cert"
           "key"
         ];
+        # systemd's default soft limit (1024) was used up by ~1000 idle UDP flows (issue 12).
+        LimitNOFILE = limitNOFILE;
+        # A port below 1024 needs CAP_NET_BIND_SERVICE in the user namespace that owns the
+        # network namespace (the host's). With PrivateUsers=true the service runs in a user
+        # namespace of its own and holds the capability only there, so bind() fails with EACCES
+        # (systemd.exec(5), PrivateUsers=). Such a unit keeps the capability and gives up
+        # PrivateUsers; every other unit has no capability and a private user namespace.
+        PrivateUsers = !bindsPrivilegedPort;
         CapabilityBoundingSet = if bindsPrivilegedPort then "CAP_NET_BIND_SERVICE" else "";
         AmbientCapabilities = if bindsPrivilegedPort then "CAP_NET_BIND_SERVICE" else "";
         Environment = [ "RUST_LOG=info" ];

@@ -13,8 +13,8 @@ import ./daemon.nix {
         };
         ops_listen = mkOption {
           type = types.str;
-          default = "127.0.0.1:9092";
-          description = "Ops endpoint (/metrics, /healthz, /readyz).";
+          default = "127.0.0.1:9472";
+          description = "Ops endpoint (/metrics, /healthz, /readyz); see also `openOpsFirewall`.";
         };
         forward = mkOption {
           default = [ ];

@@ -17,8 +17,8 @@ import ./daemon.nix {
         };
         ops_listen = mkOption {
           type = types.str;
-          default = "127.0.0.1:9091";
-          description = "Ops endpoint (/metrics, /healthz, /readyz).";
+          default = "127.0.0.1:9471";
+          description = "Ops endpoint (/metrics, /healthz, /readyz); see also `openOpsFirewall`.";
         };
         service = mkOption {
           default = [ ];

@@ -43,14 +43,28 @@ let
       key = units.credentialNames.key;
     };
   };
-  rawConfig = settingsFormat.generate "${name}.toml" finalSettings;
-  # Validated at build time: unknown keys and bad values fail the system build, not the service.
-  configFile =
-    pkgs.runCommand "${name}-config-checked.toml" { nativeBuildInputs = [ cfg.package ]; }
+  configFile = settingsFormat.generate "${name}.toml" finalSettings;
+  # Validated at build time (unknown keys and bad values fail the system build, not the
+  # service), by a binary that runs on the build platform, so cross-built systems build too.
+  configCheck =
+    pkgs.runCommand "${name}-config-check" { nativeBuildInputs = [ cfg.configCheckPackage ]; }
       ''
-        ${name} --config ${rawConfig} --check-config --config-only
-        ln -s ${rawConfig} $out
+        ${name} --config ${configFile} --check-config --config-only
+        touch $out
       '';
+
+  # "127.0.0.1:9470" / "[::1]:9470" -> host and port.
+  splitAddr =
+    addr:
+    let
+      parts = lib.splitString ":" addr;
+    in
+    {
+      host = lib.concatStringsSep ":" (lib.init parts);
+      port = lib.toInt (lib.last parts);
+    };
+  ops = splitAddr cfg.settings.ops_listen;
+  opsIsLoopback = lib.hasPrefix "127." ops.host || ops.host == "[::1]" || ops.host == "localhost";
 
   secretPath =
     what:
@@ -63,6 +77,7 @@ let
         Nix store.
       '';
     };
+  extra = extraConfig { inherit lib cfg; };
 in
 {
   options.services.ztna.${role} = {
@@ -71,6 +86,17 @@ in
     package = mkOption {
       type = types.package;
       description = "The package providing `bin/${name}`.";
+    };
+
+    configCheckPackage = mkOption {
+      type = types.nullOr types.package;
+      default = if pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then cfg.package else null;
+      defaultText = lib.literalExpression "package, when the build platform can run it; otherwise null";
+      description = ''
+        A `bin/${name}` that runs on the build platform, used to validate the rendered config at
+        build time (`--check-config --config-only`). The flake's modules set it to the package of
+        the build platform, so cross-built systems are checked too; null skips the check.
+      '';
     };
 
     settings = mkOption {
@@ -92,13 +118,28 @@ in
     drainTimeout = mkOption {
       type = types.ints.positive;
       default = 30;
-      description = "Seconds running flows may take to finish on stop (`drain_timeout`).";
+      description = "Seconds running flows may take to finish on stop (`drain_timeout`); the unit's TimeoutStopSec is 15 s more.";
     };
 
     watchdogSec = mkOption {
       type = types.ints.unsigned;
       default = 30;
       description = "systemd watchdog interval; the daemon pings at half of it while healthy. 0 disables.";
+    };
+
+    limitNOFILE = mkOption {
+      type = types.ints.positive;
+      default = 65536;
+      description = "Open file limit (`LimitNOFILE=`); every UDP flow holds a socket.";
+    };
+
+    openOpsFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the TCP port of `settings.ops_listen` in the firewall, for a Prometheus on another
+        host. `ops_listen` must then listen beyond loopback (e.g. `0.0.0.0:9470`).
+      '';
     };
   } // extraOptions { inherit lib cfg; };
 
@@ -118,29 +159,36 @@ in
             ];
             message = "services.ztna.${role}: caFile, certFile and keyFile must be absolute paths.";
           }
+          {
+            assertion = cfg.openOpsFirewall -> !opsIsLoopback;
+            message = "services.ztna.${role}.openOpsFirewall: settings.ops_listen (${cfg.settings.ops_listen}) is a loopback address, so no other host can scrape it; listen on e.g. 0.0.0.0:${toString ops.port}.";
+          }
         ] ++ assertions { inherit lib cfg; };
 
-        # The agent has no drain (it holds no flows for others); the others drain on stop.
-        services.ztna.${role}.settings = lib.optionalAttrs (role != "agent") {
-          drain_timeout = lib.mkDefault "${toString cfg.drainTimeout}s";
-        };
+        warnings = lib.optional (cfg.configCheckPackage == null)
+          "services.ztna.${role}: the build platform cannot run ${name}, so its config is not validated at build time (set configCheckPackage).";
+
+        services.ztna.${role}.settings.drain_timeout = lib.mkDefault "${toString cfg.drainTimeout}s";
+
+        system.checks = lib.optional (cfg.configCheckPackage != null) configCheck;
+
+        networking.firewall.allowedTCPPorts = lib.mkIf cfg.openOpsFirewall [ ops.port ];
 
         systemd.services.${name} = units.unit {
-          inherit role;
+          inherit role configFile;
           execStart = "${cfg.package}/bin/${name}";
-          inherit configFile;
           credentials = {
             ca = cfg.caFile;
             cert = cfg.certFile;
             key = cfg.keyFile;
           };
           drainTimeoutSec = cfg.drainTimeout;
-          inherit (cfg) watchdogSec;
-          bindsPrivilegedPort = (extraConfig { inherit lib cfg; }).bindsPrivilegedPort or false;
+          inherit (cfg) watchdogSec limitNOFILE;
+          bindsPrivilegedPort = extra.bindsPrivilegedPort or false;
           killCommand = "${pkgs.coreutils}/bin/kill";
         };
       }
-      (builtins.removeAttrs (extraConfig { inherit lib cfg; }) [ "bindsPrivilegedPort" ])
+      (builtins.removeAttrs extra [ "bindsPrivilegedPort" ])
     ]
   );
 }

@@ -14,8 +14,8 @@ import ./daemon.nix {
         };
         ops_listen = mkOption {
           type = types.str;
-          default = "127.0.0.1:9090";
-          description = "Ops endpoint (/metrics, /healthz, /readyz).";
+          default = "127.0.0.1:9470";
+          description = "Ops endpoint (/metrics, /healthz, /readyz); see also `openOpsFirewall`.";
         };
         reconnect_hint = mkOption {
           type = types.listOf types.str;

@@ -6,6 +6,14 @@
 let
   cfg = config.services.ztna.monitoring;
   inherit (lib) mkEnableOption mkIf mkOption types;
+  # ZTNA daemons enabled on this host, and the port of each one's ops endpoint.
+  localOps = lib.mapAttrs (_: d: lib.toInt (lib.last (lib.splitString ":" d.settings.ops_listen)))
+    (lib.filterAttrs (_: d: d.enable or false) {
+      intermediate = config.services.ztna.intermediate or { };
+      connector = config.services.ztna.connector or { };
+      agent = config.services.ztna.agent or { };
+    });
+  promPort = config.services.prometheus.port;
   job = name: targets: {
     job_name = name;
     scrape_interval = cfg.scrapeInterval;
@@ -19,14 +27,14 @@ in
     intermediates = mkOption {
       type = types.listOf types.str;
       default = [ ];
-      example = [ "relay-blue.example.com:9090" "relay-green.example.com:9090" ];
+      example = [ "relay-blue.example.com:9470" "relay-green.example.com:9470" ];
       description = "`host:port` of each intermediate's ops endpoint (its `ops_listen`).";
     };
 
     connectors = mkOption {
       type = types.listOf types.str;
       default = [ ];
-      example = [ "10.0.1.20:9091" ];
+      example = [ "10.0.1.20:9471" ];
       description = "`host:port` of each connector's ops endpoint.";
     };
 
@@ -47,6 +55,18 @@ in
       default = true;
       description = "Provision the Prometheus data source and the ZTNA dashboard in Grafana.";
     };
+
+    grafana.secretKeyFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/keys/grafana-secret-key";
+      description = ''
+        File holding Grafana's `secret_key` (e.g. `openssl rand -hex 32`), readable by the
+        `grafana` user. Grafana reads it at start (`$__file{...}`), so the key never enters the
+        Nix store; give a string, not a Nix path. Required with `grafana.enable` (NixOS 26.05's
+        Grafana has no default key).
+      '';
+    };
   };
 
   config = mkIf cfg.enable {
@@ -55,7 +75,20 @@ in
         assertion = cfg.intermediates != [ ] || cfg.connectors != [ ] || cfg.agents != [ ];
         message = "services.ztna.monitoring: list at least one ops endpoint to scrape.";
       }
-    ];
+      {
+        assertion = cfg.grafana.enable -> cfg.grafana.secretKeyFile != null;
+        message = "services.ztna.monitoring.grafana.secretKeyFile must be set: Grafana needs a secret_key (a file outside the Nix store).";
+      }
+      {
+        assertion = cfg.grafana.secretKeyFile != null -> lib.hasPrefix "/" cfg.grafana.secretKeyFile && !lib.hasPrefix builtins.storeDir cfg.grafana.secretKeyFile;
+        message = "services.ztna.monitoring.grafana.secretKeyFile must be an absolute path outside the Nix store.";
+      }
+    ] ++ lib.mapAttrsToList
+      (role: port: {
+        assertion = port != promPort;
+        message = "services.ztna.${role}.settings.ops_listen uses port ${toString port}, which Prometheus (services.prometheus.port) listens on on this host; pick another port.";
+      })
+      localOps;
 
     services.prometheus = {
       enable = true;
@@ -69,6 +102,7 @@ in
 
     services.grafana = mkIf cfg.grafana.enable {
       enable = true;
+      settings.security.secret_key = mkIf (cfg.grafana.secretKeyFile != null) "$__file{${cfg.grafana.secretKeyFile}}";
       provision = {
         enable = true;
         datasources.settings.datasources = [
@@ -76,7 +110,7 @@ in
             name = "Prometheus";
             type = "prometheus";
             uid = "prometheus";
-            url = "http://127.0.0.1:${toString config.services.prometheus.port}";
+            url = "http://127.0.0.1:${toString promPort}";
             isDefault = true;
           }
         ];

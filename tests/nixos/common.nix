@@ -1,26 +1,38 @@
-# Shared pieces of the nixosTests: a test PKI made with ztna-pki, keys placed outside the store,
-# the echo backend, and the ZTNA modules with the flake's packages.
+# Shared pieces of the nixosTests: a test PKI made with ztna-pki when the test runs, keys placed
+# outside the store, the echo backend, and the ZTNA modules with the flake's packages.
 { self, pkgs }:
 let
-  pki = pkgs.runCommand "ztna-test-pki" { nativeBuildInputs = [ self.packages.${pkgs.stdenv.hostPlatform.system}.ztna-pki ]; } ''
-    ztna-pki init --out $out --trust-domain test.ztna
-    ztna-pki issue --ca $out --role intermediate --name relay-a --ip 192.168.1.10 --ip 192.168.2.10 --out $out
-    ztna-pki issue --ca $out --role intermediate --name relay-b --ip 192.168.1.11 --ip 192.168.2.11 --out $out
-    ztna-pki issue --ca $out --role connector --name web-1 --out $out
-    ztna-pki issue --ca $out --role agent --name alice --out $out
-  '';
+  ztna-pki = self.packages.${pkgs.stdenv.hostPlatform.system}.ztna-pki;
 in
 {
-  inherit pki;
-
-  # Keys are copied to /run/keys at boot: the modules refuse key files inside the Nix store.
-  keysFor = name: {
-    system.activationScripts.ztna-test-keys = ''
-      install -D -m 0600 ${pki}/ca.pem /run/keys/ztna/ca.pem
-      install -D -m 0600 ${pki}/${name}.pem /run/keys/ztna/cert.pem
-      install -D -m 0600 ${pki}/${name}.key /run/keys/ztna/key.pem
-    '';
+  # The daemons wait for their keys (copied in by the test script) instead of starting at boot.
+  waitForKeys = role: {
+    systemd.services."ztna-${role}".unitConfig.ConditionPathExists = "/run/keys/ztna/key.pem";
   };
+
+  # Test script prelude: the PKI is made now, by the driver, with certificates valid from this
+  # run on. (Made at build time it would be a cached derivation whose certificates expire a year
+  # later, failing every later run of the same test.) start_with_keys copies a node's keys to
+  # /run/keys/ztna (the modules refuse key files in the store) and starts its daemon.
+  pkiScript = ''
+    import os, subprocess, tempfile
+    pki = tempfile.mkdtemp(prefix="ztna-pki-")
+    def ztna_pki(*args):
+        subprocess.run(["${ztna-pki}/bin/ztna-pki", *args], check=True)
+    ztna_pki("init", "--out", pki, "--trust-domain", "test.ztna")
+    ztna_pki("issue", "--ca", pki, "--role", "intermediate", "--name", "relay-a", "--ip", "192.168.1.10", "--ip", "192.168.2.10", "--out", pki)
+    ztna_pki("issue", "--ca", pki, "--role", "intermediate", "--name", "relay-b", "--ip", "192.168.1.11", "--ip", "192.168.2.11", "--out", pki)
+    ztna_pki("issue", "--ca", pki, "--role", "connector", "--name", "web-1", "--out", pki)
+    ztna_pki("issue", "--ca", pki, "--role", "agent", "--name", "alice", "--out", pki)
+
+    def start_with_keys(machine, name, role):
+        machine.succeed("install -d -m 0700 /run/keys/ztna")
+        for src, dst in [("ca.pem", "ca.pem"), (f"{name}.pem", "cert.pem"), (f"{name}.key", "key.pem")]:
+            machine.copy_from_host(os.path.join(pki, src), f"/run/keys/ztna/{dst}")
+        machine.succeed("chmod 0600 /run/keys/ztna/*")
+        machine.systemctl(f"start ztna-{role}.service")
+        machine.wait_for_unit(f"ztna-{role}.service")
+  '';
 
   secrets = {
     caFile = "/run/keys/ztna/ca.pem";

@@ -13,11 +13,11 @@ in
     agent = {
       imports = [
         self.nixosModules.agent
-        (c.keysFor "alice")
+        (c.waitForKeys "agent")
         (c.addr "eth1" "192.168.1.1")
       ];
       virtualisation.vlans = [ 1 ];
-      environment.systemPackages = [ pkgs.socat pkgs.curl ];
+      environment.systemPackages = [ pkgs.socat pkgs.curl pkgs.python3 ];
       services.ztna.agent = c.secrets // {
         enable = true;
         settings = {
@@ -33,7 +33,7 @@ in
     intermediate = {
       imports = [
         self.nixosModules.intermediate
-        (c.keysFor "relay-a")
+        (c.waitForKeys "intermediate")
         (c.addr "eth1" "192.168.1.10")
         (c.addr "eth2" "192.168.2.10")
       ];
@@ -49,11 +49,14 @@ in
     connector = {
       imports = [
         self.nixosModules.connector
-        (c.keysFor "web-1")
+        (c.waitForKeys "connector")
         (c.addr "eth1" "192.168.2.20")
         (c.addr "eth2" "192.168.3.20")
       ];
       virtualisation.vlans = [ 2 3 ];
+      # The connector has no inbound port; without the host firewall the injection case below
+      # exercises the connector's own sockets, not conntrack.
+      networking.firewall.enable = false;
       environment.systemPackages = [ pkgs.socat pkgs.iproute2 pkgs.curl ];
       services.ztna.connector = c.secrets // {
         enable = true;
@@ -70,18 +73,19 @@ in
         (c.addr "eth1" "192.168.3.30")
       ];
       virtualisation.vlans = [ 3 ];
+      environment.systemPackages = [ pkgs.python3 ];
     };
   };
 
-  testScript = ''
+  testScript = c.pkiScript + ''
     start_all()
     backend.wait_for_unit("echo-tcp.service")
     backend.wait_for_unit("echo-udp.service")
-    intermediate.wait_for_unit("ztna-intermediate.service")
-    connector.wait_for_unit("ztna-connector.service")
-    agent.wait_for_unit("ztna-agent.service")
-    connector.wait_until_succeeds("curl -sf http://127.0.0.1:9091/readyz")
-    agent.wait_until_succeeds("curl -sf http://127.0.0.1:9092/readyz")
+    start_with_keys(intermediate, "relay-a", "intermediate")
+    start_with_keys(connector, "web-1", "connector")
+    start_with_keys(agent, "alice", "agent")
+    connector.wait_until_succeeds("curl -sf --max-time 2 http://127.0.0.1:9471/readyz")
+    agent.wait_until_succeeds("curl -sf --max-time 2 http://127.0.0.1:9472/readyz")
 
     with subtest("routing: the agent cannot reach the backend, the connector can"):
         agent.fail("timeout 3 socat -T2 - TCP:192.168.3.30:7000 </dev/null")
@@ -91,18 +95,40 @@ in
         agent.wait_until_succeeds("echo hello | timeout 5 socat - TCP:127.0.0.1:8080 | grep hello")
         agent.wait_until_succeeds("echo dgram | timeout 5 socat -t2 - UDP:127.0.0.1:8081 | grep dgram")
 
-    with subtest("case 2: injection rejection at the connector"):
-        # The connector's backend-facing UDP sockets (connected to the backend's 7001).
-        ports = connector.succeed(
+    with subtest("case 2: forged datagrams at the connector's socket of a live UDP flow"):
+        # A client keeps one UDP flow open through the agent and records all it receives.
+        agent.succeed("mkdir -p /tmp/live && (python3 ${./udp.py} hold 127.0.0.1 8081 /tmp/live >/tmp/live/log 2>&1 &)")
+        agent.wait_until_succeeds("grep -x ready /tmp/live/ready")
+        # The connector's backend-facing sockets (connected to 192.168.3.30:7001), the live flow's among them.
+        ports = ",".join(connector.succeed(
             "ss -Hun state established dst 192.168.3.30:7001 | awk '{print $3}' | sed 's/.*://' | sort -u"
-        ).split()
+        ).split())
         assert ports, "no backend-facing UDP socket found"
-        for p in ports:
-            connector.succeed(f"for i in $(seq 200); do echo INJECT | socat -u - UDP:192.168.3.20:{p}; done")
-            connector.succeed(f"for i in $(seq 200); do echo INJECT | socat -u - UDP:127.0.0.1:{p}; done")
-        out = agent.succeed("for i in $(seq 20); do echo legit-$i | timeout 3 socat -t1 - UDP:127.0.0.1:8081; done")
-        assert "INJECT" not in out, out
-        assert "legit-20" in out, out
+        rejected = lambda: float(connector.succeed(
+            "curl -s --max-time 2 http://127.0.0.1:9471/metrics | awk '/^ztna_connector_udp_rejected_total/ {s += $2} END {print s + 0}'"))
+        noports = lambda: int(connector.succeed("nstat -az UdpNoPorts | awk '/UdpNoPorts/ {print $2}'"))
+        rejected0, noports0 = rejected(), noports()
+        # From the backend's network, with forged sources: the backend's address with another
+        # port, and the backend's port from another address (raw socket, 200 each per socket).
+        backend.succeed(f"python3 ${./udp.py} inject 192.168.3.30 7002 192.168.3.20 {ports} INJECT-PORT 200")
+        backend.succeed(f"python3 ${./udp.py} inject 192.168.3.99 7001 192.168.3.20 {ports} INJECT-ADDR 200")
+        # Control: a perfect forgery (the backend's address and port) is indistinguishable from
+        # the backend and does reach the client, so the client would see any injected datagram
+        # the connector let through.
+        backend.succeed(f"python3 ${./udp.py} inject 192.168.3.30 7001 192.168.3.20 {ports} CONTROL 3")
+        agent.wait_until_succeeds("grep -q CONTROL /tmp/live/received", timeout=30)
+        agent.succeed("sleep 2; touch /tmp/live/stop")
+        received = agent.succeed("cat /tmp/live/received")
+        n = len(ports.split(","))
+        dropped = noports() - noports0
+        print(f"live flow received: {received!r}; sockets {ports}; kernel UdpNoPorts +{dropped}; "
+              f"ztna_connector_udp_rejected_total {rejected0} -> {rejected()}")
+        assert "INJECT" not in received, received
+        # The connected sockets make the kernel drop every forged datagram before the connector
+        # reads it (counted as UdpNoPorts); none reaches the connector's own source check
+        # (ztna_connector_udp_rejected_total), the second line of defence.
+        assert dropped >= 400 * n, f"kernel dropped {dropped} of {400 * n} forged datagrams"
+        assert rejected() == rejected0
 
     with subtest("hardening: systemd-analyze security exposure <= 1.5"):
         for m, unit in [(intermediate, "ztna-intermediate"), (connector, "ztna-connector"), (agent, "ztna-agent")]:
@@ -114,7 +140,7 @@ in
     with subtest("connector stopped: the agent reports the service unavailable and refuses at once"):
         connector.systemctl("stop ztna-connector.service")
         agent.wait_until_succeeds(
-            "curl -s http://127.0.0.1:9092/metrics | grep -q 'ztna_agent_service_available{service=\"web\"} 0'"
+            "curl -s --max-time 2 http://127.0.0.1:9472/metrics | grep -q 'ztna_agent_service_available{service=\"web\"} 0'"
         )
         agent.fail("echo refused | timeout 2 socat - TCP:127.0.0.1:8080 | grep refused")
         connector.systemctl("start ztna-connector.service")
@@ -122,7 +148,7 @@ in
 
     with subtest("metrics are served and move"):
         intermediate.succeed(
-            "curl -sf http://127.0.0.1:9090/metrics | grep -E 'ztna_intermediate_flows_total\\{protocol=\"tcp\",result=\"ok\"\\} [1-9]'"
+            "curl -sf --max-time 2 http://127.0.0.1:9470/metrics | grep -E 'ztna_intermediate_flows_total\\{protocol=\"tcp\",result=\"ok\"\\} [1-9]'"
         )
   '';
 }

@@ -4,14 +4,15 @@
 { pkgs, ... }:
 let
   c = import ./common.nix { inherit self pkgs; };
-  relay = name: ip1: ip2: {
+  relay = ip1: ip2: {
     imports = [
       self.nixosModules.intermediate
-      (c.keysFor name)
+      (c.waitForKeys "intermediate")
       (c.addr "eth1" ip1)
       (c.addr "eth2" ip2)
     ];
     virtualisation.vlans = [ 1 2 ];
+    environment.systemPackages = [ pkgs.curl ];
     services.ztna.intermediate = c.secrets // {
       enable = true;
       openFirewall = true;
@@ -24,13 +25,13 @@ in
   name = "ztna-rolling";
 
   nodes = {
-    relaya = relay "relay-a" "192.168.1.10" "192.168.2.10";
-    relayb = relay "relay-b" "192.168.1.11" "192.168.2.11";
+    relaya = relay "192.168.1.10" "192.168.2.10";
+    relayb = relay "192.168.1.11" "192.168.2.11";
     connector = {
       imports = [
         self.nixosModules.connector
         c.echoBackend
-        (c.keysFor "web-1")
+        (c.waitForKeys "connector")
         (c.addr "eth1" "192.168.2.20")
       ];
       virtualisation.vlans = [ 2 ];
@@ -46,7 +47,7 @@ in
     agent = {
       imports = [
         self.nixosModules.agent
-        (c.keysFor "alice")
+        (c.waitForKeys "agent")
         (c.addr "eth1" "192.168.1.1")
       ];
       virtualisation.vlans = [ 1 ];
@@ -61,11 +62,16 @@ in
     };
   };
 
-  testScript = ''
+  testScript = c.pkiScript + ''
     start_all()
-    connector.wait_until_succeeds(
-        "curl -s http://127.0.0.1:9091/metrics | grep -q '^ztna_connector_intermediates_connected 2'"
-    )
+    start_with_keys(relaya, "relay-a", "intermediate")
+    start_with_keys(relayb, "relay-b", "intermediate")
+    start_with_keys(connector, "web-1", "connector")
+    start_with_keys(agent, "alice", "agent")
+    # Each relay's own view: the connector is registered there for "web".
+    registered = "curl -s --max-time 2 http://127.0.0.1:9470/metrics | grep -q '^ztna_intermediate_service_connectors{service=\"web\"} 1'"
+    relaya.wait_until_succeeds(registered)
+    relayb.wait_until_succeeds(registered)
     agent.wait_until_succeeds("echo up | timeout 5 socat - TCP:127.0.0.1:8080 | grep up")
 
     # Continuous new flows, each must echo; failures are counted.
@@ -79,9 +85,9 @@ in
         with subtest(f"drain and restart {relay.name} under load"):
             relay.systemctl("restart ztna-intermediate.service")
             relay.wait_for_unit("ztna-intermediate.service")
-            connector.wait_until_succeeds(
-                "curl -s http://127.0.0.1:9091/metrics | grep -q '^ztna_connector_intermediates_connected 2'"
-            )
+            # The restarted process's own metric: the connector has registered with it again
+            # (the connector's "connected 2" gauge could still show the old connection).
+            relay.wait_until_succeeds(registered)
 
     agent.succeed("touch /tmp/stop")
     agent.wait_for_file("/tmp/load")

@@ -28,7 +28,7 @@ SHORT = {"agent": "ag", "relay-a": "ra", "relay-b": "rb", "connector": "co", "ba
 RELAY_FOR_AGENT = {"relay-a": "10.201.1.2", "relay-b": "10.201.2.2"}
 RELAY_FOR_CONNECTOR = {"relay-a": "10.202.1.2", "relay-b": "10.202.2.2"}
 BACKEND = "10.203.1.2"
-OPS = {"relay-a": 9090, "relay-b": 9090, "connector": 9091, "agent": 9092}
+OPS = {"relay-a": 9470, "relay-b": 9470, "connector": 9471, "agent": 9472}
 
 WORK = tempfile.mkdtemp(prefix="ztna-netns.")
 procs = {}
@@ -174,7 +174,7 @@ def connector_on(n):
 
 def restart_relay(name):
     start(name, "intermediate", name, procs[name]["config"])
-    return wait(lambda: helper(name, "get", "9090", "/readyz")[0], 10)
+    return wait(lambda: helper(name, "get", "9470", "/readyz")[0], 10)
 
 
 BIG_TXT = [("%02d" % i) * 120 for i in range(8)]  # 8 strings of 240 chars: a ~2 KB answer
@@ -217,7 +217,7 @@ def probe_rows(out):
 
 
 def relay_ops_ready(name):
-    return helper(name, "get", "9090", "/readyz")[0]
+    return helper(name, "get", "9470", "/readyz")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,12 +243,12 @@ def main():
         policy += f'[[policy]]\nservice = "{svc}"\nconnectors = ["spiffe://netns.test/connector/web-*"]\nagents = ["spiffe://netns.test/agent/alice"]\n'
     real_servers(d)
     for r in ["relay-a", "relay-b"]:
-        cfg = write(r, f'listen = "0.0.0.0:4433"\nops_listen = "127.0.0.1:9090"\ndrain_timeout = "10s"\n{tls(d, r)}{policy}')
+        cfg = write(r, f'listen = "0.0.0.0:4433"\nops_listen = "127.0.0.1:9470"\ndrain_timeout = "10s"\n{tls(d, r)}{policy}')
         start(r, "intermediate", r, cfg)
     backends = subprocess.Popen(nsx("backend", sys.executable, HELP, "backends-on", BACKEND, "7000", "7001"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs["backend"] = {"proc": backends, "role": "", "host": "backend", "config": ""}
-    conn_cfg = write("connector", 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:9091"\n%s'
+    conn_cfg = write("connector", 'intermediates = ["%s:4433", "%s:4433"]\nops_listen = "127.0.0.1:9471"\n%s'
                      '[[service]]\nname = "web"\ntcp = "%s:7000"\nudp = "%s:7001"\n'
                      '[[service]]\nname = "dns"\nudp = "%s:53"\n'
                      '[[service]]\nname = "iperf"\ntcp = "%s:5201"\nudp = "%s:5201"\n'
@@ -262,7 +262,7 @@ def main():
                 '[[forward]]\nservice = "iperf"\nprotocol = "tcp"\nlisten = "127.0.0.1:5201"\n'
                 '[[forward]]\nservice = "iperf"\nprotocol = "udp"\nlisten = "127.0.0.1:5201"\n'
                 '[[forward]]\nservice = "ssh"\nprotocol = "tcp"\nlisten = "127.0.0.1:2222"\n')
-    start("agent", "agent", "agent", write("agent", (agent_head % 9092) + tls(d, "alice") + fwd % (8080, 8081) + real_fwd))
+    start("agent", "agent", "agent", write("agent", (agent_head % 9472) + tls(d, "alice") + fwd % (8080, 8081) + real_fwd))
     if not connector_on(2) or not wait(lambda: helper("agent", "tcp", "8080")[0], 20):
         print("FAIL setup: the system did not come up"); [print(tail(k)) for k in procs]; return 1
 
@@ -511,7 +511,7 @@ def main():
 
     @case("11. lone relay: an agent whose only relay drained and returned is usable within 2 s; after kill -9, 5 s")
     def c11():
-        start("solo", "agent", "agent", write("solo", 'intermediates = ["%s:4433"]\nops_listen = "127.0.0.1:9093"\n'
+        start("solo", "agent", "agent", write("solo", 'intermediates = ["%s:4433"]\nops_listen = "127.0.0.1:9473"\n'
                                               % RELAY_FOR_AGENT["relay-a"] + tls(d, "alice") + fwd % (8090, 8091)))
         assert wait(lambda: helper("agent", "tcp", "8090")[0], 20), "solo agent never worked"
         figures = []
@@ -543,8 +543,8 @@ def main():
         procs["relay-a"]["proc"].send_signal(signal.SIGHUP)
         gone = wait(lambda: metric("relay-a", "ztna_intermediate_service_connectors", 'service="web"') == 0, 5, step=0.02)
         removed = time.time() - t0
-        told = wait(lambda: "rejected" in helper("connector", "get", "9091", "/readyz")[1], 5)
-        status = helper("connector", "get", "9091", "/readyz")[1].strip()
+        told = wait(lambda: "rejected" in helper("connector", "get", "9471", "/readyz")[1], 5)
+        status = helper("connector", "get", "9471", "/readyz")[1].strip()
         open(cfg, "w").write(orig)
         t1 = time.time()
         procs["relay-a"]["proc"].send_signal(signal.SIGHUP)

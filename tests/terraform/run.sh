@@ -82,6 +82,23 @@ PY
   else
     bad "terraform apply against moto" "missing:$missing; checks: $checks"
   fi
+  # deploy_hosts becomes deploy/hosts.json (deploy.yml): each host with its address and Nix system,
+  # the same shape as deploy/hosts.example.json, which the flake evaluation (tests/nix) reads.
+  hosts=$(terraform -chdir="$work" output -state="$work/state" -json deploy_hosts)
+  arm=$(echo 'local.nix_system[local.intermediate_arch]' | terraform -chdir="$work" console -state="$work/state" "${vars[@]}" -var intermediate_instance_type=t4g.small 2>&1 | tail -1)
+  if out=$(python3 - "$hosts" "$arm" "$tfdir/../deploy/hosts.example.json" <<'PY'
+import json, sys
+hosts, arm, example = json.loads(sys.argv[1]), sys.argv[2].strip('"'), json.load(open(sys.argv[3]))
+assert set(hosts) == set(example), f"keys {sorted(hosts)} != {sorted(example)}"
+for name, h in hosts.items():
+    assert set(h) == {"hostname", "system"}, f"{name}: {h}"
+    assert h["system"] == "x86_64-linux", f"{name} on t3.small: {h['system']}"
+    assert h["hostname"].count(".") == 3, f"{name}: {h['hostname']}"
+assert arm == "aarch64-linux", f"t4g.small intermediates: {arm}"
+listed = ", ".join("%s %s %s" % (n, h["hostname"], h["system"]) for n, h in sorted(hosts.items()))
+print(f"{listed}; t4g.small intermediates -> {arm}")
+PY
+  ); then ok "output deploy_hosts (per-host Nix system)" "$out"; else bad "output deploy_hosts" "$out $hosts $arm"; fi
   if timeout 600 terraform -chdir="$work" destroy -auto-approve -input=false -no-color -state="$work/state" "${vars[@]}" >"$work/destroy.log" 2>&1 \
      && [ -z "$(terraform -chdir="$work" state list -state="$work/state")" ]; then
     ok "terraform destroy against moto" "state empty"

@@ -93,7 +93,7 @@ impl Forward {
 }
 
 fn default_ops() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9092))
+    SocketAddr::from(([127, 0, 0, 1], 9472))
 }
 fn default_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))

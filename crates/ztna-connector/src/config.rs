@@ -53,7 +53,7 @@ pub struct ServiceConfig {
 }
 
 fn default_ops() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9091))
+    SocketAddr::from(([127, 0, 0, 1], 9471))
 }
 fn default_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))

@@ -56,7 +56,7 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
 fn default_ops() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9090))
+    SocketAddr::from(([127, 0, 0, 1], 9470))
 }
 fn default_drain() -> Duration {
     Duration::from_secs(30)
