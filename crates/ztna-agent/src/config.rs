@@ -1,4 +1,4 @@
-//! Agent configuration (design §5).
+//! Agent configuration: the keys of `agent.toml`, their defaults and validation.
 
 use std::net::SocketAddr;
 use std::path::Path;

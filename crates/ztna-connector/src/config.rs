@@ -1,4 +1,4 @@
-//! Connector configuration (design §5).
+//! Connector configuration: the keys of `connector.toml`, their defaults and validation.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! Intermediate configuration (design §5).
+//! Intermediate configuration: the keys of `intermediate.toml`, their defaults and validation.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -14,7 +14,7 @@ use ztna_proto::Role;
 use crate::config::{ConfigError, TlsConfig};
 use crate::signals::push_override;
 
-/// Arguments every daemon takes (each also a config key, see design §5).
+/// Arguments every daemon takes (each also a config key of the daemon's TOML file).
 #[derive(clap::Args, Debug)]
 pub struct CommonArgs {
     /// Config file (TOML).
