@@ -18,6 +18,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use thiserror::Error;
 use ztna_proto::Role;
@@ -196,7 +197,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
 
 fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let pem = read(what, path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| IdentityError::BadCert {
             path: path.into(),
@@ -219,16 +220,17 @@ impl Identity {
         let ca = certs("CA certificate", &tls.ca)?;
         let chain = certs("certificate", &tls.cert)?;
         let key_pem = read("private key", &tls.key)?;
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| IdentityError::BadCert {
-                path: tls.key.clone(),
-                message: e.to_string(),
-            })?
-            .ok_or_else(|| IdentityError::Empty {
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+            rustls_pki_types::pem::Error::NoItemsFound => IdentityError::Empty {
                 what: "private key",
                 path: tls.key.clone(),
                 expected: "PEM private key",
-            })?;
+            },
+            e => IdentityError::BadCert {
+                path: tls.key.clone(),
+                message: e.to_string(),
+            },
+        })?;
         Self::from_parts(ca, chain, key, expected_role, &tls.cert)
     }
 
