@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::logging::LogFormat;
 use ztna_proto::Protocol;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -13,10 +14,10 @@ use ztna_proto::Protocol;
 pub struct Config {
     /// Intermediates in order of preference; the agent uses one and fails over to the next.
     pub intermediates: Vec<String>,
-    #[serde(default = "default_ops")]
+    #[serde(default = "default_ops", with = "addr")]
     pub ops_listen: SocketAddr,
     /// Local UDP address of the QUIC endpoint.
-    #[serde(default = "default_bind")]
+    #[serde(default = "default_bind", with = "addr")]
     pub bind: SocketAddr,
     #[serde(default = "default_udp_idle", with = "duration")]
     pub udp_idle_timeout: Duration,
@@ -31,6 +32,9 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub forward: Vec<Forward>,
+    /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
@@ -55,6 +59,7 @@ impl From<ForwardProtocol> for Protocol {
 pub struct Forward {
     pub service: String,
     pub protocol: ForwardProtocol,
+    #[serde(with = "addr")]
     pub listen: SocketAddr,
 }
 
@@ -75,9 +80,8 @@ impl Forward {
                 ))
             }
         };
-        let listen = listen
-            .parse()
-            .map_err(|_| format!("invalid forward {s:?}: {listen:?} is not ADDR:PORT"))?;
+        let listen =
+            config::parse_addr(listen).map_err(|e| format!("invalid forward {s:?}: {e}"))?;
         if service.is_empty() {
             return Err(usage());
         }
@@ -86,6 +90,21 @@ impl Forward {
             protocol,
             listen,
         })
+    }
+}
+
+impl ztna_node::config::Paths for Config {
+    fn paths_mut(&mut self) -> Vec<(&'static str, &mut std::path::PathBuf)> {
+        self.tls.paths_mut()
+    }
+}
+
+impl ztna_node::daemon::DaemonConfig for Config {
+    fn tls(&self) -> &TlsConfig {
+        &self.tls
+    }
+    fn log_format(&self) -> LogFormat {
+        self.log_format
     }
 }
 
@@ -133,12 +152,7 @@ impl Config {
             ));
         }
         for i in &self.intermediates {
-            if i.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(("intermediates".into(), format!("{i:?} is not host:port")));
-            }
+            config::check_host_port(i).map_err(|m| ("intermediates".to_string(), m))?;
         }
         if self.forward.is_empty() {
             return Err((

@@ -103,3 +103,54 @@ fn forward_shorthand_and_errors() {
     let (code, text) = check(&[], Some("127.0.0.1:4433,127.0.0.1:4434"));
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn bind_flag_completions_and_man_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "intermediates = [\"[::1]:4433\"]\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+         [[forward]]\nservice = \"web\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("ZTNA_CONFIG")
+            .env_remove("ZTNA_BIND")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let cfg_s = cfg.to_str().unwrap();
+    let only = ["--config", cfg_s, "--check-config", "--config-only"];
+    assert_eq!(run(&only, &[]).0, 0);
+    let (code, text) = run(&[&only[..], &["--bind", "[::1]:99999"]].concat(), &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("port 99999 is out of range 1-65535"), "{text}");
+    let (code, text) = run(&only, &[("ZTNA_BIND", "my-laptop:0")]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("\"my-laptop\" is a hostname"), "{text}");
+    // A forward's listen address needs an IP too, in the file and in the shorthand.
+    let (code, text) = run(&[&only[..], &["--forward", "tcp:localhost:8081=web"]].concat(), &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("\"localhost\" is a hostname"), "{text}");
+
+    for shell in ["bash", "zsh", "elvish", "powershell"] {
+        let (code, out) = run(&["completions", shell], &[]);
+        assert_eq!(code, 0, "{out}");
+        for flag in ["--config", "--forward", "--bind", "--log-format"] {
+            assert!(out.contains(flag), "{shell} completions lack {flag}");
+        }
+    }
+    let (code, out) = run(&["man"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(".TH ztna-agent"), "{out}");
+}
