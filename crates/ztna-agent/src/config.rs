@@ -16,7 +16,8 @@ pub struct Config {
     pub intermediates: Vec<String>,
     #[serde(default = "default_ops", with = "addr")]
     pub ops_listen: SocketAddr,
-    /// Local UDP address of the QUIC endpoint.
+    /// Local UDP address of the QUIC endpoint. The default `[::]:0` is dual stack (IPv6 and
+    /// IPv4), or `0.0.0.0:0` on a host without IPv6.
     #[serde(default = "default_bind", with = "addr")]
     pub bind: SocketAddr,
     #[serde(default = "default_udp_idle", with = "duration")]
@@ -112,7 +113,7 @@ fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9092))
 }
 fn default_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
+    ztna_node::transport::DUAL_STACK_ANY
 }
 fn default_udp_idle() -> Duration {
     Duration::from_secs(60)

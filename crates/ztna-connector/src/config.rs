@@ -15,7 +15,8 @@ pub struct Config {
     pub intermediates: Vec<String>,
     #[serde(default = "default_ops", with = "addr")]
     pub ops_listen: SocketAddr,
-    /// Local UDP address of the QUIC endpoint (also used for direct P2P paths later).
+    /// Local UDP address of the QUIC endpoint (also used for direct P2P paths later). The default
+    /// `[::]:0` is dual stack (IPv6 and IPv4), or `0.0.0.0:0` on a host without IPv6.
     #[serde(default = "default_bind", with = "addr")]
     pub bind: SocketAddr,
     #[serde(default = "default_drain", with = "duration")]
@@ -69,7 +70,7 @@ fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9091))
 }
 fn default_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
+    ztna_node::transport::DUAL_STACK_ANY
 }
 fn default_drain() -> Duration {
     Duration::from_secs(30)

@@ -362,7 +362,7 @@ fn close(conn: &quinn::Connection, code: u32, reason: &str) {
 }
 
 async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
+    let remote = ztna_node::transport::canonical(incoming.remote_address());
     let handshakes = &shared.metrics.handshakes;
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await })
         .await
@@ -456,7 +456,7 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection, id: SpiffeId) {
     let welcome = ServerMsg::Welcome {
         version: PROTOCOL_VERSION,
         identity: id.to_string(),
-        observed_addr: conn.remote_address(),
+        observed_addr: ztna_node::transport::canonical(conn.remote_address()),
     };
     if write_frame(&mut send, &welcome).await.is_err() {
         return;
