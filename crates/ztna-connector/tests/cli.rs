@@ -157,3 +157,48 @@ fn completions_and_man_page() {
     assert!(out.contains(".TH ztna-connector"), "{out}");
     assert!(out.contains("ZTNA_BIND"), "{out}");
 }
+
+/// The example in examples/ passes `--check-config --config-only`, also with every commented
+/// default uncommented (so a renamed key or a changed value format cannot hide there).
+#[test]
+fn example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/connector.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let all = dir.path().join("connector.toml");
+    let mut uncommented = 0;
+    let body: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                }) =>
+            {
+                uncommented += 1;
+                format!("{rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(uncommented >= 5, "{body}");
+    std::fs::write(&all, body).unwrap();
+    for cfg in [std::path::Path::new(example), all.as_path()] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(cfg)
+            .args(["--check-config", "--config-only"])
+            .env_remove("ZTNA_CONFIG")
+            .env_remove("ZTNA_INTERMEDIATES")
+            .env_remove("ZTNA_FORWARDS")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            cfg.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
