@@ -134,12 +134,18 @@ fn bind_flag_completions_and_man_page() {
     assert_eq!(run(&only, &[]).0, 0);
     let (code, text) = run(&[&only[..], &["--bind", "[::1]:99999"]].concat(), &[]);
     assert_eq!(code, 2, "{text}");
-    assert!(text.contains("port 99999 is out of range 1-65535"), "{text}");
+    assert!(
+        text.contains("port 99999 is out of range 1-65535"),
+        "{text}"
+    );
     let (code, text) = run(&only, &[("ZTNA_BIND", "my-laptop:0")]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("\"my-laptop\" is a hostname"), "{text}");
     // A forward's listen address needs an IP too, in the file and in the shorthand.
-    let (code, text) = run(&[&only[..], &["--forward", "tcp:localhost:8081=web"]].concat(), &[]);
+    let (code, text) = run(
+        &[&only[..], &["--forward", "tcp:localhost:8081=web"]].concat(),
+        &[],
+    );
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("\"localhost\" is a hostname"), "{text}");
 

@@ -49,9 +49,16 @@ fn relative_paths_resolve_next_to_the_config_file_then_in_credentials() {
     let cfg = srv.path().join("connector.toml");
     std::fs::write(&cfg, RELATIVE).unwrap();
     let cfg_s = cfg.to_str().unwrap();
-    let (code, text) = run(elsewhere.path(), &["--config", cfg_s, "--check-config"], &[]);
+    let (code, text) = run(
+        elsewhere.path(),
+        &["--config", cfg_s, "--check-config"],
+        &[],
+    );
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("config ok (spiffe://cli.example/connector/web-1"), "{text}");
+    assert!(
+        text.contains("config ok (spiffe://cli.example/connector/web-1"),
+        "{text}"
+    );
 
     // The NixOS modules: the config names credentials that live in $CREDENTIALS_DIRECTORY.
     let creds = tempfile::tempdir().unwrap();
@@ -84,7 +91,11 @@ fn relative_paths_resolve_next_to_the_config_file_then_in_credentials() {
 
     // Found nowhere: the error names the file next to the config, where the operator looks.
     std::fs::write(&cfg, RELATIVE).unwrap();
-    let (code, text) = run(elsewhere.path(), &["--config", cfg_s, "--check-config"], &[]);
+    let (code, text) = run(
+        elsewhere.path(),
+        &["--config", cfg_s, "--check-config"],
+        &[],
+    );
     assert_eq!(code, 2, "{text}");
     assert!(
         text.contains(&format!("{}", etc.path().join("ca.pem").display())),
@@ -118,9 +129,17 @@ fn bind_flag_and_environment_set_the_bind_key() {
     std::fs::write(&cfg, RELATIVE).unwrap();
     let cfg_s = cfg.to_str().unwrap();
     let only = ["--config", cfg_s, "--check-config", "--config-only"];
-    let (code, text) = run(dir.path(), &[&only[..], &["--bind", "0.0.0.0:0"]].concat(), &[]);
+    let (code, text) = run(
+        dir.path(),
+        &[&only[..], &["--bind", "0.0.0.0:0"]].concat(),
+        &[],
+    );
     assert_eq!(code, 0, "{text}");
-    let (code, text) = run(dir.path(), &[&only[..], &["--bind", "localhost:0"]].concat(), &[]);
+    let (code, text) = run(
+        dir.path(),
+        &[&only[..], &["--bind", "localhost:0"]].concat(),
+        &[],
+    );
     assert_eq!(code, 2, "{text}");
     assert!(
         text.contains("bind") && text.contains("is a hostname, but an IP address is required"),
@@ -128,7 +147,10 @@ fn bind_flag_and_environment_set_the_bind_key() {
     );
     let (code, text) = run(dir.path(), &only, &[("ZTNA_BIND", "0.0.0.0:99999")]);
     assert_eq!(code, 2, "{text}");
-    assert!(text.contains("port 99999 is out of range 1-65535"), "{text}");
+    assert!(
+        text.contains("port 99999 is out of range 1-65535"),
+        "{text}"
+    );
     // Intermediates are host:port with a real port.
     let (code, text) = run(
         dir.path(),

@@ -192,10 +192,19 @@ fn errors_say_what_to_fix() {
     let (code, _, err) = check(format!("listen = \"0.0.0.0:99999\"\n{tls}"));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("port 99999 is out of range 1-65535"), "{err}");
-    assert!(err.contains("listen") && err.contains("intermediate.toml"), "{err}");
+    assert!(
+        err.contains("listen") && err.contains("intermediate.toml"),
+        "{err}"
+    );
     std::fs::write(&cfg, &tls).unwrap();
     let (code, _, err) = exec(
-        &["--config", cfg_s, "--check-config", "--ops-listen", "127.0.0.1:70000"],
+        &[
+            "--config",
+            cfg_s,
+            "--check-config",
+            "--ops-listen",
+            "127.0.0.1:70000",
+        ],
         &[],
     );
     assert_eq!(code, 2, "{err}");
@@ -346,16 +355,17 @@ fn logs_are_plain_text_or_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let tls = pki(dir.path(), "intermediate");
     let cfg = dir.path().join("intermediate.toml");
-    let base = format!(
-        "listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\ndrain_timeout = \"1s\"\n"
-    );
+    let base = "listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\ndrain_timeout = \"1s\"\n";
     std::fs::write(&cfg, format!("{base}{tls}")).unwrap();
     let cfg_s = cfg.to_str().unwrap();
 
     // stderr is a pipe here, as under systemd: no colour codes.
     let text = stderr_of_a_run(&["--config", cfg_s], &[]);
     assert!(text.contains("intermediate listening"), "{text}");
-    assert!(!text.contains('\u{1b}'), "colour codes in piped logs: {text:?}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in piped logs: {text:?}"
+    );
 
     let json_line = |text: &str| {
         let line = text
@@ -363,17 +373,23 @@ fn logs_are_plain_text_or_json_lines() {
             .find(|l| l.contains("intermediate listening"))
             .unwrap_or_else(|| panic!("no listening line in {text}"))
             .to_string();
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         assert_eq!(v["message"], "intermediate listening", "{line}");
         assert_eq!(v["level"], "INFO", "{line}");
-        assert!(v["listen"].as_str().unwrap_or("").starts_with("127.0.0.1:"), "{line}");
+        assert!(
+            v["listen"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
+            "{line}"
+        );
         for l in text.lines() {
             assert!(serde_json::from_str::<serde_json::Value>(l).is_ok(), "{l}");
         }
     };
     // --log-format json, ZTNA_LOG_FORMAT=json and log_format = "json" in the file.
-    json_line(&stderr_of_a_run(&["--config", cfg_s, "--log-format", "json"], &[]));
+    json_line(&stderr_of_a_run(
+        &["--config", cfg_s, "--log-format", "json"],
+        &[],
+    ));
     json_line(&stderr_of_a_run(
         &["--config", cfg_s],
         &[("ZTNA_LOG_FORMAT", "json")],
@@ -398,7 +414,10 @@ fn completions_and_man_page() {
                 "fish" => format!("-l {}", &flag[2..]),
                 _ => flag.to_string(),
             };
-            assert!(out.contains(&spelled), "{shell} completions lack {flag}: {out}");
+            assert!(
+                out.contains(&spelled),
+                "{shell} completions lack {flag}: {out}"
+            );
         }
     }
     let (code, out, err) = exec(&["man"], &[]);
@@ -415,7 +434,10 @@ fn completions_and_man_page() {
 /// default uncommented (so a renamed key or a changed value format cannot hide there).
 #[test]
 fn example_config_is_valid() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/intermediate.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/intermediate.toml"
+    );
     let text = std::fs::read_to_string(example).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let all = dir.path().join("intermediate.toml");

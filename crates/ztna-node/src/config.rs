@@ -81,8 +81,10 @@ pub fn load<T: DeserializeOwned + Paths>(
 /// `$CREDENTIALS_DIRECTORY` are left alone.
 pub fn anchor(value: &Path, base: Option<&Path>, creds: Option<&Path>) -> PathBuf {
     let text = value.to_string_lossy();
-    if value.is_absolute() || text.starts_with("$CREDENTIALS_DIRECTORY")
-        || text.starts_with("${CREDENTIALS_DIRECTORY}") {
+    if value.is_absolute()
+        || text.starts_with("$CREDENTIALS_DIRECTORY")
+        || text.starts_with("${CREDENTIALS_DIRECTORY}")
+    {
         return value.to_path_buf();
     }
     let here = match base {
@@ -422,7 +424,10 @@ mod tests {
         };
         assert_eq!(
             parse("listen = \"[::]:0\"\nbackend = \"10.0.0.1:53\"").unwrap(),
-            ("[::]:0".parse().unwrap(), Some("10.0.0.1:53".parse().unwrap()))
+            (
+                "[::]:0".parse().unwrap(),
+                Some("10.0.0.1:53".parse().unwrap())
+            )
         );
         let e = parse("listen = \"0.0.0.0:99999\"").unwrap_err();
         assert!(e.contains("port 99999 is out of range 1-65535"), "{e}");
@@ -551,7 +556,10 @@ mod tests {
         let e = load::<Sample>(None, vec![("timeout", "5s".into())])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("listen") && e.contains("pass --config FILE"), "{e}");
+        assert!(
+            e.contains("listen") && e.contains("pass --config FILE"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -117,8 +117,8 @@ pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
         }
         Err(e) => return Err(e),
     };
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
     Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
 }
 

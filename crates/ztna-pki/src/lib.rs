@@ -487,9 +487,11 @@ pub fn describe(pem: &[u8]) -> Result<CertInfo, PkiError> {
     let is_ca = cert.is_ca();
     let (trust_domain, role, name) = match (is_ca, parts.as_slice()) {
         (true, [td]) => (td.to_string(), None, None),
-        (false, [td, role, name]) if ROLES.contains(role) && validate_name(name).is_ok() => {
-            (td.to_string(), Some(role.to_string()), Some(name.to_string()))
-        }
+        (false, [td, role, name]) if ROLES.contains(role) && validate_name(name).is_ok() => (
+            td.to_string(),
+            Some(role.to_string()),
+            Some(name.to_string()),
+        ),
         _ => {
             return Err(not_ours(format!(
                 "{id} is not spiffe://<trust-domain>/<agent|connector|intermediate>/<name> \

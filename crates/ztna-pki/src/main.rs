@@ -114,8 +114,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("expires           {}", fmt_time(issued.not_after));
         }
         Cmd::Show { file } => {
-            let pem = std::fs::read(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let pem =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let info = ztna_pki::describe(&pem).map_err(|e| match e {
                 PkiError::NotOurs(why) => anyhow::Error::new(NotOurs(format!(
                     "{}: not a ZTNA certificate: {why}",

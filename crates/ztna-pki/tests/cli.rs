@@ -121,14 +121,32 @@ fn show_prints_identity_validity_and_issuer() {
         .status
         .success());
     assert!(pki(&[
-        "issue", "--ca", d, "--role", "connector", "--name", "web-1", "--out", d, "--dns",
-        "web-1.corp.example", "--ip", "10.1.2.3", "--days", "30",
+        "issue",
+        "--ca",
+        d,
+        "--role",
+        "connector",
+        "--name",
+        "web-1",
+        "--out",
+        d,
+        "--dns",
+        "web-1.corp.example",
+        "--ip",
+        "10.1.2.3",
+        "--days",
+        "30",
     ])
     .status
     .success());
 
     let o = pki(&["show", &format!("{d}/web-1.pem")]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     for want in [
         "SPIFFE ID     spiffe://corp.example/connector/web-1",
@@ -151,20 +169,27 @@ fn show_prints_identity_validity_and_issuer() {
     let o = pki(&["show", &format!("{d}/ca.pem")]);
     assert_eq!(o.status.code(), Some(0));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("SPIFFE ID     spiffe://corp.example\n"), "{out}");
+    assert!(
+        out.contains("SPIFFE ID     spiffe://corp.example\n"),
+        "{out}"
+    );
     assert!(out.contains("role          deployment CA"), "{out}");
 
     // Not ours: a key, a text file, a certificate without a SPIFFE ID: exit 2 with the reason.
     let o = pki(&["show", &format!("{d}/web-1.key")]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("not a ZTNA certificate: the file holds no PEM certificate"),
+        String::from_utf8_lossy(&o.stderr)
+            .contains("not a ZTNA certificate: the file holds no PEM certificate"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
     let plain = dir.path().join("notes.txt");
     std::fs::write(&plain, "hello\n").unwrap();
-    assert_eq!(pki(&["show", plain.to_str().unwrap()]).status.code(), Some(2));
+    assert_eq!(
+        pki(&["show", plain.to_str().unwrap()]).status.code(),
+        Some(2)
+    );
     let ca = ztna_pki::Ca::load(dir.path()).unwrap();
     let raw = ca
         .issue_raw("plain", &[], ztna_pki::Validity::days(1))

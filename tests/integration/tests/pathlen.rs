@@ -21,9 +21,13 @@ fn issue_via_sub_ca(pki: &Pki, role: &str, name: &str) -> TlsConfig {
         .self_signed(&ca_key)
         .unwrap();
     let mut sub = CertificateParams::default();
-    sub.distinguished_name.push(DnType::CommonName, "rogue sub-CA");
+    sub.distinguished_name
+        .push(DnType::CommonName, "rogue sub-CA");
     sub.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    sub.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    sub.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let sub_key = KeyPair::generate().unwrap();
     let sub_cert = sub.signed_by(&sub_key, &ca, &ca_key).unwrap();
 
