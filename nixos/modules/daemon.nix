@@ -106,7 +106,7 @@ in
       };
       default = { };
       description = ''
-        Configuration of ${name} (design §5 of the ZTNA docs), rendered to TOML. The `[tls]`
+        Configuration of ${name} (the keys of examples/*.toml and README), rendered to TOML. The `[tls]`
         section is filled in from `caFile`, `certFile` and `keyFile`.
       '';
     };

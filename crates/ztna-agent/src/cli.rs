@@ -3,9 +3,9 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-use ztna_node::daemon::CommonArgs;
-use ztna_node::signals::push_list_override;
+use clap::{CommandFactory, Parser};
+use ztna_node::daemon::{CommonArgs, Tool};
+use ztna_node::signals::{push_list_override, push_override};
 
 /// Exposes ZTNA services on local ports, tunnelled through an intermediate.
 #[derive(Parser)]
@@ -13,6 +13,9 @@ use ztna_node::signals::push_list_override;
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    /// Without a subcommand the daemon runs.
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// Intermediate host:port in order of preference; repeat for each (`intermediates`).
     #[arg(
         long = "intermediate",
@@ -20,6 +23,9 @@ struct Cli {
         value_delimiter = ','
     )]
     intermediates: Vec<String>,
+    /// Local UDP address of the QUIC endpoint, e.g. "0.0.0.0:0" for IPv4 only (`bind`).
+    #[arg(long, env = "ZTNA_BIND")]
+    bind: Option<String>,
     /// Extra forward, e.g. `tcp:127.0.0.1:8080=web` (repeatable; adds to `[[forward]]`).
     #[arg(long = "forward", env = "ZTNA_FORWARDS", value_delimiter = ',')]
     forwards: Vec<String>,
@@ -28,8 +34,12 @@ struct Cli {
 /// Runs the daemon with these command-line arguments (the first is the program name).
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
+    if let Some(tool) = cli.tool {
+        return ztna_node::daemon::tool(tool, Cli::command());
+    }
     let mut o = cli.common.overrides();
     push_list_override(&mut o, "intermediates", cli.intermediates);
+    push_override(&mut o, "bind", cli.bind);
     let mut extra = Vec::new();
     for f in &cli.forwards {
         match crate::Forward::parse(f) {
@@ -46,7 +56,6 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
         ztna_proto::Role::Agent,
         &cli.common,
         move || crate::Config::load(path.as_deref(), o.clone(), extra.clone()),
-        |c| &c.tls,
         |config, shutdown, reloads| async move {
             let daemon = crate::Agent::bind(config).await?;
             let handle = daemon.handle();

@@ -1,11 +1,12 @@
-//! Agent configuration (design §5).
+//! Agent configuration: the keys of `agent.toml`, their defaults and validation.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::logging::LogFormat;
 use ztna_proto::Protocol;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -13,10 +14,11 @@ use ztna_proto::Protocol;
 pub struct Config {
     /// Intermediates in order of preference; the agent uses one and fails over to the next.
     pub intermediates: Vec<String>,
-    #[serde(default = "default_ops")]
+    #[serde(default = "default_ops", with = "addr")]
     pub ops_listen: SocketAddr,
-    /// Local UDP address of the QUIC endpoint.
-    #[serde(default = "default_bind")]
+    /// Local UDP address of the QUIC endpoint. The default `[::]:0` is dual stack (IPv6 and
+    /// IPv4), or `0.0.0.0:0` on a host without IPv6.
+    #[serde(default = "default_bind", with = "addr")]
     pub bind: SocketAddr,
     #[serde(default = "default_udp_idle", with = "duration")]
     pub udp_idle_timeout: Duration,
@@ -34,6 +36,9 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub forward: Vec<Forward>,
+    /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
@@ -58,6 +63,7 @@ impl From<ForwardProtocol> for Protocol {
 pub struct Forward {
     pub service: String,
     pub protocol: ForwardProtocol,
+    #[serde(with = "addr")]
     pub listen: SocketAddr,
 }
 
@@ -78,9 +84,8 @@ impl Forward {
                 ))
             }
         };
-        let listen = listen
-            .parse()
-            .map_err(|_| format!("invalid forward {s:?}: {listen:?} is not ADDR:PORT"))?;
+        let listen =
+            config::parse_addr(listen).map_err(|e| format!("invalid forward {s:?}: {e}"))?;
         if service.is_empty() {
             return Err(usage());
         }
@@ -92,11 +97,26 @@ impl Forward {
     }
 }
 
+impl ztna_node::config::Paths for Config {
+    fn paths_mut(&mut self) -> Vec<(&'static str, &mut std::path::PathBuf)> {
+        self.tls.paths_mut()
+    }
+}
+
+impl ztna_node::daemon::DaemonConfig for Config {
+    fn tls(&self) -> &TlsConfig {
+        &self.tls
+    }
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
 fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9472))
 }
 fn default_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
+    ztna_node::transport::DUAL_STACK_ANY
 }
 fn default_udp_idle() -> Duration {
     Duration::from_secs(60)
@@ -139,12 +159,7 @@ impl Config {
             ));
         }
         for i in &self.intermediates {
-            if i.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(("intermediates".into(), format!("{i:?} is not host:port")));
-            }
+            config::check_host_port(i).map_err(|m| ("intermediates".to_string(), m))?;
         }
         if self.forward.is_empty() {
             return Err((

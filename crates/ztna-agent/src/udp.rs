@@ -318,7 +318,7 @@ async fn run_flow(
                         info!(from = %leg.link.target, to = %next.link.target, "udp flow moved to another intermediate");
                         shared.metrics.udp_moves.inc();
                         let old = std::mem::replace(&mut leg, next);
-                        end_leg(&shared, old, None);
+                        shared.flows.spawn(retire_leg(shared.clone(), flow.clone(), old));
                     }
                     Err(e) => {
                         let (_, why) = e.describe();
@@ -349,6 +349,19 @@ async fn wait_for_change(shared: &Shared, guard: &FlowGuard<FlowMeta>) {
         _ = guard.cancel.cancelled() => {}
         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
     }
+}
+
+/// A leg the flow moved away from keeps delivering what is still in flight on it (a reply to a
+/// datagram sent just before the move) for a few round trips, then ends.
+async fn retire_leg(shared: Arc<Shared>, flow: Arc<UdpFlow>, mut leg: Leg) {
+    let grace = (leg.link.conn.rtt() * 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    let _ = tokio::time::timeout(grace, async {
+        while let Ok(Some(p)) = leg.recv.next_frame().await {
+            flow.to_client(&p);
+        }
+    })
+    .await;
+    end_leg(&shared, leg, None);
 }
 
 fn end_leg(shared: &Shared, mut leg: Leg, code: Option<u32>) {

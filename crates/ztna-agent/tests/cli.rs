@@ -103,3 +103,105 @@ fn forward_shorthand_and_errors() {
     let (code, text) = check(&[], Some("127.0.0.1:4433,127.0.0.1:4434"));
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn bind_flag_completions_and_man_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "intermediates = [\"[::1]:4433\"]\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+         [[forward]]\nservice = \"web\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("ZTNA_CONFIG")
+            .env_remove("ZTNA_BIND")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let cfg_s = cfg.to_str().unwrap();
+    let only = ["--config", cfg_s, "--check-config", "--config-only"];
+    assert_eq!(run(&only, &[]).0, 0);
+    let (code, text) = run(&[&only[..], &["--bind", "[::1]:99999"]].concat(), &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("port 99999 is out of range 1-65535"),
+        "{text}"
+    );
+    let (code, text) = run(&only, &[("ZTNA_BIND", "my-laptop:0")]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("\"my-laptop\" is a hostname"), "{text}");
+    // A forward's listen address needs an IP too, in the file and in the shorthand.
+    let (code, text) = run(
+        &[&only[..], &["--forward", "tcp:localhost:8081=web"]].concat(),
+        &[],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("\"localhost\" is a hostname"), "{text}");
+
+    for shell in ["bash", "zsh", "elvish", "powershell"] {
+        let (code, out) = run(&["completions", shell], &[]);
+        assert_eq!(code, 0, "{out}");
+        for flag in ["--config", "--forward", "--bind", "--log-format"] {
+            assert!(out.contains(flag), "{shell} completions lack {flag}");
+        }
+    }
+    let (code, out) = run(&["man"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(".TH ztna-agent"), "{out}");
+}
+
+/// The example in examples/ passes `--check-config --config-only`, also with every commented
+/// default uncommented (so a renamed key or a changed value format cannot hide there).
+#[test]
+fn example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/agent.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let all = dir.path().join("agent.toml");
+    let mut uncommented = 0;
+    let body: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                }) =>
+            {
+                uncommented += 1;
+                format!("{rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(uncommented >= 5, "{body}");
+    std::fs::write(&all, body).unwrap();
+    for cfg in [std::path::Path::new(example), all.as_path()] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(cfg)
+            .args(["--check-config", "--config-only"])
+            .env_remove("ZTNA_CONFIG")
+            .env_remove("ZTNA_INTERMEDIATES")
+            .env_remove("ZTNA_FORWARDS")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            cfg.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

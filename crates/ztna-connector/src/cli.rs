@@ -3,8 +3,8 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-use ztna_node::daemon::CommonArgs;
+use clap::{CommandFactory, Parser};
+use ztna_node::daemon::{CommonArgs, Tool};
 use ztna_node::signals::{push_list_override, push_override};
 
 /// Runs next to private backends; dials out to every intermediate and forwards flows.
@@ -13,6 +13,9 @@ use ztna_node::signals::{push_list_override, push_override};
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    /// Without a subcommand the daemon runs.
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// Intermediate host:port; repeat for each (`intermediates`).
     #[arg(
         long = "intermediate",
@@ -20,6 +23,9 @@ struct Cli {
         value_delimiter = ','
     )]
     intermediates: Vec<String>,
+    /// Local UDP address of the QUIC endpoint, e.g. "0.0.0.0:0" for IPv4 only (`bind`).
+    #[arg(long, env = "ZTNA_BIND")]
+    bind: Option<String>,
     /// Drain timeout, e.g. "30s" (`drain_timeout`).
     #[arg(long, env = "ZTNA_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
@@ -28,8 +34,12 @@ struct Cli {
 /// Runs the daemon with these command-line arguments (the first is the program name).
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
+    if let Some(tool) = cli.tool {
+        return ztna_node::daemon::tool(tool, Cli::command());
+    }
     let mut o = cli.common.overrides();
     push_list_override(&mut o, "intermediates", cli.intermediates);
+    push_override(&mut o, "bind", cli.bind);
     push_override(&mut o, "drain_timeout", cli.drain_timeout);
     let path = cli.common.config.clone();
     ztna_node::daemon::main(
@@ -37,7 +47,6 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
         ztna_proto::Role::Connector,
         &cli.common,
         move || crate::Config::load(path.as_deref(), o.clone()),
-        |c| &c.tls,
         |config, shutdown, reloads| async move {
             let daemon = crate::Connector::bind(config)?;
             let handle = daemon.handle();

@@ -1,21 +1,23 @@
-//! Connector configuration (design §5).
+//! Connector configuration: the keys of `connector.toml`, their defaults and validation.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::logging::LogFormat;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Every intermediate to register with (`host:port`); the connector keeps a connection to each.
     pub intermediates: Vec<String>,
-    #[serde(default = "default_ops")]
+    #[serde(default = "default_ops", with = "addr")]
     pub ops_listen: SocketAddr,
-    /// Local UDP address of the QUIC endpoint (also used for direct P2P paths later).
-    #[serde(default = "default_bind")]
+    /// Local UDP address of the QUIC endpoint (also used for direct P2P paths later). The default
+    /// `[::]:0` is dual stack (IPv6 and IPv4), or `0.0.0.0:0` on a host without IPv6.
+    #[serde(default = "default_bind", with = "addr")]
     pub bind: SocketAddr,
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
@@ -40,6 +42,9 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
+    /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,16 +52,33 @@ pub struct Config {
 pub struct ServiceConfig {
     pub name: String,
     /// Backend for TCP flows.
+    #[serde(default, deserialize_with = "addr::option")]
     pub tcp: Option<SocketAddr>,
     /// Backend for UDP flows.
+    #[serde(default, deserialize_with = "addr::option")]
     pub udp: Option<SocketAddr>,
+}
+
+impl ztna_node::config::Paths for Config {
+    fn paths_mut(&mut self) -> Vec<(&'static str, &mut std::path::PathBuf)> {
+        self.tls.paths_mut()
+    }
+}
+
+impl ztna_node::daemon::DaemonConfig for Config {
+    fn tls(&self) -> &TlsConfig {
+        &self.tls
+    }
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9471))
 }
 fn default_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
+    ztna_node::transport::DUAL_STACK_ANY
 }
 fn default_drain() -> Duration {
     Duration::from_secs(30)
@@ -103,12 +125,7 @@ impl Config {
             ));
         }
         for i in &self.intermediates {
-            if i.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(("intermediates".into(), format!("{i:?} is not host:port")));
-            }
+            config::check_host_port(i).map_err(|m| ("intermediates".to_string(), m))?;
         }
         if self.service.is_empty() {
             return Err((

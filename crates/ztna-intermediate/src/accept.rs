@@ -34,7 +34,7 @@ pub(crate) async fn accept_loop(
 }
 
 async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
+    let remote = ztna_node::transport::canonical(incoming.remote_address());
     let handshakes = &shared.metrics.handshakes;
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await })
         .await

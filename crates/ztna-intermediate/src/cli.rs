@@ -3,8 +3,8 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-use ztna_node::daemon::CommonArgs;
+use clap::{CommandFactory, Parser};
+use ztna_node::daemon::{CommonArgs, Tool};
 use ztna_node::signals::push_override;
 
 /// Public QUIC relay of ZTNA: mTLS, default-deny policy, service registry, TCP/UDP relay.
@@ -13,6 +13,9 @@ use ztna_node::signals::push_override;
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    /// Without a subcommand the daemon runs.
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// QUIC listen address (`listen`).
     #[arg(long, env = "ZTNA_LISTEN")]
     listen: Option<String>,
@@ -24,6 +27,9 @@ struct Cli {
 /// Runs the daemon with these command-line arguments (the first is the program name).
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
+    if let Some(tool) = cli.tool {
+        return ztna_node::daemon::tool(tool, Cli::command());
+    }
     let mut o = cli.common.overrides();
     push_override(&mut o, "listen", cli.listen);
     push_override(&mut o, "drain_timeout", cli.drain_timeout);
@@ -33,7 +39,6 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
         ztna_proto::Role::Intermediate,
         &cli.common,
         move || crate::Config::load(path.as_deref(), o.clone()),
-        |c| &c.tls,
         |config, shutdown, reloads| async move {
             let daemon = crate::Intermediate::bind(config)?;
             let handle = daemon.handle();

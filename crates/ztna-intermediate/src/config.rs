@@ -1,11 +1,12 @@
-//! Intermediate configuration (design §5).
+//! Intermediate configuration: the keys of `intermediate.toml`, their defaults and validation.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::logging::LogFormat;
 
 use crate::policy::{Policy, PolicyRule};
 
@@ -13,10 +14,10 @@ use crate::policy::{Policy, PolicyRule};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// QUIC listen address.
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", with = "addr")]
     pub listen: SocketAddr,
     /// Ops endpoint (metrics, health); loopback by default.
-    #[serde(default = "default_ops")]
+    #[serde(default = "default_ops", with = "addr")]
     pub ops_listen: SocketAddr,
     /// How long running flows may continue after a drain starts.
     #[serde(default = "default_drain", with = "duration")]
@@ -50,6 +51,24 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
+    /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+impl ztna_node::config::Paths for Config {
+    fn paths_mut(&mut self) -> Vec<(&'static str, &mut std::path::PathBuf)> {
+        self.tls.paths_mut()
+    }
+}
+
+impl ztna_node::daemon::DaemonConfig for Config {
+    fn tls(&self) -> &TlsConfig {
+        &self.tls
+    }
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 fn default_listen() -> SocketAddr {

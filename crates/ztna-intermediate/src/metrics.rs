@@ -1,4 +1,4 @@
-//! The intermediate's metrics (design §4).
+//! The intermediate's metrics: names and labels are a contract with the dashboards and alert rules in `nixos/monitoring/` (README lists them).
 
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use ztna_node::metrics::{self as m, Common};

@@ -130,7 +130,7 @@ pub(crate) async fn run(
     let welcome = ServerMsg::Welcome {
         version: PROTOCOL_VERSION,
         identity: id.to_string(),
-        observed_addr: conn.remote_address(),
+        observed_addr: ztna_node::transport::canonical(conn.remote_address()),
     };
     if write_frame(&mut send, &welcome).await.is_err() {
         return;

@@ -10,23 +10,163 @@ use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
 use crate::identity::describe_connection_error;
 use crate::io::{write_frame, FramedRecv};
 
+/// How long one connection attempt runs alone before the next address is tried beside it
+/// (happy eyeballs, RFC 8305's recommended 250 ms).
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
 /// Connects to `target` (`host:port`) within `limit`; the error says why in operator words.
+///
+/// Every address the name resolves to is tried, IPv6 and IPv4 interleaved, happy-eyeballs style:
+/// the next attempt starts when the previous one failed or after [`ATTEMPT_DELAY`], the first
+/// handshake to complete wins and the others are abandoned. The address used is logged.
+/// Addresses of a family the endpoint cannot reach (IPv6 on an IPv4-only socket) are skipped.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     client: &quinn::ClientConfig,
     target: &str,
     limit: Duration,
 ) -> Result<quinn::Connection, String> {
-    let (addr, sni) = crate::transport::resolve(target)
+    let (addrs, sni) = crate::transport::resolve_all(target)
         .await
         .map_err(|e| format!("cannot resolve {target}: {e}"))?;
-    let connecting = endpoint
-        .connect_with(client.clone(), addr, &sni)
-        .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(limit, connecting).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(describe_connection_error(&e)),
-        Err(_) => Err(format!("handshake did not complete within {limit:?}")),
+    connect_any(endpoint, client, target, addrs, &sni, limit).await
+}
+
+/// [`connect`] to already resolved `addrs` (in order of preference), sending `sni`; `target`
+/// names them in messages.
+pub async fn connect_any(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    target: &str,
+    addrs: Vec<SocketAddr>,
+    sni: &str,
+    limit: Duration,
+) -> Result<quinn::Connection, String> {
+    let v4_only = endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(false);
+    let (usable, skipped): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        addrs.into_iter().partition(|a| !(v4_only && a.is_ipv6()));
+    if usable.is_empty() {
+        return Err(format!(
+            "{target} has only IPv6 addresses ({}), but the local socket is IPv4 only: set \
+             `bind = \"[::]:0\"` or leave `bind` at its default",
+            list(&skipped)
+        ));
+    }
+    match tokio::time::timeout(limit, race(endpoint, client, &usable, sni)).await {
+        Ok(Ok((conn, addr))) => {
+            tracing::info!(intermediate = target, %addr, "QUIC connection established");
+            Ok(conn)
+        }
+        Ok(Err(failures)) => Err(describe_failures(&failures)),
+        Err(_) if usable.len() == 1 => Err(format!("handshake did not complete within {limit:?}")),
+        Err(_) => Err(format!(
+            "handshake did not complete within {limit:?} on any of {}",
+            list(&usable)
+        )),
+    }
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| crate::transport::canonical(*a).to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_failures(failures: &[(SocketAddr, String)]) -> String {
+    match failures {
+        [(_, why)] => why.clone(),
+        _ => failures
+            .iter()
+            .map(|(a, why)| format!("{}: {why}", crate::transport::canonical(*a)))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+type Attempt = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (SocketAddr, Result<quinn::Connection, String>)> + Send>,
+>;
+
+/// Races handshakes to `addrs` in order, each started [`ATTEMPT_DELAY`] after the previous one
+/// or as soon as every running one failed. Returns the first connection (with its address as
+/// an operator reads it), or every address's failure. Attempts still running when one wins are
+/// dropped, which closes them.
+async fn race(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    addrs: &[SocketAddr],
+    sni: &str,
+) -> Result<(quinn::Connection, SocketAddr), Vec<(SocketAddr, String)>> {
+    enum Step {
+        Finished(usize, SocketAddr, Result<quinn::Connection, String>),
+        Delay,
+    }
+    let mut pending: Vec<Attempt> = Vec::new();
+    let mut failures = Vec::new();
+    let mut next = addrs.iter().copied();
+    loop {
+        while pending.is_empty() {
+            let Some(addr) = next.next() else {
+                return Err(failures);
+            };
+            start(endpoint, client, addr, sni, &mut pending, &mut failures);
+        }
+        let more = next.len() > 0;
+        let step = {
+            let first_done = std::future::poll_fn(|cx| {
+                for (i, p) in pending.iter_mut().enumerate() {
+                    if let std::task::Poll::Ready((addr, r)) = p.as_mut().poll(cx) {
+                        return std::task::Poll::Ready(Step::Finished(i, addr, r));
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            tokio::select! {
+                step = first_done => step,
+                _ = tokio::time::sleep(ATTEMPT_DELAY), if more => Step::Delay,
+            }
+        };
+        match step {
+            Step::Finished(i, addr, Ok(conn)) => {
+                drop(pending.swap_remove(i));
+                return Ok((conn, crate::transport::canonical(addr)));
+            }
+            Step::Finished(i, addr, Err(why)) => {
+                drop(pending.swap_remove(i));
+                tracing::debug!(addr = %crate::transport::canonical(addr), %why, "connection attempt failed");
+                failures.push((addr, why));
+                // A failed attempt starts the next address at once instead of after the delay.
+                if let Some(addr) = next.next() {
+                    start(endpoint, client, addr, sni, &mut pending, &mut failures);
+                }
+            }
+            Step::Delay => {
+                if let Some(addr) = next.next() {
+                    start(endpoint, client, addr, sni, &mut pending, &mut failures);
+                }
+            }
+        }
+    }
+}
+
+fn start(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    addr: SocketAddr,
+    sni: &str,
+    pending: &mut Vec<Attempt>,
+    failures: &mut Vec<(SocketAddr, String)>,
+) {
+    match endpoint.connect_with(client.clone(), addr, sni) {
+        Ok(connecting) => pending.push(Box::pin(async move {
+            (
+                addr,
+                connecting.await.map_err(|e| describe_connection_error(&e)),
+            )
+        })),
+        Err(e) => failures.push((addr, e.to_string())),
     }
 }
 

@@ -1,11 +1,16 @@
 //! Configuration loading shared by the daemons: TOML files with unknown keys rejected, command-line
-//! overrides, durations like `"30s"`, and TLS paths that may live in `$CREDENTIALS_DIRECTORY`.
+//! overrides, durations like `"30s"`, addresses checked with messages that say what to fix, and
+//! file paths resolved against the config file's directory, then `$CREDENTIALS_DIRECTORY`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 use thiserror::Error;
+
+/// What `--config` and `ZTNA_CONFIG` are for, said when neither was given.
+pub const NO_CONFIG: &str = "no configuration: pass --config FILE or set ZTNA_CONFIG";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -22,6 +27,14 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    #[error("{NO_CONFIG}")]
+    Missing,
+}
+
+/// A configuration whose file paths are resolved when it is loaded.
+pub trait Paths {
+    /// Every key that holds a file path, as (dotted key, value).
+    fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)>;
 }
 
 /// Where a configuration came from, for error messages.
@@ -34,7 +47,59 @@ pub fn origin(path: Option<&Path>) -> String {
 
 /// Loads a TOML config, applies `overrides` (dotted key → value, from the command line), and
 /// deserializes it with unknown keys rejected. Errors name the file and the key.
-pub fn load<T: DeserializeOwned>(
+///
+/// Relative paths (see [`Paths`]) from the file are resolved against the file's directory, those
+/// from the command line against the working directory; either falls back to
+/// `$CREDENTIALS_DIRECTORY` (see [`anchor`]). With neither a file nor an override there is no
+/// configuration at all, which is [`ConfigError::Missing`].
+pub fn load<T: DeserializeOwned + Paths>(
+    path: Option<&Path>,
+    overrides: Vec<(&str, toml::Value)>,
+) -> Result<T, ConfigError> {
+    if path.is_none() && overrides.is_empty() {
+        return Err(ConfigError::Missing);
+    }
+    let from_cli: Vec<String> = overrides.iter().map(|(k, _)| k.to_string()).collect();
+    let mut config: T = parse(path, overrides)?;
+    let file_dir = path.and_then(Path::parent);
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    for (key, value) in config.paths_mut() {
+        let base = if from_cli.iter().any(|k| k == key) {
+            None
+        } else {
+            file_dir
+        };
+        *value = anchor(value, base, creds.as_deref());
+    }
+    Ok(config)
+}
+
+/// Where a relative path from a config file (`base` = its directory) or from the command line
+/// (`base` = None: the working directory) points: there if the file exists, else in
+/// `creds` (`$CREDENTIALS_DIRECTORY`, systemd `LoadCredential=`) if it exists there, else there
+/// (so an error names the place the operator meant). Absolute paths and paths starting with
+/// `$CREDENTIALS_DIRECTORY` are left alone.
+pub fn anchor(value: &Path, base: Option<&Path>, creds: Option<&Path>) -> PathBuf {
+    let text = value.to_string_lossy();
+    if value.is_absolute()
+        || text.starts_with("$CREDENTIALS_DIRECTORY")
+        || text.starts_with("${CREDENTIALS_DIRECTORY}")
+    {
+        return value.to_path_buf();
+    }
+    let here = match base {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(value),
+        _ => value.to_path_buf(),
+    };
+    if !here.exists() {
+        if let Some(c) = creds.map(|c| c.join(value)).filter(|c| c.exists()) {
+            return c;
+        }
+    }
+    here
+}
+
+fn parse<T: DeserializeOwned>(
     path: Option<&Path>,
     overrides: Vec<(&str, toml::Value)>,
 ) -> Result<T, ConfigError> {
@@ -80,13 +145,24 @@ pub fn load<T: DeserializeOwned>(
         origin: origin.clone(),
         message: e.to_string(),
     })?;
-    toml::from_str(&merged).map_err(|e| ConfigError::Parse {
-        origin: format!("{origin} (with command-line overrides)"),
-        message: e.to_string().trim_end().to_string(),
+    toml::from_str(&merged).map_err(|e| {
+        let mut message = e.to_string().trim_end().to_string();
+        if path.is_none() {
+            message.push_str(&format!(" ({NO_CONFIG})"));
+        }
+        ConfigError::Parse {
+            origin: if path.is_some() {
+                format!("{origin} (with command-line overrides)")
+            } else {
+                origin.clone()
+            },
+            message,
+        }
     })
 }
 
-/// Parses durations like `"250ms"`, `"30s"`, `"5m"`, `"1h"`, or a bare number of seconds.
+/// Parses durations like `"250ms"`, `"30s"`, `"5m"`, `"1h"`. A number without a unit is an
+/// error: `"30"` could mean seconds or milliseconds, so the operator has to say which.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -98,9 +174,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })?;
     let secs = match unit.trim() {
         "ms" => value / 1000.0,
-        "" | "s" => value,
+        "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "" => {
+            return Err(format!(
+                "invalid duration {s:?}: add a unit, e.g. \"{num}s\" (ms, s, m or h)"
+            ))
+        }
         other => {
             return Err(format!(
                 "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
@@ -113,21 +194,117 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Serde adapter for [`Duration`] fields written as `"30s"`.
+/// Serde adapter for [`Duration`] fields written as `"30s"`; a bare number is refused with a
+/// message that says which unit to add.
 pub mod duration {
     use super::*;
+    use serde::de::{Error, Visitor};
+
+    struct V;
+
+    impl Visitor<'_> for V {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration with a unit, like \"30s\" or \"500ms\"")
+        }
+
+        fn visit_str<E: Error>(self, s: &str) -> Result<Duration, E> {
+            parse_duration(s).map_err(E::custom)
+        }
+
+        fn visit_i64<E: Error>(self, n: i64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "a duration needs a unit: write \"{n}s\" (or ms, m, h), not {n}"
+            )))
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<Duration, E> {
+            self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+        }
+
+        fn visit_f64<E: Error>(self, n: f64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "a duration needs a unit: write \"{n}s\" (or ms, m, h), not {n}"
+            )))
+        }
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Str(String),
-            Secs(u64),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
-            Raw::Secs(n) => Ok(Duration::from_secs(n)),
-        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses a port number; `zero_ok` for listen addresses, where 0 means "any free port".
+fn parse_port(port: &str, zero_ok: bool) -> Result<u16, String> {
+    let n: u64 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} is not a number"))?;
+    match u16::try_from(n) {
+        Ok(p) if p > 0 || zero_ok => Ok(p),
+        _ => Err(format!("port {n} is out of range 1-65535")),
+    }
+}
+
+/// Splits `host:port` / `[v6]:port`; the host comes back without brackets.
+fn split_host_port(s: &str) -> Result<(&str, &str), String> {
+    let example = "e.g. 127.0.0.1:4433, [::1]:4433";
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("{s:?} is not [IPv6]:PORT ({example})"))?;
+        return Ok((host, port));
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} has no port ({example})"))?;
+    if host.contains(':') {
+        return Err(format!(
+            "{s:?}: write an IPv6 address in brackets, e.g. [{host}]:{port}"
+        ));
+    }
+    Ok((host, port))
+}
+
+/// Parses a socket address (`IP:PORT`, `[IPv6]:PORT`) where a hostname is not allowed (listen
+/// and bind addresses, local forwards). Errors say what to write instead.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let (host, port) = split_host_port(s.trim())?;
+    let port = parse_port(port, true)?;
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, port)),
+        Err(_) if host.is_empty() => Err(format!(
+            "{s:?} has no address (e.g. 0.0.0.0:{port} for every IPv4 address, [::]:{port} for all)"
+        )),
+        Err(_) => Err(format!(
+            "{s:?}: {host:?} is a hostname, but an IP address is required here \
+             (e.g. 127.0.0.1:{port}, [::1]:{port}, or [::]:{port} for every address)"
+        )),
+    }
+}
+
+/// Checks a `host:port` whose host may be a name (an intermediate): port 1-65535, IPv6 in
+/// brackets.
+pub fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = split_host_port(s)?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    parse_port(port, false).map(|_| ())
+}
+
+/// Serde adapter for [`SocketAddr`] fields, with [`parse_addr`]'s messages.
+pub mod addr {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_addr(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// For `Option<SocketAddr>` fields (use with `#[serde(default)]`).
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        deserialize(d).map(Some)
     }
 }
 
@@ -144,6 +321,15 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
+    /// The `[tls]` paths, for [`Paths::paths_mut`].
+    pub fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+        vec![
+            ("tls.ca", &mut self.ca),
+            ("tls.cert", &mut self.cert),
+            ("tls.key", &mut self.key),
+        ]
+    }
+
     /// Resolves a configured path: `$CREDENTIALS_DIRECTORY`/`${CREDENTIALS_DIRECTORY}` is expanded,
     /// and a relative path that does not exist is looked up in `$CREDENTIALS_DIRECTORY` (systemd
     /// `LoadCredential=`), so `cert = "cert.pem"` works under the NixOS modules.
@@ -164,6 +350,48 @@ impl TlsConfig {
     }
 }
 
+/// The field names of a struct config type, as serde sees them (for tests that check an
+/// example file documents every key).
+pub fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Grab(Option<&'static [&'static str]>);
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("stop")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<E: std::fmt::Display>(_: E) -> Self {
+            Stop
+        }
+    }
+    impl<'de> serde::Deserializer<'de> for &mut Grab {
+        type Error = Stop;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = Some(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut g = Grab(None);
+    let _ = T::deserialize(&mut g);
+    g.0.unwrap_or(&[])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +407,25 @@ mod tests {
     fn default_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    impl Paths for Sample {
+        fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+            self.tls.as_mut().map(|t| t.paths_mut()).unwrap_or_default()
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Addrs {
+        #[serde(with = "addr")]
+        listen: SocketAddr,
+        #[serde(default, deserialize_with = "addr::option")]
+        backend: Option<SocketAddr>,
+    }
+    impl Paths for Addrs {
+        fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+            Vec::new()
+        }
+    }
 
     #[test]
     fn durations() {
@@ -186,11 +433,121 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("30 parsecs")
             .unwrap_err()
             .contains("unknown unit"));
         assert!(parse_duration("s").is_err());
+        // No unit: say which one to add instead of guessing seconds.
+        let e = parse_duration("30").unwrap_err();
+        assert!(e.contains("add a unit, e.g. \"30s\""), "{e}");
+    }
+
+    #[test]
+    fn durations_without_unit_in_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.toml");
+        for (value, want) in [
+            ("\"30\"", "add a unit, e.g. \"30s\""),
+            ("30", "write \"30s\""),
+            ("1.5", "write \"1.5s\""),
+        ] {
+            std::fs::write(&p, format!("listen = \"a\"\ntimeout = {value}\n")).unwrap();
+            let e = load::<Sample>(Some(&p), vec![]).unwrap_err().to_string();
+            assert!(e.contains("timeout") && e.contains(want), "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn addresses_say_what_to_fix() {
+        let parse = |text: &str| {
+            toml::from_str::<Addrs>(text)
+                .map(|a| (a.listen, a.backend))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            parse("listen = \"[::]:0\"\nbackend = \"10.0.0.1:53\"").unwrap(),
+            (
+                "[::]:0".parse().unwrap(),
+                Some("10.0.0.1:53".parse().unwrap())
+            )
+        );
+        let e = parse("listen = \"0.0.0.0:99999\"").unwrap_err();
+        assert!(e.contains("port 99999 is out of range 1-65535"), "{e}");
+        let e = parse("listen = \"localhost:4433\"").unwrap_err();
+        assert!(
+            e.contains("\"localhost\" is a hostname, but an IP address is required here"),
+            "{e}"
+        );
+        let e = parse("listen = \"127.0.0.1\"").unwrap_err();
+        assert!(e.contains("has no port"), "{e}");
+        let e = parse("listen = \"::1:80\"").unwrap_err();
+        assert!(e.contains("in brackets, e.g. [::1]:80"), "{e}");
+        let e = parse("listen = \"0.0.0.0:http\"").unwrap_err();
+        assert!(e.contains("port \"http\" is not a number"), "{e}");
+
+        assert!(check_host_port("relay.example.com:4433").is_ok());
+        assert!(check_host_port("[2001:db8::1]:4433").is_ok());
+        assert_eq!(
+            check_host_port("relay:0").unwrap_err(),
+            "port 0 is out of range 1-65535"
+        );
+        assert_eq!(
+            check_host_port("relay:70000").unwrap_err(),
+            "port 70000 is out of range 1-65535"
+        );
+        assert!(check_host_port("relay").unwrap_err().contains("no port"));
+    }
+
+    #[test]
+    fn no_configuration_at_all() {
+        assert_eq!(
+            load::<Sample>(None, vec![]).unwrap_err().to_string(),
+            "no configuration: pass --config FILE or set ZTNA_CONFIG"
+        );
+    }
+
+    #[test]
+    fn relative_paths_anchor_at_the_config_file_then_credentials() {
+        let etc = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(etc.path().join("here.pem"), "x").unwrap();
+        std::fs::write(creds.path().join("cred.pem"), "x").unwrap();
+        std::fs::write(creds.path().join("here.pem"), "x").unwrap();
+        let (base, c) = (Some(etc.path()), Some(creds.path()));
+        // Next to the config file first, even when the credentials have one too.
+        assert_eq!(
+            anchor(Path::new("here.pem"), base, c),
+            etc.path().join("here.pem")
+        );
+        assert_eq!(
+            anchor(Path::new("cred.pem"), base, c),
+            creds.path().join("cred.pem")
+        );
+        // Missing everywhere: the config file's directory, so the error names that file.
+        assert_eq!(
+            anchor(Path::new("gone.pem"), base, c),
+            etc.path().join("gone.pem")
+        );
+        assert_eq!(
+            anchor(Path::new("/abs/x.pem"), base, c),
+            PathBuf::from("/abs/x.pem")
+        );
+        assert_eq!(
+            anchor(Path::new("$CREDENTIALS_DIRECTORY/k.pem"), base, c),
+            PathBuf::from("$CREDENTIALS_DIRECTORY/k.pem")
+        );
+        // Through load: file values are anchored at the file, command-line values are not.
+        let cfg = etc.path().join("x.toml");
+        std::fs::write(
+            &cfg,
+            "listen = \"a\"\n[tls]\nca = \"here.pem\"\ncert = \"sub/c.pem\"\nkey = \"k\"\n",
+        )
+        .unwrap();
+        let s: Sample = load(Some(&cfg), vec![("tls.key", "cli.key".into())]).unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.ca, etc.path().join("here.pem"));
+        assert_eq!(tls.cert, etc.path().join("sub/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("cli.key"));
     }
 
     #[test]
@@ -234,13 +591,17 @@ mod tests {
         assert_eq!(s.timeout, Duration::from_secs(5));
         let tls = s.tls.unwrap();
         assert_eq!(tls.key, PathBuf::from("k"));
-        assert_eq!(tls.ca, PathBuf::from("c"));
+        // From the file: next to the file; from the command line: as given.
+        assert_eq!(tls.ca, dir.path().join("c"));
         let only_cli: Sample = load(None, vec![("listen", "z".into())]).unwrap();
         assert_eq!(only_cli.listen, "z");
-        assert!(load::<Sample>(None, vec![])
+        let e = load::<Sample>(None, vec![("timeout", "5s".into())])
             .unwrap_err()
-            .to_string()
-            .contains("listen"));
+            .to_string();
+        assert!(
+            e.contains("listen") && e.contains("pass --config FILE"),
+            "{e}"
+        );
     }
 
     #[test]

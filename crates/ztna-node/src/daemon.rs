@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use ztna_proto::Role;
 
 use crate::config::{ConfigError, TlsConfig};
+use crate::logging::LogFormat;
 use crate::signals::push_override;
 
-/// Arguments every daemon takes (each also a config key, see design §5).
+/// Arguments every daemon takes (each also a config key of the daemon's TOML file).
 #[derive(clap::Args, Debug)]
 pub struct CommonArgs {
     /// Config file (TOML).
@@ -39,6 +40,9 @@ pub struct CommonArgs {
     /// Private key (`tls.key`).
     #[arg(long, env = "ZTNA_TLS_KEY")]
     pub tls_key: Option<String>,
+    /// Log format: text, or json (one object per line) for log shippers (`log_format`).
+    #[arg(long, env = "ZTNA_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 impl CommonArgs {
@@ -49,7 +53,49 @@ impl CommonArgs {
         push_override(&mut o, "tls.ca", self.tls_ca.clone());
         push_override(&mut o, "tls.cert", self.tls_cert.clone());
         push_override(&mut o, "tls.key", self.tls_key.clone());
+        push_override(&mut o, "log_format", self.log_format.map(LogFormat::as_str));
         o
+    }
+}
+
+/// What [`main`] needs to know of a daemon's configuration.
+pub trait DaemonConfig: Send + 'static {
+    /// The `[tls]` section, which `--check-config` verifies.
+    fn tls(&self) -> &TlsConfig;
+    /// `log_format`.
+    fn log_format(&self) -> LogFormat;
+}
+
+/// Subcommands every daemon has besides running (which is what it does without one).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Tool {
+    /// Print a shell completion script to stdout (e.g. `ztna-agent completions bash >
+    /// /etc/bash_completion.d/ztna-agent`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (e.g. `ztna-agent man | man -l -`).
+    Man,
+}
+
+/// Runs a [`Tool`] for the program whose clap definition is `command`.
+pub fn tool(tool: Tool, mut command: clap::Command) -> ExitCode {
+    let name = command.get_name().to_string();
+    let mut out = std::io::stdout().lock();
+    let written = match tool {
+        Tool::Completions { shell } => {
+            clap_complete::generate(shell, &mut command, name.clone(), &mut out);
+            Ok(())
+        }
+        Tool::Man => clap_mangen::Man::new(command).render(&mut out),
+    };
+    match written.and_then(|()| std::io::Write::flush(&mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -91,24 +137,22 @@ pub fn warn_unapplied(changes: &[(&str, bool)]) {
 
 /// Runs a daemon binary.
 ///
-/// `load` reads the configuration (and again on every SIGHUP); `tls` finds its `[tls]` section,
-/// which `--check-config` also validates against `role`. Otherwise `run` is driven on a
-/// multi-threaded runtime until it returns, with SIGTERM/SIGINT cancelling its token (a second
-/// signal exits at once).
+/// `load` reads the configuration (and again on every SIGHUP). `--check-config` verifies it and
+/// its certificates against `role` and exits. Otherwise `run` is driven on a multi-threaded
+/// runtime until it returns, with SIGTERM/SIGINT cancelling its token (a second signal exits at
+/// once).
 pub fn main<C, E, Fut>(
     name: &'static str,
     role: Role,
     common: &CommonArgs,
     load: impl Fn() -> Result<C, ConfigError> + Send + 'static,
-    tls: impl FnOnce(&C) -> &TlsConfig,
     run: impl FnOnce(C, CancellationToken, Reloads<C>) -> Fut,
 ) -> ExitCode
 where
-    C: Send + 'static,
+    C: DaemonConfig,
     E: Display,
     Fut: Future<Output = Result<(), E>>,
 {
-    crate::logging::init();
     let config = match load() {
         Ok(c) => c,
         Err(e) => {
@@ -116,14 +160,15 @@ where
             return ExitCode::from(2);
         }
     };
+    crate::logging::init_with(config.log_format());
     if common.check_config && common.config_only {
         println!("{name}: config ok (certificates not checked)");
         return ExitCode::SUCCESS;
     }
     if common.check_config {
-        return match crate::Identity::load(tls(&config), role) {
-            Ok(_) => {
-                println!("{name}: config ok");
+        return match crate::Identity::check(config.tls(), role) {
+            Ok(summary) => {
+                println!("{name}: config ok ({summary})");
                 ExitCode::SUCCESS
             }
             Err(e) => {

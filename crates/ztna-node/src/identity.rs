@@ -18,6 +18,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use thiserror::Error;
 use ztna_proto::Role;
@@ -42,6 +43,15 @@ pub enum IdentityError {
     BadCert { path: PathBuf, message: String },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error(
+        "certificate {} and private key {} do not belong together (the key is not the one the \
+         certificate was issued for: check that both come from the same `ztna-pki issue`)",
+        cert.display(),
+        key.display()
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("certificate {}: {message}", path.display())]
+    Untrusted { path: PathBuf, message: String },
 }
 
 /// `spiffe://<trust-domain>/<role>/<name>`
@@ -173,6 +183,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 #[derive(Clone)]
 pub struct Identity {
     pub id: SpiffeId,
+    /// The CA certificates as configured (DER).
+    ca_ders: Arc<Vec<CertificateDer<'static>>>,
     pub chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     pub roots: Arc<RootCertStore>,
@@ -196,7 +208,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
 
 fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let pem = read(what, path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| IdentityError::BadCert {
             path: path.into(),
@@ -219,17 +231,85 @@ impl Identity {
         let ca = certs("CA certificate", &tls.ca)?;
         let chain = certs("certificate", &tls.cert)?;
         let key_pem = read("private key", &tls.key)?;
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| IdentityError::BadCert {
-                path: tls.key.clone(),
-                message: e.to_string(),
-            })?
-            .ok_or_else(|| IdentityError::Empty {
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+            rustls_pki_types::pem::Error::NoItemsFound => IdentityError::Empty {
                 what: "private key",
                 path: tls.key.clone(),
                 expected: "PEM private key",
-            })?;
+            },
+            e => IdentityError::BadCert {
+                path: tls.key.clone(),
+                message: e.to_string(),
+            },
+        })?;
+        let mismatch = || IdentityError::KeyMismatch {
+            cert: TlsConfig::resolve(&tls.cert),
+            key: TlsConfig::resolve(&tls.key),
+        };
+        match rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()) {
+            Err(rustls::Error::InconsistentKeys(_)) => return Err(mismatch()),
+            Err(e) => {
+                return Err(IdentityError::BadCert {
+                    path: tls.key.clone(),
+                    message: format!("unusable private key: {e}"),
+                })
+            }
+            Ok(_) => {}
+        }
         Self::from_parts(ca, chain, key, expected_role, &tls.cert)
+    }
+
+    /// What `--check-config` does: loads the `[tls]` files like a daemon start and also verifies
+    /// the certificate the way peers will, against the configured CA: issued directly by it (no
+    /// intermediate CA), inside its validity period, with the key usage and SPIFFE role
+    /// `role` needs. Returns a one-line summary.
+    pub fn check(tls: &TlsConfig, role: Role) -> Result<String, IdentityError> {
+        let identity = Self::load(tls, role)?;
+        let path = TlsConfig::resolve(&tls.cert);
+        let untrusted = |message: String| IdentityError::Untrusted {
+            path: path.clone(),
+            message,
+        };
+        let leaf = identity
+            .chain
+            .first()
+            .ok_or_else(|| untrusted("empty certificate chain".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| untrusted(format!("unparseable certificate: {e}")))?;
+        let validity = parsed.validity();
+        let now = x509_parser::time::ASN1Time::now();
+        if now < validity.not_before {
+            return Err(untrusted(format!(
+                "not valid yet: valid from {} (is this host's clock right?)",
+                validity.not_before
+            )));
+        }
+        if now > validity.not_after {
+            return Err(untrusted(format!(
+                "expired on {}: issue a new one with `ztna-pki issue ... --force`",
+                validity.not_after
+            )));
+        }
+        let ca = TlsConfig::resolve(&tls.ca);
+        verify_chain(&identity.roots, leaf, role, UnixTime::now()).map_err(|e| {
+            untrusted(match e {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature,
+                ) => format!(
+                    "not issued by the CA in {} (a certificate from another deployment's CA, or \
+                     from an intermediate CA, which is not accepted: issue it directly from the \
+                     deployment CA)",
+                    ca.display()
+                ),
+                other => format!("refused by the CA in {}: {other}", ca.display()),
+            })
+        })?;
+        Ok(format!(
+            "{} valid until {}, issued by the CA in {}",
+            identity.id,
+            validity.not_after,
+            ca.display()
+        ))
     }
 
     /// Builds an identity from DER parts (also used by tests and the demo).
@@ -271,6 +351,7 @@ impl Identity {
         // The key must match the certificate: rustls checks this when building a config.
         let identity = Identity {
             id,
+            ca_ders: Arc::new(ca),
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
@@ -311,6 +392,7 @@ impl Identity {
                 .map_err(|e| IdentityError::Tls(e.to_string()))?;
         let verifier = Arc::new(SpiffeClientVerifier {
             inner,
+            ca_ders: self.ca_ders.clone(),
             trust_domain: self.trust_domain.clone(),
             roles: client_roles.to_vec(),
         });
@@ -330,6 +412,7 @@ impl Identity {
         let provider = provider();
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: self.roots.clone(),
+            ca_ders: self.ca_ders.clone(),
             trust_domain: self.trust_domain.clone(),
             role: server_role,
             provider: provider.clone(),
@@ -343,6 +426,53 @@ impl Identity {
             .map_err(|e| IdentityError::Tls(format!("certificate and key do not match: {e}")))?;
         cfg.alpn_protocols = vec![ztna_proto::ALPN.to_vec()];
         Ok(cfg)
+    }
+}
+
+/// Verifies `leaf` against `roots` the way a peer does for `role` (serverAuth for
+/// intermediates, clientAuth otherwise), at `now`. No intermediate certificates are used: ztna-pki
+/// issues leaves directly from the deployment CA, and a sub-CA the CA signed must not be able to
+/// mint identities (the root's pathlen:0 says so, and this enforces it).
+fn verify_chain(
+    roots: &Arc<RootCertStore>,
+    leaf: &CertificateDer<'_>,
+    role: Role,
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    let provider = provider();
+    if role == Role::Intermediate {
+        let cert = ParsedCertificate::try_from(leaf)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            roots,
+            &[],
+            now,
+            provider.signature_verification_algorithms.all,
+        )
+    } else {
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_client_cert(leaf, &[], now)
+            .map(|_| ())
+    }
+}
+
+/// Logs a peer chain that carries certificates other than our CA: they are not used (see
+/// [`verify_chain`]), so a leaf issued by a sub-CA fails as "unknown issuer".
+fn note_foreign_intermediates(
+    roots: &[CertificateDer<'static>],
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) {
+    if intermediates
+        .iter()
+        .any(|c| !roots.iter().any(|r| r.as_ref() == c.as_ref()))
+    {
+        let who = SpiffeId::from_cert(end_entity)
+            .map(|i| i.to_string())
+            .unwrap_or_else(|e| e);
+        tracing::warn!(peer = %who, "peer chain holds an intermediate CA certificate; only certificates issued directly by the deployment CA are accepted");
     }
 }
 
@@ -379,6 +509,7 @@ impl std::error::Error for VerifyError {}
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    ca_ders: Arc<Vec<CertificateDer<'static>>>,
     trust_domain: String,
     roles: Vec<Role>,
 }
@@ -394,10 +525,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if let Err(e) = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-        {
+        note_foreign_intermediates(&self.ca_ders, end_entity, intermediates);
+        // No intermediates: only leaves issued directly by the deployment CA (see verify_chain).
+        if let Err(e) = self.inner.verify_client_cert(end_entity, &[], now) {
             let who = SpiffeId::from_cert(end_entity)
                 .map(|i| i.to_string())
                 .unwrap_or_else(|e| e);
@@ -434,6 +564,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
+    ca_ders: Arc<Vec<CertificateDer<'static>>>,
     trust_domain: String,
     role: Role,
     provider: Arc<CryptoProvider>,
@@ -450,11 +581,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Chain + validity + serverAuth EKU; the DNS name is deliberately not checked: the
         // server is identified by its SPIFFE role, so `intermediates = ["203.0.113.7:4433"]` works.
+        // No intermediates: only leaves issued directly by the deployment CA (see verify_chain).
+        note_foreign_intermediates(&self.ca_ders, end_entity, intermediates);
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
             &self.roots,
-            intermediates,
+            &[],
             now,
             self.provider.signature_verification_algorithms.all,
         )?;

@@ -2,10 +2,15 @@
 //! `GET /readyz` (200 only when the daemon can do its job).
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, request head capped at
-//! 8 KiB and 5 s, at most 32 connections at once. It listens on loopback by default.
+//! 8 KiB and 2 s, at most 256 connections at once. It listens on loopback by default.
+//!
+//! Connections that send nothing cannot starve a real probe: each gets 2 s for its request head,
+//! and when every slot is taken the oldest connection still waiting for its head is dropped to
+//! make room for the new one (a request being answered is never dropped).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,8 +22,10 @@ use crate::health::Health;
 use crate::metrics::Common;
 
 const MAX_HEAD: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_CONNECTIONS: usize = 32;
+/// Time a connection has to send its request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 256;
 
 /// A bound ops listener (bind early so a port in use fails the start).
 pub struct Ops {
@@ -42,6 +49,9 @@ impl Ops {
     /// Serves until `stop` is cancelled.
     pub async fn serve(self, metrics: Common, health: Health, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        // Connections still reading their head, oldest first: evicted when slots run out.
+        let waiting: Arc<Mutex<VecDeque<(u64, CancellationToken)>>> = Arc::default();
+        let mut next_id = 0u64;
         loop {
             let (stream, _) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -54,12 +64,32 @@ impl Ops {
                     }
                 },
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                continue; // over the limit: drop the connection
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // Full: drop the connection that has waited longest for its request head.
+                    let oldest = crate::lock(&waiting).pop_front();
+                    let Some((_, evict)) = oldest else {
+                        continue; // every slot is answering a request: drop the new one
+                    };
+                    evict.cancel();
+                    match slots.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    }
+                }
             };
-            let (metrics, health) = (metrics.clone(), health.clone());
+            let id = next_id;
+            next_id += 1;
+            let evicted = CancellationToken::new();
+            crate::lock(&waiting).push_back((id, evicted.clone()));
+            let (metrics, health, waiting) = (metrics.clone(), health.clone(), waiting.clone());
             tokio::spawn(async move {
-                let _ = handle(stream, &metrics, &health).await;
+                let _ = handle(stream, &metrics, &health, &evicted, || {
+                    crate::lock(&waiting).retain(|(i, _)| *i != id);
+                })
+                .await;
+                crate::lock(&waiting).retain(|(i, _)| *i != id);
                 drop(permit);
             });
         }
@@ -84,10 +114,23 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: &Common, health: &Health) -> std::io::Result<()> {
-    let Ok(Some(head)) = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await else {
-        return Ok(());
+/// Serves one connection. `evicted` drops it while it is still waiting for its request head;
+/// `got_head` is called once the head is in (from then on it is not evicted).
+async fn handle(
+    mut stream: TcpStream,
+    metrics: &Common,
+    health: &Health,
+    evicted: &CancellationToken,
+    got_head: impl FnOnce(),
+) -> std::io::Result<()> {
+    let head = tokio::select! {
+        _ = evicted.cancelled() => return Ok(()),
+        r = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)) => match r {
+            Ok(Some(head)) => head,
+            _ => return Ok(()),
+        },
     };
+    got_head();
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
@@ -202,6 +245,43 @@ mod tests {
         let (code, body) = get(addr, "/healthz").await.unwrap();
         assert_eq!(code, 503);
         assert!(body.contains("stuck loop"), "{body}");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_connections_do_not_starve_healthz() {
+        let ops = Ops::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ops.local_addr().unwrap();
+        let health = Health::new(Duration::from_secs(5));
+        health.spawn_heartbeat();
+        let stop = CancellationToken::new();
+        tokio::spawn(ops.serve(Common::new("test"), health.clone(), stop.clone()));
+        // 300 connections that send nothing (more than the 256 slots), held open...
+        let mut silent = Vec::new();
+        for _ in 0..300 {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // ...while probes keep asking, some at the same time.
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for round in 0..10 {
+            let probes: Vec<_> = (0..8)
+                .map(|_| tokio::spawn(async move { get(addr, "/healthz").await }))
+                .collect();
+            for p in probes {
+                match p.await.unwrap() {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("round {round}: {other:?}")),
+                }
+            }
+            // More silent connections arrive between rounds.
+            for _ in 0..20 {
+                silent.push(TcpStream::connect(addr).await.unwrap());
+            }
+        }
+        assert!(failed.is_empty(), "{ok} ok, failed: {failed:?}");
+        assert_eq!(ok, 80);
+        drop(silent);
         stop.cancel();
     }
 }

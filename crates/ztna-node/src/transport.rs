@@ -97,30 +97,176 @@ pub fn restart_aware_endpoint_config(identity: &Identity) -> quinn::EndpointConf
     cfg
 }
 
+/// The default local address of agents and connectors: every IPv6 and (dual stack) IPv4 address.
+pub const DUAL_STACK_ANY: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0);
+
 /// One UDP socket, one endpoint, usable as client now and as server later (P2P after hole
 /// punching: `endpoint.set_server_config(Some(..))` on the same socket).
+///
+/// An IPv6 wildcard (`[::]:port`, the default) makes a dual-stack socket (IPV6_V6ONLY off), so
+/// intermediates are reachable over IPv6 and IPv4; on a host without IPv6 it falls back to
+/// `0.0.0.0:port`. Any other address is bound as given.
 pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
-    Endpoint::client(bind)
+    let socket = match dual_stack_socket(bind) {
+        Ok(s) => s,
+        Err(e) if bind.ip().is_unspecified() && bind.is_ipv6() && no_ipv6(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], bind.port()));
+            tracing::info!(error = %e, %v4, "no IPv6 on this host, binding IPv4 only");
+            std::net::UdpSocket::bind(v4)?
+        }
+        Err(e) => return Err(e),
+    };
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
 }
 
-/// Resolves `host:port` and returns the address plus the name to send as SNI. The server is
-/// verified by SPIFFE role, not by this name.
-pub async fn resolve(target: &str) -> std::io::Result<(SocketAddr, String)> {
-    let addr = tokio::net::lookup_host(target)
-        .await?
-        .next()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{target} resolves to no address"),
-            )
-        })?;
+fn dual_stack_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    if bind.is_ipv6() && bind.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
+}
+
+/// Errors that mean "this host has no IPv6" (kernel without it, disabled, or forbidden by a
+/// sandbox such as systemd's RestrictAddressFamilies).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::AddrNotAvailable | ErrorKind::Unsupported
+    ) || matches!(
+        e.raw_os_error(),
+        Some(97 /* Linux EAFNOSUPPORT */) | Some(93 /* Linux EPROTONOSUPPORT */)
+    )
+}
+
+/// An address as an operator expects to read it: an IPv4 peer seen through a dual-stack socket
+/// (`[::ffff:192.0.2.1]:4433`) becomes `192.0.2.1:4433`.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The name to send as SNI for `target` (`host:port`). The server is verified by SPIFFE role,
+/// not by this name.
+pub fn sni(target: &str) -> String {
     let host = target.rsplit_once(':').map(|(h, _)| h).unwrap_or(target);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let sni = if host.parse::<std::net::IpAddr>().is_ok() || host.is_empty() {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.is_empty() {
         "ztna-intermediate".to_string()
     } else {
         host.to_string()
-    };
-    Ok((addr, sni))
+    }
+}
+
+/// Resolves `host:port` to every address, IPv6 and IPv4 interleaved (RFC 8305 order: the
+/// resolver's first address, then alternating families), plus the name to send as SNI.
+pub async fn resolve_all(target: &str) -> std::io::Result<(Vec<SocketAddr>, String)> {
+    let found: Vec<SocketAddr> = tokio::net::lookup_host(target).await?.collect();
+    if found.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{target} resolves to no address"),
+        ));
+    }
+    Ok((interleave(found), sni(target)))
+}
+
+/// Orders addresses for connection attempts: the first family the resolver preferred, then the
+/// other, alternating; duplicates removed.
+fn interleave(found: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut seen = Vec::new();
+    for a in found {
+        if !seen.contains(&a) {
+            seen.push(a);
+        }
+    }
+    let first_v6 = seen.first().is_some_and(|a| a.is_ipv6());
+    let (mut a, mut b): (Vec<_>, Vec<_>) = seen.into_iter().partition(|x| x.is_ipv6() == first_v6);
+    a.reverse();
+    b.reverse();
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    while !a.is_empty() || !b.is_empty() {
+        out.extend(a.pop());
+        out.extend(b.pop());
+    }
+    out
+}
+
+/// Resolves `host:port` and returns the first address plus the name to send as SNI.
+pub async fn resolve(target: &str) -> std::io::Result<(SocketAddr, String)> {
+    let (addrs, sni) = resolve_all(target).await?;
+    let first = addrs.first().copied().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{target} resolves to no address"),
+        )
+    })?;
+    Ok((first, sni))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaves_families_starting_with_the_resolvers_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let got = interleave(vec![
+            a("[2001:db8::1]:4433"),
+            a("[2001:db8::2]:4433"),
+            a("192.0.2.1:4433"),
+            a("[2001:db8::1]:4433"),
+            a("192.0.2.2:4433"),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                a("[2001:db8::1]:4433"),
+                a("192.0.2.1:4433"),
+                a("[2001:db8::2]:4433"),
+                a("192.0.2.2:4433"),
+            ]
+        );
+    }
+
+    #[test]
+    fn canonical_and_sni() {
+        assert_eq!(
+            canonical("[::ffff:192.0.2.1]:4433".parse().unwrap()),
+            "192.0.2.1:4433".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            canonical("[::1]:4433".parse().unwrap()),
+            "[::1]:4433".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(sni("[::1]:4433"), "ztna-intermediate");
+        assert_eq!(sni("203.0.113.7:4433"), "ztna-intermediate");
+        assert_eq!(sni("relay.example.com:4433"), "relay.example.com");
+    }
+
+    #[tokio::test]
+    async fn default_endpoint_is_dual_stack() {
+        let ep = client_endpoint(DUAL_STACK_ANY).unwrap();
+        let local = ep.local_addr().unwrap();
+        // On a host with IPv6 the socket is [::] (reaching IPv4 too); without, 0.0.0.0.
+        assert!(local.ip().is_unspecified(), "{local}");
+        let v4_target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // quinn refuses an IPv4 target on an IPv6-only socket; a dual-stack one accepts it.
+        let cfg = quinn::ClientConfig::new(std::sync::Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(
+                rustls::ClientConfig::builder_with_provider(crate::identity::provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+            .unwrap(),
+        ));
+        assert!(ep.connect_with(cfg, v4_target, "x").is_ok());
+    }
 }

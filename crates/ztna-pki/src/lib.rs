@@ -46,6 +46,8 @@ pub enum PkiError {
     InvalidCa(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(rcgen::Error),
+    #[error("not a ZTNA certificate: {0}")]
+    NotOurs(String),
 }
 
 impl From<rcgen::Error> for PkiError {
@@ -421,4 +423,97 @@ fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> Result<(),
 fn write_all(mut file: fs::File, contents: &str) -> std::io::Result<()> {
     file.write_all(contents.as_bytes())?;
     file.sync_all()
+}
+
+/// What `ztna-pki show` prints about a certificate.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    /// `spiffe://<td>/<role>/<name>` for a node, `spiffe://<td>` for the CA.
+    pub spiffe_id: String,
+    /// agent, connector or intermediate; `None` for the CA.
+    pub role: Option<String>,
+    pub name: Option<String>,
+    pub trust_domain: String,
+    pub is_ca: bool,
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub dns: Vec<String>,
+    pub ips: Vec<String>,
+    /// Certificates in the file (leaf + CA for an issued certificate).
+    pub chain_len: usize,
+}
+
+/// Describes the first certificate of a PEM file written by this tool (a CA or a role
+/// certificate). Anything else is [`PkiError::NotOurs`] with the reason.
+pub fn describe(pem: &[u8]) -> Result<CertInfo, PkiError> {
+    let not_ours = |m: String| PkiError::NotOurs(m);
+    let blocks: Vec<_> = x509_parser::pem::Pem::iter_from_buffer(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| not_ours(format!("unreadable PEM: {e}")))?;
+    let certs: Vec<_> = blocks.iter().filter(|b| b.label == "CERTIFICATE").collect();
+    let first = certs
+        .first()
+        .ok_or_else(|| not_ours("the file holds no PEM certificate".into()))?;
+    let cert = first
+        .parse_x509()
+        .map_err(|e| not_ours(format!("unparseable certificate: {e}")))?;
+    let mut uris = Vec::new();
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            match gn {
+                GeneralName::URI(u) => uris.push(u.to_string()),
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::IPAddress(b) => ips.push(match b.len() {
+                    4 => IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default()).to_string(),
+                    16 => IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()).to_string(),
+                    _ => format!("{b:02x?}"),
+                }),
+                _ => {}
+            }
+        }
+    }
+    let spiffe: Vec<&String> = uris.iter().filter(|u| u.starts_with("spiffe://")).collect();
+    let id = match spiffe.as_slice() {
+        [one] => (*one).clone(),
+        [] => return Err(not_ours("it has no spiffe:// URI SAN".into())),
+        _ => return Err(not_ours("it has more than one spiffe:// URI SAN".into())),
+    };
+    let path = id.trim_start_matches("spiffe://");
+    let parts: Vec<&str> = path.split('/').collect();
+    let is_ca = cert.is_ca();
+    let (trust_domain, role, name) = match (is_ca, parts.as_slice()) {
+        (true, [td]) => (td.to_string(), None, None),
+        (false, [td, role, name]) if ROLES.contains(role) && validate_name(name).is_ok() => (
+            td.to_string(),
+            Some(role.to_string()),
+            Some(name.to_string()),
+        ),
+        _ => {
+            return Err(not_ours(format!(
+                "{id} is not spiffe://<trust-domain>/<agent|connector|intermediate>/<name> \
+                 (or spiffe://<trust-domain> on a CA)"
+            )))
+        }
+    };
+    validate_trust_domain(&trust_domain).map_err(|e| not_ours(e.to_string()))?;
+    let time = |t: x509_parser::time::ASN1Time| t.to_datetime();
+    Ok(CertInfo {
+        spiffe_id: id,
+        role,
+        name,
+        trust_domain,
+        is_ca,
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial: cert.raw_serial_as_string(),
+        not_before: time(cert.validity().not_before),
+        not_after: time(cert.validity().not_after),
+        dns,
+        ips,
+        chain_len: certs.len(),
+    })
 }

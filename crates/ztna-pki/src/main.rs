@@ -3,9 +3,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use time::format_description::well_known::Rfc3339;
-use ztna_pki::{Ca, IssueRequest, Validity};
+use ztna_pki::{Ca, IssueRequest, PkiError, Validity};
 
 /// Creates a ZTNA deployment CA and issues role certificates.
 #[derive(Parser)]
@@ -53,6 +53,20 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print a certificate's SPIFFE ID, role, trust domain, validity and issuer (exit 2 if the
+    /// file is not a ZTNA certificate).
+    Show {
+        /// A certificate (PEM) written by `ztna-pki init` or `ztna-pki issue`.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -99,8 +113,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("SPIFFE ID         {}", issued.spiffe_id);
             println!("expires           {}", fmt_time(issued.not_after));
         }
+        Cmd::Show { file } => {
+            let pem =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let info = ztna_pki::describe(&pem).map_err(|e| match e {
+                PkiError::NotOurs(why) => anyhow::Error::new(NotOurs(format!(
+                    "{}: not a ZTNA certificate: {why}",
+                    file.display()
+                ))),
+                other => anyhow::Error::new(other),
+            })?;
+            show(&info);
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ztna-pki", &mut std::io::stdout());
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+        }
     }
     Ok(())
+}
+
+/// A file that is not one of ours: exit code 2.
+#[derive(Debug)]
+struct NotOurs(String);
+impl std::fmt::Display for NotOurs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for NotOurs {}
+
+fn show(info: &ztna_pki::CertInfo) {
+    let now = time::OffsetDateTime::now_utc();
+    let state = if now < info.not_before {
+        "NOT YET VALID".to_string()
+    } else if now > info.not_after {
+        format!("EXPIRED {} days ago", (now - info.not_after).whole_days())
+    } else {
+        format!("valid, {} days left", (info.not_after - now).whole_days())
+    };
+    println!("SPIFFE ID     {}", info.spiffe_id);
+    match (&info.role, &info.name) {
+        (Some(role), Some(name)) => {
+            println!("role          {role}");
+            println!("name          {name}");
+        }
+        _ => println!("role          deployment CA"),
+    }
+    println!("trust domain  {}", info.trust_domain);
+    println!("not before    {}", fmt_time(info.not_before));
+    println!("not after     {}", fmt_time(info.not_after));
+    println!("status        {state}");
+    println!("subject       {}", info.subject);
+    println!("issuer        {}", info.issuer);
+    println!("serial        {}", info.serial);
+    if !info.dns.is_empty() {
+        println!("DNS names     {}", info.dns.join(", "));
+    }
+    if !info.ips.is_empty() {
+        println!("IP addresses  {}", info.ips.join(", "));
+    }
+    println!("in file       {} certificate(s)", info.chain_len);
 }
 
 fn fmt_time(t: time::OffsetDateTime) -> String {
@@ -112,7 +190,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ztna-pki: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<NotOurs>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

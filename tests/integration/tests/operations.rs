@@ -720,7 +720,8 @@ async fn sigterm_of_the_only_connector_deregisters_first_then_drains_and_exits_z
 
 fn pem_certs(path: &std::path::Path) -> Vec<Vec<u8>> {
     let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut pem.as_slice())
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
         .map(|c| c.unwrap().to_vec())
         .collect()
 }

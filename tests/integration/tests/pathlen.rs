@@ -1,0 +1,112 @@
+//! The deployment CA says pathlen:0: a sub-CA it signed must not be able to mint identities,
+//! neither for clients (agents, connectors) nor for the intermediate, even when the sub-CA
+//! certificate is sent along in the chain.
+
+use std::path::PathBuf;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use ztna_integration::*;
+use ztna_node::config::TlsConfig;
+use ztna_proto::Role;
+
+/// Issues `role`/`name` from a sub-CA that the deployment CA signed, and writes the chain
+/// leaf + sub-CA + root (what a misusing operator would deploy).
+fn issue_via_sub_ca(pki: &Pki, role: &str, name: &str) -> TlsConfig {
+    let ca_key = KeyPair::from_pem(pki.ca.key_pem()).unwrap();
+    let ca = CertificateParams::from_ca_cert_pem(pki.ca.cert_pem())
+        .unwrap()
+        .self_signed(&ca_key)
+        .unwrap();
+    let mut sub = CertificateParams::default();
+    sub.distinguished_name
+        .push(DnType::CommonName, "rogue sub-CA");
+    sub.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    sub.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let sub_key = KeyPair::generate().unwrap();
+    let sub_cert = sub.signed_by(&sub_key, &ca, &ca_key).unwrap();
+
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name.push(DnType::CommonName, name);
+    leaf.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{TD}/{role}/{name}").try_into().unwrap(),
+    )];
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &sub_cert, &sub_key).unwrap();
+
+    let dir = pki.dir.path();
+    let cert: PathBuf = dir.join(format!("{name}-via-sub.pem"));
+    let key: PathBuf = dir.join(format!("{name}-via-sub.key"));
+    std::fs::write(
+        &cert,
+        format!("{}{}{}", leaf_cert.pem(), sub_cert.pem(), pki.ca.cert_pem()),
+    )
+    .unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    TlsConfig {
+        ca: pki.ca_path.clone(),
+        cert,
+        key,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_ca_cannot_mint_a_client_identity() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    // The same name issued properly is accepted: only the issuer differs.
+    let good = pki.issue("agent", "mallory");
+    let (_ep, _conn) = raw_connect(&good, Role::Agent, im.addr)
+        .await
+        .expect("a certificate from the deployment CA is accepted");
+
+    let tls = issue_via_sub_ca(&pki, "agent", "mallory");
+    let err = refused(&tls, Role::Agent, im.addr)
+        .await
+        .expect("a certificate from a sub-CA was accepted");
+    assert!(err.contains("not issued by the deployment CA"), "{err}");
+    let text = im.daemon.metrics.common.render();
+    assert!(
+        metric(
+            &text,
+            "ztna_intermediate_handshakes_total",
+            &[("result", "unauthorized")]
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // --check-config says so before it is deployed.
+    let why = ztna_node::Identity::check(&tls, Role::Agent)
+        .unwrap_err()
+        .to_string();
+    assert!(why.contains("not issued by the CA in"), "{why}");
+    im.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_ca_cannot_mint_an_intermediate() {
+    logs();
+    let pki = Pki::new();
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.tls = issue_via_sub_ca(&pki, "intermediate", "rogue-relay");
+    let rogue = start_intermediate_with(cfg);
+    let agent = pki.issue("agent", "alice");
+    let err = match raw_connect(&agent, Role::Agent, rogue.addr).await {
+        Ok(_) => panic!("the agent accepted an intermediate certificate from a sub-CA"),
+        Err(e) => e,
+    };
+    assert!(err.contains("not issued by the deployment CA"), "{err}");
+    rogue.daemon.shutdown().await;
+}
