@@ -318,7 +318,9 @@ async fn run_flow(
                         info!(from = %leg.link.target, to = %next.link.target, "udp flow moved to another intermediate");
                         shared.metrics.udp_moves.inc();
                         let old = std::mem::replace(&mut leg, next);
-                        shared.flows.spawn(retire_leg(shared.clone(), flow.clone(), old));
+                        shared
+                            .flows
+                            .spawn(retire_leg(shared.clone(), flow.clone(), old));
                     }
                     Err(e) => {
                         let (_, why) = e.describe();
