@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, size, ConfigError, TlsConfig};
 use ztna_node::logging::LogFormat;
 use ztna_proto::Protocol;
 
@@ -39,6 +39,13 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Flow-control window of one flow (bytes in flight before the receiver reads): one flow's
+    /// throughput is at most this per round trip, and a stalled flow holds at most this.
+    #[serde(default = "default_stream_window", with = "size")]
+    pub stream_window: u64,
+    /// Flow-control window of a connection to an intermediate (all its flows together).
+    #[serde(default = "default_connection_window", with = "size")]
+    pub connection_window: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
@@ -134,6 +141,13 @@ fn default_idle() -> Duration {
     Duration::from_secs(5)
 }
 
+fn default_stream_window() -> u64 {
+    ztna_node::transport::DEFAULT_STREAM_WINDOW
+}
+fn default_connection_window() -> u64 {
+    16 << 20
+}
+
 impl Config {
     pub fn load(
         path: Option<&Path>,
@@ -185,6 +199,12 @@ impl Config {
                 "must be shorter than idle_timeout".into(),
             ));
         }
+        if self.stream_window < 64 * 1024 {
+            return Err(("stream_window".into(), "must be at least 64KiB".into()));
+        }
+        if self.connection_window < 64 * 1024 {
+            return Err(("connection_window".into(), "must be at least 64KiB".into()));
+        }
         Ok(())
     }
 
@@ -192,6 +212,8 @@ impl Config {
         ztna_node::transport::TransportOptions {
             keepalive: self.keepalive,
             idle_timeout: self.idle_timeout,
+            stream_window: self.stream_window,
+            connection_window: self.connection_window,
             ..Default::default()
         }
     }

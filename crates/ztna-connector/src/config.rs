@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, size, ConfigError, TlsConfig};
 use ztna_node::logging::LogFormat;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +45,14 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Flow-control window of one flow (bytes in flight before the receiver reads): one flow's
+    /// throughput is at most this per round trip, and a stalled flow holds at most this.
+    #[serde(default = "default_stream_window", with = "size")]
+    pub stream_window: u64,
+    /// Flow-control window of a connection to an intermediate (all flows through it together):
+    /// the most one intermediate's flows can make this connector buffer.
+    #[serde(default = "default_connection_window", with = "size")]
+    pub connection_window: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +108,13 @@ fn default_keepalive() -> Duration {
 }
 fn default_idle() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_stream_window() -> u64 {
+    ztna_node::transport::DEFAULT_STREAM_WINDOW
+}
+fn default_connection_window() -> u64 {
+    64 << 20
 }
 
 impl Config {
@@ -166,6 +181,12 @@ impl Config {
         if self.tcp_idle_timeout < Duration::from_secs(1) {
             return Err(("tcp_idle_timeout".into(), "must be at least 1s".into()));
         }
+        if self.stream_window < 64 * 1024 {
+            return Err(("stream_window".into(), "must be at least 64KiB".into()));
+        }
+        if self.connection_window < 64 * 1024 {
+            return Err(("connection_window".into(), "must be at least 64KiB".into()));
+        }
         Ok(())
     }
 
@@ -175,6 +196,8 @@ impl Config {
             idle_timeout: self.idle_timeout,
             // Flows arrive as streams the intermediate opens: allow every flow we may serve.
             max_streams: self.max_flows.saturating_add(16),
+            stream_window: self.stream_window,
+            connection_window: self.connection_window,
             ..Default::default()
         }
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use ztna_node::config::{self, addr, duration, ConfigError, TlsConfig};
+use ztna_node::config::{self, addr, duration, size, ConfigError, TlsConfig};
 use ztna_node::logging::LogFormat;
 
 use crate::policy::{Policy, PolicyRule};
@@ -36,6 +36,13 @@ pub struct Config {
     /// Concurrent flows through this intermediate; at the limit it reports not ready.
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// With this many QUIC handshakes in progress, new attempts must first prove their address
+    /// (QUIC Retry, one extra round trip): a flood from spoofed sources then costs no handshake.
+    #[serde(default = "default_retry_threshold")]
+    pub handshake_retry_threshold: u32,
+    /// At most this many QUIC handshakes in progress; further attempts are dropped.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: u32,
     /// Concurrent connections one identity (agent or connector) may hold.
     #[serde(default = "default_connections_per_identity")]
     pub max_connections_per_identity: u32,
@@ -54,6 +61,17 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Flow-control window of one flow (bytes in flight before the receiver reads): one flow's
+    /// throughput is at most this per round trip, and a stalled flow holds at most this.
+    #[serde(default = "default_stream_window", with = "size")]
+    pub stream_window: u64,
+    /// Flow-control window of one agent connection (all its flows together): the most one
+    /// agent connection can make the relay buffer.
+    #[serde(default = "default_agent_window", with = "size")]
+    pub agent_connection_window: u64,
+    /// Flow-control window of one connector connection (all flows through it together).
+    #[serde(default = "default_connector_window", with = "size")]
+    pub connector_connection_window: u64,
 }
 
 impl ztna_node::config::Paths for Config {
@@ -95,14 +113,30 @@ fn default_flows_per_connector() -> u32 {
 fn default_max_flows() -> u32 {
     100_000
 }
+fn default_retry_threshold() -> u32 {
+    64
+}
+fn default_max_handshakes() -> u32 {
+    2048
+}
 fn default_connections_per_identity() -> u32 {
-    16
+    8
 }
 fn default_tcp_idle() -> Duration {
     Duration::from_secs(2 * 3600)
 }
 fn default_udp_idle() -> Duration {
     Duration::from_secs(60)
+}
+
+fn default_stream_window() -> u64 {
+    ztna_node::transport::DEFAULT_STREAM_WINDOW
+}
+fn default_agent_window() -> u64 {
+    16 << 20
+}
+fn default_connector_window() -> u64 {
+    64 << 20
 }
 
 impl Config {
@@ -155,6 +189,21 @@ impl Config {
                 return Err((key.into(), "must be at least 1s".into()));
             }
         }
+        if self.stream_window < 64 * 1024 {
+            return Err(("stream_window".into(), "must be at least 64KiB".into()));
+        }
+        if self.agent_connection_window < 64 * 1024 {
+            return Err((
+                "agent_connection_window".into(),
+                "must be at least 64KiB".into(),
+            ));
+        }
+        if self.connector_connection_window < 64 * 1024 {
+            return Err((
+                "connector_connection_window".into(),
+                "must be at least 64KiB".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -164,6 +213,9 @@ impl Config {
             idle_timeout: self.idle_timeout,
             // Control stream + flows, with headroom for flows that are closing.
             max_streams: self.max_flows_per_agent.saturating_add(16),
+            stream_window: self.stream_window,
+            // Agents' window; connector connections get theirs when they say who they are.
+            connection_window: self.agent_connection_window,
             ..Default::default()
         }
     }

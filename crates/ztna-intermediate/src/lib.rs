@@ -143,6 +143,7 @@ impl Intermediate {
                 draining: watch::Sender::new(false),
                 peers: Mutex::new(HashMap::new()),
                 next_conn_id: AtomicU64::new(1),
+                handshakes_pending: accept::Pending::new(),
             }),
         })
     }
@@ -229,6 +230,10 @@ async fn status_loop(shared: Arc<Shared>, stop: CancellationToken) {
             }
         };
         shared.health.set_status(status);
+        shared
+            .metrics
+            .handshakes_in_progress
+            .set(shared.handshakes_pending.get() as i64);
         shared.update_ready();
     }
 }

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub peer_rtt: prometheus::HistogramVec,
     pub draining: IntGauge,
     pub limit_rejections: IntCounterVec,
+    pub handshakes_shed: IntCounterVec,
+    pub handshakes_in_progress: IntGauge,
     pub revocations: IntCounterVec,
     pub udp_stream_carried: IntCounterVec,
     pub drain_timeout: prometheus::Gauge,
@@ -94,6 +96,17 @@ impl Metrics {
                 "Flows and connections refused because a limit was reached.",
                 &["limit"],
             ),
+            handshakes_shed: m::counter_vec(
+                r,
+                "ztna_intermediate_handshakes_shed_total",
+                "New connection attempts answered with a QUIC Retry or dropped because many handshakes were in progress.",
+                &["action"],
+            ),
+            handshakes_in_progress: m::gauge(
+                r,
+                "ztna_intermediate_handshakes_in_progress",
+                "QUIC handshakes in progress.",
+            ),
             revocations: m::counter_vec(
                 r,
                 "ztna_intermediate_revocations_total",
@@ -145,6 +158,9 @@ impl Metrics {
             "stream_full",
         ] {
             me.datagrams_dropped.with_label_values(&[r]);
+        }
+        for a in ["retry", "dropped"] {
+            me.handshakes_shed.with_label_values(&[a]);
         }
         for l in crate::limits::Limit::ALL {
             me.limit_rejections.with_label_values(&[l.label()]);

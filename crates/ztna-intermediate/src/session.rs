@@ -135,6 +135,12 @@ pub(crate) async fn run(
     if write_frame(&mut send, &welcome).await.is_err() {
         return;
     }
+    if role == Role::Connector {
+        // All flows to a connector share this connection: give it the larger window.
+        let w = shared.config.connector_connection_window;
+        conn.set_receive_window(quinn::VarInt::from_u64(w).unwrap_or(quinn::VarInt::MAX));
+        conn.set_send_window(w);
+    }
     let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, chain, tx));

@@ -308,6 +308,62 @@ pub mod addr {
     }
 }
 
+/// Parses sizes like `"16MiB"`, `"512KiB"`, `"1GiB"` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (expected e.g. \"16MiB\", \"512KiB\")"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v < (1 << 62))
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// Serde adapter for sizes written as `"16MiB"` (or a number of bytes).
+pub mod size {
+    use super::*;
+    use serde::de::{Error, Visitor};
+
+    struct V;
+
+    impl Visitor<'_> for V {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size like \"16MiB\" or a number of bytes")
+        }
+
+        fn visit_str<E: Error>(self, s: &str) -> Result<u64, E> {
+            parse_size(s).map_err(E::custom)
+        }
+
+        fn visit_i64<E: Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n).map_err(|_| E::custom(format!("a size cannot be negative ({n})")))
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(V)
+    }
+}
+
 /// `[tls]` section shared by every daemon.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -425,6 +481,16 @@ mod tests {
         fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
             Vec::new()
         }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("16MB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("lots").is_err());
     }
 
     #[test]

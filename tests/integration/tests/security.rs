@@ -410,3 +410,46 @@ async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// Under a handshake flood the relay answers unproven addresses with a QUIC Retry. A real client
+/// still connects (it answers the Retry) and its flows work; the Retry is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_under_handshake_load_lets_real_clients_through() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    // Every unproven address gets a Retry, as in a flood.
+    cfg.handshake_retry_threshold = 0;
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    assert_eq!(
+        tcp_roundtrip(a.port("web", Protocol::Tcp), b"after a retry")
+            .await
+            .unwrap(),
+        b"after a retry"
+    );
+    let text = im.daemon.metrics.common.render();
+    assert!(
+        metric(
+            &text,
+            "ztna_intermediate_handshakes_shed_total",
+            &[("action", "retry")]
+        ) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_intermediate_handshakes_total",
+            &[("result", "ok")]
+        ),
+        2.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
