@@ -472,7 +472,7 @@ fn note_foreign_intermediates(
         let who = SpiffeId::from_cert(end_entity)
             .map(|i| i.to_string())
             .unwrap_or_else(|e| e);
-        tracing::warn!(peer = %who, "peer chain holds an intermediate CA certificate; only certificates issued directly by the deployment CA are accepted");
+        tracing::warn!(peer = %who, "peer chain holds a CA certificate other than our deployment CA; it is ignored: only certificates issued directly by the deployment CA are accepted");
     }
 }
 

@@ -1,0 +1,256 @@
+//! Abuse resistance, in-process: revocation reaches established connections and flows, a broken
+//! connector is routed around, and one agent identity cannot take more than its share.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ztna_integration::*;
+use ztna_pki::{IssueRequest, Validity};
+use ztna_proto::{Protocol, ServiceState};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Opens a local connection through an agent and proves it carries bytes.
+async fn held_flow(port: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(port).await.unwrap();
+    s.write_all(b"1").await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    s
+}
+
+/// Waits until a held flow is cut (reset or closed), returning how long that took.
+async fn cut_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 16];
+    // Keep poking: a cut shows as a read error, EOF, or a write error.
+    let r = tokio::time::timeout(limit, async {
+        loop {
+            if s.write_all(b"x").await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    r.ok().map(|_| t0.elapsed())
+}
+
+fn revocations(im: &IntermediateHandle, reason: &str) -> f64 {
+    metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_revocations_total",
+        &[("reason", reason)],
+    )
+}
+
+/// An agent whose certificate expires while connected is disconnected at notAfter (with the
+/// reason, counted), its open flow ends, and it cannot come back with that certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_during_a_connection_is_cut_at_not_after() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let not_after = now + time::Duration::seconds(4);
+    let issued = pki
+        .ca
+        .issue(&IssueRequest {
+            validity: Validity {
+                not_before: now - time::Duration::minutes(5),
+                not_after,
+            },
+            ..IssueRequest::new("agent", "shortlived")
+        })
+        .unwrap();
+    let tls = pki.tls_for(&issued, "agent-shortlived");
+    let mut a = start_agent_with(tls, &[im.addr], &[("web", ForwardProtocol::Tcp)], "").await;
+    a.wait_status("web", ServiceState::Available).await;
+    let mut held = held_flow(a.port("web", Protocol::Tcp)).await;
+    let cut = cut_within(&mut held, Duration::from_secs(10))
+        .await
+        .expect("the flow outlived the certificate");
+    let late = time::OffsetDateTime::now_utc() - not_after;
+    println!(
+        "MEASURED connection of an expiring certificate cut {:.2} s after notAfter (flow cut after {cut:?})",
+        late.as_seconds_f64()
+    );
+    assert!(late.as_seconds_f64() < 2.0, "cut {late} after notAfter");
+    assert_eq!(revocations(&im, "certificate_expired"), 1.0);
+    // It cannot come back: new handshakes refuse the expired certificate.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agents_on(&im), 0.0, "the expired agent reconnected");
+    let took = refused_locally(a.port("web", Protocol::Tcp)).await;
+    assert!(took < T);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// A reload that removes an agent from the policy ends that agent's open flow (REVOKED) while
+/// another agent's flow carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_ends_the_open_flows_it_no_longer_allows() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let rule = |agents: &[&str]| PolicyRule {
+        service: "web".into(),
+        connectors: vec![format!("spiffe://{TD}/connector/*")],
+        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
+    };
+    let base = intermediate_config(&pki, loopback0(), vec![rule(&["alice", "bob"])]);
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle, metrics) = (im.local_addr().unwrap(), im.handle(), im.metrics());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut alice = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    let mut bob = start_agent(&pki, "bob", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    alice.wait_status("web", ServiceState::Available).await;
+    bob.wait_status("web", ServiceState::Available).await;
+    let mut a_flow = held_flow(alice.port("web", Protocol::Tcp)).await;
+    let mut b_flow = held_flow(bob.port("web", Protocol::Tcp)).await;
+    let mut cfg = base.clone();
+    cfg.policy = vec![rule(&["bob"])];
+    let summary = handle.reload(cfg).expect("reload");
+    assert!(summary.contains("1 flows ended"), "{summary}");
+    let cut = cut_within(&mut a_flow, Duration::from_secs(5)).await;
+    assert!(cut.is_some(), "alice's flow outlived her policy");
+    println!("MEASURED flow no longer allowed by a reload cut after {cut:?}");
+    b_flow.write_all(b"2").await.unwrap();
+    let mut one = [0u8; 1];
+    b_flow.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"2", "bob's flow was disturbed");
+    alice.wait_status("web", ServiceState::Denied).await;
+    assert_eq!(
+        metric(
+            &metrics.common.render(),
+            "ztna_intermediate_revocations_total",
+            &[("reason", "policy_flow")]
+        ),
+        1.0
+    );
+    alice.daemon.shutdown().await;
+    bob.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
+
+/// A reload to a new CA disconnects the peers authenticated under the old one (they are told
+/// why), while peers with certificates from the new CA connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ca_on_reload_disconnects_peers_of_the_old_ca() {
+    logs();
+    let old = Pki::new();
+    let new = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let base = intermediate_config(&old, loopback0(), open_policy(&["web"]));
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle, metrics) = (im.local_addr().unwrap(), im.handle(), im.metrics());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let mut c = start_connector(&old, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&old, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let mut held = held_flow(a.port("web", Protocol::Tcp)).await;
+    // The relay moves to the new CA (new certificate and trust anchor).
+    let mut cfg = base.clone();
+    cfg.tls = new.issue("intermediate", "relay");
+    let summary = handle.reload(cfg).expect("reload");
+    println!("reload: {summary}");
+    assert!(summary.contains("2 peers disconnected"), "{summary}");
+    assert!(
+        cut_within(&mut held, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a flow of the old CA outlived the reload"
+    );
+    let text = metrics.common.render();
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_intermediate_revocations_total",
+            &[("reason", "ca_changed")]
+        ),
+        2.0
+    );
+    assert!(
+        eventually(T, || metric(
+            &metrics.common.render(),
+            "ztna_intermediate_connections",
+            &[]
+        ) == 0.0)
+        .await,
+        "old-CA peers still connected"
+    );
+    // Peers of the new CA are welcome.
+    let (echo2, _e2) = tcp_echo().await;
+    let mut c2 = start_connector(&new, "web-2", &[addr], &[("web", Some(echo2), None)]);
+    c2.wait_registered(1).await;
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    c2.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
+
+/// Two connectors serve web; one's backend is dead, so it refuses every flow (and, having no
+/// flows, is always the least loaded). Flows are retried on the healthy one and the broken one
+/// is demoted: users see no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_with_a_dead_backend_is_routed_around() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut broken = start_connector(&pki, "web-broken", &[im.addr], &[("web", Some(dead), None)]);
+    let mut good = start_connector(&pki, "web-good", &[im.addr], &[("web", Some(echo), None)]);
+    broken.wait_registered(1).await;
+    good.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut ok = 0;
+    let t0 = Instant::now();
+    for i in 0..50 {
+        let msg = format!("request {i}");
+        if tcp_roundtrip(port, msg.as_bytes()).await.ok().as_deref() == Some(msg.as_bytes()) {
+            ok += 1;
+        }
+    }
+    let refused_by_broken = metric(
+        &broken.daemon.metrics.common.render(),
+        "ztna_connector_backend_errors_total",
+        &[],
+    );
+    println!(
+        "MEASURED 50 requests with one of two connectors' backend dead: {ok}/50 ok in {:?}; the broken connector was tried {refused_by_broken} times",
+        t0.elapsed()
+    );
+    assert!(ok >= 49, "{ok}/50");
+    assert!(
+        refused_by_broken < 10.0,
+        "the broken connector was not demoted ({refused_by_broken} attempts)"
+    );
+    a.daemon.shutdown().await;
+    broken.daemon.shutdown().await;
+    good.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
