@@ -377,16 +377,20 @@ pub async fn splice_tcp(
     let activity = &ctl.activity;
     let ((forward, backward), early) = {
         let up = async {
-            let mut buf = vec![0u8; 64 * 1024];
+            // Read straight into a buffer whose filled part goes to quinn without another copy.
+            let mut buf = bytes::BytesMut::with_capacity(CHUNK);
             let mut total = 0u64;
-            // The peer stopping the stream (or its connection going away) ends this direction even
-            // while the TCP side has nothing to say.
+            // The peer stopping the stream (or its connection going away) ends this direction
+            // even while the TCP side has nothing to say.
             let stopped = send.stopped();
             tokio::pin!(stopped);
             loop {
+                if buf.capacity() < CHUNK / 4 {
+                    buf.reserve(CHUNK);
+                }
                 let n = tokio::select! {
                     _ = abort.cancelled() => return total,
-                    r = rd.read(&mut buf) => r,
+                    r = rd.read_buf(&mut buf) => r,
                     _ = &mut stopped => {
                         abort.cancel();
                         return total;
@@ -399,9 +403,10 @@ pub async fn splice_tcp(
                     }
                     Ok(n) => {
                         activity.touch();
+                        let chunk = buf.split().freeze();
                         let res = tokio::select! {
                             _ = abort.cancelled() => return total,
-                            r = send.write_all(&buf[..n]) => r,
+                            r = send.write_chunk(chunk) => r,
                         };
                         if res.is_err() {
                             abort.cancel();
