@@ -39,6 +39,10 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Ask for direct (P2P) paths to connectors; new flows use one once it is up, the relay
+    /// otherwise. Off: every flow goes through an intermediate.
+    #[serde(default = "default_p2p")]
+    pub p2p: bool,
     /// Flow-control window of one flow (bytes in flight before the receiver reads): one flow's
     /// throughput is at most this per round trip, and a stalled flow holds at most this.
     #[serde(default = "default_stream_window", with = "size")]
@@ -146,6 +150,10 @@ fn default_stream_window() -> u64 {
 }
 fn default_connection_window() -> u64 {
     16 << 20
+}
+
+fn default_p2p() -> bool {
+    true
 }
 
 impl Config {

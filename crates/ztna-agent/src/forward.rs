@@ -10,7 +10,7 @@ use ztna_node::io::{prepare_tcp, splice_tcp, SpliceCtl};
 use ztna_node::CancellationToken;
 use ztna_proto::Protocol;
 
-use crate::open::{open_flow, OpenError};
+use crate::open::{open_any, OpenError};
 use crate::{FlowMeta, Shared};
 
 /// Accepts local connections until `stop` (the drain): then the listener is closed, so new
@@ -59,13 +59,13 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
         },
         Kind::Opening,
     );
-    match open_flow(&shared, &service, Protocol::Tcp, 0, &mut Vec::new()).await {
+    match open_any(&shared, &service, Protocol::Tcp, 0, &mut Vec::new(), true).await {
         Ok(opened) => {
             guard.set_kind(Kind::Tcp);
             flows
-                .with_label_values(&[&service, "tcp", "relay", "ok"])
+                .with_label_values(&[&service, "tcp", opened.via.label(), "ok"])
                 .inc();
-            debug!(intermediate = %opened.link.target, "flow open");
+            debug!(via = %opened.via.name(), path = opened.via.label(), "flow open");
             let ctl = SpliceCtl::for_flow(&guard, None);
             let (mut recv, prefix) = opened.recv.into_parts();
             let mut send = opened.send;

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+mod direct;
 mod forward;
 mod link;
 pub mod metrics;
@@ -73,6 +74,12 @@ pub(crate) struct Shared {
     pub relays: watch::Sender<Snapshot>,
     /// To the manager task.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Direct (P2P) paths to connectors.
+    pub direct: direct::Direct,
+    /// The one QUIC endpoint (relay links and direct paths share its socket).
+    pub endpoint: quinn::Endpoint,
+    /// Sends hole-punching packets from that socket (when P2P is on).
+    pub puncher: Option<ztna_node::transport::Puncher>,
 }
 
 impl Shared {
@@ -82,6 +89,10 @@ impl Shared {
 
     pub fn report(&self, ev: Event) {
         let _ = self.events.send(ev);
+    }
+
+    pub fn update_direct_gauge(&self) {
+        self.metrics.direct_paths.set(self.direct.count() as i64);
     }
 
     /// Readiness, the status line and the availability metrics, from a snapshot.
@@ -189,13 +200,25 @@ impl Agent {
     /// error at startup, not later). Must be called inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Agent, StartError> {
         let tls = ClientTls::load(&config.tls, Role::Agent, config.transport())?;
-        let endpoint = ztna_node::transport::client_endpoint(config.bind).map_err(|source| {
-            StartError::Bind {
-                what: "QUIC socket",
-                addr: config.bind,
-                source,
-            }
-        })?;
+        let bind_err = |source| StartError::Bind {
+            what: "QUIC socket",
+            addr: config.bind,
+            source,
+        };
+        let (endpoint, puncher) = if config.p2p {
+            let (e, p) = ztna_node::transport::punchable_endpoint(
+                config.bind,
+                quinn::EndpointConfig::default(),
+                None,
+            )
+            .map_err(bind_err)?;
+            (e, Some(p))
+        } else {
+            (
+                ztna_node::transport::client_endpoint(config.bind).map_err(bind_err)?,
+                None,
+            )
+        };
         let mut listeners = Vec::new();
         for f in &config.forward {
             let l = match f.protocol {
@@ -237,7 +260,7 @@ impl Agent {
         let (events_tx, events) = mpsc::unbounded_channel();
         let snapshot = Snapshot::new(&config.intermediates);
         Ok(Agent {
-            endpoint,
+            endpoint: endpoint.clone(),
             ops,
             shared: Arc::new(Shared {
                 config,
@@ -248,6 +271,9 @@ impl Agent {
                 udp: udp::UdpFlows::default(),
                 relays: watch::Sender::new(snapshot),
                 events: events_tx,
+                direct: direct::Direct::default(),
+                endpoint: endpoint.clone(),
+                puncher,
             }),
             events,
             listeners,

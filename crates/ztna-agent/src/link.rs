@@ -42,13 +42,15 @@ pub(crate) async fn supervise(
             let ended = match attempt {
                 Ok(conn) => {
                     generation += 1;
+                    let (control, said) = mpsc::channel(64);
                     let link = Arc::new(Link {
                         index,
                         generation,
                         target: target.clone(),
                         conn,
+                        control,
                     });
-                    let ended = serve(&shared, link.clone(), &events, &stop).await;
+                    let ended = serve(&shared, link.clone(), said, &events, &stop).await;
                     let _ = events.send(Event::Down {
                         index,
                         error: ended.why.clone(),
@@ -90,6 +92,7 @@ struct Ended {
 async fn serve(
     shared: &Shared,
     link: Arc<Link>,
+    mut said: mpsc::Receiver<ztna_proto::ClientMsg>,
     events: &mpsc::UnboundedSender<Event>,
     stop: &CancellationToken,
 ) -> Ended {
@@ -107,7 +110,7 @@ async fn serve(
         mut recv,
         observed_addr,
         identity,
-        send: _send,
+        mut send,
     } = match client::hello(conn, Role::Agent, software, watch, CONNECT_TIMEOUT).await {
         Ok(c) => c,
         Err(why) => {
@@ -155,6 +158,11 @@ async fn serve(
                         generation: link.generation,
                     });
                 }
+                Ok(Some(
+                    msg @ (ServerMsg::DirectStart { .. }
+                    | ServerMsg::DirectRefused { .. }
+                    | ServerMsg::Ticket { .. }),
+                )) => shared.direct.deliver(msg),
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
                 Ok(None) => return "the intermediate closed the control stream".to_string(),
                 Err(e) => {
@@ -174,9 +182,18 @@ async fn serve(
             }
         }
     };
+    let writer = async {
+        while let Some(msg) = said.recv().await {
+            if let Err(e) = ztna_node::io::write_frame(&mut send, &msg).await {
+                return format!("control stream write failed: {e}");
+            }
+        }
+        std::future::pending().await
+    };
     let why = tokio::select! {
         why = control => why,
         why = datagrams => why,
+        why = writer => why,
         _ = stop.cancelled() => "agent stopping".to_string(),
     };
     let drained = drained || client::closed_by_drain(conn);

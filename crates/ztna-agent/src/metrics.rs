@@ -13,6 +13,7 @@ pub struct Metrics {
     pub intermediates_connected: IntGauge,
     pub intermediates_configured: IntGauge,
     pub udp_moves: prometheus::IntCounter,
+    pub direct_paths: IntGauge,
 }
 
 impl Metrics {
@@ -53,6 +54,11 @@ impl Metrics {
                 "ztna_agent_intermediates_configured",
                 "Intermediates in the configuration.",
             ),
+            direct_paths: m::gauge(
+                r,
+                "ztna_agent_direct_paths",
+                "Direct (P2P) paths to connectors that are up.",
+            ),
             udp_moves: m::counter(
                 r,
                 "ztna_agent_udp_flows_moved_total",
@@ -62,8 +68,10 @@ impl Metrics {
         };
         for (s, p) in services {
             me.service_available.with_label_values(&[s]);
-            for res in ["ok", "denied", "unavailable", "error"] {
-                me.flows.with_label_values(&[s.as_str(), p, "relay", res]);
+            for path in ["relay", "direct"] {
+                for res in ["ok", "denied", "unavailable", "error"] {
+                    me.flows.with_label_values(&[s.as_str(), p, path, res]);
+                }
             }
         }
         me.intermediates_configured.set(intermediates as i64);

@@ -12,6 +12,7 @@ use tracing::debug;
 use ztna_node::io::{write_frame, FramedRecv, StreamError};
 use ztna_proto::{codes, FlowOpen, FlowReply, Protocol, RejectReason};
 
+use crate::direct::DirectPath;
 use crate::relays::{choose, Choice, Event, Link};
 use crate::Shared;
 
@@ -37,11 +38,74 @@ impl OpenError {
     }
 }
 
+/// What carries a flow: a relay link or a direct path to the connector.
+#[derive(Clone)]
+pub(crate) enum Via {
+    Relay(Arc<Link>),
+    Direct(Arc<DirectPath>),
+}
+
+impl Via {
+    pub fn conn(&self) -> &quinn::Connection {
+        match self {
+            Via::Relay(l) => &l.conn,
+            Via::Direct(d) => &d.conn,
+        }
+    }
+
+    /// The `path` label of `ztna_agent_flows_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Via::Relay(_) => "relay",
+            Via::Direct(_) => "direct",
+        }
+    }
+
+    /// For logs: the relay's address or the connector's identity.
+    pub fn name(&self) -> &str {
+        match self {
+            Via::Relay(l) => &l.target,
+            Via::Direct(d) => &d.connector,
+        }
+    }
+}
+
 /// An accepted flow.
 pub(crate) struct Opened {
-    pub link: Arc<Link>,
+    pub via: Via,
     pub send: SendStream,
     pub recv: FramedRecv,
+}
+
+/// Opens a flow on the service's direct path when one is up (and asks for one when none is:
+/// `direct::want`), otherwise, or when the direct path cannot take it, via the best relay.
+pub(crate) async fn open_any(
+    shared: &Arc<Shared>,
+    service: &str,
+    protocol: Protocol,
+    flow_id: u64,
+    avoid: &mut Vec<usize>,
+    allow_direct: bool,
+) -> Result<Opened, OpenError> {
+    crate::direct::want(shared, service);
+    if allow_direct {
+        if let Some(path) = shared.direct.up(service) {
+            match try_open(&path.conn, service, protocol, flow_id).await {
+                Ok((send, recv, FlowReply::Accept)) => {
+                    return Ok(Opened {
+                        via: Via::Direct(path),
+                        send,
+                        recv,
+                    })
+                }
+                Ok((_, _, FlowReply::Reject { reason, message })) => {
+                    debug!(reason = reason.as_str(), why = %message, "the direct path refused the flow; using the relay");
+                }
+                Err(e) => debug!(error = %e, "the direct path failed; using the relay"),
+            }
+        }
+    }
+    open_flow(shared, service, protocol, flow_id, avoid).await
 }
 
 /// Opens a flow to `service` on the best relay, moving to the next when one cannot take it.
@@ -80,8 +144,14 @@ pub(crate) async fn open_flow(
         let Some(link) = snaps.borrow().link(index) else {
             continue;
         };
-        match try_open(&link, service, protocol, flow_id).await {
-            Ok((send, recv, FlowReply::Accept)) => return Ok(Opened { link, send, recv }),
+        match try_open(&link.conn, service, protocol, flow_id).await {
+            Ok((send, recv, FlowReply::Accept)) => {
+                return Ok(Opened {
+                    via: Via::Relay(link),
+                    send,
+                    recv,
+                })
+            }
             Ok((_, _, FlowReply::Reject { reason, message })) => {
                 let event = match reason {
                     // It is draining and has nothing left to offer: it cannot speak for the others.
@@ -127,12 +197,12 @@ pub(crate) async fn open_flow(
 }
 
 async fn try_open(
-    link: &Link,
+    conn: &quinn::Connection,
     service: &str,
     protocol: Protocol,
     flow_id: u64,
 ) -> Result<(SendStream, FramedRecv, FlowReply), StreamError> {
-    let (mut send, recv) = link.conn.open_bi().await.map_err(|_| StreamError::Closed)?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|_| StreamError::Closed)?;
     let open = FlowOpen {
         service: service.to_string(),
         protocol,
@@ -142,7 +212,7 @@ async fn try_open(
     let mut recv = FramedRecv::new(recv);
     let reply = tokio::select! {
         r = recv.expect::<FlowReply>(REPLY_TIMEOUT) => r,
-        _ = link.conn.closed() => Err(StreamError::Closed),
+        _ = conn.closed() => Err(StreamError::Closed),
     };
     match reply {
         Ok(reply) => Ok((send, recv, reply)),

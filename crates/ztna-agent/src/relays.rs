@@ -32,6 +32,15 @@ pub struct Link {
     pub generation: u64,
     pub target: String,
     pub conn: quinn::Connection,
+    /// Messages for its control stream (direct-path requests).
+    pub control: mpsc::Sender<ztna_proto::ClientMsg>,
+}
+
+impl Link {
+    /// Queues a control message; false if the link is going away or not keeping up.
+    pub fn say(&self, msg: ztna_proto::ClientMsg) -> bool {
+        self.control.try_send(msg).is_ok()
+    }
 }
 
 /// Where one relay stands.

@@ -26,8 +26,8 @@ use ztna_node::ratelimit::LogLimiter;
 use ztna_node::{lock, CancellationToken};
 use ztna_proto::{codes, datagram, Protocol};
 
-use crate::open::{open_flow, OpenError, Opened};
-use crate::relays::{choose, Choice, Link};
+use crate::open::{open_any, OpenError, Opened, Via};
+use crate::relays::{choose, Choice};
 use crate::{FlowMeta, Shared};
 
 /// Datagrams queued per flow while its leg is being opened or moved.
@@ -65,7 +65,7 @@ impl UdpFlows {
 /// The leg a flow's datagrams go out on.
 #[derive(Clone)]
 struct Path {
-    link: Arc<Link>,
+    via: Via,
     id: u64,
     overflow: mpsc::Sender<Bytes>,
 }
@@ -113,7 +113,7 @@ impl UdpFlow {
         let Ok(d) = datagram::encode_into(arena, p.id, payload) else {
             return;
         };
-        match dg::send(&p.link.conn, d) {
+        match dg::send(p.via.conn(), d) {
             Sent::Queued => {}
             Sent::TooLarge => {
                 if p.overflow
@@ -228,9 +228,9 @@ pub(crate) async fn udp(
     }
 }
 
-/// One relay's part in carrying a flow.
+/// One path's part in carrying a flow (a relay, or the direct path to the connector).
 struct Leg {
-    link: Arc<Link>,
+    via: Via,
     id: u64,
     send: SendStream,
     recv: FramedRecv,
@@ -247,24 +247,34 @@ enum LegEnd {
 }
 
 async fn open_leg(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     flow: &Arc<UdpFlow>,
     avoid: &mut Vec<usize>,
+    allow_direct: bool,
 ) -> Result<Leg, OpenError> {
     let id = shared.udp.alloc_id();
     // Known before Accept, so the first datagrams coming back are delivered.
     lock(&shared.udp.by_id).insert(id, flow.clone());
-    match open_flow(shared, &flow.service, Protocol::Udp, id, avoid).await {
-        Ok(Opened { link, send, recv }) => {
+    match open_any(
+        shared,
+        &flow.service,
+        Protocol::Udp,
+        id,
+        avoid,
+        allow_direct,
+    )
+    .await
+    {
+        Ok(Opened { via, send, recv }) => {
             let (tx, rx) = mpsc::channel(OVERFLOW_QUEUE);
             *lock(&flow.path) = Some(Path {
-                link: link.clone(),
+                via: via.clone(),
                 id,
                 overflow: tx,
             });
             flow.flush();
             Ok(Leg {
-                link,
+                via,
                 id,
                 send,
                 recv,
@@ -287,12 +297,12 @@ async fn run_flow(
     let flows = &shared.metrics.flows;
     let service = flow.service.clone();
     let mut avoid = Vec::new();
-    let mut leg = match open_leg(&shared, &flow, &mut avoid).await {
+    let mut leg = match open_leg(&shared, &flow, &mut avoid, true).await {
         Ok(leg) => {
             flows
-                .with_label_values(&[&service, "udp", "relay", "ok"])
+                .with_label_values(&[&service, "udp", leg.via.label(), "ok"])
                 .inc();
-            info!(intermediate = %leg.link.target, "udp flow open");
+            info!(via = %leg.via.name(), path = leg.via.label(), "udp flow open");
             leg
         }
         Err(e) => {
@@ -312,10 +322,14 @@ async fn run_flow(
         match run_leg(&shared, &flow, &guard, &mut leg, idle).await {
             LegEnd::Over => break,
             LegEnd::Move { broken } => {
-                let mut avoid = vec![leg.link.index];
-                match open_leg(&shared, &flow, &mut avoid).await {
+                // A relay leg moves to another relay; a direct leg falls back to the relay.
+                let (mut avoid, allow_direct) = match &leg.via {
+                    Via::Relay(link) => (vec![link.index], true),
+                    Via::Direct(_) => (Vec::new(), false),
+                };
+                match open_leg(&shared, &flow, &mut avoid, allow_direct).await {
                     Ok(next) => {
-                        info!(from = %leg.link.target, to = %next.link.target, "udp flow moved to another intermediate");
+                        info!(from = %leg.via.name(), to = %next.via.name(), path = next.via.label(), "udp flow moved");
                         shared.metrics.udp_moves.inc();
                         let old = std::mem::replace(&mut leg, next);
                         shared
@@ -324,7 +338,7 @@ async fn run_flow(
                     }
                     Err(e) => {
                         let (_, why) = e.describe();
-                        if broken || leg.link.conn.close_reason().is_some() {
+                        if broken || leg.via.conn().close_reason().is_some() {
                             warn!(why = %why, "udp flow lost its intermediate and none other can carry it");
                             break;
                         }
@@ -356,7 +370,8 @@ async fn wait_for_change(shared: &Shared, guard: &FlowGuard<FlowMeta>) {
 /// A leg the flow moved away from keeps delivering what is still in flight on it (a reply to a
 /// datagram sent just before the move) for a few round trips, then ends.
 async fn retire_leg(shared: Arc<Shared>, flow: Arc<UdpFlow>, mut leg: Leg) {
-    let grace = (leg.link.conn.rtt() * 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    let grace =
+        (leg.via.conn().rtt() * 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
     let _ = tokio::time::timeout(grace, async {
         while let Ok(Some(p)) = leg.recv.next_frame().await {
             flow.to_client(&p);
@@ -393,13 +408,15 @@ async fn run_leg(
     idle: Duration,
 ) -> LegEnd {
     let mut snaps = shared.relays.subscribe();
+    // A relay leg moves when its relay drains or goes away and another can carry the flow; a
+    // direct leg when its connection ends (below).
     let should_move = |snaps: &tokio::sync::watch::Receiver<crate::relays::Snapshot>| {
+        let Via::Relay(link) = &leg.via else {
+            return false;
+        };
         let snap = snaps.borrow();
-        !snap.is_current_and_usable(&leg.link)
-            && matches!(
-                choose(&snap, &flow.service, &[leg.link.index]),
-                Choice::Use(_)
-            )
+        !snap.is_current_and_usable(link)
+            && matches!(choose(&snap, &flow.service, &[link.index]), Choice::Use(_))
     };
     if should_move(&snaps) {
         return LegEnd::Move { broken: false };
@@ -416,7 +433,7 @@ async fn run_leg(
                 Ok(None) => return LegEnd::Over,
                 Err(e) => {
                     let drained = matches!(&e, StreamError::Read(ReadError::Reset(c)) if *c == VarInt::from_u32(codes::DRAINING));
-                    let lost = leg.link.conn.close_reason().is_some();
+                    let lost = leg.via.conn().close_reason().is_some();
                     if drained || lost {
                         return LegEnd::Move { broken: true };
                     }

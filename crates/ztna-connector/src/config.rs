@@ -45,6 +45,10 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Accept direct (P2P) connections from agents with a ticket from an intermediate; off:
+    /// every flow comes through an intermediate.
+    #[serde(default = "default_p2p")]
+    pub p2p: bool,
     /// Flow-control window of one flow (bytes in flight before the receiver reads): one flow's
     /// throughput is at most this per round trip, and a stalled flow holds at most this.
     #[serde(default = "default_stream_window", with = "size")]
@@ -115,6 +119,10 @@ fn default_stream_window() -> u64 {
 }
 fn default_connection_window() -> u64 {
     64 << 20
+}
+
+fn default_p2p() -> bool {
+    true
 }
 
 impl Config {

@@ -116,11 +116,14 @@ async fn reject(
     let _ = send.finish();
 }
 
+/// One flow stream from an intermediate, or from an agent on a direct path (`direct`: what its
+/// ticket allows).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     state: Arc<ConnState>,
     mut send: SendStream,
     recv: RecvStream,
+    direct: Option<Arc<crate::direct::DirectAuth>>,
 ) {
     let mut recv = FramedRecv::new(recv);
     let open = match recv.expect::<FlowOpen>(FLOW_HEADER_TIMEOUT).await {
@@ -131,6 +134,16 @@ pub(crate) async fn handle(
             return;
         }
     };
+    if let Some(auth) = &direct {
+        if let Err((label, why)) = auth.allows(&open.service) {
+            shared
+                .metrics
+                .direct_refused
+                .with_label_values(&[label])
+                .inc();
+            return reject(&shared, send, &open, RejectReason::Denied, why).await;
+        }
+    }
     let Some(svc) = shared.services.get(&open.service) else {
         let why = format!("this connector does not serve {:?}", open.service);
         return reject(&shared, send, &open, RejectReason::BadRequest, why).await;

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+mod direct;
 mod flow;
 pub mod metrics;
 mod session;
@@ -83,6 +84,11 @@ pub(crate) struct Shared {
     pub draining: watch::Sender<bool>,
     /// What is registered where (status, readiness, metrics).
     pub registrations: watch::Sender<Registrations>,
+    /// Sends hole-punching packets from the endpoint's socket (when P2P is on).
+    pub puncher: Option<ztna_node::transport::Puncher>,
+    /// Certificates of the intermediates we are connected to, by SPIFFE ID: direct-path tickets
+    /// must be signed by one of them.
+    pub intermediate_certs: std::sync::Mutex<HashMap<String, ztna_node::CertificateDer<'static>>>,
 }
 
 impl Shared {
@@ -194,6 +200,7 @@ pub struct Connector {
 #[derive(Clone)]
 pub struct Handle {
     shared: Arc<Shared>,
+    endpoint: Arc<std::sync::Mutex<Option<quinn::Endpoint>>>,
 }
 
 impl Handle {
@@ -218,10 +225,30 @@ impl Handle {
             ("bind", new.bind != old.bind),
             ("max_flows", new.max_flows != old.max_flows),
         ]);
-        shared
+        let summary = shared
             .tls
-            .reload(&new.tls, &shared.metrics.common.cert_expiry)
+            .reload(&new.tls, &shared.metrics.common.cert_expiry)?;
+        if shared.config.p2p {
+            if let Some(endpoint) = &*ztna_node::lock(&self.endpoint) {
+                let server = direct_server_config(&shared.tls.identity(), &shared.config)
+                    .map_err(|e| e.to_string())?;
+                endpoint.set_server_config(Some(server));
+            }
+        }
+        Ok(summary)
     }
+}
+
+/// The server side of direct paths: agents only (mutual TLS), detection of a dead path within
+/// 3 s (keepalive 1 s, idle timeout 3 s), as many streams as flows we may serve.
+fn direct_server_config(
+    identity: &ztna_node::Identity,
+    config: &Config,
+) -> Result<quinn::ServerConfig, IdentityError> {
+    let mut opts = config.transport();
+    opts.keepalive = Duration::from_secs(1);
+    opts.idle_timeout = Duration::from_secs(3);
+    ztna_node::transport::server_config(identity, &[Role::Agent], &opts)
 }
 
 impl Connector {
@@ -232,12 +259,25 @@ impl Connector {
             addr: config.ops_listen,
             source,
         })?;
-        let endpoint = ztna_node::transport::client_endpoint(config.bind).map_err(|source| {
-            StartError::Bind {
-                addr: config.bind,
-                source,
-            }
-        })?;
+        let bind_err = |source| StartError::Bind {
+            addr: config.bind,
+            source,
+        };
+        let (endpoint, puncher) = if config.p2p {
+            let server = direct_server_config(&tls.identity(), &config)?;
+            let (e, p) = ztna_node::transport::punchable_endpoint(
+                config.bind,
+                quinn::EndpointConfig::default(),
+                Some(server),
+            )
+            .map_err(bind_err)?;
+            (e, Some(p))
+        } else {
+            (
+                ztna_node::transport::client_endpoint(config.bind).map_err(bind_err)?,
+                None,
+            )
+        };
         let list: Vec<(String, bool, bool)> = config
             .service
             .iter()
@@ -274,12 +314,19 @@ impl Connector {
                 max_flows: max_flows as usize,
                 draining: watch::Sender::new(false),
                 registrations: watch::Sender::new(vec![BTreeMap::new(); n]),
+                puncher,
+                intermediate_certs: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
 
     pub fn metrics(&self) -> Metrics {
         self.shared.metrics.clone()
+    }
+
+    /// The QUIC endpoint's local address (direct paths arrive here).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
     }
 
     /// Address of the ops endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -294,6 +341,7 @@ impl Connector {
     pub fn handle(&self) -> Handle {
         Handle {
             shared: self.shared.clone(),
+            endpoint: Arc::new(std::sync::Mutex::new(Some(self.endpoint.clone()))),
         }
     }
 
@@ -332,6 +380,13 @@ impl Connector {
             );
             let health = health.clone();
             tasks.spawn(async move { health.watched(&name, session).await });
+        }
+        if shared.config.p2p {
+            tokio::spawn(direct::accept(
+                shared.clone(),
+                self.endpoint.clone(),
+                stop_sessions.clone(),
+            ));
         }
         // Status follows the flow count too (saturation).
         let status = {

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub service_registrations: IntGaugeVec,
     pub flow_capacity: IntGauge,
     pub udp_stream_carried: IntCounterVec,
+    pub direct_connections: IntGauge,
+    pub direct_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -99,8 +101,33 @@ impl Metrics {
                 "UDP payloads too large for a QUIC datagram, carried on the flow's stream instead.",
                 &["service", "direction"],
             ),
+            direct_connections: m::gauge(
+                r,
+                "ztna_connector_direct_connections",
+                "Direct (P2P) connections from agents.",
+            ),
+            direct_refused: m::counter_vec(
+                r,
+                "ztna_connector_direct_refused_total",
+                "Direct connections and direct flows refused, by reason (no_ticket, malformed, bad_signature, expired, wrong_agent, wrong_connector, unknown_intermediate, service_not_allowed, handshake).",
+                &["reason"],
+            ),
             common,
         };
+        for r in [
+            "no_ticket",
+            "malformed",
+            "bad_ticket",
+            "bad_signature",
+            "expired",
+            "wrong_agent",
+            "wrong_connector",
+            "unknown_intermediate",
+            "service_not_allowed",
+            "handshake",
+        ] {
+            me.direct_refused.with_label_values(&[r]);
+        }
         me.intermediates_configured.set(intermediates as i64);
         for (s, tcp, udp) in services {
             me.service_registrations.with_label_values(&[s]);

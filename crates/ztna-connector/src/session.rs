@@ -99,6 +99,12 @@ async fn serve(
     };
     debug!(%observed_addr, "welcomed");
     let since = Instant::now();
+    // Its certificate vouches for the direct-path tickets it issues.
+    let intermediate = ztna_node::identity::peer_id(&conn).map(|id| id.to_string());
+    let cert = ztna_node::identity::peer_chain(&conn).into_iter().next();
+    if let (Some(id), Some(cert)) = (&intermediate, &cert) {
+        ztna_node::lock(&shared.intermediate_certs).insert(id.clone(), cert.clone());
+    }
     let mut names: Vec<&String> = shared.services.keys().collect();
     names.sort();
     for name in names {
@@ -121,13 +127,28 @@ async fn serve(
         why = datagrams(shared, &state) => why,
         _ = stop.cancelled() => {
             conn.close(VarInt::from_u32(codes::SHUTDOWN), b"connector stopped");
+            forget_cert(shared, intermediate.as_deref(), cert.as_ref());
             return Ended { since: Some(since), drained: false };
         }
     };
     warn!(reason = %why, "lost intermediate");
+    forget_cert(shared, intermediate.as_deref(), cert.as_ref());
     Ended {
         since: Some(since),
         drained: drained || client::closed_by_drain(&conn),
+    }
+}
+
+fn forget_cert(
+    shared: &Shared,
+    id: Option<&str>,
+    cert: Option<&ztna_node::CertificateDer<'static>>,
+) {
+    if let (Some(id), Some(cert)) = (id, cert) {
+        let mut certs = ztna_node::lock(&shared.intermediate_certs);
+        if certs.get(id) == Some(cert) {
+            certs.remove(id);
+        }
     }
 }
 
@@ -135,7 +156,7 @@ async fn serve(
 /// intermediate can register or reject a service later), GoAway, and our deregistration when we
 /// drain.
 async fn control(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     idx: usize,
     mut send: quinn::SendStream,
     mut recv: FramedRecv,
@@ -174,6 +195,33 @@ async fn control(
                         shared.set_registration(idx, Some((&service, Registration::Rejected(reason))));
                     }
                 }
+                Ok(Some(ServerMsg::DirectOffer { request, agent, service, candidates })) => {
+                    let answer = match &shared.puncher {
+                        Some(puncher) if shared.config.p2p && !shared.is_draining() => {
+                            debug!(%agent, %service, ?candidates, "direct path offered: punching");
+                            crate::direct::punch(shared, candidates);
+                            ClientMsg::DirectAnswer {
+                                request,
+                                accepted: true,
+                                candidates: puncher.local_candidates(),
+                                reason: String::new(),
+                            }
+                        }
+                        _ => ClientMsg::DirectAnswer {
+                            request,
+                            accepted: false,
+                            candidates: vec![],
+                            reason: if shared.is_draining() {
+                                "the connector is draining".to_string()
+                            } else {
+                                "P2P is disabled on this connector (p2p = false)".to_string()
+                            },
+                        },
+                    };
+                    if write_frame(&mut send, &answer).await.is_err() {
+                        return "control stream write failed".to_string();
+                    }
+                }
                 Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
                     info!(why = %reason, deadline_ms, "intermediate is draining; running flows continue, reconnecting when it closes");
                     *drained = true;
@@ -191,9 +239,9 @@ async fn accept_flows(shared: &Arc<Shared>, state: &Arc<ConnState>) -> String {
         match state.conn.accept_bi().await {
             Ok((s, r)) => {
                 let span = info_span!("flow", stream = %r.id());
-                shared
-                    .flows
-                    .spawn(flow::handle(shared.clone(), state.clone(), s, r).instrument(span));
+                shared.flows.spawn(
+                    flow::handle(shared.clone(), state.clone(), s, r, None).instrument(span),
+                );
             }
             Err(e) => return describe_connection_error(&e),
         }

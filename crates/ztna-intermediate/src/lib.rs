@@ -18,6 +18,7 @@ pub mod registry;
 
 mod accept;
 mod datagrams;
+mod direct;
 mod drain;
 mod flow;
 mod reload;
@@ -144,6 +145,7 @@ impl Intermediate {
                 peers: Mutex::new(HashMap::new()),
                 next_conn_id: AtomicU64::new(1),
                 handshakes_pending: accept::Pending::new(),
+                direct: direct::Broker::default(),
             }),
         })
     }

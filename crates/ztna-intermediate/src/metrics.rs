@@ -75,7 +75,7 @@ impl Metrics {
             p2p: m::counter_vec(
                 r,
                 "ztna_intermediate_p2p_total",
-                "P2P brokering outcomes.",
+                "Direct-path (P2P) brokering outcomes: success and failed as reported by agents, denied by policy, disabled at the connector.",
                 &["result"],
             ),
             peer_rtt: m::histogram_vec(
@@ -176,7 +176,7 @@ impl Metrics {
         for d in ["to_connector", "to_agent"] {
             me.udp_stream_carried.with_label_values(&[d]);
         }
-        for r in ["attempt", "direct", "fallback"] {
+        for r in ["success", "failed", "denied", "disabled"] {
             me.p2p.with_label_values(&[r]);
         }
         me

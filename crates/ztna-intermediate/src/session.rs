@@ -21,7 +21,7 @@ use ztna_proto::{codes, ClientMsg, Role, ServerMsg, ServiceState, MAX_LIST_LEN, 
 
 use crate::registry::Peer;
 use crate::state::Shared;
-use crate::{datagrams, flow};
+use crate::{datagrams, direct, flow};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -256,7 +256,7 @@ async fn agent(
 ) -> String {
     tokio::select! {
         why = write_control(send, rx) => why,
-        why = agent_control(peer, recv) => why,
+        why = agent_control(shared, peer, recv) => why,
         why = push_status(shared, peer, watch) => why,
         why = accept_flows(shared, peer) => why,
         why = datagrams::relay(shared.clone(), peer.clone(), "to_connector") => why,
@@ -265,26 +265,45 @@ async fn agent(
     }
 }
 
-/// An agent has nothing to say on the control stream after Hello.
-async fn agent_control(peer: &Peer, mut recv: FramedRecv) -> String {
-    match recv.next::<ClientMsg>().await {
-        // The agent closed its side of the control stream; it can still open flows.
-        Ok(None) => std::future::pending().await,
-        Ok(Some(ClientMsg::Register { service, .. })) => {
-            warn!(%service, "agent tried to register a service, closing");
-            let reason = "agents cannot register services".to_string();
-            let msg = ServerMsg::RegisterRejected {
+/// After Hello an agent only talks about direct paths (see `direct`).
+async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedRecv) -> String {
+    loop {
+        match recv.next::<ClientMsg>().await {
+            // The agent closed its side of the control stream; it can still open flows.
+            Ok(None) => return std::future::pending().await,
+            Ok(Some(ClientMsg::Register { service, .. })) => {
+                warn!(%service, "agent tried to register a service, closing");
+                let reason = "agents cannot register services".to_string();
+                let msg = ServerMsg::RegisterRejected {
+                    service,
+                    reason: reason.clone(),
+                };
+                return say_then_close(peer, msg, codes::UNAUTHORIZED, &reason).await;
+            }
+            Ok(Some(ClientMsg::DirectRequest {
                 service,
-                reason: reason.clone(),
-            };
-            say_then_close(peer, msg, codes::UNAUTHORIZED, &reason).await
+                candidates,
+            })) => {
+                tokio::spawn(
+                    direct::broker(shared.clone(), peer.clone(), service, candidates)
+                        .in_current_span(),
+                );
+            }
+            Ok(Some(ClientMsg::DirectResult {
+                service,
+                success,
+                reason,
+            })) => direct::result(shared, &service, success, &reason),
+            Ok(Some(ClientMsg::TicketRequest { service, connector })) => {
+                direct::refresh(shared, peer, &service, &connector);
+            }
+            Ok(Some(other)) => {
+                warn!(msg = ?other, "unexpected control message from agent, closing");
+                close(&peer.conn, codes::PROTOCOL, "unexpected control message");
+                return "unexpected control message".to_string();
+            }
+            Err(e) => return protocol_error(&peer.conn, "control stream", &e),
         }
-        Ok(Some(other)) => {
-            warn!(msg = ?other, "unexpected control message from agent, closing");
-            close(&peer.conn, codes::PROTOCOL, "unexpected control message");
-            "unexpected control message".to_string()
-        }
-        Err(e) => protocol_error(&peer.conn, "control stream", &e),
     }
 }
 
@@ -414,10 +433,24 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 info!(%service, "service deregistered");
                 continue;
             }
+            Ok(Some(ClientMsg::DirectAnswer {
+                request,
+                accepted,
+                candidates,
+                reason,
+            })) => {
+                direct::answered(shared, request, accepted, candidates, reason);
+                continue;
+            }
             Ok(Some(ClientMsg::Hello { .. })) => {
                 warn!("second Hello, closing");
                 close(&peer.conn, codes::PROTOCOL, "duplicate Hello");
                 return "duplicate Hello".to_string();
+            }
+            Ok(Some(other)) => {
+                warn!(msg = ?other, "unexpected control message from connector, closing");
+                close(&peer.conn, codes::PROTOCOL, "unexpected control message");
+                return "unexpected control message".to_string();
             }
             Err(e) => return protocol_error(&peer.conn, "control stream", &e),
         };

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     /// Every established session, by connection id (for reload re-verification).
     pub peers: Mutex<HashMap<u64, Arc<Peer>>>,
     pub next_conn_id: AtomicU64,
+    /// Direct-path offers waiting for connectors' answers.
+    pub direct: crate::direct::Broker,
     /// QUIC handshakes in progress (flood defence).
     pub handshakes_pending: crate::accept::Pending,
 }

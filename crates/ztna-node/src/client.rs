@@ -271,6 +271,12 @@ impl ClientTls {
         self.read().0.id.clone()
     }
 
+    /// The identity currently in use (for direct paths: a server config, a client config to a
+    /// connector).
+    pub fn identity(&self) -> crate::Identity {
+        self.read().0.clone()
+    }
+
     pub fn expiry_unix(&self) -> f64 {
         self.read().0.expiry_unix()
     }

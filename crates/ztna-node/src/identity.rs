@@ -742,6 +742,52 @@ impl Identity {
     }
 }
 
+/// Signature schemes tickets are signed with, in order of preference (whatever the key is).
+const SIGNING_SCHEMES: &[SignatureScheme] = &[
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ED25519,
+    SignatureScheme::RSA_PSS_SHA256,
+];
+
+impl Identity {
+    /// Signs `msg` with our certificate's key; returns the TLS SignatureScheme code and the
+    /// signature (used for direct-path tickets, verified with [`verify_signature`]).
+    pub fn sign(&self, msg: &[u8]) -> Result<(u16, Vec<u8>), IdentityError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let signer = key
+            .choose_scheme(SIGNING_SCHEMES)
+            .ok_or_else(|| IdentityError::Tls("key cannot sign tickets".to_string()))?;
+        let sig = signer
+            .sign(msg)
+            .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        Ok((u16::from(signer.scheme()), sig))
+    }
+}
+
+/// Checks that `sig` over `msg` was made with the key of `cert` using `scheme`.
+pub fn verify_signature(
+    cert: &CertificateDer<'_>,
+    scheme: u16,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<(), String> {
+    let alg: &dyn rustls_pki_types::SignatureVerificationAlgorithm =
+        match SignatureScheme::from(scheme) {
+            SignatureScheme::ECDSA_NISTP256_SHA256 => webpki::ring::ECDSA_P256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384 => webpki::ring::ECDSA_P384_SHA384,
+            SignatureScheme::ED25519 => webpki::ring::ED25519,
+            SignatureScheme::RSA_PSS_SHA256 => webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            other => return Err(format!("unsupported signature scheme {other:?}")),
+        };
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("bad certificate: {e}"))?;
+    ee.verify_signature(alg, msg, sig)
+        .map_err(|e| format!("bad signature: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,6 +129,123 @@ pub const DUAL_STACK_ANY: SocketAddr =
 /// intermediates are reachable over IPv6 and IPv4; on a host without IPv6 it falls back to
 /// `0.0.0.0:port`. Any other address is bound as given.
 pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
+    let socket = bind_socket(bind)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
+/// Like [`client_endpoint`], plus a [`Puncher`] that sends hole-punching packets from the very
+/// same socket (so a NAT maps them like the endpoint's own traffic). `server` makes the endpoint
+/// accept connections too (a connector's direct paths).
+pub fn punchable_endpoint(
+    bind: SocketAddr,
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<(Endpoint, Puncher)> {
+    let socket = bind_socket(bind)?;
+    let puncher = Puncher {
+        v6: socket.local_addr()?.is_ipv6(),
+        socket: socket.try_clone()?,
+    };
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    Ok((Endpoint::new(config, server, socket, runtime)?, puncher))
+}
+
+/// Sends hole-punching packets from an endpoint's socket (a second handle on the same socket).
+/// The packets are 4 bytes: a QUIC endpoint receiving them drops them without an answer.
+pub struct Puncher {
+    socket: std::net::UdpSocket,
+    v6: bool,
+}
+
+impl Puncher {
+    /// Sends one punch packet to each target; returns how many went out.
+    pub fn punch(&self, targets: &[SocketAddr]) -> usize {
+        targets
+            .iter()
+            .filter_map(|t| self.reachable(*t))
+            .filter(|t| self.socket.send_to(b"ztna", t).is_ok())
+            .count()
+    }
+
+    /// `t` as this socket can send to it (IPv4 through a dual-stack socket as IPv4-mapped).
+    fn reachable(&self, t: SocketAddr) -> Option<SocketAddr> {
+        match (self.v6, t.ip()) {
+            (true, std::net::IpAddr::V4(v4)) => Some(SocketAddr::new(
+                std::net::IpAddr::V6(v4.to_ipv6_mapped()),
+                t.port(),
+            )),
+            (false, std::net::IpAddr::V6(v6)) => v6
+                .to_ipv4_mapped()
+                .map(|v4| SocketAddr::new(v4.into(), t.port())),
+            _ => Some(t),
+        }
+    }
+
+    /// The addresses a peer on the same network may reach this socket at: every up interface's
+    /// address (loopback and link-local excluded) with the socket's port, IPv4 first.
+    pub fn local_candidates(&self) -> Vec<SocketAddr> {
+        let Ok(local) = self.socket.local_addr() else {
+            return Vec::new();
+        };
+        let mut out: Vec<SocketAddr> = interface_addrs()
+            .into_iter()
+            .filter(|ip| self.v6 || ip.is_ipv4())
+            .map(|ip| SocketAddr::new(ip, local.port()))
+            .collect();
+        out.sort_by_key(|a| a.is_ipv6());
+        out.truncate(8);
+        out
+    }
+}
+
+/// Addresses of the host's interfaces that are up, without loopback, link-local and
+/// unspecified ones.
+pub fn interface_addrs() -> Vec<std::net::IpAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free once; every pointer is checked
+    // for null and the address structs are read according to their family.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut p = ifap;
+        while !p.is_null() {
+            let ifa = &*p;
+            p = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_flags & (libc::IFF_UP as libc::c_uint) == 0 {
+                continue;
+            }
+            let ip = match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            };
+            let link_local = match ip {
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+                IpAddr::V4(v4) => v4.is_link_local(),
+            };
+            if !ip.is_loopback() && !ip.is_unspecified() && !link_local && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+/// The UDP socket of an agent's or connector's endpoint (see [`client_endpoint`]).
+fn bind_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = match dual_stack_socket(bind) {
         Ok(s) => s,
         Err(e) if bind.ip().is_unspecified() && bind.is_ipv6() && no_ipv6(&e) => {
@@ -138,9 +255,7 @@ pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
         }
         Err(e) => return Err(e),
     };
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    Ok(socket)
 }
 
 fn dual_stack_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {

@@ -10,6 +10,7 @@
 pub mod datagram;
 pub mod frame;
 pub mod msg;
+pub mod ticket;
 pub mod varint;
 
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};

@@ -48,6 +48,26 @@ fn text(field: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most address candidates one side may offer for a direct path.
+pub const MAX_CANDIDATES: usize = 16;
+
+fn candidates_ok(c: &[SocketAddr]) -> Result<(), String> {
+    if c.len() > MAX_CANDIDATES {
+        return Err(format!(
+            "{} candidates, more than the limit of {MAX_CANDIDATES}",
+            c.len()
+        ));
+    }
+    Ok(())
+}
+
+fn ticket_ok(t: &[u8]) -> Result<(), String> {
+    if t.len() > crate::ticket::MAX_TICKET_LEN {
+        return Err(format!("ticket of {} bytes is too large", t.len()));
+    }
+    Ok(())
+}
+
 fn list<T>(field: &str, v: &[T], each: impl Fn(&T) -> Result<(), String>) -> Result<(), String> {
     if v.len() > MAX_LIST_LEN {
         return Err(format!(
@@ -131,6 +151,28 @@ pub enum ClientMsg {
     },
     /// Connector stops offering a service: no new flows are routed to it.
     Deregister { service: String },
+    /// Agent asks for a direct path to a connector serving `service`. `candidates` are its local
+    /// addresses (the intermediate adds the address it observes).
+    DirectRequest {
+        service: String,
+        candidates: Vec<SocketAddr>,
+    },
+    /// Connector's answer to a [`ServerMsg::DirectOffer`]: its local candidates, or a refusal
+    /// (P2P disabled there) with the reason.
+    DirectAnswer {
+        request: u64,
+        accepted: bool,
+        candidates: Vec<SocketAddr>,
+        reason: String,
+    },
+    /// Agent reports how a brokered attempt ended (for `ztna_intermediate_p2p_total`).
+    DirectResult {
+        service: String,
+        success: bool,
+        reason: String,
+    },
+    /// Agent asks for a fresh ticket for an established direct path (tickets live ≤ 60 s).
+    TicketRequest { service: String, connector: String },
 }
 
 /// Intermediate → client, on the control stream.
@@ -159,6 +201,33 @@ pub enum ServerMsg {
         service: String,
         state: ServiceState,
         reason: String,
+    },
+    /// To a connector: an agent wants a direct path; punch towards `candidates` and answer with
+    /// [`ClientMsg::DirectAnswer`].
+    DirectOffer {
+        request: u64,
+        agent: String,
+        service: String,
+        candidates: Vec<SocketAddr>,
+    },
+    /// To an agent: connect directly to `connector` at one of `candidates` now (it is punching
+    /// towards you) and present `ticket` there.
+    DirectStart {
+        service: String,
+        connector: String,
+        candidates: Vec<SocketAddr>,
+        ticket: Vec<u8>,
+    },
+    /// To an agent: no direct path for `service`, and why. Flows keep using the relay.
+    DirectRefused {
+        service: String,
+        reason: String,
+    },
+    /// To an agent: a fresh ticket for its direct path to `connector`.
+    Ticket {
+        service: String,
+        connector: String,
+        ticket: Vec<u8>,
     },
     /// The intermediate is draining: open no new flows here, move to another intermediate.
     /// Running flows may finish until `deadline_ms` from now.
@@ -255,6 +324,29 @@ impl Message for ClientMsg {
             ClientMsg::Register { service, .. } | ClientMsg::Deregister { service } => {
                 name("service name", service)
             }
+            ClientMsg::DirectRequest {
+                service,
+                candidates,
+            } => {
+                name("service name", service)?;
+                candidates_ok(candidates)
+            }
+            ClientMsg::DirectAnswer {
+                candidates, reason, ..
+            } => {
+                text("reason", reason)?;
+                candidates_ok(candidates)
+            }
+            ClientMsg::DirectResult {
+                service, reason, ..
+            } => {
+                name("service name", service)?;
+                text("reason", reason)
+            }
+            ClientMsg::TicketRequest { service, connector } => {
+                name("service name", service)?;
+                text("connector", connector)
+            }
         }
     }
 }
@@ -278,6 +370,77 @@ impl Message for ServerMsg {
                 text("reason", reason)?;
                 list("reconnect", reconnect, |s| text("reconnect hint", s))
             }
+            ServerMsg::DirectOffer {
+                agent,
+                service,
+                candidates,
+                ..
+            } => {
+                text("agent", agent)?;
+                name("service name", service)?;
+                candidates_ok(candidates)
+            }
+            ServerMsg::DirectStart {
+                service,
+                connector,
+                candidates,
+                ticket,
+            } => {
+                name("service name", service)?;
+                text("connector", connector)?;
+                candidates_ok(candidates)?;
+                ticket_ok(ticket)
+            }
+            ServerMsg::DirectRefused { service, reason } => {
+                name("service name", service)?;
+                text("reason", reason)
+            }
+            ServerMsg::Ticket {
+                service,
+                connector,
+                ticket,
+            } => {
+                name("service name", service)?;
+                text("connector", connector)?;
+                ticket_ok(ticket)
+            }
+        }
+    }
+}
+
+/// Agent → connector on a direct connection's first stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum DirectMsg {
+    /// First message: protocol version and the ticket an intermediate issued for this path.
+    Hello { version: u16, ticket: Vec<u8> },
+    /// A fresh ticket (tickets live ≤ 60 s; flows on the path need a valid one).
+    Ticket { ticket: Vec<u8> },
+}
+
+/// Connector → agent on a direct connection's first stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum DirectReply {
+    /// The ticket is good: flows for `services` may be opened until it expires.
+    Welcome { services: Vec<String> },
+    /// Refused, with the reason; the connection is closed.
+    Refused { reason: String },
+}
+
+impl Message for DirectMsg {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            DirectMsg::Hello { ticket, .. } | DirectMsg::Ticket { ticket } => ticket_ok(ticket),
+        }
+    }
+}
+
+impl Message for DirectReply {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            DirectReply::Welcome { services } => {
+                list("services", services, |s| name("service name", s))
+            }
+            DirectReply::Refused { reason } => text("reason", reason),
         }
     }
 }

@@ -161,6 +161,8 @@ pub fn start_intermediate(pki: &Pki, policy: Vec<PolicyRule>) -> IntermediateHan
 
 pub struct ConnectorHandle {
     pub ops: SocketAddr,
+    /// Its QUIC endpoint (where direct paths arrive), as a loopback address.
+    pub quic: SocketAddr,
     /// The configuration it was started with, and its reload handle (what SIGHUP calls).
     pub config: ztna_connector::Config,
     pub handle: ztna_connector::Handle,
@@ -307,10 +309,12 @@ pub fn start_connector_with(
     let metrics = c.metrics();
     let registered = c.registrations();
     let ops = c.ops_addr().expect("ops addr");
+    let port = c.local_addr().expect("quic addr").port();
     let stop = CancellationToken::new();
     let task = tokio::spawn(c.run(stop.clone()));
     ConnectorHandle {
         ops,
+        quic: SocketAddr::from(([127, 0, 0, 1], port)),
         config,
         handle,
         daemon: Daemon {
@@ -377,8 +381,8 @@ pub async fn start_agent_with(
     forwards: &[(&str, ForwardProtocol)],
     settings: &str,
 ) -> AgentHandle {
-    let defaults =
-        "udp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"\nops_listen = \"127.0.0.1:0\"";
+    // Relay behaviour is what most tests check: direct paths are opt-in here (`p2p = true`).
+    let defaults = "udp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"\nops_listen = \"127.0.0.1:0\"\np2p = false";
     let text = client_toml(&tls, intermediates, defaults, settings);
     let mut cfg: ztna_agent::Config = toml::from_str(&text).expect("agent config");
     cfg.forward = forwards

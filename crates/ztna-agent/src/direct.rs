@@ -1,0 +1,368 @@
+//! Direct (P2P) paths to connectors.
+//!
+//! When a flow opens for a service, the agent asks a relay for a direct path (unless one is up,
+//! being tried, or backing off). The relay checks the policy, has the connector punch towards
+//! our candidates and hands us the connector's candidates plus a ticket. We connect from the
+//! same UDP socket that carries our relay connections (so the NAT mapping the relay observed is
+//! the one the connector punches to), present the ticket, and from then on new flows for that
+//! service go direct. A direct path that stops answering is noticed within 3 s (keepalive 1 s,
+//! idle timeout 3 s); new flows then go via the relay and the agent tries again with backoff.
+//! An attempt that fails never delays a flow: flows use the relay meanwhile.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+use ztna_node::backoff::{BackoffPolicy, Reconnect};
+use ztna_node::identity::{describe_connection_error, peer_id};
+use ztna_node::io::{write_frame, FramedRecv};
+use ztna_node::lock;
+use ztna_proto::{ClientMsg, DirectMsg, DirectReply, Role, ServerMsg, PROTOCOL_VERSION};
+
+use crate::relays::{choose, Choice};
+use crate::Shared;
+
+/// How long to wait for the relay's answer to a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the connection attempt may take (the connector punches for 3 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Tickets live 60 s; refresh at half that.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+
+/// An established direct path.
+pub struct DirectPath {
+    pub service: String,
+    /// SPIFFE ID of the connector.
+    pub connector: String,
+    pub conn: quinn::Connection,
+    control: tokio::sync::Mutex<quinn::SendStream>,
+}
+
+enum PathState {
+    Trying,
+    Up(Arc<DirectPath>),
+    /// Not before this instant; the schedule grows with each failure.
+    Backoff(Instant, Box<Reconnect>),
+}
+
+/// What a relay answered to our request.
+enum Answer {
+    Start {
+        connector: String,
+        candidates: Vec<SocketAddr>,
+        ticket: Vec<u8>,
+    },
+    Refused(String),
+}
+
+/// The agent's direct paths, by service.
+#[derive(Default)]
+pub(crate) struct Direct {
+    paths: Mutex<HashMap<String, PathState>>,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    /// Fresh tickets, by service, for the refresh loop.
+    tickets: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
+}
+
+impl Direct {
+    /// The direct path for `service`, if one is up.
+    pub fn up(&self, service: &str) -> Option<Arc<DirectPath>> {
+        match lock(&self.paths).get(service) {
+            Some(PathState::Up(p)) if p.conn.close_reason().is_none() => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Direct paths up now.
+    pub fn count(&self) -> usize {
+        lock(&self.paths)
+            .values()
+            .filter(|s| matches!(s, PathState::Up(p) if p.conn.close_reason().is_none()))
+            .count()
+    }
+
+    /// A relay's message about direct paths.
+    pub fn deliver(&self, msg: ServerMsg) {
+        match msg {
+            ServerMsg::DirectStart {
+                service,
+                connector,
+                candidates,
+                ticket,
+            } => {
+                if let Some(tx) = lock(&self.waiting).remove(&service) {
+                    let _ = tx.send(Answer::Start {
+                        connector,
+                        candidates,
+                        ticket,
+                    });
+                }
+            }
+            ServerMsg::DirectRefused { service, reason } => {
+                if let Some(tx) = lock(&self.waiting).remove(&service) {
+                    let _ = tx.send(Answer::Refused(reason));
+                }
+            }
+            ServerMsg::Ticket {
+                service, ticket, ..
+            } => {
+                if let Some(tx) = lock(&self.tickets).remove(&service) {
+                    let _ = tx.send(ticket);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A flow for `service` is opening: try a direct path if none is up, tried or backing off.
+pub(crate) fn want(shared: &Arc<Shared>, service: &str) {
+    if !shared.config.p2p {
+        return;
+    }
+    let mut paths = lock(&shared.direct.paths);
+    let backoff = match paths.remove(service) {
+        None => Reconnect::new(policy()),
+        Some(PathState::Up(p)) if p.conn.close_reason().is_none() => {
+            paths.insert(service.to_string(), PathState::Up(p));
+            return;
+        }
+        Some(PathState::Up(_)) => Reconnect::new(policy()),
+        Some(PathState::Trying) => {
+            paths.insert(service.to_string(), PathState::Trying);
+            return;
+        }
+        Some(PathState::Backoff(until, b)) => {
+            if Instant::now() < until {
+                paths.insert(service.to_string(), PathState::Backoff(until, b));
+                return;
+            }
+            *b
+        }
+    };
+    paths.insert(service.to_string(), PathState::Trying);
+    drop(paths);
+    let shared = shared.clone();
+    let service = service.to_string();
+    tokio::spawn(async move {
+        let result = attempt(&shared, &service).await;
+        match result {
+            Ok(path) => {
+                report(&shared, &service, true, "");
+                lock(&shared.direct.paths).insert(service.clone(), PathState::Up(path.clone()));
+                shared.update_direct_gauge();
+                run(&shared, path, backoff).await;
+            }
+            Err(why) => {
+                report(&shared, &service, false, &why);
+                back_off(&shared, &service, backoff, None);
+                debug!(%service, why = %why, "no direct path; flows use the relay");
+            }
+        }
+    });
+}
+
+/// Backoff after a failed attempt or a lost path: 1 s doubling to a minute.
+fn policy() -> BackoffPolicy {
+    BackoffPolicy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        healthy_after: Duration::from_secs(60),
+        ..BackoffPolicy::default()
+    }
+}
+
+fn back_off(shared: &Shared, service: &str, mut b: Reconnect, since: Option<Instant>) {
+    let delay = b.next_delay(since);
+    lock(&shared.direct.paths).insert(
+        service.to_string(),
+        PathState::Backoff(Instant::now() + delay, Box::new(b)),
+    );
+    shared.update_direct_gauge();
+}
+
+/// Tells the relay carrying this service how an attempt went (its p2p metric).
+fn report(shared: &Shared, service: &str, success: bool, reason: &str) {
+    if let Some(link) = relay_for(shared, service) {
+        link.say(ClientMsg::DirectResult {
+            service: service.to_string(),
+            success,
+            reason: reason.chars().take(512).collect(),
+        });
+    }
+}
+
+fn relay_for(shared: &Shared, service: &str) -> Option<Arc<crate::relays::Link>> {
+    let snap = shared.relays.borrow();
+    match choose(&snap, service, &[]) {
+        Choice::Use(i) => snap.link(i),
+        _ => None,
+    }
+}
+
+async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>, String> {
+    let link = relay_for(shared, service).ok_or("no relay carries the service now")?;
+    let (tx, rx) = oneshot::channel();
+    lock(&shared.direct.waiting).insert(service.to_string(), tx);
+    let candidates = shared
+        .puncher
+        .as_ref()
+        .map(|p| p.local_candidates())
+        .unwrap_or_default();
+    link.say(ClientMsg::DirectRequest {
+        service: service.to_string(),
+        candidates,
+    });
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
+    lock(&shared.direct.waiting).remove(service);
+    let (connector, candidates, ticket) = match answer {
+        Ok(Ok(Answer::Start {
+            connector,
+            candidates,
+            ticket,
+        })) => (connector, candidates, ticket),
+        Ok(Ok(Answer::Refused(why))) => return Err(format!("refused by the relay: {why}")),
+        _ => return Err("the relay did not answer".to_string()),
+    };
+    // Open our side of the NAT towards every candidate at once, then connect.
+    if let Some(p) = &shared.puncher {
+        p.punch(&candidates);
+    }
+    let conn = connect(shared, &connector, &candidates).await?;
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
+    let mut recv = FramedRecv::new(recv);
+    write_frame(
+        &mut send,
+        &DirectMsg::Hello {
+            version: PROTOCOL_VERSION,
+            ticket,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    match recv.expect::<DirectReply>(CONNECT_TIMEOUT).await {
+        Ok(DirectReply::Welcome { services }) => {
+            info!(%service, %connector, addr = %ztna_node::transport::canonical(conn.remote_address()), ?services, "direct path up");
+            Ok(Arc::new(DirectPath {
+                service: service.to_string(),
+                connector,
+                conn,
+                control: tokio::sync::Mutex::new(send),
+            }))
+        }
+        Ok(DirectReply::Refused { reason }) => Err(format!("the connector refused: {reason}")),
+        Err(e) => Err(conn
+            .close_reason()
+            .map(|c| describe_connection_error(&c))
+            .unwrap_or_else(|| e.to_string())),
+    }
+}
+
+/// Tries every candidate (a new one every 50 ms) until one connects to `connector`.
+async fn connect(
+    shared: &Shared,
+    connector: &str,
+    candidates: &[SocketAddr],
+) -> Result<quinn::Connection, String> {
+    let identity = shared.tls.identity();
+    let mut opts = shared.config.transport();
+    opts.keepalive = Duration::from_secs(1);
+    opts.idle_timeout = Duration::from_secs(3);
+    let client = ztna_node::transport::client_config(&identity, Role::Connector, &opts)
+        .map_err(|e| e.to_string())?;
+    let mut attempts = tokio::task::JoinSet::new();
+    for (i, addr) in candidates.iter().copied().enumerate() {
+        let Ok(connecting) = shared
+            .endpoint
+            .connect_with(client.clone(), addr, "ztna-connector")
+        else {
+            continue;
+        };
+        attempts.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50 * i as u64)).await;
+            connecting.await.map_err(|e| describe_connection_error(&e))
+        });
+    }
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut last = "no candidate to try".to_string();
+    while let Ok(Some(r)) = tokio::time::timeout_at(deadline, attempts.join_next()).await {
+        match r {
+            Ok(Ok(conn)) => {
+                // The connector the relay named, not another one that answered on that address.
+                match peer_id(&conn) {
+                    Some(id) if id.to_string() == connector => {
+                        attempts.abort_all();
+                        return Ok(conn);
+                    }
+                    other => {
+                        conn.close(
+                            quinn::VarInt::from_u32(ztna_proto::codes::UNAUTHORIZED),
+                            b"not the connector named",
+                        );
+                        last = format!(
+                            "{:?} answered instead of {connector}",
+                            other.map(|i| i.to_string())
+                        );
+                    }
+                }
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => {}
+        }
+    }
+    attempts.abort_all();
+    Err(format!(
+        "no candidate answered within {CONNECT_TIMEOUT:?} ({last})"
+    ))
+}
+
+/// Keeps an established path: delivers its datagrams, refreshes its ticket, and notices when
+/// it dies (then flows use the relay and a new attempt backs off).
+async fn run(shared: &Arc<Shared>, path: Arc<DirectPath>, backoff: Reconnect) {
+    let since = Instant::now();
+    let datagrams = async {
+        while let Ok(d) = path.conn.read_datagram().await {
+            shared.udp.dispatch(&d);
+        }
+    };
+    let refresh = async {
+        loop {
+            tokio::time::sleep(REFRESH_EVERY).await;
+            let Some(link) = relay_for(shared, &path.service) else {
+                continue;
+            };
+            let (tx, rx) = oneshot::channel();
+            lock(&shared.direct.tickets).insert(path.service.clone(), tx);
+            link.say(ClientMsg::TicketRequest {
+                service: path.service.clone(),
+                connector: path.connector.clone(),
+            });
+            if let Ok(Ok(ticket)) = tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+                let mut send = path.control.lock().await;
+                if write_frame(&mut send, &DirectMsg::Ticket { ticket })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = datagrams => {}
+        _ = refresh => {}
+    }
+    let why = path
+        .conn
+        .close_reason()
+        .map(|e| describe_connection_error(&e))
+        .unwrap_or_else(|| "closed".to_string());
+    warn!(service = %path.service, connector = %path.connector, reason = %why, "direct path lost; new flows use the relay");
+    back_off(shared, &path.service, backoff, Some(since));
+}

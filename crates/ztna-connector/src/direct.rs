@@ -1,0 +1,320 @@
+//! Direct (P2P) paths: agents connect straight to this connector's endpoint (the same UDP socket
+//! that carries its connections to the intermediates, so NAT mappings match what the
+//! intermediates observed).
+//!
+//! Policy lives at the intermediates, so a direct connection is accepted only with a ticket an
+//! intermediate we are connected to signed, for this agent (the connection's client
+//! certificate), for this connector, unexpired; and a flow on it only for a service the ticket
+//! names and this connector serves. Anything else is refused with the reason, counted in
+//! `ztna_connector_direct_refused_total{reason}`, and never reaches a backend.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quinn::VarInt;
+use tracing::{debug, info, info_span, Instrument};
+use ztna_node::identity::{describe_connection_error, peer_id, verify_signature};
+use ztna_node::io::{write_frame, FramedRecv};
+use ztna_node::ratelimit::LogLimiter;
+use ztna_node::CancellationToken;
+use ztna_proto::ticket::{Ticket, MAX_TICKET_LIFETIME_MS};
+use ztna_proto::{codes, DirectMsg, DirectReply, PROTOCOL_VERSION};
+
+use crate::flow::{self, ConnState};
+use crate::Shared;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long, and how often, to punch towards an agent's candidates after an offer.
+const PUNCH_FOR: Duration = Duration::from_secs(3);
+const PUNCH_EVERY: Duration = Duration::from_millis(100);
+/// Clock skew tolerated on ticket expiry.
+const SKEW_MS: u64 = 2_000;
+
+static REFUSE_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a direct connection's current ticket allows.
+pub(crate) struct DirectAuth {
+    inner: RwLock<(Vec<String>, u64)>,
+}
+
+impl DirectAuth {
+    fn set(&self, services: Vec<String>, not_after_ms: u64) {
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = (services, not_after_ms);
+    }
+
+    /// Whether a flow to `service` may be opened now; the refusal reason (metric label, text)
+    /// otherwise.
+    pub fn allows(&self, service: &str) -> Result<(), (&'static str, String)> {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        if unix_ms() > g.1 + SKEW_MS {
+            return Err((
+                "expired",
+                "the direct path's ticket expired; use the relay".to_string(),
+            ));
+        }
+        if !g.0.iter().any(|s| s == service) {
+            return Err((
+                "service_not_allowed",
+                format!("the direct path's ticket does not allow {service}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a ticket presented by `agent`; returns the services it allows here and its expiry.
+fn verify(
+    shared: &Shared,
+    agent: &str,
+    bytes: &[u8],
+) -> Result<(Vec<String>, u64), (&'static str, String)> {
+    let ticket = Ticket::decode(bytes).map_err(|e| ("malformed", e))?;
+    let body = ticket.body().map_err(|e| ("malformed", e))?;
+    let me = shared.tls.id().to_string();
+    if body.connector != me {
+        return Err((
+            "wrong_connector",
+            format!("ticket is for {}, this is {me}", body.connector),
+        ));
+    }
+    if body.agent != agent {
+        return Err((
+            "wrong_agent",
+            format!("ticket is for {}, presented by {agent}", body.agent),
+        ));
+    }
+    let now = unix_ms();
+    if now > body.not_after_ms + SKEW_MS {
+        return Err(("expired", "ticket expired".to_string()));
+    }
+    if body.not_after_ms > now + MAX_TICKET_LIFETIME_MS + SKEW_MS {
+        return Err((
+            "bad_ticket",
+            "ticket lives longer than tickets may".to_string(),
+        ));
+    }
+    // Signed by an intermediate we are connected to (whose certificate we verified ourselves).
+    let cert = ztna_node::lock(&shared.intermediate_certs)
+        .get(&body.intermediate)
+        .cloned()
+        .ok_or_else(|| {
+            (
+                "unknown_intermediate",
+                format!(
+                    "ticket from {}, an intermediate this connector is not connected to",
+                    body.intermediate
+                ),
+            )
+        })?;
+    verify_signature(&cert, ticket.scheme, &ticket.body, &ticket.signature)
+        .map_err(|e| ("bad_signature", e))?;
+    let services: Vec<String> = body
+        .services
+        .into_iter()
+        .filter(|s| shared.services.contains_key(s))
+        .collect();
+    if services.is_empty() {
+        return Err((
+            "service_not_allowed",
+            "ticket names no service this connector serves".to_string(),
+        ));
+    }
+    Ok((services, body.not_after_ms))
+}
+
+fn refused(shared: &Shared, reason: &str) {
+    shared
+        .metrics
+        .direct_refused
+        .with_label_values(&[reason])
+        .inc();
+}
+
+/// Punches towards an agent's candidates for a few seconds (its Initial may arrive any moment).
+pub(crate) fn punch(shared: &Arc<Shared>, candidates: Vec<SocketAddr>) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let Some(puncher) = &shared.puncher else {
+            return;
+        };
+        let end = tokio::time::Instant::now() + PUNCH_FOR;
+        let mut tick = tokio::time::interval(PUNCH_EVERY);
+        while tokio::time::Instant::now() < end {
+            tick.tick().await;
+            puncher.punch(&candidates);
+        }
+    });
+}
+
+/// Accepts direct connections until `stop`.
+pub(crate) async fn accept(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    stop: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        if shared.is_draining() {
+            incoming.refuse();
+            continue;
+        }
+        let remote = ztna_node::transport::canonical(incoming.remote_address());
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let conn = match tokio::time::timeout(HELLO_TIMEOUT, async {
+                    incoming.accept()?.await
+                })
+                .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        refused(&shared, "handshake");
+                        ztna_node::info_limited!(REFUSE_LOG, why = %describe_connection_error(&e), "direct connection refused in the handshake");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                serve(shared, conn).await;
+            }
+            .instrument(info_span!("direct", agent_addr = %remote)),
+        );
+    }
+}
+
+async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
+    let Some(agent) = peer_id(&conn) else {
+        conn.close(VarInt::from_u32(codes::UNAUTHORIZED), b"no SPIFFE identity");
+        return;
+    };
+    let agent = agent.to_string();
+    let (mut send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            refused(&shared, "no_ticket");
+            conn.close(VarInt::from_u32(codes::UNAUTHORIZED), b"no ticket");
+            return;
+        }
+    };
+    let mut recv = FramedRecv::new(recv);
+    let ticket = match recv.expect::<DirectMsg>(HELLO_TIMEOUT).await {
+        Ok(DirectMsg::Hello { version, ticket }) if version == PROTOCOL_VERSION => ticket,
+        Ok(_) => {
+            refused(&shared, "no_ticket");
+            conn.close(
+                VarInt::from_u32(codes::PROTOCOL),
+                b"expected Hello with a ticket",
+            );
+            return;
+        }
+        Err(e) => {
+            refused(&shared, "no_ticket");
+            conn.close(
+                VarInt::from_u32(codes::PROTOCOL),
+                format!("hello: {e}").as_bytes(),
+            );
+            return;
+        }
+    };
+    let (services, not_after) = match verify(&shared, &agent, &ticket) {
+        Ok(v) => v,
+        Err((label, why)) => {
+            refused(&shared, label);
+            ztna_node::warn_limited!(REFUSE_LOG, %agent, why = %why, "direct connection refused");
+            let _ = write_frame(
+                &mut send,
+                &DirectReply::Refused {
+                    reason: why.clone(),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+            conn.close(VarInt::from_u32(codes::UNAUTHORIZED), why.as_bytes());
+            return;
+        }
+    };
+    let auth = Arc::new(DirectAuth {
+        inner: RwLock::new((services.clone(), not_after)),
+    });
+    if write_frame(
+        &mut send,
+        &DirectReply::Welcome {
+            services: services.clone(),
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    info!(%agent, ?services, "direct path up");
+    let gauge = &shared.metrics.direct_connections;
+    gauge.inc();
+    let state = Arc::new(ConnState::new(conn.clone()));
+    let control = async {
+        loop {
+            match recv.next::<DirectMsg>().await {
+                Ok(Some(DirectMsg::Ticket { ticket })) => match verify(&shared, &agent, &ticket) {
+                    Ok((services, not_after)) => auth.set(services, not_after),
+                    Err((label, why)) => {
+                        refused(&shared, label);
+                        debug!(why = %why, "refreshed ticket refused; new flows need a valid one");
+                    }
+                },
+                Ok(Some(DirectMsg::Hello { .. })) => {
+                    conn.close(VarInt::from_u32(codes::PROTOCOL), b"duplicate Hello");
+                    return;
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    let flows = async {
+        loop {
+            match conn.accept_bi().await {
+                Ok((s, r)) => {
+                    let span = info_span!("flow", stream = %r.id());
+                    shared.flows.spawn(
+                        flow::handle(shared.clone(), state.clone(), s, r, Some(auth.clone()))
+                            .instrument(span),
+                    );
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    let datagrams = async {
+        while let Ok(d) = conn.read_datagram().await {
+            flow::dispatch(&shared, &state, &d);
+        }
+    };
+    tokio::select! {
+        _ = control => {}
+        _ = flows => {}
+        _ = datagrams => {}
+    }
+    gauge.dec();
+    let why = conn
+        .close_reason()
+        .map(|e| describe_connection_error(&e))
+        .unwrap_or_else(|| "closed".to_string());
+    info!(%agent, reason = %why, "direct path closed");
+    if conn.close_reason().is_none() {
+        conn.close(VarInt::from_u32(codes::OK), b"direct path closed");
+    }
+}

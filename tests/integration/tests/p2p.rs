@@ -1,0 +1,461 @@
+//! Direct (P2P) paths, in-process on loopback: brokered by the intermediate, authorized by its
+//! ticket at the connector, used by new flows once up, with the relay as fallback.
+
+use std::time::{Duration, Instant};
+
+use ztna_integration::*;
+use ztna_proto::{Protocol, ServiceState};
+
+const T: Duration = Duration::from_secs(10);
+
+fn relay_bytes(im: &IntermediateHandle) -> f64 {
+    metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_relay_bytes_total",
+        &[],
+    )
+}
+
+/// The first flow goes via the relay (and asks for a direct path); once the path is up, new
+/// flows go direct: the relay carries none of their bytes. Every outcome is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their_bytes() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let (uecho, _seen, _u) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), Some(uecho))],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp), ("web", ForwardProtocol::Udp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let t0 = Instant::now();
+    assert_eq!(tcp_roundtrip(port, b"first").await.unwrap(), b"first");
+    let agent_metric = |name: &str, labels: &[(&str, &str)]| {
+        metric(&a.daemon.metrics.common.render(), name, labels)
+    };
+    assert!(
+        eventually(T, || agent_metric("ztna_agent_direct_paths", &[]) == 1.0).await,
+        "no direct path came up"
+    );
+    println!(
+        "MEASURED direct path up {:?} after the first flow",
+        t0.elapsed()
+    );
+    let before = relay_bytes(&im);
+    let payload = vec![7u8; 1 << 20];
+    for _ in 0..5 {
+        assert_eq!(tcp_roundtrip(port, &payload).await.unwrap(), payload);
+    }
+    let client = tokio::net::UdpSocket::bind(loopback0()).await.unwrap();
+    client.connect(a.port("web", Protocol::Udp)).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    for i in 0..20u32 {
+        client.send(&i.to_be_bytes()).await.unwrap();
+        let n = tokio::time::timeout(T, client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], &i.to_be_bytes());
+    }
+    let relayed = relay_bytes(&im) - before;
+    println!("MEASURED 5 MiB TCP and 20 UDP round trips on the direct path: {relayed} bytes through the relay");
+    assert_eq!(relayed, 0.0, "the relay carried direct flows' bytes");
+    assert_eq!(
+        agent_metric(
+            "ztna_agent_flows_total",
+            &[("path", "direct"), ("protocol", "tcp"), ("result", "ok")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        agent_metric(
+            "ztna_agent_flows_total",
+            &[("path", "direct"), ("protocol", "udp"), ("result", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_p2p_total",
+            &[("result", "success")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_connections",
+            &[]
+        ),
+        1.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// A TCP backend that counts the connections it accepts (none may come from a refused ticket).
+async fn counting_echo() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n2 = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// What a crafted direct client got from the connector.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// Refused at Hello, with the reason.
+    Refused(String),
+    /// Welcomed, then the flow for the service was rejected with this reason.
+    FlowRejected(String),
+    /// Welcomed and the flow was accepted.
+    FlowAccepted,
+}
+
+/// Connects to the connector directly as `agent_tls`, presents `ticket` (or nothing), and tries a
+/// TCP flow to `service`.
+async fn direct_attempt(
+    conn_addr: std::net::SocketAddr,
+    agent_tls: &ztna_node::config::TlsConfig,
+    ticket: Option<Vec<u8>>,
+    service: &str,
+) -> Outcome {
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{DirectMsg, DirectReply, FlowOpen, FlowReply, Role, PROTOCOL_VERSION};
+    let identity = ztna_node::Identity::load(agent_tls, Role::Agent).unwrap();
+    let cfg = ztna_node::transport::client_config(
+        &identity,
+        Role::Connector,
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::client(loopback0()).unwrap();
+    let conn = ep
+        .connect_with(cfg, conn_addr, "ztna-connector")
+        .unwrap()
+        .await
+        .expect("TLS to the connector (a valid agent certificate)");
+    let flow = |conn: quinn::Connection| async move {
+        let (mut s, r) = conn.open_bi().await.ok()?;
+        let mut r = FramedRecv::new(r);
+        let open = FlowOpen {
+            service: service.to_string(),
+            protocol: Protocol::Tcp,
+            flow_id: 0,
+        };
+        write_frame(&mut s, &open).await.ok()?;
+        r.expect::<FlowReply>(T).await.ok()
+    };
+    let Some(ticket) = ticket else {
+        // No Hello: straight to a flow.
+        return match flow(conn.clone()).await {
+            Some(FlowReply::Accept) => Outcome::FlowAccepted,
+            Some(FlowReply::Reject { message, .. }) => Outcome::FlowRejected(message),
+            None => Outcome::Refused(
+                tokio::time::timeout(T, conn.closed())
+                    .await
+                    .map(|e| ztna_node::identity::describe_connection_error(&e))
+                    .unwrap_or_default(),
+            ),
+        };
+    };
+    let (mut s, r) = conn.open_bi().await.unwrap();
+    let mut r = FramedRecv::new(r);
+    write_frame(
+        &mut s,
+        &DirectMsg::Hello {
+            version: PROTOCOL_VERSION,
+            ticket,
+        },
+    )
+    .await
+    .unwrap();
+    match r.expect::<DirectReply>(T).await {
+        Ok(DirectReply::Refused { reason }) => Outcome::Refused(reason),
+        Ok(DirectReply::Welcome { .. }) => match flow(conn.clone()).await {
+            Some(FlowReply::Accept) => Outcome::FlowAccepted,
+            Some(FlowReply::Reject { message, .. }) => Outcome::FlowRejected(message),
+            None => Outcome::Refused("flow failed".into()),
+        },
+        Err(e) => Outcome::Refused(e.to_string()),
+    }
+}
+
+/// Tickets as an intermediate would sign them.
+fn signed_ticket(
+    signer: &ztna_node::Identity,
+    agent: &str,
+    connector: &str,
+    services: &[&str],
+    lifetime_ms: i64,
+) -> Vec<u8> {
+    use ztna_proto::ticket::{Ticket, TicketBody};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let body = TicketBody {
+        intermediate: signer.id.to_string(),
+        agent: agent.to_string(),
+        connector: connector.to_string(),
+        services: services.iter().map(|s| s.to_string()).collect(),
+        not_after_ms: (now + lifetime_ms).max(0) as u64,
+    }
+    .encode();
+    let (scheme, signature) = signer.sign(&body).unwrap();
+    Ticket {
+        body,
+        scheme,
+        signature,
+    }
+    .encode()
+}
+
+/// The connector accepts a direct connection and its flows only with a ticket an intermediate it
+/// is connected to signed, for this agent, this connector, an allowed service, unexpired. Every
+/// other case is refused with its reason, counted, and never reaches a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_refuses_direct_connections_without_a_valid_ticket() {
+    logs();
+    let pki = Pki::new();
+    let (echo, accepted) = counting_echo().await;
+    let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web", "db"]));
+    let relay_identity =
+        ztna_node::Identity::load(&cfg.tls, ztna_proto::Role::Intermediate).unwrap();
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), None), ("db", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let alice = pki.issue("agent", "alice");
+    let (a_id, c_id) = (Pki::id("agent", "alice"), Pki::id("connector", "web-1"));
+    let foreign = Pki::new();
+    let foreign_relay = ztna_node::Identity::load(
+        &foreign.issue("intermediate", "relay"),
+        ztna_proto::Role::Intermediate,
+    )
+    .unwrap();
+    let impostor_relay = ztna_node::Identity::load(
+        &pki.issue("intermediate", "impostor"),
+        ztna_proto::Role::Intermediate,
+    )
+    .unwrap();
+    let cases: Vec<(&str, Option<Vec<u8>>, &str, &str)> = vec![
+        ("no ticket", None, "web", "no_ticket"),
+        (
+            "expired",
+            Some(signed_ticket(
+                &relay_identity,
+                &a_id,
+                &c_id,
+                &["web"],
+                -10_000,
+            )),
+            "web",
+            "expired",
+        ),
+        (
+            "for another agent",
+            Some(signed_ticket(
+                &relay_identity,
+                &Pki::id("agent", "bob"),
+                &c_id,
+                &["web"],
+                30_000,
+            )),
+            "web",
+            "wrong_agent",
+        ),
+        (
+            "for another connector",
+            Some(signed_ticket(
+                &relay_identity,
+                &a_id,
+                &Pki::id("connector", "web-2"),
+                &["web"],
+                30_000,
+            )),
+            "web",
+            "wrong_connector",
+        ),
+        (
+            "for db, used for web",
+            Some(signed_ticket(
+                &relay_identity,
+                &a_id,
+                &c_id,
+                &["db"],
+                30_000,
+            )),
+            "web",
+            "service_not_allowed",
+        ),
+        (
+            "signed by a relay the connector is not connected to",
+            Some(signed_ticket(
+                &impostor_relay,
+                &a_id,
+                &c_id,
+                &["web"],
+                30_000,
+            )),
+            "web",
+            "unknown_intermediate",
+        ),
+        // Same SPIFFE ID as the real relay, another key: the signature does not verify.
+        (
+            "signed by another CA's relay",
+            Some(signed_ticket(
+                &foreign_relay,
+                &a_id,
+                &c_id,
+                &["web"],
+                30_000,
+            )),
+            "web",
+            "bad_signature",
+        ),
+        (
+            "living longer than tickets may",
+            Some(signed_ticket(
+                &relay_identity,
+                &a_id,
+                &c_id,
+                &["web"],
+                3_600_000,
+            )),
+            "web",
+            "bad_ticket",
+        ),
+        (
+            "garbage",
+            Some(vec![0xde, 0xad, 0xbe, 0xef]),
+            "web",
+            "malformed",
+        ),
+    ];
+    let refused = |label: &str| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_refused_total",
+            &[("reason", label)],
+        )
+    };
+    for (name, ticket, service, label) in cases {
+        let before = refused(label);
+        let outcome = direct_attempt(c.quic, &alice, ticket, service).await;
+        println!("ticket {name}: {outcome:?}");
+        assert_ne!(outcome, Outcome::FlowAccepted, "{name}: accepted");
+        assert!(
+            eventually(Duration::from_secs(2), || refused(label) > before).await,
+            "{name}: not counted as {label}"
+        );
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a refused ticket reached a backend"
+    );
+    // The genuine article works.
+    let good = signed_ticket(&relay_identity, &a_id, &c_id, &["web"], 30_000);
+    assert_eq!(
+        direct_attempt(c.quic, &alice, Some(good), "web").await,
+        Outcome::FlowAccepted
+    );
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// With `p2p = false` on the connector the intermediate reports the attempt as disabled and
+/// every flow goes via the relay, without delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2p_off_at_the_connector_keeps_every_flow_on_the_relay() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im.addr],
+        &[("web", Some(echo), None)],
+        "p2p = false",
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let t0 = Instant::now();
+        let msg = format!("m{i}");
+        assert_eq!(
+            tcp_roundtrip(port, msg.as_bytes()).await.unwrap(),
+            msg.as_bytes()
+        );
+        worst = worst.max(t0.elapsed());
+    }
+    let im_text = im.daemon.metrics.common.render();
+    println!("MEASURED 20 flows with P2P off at the connector: slowest {worst:?}");
+    assert_eq!(
+        metric(
+            &im_text,
+            "ztna_intermediate_p2p_total",
+            &[("result", "disabled")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_flows_total",
+            &[("path", "relay"), ("result", "ok")]
+        ),
+        20.0
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a flow was delayed: {worst:?}"
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
