@@ -176,6 +176,20 @@ pub(crate) async fn broker(
     });
 }
 
+/// An agent asked for direct paths faster than its budget (8 at once, then 2 per second).
+pub(crate) fn over_budget(shared: &Shared, agent: &Peer, service: String) {
+    shared
+        .metrics
+        .limit_rejections
+        .with_label_values(&["direct_requests"])
+        .inc();
+    ztna_node::info_limited!(DIRECT_LOG, %service, "direct-path requests over budget, refused");
+    agent.say(ServerMsg::DirectRefused {
+        service,
+        reason: "too many direct-path requests; try again later".to_string(),
+    });
+}
+
 /// A connector's answer to an offer.
 pub(crate) fn answered(
     shared: &Shared,

@@ -165,6 +165,7 @@ impl Metrics {
         for l in crate::limits::Limit::ALL {
             me.limit_rejections.with_label_values(&[l.label()]);
         }
+        me.limit_rejections.with_label_values(&["direct_requests"]);
         for r in [
             "certificate_expired",
             "ca_changed",

@@ -76,6 +76,8 @@ pub struct Peer {
     /// Flows currently relayed over this connection (for the least-loaded choice).
     pub load: AtomicUsize,
     pub health: ConnectorHealth,
+    /// Direct-path and ticket requests this peer may make (each makes us message a connector).
+    pub direct_budget: ztna_node::ratelimit::TokenBucket,
 }
 
 impl Peer {
@@ -102,6 +104,7 @@ impl Peer {
             next_flow_id: AtomicU64::new(1),
             load: AtomicUsize::new(0),
             health: ConnectorHealth::default(),
+            direct_budget: ztna_node::ratelimit::TokenBucket::new(8, 2.0),
         }
     }
 

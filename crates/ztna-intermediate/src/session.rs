@@ -280,6 +280,12 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                 };
                 return say_then_close(peer, msg, codes::UNAUTHORIZED, &reason).await;
             }
+            Ok(Some(ClientMsg::DirectRequest { service, .. })) if !peer.direct_budget.take() => {
+                direct::over_budget(shared, peer, service);
+            }
+            Ok(Some(ClientMsg::TicketRequest { service, .. })) if !peer.direct_budget.take() => {
+                direct::over_budget(shared, peer, service);
+            }
             Ok(Some(ClientMsg::DirectRequest {
                 service,
                 candidates,

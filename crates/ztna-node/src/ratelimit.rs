@@ -81,3 +81,51 @@ mod tests {
         assert_eq!(l.allow(), None);
     }
 }
+
+/// A token bucket: `burst` events at once, then `per_second` on average.
+#[derive(Debug)]
+pub struct TokenBucket {
+    burst: f64,
+    per_second: f64,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(burst: u32, per_second: f64) -> TokenBucket {
+        TokenBucket {
+            burst: f64::from(burst),
+            per_second,
+            state: std::sync::Mutex::new((f64::from(burst), std::time::Instant::now())),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&self) -> bool {
+        let mut s = crate::lock(&self.state);
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.per_second;
+        s.0 = (s.0 + refill).min(self.burst);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_rate() {
+        let b = TokenBucket::new(3, 10.0);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(b.take());
+        assert!(!b.take());
+    }
+}
