@@ -12,6 +12,7 @@ pub mod config;
 mod flow;
 pub mod metrics;
 mod session;
+pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -67,7 +68,6 @@ pub type Registrations = Vec<BTreeMap<String, Registration>>;
 /// What the flow table knows of each flow.
 #[derive(Clone)]
 pub(crate) struct FlowMeta {
-    #[allow(dead_code)]
     pub service: Arc<str>,
 }
 
@@ -319,7 +319,7 @@ impl Connector {
         let health = shared.health.clone();
         shared.update_status();
         let background = ztna_node::ops::start_background(
-            self.ops,
+            self.ops.with_status(status::provider(&shared)),
             shared.metrics.common.clone(),
             health.clone(),
         );
