@@ -111,7 +111,7 @@ impl Resolver {
     pub fn system() -> Resolver {
         Resolver::with_lookup(|host, port| {
             Box::pin(async move {
-                Ok(tokio::net::lookup_host(format!("{host}:{port}"))
+                Ok(tokio::net::lookup_host((host.as_str(), port))
                     .await?
                     .collect())
             })
@@ -160,6 +160,21 @@ impl Resolver {
                 }
             })
         })
+    }
+
+    /// What the cache holds for a named `backend` now, without a lookup: how old the answer is,
+    /// and the addresses or why the name did not resolve. None for an IP literal, a name not
+    /// looked up yet, or a lookup in progress.
+    pub fn cached(&self, backend: &Backend) -> Option<(Duration, Result<Vec<SocketAddr>, String>)> {
+        if backend.ip.is_some() {
+            return None;
+        }
+        let cache = ztna_node::lock(&self.cache);
+        let (at, answer) = cache.get(&(backend.host.clone(), backend.port))?.get()?;
+        Some((
+            at.elapsed(),
+            answer.as_ref().map(|a| a.to_vec()).map_err(Clone::clone),
+        ))
     }
 
     /// The addresses of `backend`, in order of preference, within `limit`. An IP literal comes
@@ -324,6 +339,12 @@ mod tests {
             1,
             "second flow used the cache"
         );
+        let (age, answer) = r.cached(&db).expect("cached");
+        assert!(age < ttl);
+        assert_eq!(
+            answer.unwrap(),
+            vec!["127.0.0.1:5432".parse::<SocketAddr>().unwrap()]
+        );
         tokio::time::sleep(ttl).await;
         r.resolve(&db, limit).await.unwrap();
         assert_eq!(
@@ -337,6 +358,7 @@ mod tests {
         assert!(e.contains("cannot resolve gone.test"), "{e}");
         r.resolve(&gone, limit).await.unwrap_err();
         assert_eq!(calls.load(Ordering::SeqCst), 3, "a failure is remembered");
+        assert!(r.cached(&gone).is_some_and(|(_, a)| a.is_err()));
         tokio::time::sleep(negative).await;
         r.resolve(&gone, limit).await.unwrap_err();
         assert_eq!(

@@ -55,10 +55,23 @@ pub struct Service {
     /// TCP backend as configured (an address or `host:port` resolved per flow).
     pub tcp: Option<String>,
     pub udp: Option<String>,
+    /// For a backend given by name (by protocol, `tcp`/`udp`): the resolver's latest answer.
+    pub resolved: BTreeMap<String, Resolved>,
     /// Intermediates it is registered with, of `intermediates`.
     pub registered_on: usize,
     pub intermediates: usize,
     pub active_flows: ServiceFlows,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Resolved {
+    /// In the order TCP tries them (UDP uses the first).
+    pub addresses: Vec<String>,
+    /// Why the name did not resolve.
+    pub error: Option<String>,
+    /// Age of the answer (it is looked up again after 30 s, a failure after 5 s).
+    pub age_seconds: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -132,10 +145,27 @@ pub(crate) fn snapshot(shared: &Shared) -> Status {
                     .flows
                     .count(|e| &*e.meta.service == name.as_str() && e.kind == k)
             };
+            let resolved = [("tcp", &svc.tcp), ("udp", &svc.udp)]
+                .into_iter()
+                .filter_map(|(p, b)| {
+                    let (age, answer) = shared.resolver.cached(b.as_ref()?)?;
+                    let (addresses, error) = match answer {
+                        Ok(a) => (a.iter().map(|a| a.to_string()).collect(), None),
+                        Err(why) => (Vec::new(), Some(why)),
+                    };
+                    let r = Resolved {
+                        addresses,
+                        error,
+                        age_seconds: age.as_secs(),
+                    };
+                    Some((p.to_string(), r))
+                })
+                .collect();
             Service {
                 service: name.clone(),
                 tcp: svc.tcp.as_ref().map(|b| b.to_string()),
                 udp: svc.udp.as_ref().map(|b| b.to_string()),
+                resolved,
                 registered_on: regs
                     .iter()
                     .filter(|r| r.get(name) == Some(&Registration::Registered))
@@ -208,7 +238,16 @@ pub fn render(value: &serde_json::Value) -> Result<String, String> {
         .map(|svc| {
             let backends = [("tcp", &svc.tcp), ("udp", &svc.udp)]
                 .iter()
-                .filter_map(|(p, b)| b.as_ref().map(|b| format!("{p} {b}")))
+                .filter_map(|(p, b)| {
+                    let b = b.as_ref()?;
+                    Some(match svc.resolved.get(*p) {
+                        Some(Resolved {
+                            error: Some(why), ..
+                        }) => format!("{p} {b} (does not resolve: {why})"),
+                        Some(r) => format!("{p} {b} ({})", r.addresses.join(" ")),
+                        None => format!("{p} {b}"),
+                    })
+                })
                 .collect::<Vec<_>>()
                 .join(", ");
             let f = &svc.active_flows;
@@ -257,7 +296,10 @@ mod tests {
             ],
             "services": [
                 {"service": "db", "tcp": "db.internal:5432", "registered_on": 0, "intermediates": 2,
+                 "resolved": {"tcp": {"addresses": ["10.0.0.5:5432", "10.0.0.6:5432"], "age_seconds": 3}},
                  "active_flows": {"tcp": 0, "udp": 0, "opening": 0}},
+                {"service": "dns", "udp": "dns.internal:53", "registered_on": 0, "intermediates": 2,
+                 "resolved": {"udp": {"error": "cannot resolve dns.internal: not found"}}},
                 {"service": "web", "tcp": "127.0.0.1:8080", "udp": "127.0.0.1:8081", "registered_on": 1,
                  "intermediates": 2, "active_flows": {"tcp": 3, "udp": 1, "opening": 0}}
             ],
@@ -269,8 +311,10 @@ mod tests {
             "(expires within a day)",
             "  relay-a:4433  registered    db rejected (policy does not allow it), web registered",
             "  relay-b:4433  disconnected",
-            "  db   tcp db.internal:5432                    registered on 0/2  flows: tcp 0, udp 0, opening 0",
-            "  web  tcp 127.0.0.1:8080, udp 127.0.0.1:8081  registered on 1/2  flows: tcp 3, udp 1, opening 0",
+            "  db   tcp db.internal:5432 (10.0.0.5:5432 10.0.0.6:5432)  ",
+            "  dns  udp dns.internal:53 (does not resolve: cannot resolve dns.internal: not found)  ",
+            "  web  tcp 127.0.0.1:8080, udp 127.0.0.1:8081  ",
+            "registered on 1/2  flows: tcp 3, udp 1, opening 0",
             "flows: 4 active of 16000 (max_flows)",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

@@ -168,6 +168,28 @@ async fn every_address_is_tried_and_a_name_that_does_not_resolve_is_refused_prom
             other => panic!("{service}: expected BackendUnreachable, got {other:?}"),
         }
     }
+    // The connector's status shows what each name resolved to, or why it did not.
+    let (code, body) = http_get(c.ops, "/status").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let service = |name: &str| {
+        v["services"]
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["service"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {v}"))
+    };
+    let p = echo.port();
+    assert_eq!(
+        service("db")["resolved"]["tcp"]["addresses"],
+        serde_json::json!([format!("127.0.0.2:{p}"), format!("127.0.0.1:{p}")])
+    );
+    let why = service("gone")["resolved"]["tcp"]["error"].clone();
+    assert!(
+        why.as_str()
+            .is_some_and(|w| w.contains("cannot resolve gone.test")),
+        "{why}"
+    );
     let text = c.daemon.metrics.common.render();
     let errors = |s| {
         metric(
