@@ -8,8 +8,10 @@ Extracted from the Markdown (never copied here):
 The blocks run in that order in one scratch directory on loopback (in a private network
 namespace when run as root, so the documented ports cannot collide with anything), with the
 built binaries on PATH and `examples/` reachable as in a checkout. A line that starts a daemon
-(`ztna-intermediate|ztna-connector|ztna-agent --config ...` without --check-config) is started
-in the background and must become ready (/readyz 200); every other line must exit 0.
+(`ztna-intermediate|ztna-connector|ztna-agent --config ...` without --check-config or a
+subcommand) is started in the background and must become ready (/readyz 200); every other line
+must exit 0. A `status` line asks the daemon of that role started last (its ops port is passed
+as ZTNA_OPS_LISTEN, as the daemon got it), so it exits 0 only when that daemon is ready.
 
 The environment only points the daemons at loopback: the intermediate listens on
 127.0.0.1:<port> (ZTNA_LISTEN), clients use it (ZTNA_INTERMEDIATES), and each daemon gets its
@@ -203,7 +205,14 @@ class Runner:
         for line in commands(block):
             words = line.split()
             unit = words[0] if words else ""
-            if unit in DAEMONS and "--check-config" not in line:
+            if unit in DAEMONS and "status" in line.split(" #")[0].split()[1:]:
+                ops = next((o for u, _, o, _ in reversed(self.procs) if u == unit), None)
+                env = dict(self.env, ZTNA_OPS_LISTEN=f"127.0.0.1:{ops}") if ops else self.env
+                r = subprocess.run(["bash", "-c", line], cwd=self.work, env=env,
+                                   capture_output=True, text=True, timeout=60)
+                ok &= self.result(r.returncode == 0, f"{where}: {line}",
+                                  f"  exit {r.returncode}\n{r.stdout}{r.stderr}")
+            elif unit in DAEMONS and "--check-config" not in line:
                 env, ops = self.daemon_env(unit)
                 log = os.path.join(self.state, f"{unit}-{len(self.procs)}.log")
                 p = subprocess.Popen(["bash", "-c", "exec " + line], cwd=self.work, env=env,

@@ -35,7 +35,15 @@ struct Cli {
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
     if let Some(tool) = cli.tool {
-        return ztna_node::daemon::tool(tool, Cli::command());
+        return ztna_node::daemon::tool(tool, Cli::command(), |args| {
+            cli.common.status(
+                "ztna-agent",
+                ztna_proto::Role::Agent,
+                args,
+                crate::config::default_ops(),
+                crate::status::render,
+            )
+        });
     }
     let mut o = cli.common.overrides();
     push_list_override(&mut o, "intermediates", cli.intermediates);

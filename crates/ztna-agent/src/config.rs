@@ -123,7 +123,7 @@ impl ztna_node::daemon::DaemonConfig for Config {
     }
 }
 
-fn default_ops() -> SocketAddr {
+pub fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9472))
 }
 fn default_bind() -> SocketAddr {

@@ -14,6 +14,7 @@ mod link;
 pub mod metrics;
 mod open;
 pub mod relays;
+pub mod status;
 mod udp;
 
 use std::net::SocketAddr;
@@ -58,7 +59,6 @@ const UDP_DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// What the flow table knows of each flow.
 #[derive(Clone)]
 pub(crate) struct FlowMeta {
-    #[allow(dead_code)]
     pub service: Arc<str>,
 }
 
@@ -321,11 +321,12 @@ impl Agent {
     /// Runs until `shutdown` is cancelled, then drains: new local connections are refused at
     /// once, running flows may finish until `drain_timeout` (UDP flows only while active).
     pub async fn run(self, shutdown: CancellationToken) {
+        let ports = self.local_addrs();
         let shared = self.shared;
         let health = shared.health.clone();
         shared.update_status(&shared.relays.borrow());
         let background = ztna_node::ops::start_background(
-            self.ops,
+            self.ops.with_status(status::provider(&shared, ports)),
             shared.metrics.common.clone(),
             health.clone(),
         );

@@ -159,6 +159,30 @@ fn bind_flag_completions_and_man_page() {
     let (code, out) = run(&["man"], &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(".TH ztna-agent"), "{out}");
+    assert!(
+        out.contains("status"),
+        "the man page lists the status subcommand"
+    );
+
+    // `status` finds the ops endpoint in the config; what it cannot use is exit 2, saying why.
+    std::fs::write(&cfg, "ops_listen = \"127.0.0.1:99999\"\n").unwrap();
+    let (code, text) = run(&["--config", cfg_s, "status"], &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("ztna-agent status: invalid config in")
+            && text.contains("ops_listen: port 99999 is out of range 1-65535"),
+        "{text}"
+    );
+    let gone = dir.path().join("gone.toml");
+    let (code, text) = run(&["status", "--config", gone.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("cannot read config file") && text.contains("gone.toml"),
+        "{text}"
+    );
+    let (code, text) = run(&["status", "--ops", "localhost"], &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--ops: \"localhost\" has no port"), "{text}");
 }
 
 /// The example in examples/ passes `--check-config --config-only`, also with every commented

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use ztna_node::config::{self, addr, duration, size, ConfigError, TlsConfig};
 use ztna_node::logging::LogFormat;
 
+use crate::backend::Backend;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -63,12 +65,13 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    /// Backend for TCP flows.
-    #[serde(default, deserialize_with = "addr::option")]
-    pub tcp: Option<SocketAddr>,
-    /// Backend for UDP flows.
-    #[serde(default, deserialize_with = "addr::option")]
-    pub udp: Option<SocketAddr>,
+    /// Backend for TCP flows: `host:port`, the host an IP address or a name resolved when a
+    /// flow opens.
+    #[serde(default)]
+    pub tcp: Option<Backend>,
+    /// Backend for UDP flows, likewise.
+    #[serde(default)]
+    pub udp: Option<Backend>,
 }
 
 impl ztna_node::config::Paths for Config {
@@ -86,7 +89,7 @@ impl ztna_node::daemon::DaemonConfig for Config {
     }
 }
 
-fn default_ops() -> SocketAddr {
+pub fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9471))
 }
 fn default_bind() -> SocketAddr {

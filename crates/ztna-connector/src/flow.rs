@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tracing::debug;
 use ztna_node::clock::Activity;
 use ztna_node::datagram::{self as dg, Sent};
@@ -16,6 +16,7 @@ use ztna_node::io::{prepare_tcp, splice_tcp, write_frame, write_raw_frame, Frame
 use ztna_node::ratelimit::LogLimiter;
 use ztna_proto::{datagram, varint, FlowOpen, FlowReply, Protocol, RejectReason};
 
+use crate::backend::{connect_tcp, Backend};
 use crate::{FlowMeta, Shared};
 
 const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -149,8 +150,8 @@ pub(crate) async fn handle(
         return reject(&shared, send, &open, RejectReason::BadRequest, why).await;
     };
     let backend = match open.protocol {
-        Protocol::Tcp => svc.tcp,
-        Protocol::Udp => svc.udp,
+        Protocol::Tcp => svc.tcp.clone(),
+        Protocol::Udp => svc.udp.clone(),
     };
     let Some(backend) = backend else {
         let why = format!("service {} has no {} backend", open.service, open.protocol);
@@ -178,8 +179,8 @@ pub(crate) async fn handle(
         }
     };
     match open.protocol {
-        Protocol::Tcp => tcp_flow(&shared, guard, send, recv, &open, backend).await,
-        Protocol::Udp => udp_flow(&shared, &state, guard, send, recv, &open, backend).await,
+        Protocol::Tcp => tcp_flow(&shared, guard, send, recv, &open, &backend).await,
+        Protocol::Udp => udp_flow(&shared, &state, guard, send, recv, &open, &backend).await,
     }
 }
 
@@ -189,28 +190,18 @@ async fn tcp_flow(
     mut send: SendStream,
     recv: FramedRecv,
     open: &FlowOpen,
-    backend: SocketAddr,
+    backend: &Backend,
 ) {
     let service = open.service.as_str();
     let limit = shared.config.connect_timeout;
-    let tcp = match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
+    let tcp = match connect_tcp(&shared.resolver, backend, service, limit).await {
+        Ok((t, _)) => t,
+        Err(why) => {
             shared
                 .metrics
                 .backend_errors
                 .with_label_values(&[service])
                 .inc();
-            let why = format!("backend {backend} of {service} refused the connection: {e}");
-            return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
-        }
-        Err(_) => {
-            shared
-                .metrics
-                .backend_errors
-                .with_label_values(&[service])
-                .inc();
-            let why = format!("backend {backend} of {service} did not answer within {limit:?}");
             return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
         }
     };
@@ -248,10 +239,29 @@ async fn udp_flow(
     mut send: SendStream,
     mut recv: FramedRecv,
     open: &FlowOpen,
-    backend: SocketAddr,
+    backend: &Backend,
 ) {
     let service: Arc<str> = Arc::from(open.service.as_str());
     let m = &shared.metrics;
+    // A name: its first address (UDP has no handshake to tell a dead address from a live one).
+    let first = shared
+        .resolver
+        .resolve(backend, shared.config.connect_timeout)
+        .await
+        .and_then(|addrs| {
+            addrs
+                .first()
+                .copied()
+                .ok_or_else(|| format!("{} resolves to no address", backend.host()))
+        });
+    let backend = match first {
+        Ok(addr) => addr,
+        Err(why) => {
+            m.backend_errors.with_label_values(&[&service]).inc();
+            let why = format!("backend {backend} of {service}: {why}");
+            return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
+        }
+    };
     // A *connected* socket: the kernel drops datagrams from any address but the backend.
     let socket = match ztna_node::udp::connected(backend, UDP_SOCKET_BUFFER).await {
         Ok(s) => Arc::new(s),

@@ -6,12 +6,14 @@
 //! and anything that slips through is refused and counted. The receive path reuses one arena per
 //! flow: no allocation per datagram.
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 mod direct;
 mod flow;
 pub mod metrics;
 mod session;
+pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -29,6 +31,7 @@ use ztna_node::ops::Ops;
 use ztna_node::CancellationToken;
 use ztna_proto::{codes, Role};
 
+pub use backend::{Backend, Resolver};
 pub use config::{Config, ServiceConfig};
 pub use metrics::Metrics;
 
@@ -66,7 +69,6 @@ pub type Registrations = Vec<BTreeMap<String, Registration>>;
 /// What the flow table knows of each flow.
 #[derive(Clone)]
 pub(crate) struct FlowMeta {
-    #[allow(dead_code)]
     pub service: Arc<str>,
 }
 
@@ -89,6 +91,8 @@ pub(crate) struct Shared {
     /// Certificates of the intermediates we are connected to, by SPIFFE ID: direct-path tickets
     /// must be signed by one of them.
     pub intermediate_certs: std::sync::Mutex<HashMap<String, ztna_node::CertificateDer<'static>>>,
+    /// Backend host names to addresses (cached briefly).
+    pub resolver: Resolver,
 }
 
 impl Shared {
@@ -254,6 +258,12 @@ fn direct_server_config(
 impl Connector {
     /// Loads the identity and binds the QUIC endpoint. Must be called inside a Tokio runtime.
     pub fn bind(config: Config) -> Result<Connector, StartError> {
+        Connector::bind_with_resolver(config, Resolver::system())
+    }
+
+    /// [`bind`](Connector::bind), with backend names resolved by `resolver` instead of the
+    /// system's resolver.
+    pub fn bind_with_resolver(config: Config, resolver: Resolver) -> Result<Connector, StartError> {
         let tls = ClientTls::load(&config.tls, Role::Connector, config.transport())?;
         let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Ops {
             addr: config.ops_listen,
@@ -316,6 +326,7 @@ impl Connector {
                 registrations: watch::Sender::new(vec![BTreeMap::new(); n]),
                 puncher,
                 intermediate_certs: std::sync::Mutex::new(HashMap::new()),
+                resolver,
             }),
         })
     }
@@ -356,7 +367,7 @@ impl Connector {
         let health = shared.health.clone();
         shared.update_status();
         let background = ztna_node::ops::start_background(
-            self.ops,
+            self.ops.with_status(status::provider(&shared)),
             shared.metrics.common.clone(),
             health.clone(),
         );
@@ -367,6 +378,7 @@ impl Connector {
             max_flows = shared.max_flows,
             "connector starting"
         );
+        tokio::spawn(check_backend_names(shared.clone()));
         let mut tasks = tokio::task::JoinSet::new();
         let stop_sessions = CancellationToken::new();
         for (idx, target) in shared.config.intermediates.iter().enumerate() {
@@ -436,6 +448,34 @@ impl Connector {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         background.cancel();
         info!("connector stopped");
+    }
+}
+
+/// Backends given by name are resolved when a flow opens; this looks each one up once at start
+/// (which also fills the cache), so a name that does not resolve is in the log before a user
+/// runs into it.
+async fn check_backend_names(shared: Arc<Shared>) {
+    for s in &shared.config.service {
+        for (protocol, backend) in [("tcp", &s.tcp), ("udp", &s.udp)] {
+            let Some(backend) = backend.as_ref().filter(|b| b.addr().is_none()) else {
+                continue;
+            };
+            match shared
+                .resolver
+                .resolve(backend, shared.config.connect_timeout)
+                .await
+            {
+                Ok(addrs) => {
+                    info!(service = %s.name, protocol, %backend, ?addrs, "backend name resolves")
+                }
+                Err(why) => warn!(
+                    service = %s.name,
+                    protocol,
+                    %why,
+                    "backend name does not resolve now: its flows are refused until it does"
+                ),
+            }
+        }
     }
 }
 

@@ -224,3 +224,50 @@ fn example_config_is_valid() {
         );
     }
 }
+
+/// Backends may be host names (resolved when a flow opens); a malformed value is still refused
+/// with a message that says what to write.
+#[test]
+fn backends_by_host_name_and_malformed_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let cfg = dir.path().join("connector.toml");
+    let check = |backend: &str| {
+        let text = RELATIVE.replace("tcp = \"127.0.0.1:8080\"", backend);
+        std::fs::write(&cfg, text).unwrap();
+        run(
+            dir.path(),
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--check-config",
+                "--config-only",
+            ],
+            &[],
+        )
+    };
+    for ok in [
+        "tcp = \"db.internal:5432\"",
+        "udp = \"dns.internal:53\"",
+        "tcp = \"[2001:db8::5]:5432\"",
+    ] {
+        let (code, text) = check(ok);
+        assert_eq!(code, 0, "{ok}: {text}");
+    }
+    for (bad, want) in [
+        ("tcp = \"db.internal\"", "has no port"),
+        (
+            "tcp = \"db.internal:99999\"",
+            "port 99999 is out of range 1-65535",
+        ),
+        ("udp = \"dns.internal:0\"", "port 0 is out of range 1-65535"),
+        ("tcp = \"http://db.internal:80\"", "without a scheme"),
+    ] {
+        let (code, text) = check(bad);
+        assert_eq!(code, 2, "{bad}: {text}");
+        assert!(
+            text.contains(want) && text.contains("connector.toml"),
+            "{bad}: {text}"
+        );
+    }
+}

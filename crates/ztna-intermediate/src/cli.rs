@@ -28,7 +28,15 @@ struct Cli {
 pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
     if let Some(tool) = cli.tool {
-        return ztna_node::daemon::tool(tool, Cli::command());
+        return ztna_node::daemon::tool(tool, Cli::command(), |args| {
+            cli.common.status(
+                "ztna-intermediate",
+                ztna_proto::Role::Intermediate,
+                args,
+                crate::config::default_ops(),
+                crate::status::render,
+            )
+        });
     }
     let mut o = cli.common.overrides();
     push_override(&mut o, "listen", cli.listen);

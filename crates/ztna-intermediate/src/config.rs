@@ -92,7 +92,7 @@ impl ztna_node::daemon::DaemonConfig for Config {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
-fn default_ops() -> SocketAddr {
+pub fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9470))
 }
 fn default_drain() -> Duration {

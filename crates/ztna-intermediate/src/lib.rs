@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
+pub mod status;
 
 mod accept;
 mod datagrams;
@@ -182,7 +183,7 @@ impl Intermediate {
         health.set_status("serving: 0 agents, 0 connectors, 0 flows");
         shared.update_ready();
         let background = ztna_node::ops::start_background(
-            self.ops,
+            self.ops.with_status(status::provider(&shared)),
             shared.metrics.common.clone(),
             health.clone(),
         );

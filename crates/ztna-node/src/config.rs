@@ -286,11 +286,31 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// Checks a `host:port` whose host may be a name (an intermediate): port 1-65535, IPv6 in
 /// brackets.
 pub fn check_host_port(s: &str) -> Result<(), String> {
+    parse_host_port(s).map(|_| ())
+}
+
+/// Parses a `host:port` whose host may be a name or an IP address (backends, intermediates):
+/// port 1-65535, IPv6 in brackets, no scheme. The host comes back without brackets.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    if s.contains("://") {
+        return Err(format!(
+            "{s:?}: write HOST:PORT without a scheme (e.g. db.internal:5432, 10.0.0.5:5432)"
+        ));
+    }
     let (host, port) = split_host_port(s)?;
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
-    parse_port(port, false).map(|_| ())
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "/@?#[]".contains(c))
+    {
+        return Err(format!(
+            "{s:?}: {host:?} is not a host name or IP address (e.g. db.internal:5432, 10.0.0.5:5432)"
+        ));
+    }
+    let port = parse_port(port, false)?;
+    Ok((host.to_string(), port))
 }
 
 /// Serde adapter for [`SocketAddr`] fields, with [`parse_addr`]'s messages.
@@ -562,6 +582,21 @@ mod tests {
             "port 70000 is out of range 1-65535"
         );
         assert!(check_host_port("relay").unwrap_err().contains("no port"));
+        assert_eq!(
+            parse_host_port("db.internal:5432").unwrap(),
+            ("db.internal".to_string(), 5432)
+        );
+        assert_eq!(
+            parse_host_port("[2001:db8::1]:53").unwrap(),
+            ("2001:db8::1".to_string(), 53)
+        );
+        let e = parse_host_port("http://db.internal:5432").unwrap_err();
+        assert!(e.contains("without a scheme"), "{e}");
+        let e = parse_host_port("db internal:5432").unwrap_err();
+        assert!(e.contains("is not a host name or IP address"), "{e}");
+        assert!(parse_host_port(":5432")
+            .unwrap_err()
+            .contains("has no host"));
     }
 
     #[test]

@@ -14,12 +14,13 @@ use ztna_proto::Role;
 use crate::config::{ConfigError, TlsConfig};
 use crate::logging::LogFormat;
 use crate::signals::push_override;
+use crate::status::StatusArgs;
 
 /// Arguments every daemon takes (each also a config key of the daemon's TOML file).
 #[derive(clap::Args, Debug)]
 pub struct CommonArgs {
     /// Config file (TOML).
-    #[arg(long, short, env = "ZTNA_CONFIG")]
+    #[arg(long, short, env = "ZTNA_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Validate the configuration (and certificates), print the problem if any, and exit.
     #[arg(long)]
@@ -56,6 +57,25 @@ impl CommonArgs {
         push_override(&mut o, "log_format", self.log_format.map(LogFormat::as_str));
         o
     }
+
+    /// The `status` subcommand of daemon `name`: asks its ops endpoint (found from `args`,
+    /// `--ops-listen`, the config file, else `default_ops`) and prints `render`'s summary.
+    pub fn status(
+        &self,
+        name: &str,
+        role: Role,
+        args: &StatusArgs,
+        default_ops: std::net::SocketAddr,
+        render: impl Fn(&serde_json::Value) -> Result<String, String>,
+    ) -> ExitCode {
+        let addr = crate::status::ops_addr(
+            args,
+            self.ops_listen.as_deref(),
+            self.config.as_deref(),
+            default_ops,
+        );
+        crate::status::run(name, role, args, addr, render)
+    }
 }
 
 /// What [`main`] needs to know of a daemon's configuration.
@@ -77,11 +97,24 @@ pub enum Tool {
     },
     /// Print the man page (roff) to stdout (e.g. `ztna-agent man | man -l -`).
     Man,
+    /// Ask the running daemon how it is doing (its ops endpoint's /status) and print a summary:
+    /// identity, readiness, certificate, relays, services, flows. Exit 0 when it is ready, 1
+    /// when it answered but is not ready, 2 when it cannot be reached.
+    Status(StatusArgs),
 }
 
-/// Runs a [`Tool`] for the program whose clap definition is `command`.
-pub fn tool(tool: Tool, mut command: clap::Command) -> ExitCode {
+/// Runs a [`Tool`] for the program whose clap definition is `command`; `status` runs the
+/// `status` subcommand.
+pub fn tool(
+    tool: Tool,
+    mut command: clap::Command,
+    status: impl FnOnce(&StatusArgs) -> ExitCode,
+) -> ExitCode {
     let name = command.get_name().to_string();
+    let tool = match tool {
+        Tool::Status(args) => return status(&args),
+        other => other,
+    };
     let mut out = std::io::stdout().lock();
     let written = match tool {
         Tool::Completions { shell } => {
@@ -89,6 +122,7 @@ pub fn tool(tool: Tool, mut command: clap::Command) -> ExitCode {
             Ok(())
         }
         Tool::Man => clap_mangen::Man::new(command).render(&mut out),
+        Tool::Status(_) => Ok(()), // answered above
     };
     match written.and_then(|()| std::io::Write::flush(&mut out)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -60,6 +60,11 @@ impl Health {
         }
     }
 
+    /// Time since this daemon's health was created (its start).
+    pub fn uptime(&self) -> Duration {
+        self.inner.epoch.elapsed()
+    }
+
     fn now_ms(&self) -> u64 {
         self.inner.epoch.elapsed().as_millis() as u64
     }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod ops;
 pub mod ratelimit;
 pub mod signals;
+pub mod status;
 pub mod transport;
 pub mod udp;
 

@@ -1,5 +1,6 @@
 //! The ops endpoint: `GET /metrics` (Prometheus text), `GET /healthz` (liveness probe),
-//! `GET /readyz` (200 only when the daemon can do its job).
+//! `GET /readyz` (200 only when the daemon can do its job), `GET /status` (JSON, from the
+//! provider the daemon registers with [`Ops::with_status`]; see [`crate::status`]).
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, request head capped at
 //! 8 KiB and 2 s, at most 256 connections at once. It listens on loopback by default.
@@ -27,9 +28,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 256;
 
+/// What `GET /status` answers: the daemon's state, now, as JSON.
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// A bound ops listener (bind early so a port in use fails the start).
 pub struct Ops {
     listener: TcpListener,
+    status: Option<StatusFn>,
 }
 
 impl Ops {
@@ -39,7 +44,17 @@ impl Ops {
         std.set_nonblocking(true)?;
         Ok(Ops {
             listener: TcpListener::from_std(std)?,
+            status: None,
         })
+    }
+
+    /// Serves `GET /status` from `status` (called once per request; keep it quick).
+    pub fn with_status(
+        mut self,
+        status: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Ops {
+        self.status = Some(Arc::new(status));
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -84,8 +99,9 @@ impl Ops {
             let evicted = CancellationToken::new();
             crate::lock(&waiting).push_back((id, evicted.clone()));
             let (metrics, health, waiting) = (metrics.clone(), health.clone(), waiting.clone());
+            let status = self.status.clone();
             tokio::spawn(async move {
-                let _ = handle(stream, &metrics, &health, &evicted, || {
+                let _ = handle(stream, &metrics, &health, status.as_ref(), &evicted, || {
                     crate::lock(&waiting).retain(|(i, _)| *i != id);
                 })
                 .await;
@@ -120,6 +136,7 @@ async fn handle(
     mut stream: TcpStream,
     metrics: &Common,
     health: &Health,
+    status: Option<&StatusFn>,
     evicted: &CancellationToken,
     got_head: impl FnOnce(),
 ) -> std::io::Result<()> {
@@ -158,10 +175,18 @@ async fn handle(
                     )
                 }
             }
+            "/status" => match status {
+                Some(f) => {
+                    let mut body = serde_json::to_string_pretty(&f()).unwrap_or_default();
+                    body.push('\n');
+                    (200, "application/json", body)
+                }
+                None => (404, "text/plain", "no status here\n".to_string()),
+            },
             _ => (
                 404,
                 "text/plain",
-                "not found (try /metrics, /healthz, /readyz)\n".to_string(),
+                "not found (try /metrics, /healthz, /readyz, /status)\n".to_string(),
             ),
         }
     };
@@ -194,13 +219,19 @@ pub fn start_background(ops: Ops, metrics: Common, health: Health) -> Cancellati
 
 /// Minimal GET for tests and tools: returns (status code, body).
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    get_limited(addr, path, u64::MAX).await
+}
+
+/// [`get`], reading at most `max` bytes of the answer (a longer one is cut there).
+pub async fn get_limited(addr: SocketAddr, path: &str, max: u64) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nhost: ztna\r\nconnection: close\r\n\r\n").as_bytes(),
     )
     .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
+    let mut raw = Vec::new();
+    (&mut s).take(max).read_to_end(&mut raw).await?;
+    let out = String::from_utf8_lossy(&raw).into_owned();
     let code = out
         .split_whitespace()
         .nth(1)
@@ -245,6 +276,38 @@ mod tests {
         let (code, body) = get(addr, "/healthz").await.unwrap();
         assert_eq!(code, 503);
         assert!(body.contains("stuck loop"), "{body}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn serves_the_registered_status_as_json() {
+        // Without a provider there is no /status.
+        let ops = Ops::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let bare = ops.local_addr().unwrap();
+        let health = Health::new(Duration::from_secs(2));
+        let stop = CancellationToken::new();
+        tokio::spawn(ops.serve(Common::new("test"), health.clone(), stop.clone()));
+        assert_eq!(get(bare, "/status").await.unwrap().0, 404);
+        // With one, every request asks it afresh.
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = calls.clone();
+        let ops = Ops::bind("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .with_status(move || {
+                let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                serde_json::json!({ "role": "test", "asked": n })
+            });
+        let addr = ops.local_addr().unwrap();
+        tokio::spawn(ops.serve(Common::new("test"), health, stop.clone()));
+        for n in 1..=2 {
+            let (code, body) = get(addr, "/status").await.unwrap();
+            assert_eq!(code, 200);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["asked"], n);
+        }
+        // /readyz and /metrics are as they were.
+        assert_eq!(get(addr, "/readyz").await.unwrap().0, 503);
+        assert_eq!(get(addr, "/metrics").await.unwrap().0, 200);
         stop.cancel();
     }
 

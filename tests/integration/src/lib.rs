@@ -228,10 +228,10 @@ fn client_toml(
 }
 
 /// Connector config text: `services` are (name, tcp backend, udp backend).
-fn connector_toml(
+fn connector_toml<B: std::fmt::Display>(
     tls: &TlsConfig,
     intermediates: &[SocketAddr],
-    services: &[(&str, Option<SocketAddr>, Option<SocketAddr>)],
+    services: &[(&str, Option<B>, Option<B>)],
     settings: &str,
 ) -> String {
     let defaults =
@@ -301,10 +301,28 @@ pub fn start_connector_with(
     settings: &str,
 ) -> ConnectorHandle {
     let text = connector_toml(&tls, intermediates, services, settings);
-    let cfg: ztna_connector::Config = toml::from_str(&text).expect("connector config");
+    start_connector_text(&text, ztna_connector::Resolver::system())
+}
+
+/// Starts a connector whose backends are written as in a config file (`"db.test:5432"`,
+/// `"127.0.0.1:8080"`), with backend names resolved by `resolver`.
+pub fn start_connector_resolving(
+    pki: &Pki,
+    name: &str,
+    intermediates: &[SocketAddr],
+    services: &[(&str, Option<&str>, Option<&str>)],
+    resolver: ztna_connector::Resolver,
+) -> ConnectorHandle {
+    let tls = pki.issue("connector", name);
+    let text = connector_toml(&tls, intermediates, services, "");
+    start_connector_text(&text, resolver)
+}
+
+fn start_connector_text(text: &str, resolver: ztna_connector::Resolver) -> ConnectorHandle {
+    let cfg: ztna_connector::Config = toml::from_str(text).expect("connector config");
     cfg.validate().expect("valid connector config");
     let config = cfg.clone();
-    let c = ztna_connector::Connector::bind(cfg).expect("bind connector");
+    let c = ztna_connector::Connector::bind_with_resolver(cfg, resolver).expect("bind connector");
     let handle = c.handle();
     let metrics = c.metrics();
     let registered = c.registrations();
@@ -523,6 +541,22 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f()
+}
+
+/// Polls an async check until it returns true or `limit` passes.
+pub async fn eventually_async<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f().await
 }
 
 /// A hand-driven QUIC client with a given certificate, for hostile-peer tests.

@@ -547,8 +547,16 @@ async fn policy_reload_reevaluates_registrations_in_both_directions() {
     let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
     a.wait_status("web", ServiceState::Available).await;
     assert_eq!(connectors(&metrics), 1.0, "web-2 is not allowed yet");
-    let (_, body) = http_get(c2.ops, "/readyz").await;
-    assert!(body.contains("rejected"), "web-2 status: {body}");
+    let ops2 = c2.ops;
+    let told = eventually_async(T, || async move {
+        http_get(ops2, "/readyz").await.1.contains("rejected")
+    })
+    .await;
+    assert!(
+        told,
+        "web-2 status: {}",
+        http_get(c2.ops, "/readyz").await.1
+    );
     // A running flow through web-1.
     let port = a.port("web", Protocol::Tcp);
     let mut held = TcpStream::connect(port).await.unwrap();

@@ -54,6 +54,14 @@ async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their
         "MEASURED direct path up {:?} after the first flow",
         t0.elapsed()
     );
+    let (_, status) = http_get(a.ops, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert!(
+        status["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|s| s["path"] == "direct")),
+        "{status:#}"
+    );
     let before = relay_bytes(&im);
     let payload = vec![7u8; 1 << 20];
     for _ in 0..5 {

@@ -1,0 +1,449 @@
+//! Backend addresses (`tcp = "db.internal:5432"`, `udp = "10.0.0.5:53"`) and how a flow reaches
+//! them.
+//!
+//! An IP literal is used as it is, without a lookup. A host name is resolved when a flow opens,
+//! through a small cache (30 s for an answer, 5 s for a failure), so a DNS change is picked up
+//! within the TTL and a burst of flows makes one lookup, not one each. TCP tries every address
+//! in the resolver's order, each within what is left of `connect_timeout`; UDP uses the first
+//! address, and the flow's socket is connected to it (the injection defence stays as it is).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+/// Where a service's flows go: an IP address or a host name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    host: String,
+    port: u16,
+    /// Set when `host` is an IP literal (no lookup).
+    ip: Option<IpAddr>,
+}
+
+impl Backend {
+    /// Parses `host:port` (`db.internal:5432`, `10.0.0.5:5432`, `[2001:db8::5]:5432`); errors
+    /// say what to write instead.
+    pub fn parse(s: &str) -> Result<Backend, String> {
+        let (host, port) = ztna_node::config::parse_host_port(s.trim())?;
+        let ip = host.parse::<IpAddr>().ok();
+        Ok(Backend { host, port, ip })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address when the backend is given as an IP address.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.ip.map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl From<SocketAddr> for Backend {
+    fn from(a: SocketAddr) -> Backend {
+        Backend {
+            host: a.ip().to_string(),
+            port: a.port(),
+            ip: Some(a.ip()),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr() {
+            Some(a) => write!(f, "{a}"),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Backend, D::Error> {
+        let s = String::deserialize(d)?;
+        Backend::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A name lookup: (host, port) to addresses, in order of preference.
+pub type LookupFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+type Lookup = Arc<dyn Fn(String, u16) -> LookupFuture + Send + Sync>;
+
+/// How long an answer is used before the name is looked up again.
+pub const TTL: Duration = Duration::from_secs(30);
+/// How long a failed lookup is remembered (flows are refused at once meanwhile).
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+type Answer = (Instant, Result<Arc<[SocketAddr]>, String>);
+/// (host, port) → the answer, or the lookup in progress.
+type Cache = HashMap<(String, u16), Arc<OnceCell<Answer>>>;
+
+/// Resolves backend host names, with a cache; one lookup per name at a time. Cheap to clone.
+#[derive(Clone)]
+pub struct Resolver {
+    lookup: Lookup,
+    ttl: Duration,
+    negative_ttl: Duration,
+    /// Keys come from the configuration, so the table stays as small as the list of services.
+    cache: Arc<Mutex<Cache>>,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver::system()
+    }
+}
+
+impl Resolver {
+    /// The operating system's resolver (`getaddrinfo`: /etc/hosts, DNS, ...).
+    pub fn system() -> Resolver {
+        Resolver::with_lookup(|host, port| {
+            Box::pin(async move {
+                Ok(tokio::net::lookup_host((host.as_str(), port))
+                    .await?
+                    .collect())
+            })
+        })
+    }
+
+    /// A resolver that asks `lookup` (tests, or an embedding with its own name service).
+    pub fn with_lookup(
+        lookup: impl Fn(String, u16) -> LookupFuture + Send + Sync + 'static,
+    ) -> Self {
+        Resolver {
+            lookup: Arc::new(lookup),
+            ttl: TTL,
+            negative_ttl: NEGATIVE_TTL,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Other cache lifetimes than [`TTL`] and [`NEGATIVE_TTL`].
+    pub fn with_ttl(mut self, answer: Duration, failure: Duration) -> Resolver {
+        self.ttl = answer;
+        self.negative_ttl = failure;
+        self
+    }
+
+    /// A fixed table of names; any other name does not resolve.
+    pub fn fixed(table: &[(&str, &[IpAddr])]) -> Resolver {
+        let table: Arc<HashMap<String, Vec<IpAddr>>> = Arc::new(
+            table
+                .iter()
+                .map(|(h, ips)| (h.to_string(), ips.to_vec()))
+                .collect(),
+        );
+        Resolver::with_lookup(move |host, port| {
+            let found = table.get(&host).cloned();
+            Box::pin(async move {
+                match found {
+                    Some(ips) => Ok(ips
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, port))
+                        .collect()),
+                    None => Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "Name or service not known",
+                    )),
+                }
+            })
+        })
+    }
+
+    /// What the cache holds for a named `backend` now, without a lookup: how old the answer is,
+    /// and the addresses or why the name did not resolve. None for an IP literal, a name not
+    /// looked up yet, or a lookup in progress.
+    pub fn cached(&self, backend: &Backend) -> Option<(Duration, Result<Vec<SocketAddr>, String>)> {
+        if backend.ip.is_some() {
+            return None;
+        }
+        let cache = ztna_node::lock(&self.cache);
+        let (at, answer) = cache.get(&(backend.host.clone(), backend.port))?.get()?;
+        Some((
+            at.elapsed(),
+            answer.as_ref().map(|a| a.to_vec()).map_err(Clone::clone),
+        ))
+    }
+
+    /// The addresses of `backend`, in order of preference, within `limit`. An IP literal comes
+    /// back at once. The error names the host and says why.
+    pub async fn resolve(
+        &self,
+        backend: &Backend,
+        limit: Duration,
+    ) -> Result<Vec<SocketAddr>, String> {
+        if let Some(a) = backend.addr() {
+            return Ok(vec![a]);
+        }
+        let key = (backend.host.clone(), backend.port);
+        let cell = {
+            let mut cache = ztna_node::lock(&self.cache);
+            let fresh = cache.get(&key).filter(|c| match c.get() {
+                Some((at, Ok(_))) => at.elapsed() < self.ttl,
+                Some((at, Err(_))) => at.elapsed() < self.negative_ttl,
+                None => true, // a lookup in progress: wait for it
+            });
+            match fresh {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(OnceCell::new());
+                    cache.insert(key, c.clone());
+                    c
+                }
+            }
+        };
+        let lookup = async {
+            let found = (self.lookup)(backend.host.clone(), backend.port).await;
+            let answer = match found {
+                Ok(addrs) => {
+                    let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+                    for a in addrs {
+                        if !unique.contains(&a) {
+                            unique.push(a);
+                        }
+                    }
+                    if unique.is_empty() {
+                        Err(format!("{} resolves to no address", backend.host))
+                    } else {
+                        Ok(Arc::from(unique))
+                    }
+                }
+                Err(e) => Err(format!("cannot resolve {}: {e}", backend.host)),
+            };
+            (Instant::now(), answer)
+        };
+        match tokio::time::timeout(limit, cell.get_or_init(|| lookup)).await {
+            Ok((_, Ok(addrs))) => Ok(addrs.to_vec()),
+            Ok((_, Err(why))) => Err(why.clone()),
+            Err(_) => Err(format!(
+                "cannot resolve {}: no answer within {limit:?}",
+                backend.host
+            )),
+        }
+    }
+}
+
+/// Connects to a TCP backend: every address in turn, each within what is left of `limit`
+/// (lookup included). Returns the stream and the address used, or why none took it (naming the
+/// backend and `service`, as the agent's user will read it).
+pub async fn connect_tcp(
+    resolver: &Resolver,
+    backend: &Backend,
+    service: &str,
+    limit: Duration,
+) -> Result<(TcpStream, SocketAddr), String> {
+    let deadline = Instant::now() + limit;
+    let addrs = resolver
+        .resolve(backend, limit)
+        .await
+        .map_err(|why| format!("backend {backend} of {service}: {why}"))?;
+    let mut failures: Vec<(SocketAddr, String)> = Vec::new();
+    for addr in &addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failures.push((*addr, "not tried: connect_timeout used up".to_string()));
+            continue;
+        }
+        match tokio::time::timeout(left, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                if !failures.is_empty() {
+                    tracing::debug!(%backend, %addr, ?failures, "backend reached on a later address");
+                }
+                return Ok((s, *addr));
+            }
+            Ok(Err(e)) => failures.push((*addr, format!("refused the connection: {e}"))),
+            Err(_) => failures.push((*addr, format!("did not answer within {limit:?}"))),
+        }
+    }
+    Err(match (backend.addr(), failures.as_slice()) {
+        // An IP address: the wording operators already know.
+        (Some(_), [(_, why)]) => format!("backend {backend} of {service} {why}"),
+        (None, [(addr, why)]) => format!("backend {backend} ({addr}) of {service} {why}"),
+        _ => format!(
+            "backend {backend} of {service}: no address took the connection ({})",
+            failures
+                .iter()
+                .map(|(a, why)| format!("{a} {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn parses_names_and_addresses_with_clear_errors() {
+        let b = Backend::parse("db.internal:5432").unwrap();
+        assert_eq!((b.host(), b.port(), b.addr()), ("db.internal", 5432, None));
+        assert_eq!(b.to_string(), "db.internal:5432");
+        let b = Backend::parse("[2001:db8::5]:53").unwrap();
+        assert_eq!(b.addr(), Some("[2001:db8::5]:53".parse().unwrap()));
+        assert_eq!(b.to_string(), "[2001:db8::5]:53");
+        for (bad, want) in [
+            ("db.internal", "has no port"),
+            ("db.internal:99999", "port 99999 is out of range 1-65535"),
+            ("db.internal:0", "port 0 is out of range 1-65535"),
+            ("10.0.0.5:http", "port \"http\" is not a number"),
+            ("tcp://db.internal:5432", "without a scheme"),
+        ] {
+            let e = Backend::parse(bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    fn counting(
+        table: &'static [(&'static str, &'static [IpAddr])],
+    ) -> (Resolver, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fixed = Resolver::fixed(table);
+        let c = calls.clone();
+        let r = Resolver::with_lookup(move |h, p| {
+            c.fetch_add(1, Ordering::SeqCst);
+            (fixed.lookup)(h, p)
+        });
+        (r, calls)
+    }
+
+    const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[tokio::test]
+    async fn answers_are_cached_for_the_ttl_failures_briefly() {
+        let (r, calls) = counting(&[("db.test", &[LOOPBACK])]);
+        let (ttl, negative) = (Duration::from_millis(400), Duration::from_millis(200));
+        let r = r.with_ttl(ttl, negative);
+        let db = Backend::parse("db.test:5432").unwrap();
+        let limit = Duration::from_secs(5);
+        assert_eq!(
+            r.resolve(&db, limit).await.unwrap(),
+            vec!["127.0.0.1:5432".parse::<SocketAddr>().unwrap()]
+        );
+        r.resolve(&db, limit).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "second flow used the cache"
+        );
+        let (age, answer) = r.cached(&db).expect("cached");
+        assert!(age < ttl);
+        assert_eq!(
+            answer.unwrap(),
+            vec!["127.0.0.1:5432".parse::<SocketAddr>().unwrap()]
+        );
+        tokio::time::sleep(ttl).await;
+        r.resolve(&db, limit).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "looked up again after the TTL"
+        );
+
+        let gone = Backend::parse("gone.test:53").unwrap();
+        let e = r.resolve(&gone, limit).await.unwrap_err();
+        assert!(e.contains("cannot resolve gone.test"), "{e}");
+        r.resolve(&gone, limit).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "a failure is remembered");
+        assert!(r.cached(&gone).is_some_and(|(_, a)| a.is_err()));
+        tokio::time::sleep(negative).await;
+        r.resolve(&gone, limit).await.unwrap_err();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "and retried after NEGATIVE_TTL"
+        );
+
+        // IP literals never ask the resolver.
+        let ip = Backend::parse("10.0.0.5:53").unwrap();
+        assert_eq!(
+            r.resolve(&ip, limit).await.unwrap(),
+            vec!["10.0.0.5:53".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_flows_makes_one_lookup() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let r = Resolver::with_lookup(move |_, port| {
+            c.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(vec![SocketAddr::new(LOOPBACK, port)])
+            })
+        });
+        let db = Backend::parse("db.test:5432").unwrap();
+        let all: Vec<_> = (0..50)
+            .map(|_| {
+                let (r, db) = (r.clone(), db.clone());
+                tokio::spawn(async move { r.resolve(&db, Duration::from_secs(5)).await })
+            })
+            .collect();
+        for t in all {
+            assert!(t.await.unwrap().is_ok());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_hangs_fails_within_the_limit() {
+        let r = Resolver::with_lookup(|_, _| Box::pin(std::future::pending()));
+        let db = Backend::parse("slow.test:5432").unwrap();
+        let e = r
+            .resolve(&db, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("slow.test") && e.contains("no answer within 300ms"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tcp_tries_every_address_in_order() {
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = up.local_addr().unwrap().port();
+        // 127.0.0.2 is loopback too, with nothing listening on that port: refused.
+        let r = Resolver::fixed(&[("db.test", &["127.0.0.2".parse().unwrap(), LOOPBACK])]);
+        let db = Backend::parse(&format!("db.test:{port}")).unwrap();
+        let (_s, used) = connect_tcp(&r, &db, "db", Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(used, SocketAddr::new(LOOPBACK, port));
+        drop(up);
+        let e = connect_tcp(&r, &db, "db", Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            e.starts_with(&format!("backend db.test:{port} of db: no address took the connection (127.0.0.2:{port} refused")),
+            "{e}"
+        );
+        let e = connect_tcp(
+            &r,
+            &Backend::parse("nope.test:1").unwrap(),
+            "db",
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.contains("backend nope.test:1 of db: cannot resolve nope.test"),
+            "{e}"
+        );
+    }
+}
