@@ -40,6 +40,7 @@ OPS = {"relay": 9470, "conn": 9471, "agent": 9472, "agentc": 9472}
 MIB = 8
 WORK = None
 procs = {}
+started = []  # daemons, in the order they were started (their logs are printed when a case fails)
 results = []
 matrix = []
 
@@ -225,6 +226,8 @@ def write(name, text):
 
 
 def start(key, role, host, config):
+    stop(key)
+    started.append(key)
     log = open(os.path.join(WORK, key + ".log"), "a")
     p = subprocess.Popen(nsx(host, os.path.join(BIN, "ztna-" + role), "--config", config), stdout=log, stderr=log,
                          env=dict(os.environ, RUST_LOG="info"))
@@ -284,6 +287,7 @@ class Agent:
         procs[self.key + "-watch"] = {"proc": subprocess.Popen(
             nsx(host, sys.executable, ME, "--watch", str(OPS[host]), self.stopf, self.out, "150")), "host": host}
         if not wait(lambda: (self.last() or [0] * 6)[5] == 1, 20):
+            self.close()
             raise AssertionError(f"{self.key}: the service never became available")
 
     def rows(self):
@@ -337,6 +341,8 @@ def describe(rows):
 
 def probe_start(agent, tag, limit=60):
     stopf, out = os.path.join(WORK, tag + ".stop"), os.path.join(WORK, tag + ".probe")
+    if tag in procs:  # left running by a case that failed half-way
+        procs.pop(tag)["proc"].kill()
     for f in [stopf, out]:
         if os.path.exists(f):
             os.unlink(f)
@@ -358,6 +364,7 @@ def case(name):
         def wrapper():
             print(f"--- case: {name}", flush=True)
             fig = {"case": name, "outcome": "?", "share": "-", "figures": ""}
+            first = len(started)
             try:
                 detail = f(fig)
                 print(f"PASS {name}: {detail}", flush=True)
@@ -366,9 +373,8 @@ def case(name):
             except Exception as e:
                 print(f"FAIL {name}: {e}", flush=True)
                 traceback.print_tb(e.__traceback__, limit=3)
-                for key in list(procs):
-                    if not key.endswith("-watch") and procs[key]["host"] in ["relay", "conn", "agent", "agentc"]:
-                        print(tail(key))
+                for key in dict.fromkeys(["relay", "connector"] + started[first:]):
+                    print(tail(key))
                 results.append(False)
                 fig["result"] = "FAIL"
                 fig["figures"] = fig["figures"] or str(e)[:200]
