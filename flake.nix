@@ -238,6 +238,7 @@
           // lib.optionalAttrs (system == "x86_64-linux") {
             nixos-e2e = pkgs.testers.runNixOSTest (import ./tests/nixos/e2e.nix { inherit self; });
             nixos-rolling = pkgs.testers.runNixOSTest (import ./tests/nixos/rolling.nix { inherit self; });
+            nixos-p2p = pkgs.testers.runNixOSTest (import ./tests/nixos/p2p.nix { inherit self; });
           }
           // lib.optionalAttrs (ownNodes != { }) (
             deploy-rs.lib.${system}.deployChecks {

@@ -153,11 +153,33 @@ let
       "nixosConfigurations ${concatStringsSep ", " (lib.mapAttrsToList (n: h: "${n} (${h.config.nixpkgs.hostPlatform}, ${toString (builtins.length (attrNames (units h)))} units)") self.nixosConfigurations)}; deploy.nodes per host system";
 
     nixos-tests = ok
-      (lib.mapAttrsToList (_: h: expect (units h != { }) "units") testNodes
+      # (a NAT router's own units, firewall and nat, are not modelled by the stand-ins)
+      (lib.mapAttrsToList (n: h: expect (units h != { } || h.config.networking.nat.enable) "${n}: units") testNodes
         # The test PKI is made when the test runs (by the driver), not in a cached derivation.
         ++ lib.mapAttrsToList (n: h: expect (!(hasInfix "pki" (builtins.toJSON h.config.system.activationScripts))) "${n}: no build-time PKI in the VM") testNodes
         ++ lib.mapAttrsToList (n: t: expect (hasInfix "/bin/ztna-pki\", *args" t.testScript) "${n}: the test script runs ztna-pki") nixosTests)
       "every node of ${concatStringsSep ", " (attrNames nixosTests)} evaluates: ${concatStringsSep " " (attrNames testNodes)}";
+
+    # tests/nixos/p2p.nix: the direct path it asserts needs NAT routers that drop unsolicited
+    # packets (the NixOS firewall; tests/system/p2p.py shows bare MASQUERADE failing), the agent
+    # and the connector each behind its own router, and the backend reachable from the connector only.
+    nixos-p2p =
+      let
+        n = lib.mapAttrs (_: h: h.config) self.checks.x86_64-linux.nixos-p2p.nodes;
+        nodesOn = vlan: lib.sort lib.lessThan (attrNames (lib.filterAttrs (_: cfg: builtins.elem vlan cfg.virtualisation.vlans) n));
+        addrs = cfg: i: map (a: a.address) cfg.networking.interfaces.${i}.ipv4.addresses;
+        relayAddr = builtins.head (addrs n.relay "eth1");
+        intermediatesOf = h: (configOf (units self.checks.x86_64-linux.nixos-p2p.nodes.${h}).${"ztna-" + h}).intermediates;
+      in
+      ok
+        [
+          (expect (all (r: n.${r}.networking.nat.enable && n.${r}.networking.firewall.enable && n.${r}.networking.nat.externalInterface == "eth1" && n.${r}.networking.nat.internalInterfaces == [ "eth2" ]) [ "nata" "natc" ]) "nata and natc masquerade eth2 -> eth1 with the firewall on")
+          (expect (nodesOn 1 == [ "nata" "natc" "relay" ] && nodesOn 2 == [ "agent" "nata" ] && nodesOn 3 == [ "connector" "natc" ] && nodesOn 4 == [ "backend" "connector" ]) "vlans: internet = relay + routers, one LAN per router, backend with the connector only")
+          (expect (builtins.elem n.agent.networking.defaultGateway.address (addrs n.nata "eth2") && builtins.elem n.connector.networking.defaultGateway.address (addrs n.natc "eth2")) "agent and connector route through their own router's LAN address")
+          (expect (n.relay.networking.defaultGateway == null && n.nata.networking.defaultGateway == null && n.natc.networking.defaultGateway == null && n.backend.networking.defaultGateway == null) "no other default routes")
+          (expect (intermediatesOf "agent" == [ "${relayAddr}:4433" ] && intermediatesOf "connector" == [ "${relayAddr}:4433" ]) "agent and connector dial the relay's internet address ${relayAddr}")
+        ]
+        "nata/natc masquerade LAN -> internet with the NixOS firewall on; agent (vlan 2) and connector (vlan 3) route through them to the relay at ${relayAddr} (vlan 1); backend (vlan 4) shares a vlan with the connector only";
 
     # Defect 1: a port below 1024 needs the capability in the host's user namespace.
     privileged-port = ok

@@ -68,6 +68,22 @@ let
             }
           ))
           { };
+        # nixos/modules/tasks/network-interfaces.nix: a string is coerced to { address } (gatewayOpts)
+        networking.enableIPv6 = opt types.bool true;
+        networking.defaultGateway = opt
+          (types.nullOr (
+            types.coercedTo types.str (address: { inherit address; }) (
+              types.submodule {
+                options = {
+                  address = mkOption { type = types.str; };
+                  interface = opt (types.nullOr types.str) null;
+                  metric = opt (types.nullOr types.int) null;
+                  source = opt (types.nullOr types.str) null;
+                };
+              }
+            )
+          ))
+          null;
         # nixos/modules/services/networking/firewall.nix
         networking.firewall = {
           enable = opt types.bool true;
@@ -117,6 +133,37 @@ let
               inherit units;
               checks = config.system.checks;
             };
+      };
+    };
+
+  # nixos/modules/services/networking/nat.nix (options and assertions; the iptables/nftables
+  # rules and the forwarding sysctls it sets are not modelled)
+  nat =
+    { config, ... }:
+    let
+      cfg = config.networking.nat;
+    in
+    {
+      options.networking.nat = {
+        enable = opt types.bool false;
+        enableIPv6 = opt types.bool false;
+        internalInterfaces = opt (types.listOf types.str) [ ];
+        internalIPs = opt (types.listOf types.str) [ ];
+        externalInterface = opt (types.nullOr types.str) null;
+        externalIP = opt (types.nullOr types.str) null;
+        dmzHost = opt (types.nullOr types.str) null;
+      };
+      config = lib.mkIf cfg.enable {
+        assertions = [
+          {
+            assertion = cfg.enableIPv6 -> config.networking.enableIPv6;
+            message = "networking.nat.enableIPv6 requires networking.enableIPv6";
+          }
+          {
+            assertion = (cfg.dmzHost != null) -> (cfg.externalInterface != null);
+            message = "networking.nat.dmzHost requires networking.nat.externalInterface";
+          }
+        ];
       };
     };
 
@@ -256,7 +303,7 @@ let
 in
 {
   inherit modulesPath;
-  baseModules = [ base prometheus grafana ];
+  baseModules = [ base nat prometheus grafana ];
 
   # nixpkgs.lib.nixosSystem
   nixosSystem =
@@ -266,7 +313,7 @@ in
     }:
     let
       eval = lib.evalModules {
-        modules = [ base prometheus grafana ] ++ modules;
+        modules = [ base nat prometheus grafana ] ++ modules;
         specialArgs = { inherit modulesPath; } // specialArgs;
       };
     in
