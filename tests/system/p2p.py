@@ -2,7 +2,8 @@
 """P2P NAT matrix: direct agent <-> connector paths through Linux NATs, in network namespaces
 (needs root). The release binaries run as real processes (ZTNA_BIN_DIR overrides where from).
 
-    internet bridge 10.231.0.0/24 (zp-inet): relay .10, NAT-A .1, NAT-C .2
+    internet: a router (zp-inet) with a link to each of relay 10.231.10.2, NAT-A 10.231.11.2 and
+      NAT-C 10.231.12.2 (at least one routed hop between the NATs, as on the internet)
     LAN-A 10.231.1.0/24: NAT-A .1, agent .2
     LAN-C 10.231.2.0/24 (a bridge on NAT-C): NAT-C .1, connector .2, agent-c .3 (same-LAN case)
     backend segment 10.231.3.0/24: connector .1, backend .2 (reachable only from the connector)
@@ -34,7 +35,7 @@ HELP = os.path.join(HERE, "helpers.py")
 ME = os.path.abspath(__file__)
 PREFIX = "zp-"
 HOSTS = ["inet", "relay", "nata", "natc", "agent", "conn", "agentc", "back"]
-RELAY, NATA, NATC = "10.231.0.10", "10.231.0.1", "10.231.0.2"
+RELAY, NATA, NATC = "10.231.10.2", "10.231.11.2", "10.231.12.2"
 AGENT, CONN, AGENTC, BACKEND = "10.231.1.2", "10.231.2.2", "10.231.2.3", "10.231.3.2"
 OPS = {"relay": 9470, "conn": 9471, "agent": 9472, "agentc": 9472}
 MIB = 8
@@ -154,17 +155,17 @@ def nat(host, symmetric=False, firewall=False):
 
 
 def cut(on):
-    """Drops UDP between the two NATs on the internet bridge (on), or lifts that (off)."""
+    """Drops UDP between the two NATs at the internet router (on), or lifts that (off)."""
     if on:
-        nft("inet", "table bridge zp_cut {\n  chain nat_to_nat { type filter hook forward priority filter; policy accept;\n"
+        nft("inet", "table ip zp_cut {\n  chain nat_to_nat { type filter hook forward priority filter; policy accept;\n"
                     f"    ip saddr {NATA} ip daddr {NATC} meta l4proto udp counter drop\n"
                     f"    ip saddr {NATC} ip daddr {NATA} meta l4proto udp counter drop\n  }}\n}}\n")
     else:
-        run(*nsx("inet", "nft", "delete", "table", "bridge", "zp_cut"), check=False)
+        run(*nsx("inet", "nft", "delete", "table", "ip", "zp_cut"), check=False)
 
 
 def cut_drops():
-    out = run(*nsx("inet", "nft", "list", "table", "bridge", "zp_cut"), check=False)
+    out = run(*nsx("inet", "nft", "list", "table", "ip", "zp_cut"), check=False)
     return sum(int(x) for x in re.findall(r"packets (\d+)", out))
 
 
@@ -185,11 +186,13 @@ def setup():
     for h in HOSTS:
         run("ip", "netns", "add", PREFIX + h)
         run(*nsx(h, "ip", "link", "set", "lo", "up"))
-    run(*nsx("inet", "ip", "link", "add", "br0", "type", "bridge"))
-    run(*nsx("inet", "ip", "link", "set", "br0", "up"))
+    # The internet: a router between relay, NAT-A and NAT-C (one routed hop at least, so a
+    # TTL-2 punch from behind a NAT dies here, as it would on the internet).
+    run(*nsx("inet", "sysctl", "-qw", "net.ipv4.ip_forward=1"))
     for h, ip in [("relay", RELAY), ("nata", NATA), ("natc", NATC)]:
-        veth(h, "wan", "inet", "i-" + h, ip + "/24")
-        run(*nsx("inet", "ip", "link", "set", "i-" + h, "master", "br0"))
+        gw = ip.rsplit(".", 1)[0] + ".1"
+        veth(h, "wan", "inet", "i-" + h, ip + "/24", gw + "/24")
+        run(*nsx(h, "ip", "route", "add", "default", "via", gw))
     veth("agent", "eth0", "nata", "lan", AGENT + "/24", "10.231.1.1/24")
     run(*nsx("natc", "ip", "link", "add", "lan", "type", "bridge"))
     run(*nsx("natc", "ip", "addr", "add", "10.231.2.1/24", "dev", "lan"))

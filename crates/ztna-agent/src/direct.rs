@@ -29,6 +29,11 @@ use crate::Shared;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the connection attempt may take (the connector punches for 3 s).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The hop limit of the first punch: through our own NAT, not as far as the connector's.
+const FIRST_PUNCH_TTL: u8 = 2;
+/// Pause between the low-TTL punch and full-TTL packets (longer than the skew between the two
+/// sides' start signals).
+const FULL_PUNCH_AFTER: Duration = Duration::from_millis(50);
 /// Tickets live 60 s; refresh at half that.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
@@ -227,8 +232,13 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
         Ok(Ok(Answer::Refused(why))) => return Err(format!("refused by the relay: {why}")),
         _ => return Err("the relay did not answer".to_string()),
     };
-    // Open our side of the NAT towards every candidate at once, then connect.
+    // The connector got its start signal at about this moment. Open our NAT mapping towards
+    // every candidate with a low-TTL packet (it dies before the connector's NAT, where an early
+    // unsolicited packet could claim the port pair), give the other side the same moment to do
+    // likewise, then punch and connect with full TTL.
     if let Some(p) = &shared.puncher {
+        p.punch_ttl(&candidates, FIRST_PUNCH_TTL);
+        tokio::time::sleep(FULL_PUNCH_AFTER).await;
         p.punch(&candidates);
     }
     let conn = connect(shared, &connector, &candidates).await?;

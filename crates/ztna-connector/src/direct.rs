@@ -138,13 +138,42 @@ fn refused(shared: &Shared, reason: &str) {
         .inc();
 }
 
-/// Punches towards an agent's candidates for a few seconds (its Initial may arrive any moment).
+/// The hop limit of the first punch: through our own NAT, not as far as the agent's.
+pub(crate) const FIRST_PUNCH_TTL: u8 = 2;
+/// Time between the first (low-TTL) punch and full-TTL packets on both sides, longer than the
+/// difference between the moments the two sides get the start signal.
+pub(crate) const FULL_PUNCH_AFTER: Duration = Duration::from_millis(50);
+
+/// Offers answered, waiting for the intermediate's start signal: request → agent candidates.
+#[derive(Default)]
+pub(crate) struct Offers(
+    std::sync::Mutex<std::collections::HashMap<u64, (Vec<SocketAddr>, tokio::time::Instant)>>,
+);
+
+impl Offers {
+    pub fn remember(&self, request: u64, candidates: Vec<SocketAddr>) {
+        let mut m = ztna_node::lock(&self.0);
+        let now = tokio::time::Instant::now();
+        m.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(10));
+        m.insert(request, (candidates, now));
+    }
+
+    pub fn take(&self, request: u64) -> Option<Vec<SocketAddr>> {
+        ztna_node::lock(&self.0).remove(&request).map(|(c, _)| c)
+    }
+}
+
+/// The start signal for an offer: open our NAT mapping towards the agent's candidates with a
+/// low-TTL packet (it dies before the agent's NAT), then punch with full TTL for a few seconds
+/// (the agent's handshake may arrive any moment).
 pub(crate) fn punch(shared: &Arc<Shared>, candidates: Vec<SocketAddr>) {
     let shared = shared.clone();
     tokio::spawn(async move {
         let Some(puncher) = &shared.puncher else {
             return;
         };
+        puncher.punch_ttl(&candidates, FIRST_PUNCH_TTL);
+        tokio::time::sleep(FULL_PUNCH_AFTER).await;
         let end = tokio::time::Instant::now() + PUNCH_FOR;
         let mut tick = tokio::time::interval(PUNCH_EVERY);
         while tokio::time::Instant::now() < end {

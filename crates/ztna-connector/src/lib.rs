@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     pub registrations: watch::Sender<Registrations>,
     /// Sends hole-punching packets from the endpoint's socket (when P2P is on).
     pub puncher: Option<ztna_node::transport::Puncher>,
+    /// Direct-path offers answered, waiting for their start signal.
+    pub offers: direct::Offers,
     /// Certificates of the intermediates we are connected to, by SPIFFE ID: direct-path tickets
     /// must be signed by one of them.
     pub intermediate_certs: std::sync::Mutex<HashMap<String, ztna_node::CertificateDer<'static>>>,
@@ -325,6 +327,7 @@ impl Connector {
                 draining: watch::Sender::new(false),
                 registrations: watch::Sender::new(vec![BTreeMap::new(); n]),
                 puncher,
+                offers: direct::Offers::default(),
                 intermediate_certs: std::sync::Mutex::new(HashMap::new()),
                 resolver,
             }),

@@ -198,8 +198,8 @@ async fn control(
                 Ok(Some(ServerMsg::DirectOffer { request, agent, service, candidates })) => {
                     let answer = match &shared.puncher {
                         Some(puncher) if shared.config.p2p && !shared.is_draining() => {
-                            debug!(%agent, %service, ?candidates, "direct path offered: punching");
-                            crate::direct::punch(shared, candidates);
+                            debug!(%agent, %service, ?candidates, "direct path offered; punching at the start signal");
+                            shared.offers.remember(request, candidates);
                             ClientMsg::DirectAnswer {
                                 request,
                                 accepted: true,
@@ -220,6 +220,11 @@ async fn control(
                     };
                     if write_frame(&mut send, &answer).await.is_err() {
                         return "control stream write failed".to_string();
+                    }
+                }
+                Ok(Some(ServerMsg::DirectGo { request })) => {
+                    if let Some(candidates) = shared.offers.take(request) {
+                        crate::direct::punch(shared, candidates);
                     }
                 }
                 Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {

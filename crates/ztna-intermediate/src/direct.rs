@@ -168,13 +168,30 @@ pub(crate) async fn broker(
         return refuse("failed", "no ticket could be signed".to_string());
     };
     debug!(%service, connector = %connector.id, "direct path brokered");
-    agent.say(ServerMsg::DirectStart {
+    let start = ServerMsg::DirectStart {
         service,
         connector: connector.id_str.to_string(),
         candidates: with_observed(c_candidates, connector.conn.remote_address()),
         ticket,
-    });
+    };
+    let go = ServerMsg::DirectGo { request };
+    // Both sides start punching at about the same moment: the one farther away is told first,
+    // the nearer one half a round-trip difference later.
+    let (a, c) = (agent.conn.rtt() / 2, connector.conn.rtt() / 2);
+    let skew = a.abs_diff(c).min(MAX_START_SKEW);
+    if a >= c {
+        agent.say(start);
+        tokio::time::sleep(skew).await;
+        connector.say(go);
+    } else {
+        connector.say(go);
+        tokio::time::sleep(skew).await;
+        agent.say(start);
+    }
 }
+
+/// At most this much is waited to align the start of a punch.
+const MAX_START_SKEW: Duration = Duration::from_millis(500);
 
 /// An agent asked for direct paths faster than its budget (8 at once, then 2 per second).
 pub(crate) fn over_budget(shared: &Shared, agent: &Peer, service: String) {

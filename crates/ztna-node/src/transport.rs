@@ -170,6 +170,28 @@ impl Puncher {
             .count()
     }
 
+    /// Sends one punch packet to each target with an IP TTL / hop limit of `ttl`, so it opens
+    /// our own NAT's mapping but expires before it reaches the other side's NAT (there, an
+    /// unsolicited packet arriving before that NAT's own mapping exists can claim the port pair
+    /// and make it map the peer's packets to another port). The socket's TTL is set for these
+    /// sends and restored at once.
+    pub fn punch_ttl(&self, targets: &[SocketAddr], ttl: u8) -> usize {
+        let sock = socket2::SockRef::from(&self.socket);
+        let (v4, v6) = (sock.ttl().ok(), sock.unicast_hops_v6().ok());
+        let _ = sock.set_ttl(u32::from(ttl));
+        if self.v6 {
+            let _ = sock.set_unicast_hops_v6(u32::from(ttl));
+        }
+        let n = self.punch(targets);
+        if let Some(t) = v4 {
+            let _ = sock.set_ttl(t);
+        }
+        if let (true, Some(h)) = (self.v6, v6) {
+            let _ = sock.set_unicast_hops_v6(h);
+        }
+        n
+    }
+
     /// `t` as this socket can send to it (IPv4 through a dual-stack socket as IPv4-mapped).
     fn reachable(&self, t: SocketAddr) -> Option<SocketAddr> {
         match (self.v6, t.ip()) {
@@ -404,5 +426,63 @@ mod tests {
             .unwrap(),
         ));
         assert!(ep.connect_with(cfg, v4_target, "x").is_ok());
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod punch_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Receives one datagram and returns the IP TTL it arrived with (IP_RECVTTL).
+    fn recv_ttl(s: &std::net::UdpSocket) -> Option<i32> {
+        let on: libc::c_int = 1;
+        let mut buf = [0u8; 64];
+        let mut control = [0u64; 8];
+        // SAFETY: every pointer refers to a live local buffer of the stated length.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            if libc::recvmsg(s.as_raw_fd(), &mut msg, 0) < 0 {
+                return None;
+            }
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TTL {
+                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn low_ttl_punches_leave_with_that_ttl_and_the_socket_keeps_its_own() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to = rx.local_addr().unwrap();
+        // The default dual-stack socket, sending to an IPv4 peer (as IPv4-mapped).
+        let (_ep, p) =
+            punchable_endpoint(DUAL_STACK_ANY, quinn::EndpointConfig::default(), None).unwrap();
+        assert_eq!(p.punch_ttl(&[to], 2), 1);
+        assert_eq!(recv_ttl(&rx), Some(2));
+        assert_eq!(p.punch(&[to]), 1);
+        let normal = recv_ttl(&rx).unwrap_or(0);
+        assert!(normal > 2, "the socket kept TTL {normal}");
     }
 }

@@ -210,6 +210,12 @@ pub enum ServerMsg {
         service: String,
         candidates: Vec<SocketAddr>,
     },
+    /// To a connector: the agent of offer `request` starts now; punch towards its candidates.
+    /// Sent together with the agent's [`ServerMsg::DirectStart`] (timed so both arrive at
+    /// about the same moment), so both sides open their NAT mappings at once.
+    DirectGo {
+        request: u64,
+    },
     /// To an agent: connect directly to `connector` at one of `candidates` now (it is punching
     /// towards you) and present `ticket` there.
     DirectStart {
@@ -395,6 +401,7 @@ impl Message for ServerMsg {
                 name("service name", service)?;
                 text("reason", reason)
             }
+            ServerMsg::DirectGo { .. } => Ok(()),
             ServerMsg::Ticket {
                 service,
                 connector,
