@@ -408,7 +408,7 @@ fn conn_event(c: &ConnectionError) -> Value {
     json!({"how": "connection_closed", "code": code, "reason": describe(c)})
 }
 
-pub async fn hold(creds: &Creds, o: &Hold, emit: &dyn Fn(Value)) -> Result<Value, String> {
+pub async fn hold(creds: &Creds, o: &Hold, emit: &(dyn Fn(Value) + Sync)) -> Result<Value, String> {
     let config = creds.client_config()?;
     let endpoint = client_endpoint(o.server)?;
     let s = session(

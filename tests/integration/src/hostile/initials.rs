@@ -226,7 +226,11 @@ async fn probe_handshakes(
     out
 }
 
-pub async fn initials(creds: &Creds, o: &Initials, emit: &dyn Fn(Value)) -> Result<Value, String> {
+pub async fn initials(
+    creds: &Creds,
+    o: &Initials,
+    emit: &(dyn Fn(Value) + Sync),
+) -> Result<Value, String> {
     let target = check_target(o.target)?;
     let SocketAddr::V4(target4) = target else {
         return Err("initials: IPv4 targets only".into());

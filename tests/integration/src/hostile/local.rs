@@ -329,7 +329,7 @@ pub struct UdpFlows {
     pub hold_secs: f64,
 }
 
-pub async fn udp_flows(o: &UdpFlows, emit: &dyn Fn(Value)) -> Result<Value, String> {
+pub async fn udp_flows(o: &UdpFlows, emit: &(dyn Fn(Value) + Sync)) -> Result<Value, String> {
     let target = check_target(o.target)?;
     ztna_node::fdlimit::raise_nofile();
     let count = o.count.min(MAX_UDP_FLOWS);
