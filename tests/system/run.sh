@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System suites (need root): the product across network-namespace hosts (netns.py), and the
+# System suites (need root): the product across network-namespace hosts (netns.py), issue 12's
+# attacks by the hostile test client against the daemons as processes (hostile.py), and the
 # rendered units under real systemd in a systemd-nspawn container (systemd.sh).
 # Installs what it lacks with apt-get. Prints each case and a final "N passed, N failed".
 set -uo pipefail
@@ -42,6 +43,7 @@ run_suite() {
   total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-0}))
 }
 run_suite netns python3 "$here/netns.py"
+run_suite hostile python3 "$here/hostile.py"
 run_suite systemd "$here/systemd.sh"
 echo
 echo "system: $total_pass passed, $total_fail failed"
