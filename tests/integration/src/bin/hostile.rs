@@ -457,6 +457,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // SIGTERM/SIGINT end the attack early the way its deadline would: connections are closed.
+    rt.spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        ztna_integration::hostile::stop_token().cancel();
+    });
     match rt.block_on(run(cli.cmd)) {
         Ok(mut summary) => {
             summary["summary"] = true.into();

@@ -114,7 +114,7 @@ pub async fn exhaust(creds: &Creds, o: &Exhaust) -> Result<Value, String> {
         .iter()
         .filter(|s| s.conn.close_reason().is_none())
         .count();
-    tokio::time::sleep(bounded_secs(o.hold_secs)).await;
+    super::until(Instant::now() + bounded_secs(o.hold_secs)).await;
     let alive_after = sess
         .iter()
         .filter(|s| s.conn.close_reason().is_none())
@@ -176,7 +176,10 @@ pub async fn flood_write(creds: &Creds, o: &FloodWrite) -> Result<Value, String>
                         written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     }
                 };
-                let _ = tokio::time::timeout_at(deadline, push).await;
+                tokio::select! {
+                    _ = push => {}
+                    _ = super::until(deadline) => {}
+                }
             }
             label
         });
@@ -228,7 +231,7 @@ pub async fn names(creds: &Creds, o: &Names) -> Result<Value, String> {
     let (mut sent, mut skipped, mut connects) = (0u64, 0u64, 0u64);
     let min_gap = Duration::from_secs_f64(1.0 / o.reconnects_per_sec.clamp(0.1, 1000.0));
     let mut last_connect: Option<Instant> = None;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !super::stop_token().is_cancelled() {
         tick.tick().await;
         if let Some((conn, _)) = &current {
             if let Some(e) = conn.close_reason() {
@@ -447,7 +450,7 @@ pub async fn hold(creds: &Creds, o: &Hold, emit: &(dyn Fn(Value) + Sync)) -> Res
                 conn_end = ev;
                 break;
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = super::until(deadline) => {
                 conn_end = Value::Null;
                 break;
             }

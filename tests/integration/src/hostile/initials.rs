@@ -171,7 +171,7 @@ fn flood(
     let mut buf = Vec::with_capacity(1600);
     for p in packets {
         let now = std::time::Instant::now();
-        if now >= deadline {
+        if now >= deadline || super::stop_token().is_cancelled() {
             break;
         }
         let due = started + Duration::from_secs_f64(sent as f64 / rate);
@@ -206,7 +206,7 @@ async fn probe_handshakes(
         return out;
     };
     let mut tick = tokio::time::interval(every);
-    while Instant::now() < stop && out.len() < 10_000 {
+    while Instant::now() < stop && out.len() < 10_000 && !super::stop_token().is_cancelled() {
         tick.tick().await;
         let started = Instant::now();
         let attempt = async {

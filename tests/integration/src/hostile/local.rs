@@ -231,7 +231,7 @@ pub async fn serve(o: &Serve, emit: Emit) -> Result<(), String> {
         });
     }
     emit(json!({"event": "serving", "t": unix_now()}));
-    tokio::time::sleep(bounded(o.secs)).await;
+    super::until(Instant::now() + bounded(o.secs)).await;
     tasks.abort_all();
     Ok(())
 }
@@ -384,7 +384,7 @@ pub async fn udp_flows(o: &UdpFlows, emit: &(dyn Fn(Value) + Sync)) -> Result<Va
     }
     let opened_secs = started.elapsed().as_secs_f64();
     emit(json!({"event": "flows_open", "answered": answered, "t": unix_now()}));
-    tokio::time::sleep(bounded(o.hold_secs)).await;
+    super::until(Instant::now() + bounded(o.hold_secs)).await;
     drop(held);
     Ok(json!({
         "mode": "udp-flows",

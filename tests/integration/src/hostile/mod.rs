@@ -20,6 +20,21 @@ use ztna_node::io::{write_frame, FramedRecv};
 use ztna_node::transport::TransportOptions;
 use ztna_proto::{frame, ClientMsg, FlowOpen, FlowReply, Protocol, RejectReason, Role};
 
+/// Cancelled to end a running attack early (the binary cancels it on SIGTERM/SIGINT): the
+/// attacker then leaves the way it would at its deadline, closing its connections.
+pub fn stop_token() -> &'static ztna_node::CancellationToken {
+    static STOP: std::sync::OnceLock<ztna_node::CancellationToken> = std::sync::OnceLock::new();
+    STOP.get_or_init(ztna_node::CancellationToken::new)
+}
+
+/// Completes at `deadline` or when the attack is stopped, whichever is first.
+pub async fn until(deadline: tokio::time::Instant) {
+    tokio::select! {
+        _ = tokio::time::sleep_until(deadline) => {}
+        _ = stop_token().cancelled() => {}
+    }
+}
+
 /// Seconds since the Unix epoch, for events the driver compares with certificate times.
 pub fn unix_now() -> f64 {
     SystemTime::now()
