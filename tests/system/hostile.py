@@ -829,7 +829,12 @@ def main():
     if unknown:
         print(f"unknown cases {sorted(unknown)}; known: {[n for n, _, _ in CASES]}")
         return 2
-    WORK = tempfile.mkdtemp(prefix="zh-hostile.")
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):  # work dirs of runs that were SIGKILLed
+        m = re.fullmatch(r"zh-hostile\.(\d+)\..*", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    WORK = tempfile.mkdtemp(prefix=f"zh-hostile.{os.getpid()}.")
     enter_namespace()
     repeat = max(1, min(args.repeat, 10))
     if args.compare:
