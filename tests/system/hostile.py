@@ -444,7 +444,8 @@ def c_exhaust():
 
 @case("flood-write", "2")
 def c_flood_write():
-    """500 flows pushing into a backend that never reads, for 15 s; RSS then and 10 s after."""
+    """500 flows pushing into a backend that never reads, for 15 s: RSS <= 256 MB per daemon, back
+    near baseline 10 s after the attacker left, the victim >= 99 %."""
     w = World(services=[("sink", "tcp", "127.0.0.1:27003"), ("other", "tcp", "127.0.0.1:27002")],
               policies=[policy("sink", ("alice", "mallory")), policy("other", ("alice",))],
               forwards=[("other", "tcp", 28081)],
@@ -472,7 +473,7 @@ def c_flood_write():
     line = (f"attacker wrote {a['bytes_written'] / MiB:.0f} MiB on {a['flows_writing']} flows in 15 s{s.cap_text(t0)}; "
             f"{rss_text(base, peak, after)} (after = 10 s after the attacker left); "
             f"peak <= 256 MB: {'yes' if limit_ok else 'NO'}; back near baseline: {'yes' if near else 'NO'}; {victim_text(vd)}")
-    return limit_ok and near, line, fig
+    return limit_ok and near and vd["success_pct"] >= 99, line, fig
 
 
 def hold_world(policies):
@@ -703,7 +704,9 @@ def c_names_register():
 
 @case("initials", "8")
 def c_initials():
-    """2000 valid QUIC Initials per second for 10 s from spoofed 127.0.0.0/8 sources."""
+    """2000 valid QUIC Initials per second for 10 s from spoofed 127.0.0.0/8 sources: the victim
+    >= 99 % with p50 at most doubled, a real handshake p50 <= 500 ms and none failing, intermediate
+    CPU <= 50 % and RSS <= baseline + 100 MB."""
     w = World(services=[("other", "tcp", "127.0.0.1:27002")], policies=[policy("other")],
               forwards=[("other", "tcp", 28081)], backends=["--echo", "127.0.0.1:27002"])
     assert settle_victim(28081), w.tails()
@@ -735,7 +738,7 @@ def c_initials():
             f"max {a['probe_max_ms']:.0f} ms ({a['probe_failed']} of {a['probe_handshakes']} failed); intermediate CPU "
             f"{cpu:.0f} % of a core; handshakes {hs}; {rss_text(base, peak, after)}")
     ok = (vd["success_pct"] >= 99 and vd["p50_ms"] <= max(2 * v0["p50_ms"], v0["p50_ms"] + 5)
-          and a["probe_p50_ms"] <= 500 and a["probe_failed"] == 0
+          and a["probe_p50_ms"] <= 500 and a["probe_failed"] == 0 and cpu <= 50
           and peak["intermediate"] <= base["intermediate"] + 100)
     return ok, line, fig
 
