@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System suites (need root): the product across network-namespace hosts (netns.py), direct (P2P)
-# paths through a matrix of Linux NATs in namespaces (p2p.py), and the rendered units under real
+# paths through a matrix of Linux NATs in namespaces (p2p.py), issue 12's attacks by the hostile
+# test client against the daemons as processes (hostile.py), and the rendered units under real
 # systemd in a systemd-nspawn container (systemd.sh).
 # Installs what it lacks with apt-get. Prints each case and a final "N passed, N failed".
 set -uo pipefail
@@ -46,6 +47,7 @@ run_suite() {
 }
 run_suite netns python3 "$here/netns.py"
 run_suite p2p python3 "$here/p2p.py"
+run_suite hostile python3 "$here/hostile.py"
 run_suite systemd "$here/systemd.sh"
 echo
 echo "system: $total_pass passed, $total_fail failed"

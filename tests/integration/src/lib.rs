@@ -1,6 +1,8 @@
 //! Test harness: a throwaway PKI, echo backends, and the three daemons started through their
 //! library entry points on loopback.
 
+pub mod hostile;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

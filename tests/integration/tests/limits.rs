@@ -1,0 +1,175 @@
+//! Issue 12 in-process: the hostile client's attacks (`ztna_integration::hostile`) against the
+//! daemons' library entry points, with the victim measured alongside. The same attacks run
+//! against real processes, with RSS and log volume, in `tests/system/hostile.py`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use ztna_integration::hostile::{attacks, local, Creds, NameKind};
+use ztna_integration::*;
+use ztna_proto::{Role, ServiceState};
+
+fn creds(tls: ztna_node::config::TlsConfig, role: Role) -> Creds {
+    Creds { tls, role }
+}
+
+/// A backend that accepts and never reads, writes or closes (holds up to 10,000 connections).
+async fn sink() -> SocketAddr {
+    let l = TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            if held.len() < 10_000 {
+                held.push(s);
+            }
+        }
+    });
+    addr
+}
+
+fn victim(port: SocketAddr, secs: f64) -> local::Victim {
+    local::Victim {
+        target: port,
+        interval: Duration::from_millis(100),
+        secs,
+        count: None,
+        timeout: Duration::from_secs(3),
+    }
+}
+
+fn gauge(text: &str, name: &str) -> f64 {
+    metric(text, name, &[])
+}
+
+/// Item 1: one agent identity opening many connections with many idle, half-closed flows towards
+/// a backend that never answers gets no more than its limits, a victim on another service of the
+/// same connector keeps working, and everything is freed when the attacker leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_cannot_exhaust_the_relay_across_connections() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let dead_end = sink().await;
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web", "other"]));
+    cfg.max_flows_per_agent = 60;
+    cfg.max_connections_per_identity = 3;
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(dead_end), None), ("other", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent(
+        &pki,
+        "alice",
+        &[im.addr],
+        &[("other", ForwardProtocol::Tcp)],
+    )
+    .await;
+    a.wait_status("other", ServiceState::Available).await;
+
+    let attacker = creds(pki.issue("agent", "mallory"), Role::Agent);
+    let o = attacks::Exhaust {
+        server: im.addr,
+        service: "web".into(),
+        conns: 6,
+        flows: 40,
+        half_close: true,
+        hold_secs: 3.0,
+        open_timeout: Duration::from_secs(3),
+    };
+    let v = victim(a.port("other", ztna_proto::Protocol::Tcp), 4.0);
+    let (attack, during) = tokio::join!(attacks::exhaust(&attacker, &o), local::victim(&v));
+    let (attack, during) = (attack.unwrap(), during.unwrap());
+    let freed = eventually(Duration::from_secs(5), || {
+        gauge(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_flows_active",
+        ) == 0.0
+            && gauge(
+                &c.daemon.metrics.common.render(),
+                "ztna_connector_flows_active",
+            ) == 0.0
+    })
+    .await;
+    let after = local::victim(&local::Victim {
+        count: Some(20),
+        ..victim(a.port("other", ztna_proto::Protocol::Tcp), 0.0)
+    })
+    .await
+    .unwrap();
+    println!("MEASURED exhaust: attacker {attack}; victim during {during}; after {after}");
+    assert!(attack["connections_ok"].as_u64().unwrap() <= 3, "{attack}");
+    assert_eq!(attack["flows_accepted"], 60, "{attack}");
+    assert!(during["success_pct"].as_f64().unwrap() >= 99.0, "{during}");
+    assert_eq!(after["ok"], 20, "{after}");
+    assert!(freed, "flows still held after the attacker left");
+}
+
+/// Item 6: service names past the protocol's cap are refused when the frame is decoded, and the
+/// connection is closed with a protocol violation that names the field; the victim is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_names_are_refused_at_decode() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let v = victim(a.port("web", ztna_proto::Protocol::Tcp), 2.5);
+    for (kind, cert) in [
+        (
+            NameKind::Flow,
+            creds(pki.issue("agent", "mallory"), Role::Agent),
+        ),
+        (
+            NameKind::Register,
+            creds(pki.issue("connector", "rogue"), Role::Connector),
+        ),
+    ] {
+        let o = attacks::Names {
+            server: im.addr,
+            kind,
+            name_len: 65_000,
+            rate: 200.0,
+            secs: 2.0,
+            reconnects_per_sec: 10.0,
+        };
+        let (r, during) = tokio::join!(attacks::names(&cert, &o), local::victim(&v));
+        let (r, during) = (r.unwrap(), during.unwrap());
+        println!("MEASURED names {kind:?}: {r}; victim {during}");
+        let closes = r["closed_by_peer"].as_object().unwrap();
+        assert!(
+            !closes.is_empty()
+                && closes
+                    .keys()
+                    .all(|k| k.contains("protocol violation") && k.contains("128-byte limit")),
+            "{r}"
+        );
+        assert!(
+            r["replies"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("rejected") && k != "registered"),
+            "a long name reached policy: {r}"
+        );
+        assert!(during["success_pct"].as_f64().unwrap() >= 99.0, "{during}");
+    }
+    let text = im.daemon.metrics.common.render();
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_intermediate_flows_total",
+            &[("result", "denied")]
+        ),
+        0.0,
+        "oversized opens were evaluated as flows"
+    );
+}
