@@ -13,6 +13,7 @@ pub mod health;
 pub mod identity;
 pub mod io;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod ratelimit;

@@ -214,6 +214,7 @@ pub fn start_background(ops: Ops, metrics: Common, health: Health) -> Cancellati
     health.spawn_heartbeat();
     tokio::spawn(ops.serve(metrics, health.clone(), stop.clone()));
     tokio::spawn(health.notify_systemd(stop.clone()));
+    tokio::spawn(crate::memory::trimmer(stop.clone()));
     stop
 }
 
