@@ -1,252 +1,1099 @@
-//! `ztna-bench`: prints relay-vs-direct numbers for one agent → intermediate → connector chain,
-//! all in-process on loopback. Not a test; bounded in time.
+//! `ztna-bench`: the relay path against its anchors, side by side in one run, on loopback.
 //!
-//! Run: `cargo run --release -p ztna-integration --bin ztna-bench [-- --mib N]`
+//! * anchor: one quinn hop in this process, built like the daemons' (same rustls configs,
+//!   transport options, certificates from the test PKI);
+//! * the relay path agent → intermediate → connector as three processes (the real command
+//!   lines) and in this process (library entry points);
+//! * direct TCP/UDP to the backends as the baseline.
+//!
+//! Modes (`--mode tcp,rtt,setup,wan,udp,scale`, default all): one-stream TCP throughput and CPU
+//! per GiB; 64-byte RTT; new-connection setup; WAN (delay proxies on both QUIC hops); UDP at
+//! fixed offered rates and a burst-then-steady run; scale (N agent connections against one
+//! intermediate process, idle memory and CPU, a reconnect storm). Prints a table, then one
+//! `ratio NAME VALUE` line per goal of issue 13. Bounded in time; not a test.
+//!
+//! Run: `cargo build --release -p ztna-integration --bins && target/release/ztna-bench`
+//! (`--help` for the options).
 
-use std::net::SocketAddr;
+mod backends;
+mod hop;
+mod proxy;
+mod relays;
+mod scale;
+mod udp_rate;
+mod util;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::time::timeout;
 use ztna_integration::*;
-use ztna_proto::{Protocol, ServiceState};
+use ztna_node::Identity;
+use ztna_proto::Role;
 
-const MIB: u64 = 1024 * 1024;
-const MSG: usize = 64;
-const ROUNDS: usize = 2000;
-const WARMUP: usize = 100;
-const MAX_LOST: usize = 10;
-const STEP_LIMIT: Duration = Duration::from_secs(30);
+use backends::Bulk;
+use relays::{Backends, Bins, InprocRelay, ProcRelay};
+use util::{median, mib_s_to_gbit, opt, CpuOf, Samples};
 
-/// TCP sink backend: reads and discards everything; on EOF writes the byte count (u64 BE).
-async fn tcp_sink() -> Result<SocketAddr> {
-    let l = TcpListener::bind(loopback0()).await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => total += n as u64,
-                        Err(_) => return,
+const MODES: [&str; 6] = ["tcp", "rtt", "setup", "wan", "udp", "scale"];
+const USAGE: &str = "usage: ztna-bench [--mode tcp,rtt,setup,wan,udp,scale] [--mib N] [--repeat N]
+                  [--rounds N] [--setups N] [--rtt 50ms,100ms] [--wan-secs S] [--udp-secs S]
+                  [--agents N] [--agents-per-socket N] [--quiet-secs S]";
+/// No single measurement may hold the run longer than this.
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+
+struct Args {
+    modes: BTreeSet<String>,
+    mib: u64,
+    repeat: usize,
+    rounds: usize,
+    setups: usize,
+    rtts: Vec<Duration>,
+    wan_secs: f64,
+    udp_secs: f64,
+    agents: usize,
+    per_socket: usize,
+    quiet: Duration,
+}
+
+impl Args {
+    fn parse() -> Result<Args> {
+        let mut a = Args {
+            modes: MODES.iter().map(|s| s.to_string()).collect(),
+            mib: 256,
+            repeat: 3,
+            rounds: 2000,
+            setups: 300,
+            rtts: vec![Duration::from_millis(50), Duration::from_millis(100)],
+            wan_secs: 8.0,
+            udp_secs: 3.0,
+            agents: 10_000,
+            per_socket: 100,
+            quiet: Duration::from_secs(10),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            if flag == "--help" || flag == "-h" {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            let v = it
+                .next()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+            let num = |v: &str| -> Result<f64> {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| *x > 0.0 && x.is_finite())
+                    .with_context(|| format!("bad {flag} {v:?}"))
+            };
+            match flag.as_str() {
+                "--mode" => {
+                    a.modes = v.split(',').map(|s| s.trim().to_string()).collect();
+                    if let Some(bad) = a.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
+                        bail!("unknown mode {bad:?} (modes: {})", MODES.join(","));
                     }
                 }
-                let _ = s.write_all(&total.to_be_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+                "--mib" => a.mib = num(&v)? as u64,
+                "--repeat" => a.repeat = num(&v)? as usize,
+                "--rounds" => a.rounds = num(&v)? as usize,
+                "--setups" => a.setups = num(&v)? as usize,
+                "--rtt" => {
+                    a.rtts = v
+                        .split(',')
+                        .map(|s| {
+                            util::parse_duration(s)
+                                .filter(|d| !d.is_zero())
+                                .with_context(|| format!("bad --rtt {s:?} (e.g. 50ms)"))
+                        })
+                        .collect::<Result<_>>()?
+                }
+                "--wan-secs" => a.wan_secs = num(&v)?.min(120.0),
+                "--udp-secs" => a.udp_secs = num(&v)?.min(60.0),
+                "--agents" => a.agents = num(&v)? as usize,
+                "--agents-per-socket" => a.per_socket = num(&v)? as usize,
+                "--quiet-secs" => a.quiet = Duration::from_secs_f64(num(&v)?.min(120.0)),
+                _ => bail!("unknown argument {flag:?}\n{USAGE}"),
+            }
         }
-    });
-    Ok(addr)
-}
-
-/// Sends `mib` MiB to the sink at `addr`, half-closes, verifies the count; returns MiB/s.
-async fn throughput(addr: SocketAddr, mib: u64) -> Result<f64> {
-    let chunk: Vec<u8> = (0..MIB as u32).map(|i| (i * 31 + 7) as u8).collect();
-    let start = Instant::now();
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    for _ in 0..mib {
-        s.write_all(&chunk).await?;
-    }
-    s.shutdown().await?;
-    let got = s.read_u64().await.context("reading sink count")?; // big-endian
-    let secs = start.elapsed().as_secs_f64();
-    if got != mib * MIB {
-        bail!("sink counted {got} bytes, sent {}", mib * MIB);
-    }
-    Ok(mib as f64 / secs)
-}
-
-/// Round-trip samples in microseconds, sorted; `lost` is `Some` for UDP.
-struct Rtt(Vec<f64>, Option<usize>);
-
-impl Rtt {
-    fn new(mut us: Vec<f64>, lost: Option<usize>) -> Rtt {
-        us.sort_by(f64::total_cmp);
-        Rtt(us, lost)
-    }
-    fn show(&self) -> String {
-        let v = &self.0;
-        let pct = |p: usize| v.get((v.len() * p / 100).min(v.len().saturating_sub(1)));
-        let f = |x: Option<&f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
-        let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        let (p50, p99, mean) = (f(pct(50)), f(pct(99)), f(mean.as_ref()));
-        let mut s = format!("p50 {p50} p99 {p99} mean {mean}");
-        if let Some(lost) = self.1 {
-            s.push_str(&format!(" lost {lost}/{}", v.len() + lost));
+        if a.mib == 0 || a.repeat == 0 || a.rounds == 0 || a.setups == 0 || a.agents == 0 {
+            bail!("numbers must be at least 1");
         }
-        s
+        Ok(a)
+    }
+
+    fn has(&self, m: &str) -> bool {
+        self.modes.contains(m)
     }
 }
 
-fn row(name: &str, relay: &str, direct: &str) {
-    println!("{name:<20}relay  {relay:<42} direct {direct}");
+fn runtime(name: &str, workers: Option<usize>) -> Result<Runtime> {
+    let mut b = Builder::new_multi_thread();
+    b.thread_name(name).enable_all();
+    if let Some(w) = workers {
+        b.worker_threads(w);
+    }
+    Ok(b.build()?)
 }
 
-/// One connection through the TCP echo: WARMUP then ROUNDS sequential 64-byte round trips.
-async fn tcp_rtt(addr: SocketAddr) -> Result<Rtt> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let mut msg = [0u8; MSG];
-    let mut back = [0u8; MSG];
-    let mut us = Vec::with_capacity(ROUNDS);
-    for i in 0..WARMUP + ROUNDS {
-        msg[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let t = Instant::now();
-        s.write_all(&msg).await?;
-        timeout(Duration::from_secs(5), s.read_exact(&mut back))
-            .await
-            .context("tcp echo timed out")??;
-        let dt = t.elapsed();
-        if back != msg {
-            bail!("tcp echo returned different bytes at round {i}");
-        }
-        if i >= WARMUP {
-            us.push(dt.as_secs_f64() * 1e6);
-        }
+fn main() -> Result<()> {
+    let args = Args::parse()?;
+    // The load generators, backends and delay proxies.
+    let io = runtime("bench-io", Some(2))?;
+    // In-process daemons and the anchor's two ends: default worker count, like a daemon.
+    let ztna = runtime(relays::THREADS, None)?;
+    let hop_srv = runtime("hop-srv", None)?;
+    let hop_cli = runtime("hop-cli", None)?;
+    logs();
+    let result = io.block_on(run(
+        &args,
+        ztna.handle().clone(),
+        hop_srv.handle().clone(),
+        hop_cli.handle().clone(),
+    ));
+    for rt in [ztna, hop_srv, hop_cli, io] {
+        rt.shutdown_timeout(Duration::from_secs(5));
     }
-    s.shutdown().await?;
-    Ok(Rtt::new(us, None))
+    result
 }
 
-/// Sends datagram `seq` and waits up to `wait` for its echo (stale echoes are skipped).
-async fn udp_once(s: &UdpSocket, seq: u64, wait: Duration) -> Result<Option<Duration>> {
-    let mut msg = [0u8; MSG];
-    msg[..8].copy_from_slice(&seq.to_be_bytes());
-    let mut buf = [0u8; 2048];
-    let t = Instant::now();
-    s.send(&msg).await?;
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let Ok(n) = tokio::time::timeout_at(deadline, s.recv(&mut buf)).await else {
-            return Ok(None);
-        };
-        if n? == MSG && buf[..MSG] == msg {
-            return Ok(Some(t.elapsed()));
-        } // otherwise a late echo of an earlier datagram: keep waiting
-    }
+fn progress(what: &str) {
+    eprintln!("[ztna-bench {}] {what}", chrono_now());
 }
 
-/// Connected UDP client: opens the flow, WARMUP, then ROUNDS round trips with 1 s timeout each.
-/// Gives up after MAX_LOST losses so the run stays bounded (the sent count shows it).
-async fn udp_rtt(addr: SocketAddr) -> Result<Rtt> {
-    let s = UdpSocket::bind(loopback0()).await?;
-    s.connect(addr).await?;
-    let mut seq = 0u64;
-    let open = Instant::now();
-    while udp_once(&s, seq, Duration::from_millis(200))
-        .await?
-        .is_none()
-    {
-        seq += 1;
-        if open.elapsed() > Duration::from_secs(10) {
-            bail!("udp flow to {addr} never opened");
-        }
-    }
-    let (mut us, mut lost) = (Vec::with_capacity(ROUNDS), 0);
-    for i in 0..WARMUP + ROUNDS {
-        seq += 1;
-        let r = udp_once(&s, seq, Duration::from_secs(1)).await?;
-        match (i >= WARMUP, r) {
-            (true, Some(dt)) => us.push(dt.as_secs_f64() * 1e6),
-            (true, None) => lost += 1,
-            _ => {}
-        }
-        if lost >= MAX_LOST {
-            break;
-        }
-    }
-    Ok(Rtt::new(us, Some(lost)))
+fn chrono_now() -> String {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    format!(
+        "{:6.1}s",
+        START.get_or_init(Instant::now).elapsed().as_secs_f64()
+    )
 }
 
 async fn step<T>(what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    progress(what);
     timeout(STEP_LIMIT, f)
         .await
         .with_context(|| format!("{what}: over {STEP_LIMIT:?}"))?
         .with_context(|| what.to_string())
 }
 
-fn parse_mib() -> Result<u64> {
-    let mut mib = 256;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--mib" => {
-                let v = args.next().context("--mib needs a value")?;
-                mib = v.parse().with_context(|| format!("bad --mib {v:?}"))?;
-            }
-            other => bail!("unknown argument {other:?} (usage: ztna-bench [--mib N])"),
-        }
-    }
-    if mib == 0 {
-        bail!("--mib must be > 0");
-    }
-    Ok(mib)
+/// Everything measured, for the table and the goals.
+#[derive(Default)]
+struct Figures {
+    tcp: Vec<(&'static str, Vec<Bulk>)>,
+    /// Drop counters that moved in the relay processes during the TCP runs.
+    tcp_drops: Vec<String>,
+    tcp_rtt: Vec<(&'static str, Samples)>,
+    udp_rtt: Vec<(&'static str, Samples, usize)>,
+    setup: Vec<(&'static str, Samples)>,
+    windows: Vec<String>,
+    wan: Vec<Wan>,
+    udp: Vec<UdpRow>,
+    burst: Option<Burst>,
+    scale: Option<scale::Report>,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
-    let mib = parse_mib()?;
-    logs();
+struct Wan {
+    rtt: Duration,
+    avg: f64,
+    steady: f64,
+    /// Datagrams the kernel dropped at full socket receive buffers during the run: agent,
+    /// intermediate, connector, this process (the proxies).
+    drops: [u64; 4],
+    /// Datagrams the proxies passed on, and dropped for a full delay line.
+    forwarded: u64,
+    overflow: u64,
+}
+
+struct UdpRow {
+    size: usize,
+    mbit: f64,
+    direct: udp_rate::RateResult,
+    relay: udp_rate::RateResult,
+    drops: Vec<String>,
+}
+
+struct Burst {
+    r: udp_rate::RateResult,
+    rate_mbit: f64,
+    lost_by_proxy: u64,
+    /// Counters that moved during each phase.
+    drops: Vec<Vec<String>>,
+    /// Payloads the connector received on the flow's stream (not as datagrams) per phase.
+    on_stream: Vec<f64>,
+}
+
+impl Figures {
+    fn tcp_of(&self, name: &str) -> Option<(f64, f64)> {
+        let v = &self.tcp.iter().find(|(n, _)| *n == name)?.1;
+        let mib: Vec<f64> = v.iter().map(|b| b.mib_s).collect();
+        let cpu: Vec<f64> = v.iter().map(|b| b.cpu_per_gib).collect();
+        Some((median(&mib)?, median(&cpu)?))
+    }
+    fn rtt_of(&self, name: &str) -> Option<&Samples> {
+        self.tcp_rtt
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s)
+    }
+    fn setup_of(&self, name: &str) -> Option<&Samples> {
+        self.setup.iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+    }
+}
+
+const DIRECT: &str = "direct";
+const HOP: &str = "one quinn hop";
+const RELAY: &str = "relay, processes";
+const INPROC: &str = "relay, in-process";
+
+async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Result<()> {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let profile = if cfg!(debug_assertions) {
-        "debug (WARNING: debug_assertions on; numbers are not representative, use --release)"
+        "debug (WARNING: not representative, build with --release)"
     } else {
         "release"
     };
-    println!("ztna-bench: nproc {nproc}, tokio worker_threads 2, profile {profile}");
+    let bins = Bins::find()?;
+    println!("ztna-bench: {nproc} cores, profile {profile}, modes {}", {
+        let m: Vec<&str> = args.modes.iter().map(|s| s.as_str()).collect();
+        m.join(",")
+    });
+    println!("daemons (processes): {}", bins.describe());
     println!(
-        "tcp throughput: one flow, {mib} MiB to a sink; rtt: {ROUNDS} sequential 64B round trips \
-         after {WARMUP} warmup; relay = via agent/intermediate/connector, direct = to the backend"
+        "NOTE: loopback, cores shared with everything else on this machine: figures are noisy. \
+         Compare columns of one run; quote medians of several runs."
     );
+    let pki = Arc::new(Pki::new());
+    let b = Backends::start().await?;
+    let mut f = Figures::default();
 
-    let pki = Pki::new();
-    let (echo_tcp, echo_task) = tcp_echo().await;
-    let (echo_udp, _seen, echo_udp_task) = udp_echo().await;
-    let sink = tcp_sink().await?;
-    let im = start_intermediate(&pki, open_policy(&["echo", "sink"]));
-    let services = [
-        ("echo", Some(echo_tcp), Some(echo_udp)),
-        ("sink", Some(sink), None),
-    ];
-    let mut c = start_connector(&pki, "bench-1", &[im.addr], &services);
-    c.wait_registered(1).await;
-    let forwards = [
-        ("echo", ForwardProtocol::Tcp),
-        ("echo", ForwardProtocol::Udp),
-        ("sink", ForwardProtocol::Tcp),
-    ];
-    let mut a = start_agent(&pki, "bench", &[im.addr], &forwards).await;
-    a.wait_status("echo", ServiceState::Available).await;
-    a.wait_status("sink", ServiceState::Available).await;
-    let (relay_sink, relay_tcp, relay_udp) = (
-        a.port("sink", Protocol::Tcp),
-        a.port("echo", Protocol::Tcp),
-        a.port("echo", Protocol::Udp),
-    );
+    let side_by_side = args.has("tcp") || args.has("rtt") || args.has("setup");
+    let relay = if side_by_side || args.has("udp") {
+        Some(
+            step(
+                "start relay processes",
+                ProcRelay::start(&pki, &bins, &b, "main", None),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let (inproc, hop) = if side_by_side {
+        let inproc = step(
+            "start in-process relay",
+            InprocRelay::start(&ztna, pki.clone(), &b),
+        )
+        .await?;
+        let hop = step("start the anchor (one quinn hop)", async {
+            let sid = Identity::load(&pki.issue("intermediate", "hop"), Role::Intermediate)?;
+            let cid = Identity::load(&pki.issue("agent", "hop"), Role::Agent)?;
+            let sopts = intermediate_config(&pki, loopback0(), Vec::new()).transport();
+            let copts = scale::agent_transport(&pki)?;
+            hop::Hop::start(&hop_srv, &hop_cli, sid, sopts, cid, copts).await
+        })
+        .await?;
+        (Some(inproc), Some(hop))
+    } else {
+        (None, None)
+    };
 
-    let r = step("relay tcp throughput", throughput(relay_sink, mib)).await?;
-    let d = step("direct tcp throughput", throughput(sink, mib)).await?;
-    let (r, d) = (format!("{r:.1} MiB/s"), format!("{d:.1} MiB/s"));
-    row("tcp throughput", &r, &d);
-
-    let r = step("relay tcp rtt", tcp_rtt(relay_tcp)).await?;
-    let d = step("direct tcp rtt", tcp_rtt(echo_tcp)).await?;
-    row("tcp rtt 64B (us)", &r.show(), &d.show());
-
-    let r = step("relay udp rtt", udp_rtt(relay_udp)).await?;
-    let d = step("direct udp rtt", udp_rtt(echo_udp)).await?;
-    row("udp rtt 64B (us)", &r.show(), &d.show());
-
-    a.daemon.shutdown().await;
-    c.daemon.shutdown().await;
-    im.daemon.shutdown().await;
-    echo_task.abort();
-    echo_udp_task.abort();
+    if let (Some(relay), Some(inproc), Some(hop)) = (&relay, &inproc, &hop) {
+        if args.has("tcp") {
+            tcp(args, &mut f, &b, relay, inproc, hop).await?;
+        }
+        if args.has("rtt") {
+            rtt(args, &mut f, &b, relay, inproc, hop).await?;
+        }
+        if args.has("setup") {
+            setup(args, &mut f, &b, relay, inproc, hop).await?;
+        }
+    }
+    if let Some(h) = hop {
+        h.close().await;
+    }
+    if let Some(i) = inproc {
+        step("stop in-process relay", async {
+            i.stop().await;
+            Ok(())
+        })
+        .await?;
+    }
+    if args.has("udp") {
+        if let Some(relay) = &relay {
+            udp(args, &mut f, &b, relay).await?;
+        }
+        burst(&mut f, &pki, &bins, &b).await?;
+    }
+    if let Some(r) = relay {
+        r.stop().await;
+    }
+    if args.has("wan") {
+        wan(args, &mut f, &pki, &bins, &b).await?;
+    }
+    if args.has("scale") {
+        let opts = scale::Opts {
+            agents: args.agents,
+            per_socket: args.per_socket,
+            quiet: args.quiet,
+        };
+        let what = format!("scale: {} agents against one intermediate", args.agents);
+        f.scale = Some(
+            timeout(Duration::from_secs(900), async {
+                progress(&what);
+                scale::run(pki.clone(), &bins, &opts).await
+            })
+            .await
+            .context("scale: over 900 s")??,
+        );
+    }
+    report(args, &f, nproc);
     Ok(())
+}
+
+async fn tcp(
+    args: &Args,
+    f: &mut Figures,
+    b: &Backends,
+    relay: &ProcRelay,
+    inproc: &InprocRelay,
+    hop: &hop::Hop,
+) -> Result<()> {
+    let mib = args.mib;
+    let mut rows: Vec<(&'static str, Vec<Bulk>)> =
+        [DIRECT, HOP, RELAY, INPROC].map(|n| (n, Vec::new())).into();
+    let direct_cpu = CpuOf::Threads(vec!["bench-io"]);
+    let relay_cpu = CpuOf::Pids(relay.pids());
+    let inproc_cpu = CpuOf::Threads(vec![relays::THREADS]);
+    let before = relay.drop_snapshot().await;
+    for i in 0..args.repeat {
+        let n = i + 1;
+        let r = step(
+            &format!("tcp {n}: direct"),
+            backends::throughput(b.sink.addr, mib, &direct_cpu),
+        )
+        .await?;
+        rows[0].1.push(r);
+        let r = step(&format!("tcp {n}: one quinn hop"), hop.bulk(mib)).await?;
+        rows[1].1.push(r);
+        let r = step(
+            &format!("tcp {n}: relay, processes"),
+            backends::throughput(relay.ports.sink, mib, &relay_cpu),
+        )
+        .await?;
+        rows[2].1.push(r);
+        let r = step(
+            &format!("tcp {n}: relay, in-process"),
+            backends::throughput(inproc.ports.sink, mib, &inproc_cpu),
+        )
+        .await?;
+        rows[3].1.push(r);
+    }
+    f.tcp = rows;
+    f.tcp_drops = relays::snapshot_deltas(&before, &relay.drop_snapshot().await);
+    Ok(())
+}
+
+async fn rtt(
+    args: &Args,
+    f: &mut Figures,
+    b: &Backends,
+    relay: &ProcRelay,
+    inproc: &InprocRelay,
+    hop: &hop::Hop,
+) -> Result<()> {
+    let (w, n) = (100, args.rounds);
+    let d = step("rtt: tcp direct", backends::tcp_rtt(b.echo_tcp, w, n)).await?;
+    let h = step("rtt: one quinn hop (stream)", hop.rtt_stream(w, n)).await?;
+    let r = step(
+        "rtt: tcp relay, processes",
+        backends::tcp_rtt(relay.ports.echo_tcp, w, n),
+    )
+    .await?;
+    let i = step(
+        "rtt: tcp relay, in-process",
+        backends::tcp_rtt(inproc.ports.echo_tcp, w, n),
+    )
+    .await?;
+    f.tcp_rtt = vec![(DIRECT, d), (HOP, h), (RELAY, r), (INPROC, i)];
+    let (d, dl) = step("rtt: udp direct", backends::udp_rtt(b.echo_udp, w, n)).await?;
+    let (h, hl) = step("rtt: one quinn hop (datagrams)", hop.rtt_datagram(w, n)).await?;
+    let (r, rl) = step(
+        "rtt: udp relay, processes",
+        backends::udp_rtt(relay.ports.echo_udp, w, n),
+    )
+    .await?;
+    let (i, il) = step(
+        "rtt: udp relay, in-process",
+        backends::udp_rtt(inproc.ports.echo_udp, w, n),
+    )
+    .await?;
+    f.udp_rtt = vec![
+        (DIRECT, d, dl),
+        (HOP, h, hl),
+        (RELAY, r, rl),
+        (INPROC, i, il),
+    ];
+    Ok(())
+}
+
+const HOP_FULL: &str = "one quinn hop, full handshake";
+const HOP_RESUMED: &str = "one quinn hop, shared config";
+
+async fn setup(
+    args: &Args,
+    f: &mut Figures,
+    b: &Backends,
+    relay: &ProcRelay,
+    inproc: &InprocRelay,
+    hop: &hop::Hop,
+) -> Result<()> {
+    let (w, n) = (20, args.setups);
+    let d = step("setup: direct", backends::tcp_setup(b.echo_tcp, w, n)).await?;
+    let full = step("setup: one quinn hop, full", hop.handshakes(w, n, true)).await?;
+    let shared = step("setup: one quinn hop, shared", hop.handshakes(w, n, false)).await?;
+    let r = step(
+        "setup: relay, processes",
+        backends::tcp_setup(relay.ports.echo_tcp, w, n),
+    )
+    .await?;
+    let i = step(
+        "setup: relay, in-process",
+        backends::tcp_setup(inproc.ports.echo_tcp, w, n),
+    )
+    .await?;
+    f.setup = vec![
+        (DIRECT, d),
+        (HOP_FULL, full),
+        (HOP_RESUMED, shared),
+        (RELAY, r),
+        (INPROC, i),
+    ];
+    Ok(())
+}
+
+/// `field: value` out of a `Debug` rendering, `VarInt(..)` unwrapped.
+fn debug_field(text: &str, field: &str) -> String {
+    let key = format!(" {field}: ");
+    let Some(i) = text.find(&key) else {
+        return "?".into();
+    };
+    let rest = &text[i + key.len()..];
+    let mut depth = 0;
+    let end = rest
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '(' | '{' | '[' => depth += 1,
+                ')' | '}' | ']' if depth > 0 => depth -= 1,
+                _ => {}
+            }
+            depth == 0 && (c == ',' || c == '}')
+        })
+        .map_or(rest.len(), |(i, _)| i);
+    let v = rest[..end].trim();
+    v.strip_prefix("VarInt(")
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or(v)
+        .to_string()
+}
+
+fn windows(role: &str, t: &quinn::TransportConfig) -> (String, Option<f64>) {
+    let d = format!("{t:?}");
+    let srw = debug_field(&d, "stream_receive_window");
+    let line = format!(
+        "{role:<13} stream_receive_window {srw}  receive_window {}  send_window {}  \
+         initial_mtu {}  min_mtu {}  mtu_discovery {}",
+        debug_field(&d, "receive_window"),
+        debug_field(&d, "send_window"),
+        debug_field(&d, "initial_mtu"),
+        debug_field(&d, "min_mtu"),
+        debug_field(&d, "mtu_discovery_config"),
+    );
+    (line, srw.parse().ok())
+}
+
+fn connector_config(pki: &Pki) -> Result<ztna_connector::Config> {
+    let tls = pki.issue("connector", "defaults");
+    let text = format!(
+        "intermediates = [\"127.0.0.1:1\"]\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [[service]]\nname = \"x\"\ntcp = \"127.0.0.1:1\"\n",
+        tls.ca.display().to_string(),
+        tls.cert.display().to_string(),
+        tls.key.display().to_string()
+    );
+    toml::from_str(&text).context("default connector config")
+}
+
+async fn wan(args: &Args, f: &mut Figures, pki: &Pki, bins: &Bins, b: &Backends) -> Result<()> {
+    let mut smallest: Option<f64> = None;
+    for (role, t) in [
+        ("agent", scale::agent_config(pki)?.transport()),
+        (
+            "intermediate",
+            intermediate_config(pki, loopback0(), Vec::new()).transport(),
+        ),
+        ("connector", connector_config(pki)?.transport()),
+    ] {
+        let (line, srw) = windows(role, &t.transport_config());
+        f.windows.push(line);
+        if let Some(w) = srw {
+            smallest = Some(smallest.map_or(w, |s: f64| s.min(w)));
+        }
+    }
+    if let Some(w) = smallest {
+        f.windows.push(format!(
+            "one flow's ceiling from the smallest stream window: {:.0} Mbit/s at 50 ms RTT, {:.0} \
+             Mbit/s at 100 ms (window / RTT); memory cost: up to stream_receive_window per \
+             flow per hop, receive_window per connection",
+            w * 8.0 / 0.05 / 1e6,
+            w * 8.0 / 0.1 / 1e6
+        ));
+    }
+    let mut rtts = vec![Duration::ZERO];
+    rtts.extend(args.rtts.iter().copied());
+    for rtt in rtts {
+        let secs = if rtt.is_zero() {
+            (args.wan_secs / 2.0).max(2.0)
+        } else {
+            args.wan_secs
+        };
+        let tag = format!("wan{}", rtt.as_millis());
+        let r = step(
+            &format!("wan: start relay with {} ms RTT per hop", rtt.as_millis()),
+            ProcRelay::start(pki, bins, b, &tag, Some(rtt / 2)),
+        )
+        .await?;
+        let pids = [
+            r.agent.pid(),
+            r.im.pid(),
+            r.connector.pid(),
+            std::process::id(),
+        ];
+        let drops0 = pids.map(util::udp_socket_drops);
+        let res = step(
+            &format!(
+                "wan: one TCP flow for {secs} s at {} ms RTT per hop",
+                rtt.as_millis()
+            ),
+            backends::throughput_for(&b.sink, r.ports.sink, secs),
+        )
+        .await;
+        let drops1 = pids.map(util::udp_socket_drops);
+        let drops: [u64; 4] = std::array::from_fn(|i| drops1[i].saturating_sub(drops0[i]));
+        let (fwd, overflow) = r.proxies.iter().fold((0, 0), |(f, o), p| {
+            let s = p.stats();
+            (
+                f + s.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+                o + s.overflow.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
+        r.stop().await;
+        let (avg, steady) = res?;
+        f.wan.push(Wan {
+            rtt,
+            avg,
+            steady,
+            drops,
+            forwarded: fwd,
+            overflow,
+        });
+    }
+    Ok(())
+}
+
+const SIZES: [usize; 2] = [1200, 1472];
+const RATES: [f64; 3] = [100e6, 500e6, 1e9];
+
+async fn udp(args: &Args, f: &mut Figures, b: &Backends, relay: &ProcRelay) -> Result<()> {
+    let dur = Duration::from_secs_f64(args.udp_secs);
+    let mut run_id = 100;
+    for size in SIZES {
+        for rate in RATES {
+            run_id += 1;
+            let mbit = rate / 1e6;
+            let direct = step(
+                &format!("udp: direct {size} B at {mbit} Mbit/s"),
+                udp_rate::run(
+                    b.usink.addr,
+                    &b.usink,
+                    run_id,
+                    size,
+                    rate,
+                    &[(1, dur)],
+                    |_| async {},
+                ),
+            )
+            .await?;
+            let before = relay.drop_snapshot().await;
+            run_id += 1;
+            let r = step(
+                &format!("udp: relay {size} B at {mbit} Mbit/s"),
+                udp_rate::run(
+                    relay.ports.usink,
+                    &b.usink,
+                    run_id,
+                    size,
+                    rate,
+                    &[(1, dur)],
+                    |_| async {},
+                ),
+            )
+            .await?;
+            let drops = relays::snapshot_deltas(&before, &relay.drop_snapshot().await);
+            if r.received[0] == 0 {
+                progress("udp: warning: the flow's warm-up never reached the sink");
+            }
+            f.udp.push(UdpRow {
+                size,
+                mbit,
+                direct,
+                relay: r,
+                drops,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Burst then steady: 1200-byte datagrams at 100 Mbit/s through delay proxies (no delay) on both
+/// hops: 1 s clean, 1 s with 30 % loss on both hops, 5 s clean again.
+async fn burst(f: &mut Figures, pki: &Pki, bins: &Bins, b: &Backends) -> Result<()> {
+    let r = step(
+        "udp burst: start relay with loss proxies",
+        ProcRelay::start(pki, bins, b, "burst", Some(Duration::ZERO)),
+    )
+    .await?;
+    let rate = 100e6;
+    let phases = [
+        (1u8, Duration::from_secs(1)),
+        (2, Duration::from_secs(1)),
+        (3, Duration::from_secs(5)),
+    ];
+    let snaps = std::sync::Mutex::new(Vec::new());
+    let res = step(
+        "udp burst: 1 s clean, 1 s 30 % loss, 5 s clean",
+        udp_rate::run(r.ports.usink, &b.usink, 900, 1200, rate, &phases, |p| {
+            let (r, snaps) = (&r, &snaps);
+            async move {
+                let s = r.drop_snapshot().await;
+                ztna_node::lock(snaps).push(s);
+                for px in &r.proxies {
+                    px.set_loss(if p == 2 { 0.30 } else { 0.0 });
+                }
+            }
+        }),
+    )
+    .await;
+    let mut snaps = snaps.into_inner().unwrap_or_else(|p| p.into_inner());
+    snaps.push(r.drop_snapshot().await);
+    let lost_by_proxy = r
+        .proxies
+        .iter()
+        .map(|p| p.stats().lost.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let drops = snaps
+        .windows(2)
+        .map(|w| relays::snapshot_deltas(&w[0], &w[1]))
+        .collect();
+    let on_stream = snaps
+        .windows(2)
+        .map(|w| {
+            let sum = |s: &relays::Snapshot| {
+                s.iter()
+                    .filter(|(n, _)| *n == "connector")
+                    .flat_map(|(_, m)| m.iter())
+                    .filter(|(k, _)| k.starts_with("ztna_connector_udp_stream_payloads_total"))
+                    .map(|(_, v)| v)
+                    .sum::<f64>()
+            };
+            sum(&w[1]) - sum(&w[0])
+        })
+        .collect();
+    r.stop().await;
+    f.burst = Some(Burst {
+        r: res?,
+        rate_mbit: rate / 1e6,
+        lost_by_proxy,
+        drops,
+        on_stream,
+    });
+    Ok(())
+}
+
+fn fmt_pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1} %", x * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
+struct Goal {
+    name: &'static str,
+    what: String,
+    value: Option<f64>,
+    target: &'static str,
+}
+
+fn report(args: &Args, f: &Figures, nproc: usize) {
+    println!();
+    println!("== ztna-bench results ({nproc} cores; noisy: compare within a run, take medians of runs) ==");
+    if !f.tcp.is_empty() {
+        println!();
+        println!(
+            "TCP, one stream, {} MiB per transfer, median of {}:",
+            args.mib, args.repeat
+        );
+        println!(
+            "  {:<34}{:>10}{:>9}{:>12}   runs (MiB/s)",
+            "", "MiB/s", "Gbit/s", "CPU-s/GiB"
+        );
+        for (name, v) in &f.tcp {
+            let (m, c) = f.tcp_of(name).unwrap_or((f64::NAN, f64::NAN));
+            let runs: Vec<String> = v.iter().map(|b| format!("{:.0}", b.mib_s)).collect();
+            println!(
+                "  {name:<34}{m:>10.1}{:>9.2}{c:>12.2}   {}",
+                mib_s_to_gbit(m),
+                runs.join(" ")
+            );
+        }
+        println!(
+            "  (CPU of: direct = this process's load threads (client + sink); one quinn hop = \
+             both ends' runtimes; relay, processes = the three daemon processes; relay, \
+             in-process = the daemons' runtime)"
+        );
+        if !f.tcp_drops.is_empty() {
+            println!(
+                "  relay processes, during these runs: {}",
+                f.tcp_drops.join("; ")
+            );
+        }
+    }
+    if !f.tcp_rtt.is_empty() {
+        println!();
+        println!("64-byte RTT, µs, {} sequential round trips:", args.rounds);
+        println!(
+            "  {:<34}{:>7} {:>7}   {:>7} {:>7} lost",
+            "", "tcp p50", "p99", "udp p50", "p99"
+        );
+        for ((name, t), (_, u, lost)) in f.tcp_rtt.iter().zip(&f.udp_rtt) {
+            println!("  {name:<34}{}   {} {lost}", t.show(), u.show());
+        }
+        println!("  (one quinn hop: tcp column = a stream, udp column = QUIC datagrams)");
+    }
+    if !f.setup.is_empty() {
+        println!();
+        println!(
+            "New-connection setup, µs, {} in a row (TCP connect → first 64 bytes echoed; quinn: \
+             client handshake):",
+            args.setups
+        );
+        println!("  {:<34}{:>7} {:>7}", "", "p50", "p99");
+        for (name, s) in &f.setup {
+            println!("  {name:<34}{}", s.show());
+        }
+    }
+    if !f.wan.is_empty() {
+        println!();
+        println!("WAN: one TCP flow through the relay processes, a delay proxy on each QUIC hop:");
+        for w in &f.windows {
+            println!("  windows: {w}");
+        }
+        println!(
+            "  {:<16}{:>10}{:>13}{:>9}{:>13}   socket drops: agent/intermediate/connector/proxies",
+            "RTT per hop", "avg MiB/s", "steady MiB/s", "Gbit/s", "proxied pkts",
+        );
+        for w in &f.wan {
+            let d = w.drops;
+            println!(
+                "  {:<16}{:>10.1}{:>13.1}{:>9.3}{:>13}   {}/{}/{}/{}",
+                format!("{} ms", w.rtt.as_millis()),
+                w.avg,
+                w.steady,
+                mib_s_to_gbit(w.steady),
+                w.forwarded,
+                d[0],
+                d[1],
+                d[2],
+                d[3] + w.overflow,
+            );
+        }
+        println!(
+            "  (steady = the sink's rate over the second half of {} s of sending; 0 ms = the same \
+             proxies without delay, the loopback baseline; socket drops = datagrams the kernel \
+             dropped at a full UDP receive buffer of that process during the run: losses QUIC's \
+             congestion control reacts to)",
+            args.wan_secs
+        );
+    }
+    if !f.udp.is_empty() {
+        println!();
+        println!(
+            "UDP, one flow, offered for {} s (payload bits), relay = the processes:",
+            args.udp_secs
+        );
+        println!(
+            "  {:<16}{:>12}{:>12}{:>12}{:>12}{:>14}",
+            "size @ offered", "direct", "relay", "offered", "one-way p50", "p99 (µs)"
+        );
+        for u in &f.udp {
+            println!(
+                "  {:<16}{:>12}{:>12}{:>12}{:>12}{:>14}",
+                format!("{} B @ {}M", u.size, u.mbit),
+                fmt_pct(u.direct.delivered(1)),
+                fmt_pct(u.relay.delivered(1)),
+                format!("{:.0}M", u.relay.offered_mbit[1]),
+                opt(u.relay.latency.p50(), 0),
+                opt(u.relay.latency.p99(), 0),
+            );
+            if !u.drops.is_empty() {
+                println!("      drops: {}", u.drops.join("; "));
+            }
+        }
+    }
+    if let Some(bu) = &f.burst {
+        println!();
+        println!(
+            "UDP burst then steady (1200 B at {} Mbit/s; delay proxies without delay on both hops):",
+            bu.rate_mbit
+        );
+        for (p, name) in [
+            (1, "1 s clean"),
+            (2, "1 s 30 % loss"),
+            (3, "5 s after the burst"),
+        ] {
+            println!(
+                "  {name:<22} sent {:>7} received {:>7} delivered {}",
+                bu.r.sent[p],
+                bu.r.received[p],
+                fmt_pct(bu.r.delivered(p))
+            );
+            if let Some(n) = bu.on_stream.get(p - 1) {
+                println!(
+                    "      carried on the flow's stream, not as datagrams (too large for the \
+                     path MTU): {n} = {}",
+                    fmt_pct(n / bu.r.sent[p].max(1) as f64)
+                );
+            }
+            if let Some(d) = bu.drops.get(p - 1).filter(|d| !d.is_empty()) {
+                println!("      counters moved: {}", d.join("; "));
+            }
+        }
+        println!(
+            "  dropped by the proxies on purpose: {} (udp_stream_payloads = payloads too large \
+             for a datagram, carried on the flow's stream)",
+            bu.lost_by_proxy
+        );
+    }
+    if let Some(s) = &f.scale {
+        println!();
+        println!(
+            "Scale: {} agent connections (distinct identities, {} client sockets) against one \
+             intermediate process:",
+            s.agents, s.sockets
+        );
+        println!(
+            "  certificates issued in {:.1} s; {} connected in {:.1} s (≤128 handshakes in flight)",
+            s.issue_secs, s.connected, s.connect_secs
+        );
+        println!(
+            "  intermediate RSS: {:.0} MiB before, {:.0} MiB with them: {} KiB per connection",
+            s.rss_base_kib / 1024.0,
+            s.rss_full_kib / 1024.0,
+            opt(s.kib_per_conn, 1)
+        );
+        println!(
+            "  keepalives over {:.0} s quiet: intermediate {} % of one core (load generator {} %)",
+            args.quiet.as_secs_f64(),
+            opt(s.quiet_cpu_pct, 1),
+            opt(s.generator_cpu_pct, 1)
+        );
+        println!(
+            "  reconnect storm: SIGTERM → exit {} s; restart → all {} back in {} s (SIGTERM → all \
+             back {} s; {} back)",
+            opt(s.storm_exit_secs, 1),
+            s.agents,
+            opt(s.storm_secs, 1),
+            opt(s.storm_total_secs, 1),
+            s.storm_reconnected,
+        );
+        println!("    {}", s.storm);
+        println!(
+            "    CPU until all were back: new intermediate {} %, load generator {} % of one core",
+            opt(s.storm_cpu_pct.0, 0),
+            opt(s.storm_cpu_pct.1, 0)
+        );
+        println!(
+            "  RSS after the storm {} MiB; 5 s after all left {} MiB: {} of the connections' \
+             memory given back",
+            opt(s.rss_after_storm_kib.map(|k| k / 1024.0), 0),
+            opt(s.rss_after_leave_kib.map(|k| k / 1024.0), 0),
+            s.returned.map_or("-".into(), fmt_pct)
+        );
+        for n in &s.notes {
+            println!("  note: {n}");
+        }
+    }
+
+    let goals = goals(f);
+    if goals.is_empty() {
+        return;
+    }
+    println!();
+    println!("Goals (issue 13):");
+    for g in &goals {
+        println!(
+            "  {:<32}{:>10}  target {:<8} {}",
+            g.name,
+            opt(g.value, 3),
+            g.target,
+            g.what
+        );
+    }
+    for g in &goals {
+        println!("ratio {} {}", g.name, opt(g.value, 3));
+    }
+}
+
+fn goals(f: &Figures) -> Vec<Goal> {
+    let mut g = Vec::new();
+    if let (Some((relay, rcpu)), Some((hop, hcpu))) = (f.tcp_of(RELAY), f.tcp_of(HOP)) {
+        g.push(Goal {
+            name: "tcp_throughput_relay_vs_hop",
+            what: "1: relay (processes) MiB/s / one quinn hop MiB/s".into(),
+            value: Some(relay / hop),
+            target: ">= 0.6",
+        });
+        g.push(Goal {
+            name: "tcp_cpu_per_gib_relay_vs_hop",
+            what: "1: CPU-s/GiB of the three daemons / of one quinn hop (both ends)".into(),
+            value: Some(rcpu / hcpu),
+            target: "<= 2.2",
+        });
+    }
+    let p50 = |s: Option<&Samples>| s.and_then(|s| s.p50());
+    let (d, h, r) = (
+        p50(f.rtt_of(DIRECT)),
+        p50(f.rtt_of(HOP)),
+        p50(f.rtt_of(RELAY)),
+    );
+    if let (Some(d), Some(h), Some(r)) = (d, h, r) {
+        g.push(Goal {
+            name: "rtt_added_relay_vs_budget",
+            what: format!(
+                "2: (relay p50 − direct p50) / (2 × (hop p50 − direct p50) + 20 µs) = {:.0} / {:.0} µs",
+                r - d,
+                2.0 * (h - d) + 20.0
+            ),
+            value: Some((r - d) / (2.0 * (h - d) + 20.0)),
+            target: "<= 1",
+        });
+    }
+    if let Some(s) = f.rtt_of(RELAY) {
+        if let (Some(p50), Some(p99)) = (s.p50(), s.p99()) {
+            g.push(Goal {
+                name: "rtt_p99_over_p50_relay",
+                what: "2: relay (processes) 64-byte TCP RTT p99 / p50".into(),
+                value: Some(p99 / p50),
+                target: "<= 2",
+            });
+        }
+    }
+    if let (Some(s), Some(hs), Some(rtt)) = (p50(f.setup_of(RELAY)), p50(f.setup_of(HOP_FULL)), r) {
+        g.push(Goal {
+            name: "setup_relay_vs_budget",
+            what: format!(
+                "2: relay setup p50 / (full quinn handshake p50 + relay RTT p50) = {s:.0} / {:.0} µs",
+                hs + rtt
+            ),
+            value: Some(s / (hs + rtt)),
+            target: "<= 1",
+        });
+    }
+    if let Some(base) = f.wan.iter().find(|w| w.rtt.is_zero()).map(|w| w.steady) {
+        for Wan { rtt, steady, .. } in f.wan.iter().filter(|w| !w.rtt.is_zero()) {
+            let name: &'static str = match rtt.as_millis() {
+                50 => "wan_50ms_vs_loopback",
+                100 => "wan_100ms_vs_loopback",
+                _ => "wan_other_rtt_vs_loopback",
+            };
+            g.push(Goal {
+                name,
+                what: format!(
+                    "3: steady MiB/s at {} ms RTT per hop / at 0 ms",
+                    rtt.as_millis()
+                ),
+                value: Some(steady / base),
+                target: ">= 0.8",
+            });
+        }
+    }
+    for u in &f.udp {
+        if u.mbit == 1000.0 {
+            g.push(Goal {
+                name: if u.size == 1200 {
+                    "udp_1g_1200_delivered"
+                } else {
+                    "udp_1g_1472_delivered"
+                },
+                what: format!("4: fraction delivered, {} B at 1 Gbit/s offered", u.size),
+                value: Some(u.relay.delivered(1)),
+                target: ">= 0.9",
+            });
+        }
+    }
+    if let Some(b) = &f.burst {
+        g.push(Goal {
+            name: "udp_after_burst_delivered",
+            what: "4: fraction delivered in the 5 s after a 1 s 30 % loss burst (1200 B)".into(),
+            value: Some(b.r.delivered(3)),
+            target: ">= 0.9",
+        });
+        if let Some(n) = b.on_stream.get(2) {
+            g.push(Goal {
+                name: "udp_after_burst_mtu_collapsed",
+                what: "4: fraction of those 1200 B payloads too large for a datagram after the \
+                       burst (MTU collapse; carried on the stream instead)"
+                    .into(),
+                value: Some(n / b.r.sent[3].max(1) as f64),
+                target: "0",
+            });
+        }
+    }
+    if let Some(s) = &f.scale {
+        g.push(Goal {
+            name: "scale_kib_per_connection",
+            what: "5: intermediate RSS growth / idle agent connection".into(),
+            value: s.kib_per_conn,
+            target: "<= 30",
+        });
+        g.push(Goal {
+            name: "scale_keepalive_cpu_pct",
+            what: "5: intermediate CPU, % of one core, with every agent idle".into(),
+            value: s.quiet_cpu_pct,
+            target: "<= 5",
+        });
+        g.push(Goal {
+            name: "scale_memory_returned",
+            what: "5: fraction of the connections' RSS given back 5 s after they left".into(),
+            value: s.returned,
+            target: "~ 1",
+        });
+        g.push(Goal {
+            name: "scale_storm_seconds",
+            what: "5: restart → every agent connected again (none: not all came back)".into(),
+            value: s.storm_secs,
+            target: "<= 30",
+        });
+        g.push(Goal {
+            name: "scale_storm_failed_attempts",
+            what: "5: attempts refused or timed out after the restarted process started".into(),
+            value: Some(s.storm_failed as f64),
+            target: "0",
+        });
+    }
+    g
 }
