@@ -32,6 +32,8 @@ pub struct Hop {
     client_opts: TransportOptions,
     conn: quinn::Connection,
     server_ep: quinn::Endpoint,
+    plain_echo: SocketAddr,
+    plain_task: tokio::task::JoinHandle<()>,
 }
 
 /// Flow kinds on the anchor's streams (first byte).
@@ -75,6 +77,14 @@ impl Hop {
             })
             .await??;
         let addr = server_ep.local_addr()?;
+        // A plain UDP echo on the server's runtime: the same two runtimes without QUIC, to tell
+        // what the quinn hop itself adds to a round trip.
+        let (plain_echo, plain_task) = srv
+            .spawn(async {
+                let (addr, _seen, task) = ztna_integration::udp_echo().await;
+                (addr, task)
+            })
+            .await?;
         let (client_ep, client_cfg, conn, client_id) = {
             let id = client_id.clone();
             cli.spawn(async move {
@@ -96,6 +106,8 @@ impl Hop {
             client_opts,
             conn,
             server_ep,
+            plain_echo,
+            plain_task,
         })
     }
 
@@ -206,6 +218,14 @@ impl Hop {
             .await?
     }
 
+    /// 64-byte ping-pong over plain UDP between the anchor's two runtimes (no QUIC).
+    pub async fn rtt_plain_udp(&self, warmup: usize, rounds: usize) -> Result<(Samples, usize)> {
+        let echo = self.plain_echo;
+        self.cli
+            .spawn(async move { crate::backends::udp_rtt(echo, warmup, rounds).await })
+            .await?
+    }
+
     /// Client-side handshake times of `rounds` new connections from the same endpoint. With
     /// `fresh`, every connection gets a newly built client config (no TLS session to resume: a
     /// full handshake); otherwise they share one config as a daemon's reconnects do.
@@ -246,6 +266,7 @@ impl Hop {
         self.conn.close(0u32.into(), b"bench done");
         self.client_ep.close(0u32.into(), b"bench done");
         self.server_ep.close(0u32.into(), b"bench done");
+        self.plain_task.abort();
         let ep = self.client_ep.clone();
         let _ = self
             .cli

@@ -1,5 +1,6 @@
 //! An in-process UDP delay proxy (netem is not available here): every datagram is held for a
-//! fixed one-way delay in each direction, and a settable fraction is dropped on arrival.
+//! fixed one-way delay in each direction, and a settable fraction is dropped on arrival, one by
+//! one or in runs of consecutive datagrams (as a full queue drops them).
 //! Clients talk to `addr`; each client address gets its own upstream socket (like a NAT), so
 //! the server sees one address per client.
 
@@ -34,6 +35,8 @@ struct Shared {
     delay: Duration,
     /// Loss in parts per million, applied to both directions.
     loss_ppm: Arc<AtomicU32>,
+    /// Longest run of consecutive drops (runs are 1..=this long, uniformly).
+    max_run: Arc<AtomicU32>,
     stats: Arc<ProxyStats>,
     queued: Arc<AtomicU64>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -45,8 +48,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Sets the loss (0.0–1.0) from now on.
-    pub fn set_loss(&self, fraction: f64) {
+    /// Sets the loss (0.0–1.0) from now on, in runs of 1..=`max_run` consecutive datagrams
+    /// (1: independent drops).
+    pub fn set_loss(&self, fraction: f64, max_run: u32) {
+        self.shared.max_run.store(max_run.max(1), Ordering::Relaxed);
         let ppm = (fraction.clamp(0.0, 1.0) * 1e6) as u32;
         self.shared.loss_ppm.store(ppm, Ordering::Relaxed);
     }
@@ -71,6 +76,7 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
     let shared = Shared {
         delay: one_way,
         loss_ppm: Arc::default(),
+        max_run: Arc::new(AtomicU32::new(1)),
         stats: Arc::default(),
         queued: Arc::default(),
         tasks: Arc::default(),
@@ -79,7 +85,7 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
     let task = tokio::spawn(async move {
         let mut uplinks: HashMap<SocketAddr, mpsc::UnboundedSender<(Instant, Bytes)>> =
             HashMap::new();
-        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Loss::new(0x9e37_79b9_7f4a_7c15);
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
             if !s2.admit(&mut rng, n) {
@@ -105,9 +111,12 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
 
 impl Shared {
     /// Applies the loss setting and the queue bound to a datagram of `n` bytes.
-    fn admit(&self, rng: &mut Rng, n: usize) -> bool {
-        let ppm = self.loss_ppm.load(Ordering::Relaxed);
-        if ppm > 0 && rng.below(1_000_000) < ppm {
+    fn admit(&self, loss: &mut Loss, n: usize) -> bool {
+        let (ppm, max_run) = (
+            self.loss_ppm.load(Ordering::Relaxed),
+            self.max_run.load(Ordering::Relaxed),
+        );
+        if loss.drop(ppm, max_run) {
             self.stats.lost.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -148,7 +157,7 @@ impl Shared {
         })));
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(u64::from(client.port()) << 32 | 0x2545_f491);
+            let mut rng = Loss::new(u64::from(client.port()) << 32 | 0x2545_f491);
             let mut buf = vec![0u8; 65_536];
             while let Ok(n) = up.recv(&mut buf).await {
                 if me.admit(&mut rng, n) {
@@ -187,13 +196,47 @@ fn big_buffers(s: UdpSocket) -> UdpSocket {
     s
 }
 
+/// Loss of one direction: a run of 1..=max_run consecutive datagrams starts with the probability
+/// that makes the long-run fraction `ppm`.
+struct Loss {
+    rng: Rng,
+    /// Datagrams left to drop in the current run.
+    left: u32,
+}
+
+impl Loss {
+    fn new(seed: u64) -> Loss {
+        Loss {
+            rng: Rng(seed | 1),
+            left: 0,
+        }
+    }
+
+    fn drop(&mut self, ppm: u32, max_run: u32) -> bool {
+        if ppm == 0 {
+            self.left = 0;
+            return false;
+        }
+        if self.left > 0 {
+            self.left -= 1;
+            return true;
+        }
+        // fraction = r·L / (1 + r·L) for runs starting with probability r, mean length L.
+        let f = f64::from(ppm.min(999_999)) / 1e6;
+        let mean_run = (1.0 + f64::from(max_run)) / 2.0;
+        let start = f / ((1.0 - f) * mean_run);
+        if f64::from(self.rng.below(1_000_000)) < start * 1e6 {
+            self.left = self.rng.below(max_run);
+            return true;
+        }
+        false
+    }
+}
+
 /// xorshift64*: enough randomness for dropping packets, no dependency.
 struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
     fn below(&mut self, n: u32) -> u32 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;

@@ -20,7 +20,7 @@ use ztna_pki::IssueRequest;
 use ztna_proto::{Role, ServerMsg};
 
 use crate::relays::{eventually_async, Bins};
-use crate::util::{proc_cpu, rss_kib, scrape};
+use crate::util::{proc_cpu, rss_kib, scrape, udp_socket_drops};
 
 /// Initial connections in flight at once (the first connect is a ramp, not a storm).
 const RAMP_CONCURRENCY: usize = 128;
@@ -39,6 +39,7 @@ struct Stats {
     timed_out: AtomicU64,
     other: AtomicU64,
     last_other: Mutex<String>,
+    last_refused: Mutex<String>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -60,7 +61,10 @@ impl Stats {
     }
     fn fail(&self, kind: Fail) {
         match kind {
-            Fail::Refused => &self.refused,
+            Fail::Refused(why) => {
+                *ztna_node::lock(&self.last_refused) = why;
+                &self.refused
+            }
             Fail::TimedOut => &self.timed_out,
             Fail::Other(why) => {
                 *ztna_node::lock(&self.last_other) = why;
@@ -84,7 +88,7 @@ impl std::ops::Sub for Failures {
 }
 
 enum Fail {
-    Refused,
+    Refused(String),
     TimedOut,
     Other(String),
 }
@@ -108,6 +112,11 @@ pub struct Report {
     /// CPU (% of one core) of the new intermediate and of the load generator until all were
     /// back.
     pub storm_cpu_pct: (Option<f64>, Option<f64>),
+    /// Datagrams the kernel dropped at full UDP receive buffers until all were back: the new
+    /// intermediate's socket, the load generator's.
+    pub storm_socket_drops: (u64, u64),
+    /// Intermediate CPU milliseconds per connection during the initial ramp (handshake cost).
+    pub ramp_cpu_ms_per_conn: Option<f64>,
     /// From SIGTERM until all N are connected again.
     pub storm_total_secs: Option<f64>,
     pub storm_reconnected: usize,
@@ -153,7 +162,7 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
 
     let mut endpoints = Vec::with_capacity(sockets);
     for _ in 0..sockets {
-        match ztna_node::transport::client_endpoint("127.0.0.1:0".parse()?) {
+        match generator_endpoint() {
             Ok(ep) => endpoints.push(ep),
             Err(e) => {
                 rep.notes.push(format!(
@@ -171,6 +180,8 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     let ramp = Arc::new(Semaphore::new(RAMP_CONCURRENCY));
+    let me = std::process::id();
+    let ramp_cpu = proc_cpu(im.pid());
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for (i, cfg) in configs.into_iter().enumerate() {
@@ -191,6 +202,9 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let ok = all_up(Duration::from_secs(240)).await;
     rep.connect_secs = t.elapsed().as_secs_f64();
     rep.connected = stats.up.load(Ordering::Relaxed);
+    if let (Some(a), Some(b)) = (ramp_cpu, proc_cpu(im.pid())) {
+        rep.ramp_cpu_ms_per_conn = Some((b - a) * 1e3 / rep.connected.max(1) as f64);
+    }
     if !ok {
         rep.notes.push(format!(
             "only {} of {n} connected within 240 s (last other error: {})",
@@ -206,7 +220,6 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     if up > 0 {
         rep.kib_per_conn = Some((rep.rss_full_kib - rep.rss_base_kib) / up as f64);
     }
-    let me = std::process::id();
     let (c0, g0, t0) = (proc_cpu(im.pid()), proc_cpu(me), Instant::now());
     tokio::time::sleep(opts.quiet).await;
     let secs = t0.elapsed().as_secs_f64();
@@ -231,8 +244,27 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let at_start = stats.failures();
     let t_start = Instant::now();
     let g_start = proc_cpu(me);
+    let g_drops = udp_socket_drops(me);
     let im2 = bins.spawn("intermediate", "intermediate-scale-2", &cfg_path);
+    // The new process's socket drops, sampled until all are back (its sockets die with it).
+    let im_drops = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (pid, d) = (im2.pid(), im_drops.clone());
+        tokio::spawn(async move {
+            for _ in 0..2400 {
+                d.fetch_max(udp_socket_drops(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
     let ok = all_up(Duration::from_secs(120)).await;
+    sampler.abort();
+    rep.storm_socket_drops = (
+        im_drops
+            .load(Ordering::Relaxed)
+            .max(udp_socket_drops(im2.pid())),
+        udp_socket_drops(me).saturating_sub(g_drops),
+    );
     let storm_secs = t_start.elapsed().as_secs_f64();
     rep.storm_cpu_pct = (
         proc_cpu(im2.pid()).map(|c| c / storm_secs * 100.0),
@@ -272,6 +304,12 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         hs(&h_after, "unauthorized"),
         hs(&h_before, "ok"),
     );
+    if f.refused > 0 {
+        rep.storm.push_str(&format!(
+            " (last refusal: {})",
+            ztna_node::lock(&stats.last_refused)
+        ));
+    }
     if f.other > 0 {
         rep.storm.push_str(&format!(
             " (last other: {})",
@@ -313,6 +351,19 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     im2.signal("TERM");
     let _ = im2.wait_exit(Duration::from_secs(30)).await;
     Ok(rep)
+}
+
+/// A client endpoint like an agent's, but with receive and send buffers as large as the system
+/// allows: one socket here carries `--agents-per-socket` agents, and its drops must not be
+/// counted against the intermediate.
+fn generator_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let r = socket2::SockRef::from(&socket);
+    r.set_recv_buffer_size(8 << 20)?;
+    r.set_send_buffer_size(8 << 20)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
 }
 
 /// Issues `n` agent certificates from the test CA on the blocking pool (two at a time) and
@@ -433,17 +484,17 @@ async fn connect(
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Err(_) => return Err(Fail::TimedOut),
         Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(Fail::TimedOut),
-        Ok(Err(
-            quinn::ConnectionError::ConnectionClosed(_)
-            | quinn::ConnectionError::ApplicationClosed(_),
-        )) => return Err(Fail::Refused),
+        Ok(Err(e @ quinn::ConnectionError::ConnectionClosed(_)))
+        | Ok(Err(e @ quinn::ConnectionError::ApplicationClosed(_))) => {
+            return Err(Fail::Refused(e.to_string()))
+        }
         Ok(Err(e)) => return Err(Fail::Other(e.to_string())),
         Ok(Ok(c)) => c,
     };
     let software = format!("ztna-bench/{}", ztna_node::VERSION);
     match client::hello(&conn, Role::Agent, software, Vec::new(), CONNECT_TIMEOUT).await {
         Ok(c) => Ok((conn, c)),
-        Err(why) if why.contains("refused") || why.contains("closed") => Err(Fail::Refused),
+        Err(why) if why.contains("refused") || why.contains("closed") => Err(Fail::Refused(why)),
         Err(why) if why.contains("timed out") => Err(Fail::TimedOut),
         Err(why) => Err(Fail::Other(why)),
     }
