@@ -990,6 +990,12 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             opt(s.rss_after_leave_kib.map(|k| k / 1024.0), 0),
             s.returned.map_or("-".into(), fmt_pct)
         );
+        println!(
+            "  all {} connected again after leaving: RSS {} MiB (near the previous figure: the \
+             memory is kept for reuse; higher by as much again: a leak)",
+            s.agents,
+            opt(s.rss_rejoined_kib.map(|k| k / 1024.0), 0)
+        );
         for n in &s.notes {
             println!("  note: {n}");
         }

@@ -126,6 +126,8 @@ pub struct Report {
     pub rss_after_leave_kib: Option<f64>,
     /// Fraction of the connections' memory given back after they left.
     pub returned: Option<f64>,
+    /// RSS once all of them connected again after leaving.
+    pub rss_rejoined_kib: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -184,10 +186,17 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let ramp_cpu = proc_cpu(im.pid());
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(n);
-    for (i, cfg) in configs.into_iter().enumerate() {
+    for (i, cfg) in configs.iter().enumerate() {
         let ep = endpoints[i % endpoints.len()].clone();
         let (stats, stop, ramp) = (stats.clone(), stop.clone(), ramp.clone());
-        tasks.push(tokio::spawn(agent(ep, cfg, listen, stats, stop, ramp)));
+        tasks.push(tokio::spawn(agent(
+            ep,
+            cfg.clone(),
+            listen,
+            stats,
+            stop,
+            ramp,
+        )));
     }
     let all_up = |limit: Duration| {
         let stats = stats.clone();
@@ -343,6 +352,36 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         if held > 0.0 {
             rep.returned = Some((full - after) / held);
         }
+    }
+
+    // Come back: all of them connect again (≤128 in flight). An RSS near the previous peak means
+    // the process reuses the memory it kept; growing by as much again would be a leak.
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, cfg) in configs.iter().enumerate() {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let (stats, stop, ramp) = (stats.clone(), stop.clone(), ramp.clone());
+        tasks.push(tokio::spawn(agent(
+            ep,
+            cfg.clone(),
+            listen,
+            stats,
+            stop,
+            ramp,
+        )));
+    }
+    if all_up(Duration::from_secs(240)).await {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rep.rss_rejoined_kib = rss_kib(im2.pid());
+    } else {
+        rep.notes.push(format!(
+            "coming back, only {} of {n} connected within 240 s",
+            stats.up.load(Ordering::Relaxed)
+        ));
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
     for ep in &endpoints {
         ep.close(0u32.into(), b"bench done");
