@@ -668,11 +668,23 @@ impl Proc {
         config: &std::path::Path,
         env: &[(&str, &str)],
     ) -> Proc {
+        Self::spawn_program(bin.as_ref(), &[role], name, config, env)
+    }
+
+    /// Runs `program ARGS... --config CONFIG` (e.g. a release `ztna-intermediate` with no
+    /// arguments before `--config`).
+    pub fn spawn_program(
+        program: &std::path::Path,
+        args: &[&str],
+        name: &str,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = config.with_extension(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = std::process::Command::new(bin)
-            .arg(role)
+        let child = std::process::Command::new(program)
+            .args(args)
             .arg("--config")
             .arg(config)
             .env(

@@ -1,0 +1,568 @@
+//! Scale: N agent connections with distinct identities from this process against one
+//! intermediate process. Each connection behaves like an agent's link to its relay (the same
+//! client config and transport options, Hello with an empty watch list, the agent's reconnect
+//! schedule: poll at about a second after a drain, exponential backoff after a failure).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::Semaphore;
+use ztna_integration::*;
+use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
+use ztna_node::transport::TransportOptions;
+use ztna_node::{client, CancellationToken, Identity};
+use ztna_pki::IssueRequest;
+use ztna_proto::{Role, ServerMsg};
+
+use crate::relays::{eventually_async, Bins};
+use crate::util::{proc_cpu, rss_kib, scrape, udp_socket_drops};
+
+/// Initial connections in flight at once (the first connect is a ramp, not a storm).
+const RAMP_CONCURRENCY: usize = 128;
+
+pub struct Opts {
+    pub agents: usize,
+    pub per_socket: usize,
+    pub quiet: Duration,
+}
+
+#[derive(Default)]
+struct Stats {
+    up: AtomicUsize,
+    attempts: AtomicU64,
+    refused: AtomicU64,
+    timed_out: AtomicU64,
+    other: AtomicU64,
+    last_other: Mutex<String>,
+    last_refused: Mutex<String>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Failures {
+    attempts: u64,
+    refused: u64,
+    timed_out: u64,
+    other: u64,
+}
+
+impl Stats {
+    fn failures(&self) -> Failures {
+        Failures {
+            attempts: self.attempts.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+            other: self.other.load(Ordering::Relaxed),
+        }
+    }
+    fn fail(&self, kind: Fail) {
+        match kind {
+            Fail::Refused(why) => {
+                *ztna_node::lock(&self.last_refused) = why;
+                &self.refused
+            }
+            Fail::TimedOut => &self.timed_out,
+            Fail::Other(why) => {
+                *ztna_node::lock(&self.last_other) = why;
+                &self.other
+            }
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Sub for Failures {
+    type Output = Failures;
+    fn sub(self, o: Failures) -> Failures {
+        Failures {
+            attempts: self.attempts - o.attempts,
+            refused: self.refused - o.refused,
+            timed_out: self.timed_out - o.timed_out,
+            other: self.other - o.other,
+        }
+    }
+}
+
+enum Fail {
+    Refused(String),
+    TimedOut,
+    Other(String),
+}
+
+/// What the scale run found (None where a phase did not get that far).
+#[derive(Default)]
+pub struct Report {
+    pub agents: usize,
+    pub sockets: usize,
+    pub issue_secs: f64,
+    pub connected: usize,
+    pub connect_secs: f64,
+    pub rss_base_kib: f64,
+    pub rss_full_kib: f64,
+    pub kib_per_conn: Option<f64>,
+    pub quiet_cpu_pct: Option<f64>,
+    pub generator_cpu_pct: Option<f64>,
+    pub storm_exit_secs: Option<f64>,
+    /// From the new process's start until all N are connected again.
+    pub storm_secs: Option<f64>,
+    /// CPU (% of one core) of the new intermediate and of the load generator until all were
+    /// back.
+    pub storm_cpu_pct: (Option<f64>, Option<f64>),
+    /// Datagrams the kernel dropped at full UDP receive buffers until all were back: the new
+    /// intermediate's socket, the load generator's.
+    pub storm_socket_drops: (u64, u64),
+    /// Intermediate CPU milliseconds per connection during the initial ramp (handshake cost).
+    pub ramp_cpu_ms_per_conn: Option<f64>,
+    /// From SIGTERM until all N are connected again.
+    pub storm_total_secs: Option<f64>,
+    pub storm_reconnected: usize,
+    pub storm: String,
+    pub storm_failed: u64,
+    pub rss_after_storm_kib: Option<f64>,
+    pub rss_after_leave_kib: Option<f64>,
+    /// Fraction of the connections' memory given back after they left.
+    pub returned: Option<f64>,
+    /// RSS once all of them connected again after leaving.
+    pub rss_rejoined_kib: Option<f64>,
+    pub notes: Vec<String>,
+}
+
+pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
+    let n = opts.agents;
+    let mut rep = Report {
+        agents: n,
+        ..Report::default()
+    };
+    let nofile = ztna_node::fdlimit::raise_nofile();
+    let sockets = n.div_ceil(opts.per_socket.max(1));
+    rep.sockets = sockets;
+    if sockets as u64 + 256 > nofile {
+        rep.notes.push(format!(
+            "descriptor limit {nofile} is too low for {sockets} sockets"
+        ));
+    }
+
+    // The intermediate, with the keepalive and timeouts of a default deployment.
+    let listen = free_udp_port();
+    let ops = free_tcp_port();
+    let cfg_path = intermediate_file(&pki, "im-scale", listen, ops, &["echo"]);
+    let mut im = bins.spawn("intermediate", "intermediate-scale", &cfg_path);
+    if !wait_ready(ops, Duration::from_secs(15)).await {
+        bail!("scale intermediate did not become ready\n{}", im.tail(20));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rep.rss_base_kib = rss_kib(im.pid()).unwrap_or(0.0);
+
+    // N identities, each with its own client config (as N agents would have).
+    let t = Instant::now();
+    let configs = issue(pki.clone(), n).await?;
+    rep.issue_secs = t.elapsed().as_secs_f64();
+
+    let mut endpoints = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        match generator_endpoint() {
+            Ok(ep) => endpoints.push(ep),
+            Err(e) => {
+                rep.notes.push(format!(
+                    "could open only {} of {sockets} client sockets: {e}",
+                    endpoints.len()
+                ));
+                break;
+            }
+        }
+    }
+    if endpoints.is_empty() {
+        bail!("no client socket");
+    }
+
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    let ramp = Arc::new(Semaphore::new(RAMP_CONCURRENCY));
+    let me = std::process::id();
+    let ramp_cpu = proc_cpu(im.pid());
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, cfg) in configs.iter().enumerate() {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let (stats, stop, ramp) = (stats.clone(), stop.clone(), ramp.clone());
+        tasks.push(tokio::spawn(agent(
+            ep,
+            cfg.clone(),
+            listen,
+            stats,
+            stop,
+            ramp,
+        )));
+    }
+    let all_up = |limit: Duration| {
+        let stats = stats.clone();
+        async move {
+            eventually_async(limit, || {
+                let s = stats.clone();
+                async move { s.up.load(Ordering::Relaxed) >= n }
+            })
+            .await
+        }
+    };
+    let ok = all_up(Duration::from_secs(240)).await;
+    rep.connect_secs = t.elapsed().as_secs_f64();
+    rep.connected = stats.up.load(Ordering::Relaxed);
+    if let (Some(a), Some(b)) = (ramp_cpu, proc_cpu(im.pid())) {
+        rep.ramp_cpu_ms_per_conn = Some((b - a) * 1e3 / rep.connected.max(1) as f64);
+    }
+    if !ok {
+        rep.notes.push(format!(
+            "only {} of {n} connected within 240 s (last other error: {})",
+            rep.connected,
+            ztna_node::lock(&stats.last_other)
+        ));
+    }
+
+    // Quiet: keepalives only.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rep.rss_full_kib = rss_kib(im.pid()).unwrap_or(0.0);
+    let up = stats.up.load(Ordering::Relaxed);
+    if up > 0 {
+        rep.kib_per_conn = Some((rep.rss_full_kib - rep.rss_base_kib) / up as f64);
+    }
+    let (c0, g0, t0) = (proc_cpu(im.pid()), proc_cpu(me), Instant::now());
+    tokio::time::sleep(opts.quiet).await;
+    let secs = t0.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (c0, proc_cpu(im.pid())) {
+        rep.quiet_cpu_pct = Some((b - a) / secs * 100.0);
+    }
+    if let (Some(a), Some(b)) = (g0, proc_cpu(me)) {
+        rep.generator_cpu_pct = Some((b - a) / secs * 100.0);
+    }
+
+    // Reconnect storm: SIGTERM (drain: GoAway, close), wait for the exit, start again.
+    let before = stats.failures();
+    let h_before = scrape(ops).await;
+    let t_term = Instant::now();
+    im.signal("TERM");
+    if im.wait_exit(Duration::from_secs(60)).await.is_none() {
+        rep.notes
+            .push("the intermediate did not exit within 60 s of SIGTERM".into());
+    }
+    rep.storm_exit_secs = Some(t_term.elapsed().as_secs_f64());
+    drop(im);
+    let at_start = stats.failures();
+    let t_start = Instant::now();
+    let g_start = proc_cpu(me);
+    let g_drops = udp_socket_drops(me);
+    let im2 = bins.spawn("intermediate", "intermediate-scale-2", &cfg_path);
+    // The new process's socket drops, sampled until all are back (its sockets die with it).
+    let im_drops = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (pid, d) = (im2.pid(), im_drops.clone());
+        tokio::spawn(async move {
+            for _ in 0..2400 {
+                d.fetch_max(udp_socket_drops(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let ok = all_up(Duration::from_secs(120)).await;
+    sampler.abort();
+    rep.storm_socket_drops = (
+        im_drops
+            .load(Ordering::Relaxed)
+            .max(udp_socket_drops(im2.pid())),
+        udp_socket_drops(me).saturating_sub(g_drops),
+    );
+    let storm_secs = t_start.elapsed().as_secs_f64();
+    rep.storm_cpu_pct = (
+        proc_cpu(im2.pid()).map(|c| c / storm_secs * 100.0),
+        g_start
+            .zip(proc_cpu(me))
+            .map(|(a, b)| (b - a) / storm_secs * 100.0),
+    );
+    rep.storm_reconnected = stats.up.load(Ordering::Relaxed);
+    if ok {
+        rep.storm_secs = Some(storm_secs);
+        rep.storm_total_secs = Some(t_term.elapsed().as_secs_f64());
+    } else {
+        rep.notes.push(format!(
+            "after the restart only {} of {n} were back within 120 s",
+            rep.storm_reconnected
+        ));
+    }
+    let drain = at_start - before;
+    let f = stats.failures() - at_start;
+    rep.storm_failed = f.refused + f.timed_out + f.other;
+    let h_after = scrape(ops).await;
+    let hs = |t: &str, r: &str| metric(t, "ztna_intermediate_handshakes_total", &[("result", r)]);
+    rep.storm = format!(
+        "while the old process drained: {} attempts, {} refused, {} timed out, {} other; after \
+         the restart: {} attempts, {} refused, {} timed out, {} other; the new process counted \
+         handshakes ok {} failed {} unauthorized {} (the old one: ok {})",
+        drain.attempts,
+        drain.refused,
+        drain.timed_out,
+        drain.other,
+        f.attempts,
+        f.refused,
+        f.timed_out,
+        f.other,
+        hs(&h_after, "ok"),
+        hs(&h_after, "failed"),
+        hs(&h_after, "unauthorized"),
+        hs(&h_before, "ok"),
+    );
+    if f.refused > 0 {
+        rep.storm.push_str(&format!(
+            " (last refusal: {})",
+            ztna_node::lock(&stats.last_refused)
+        ));
+    }
+    if f.other > 0 {
+        rep.storm.push_str(&format!(
+            " (last other: {})",
+            ztna_node::lock(&stats.last_other)
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rep.rss_after_storm_kib = rss_kib(im2.pid());
+
+    // Leave: every agent closes its connection.
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let gone = eventually_async(Duration::from_secs(30), || async {
+        metric(
+            &scrape(ops).await,
+            "ztna_intermediate_connections",
+            &[("role", "agent")],
+        ) == 0.0
+    })
+    .await;
+    if !gone {
+        rep.notes
+            .push("the intermediate still counted agents 30 s after they left".into());
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    rep.rss_after_leave_kib = rss_kib(im2.pid());
+    if let (Some(full), Some(after)) = (rep.rss_after_storm_kib, rep.rss_after_leave_kib) {
+        let held = full - rep.rss_base_kib;
+        if held > 0.0 {
+            rep.returned = Some((full - after) / held);
+        }
+    }
+
+    // Come back: all of them connect again (≤128 in flight). An RSS near the previous peak means
+    // the process reuses the memory it kept; growing by as much again would be a leak.
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, cfg) in configs.iter().enumerate() {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let (stats, stop, ramp) = (stats.clone(), stop.clone(), ramp.clone());
+        tasks.push(tokio::spawn(agent(
+            ep,
+            cfg.clone(),
+            listen,
+            stats,
+            stop,
+            ramp,
+        )));
+    }
+    if all_up(Duration::from_secs(240)).await {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rep.rss_rejoined_kib = rss_kib(im2.pid());
+    } else {
+        rep.notes.push(format!(
+            "coming back, only {} of {n} connected within 240 s",
+            stats.up.load(Ordering::Relaxed)
+        ));
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    for ep in &endpoints {
+        ep.close(0u32.into(), b"bench done");
+    }
+    let mut im2 = im2;
+    im2.signal("TERM");
+    let _ = im2.wait_exit(Duration::from_secs(30)).await;
+    Ok(rep)
+}
+
+/// A client endpoint like an agent's, but with receive and send buffers as large as the system
+/// allows: one socket here carries `--agents-per-socket` agents, and its drops must not be
+/// counted against the intermediate.
+fn generator_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let r = socket2::SockRef::from(&socket);
+    r.set_recv_buffer_size(8 << 20)?;
+    r.set_send_buffer_size(8 << 20)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
+/// Issues `n` agent certificates from the test CA on the blocking pool (two at a time) and
+/// builds each one's QUIC client config as an agent does.
+async fn issue(pki: Arc<Pki>, n: usize) -> Result<Vec<quinn::ClientConfig>> {
+    let opts = agent_transport(&pki)?;
+    let workers = 2;
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let pki = pki.clone();
+        handles.push(tokio::task::spawn_blocking(move || {
+            let ca: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(pki.ca.cert_pem().as_bytes())
+                    .collect::<Result<_, _>>()
+                    .context("CA PEM")?;
+            let mut out = Vec::new();
+            for i in (w..n).step_by(workers) {
+                let issued = pki
+                    .ca
+                    .issue(&IssueRequest::new("agent", &format!("scale-{i}")))?;
+                let chain: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+                        .collect::<Result<_, _>>()
+                        .context("leaf PEM")?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).context("key PEM")?;
+                let id = Identity::from_parts(
+                    ca.clone(),
+                    chain,
+                    key,
+                    Role::Agent,
+                    std::path::Path::new("scale"),
+                )?;
+                let cfg = ztna_node::transport::client_config(&id, Role::Intermediate, &opts)?;
+                out.push((i, cfg));
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for h in handles {
+        all.extend(h.await??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, c)| c).collect())
+}
+
+/// The transport options of an agent with a default configuration.
+pub fn agent_transport(pki: &Pki) -> Result<TransportOptions> {
+    Ok(agent_config(pki)?.transport())
+}
+
+/// A default agent configuration (for its transport options).
+pub fn agent_config(pki: &Pki) -> Result<ztna_agent::Config> {
+    let tls = pki.issue("agent", "defaults");
+    let text = format!(
+        "intermediates = [\"127.0.0.1:1\"]\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        tls.ca.display().to_string(),
+        tls.cert.display().to_string(),
+        tls.key.display().to_string()
+    );
+    toml::from_str(&text).context("default agent config")
+}
+
+/// One agent's link: connect, Hello, hold until the connection ends, reconnect on the agent's
+/// schedule; until `stop`, then close.
+async fn agent(
+    ep: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    target: SocketAddr,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    ramp: Arc<Semaphore>,
+) {
+    let mut backoff = Reconnect::new(BackoffPolicy::default());
+    let mut permit = ramp.acquire_owned().await.ok();
+    while !stop.is_cancelled() {
+        stats.attempts.fetch_add(1, Ordering::Relaxed);
+        let attempt = tokio::select! {
+            r = connect(&ep, &cfg, target) => r,
+            _ = stop.cancelled() => return,
+        };
+        permit.take();
+        let (since, drained) = match attempt {
+            Ok((conn, control)) => {
+                let since = Instant::now();
+                let drained = hold(conn, control, &stats, &stop).await;
+                (Some(since), drained)
+            }
+            Err(f) => {
+                stats.fail(f);
+                (None, false)
+            }
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        if drained {
+            backoff.planned();
+        }
+        let delay = backoff.next_delay(since);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Handshake and Hello within the agent's connect timeout.
+async fn connect(
+    ep: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    target: SocketAddr,
+) -> Result<(quinn::Connection, client::Control), Fail> {
+    let connecting = ep
+        .connect_with(cfg.clone(), target, "ztna-intermediate")
+        .map_err(|e| Fail::Other(e.to_string()))?;
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => return Err(Fail::TimedOut),
+        Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(Fail::TimedOut),
+        Ok(Err(e @ quinn::ConnectionError::ConnectionClosed(_)))
+        | Ok(Err(e @ quinn::ConnectionError::ApplicationClosed(_))) => {
+            return Err(Fail::Refused(e.to_string()))
+        }
+        Ok(Err(e)) => return Err(Fail::Other(e.to_string())),
+        Ok(Ok(c)) => c,
+    };
+    let software = format!("ztna-bench/{}", ztna_node::VERSION);
+    match client::hello(&conn, Role::Agent, software, Vec::new(), CONNECT_TIMEOUT).await {
+        Ok(c) => Ok((conn, c)),
+        Err(why) if why.contains("refused") || why.contains("closed") => Err(Fail::Refused(why)),
+        Err(why) if why.contains("timed out") => Err(Fail::TimedOut),
+        Err(why) => Err(Fail::Other(why)),
+    }
+}
+
+/// Holds a welcomed connection until it ends or `stop` (then closes it); returns whether the
+/// intermediate drained (GoAway or a close with the draining code).
+async fn hold(
+    conn: quinn::Connection,
+    mut control: client::Control,
+    stats: &Stats,
+    stop: &CancellationToken,
+) -> bool {
+    stats.up.fetch_add(1, Ordering::Relaxed);
+    let mut drained = false;
+    let ended = async {
+        // Bounded by the connection: its end ends the stream with an error.
+        loop {
+            match control.recv.next::<ServerMsg>().await {
+                Ok(Some(ServerMsg::GoAway { .. })) => drained = true,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = ended => {}
+        _ = stop.cancelled() => conn.close(0u32.into(), b"agent leaving"),
+    }
+    stats.up.fetch_sub(1, Ordering::Relaxed);
+    drained || client::closed_by_drain(&conn)
+}
