@@ -102,6 +102,7 @@ impl Intermediate {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        ztna_node::transport::size_quic_socket(&socket);
         let endpoint = quinn::Endpoint::new(
             ztna_node::transport::restart_aware_endpoint_config(&identity),
             Some(server),

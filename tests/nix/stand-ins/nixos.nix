@@ -84,6 +84,29 @@ let
             )
           ))
           null;
+        # nixos/modules/config/sysctl.nix: free-form sysctls (bool, str, int or null), except the
+        # socket buffer maxima, where conflicting definitions resolve to the highest
+        boot.kernel.sysctl =
+          let
+            sysctlValue = types.mkOptionType {
+              name = "sysctl option value";
+              check = v: builtins.isBool v || builtins.isString v || builtins.isInt v || v == null;
+              merge = loc: defs: lib.mergeOneOption loc (lib.filterOverrides defs);
+            };
+            highest = types.ints.unsigned // {
+              merge = _loc: defs:
+                lib.foldl (a: b: if b.value == null then null else lib.max a b.value) 0 (lib.filterOverrides defs);
+            };
+          in
+          opt
+            (types.submodule {
+              freeformType = types.attrsOf sysctlValue;
+              options = {
+                "net.core.rmem_max" = opt (types.nullOr highest) null;
+                "net.core.wmem_max" = opt (types.nullOr highest) null;
+              };
+            })
+            { };
         # nixos/modules/services/networking/firewall.nix
         networking.firewall = {
           enable = opt types.bool true;
