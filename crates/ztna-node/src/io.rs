@@ -56,6 +56,43 @@ impl StreamError {
 
 /// Largest chunk taken from a stream at once.
 const CHUNK: usize = 64 * 1024;
+/// Most received chunks (about a packet each) moved in one batch.
+const BATCH: usize = 32;
+
+/// Writes all of `bufs` to `w` with vectored writes (one system call for many chunks).
+async fn write_all_bytes<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &mut [Bytes],
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < bufs.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = bufs[first..]
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        if slices.is_empty() {
+            return Ok(());
+        }
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && first < bufs.len() {
+            let take = n.min(bufs[first].len());
+            bufs[first].advance(take);
+            n -= take;
+            if bufs[first].is_empty() {
+                first += 1;
+            }
+        }
+        while first < bufs.len() && bufs[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(())
+}
 
 /// A receive stream carrying length-prefixed frames, with its own buffer (cancel-safe reads).
 pub struct FramedRecv {
@@ -238,12 +275,18 @@ async fn pipe_quic(
     let mut total = 0u64;
     let stopped = send.stopped();
     tokio::pin!(stopped);
+    // Whatever is ready is moved in one batch (one wake-up and one lock of each connection per
+    // batch instead of per received packet).
+    let mut bufs: [Bytes; BATCH] = Default::default();
     let mut pending = (!prefix.is_empty()).then_some(prefix);
     loop {
-        let chunk = match pending.take() {
-            Some(p) => Ok(Some(p)),
+        let got = match pending.take() {
+            Some(p) => {
+                bufs[0] = p;
+                Ok(Some(1))
+            }
             None => tokio::select! {
-                r = recv.read_chunk(CHUNK, true) => r.map(|c| c.map(|c| c.bytes)),
+                r = recv.read_chunks(&mut bufs) => r,
                 s = &mut stopped => {
                     let c = match s { Ok(Some(c)) => c, _ => code(codes::FLOW_ABORTED) };
                     let _ = recv.stop(c);
@@ -252,12 +295,12 @@ async fn pipe_quic(
                 _ = stop.cancelled() => return (total, true),
             },
         };
-        match chunk {
-            Ok(Some(bytes)) => {
-                let n = bytes.len() as u64;
+        match got {
+            Ok(Some(k)) => {
+                let n: u64 = bufs[..k].iter().map(|b| b.len() as u64).sum();
                 activity.touch();
                 let res = tokio::select! {
-                    r = send.write_chunk(bytes) => r,
+                    r = send.write_all_chunks(&mut bufs[..k]) => r,
                     _ = stop.cancelled() => return (total, true),
                 };
                 if let Err(e) = res {
@@ -428,22 +471,27 @@ pub async fn splice_tcp(
 
         let down = async {
             let mut total = 0u64;
+            let mut bufs: [Bytes; BATCH] = Default::default();
             let mut pending = (!prefix.is_empty()).then_some(prefix);
             loop {
-                let chunk = match pending.take() {
-                    Some(p) => Ok(Some(p)),
+                let got = match pending.take() {
+                    Some(p) => {
+                        bufs[0] = p;
+                        Ok(Some(1))
+                    }
                     None => tokio::select! {
                         _ = abort.cancelled() => return total,
-                        r = recv.read_chunk(CHUNK, true) => r.map(|c| c.map(|c| c.bytes)),
+                        r = recv.read_chunks(&mut bufs) => r,
                     },
                 };
-                match chunk {
-                    Ok(Some(bytes)) => {
-                        let n = bytes.len() as u64;
+                match got {
+                    Ok(Some(k)) => {
+                        let n: u64 = bufs[..k].iter().map(|b| b.len() as u64).sum();
                         activity.touch();
+                        // Everything ready in one vectored write, not a system call per packet.
                         let res = tokio::select! {
                             _ = abort.cancelled() => return total,
-                            r = wr.write_all(&bytes) => r,
+                            r = write_all_bytes(&mut wr, &mut bufs[..k]) => r,
                         };
                         if res.is_err() {
                             abort.cancel();
