@@ -207,12 +207,19 @@ impl Config {
         Ok(())
     }
 
+    /// Streams one agent connection may have open at most: control stream + flows, with
+    /// headroom for flows that are closing.
+    pub fn max_streams_per_agent(&self) -> u32 {
+        self.max_flows_per_agent.saturating_add(16)
+    }
+
     pub fn transport(&self) -> ztna_node::transport::TransportOptions {
         ztna_node::transport::TransportOptions {
             keepalive: self.keepalive,
             idle_timeout: self.idle_timeout,
-            // Control stream + flows, with headroom for flows that are closing.
-            max_streams: self.max_flows_per_agent.saturating_add(16),
+            // A new connection's stream credit; an agent's grows with its flows up to
+            // `max_streams_per_agent` (see `session::StreamCredit`).
+            max_streams: crate::session::INITIAL_STREAMS.min(self.max_streams_per_agent()),
             stream_window: self.stream_window,
             // Agents' window; connector connections get theirs when they say who they are.
             connection_window: self.agent_connection_window,

@@ -6,7 +6,7 @@
 //! ends the session.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -377,14 +377,64 @@ async fn push_status(shared: &Shared, peer: &Peer, watch: Vec<String>) -> String
     }
 }
 
+/// Concurrent streams a new connection may open before it has shown it needs more. quinn keeps
+/// a table entry per permitted stream from the start (about 100 bytes each): 1016 of them made an
+/// idle agent connection cost 136 KiB; 64 cost a few KiB.
+pub(crate) const INITIAL_STREAMS: u32 = 64;
+
+/// The agent's stream credit: starts at [`INITIAL_STREAMS`] and doubles whenever three quarters
+/// of it are open, up to `max` (`max_flows_per_agent` + control + headroom). An agent that needs
+/// more waits one round trip for the raised limit; it is never refused for it.
+struct StreamCredit {
+    open: Arc<AtomicUsize>,
+    limit: u32,
+    max: u32,
+}
+
+/// One open stream; gives its credit back when the flow ends.
+struct OpenStream(Arc<AtomicUsize>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl StreamCredit {
+    fn new(max: u32) -> StreamCredit {
+        StreamCredit {
+            open: Arc::new(AtomicUsize::new(0)),
+            limit: INITIAL_STREAMS.min(max),
+            max,
+        }
+    }
+
+    /// Counts a newly accepted stream; raises the peer's limit when it is running short.
+    fn opened(&mut self, conn: &quinn::Connection) -> OpenStream {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.limit < self.max && open.saturating_mul(4) >= (self.limit as usize) * 3 {
+            self.limit = self.limit.saturating_mul(2).min(self.max);
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(self.limit));
+        }
+        OpenStream(self.open.clone())
+    }
+}
+
 async fn accept_flows(shared: &Arc<Shared>, peer: &Arc<Peer>) -> String {
+    let mut credit = StreamCredit::new(shared.config.max_streams_per_agent());
     loop {
         match peer.conn.accept_bi().await {
             Ok((s, r)) => {
                 let span = info_span!("flow", stream = %r.id());
-                shared
-                    .flows
-                    .spawn(flow::agent_flow(shared.clone(), peer.clone(), s, r).instrument(span));
+                let held = credit.opened(&peer.conn);
+                let flow = flow::agent_flow(shared.clone(), peer.clone(), s, r);
+                shared.flows.spawn(
+                    async move {
+                        let _held = held;
+                        flow.await
+                    }
+                    .instrument(span),
+                );
             }
             Err(e) => return describe_connection_error(&e),
         }

@@ -162,9 +162,14 @@ pub async fn flood_write(creds: &Creds, o: &FloodWrite) -> Result<Value, String>
         let (open, limit, written, chunk) =
             (open.clone(), limit.clone(), written.clone(), chunk.clone());
         writers.spawn(async move {
-            let outcome = {
-                let _permit = limit.acquire_owned().await;
-                open_flow(&conn, &open, false, Duration::from_secs(5)).await
+            // Opening is bounded by the deadline too: once earlier flows have filled the
+            // connection's window, a late FlowOpen may never be sent.
+            let outcome = tokio::select! {
+                o = async {
+                    let _permit = limit.acquire_owned().await;
+                    open_flow(&conn, &open, false, Duration::from_secs(5)).await
+                } => o,
+                _ = super::until(deadline) => FlowOutcome::OpenTimeout,
             };
             let label = outcome.label();
             if let FlowOutcome::Accepted(mut send, _recv) = outcome {

@@ -160,6 +160,9 @@ pub enum FlowOutcome {
     Rejected(RejectReason, String),
     /// `open_bi` did not get a stream within the limit (the peer's stream limit is reached).
     OpenTimeout,
+    /// The `FlowOpen` could not be written within the limit (the connection's flow-control
+    /// window is full: earlier flows filled it and the peer does not grant more).
+    WriteTimeout,
     /// No `FlowReply` within the limit.
     ReplyTimeout,
     /// The stream or connection failed; the text says how.
@@ -173,6 +176,7 @@ impl FlowOutcome {
             FlowOutcome::Accepted(..) => "accepted".into(),
             FlowOutcome::Rejected(r, _) => format!("rejected:{}", r.as_str()),
             FlowOutcome::OpenTimeout => "open_timeout".into(),
+            FlowOutcome::WriteTimeout => "write_timeout".into(),
             FlowOutcome::ReplyTimeout => "reply_timeout".into(),
             FlowOutcome::Failed(why) => format!("failed:{}", short(why)),
         }
@@ -199,8 +203,10 @@ pub async fn open_flow(
         }
         Ok(Ok(s)) => s,
     };
-    if let Err(e) = write_frame(&mut send, open).await {
-        return FlowOutcome::Failed(e.to_string());
+    match tokio::time::timeout(limit, write_frame(&mut send, open)).await {
+        Err(_) => return FlowOutcome::WriteTimeout,
+        Ok(Err(e)) => return FlowOutcome::Failed(e.to_string()),
+        Ok(Ok(())) => {}
     }
     if half_close {
         let _ = send.finish();
