@@ -42,7 +42,7 @@ const MODES: [&str; 6] = ["tcp", "rtt", "setup", "wan", "udp", "scale"];
 const USAGE: &str = "usage: ztna-bench [--mode tcp,rtt,setup,wan,udp,scale] [--mib N] [--repeat N]
                   [--rounds N] [--setups N] [--rtt 50ms,100ms] [--wan-secs S] [--udp-secs S]
                   [--burst-trials N] [--burst-run N] [--agents N] [--agents-per-socket N]
-                  [--quiet-secs S]";
+                  [--quiet-secs S] [--keepalive 1s]";
 /// No single measurement may hold the run longer than this.
 const STEP_LIMIT: Duration = Duration::from_secs(300);
 
@@ -60,6 +60,9 @@ struct Args {
     agents: usize,
     per_socket: usize,
     quiet: Duration,
+    /// Scale mode: keepalive of agents and intermediate (idle timeout 3x, at least 5 s);
+    /// `None` = the shipped defaults.
+    keepalive: Option<Duration>,
 }
 
 impl Args {
@@ -78,6 +81,7 @@ impl Args {
             agents: 10_000,
             per_socket: 100,
             quiet: Duration::from_secs(10),
+            keepalive: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -122,6 +126,16 @@ impl Args {
                 "--agents" => a.agents = num(&v)? as usize,
                 "--agents-per-socket" => a.per_socket = num(&v)? as usize,
                 "--quiet-secs" => a.quiet = Duration::from_secs_f64(num(&v)?.min(120.0)),
+                "--keepalive" => {
+                    a.keepalive = Some(
+                        ztna_node::config::parse_duration(&v)
+                            .ok()
+                            .filter(|d| !d.is_zero() && *d <= Duration::from_secs(60))
+                            .with_context(|| {
+                                format!("bad --keepalive {v:?} (e.g. 10s, at most 60s)")
+                            })?,
+                    )
+                }
                 _ => bail!("unknown argument {flag:?}\n{USAGE}"),
             }
         }
@@ -350,6 +364,7 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
             agents: args.agents,
             per_socket: args.per_socket,
             quiet: args.quiet,
+            keepalive: args.keepalive,
         };
         let what = format!("scale: {} agents against one intermediate", args.agents);
         f.scale = Some(
@@ -960,7 +975,11 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             opt(s.kib_per_conn, 1)
         );
         println!(
-            "  keepalives over {:.0} s quiet: intermediate {} % of one core (load generator {} %)",
+            "  keepalives ({}) over {:.0} s quiet: intermediate {} % of one core (load generator {} %)",
+            match args.keepalive {
+                Some(k) => format!("every {k:?}, --keepalive"),
+                None => "shipped defaults".to_string(),
+            },
             args.quiet.as_secs_f64(),
             opt(s.quiet_cpu_pct, 1),
             opt(s.generator_cpu_pct, 1)

@@ -29,6 +29,13 @@ pub struct Opts {
     pub agents: usize,
     pub per_socket: usize,
     pub quiet: Duration,
+    /// Keepalive of both sides (idle timeout 3x, at least 5 s); `None` = shipped defaults.
+    pub keepalive: Option<Duration>,
+}
+
+/// The idle timeout that goes with a keepalive: three missed keepalives, at least 5 s.
+fn idle_for(keepalive: Duration) -> Duration {
+    (keepalive * 3).max(Duration::from_secs(5))
 }
 
 #[derive(Default)]
@@ -150,6 +157,16 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let listen = free_udp_port();
     let ops = free_tcp_port();
     let cfg_path = intermediate_file(&pki, "im-scale", listen, ops, &["echo"]);
+    if let Some(k) = opts.keepalive {
+        // Top-level keys go before the file's tables.
+        let text = std::fs::read_to_string(&cfg_path).context("read scale config")?;
+        let keys = format!(
+            "keepalive = \"{}ms\"\nidle_timeout = \"{}ms\"\n",
+            k.as_millis(),
+            idle_for(k).as_millis()
+        );
+        std::fs::write(&cfg_path, keys + &text).context("write scale config")?;
+    }
     let mut im = bins.spawn("intermediate", "intermediate-scale", &cfg_path);
     if !wait_ready(ops, Duration::from_secs(15)).await {
         bail!("scale intermediate did not become ready\n{}", im.tail(20));
@@ -159,7 +176,7 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
 
     // N identities, each with its own client config (as N agents would have).
     let t = Instant::now();
-    let configs = issue(pki.clone(), n).await?;
+    let configs = issue(pki.clone(), n, opts.keepalive).await?;
     rep.issue_secs = t.elapsed().as_secs_f64();
 
     let mut endpoints = Vec::with_capacity(sockets);
@@ -407,8 +424,16 @@ fn generator_endpoint() -> std::io::Result<quinn::Endpoint> {
 
 /// Issues `n` agent certificates from the test CA on the blocking pool (two at a time) and
 /// builds each one's QUIC client config as an agent does.
-async fn issue(pki: Arc<Pki>, n: usize) -> Result<Vec<quinn::ClientConfig>> {
-    let opts = agent_transport(&pki)?;
+async fn issue(
+    pki: Arc<Pki>,
+    n: usize,
+    keepalive: Option<Duration>,
+) -> Result<Vec<quinn::ClientConfig>> {
+    let mut opts = agent_transport(&pki)?;
+    if let Some(k) = keepalive {
+        opts.keepalive = k;
+        opts.idle_timeout = idle_for(k);
+    }
     let workers = 2;
     let mut handles = Vec::new();
     for w in 0..workers {
