@@ -38,8 +38,9 @@ use backends::Bulk;
 use relays::{Backends, Bins, InprocRelay, ProcRelay};
 use util::{median, mib_s_to_gbit, opt, CpuOf, Samples};
 
-const MODES: [&str; 6] = ["tcp", "rtt", "setup", "wan", "udp", "scale"];
-const USAGE: &str = "usage: ztna-bench [--mode tcp,rtt,setup,wan,udp,scale] [--mib N] [--repeat N]
+const MODES: [&str; 7] = ["tcp", "rtt", "setup", "p2p", "wan", "udp", "scale"];
+const USAGE: &str =
+    "usage: ztna-bench [--mode tcp,rtt,setup,p2p,wan,udp,scale] [--mib N] [--repeat N]
                   [--rounds N] [--setups N] [--rtt 50ms,100ms] [--wan-secs S] [--udp-secs S]
                   [--burst-trials N] [--burst-run N] [--agents N] [--agents-per-socket N]
                   [--quiet-secs S] [--keepalive 1s]";
@@ -211,6 +212,8 @@ struct Figures {
     /// Plain UDP ping-pong between the anchor's two runtimes: the hop's baseline.
     hop_plain_udp: Option<(Samples, usize)>,
     setup: Vec<(&'static str, Samples)>,
+    /// Flows each agent opened during the tcp and rtt runs: (relay, direct).
+    paths: Vec<(&'static str, (f64, f64))>,
     windows: Vec<String>,
     wan: Vec<Wan>,
     udp: Vec<UdpRow>,
@@ -271,6 +274,7 @@ const DIRECT: &str = "direct";
 const HOP: &str = "one quinn hop";
 const RELAY: &str = "relay, processes";
 const INPROC: &str = "relay, in-process";
+const P2P: &str = "direct path (P2P), processes";
 
 async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Result<()> {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -293,12 +297,13 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
     let b = Backends::start().await?;
     let mut f = Figures::default();
 
-    let side_by_side = args.has("tcp") || args.has("rtt") || args.has("setup");
+    // `p2p` adds the direct path agent -> connector as a row of the tcp and rtt tables.
+    let side_by_side = args.has("tcp") || args.has("rtt") || args.has("setup") || args.has("p2p");
     let relay = if side_by_side || args.has("udp") {
         Some(
             step(
                 "start relay processes",
-                ProcRelay::start(&pki, &bins, &b, "main", None),
+                ProcRelay::start(&pki, &bins, &b, "main", None, false),
             )
             .await?,
         )
@@ -323,17 +328,41 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
     } else {
         (None, None)
     };
+    let p2p = if args.has("p2p") {
+        let r = step(
+            "start agent, relay and connector with p2p = true",
+            ProcRelay::start(&pki, &bins, &b, "p2p", None, true),
+        )
+        .await?;
+        step(
+            "wait for the direct path",
+            r.wait_direct(Duration::from_secs(15)),
+        )
+        .await?;
+        Some(r)
+    } else {
+        None
+    };
 
     if let (Some(relay), Some(inproc), Some(hop)) = (&relay, &inproc, &hop) {
-        if args.has("tcp") {
-            tcp(args, &mut f, &b, relay, inproc, hop).await?;
+        let before = (relay.flows_by_path().await, p2p_flows(&p2p).await);
+        if args.has("tcp") || args.has("p2p") {
+            tcp(args, &mut f, &b, relay, inproc, hop, p2p.as_ref()).await?;
         }
-        if args.has("rtt") {
-            rtt(args, &mut f, &b, relay, inproc, hop).await?;
+        if args.has("rtt") || args.has("p2p") {
+            rtt(args, &mut f, &b, relay, inproc, hop, p2p.as_ref()).await?;
+        }
+        let after = (relay.flows_by_path().await, p2p_flows(&p2p).await);
+        f.paths.push((RELAY, sub(after.0, before.0)));
+        if let (Some(a), Some(b)) = (after.1, before.1) {
+            f.paths.push((P2P, sub(a, b)));
         }
         if args.has("setup") {
             setup(args, &mut f, &b, relay, inproc, hop).await?;
         }
+    }
+    if let Some(r) = p2p {
+        r.stop().await;
     }
     if let Some(h) = hop {
         h.close().await;
@@ -380,6 +409,17 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
     Ok(())
 }
 
+async fn p2p_flows(p2p: &Option<ProcRelay>) -> Option<(f64, f64)> {
+    match p2p {
+        Some(r) => Some(r.flows_by_path().await),
+        None => None,
+    }
+}
+
+fn sub(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
+    (a.0 - b.0, a.1 - b.1)
+}
+
 async fn tcp(
     args: &Args,
     f: &mut Figures,
@@ -387,10 +427,15 @@ async fn tcp(
     relay: &ProcRelay,
     inproc: &InprocRelay,
     hop: &hop::Hop,
+    p2p: Option<&ProcRelay>,
 ) -> Result<()> {
     let mib = args.mib;
     let mut rows: Vec<(&'static str, Vec<Bulk>)> =
         [DIRECT, HOP, RELAY, INPROC].map(|n| (n, Vec::new())).into();
+    if p2p.is_some() {
+        rows.push((P2P, Vec::new()));
+    }
+    let p2p_cpu = p2p.map(|r| CpuOf::Pids(r.pids()));
     let direct_cpu = CpuOf::Threads(vec!["bench-io"]);
     let relay_cpu = CpuOf::Pids(relay.pids());
     let inproc_cpu = CpuOf::Threads(vec![relays::THREADS]);
@@ -417,6 +462,14 @@ async fn tcp(
         )
         .await?;
         rows[3].1.push(r);
+        if let (Some(p), Some(cpu)) = (p2p, &p2p_cpu) {
+            let r = step(
+                &format!("tcp {n}: direct path (P2P)"),
+                backends::throughput(p.ports.sink, mib, cpu),
+            )
+            .await?;
+            rows[4].1.push(r);
+        }
     }
     f.tcp = rows;
     f.tcp_drops = relays::snapshot_deltas(&before, &relay.drop_snapshot().await);
@@ -430,6 +483,7 @@ async fn rtt(
     relay: &ProcRelay,
     inproc: &InprocRelay,
     hop: &hop::Hop,
+    p2p: Option<&ProcRelay>,
 ) -> Result<()> {
     let (w, n) = (100, args.rounds);
     let d = step("rtt: tcp direct", backends::tcp_rtt(b.echo_tcp, w, n)).await?;
@@ -445,6 +499,14 @@ async fn rtt(
     )
     .await?;
     f.tcp_rtt = vec![(DIRECT, d), (HOP, h), (RELAY, r), (INPROC, i)];
+    if let Some(p) = p2p {
+        let s = step(
+            "rtt: tcp direct path (P2P)",
+            backends::tcp_rtt(p.ports.echo_tcp, w, n),
+        )
+        .await?;
+        f.tcp_rtt.push((P2P, s));
+    }
     let (d, dl) = step("rtt: udp direct", backends::udp_rtt(b.echo_udp, w, n)).await?;
     let (h, hl) = step("rtt: one quinn hop (datagrams)", hop.rtt_datagram(w, n)).await?;
     let (r, rl) = step(
@@ -468,6 +530,14 @@ async fn rtt(
         (RELAY, r, rl),
         (INPROC, i, il),
     ];
+    if let Some(p) = p2p {
+        let (s, l) = step(
+            "rtt: udp direct path (P2P)",
+            backends::udp_rtt(p.ports.echo_udp, w, n),
+        )
+        .await?;
+        f.udp_rtt.push((P2P, s, l));
+    }
     f.hop_plain_udp = Some((p, pl));
     Ok(())
 }
@@ -596,7 +666,7 @@ async fn wan(args: &Args, f: &mut Figures, pki: &Pki, bins: &Bins, b: &Backends)
         let tag = format!("wan{}", rtt.as_millis());
         let r = step(
             &format!("wan: start relay with {} ms RTT per hop", rtt.as_millis()),
-            ProcRelay::start(pki, bins, b, &tag, Some(rtt / 2)),
+            ProcRelay::start(pki, bins, b, &tag, Some(rtt / 2), false),
         )
         .await?;
         let pids = [
@@ -705,7 +775,14 @@ async fn burst(
 ) -> Result<()> {
     let r = step(
         &format!("udp burst {trial}: start relay with loss proxies"),
-        ProcRelay::start(pki, bins, b, &format!("burst{trial}"), Some(Duration::ZERO)),
+        ProcRelay::start(
+            pki,
+            bins,
+            b,
+            &format!("burst{trial}"),
+            Some(Duration::ZERO),
+            false,
+        ),
     )
     .await?;
     let rate = 100e6;
@@ -844,6 +921,19 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
         println!(
             "  (one quinn hop: tcp column = a stream, udp column = QUIC datagrams; plain udp = the \
              same two runtimes without QUIC, the hop's own baseline)"
+        );
+    }
+    if !f.paths.is_empty() {
+        let text: Vec<String> = f
+            .paths
+            .iter()
+            .map(|(name, (relay, direct))| {
+                format!("{name}: {relay:.0} via the relay, {direct:.0} direct")
+            })
+            .collect();
+        println!(
+            "  flows the agents opened during the tcp and rtt runs (ztna_agent_flows_total by path): {}",
+            text.join("; ")
         );
     }
     if !f.setup.is_empty() {
@@ -1078,6 +1168,27 @@ fn goals(f: &Figures) -> Vec<Goal> {
             ),
             value: Some((r - d) / (2.0 * added_hop + 20.0)),
             target: "<= 1",
+        });
+    }
+    if let (Some((p2p, _)), Some((hop, _))) = (f.tcp_of(P2P), f.tcp_of(HOP)) {
+        g.push(Goal {
+            name: "p2p_tcp_direct_vs_hop",
+            what: "issue 14: direct path (processes) MiB/s / one quinn hop MiB/s".into(),
+            value: Some(p2p / hop),
+            target: ">= 0.9",
+        });
+    }
+    if let (Some(d), Some(h), Some(x), Some(p)) = (d, h, p50(f.rtt_of(P2P)), plain) {
+        let added_hop = (h - p).max(0.0);
+        g.push(Goal {
+            name: "p2p_rtt_added_vs_hop_us",
+            what: format!(
+                "issue 14: (direct path − direct TCP) − (hop − plain udp), TCP p50s = {:.0} − {:.0} µs",
+                x - d,
+                added_hop
+            ),
+            value: Some((x - d) - added_hop),
+            target: "<= 20",
         });
     }
     if let Some(s) = f.rtt_of(RELAY) {

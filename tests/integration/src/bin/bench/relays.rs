@@ -138,12 +138,16 @@ pub struct ProcRelay {
 impl ProcRelay {
     /// Starts intermediate, connector and agent; with `one_way`, the agent and the connector
     /// reach the intermediate through a delay proxy each (that one-way delay per direction).
+    /// `p2p`: whether agent and connector may set up a direct path (on loopback they always
+    /// can, and flows would then bypass the relay and its proxies: every relay measurement
+    /// runs with `false`).
     pub async fn start(
         pki: &Pki,
         bins: &Bins,
         b: &Backends,
         tag: &str,
         one_way: Option<Duration>,
+        p2p: bool,
     ) -> Result<ProcRelay> {
         let listen = free_udp_port();
         let im_ops = free_tcp_port();
@@ -170,7 +174,7 @@ impl ProcRelay {
             &format!("conn-{tag}"),
             &[c_target],
             &b.services(),
-            &format!("ops_listen = \"{c_ops}\""),
+            &format!("ops_listen = \"{c_ops}\"\np2p = {p2p}"),
         );
         let connector = bins.spawn("connector", &format!("connector-{tag}"), &cfg);
         if !wait_ready(c_ops, Duration::from_secs(15)).await {
@@ -193,7 +197,7 @@ impl ProcRelay {
                 ("sink", "tcp", ports.sink),
                 ("usink", "udp", ports.usink),
             ],
-            &format!("ops_listen = \"{a_ops}\""),
+            &format!("ops_listen = \"{a_ops}\"\np2p = {p2p}"),
         );
         let agent = bins.spawn("agent", &format!("agent-{tag}"), &cfg);
         let r = ProcRelay {
@@ -222,6 +226,51 @@ impl ProcRelay {
         if !ok {
             bail!(
                 "agent never saw every service available\n{}\n{}\n{}",
+                self.agent.tail(15),
+                self.connector.tail(15),
+                self.im.tail(15)
+            );
+        }
+        Ok(())
+    }
+
+    /// The agent's flows so far by path: (relay, direct), from `ztna_agent_flows_total`.
+    pub async fn flows_by_path(&self) -> (f64, f64) {
+        let text = crate::util::scrape(self.a_ops).await;
+        let mut by = (0.0, 0.0);
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("ztna_agent_flows_total{"))
+        {
+            let v: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            if line.contains("path=\"direct\"") {
+                by.1 += v;
+            } else if line.contains("path=\"relay\"") {
+                by.0 += v;
+            }
+        }
+        by
+    }
+
+    /// Opens flows until the agent reports a direct path up (within `limit`).
+    pub async fn wait_direct(&self, limit: Duration) -> Result<()> {
+        let ok = eventually_async(limit, || async {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(self.ports.echo_tcp),
+            )
+            .await;
+            let text = crate::util::scrape(self.a_ops).await;
+            metric(&text, "ztna_agent_direct_paths", &[]) >= 1.0
+        })
+        .await;
+        if !ok {
+            bail!(
+                "the direct path never came up\n{}\n{}\n{}",
                 self.agent.tail(15),
                 self.connector.tail(15),
                 self.im.tail(15)
