@@ -77,8 +77,8 @@ impl TransportOptions {
     /// hole and then falls back to 1200 bytes; congestion loss looks the same. With quinn's 60 s
     /// cooldown a single lossy second pushed every full-size UDP payload onto the flow's
     /// stream (reliable, head-of-line blocked) for a minute (`ztna-bench --mode udp`: 41-58 % of
-    /// the 5 s after a burst with 3 s, 0.02 % with 1 s). Searching again after 1 s heals a false
-    /// alarm at once; a real black hole costs a few lost probes per search, never data.
+    /// the 5 s after a burst with 3 s, at most about 1 s of it with 1 s). Searching again soon
+    /// heals a false alarm; a real black hole costs a few lost probes per search, never data.
     fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
         let mut m = quinn::MtuDiscoveryConfig::default();
         m.black_hole_cooldown(MTU_BLACK_HOLE_COOLDOWN);

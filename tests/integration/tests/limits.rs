@@ -110,6 +110,33 @@ async fn one_identity_cannot_exhaust_the_relay_across_connections() {
     assert!(freed, "flows still held after the attacker left");
 }
 
+/// An agent connection starts with a small stream credit (an idle connection stays cheap) that
+/// grows with its flows: 300 concurrent flows on one connection are all accepted, without a
+/// refusal or a timeout, up to `max_flows_per_agent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_credit_grows_with_an_agents_flows() {
+    logs();
+    let pki = Pki::new();
+    let dead_end = sink().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(dead_end), None)]);
+    c.wait_registered(1).await;
+    let agent = creds(pki.issue("agent", "busy"), Role::Agent);
+    let o = attacks::Exhaust {
+        server: im.addr,
+        service: "web".into(),
+        conns: 1,
+        flows: 300,
+        half_close: false,
+        hold_secs: 1.0,
+        open_timeout: Duration::from_secs(5),
+    };
+    let r = attacks::exhaust(&agent, &o).await.unwrap();
+    println!("MEASURED stream credit: {r}");
+    assert_eq!(r["flows_accepted"], 300, "{r}");
+    assert_eq!(r["connections_ok"], 1, "{r}");
+}
+
 /// Item 6: service names past the protocol's cap are refused when the frame is decoded, and the
 /// connection is closed with a protocol violation that names the field; the victim is unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
