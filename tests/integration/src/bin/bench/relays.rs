@@ -105,6 +105,18 @@ impl Bins {
         Ok(Bins::Daemon(daemon))
     }
 
+    /// Whether these daemons have direct paths (and so the `p2p` key): the test binary always;
+    /// other binaries when the agent carries the direct-path metric's name.
+    pub fn knows_p2p(&self) -> bool {
+        match self {
+            Bins::Daemon(_) => true,
+            Bins::Dir(d) => std::fs::read(d.join("ztna-agent")).is_ok_and(|b| {
+                b.windows(b"ztna_agent_direct_paths".len())
+                    .any(|w| w == b"ztna_agent_direct_paths")
+            }),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Bins::Daemon(p) => format!("{} ROLE", p.display()),
@@ -168,13 +180,20 @@ impl ProcRelay {
             }
             None => (listen, listen),
         };
+        // Older daemons (ZTNA_BIN_DIR) may predate the `p2p` key and refuse it as unknown; they
+        // have no direct path either.
+        let p2p_key = if p2p || bins.knows_p2p() {
+            format!("\np2p = {p2p}")
+        } else {
+            String::new()
+        };
         let c_ops = free_tcp_port();
         let cfg = connector_file(
             pki,
             &format!("conn-{tag}"),
             &[c_target],
             &b.services(),
-            &format!("ops_listen = \"{c_ops}\"\np2p = {p2p}"),
+            &format!("ops_listen = \"{c_ops}\"{p2p_key}"),
         );
         let connector = bins.spawn("connector", &format!("connector-{tag}"), &cfg);
         if !wait_ready(c_ops, Duration::from_secs(15)).await {
@@ -197,7 +216,7 @@ impl ProcRelay {
                 ("sink", "tcp", ports.sink),
                 ("usink", "udp", ports.usink),
             ],
-            &format!("ops_listen = \"{a_ops}\"\np2p = {p2p}"),
+            &format!("ops_listen = \"{a_ops}\"{p2p_key}"),
         );
         let agent = bins.spawn("agent", &format!("agent-{tag}"), &cfg);
         let r = ProcRelay {
