@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use ztna_node::flows::Kind;
-use ztna_node::status::{table, Common};
+use ztna_node::status::{count, table, Common};
 use ztna_proto::{Protocol, Role, ServiceState};
 
 use crate::relays::{choose, Choice, Conn};
@@ -176,11 +176,7 @@ pub(crate) fn provider(
     shared: &Arc<Shared>,
     ports: Vec<(String, Protocol, SocketAddr)>,
 ) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
-    let weak: Weak<Shared> = Arc::downgrade(shared);
-    move || match weak.upgrade() {
-        Some(shared) => serde_json::to_value(snapshot(&shared, &ports)).unwrap_or_default(),
-        None => serde_json::Value::Null,
-    }
+    ztna_node::status::provider(shared, move |s| snapshot(s, &ports))
 }
 
 /// The summary `ztna-agent status` prints.
@@ -224,10 +220,7 @@ pub fn render(value: &serde_json::Value) -> Result<String, String> {
                 f.listen.clone(),
                 f.state.clone(),
                 how,
-                match f.active_flows {
-                    1 => "1 flow".to_string(),
-                    n => format!("{n} flows"),
-                },
+                count(f.active_flows, "flow"),
             ]
         })
         .collect();

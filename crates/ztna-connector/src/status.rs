@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use ztna_node::flows::Kind;
@@ -201,11 +201,7 @@ pub(crate) fn snapshot(shared: &Shared) -> Status {
 pub(crate) fn provider(
     shared: &Arc<Shared>,
 ) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
-    let weak: Weak<Shared> = Arc::downgrade(shared);
-    move || match weak.upgrade() {
-        Some(shared) => serde_json::to_value(snapshot(&shared)).unwrap_or_default(),
-        None => serde_json::Value::Null,
-    }
+    ztna_node::status::provider(shared, snapshot)
 }
 
 /// The summary `ztna-connector status` prints.

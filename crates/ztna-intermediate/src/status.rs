@@ -4,11 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use ztna_node::flows::Kind;
-use ztna_node::status::{table, Common};
+use ztna_node::status::{count, table, Common};
 use ztna_proto::Role;
 
 use crate::limits::Limit;
@@ -144,11 +144,7 @@ pub(crate) fn snapshot(shared: &Shared) -> Status {
 pub(crate) fn provider(
     shared: &Arc<Shared>,
 ) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
-    let weak: Weak<Shared> = Arc::downgrade(shared);
-    move || match weak.upgrade() {
-        Some(shared) => serde_json::to_value(snapshot(&shared)).unwrap_or_default(),
-        None => serde_json::Value::Null,
-    }
+    ztna_node::status::provider(shared, snapshot)
 }
 
 /// The summary `ztna-intermediate status` prints.
@@ -157,15 +153,11 @@ pub fn render(value: &serde_json::Value) -> Result<String, String> {
     let mut out = String::new();
     s.common.render(&mut out);
     let _ = writeln!(out, "\nlistening on {}", s.listen);
-    let n = |n: usize, what: &str| match n {
-        1 => format!("1 {what}"),
-        n => format!("{n} {what}s"),
-    };
     let _ = writeln!(
         out,
         "peers: {}, {}",
-        n(s.connections.agents, "agent"),
-        n(s.connections.connectors, "connector")
+        count(s.connections.agents, "agent"),
+        count(s.connections.connectors, "connector")
     );
     out.push_str("services:\n");
     let rows: Vec<Vec<String>> = s
@@ -176,13 +168,9 @@ pub fn render(value: &serde_json::Value) -> Result<String, String> {
                 svc.service.clone(),
                 match svc.connectors {
                     0 => "no connector".to_string(),
-                    1 => "1 connector".to_string(),
-                    n => format!("{n} connectors"),
+                    n => count(n, "connector"),
                 },
-                match svc.active_flows {
-                    1 => "1 flow".to_string(),
-                    n => format!("{n} flows"),
-                },
+                count(svc.active_flows, "flow"),
             ]
         })
         .collect();

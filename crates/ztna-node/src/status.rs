@@ -154,6 +154,31 @@ pub fn rfc3339(unix: i64) -> String {
     )
 }
 
+/// `1 flow`, `3 flows`: a count with its noun.
+pub fn count(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+/// The ops endpoint's `/status` provider of a daemon: `snapshot` of its shared state as JSON,
+/// or `null` once the daemon is gone (the provider does not keep it alive).
+pub fn provider<S, T>(
+    shared: &std::sync::Arc<S>,
+    snapshot: impl Fn(&S) -> T + Send + Sync + 'static,
+) -> impl Fn() -> serde_json::Value + Send + Sync + 'static
+where
+    S: Send + Sync + 'static,
+    T: Serialize,
+{
+    let weak = std::sync::Arc::downgrade(shared);
+    move || match weak.upgrade() {
+        Some(shared) => serde_json::to_value(snapshot(&shared)).unwrap_or_default(),
+        None => serde_json::Value::Null,
+    }
+}
+
 /// Rows as aligned columns, each line indented by `indent` spaces; trailing blanks trimmed.
 pub fn table(rows: &[Vec<String>], indent: usize) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
