@@ -143,27 +143,45 @@ pub async fn throughput_for(sink: &TcpSink, addr: SocketAddr, secs: f64) -> Resu
 
 /// One connection through a TCP echo: `warmup` then `rounds` sequential 64-byte round trips.
 pub async fn tcp_rtt(addr: SocketAddr, warmup: usize, rounds: usize) -> Result<Samples> {
-    let mut s = TcpStream::connect(addr).await?;
+    let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
+    let (mut rd, mut wr) = s.into_split();
+    let us = ping_pong(&mut wr, &mut rd, warmup, rounds, "tcp echo").await?;
+    wr.shutdown().await?;
+    Ok(us)
+}
+
+/// `warmup` then `rounds` sequential 64-byte round trips through an echo reached by `wr`/`rd`
+/// (a TCP connection or a QUIC stream); each must come back unchanged within 5 s.
+pub async fn ping_pong<W, R>(
+    wr: &mut W,
+    rd: &mut R,
+    warmup: usize,
+    rounds: usize,
+    what: &str,
+) -> Result<Samples>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    R: tokio::io::AsyncRead + Unpin,
+{
     let mut msg = [0u8; MSG];
     let mut back = [0u8; MSG];
     let mut us = Vec::with_capacity(rounds);
     for i in 0..warmup + rounds {
         msg[..8].copy_from_slice(&(i as u64).to_be_bytes());
         let t = Instant::now();
-        s.write_all(&msg).await?;
-        timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        wr.write_all(&msg).await?;
+        timeout(Duration::from_secs(5), rd.read_exact(&mut back))
             .await
-            .context("tcp echo timed out")??;
+            .with_context(|| format!("{what} timed out"))??;
         let dt = t.elapsed();
         if back != msg {
-            bail!("tcp echo returned different bytes at round {i}");
+            bail!("{what} returned different bytes at round {i}");
         }
         if i >= warmup {
             us.push(dt.as_secs_f64() * 1e6);
         }
     }
-    s.shutdown().await?;
     Ok(Samples::new(us))
 }
 

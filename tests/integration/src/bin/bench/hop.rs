@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::time::timeout;
@@ -155,26 +155,11 @@ impl Hop {
             .spawn(async move {
                 let (mut send, mut recv) = conn.open_bi().await?;
                 send.write_all(&[ECHO]).await?;
-                let mut msg = [0u8; MSG];
-                let mut back = [0u8; MSG];
-                let mut us = Vec::with_capacity(rounds);
-                for i in 0..warmup + rounds {
-                    msg[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                    let t = Instant::now();
-                    send.write_all(&msg).await?;
-                    timeout(Duration::from_secs(5), recv.read_exact(&mut back))
-                        .await
-                        .context("anchor echo timed out")??;
-                    let dt = t.elapsed();
-                    if back != msg {
-                        bail!("anchor echo returned different bytes");
-                    }
-                    if i >= warmup {
-                        us.push(dt.as_secs_f64() * 1e6);
-                    }
-                }
+                let us =
+                    crate::backends::ping_pong(&mut send, &mut recv, warmup, rounds, "anchor echo")
+                        .await?;
                 send.finish()?;
-                Ok(Samples::new(us))
+                Ok(us)
             })
             .await?
     }

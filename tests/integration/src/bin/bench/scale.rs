@@ -202,19 +202,25 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let me = std::process::id();
     let ramp_cpu = proc_cpu(im.pid());
     let t = Instant::now();
-    let mut tasks = Vec::with_capacity(n);
-    for (i, cfg) in configs.iter().enumerate() {
-        let ep = endpoints[i % endpoints.len()].clone();
-        let (stats, stop, ramp) = (stats.clone(), stop.clone(), ramp.clone());
-        tasks.push(tokio::spawn(agent(
-            ep,
-            cfg.clone(),
-            listen,
-            stats,
-            stop,
-            ramp,
-        )));
-    }
+    // One task per agent identity, spread over the generator's sockets.
+    let spawn_all = |stop: &CancellationToken| -> Vec<tokio::task::JoinHandle<()>> {
+        configs
+            .iter()
+            .enumerate()
+            .map(|(i, cfg)| {
+                let ep = endpoints[i % endpoints.len()].clone();
+                tokio::spawn(agent(
+                    ep,
+                    cfg.clone(),
+                    listen,
+                    stats.clone(),
+                    stop.clone(),
+                    ramp.clone(),
+                ))
+            })
+            .collect()
+    };
+    let tasks = spawn_all(&stop);
     let all_up = |limit: Duration| {
         let stats = stats.clone();
         async move {
@@ -374,19 +380,7 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     // Come back: all of them connect again (≤128 in flight). An RSS near the previous peak means
     // the process reuses the memory it kept; growing by as much again would be a leak.
     let stop = CancellationToken::new();
-    let mut tasks = Vec::with_capacity(n);
-    for (i, cfg) in configs.iter().enumerate() {
-        let ep = endpoints[i % endpoints.len()].clone();
-        let (stats, stop, ramp) = (stats.clone(), stop.clone(), ramp.clone());
-        tasks.push(tokio::spawn(agent(
-            ep,
-            cfg.clone(),
-            listen,
-            stats,
-            stop,
-            ramp,
-        )));
-    }
+    let tasks = spawn_all(&stop);
     if all_up(Duration::from_secs(240)).await {
         tokio::time::sleep(Duration::from_secs(3)).await;
         rep.rss_rejoined_kib = rss_kib(im2.pid());
