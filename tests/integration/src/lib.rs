@@ -394,6 +394,21 @@ pub async fn start_agent(
     start_agent_with(pki.issue("agent", name), intermediates, forwards, "").await
 }
 
+/// The common chain behind an intermediate at `im`: connector `web-1` serving `web` from the
+/// TCP backend `echo` (registered), and agent `alice` forwarding `web` over TCP (available).
+pub async fn web_chain(
+    pki: &Pki,
+    im: SocketAddr,
+    echo: SocketAddr,
+) -> (ConnectorHandle, AgentHandle) {
+    let mut c = start_connector(pki, "web-1", &[im], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(pki, "alice", &[im], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ztna_proto::ServiceState::Available)
+        .await;
+    (c, a)
+}
+
 /// Starts an agent; `settings` are extra top-level TOML lines.
 pub async fn start_agent_with(
     tls: TlsConfig,

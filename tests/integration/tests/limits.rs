@@ -145,10 +145,7 @@ async fn oversized_names_are_refused_at_decode() {
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
-    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", ServiceState::Available).await;
+    let (_c, a) = web_chain(&pki, im.addr, echo).await;
     let v = victim(a.port("web", ztna_proto::Protocol::Tcp), 2.5);
     for (kind, cert) in [
         (

@@ -16,10 +16,7 @@ async fn tcp_8mib_intact_64_concurrent_and_half_close() {
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
-    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", ServiceState::Available).await;
+    let (c, a) = web_chain(&pki, im.addr, echo).await;
     let port = a.port("web", Protocol::Tcp);
 
     // 8 MiB over one flow, hash compared; the writer half-closes and still reads everything back.
@@ -332,10 +329,7 @@ async fn flows_per_agent_are_bounded() {
     let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
     cfg.max_flows_per_agent = 2;
     let im = start_intermediate_with(cfg);
-    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", ServiceState::Available).await;
+    let (c, a) = web_chain(&pki, im.addr, echo).await;
     let port = a.port("web", Protocol::Tcp);
     // Two long-lived flows, proven open by an echo each.
     let mut held = Vec::new();

@@ -30,10 +30,7 @@ async fn world() -> World {
         agents: vec![Pki::id("agent", "alice")],
     }];
     let im = start_intermediate(&pki, policy);
-    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut agent = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    agent.wait_status("web", ServiceState::Available).await;
+    let (c, agent) = web_chain(&pki, im.addr, echo).await;
     World {
         pki,
         im,
@@ -422,10 +419,7 @@ async fn retry_under_handshake_load_lets_real_clients_through() {
     // Every unproven address gets a Retry, as in a flood.
     cfg.handshake_retry_threshold = 0;
     let im = start_intermediate_with(cfg);
-    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", ServiceState::Available).await;
+    let (c, a) = web_chain(&pki, im.addr, echo).await;
     assert_eq!(
         tcp_roundtrip(a.port("web", Protocol::Tcp), b"after a retry")
             .await
