@@ -447,7 +447,8 @@ def c_exhaust():
 @case("flood-write", "2")
 def c_flood_write():
     """500 flows pushing into a backend that never reads, for 15 s: RSS <= 256 MB per daemon, back
-    near baseline 10 s after the attacker left; the victim's rate is reported."""
+    near baseline 10 s after the attacker left, and the victim, whose flows share the
+    intermediate -> connector connection with the attacker's stalled ones, gets >= 99 %."""
     w = World(services=[("sink", "tcp", "127.0.0.1:27003"), ("other", "tcp", "127.0.0.1:27002")],
               policies=[policy("sink", ("alice", "mallory")), policy("other", ("alice",))],
               forwards=[("other", "tcp", 28081)],
@@ -468,19 +469,19 @@ def c_flood_write():
     peak = s.finish()
     limit_ok = all(peak[k] <= 256 for k in ("intermediate", "connector"))
     near = all(after[k] <= max(2 * base[k], base[k] + 32) for k in ("intermediate", "connector"))
+    victim_ok = vd["success_pct"] >= 99
     fig = {"victim_pct": vd["success_pct"], "victim_p50_ms": vd["p50_ms"], "im_peak_mb": peak["intermediate"],
            "co_peak_mb": peak["connector"], "im_after_mb": after["intermediate"], "co_after_mb": after["connector"],
            "written_mb": a["bytes_written"] / MiB}
     fig["capped"] = s.capped_at is not None
     # The victim's flows share the intermediate -> connector connection with the attacker's
-    # stalled ones, whose unread data fills that connection's flow-control window: a known,
-    # unfixed head-of-line limit (README "Known limits"), reported here, not asserted. Item 1's
-    # victim figure (the exhaust case) is asserted.
+    # stalled ones; flow credit keeps the attacker's unconsumed bytes there within its
+    # identity_window, so they cannot fill the window everyone shares.
     line = (f"attacker wrote {a['bytes_written'] / MiB:.0f} MiB on {a['flows_writing']} flows in 15 s{s.cap_text(t0)}; "
             f"{rss_text(base, peak, after)} (after = 10 s after the attacker left); "
             f"peak <= 256 MB: {'yes' if limit_ok else 'NO'}; back near baseline: {'yes' if near else 'NO'}; "
-            f"victim on the same connector, via the relay (known limit, not asserted): {victim_text(vd)}")
-    return limit_ok and near, line, fig
+            f"victim on the same connector, via the relay (>= 99 %: {'yes' if victim_ok else 'NO'}): {victim_text(vd)}")
+    return limit_ok and near and victim_ok, line, fig
 
 
 def hold_world(policies):

@@ -69,7 +69,17 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
             let ctl = SpliceCtl::for_flow(&guard, None);
             let (mut recv, prefix) = opened.recv.into_parts();
             let mut send = opened.send;
-            let stats = splice_tcp(tcp, &mut send, &mut recv, prefix, None, None, &ctl).await;
+            let stats = splice_tcp(
+                tcp,
+                &mut send,
+                &mut recv,
+                prefix,
+                None,
+                None,
+                &ctl,
+                Default::default(),
+            )
+            .await;
             debug!(
                 up = stats.forward,
                 down = stats.backward,

@@ -111,6 +111,7 @@ async fn serve(
         observed_addr,
         identity,
         mut send,
+        ..
     } = match client::hello(conn, Role::Agent, software, watch, CONNECT_TIMEOUT).await {
         Ok(c) => c,
         Err(why) => {

@@ -10,11 +10,12 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::net::UdpSocket;
 use tracing::debug;
 use ztna_node::clock::Activity;
+use ztna_node::credit::{FlowCredit, Meter, SendBudget};
 use ztna_node::datagram::{self as dg, Sent};
 use ztna_node::flows::{FlowGuard, Kind};
 use ztna_node::io::{prepare_tcp, splice_tcp, write_frame, write_raw_frame, FramedRecv, SpliceCtl};
 use ztna_node::ratelimit::LogLimiter;
-use ztna_proto::{datagram, varint, FlowOpen, FlowReply, Protocol, RejectReason};
+use ztna_proto::{datagram, varint, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
 use crate::backend::{connect_tcp, Backend};
 use crate::{FlowMeta, Shared};
@@ -28,10 +29,36 @@ const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 static REJECT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
 static DROP_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
 
+/// How long a flow waits for the intermediate's answer to our `CreditReports` (it is sent
+/// before the intermediate routes us any flow, so it is normally there already).
+const CREDIT_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// Per-connection state: the UDP flows whose datagrams arrive on this connection.
 pub(crate) struct ConnState {
     pub conn: quinn::Connection,
     udp: Mutex<HashMap<u64, UdpFlow>>,
+    /// Flow credit with an intermediate of protocol revision 2 or later (not on direct paths).
+    pub credit: Option<ConnCredit>,
+}
+
+/// Flow credit on a connection to an intermediate: what we read from its flows (reported on
+/// the control stream) and the per-agent budget of what we send it (from its answer).
+pub(crate) struct ConnCredit {
+    pub consumed: Arc<Meter>,
+    pub budget: tokio::sync::watch::Sender<Option<Arc<SendBudget>>>,
+}
+
+impl ConnCredit {
+    /// The per-agent budget, once the intermediate answered (`None` if it did not in time:
+    /// the flow then goes unbudgeted rather than failing).
+    async fn budget(&self) -> Option<Arc<SendBudget>> {
+        let mut rx = self.budget.subscribe();
+        let got = tokio::time::timeout(CREDIT_ANSWER_WAIT, rx.wait_for(|b| b.is_some())).await;
+        match got {
+            Ok(Ok(b)) => b.clone(),
+            _ => None,
+        }
+    }
 }
 
 struct UdpFlow {
@@ -48,6 +75,18 @@ impl ConnState {
         ConnState {
             conn,
             udp: Mutex::new(HashMap::new()),
+            credit: None,
+        }
+    }
+
+    /// A connection to an intermediate that takes consumption reports (revision 2).
+    pub fn with_credit(conn: quinn::Connection) -> ConnState {
+        ConnState {
+            credit: Some(ConnCredit {
+                consumed: Meter::new(),
+                budget: tokio::sync::watch::channel(None).0,
+            }),
+            ..ConnState::new(conn)
         }
     }
 
@@ -135,6 +174,18 @@ pub(crate) async fn handle(
             return;
         }
     };
+    // On a connection with flow credit the intermediate names the flow's agent next.
+    let mut agent: Option<Arc<str>> = None;
+    if direct.is_none() && state.credit.is_some() {
+        match recv.expect::<FlowAgent>(FLOW_HEADER_TIMEOUT).await {
+            Ok(a) => agent = Some(Arc::from(a.agent)),
+            Err(e) => {
+                tracing::warn!(error = %e, "bad flow agent frame from intermediate");
+                let _ = send.reset(VarInt::from_u32(e.code()));
+                return;
+            }
+        }
+    }
     if let Some(auth) = &direct {
         if let Err((label, why)) = auth.allows(&open.service) {
             shared
@@ -179,7 +230,10 @@ pub(crate) async fn handle(
         }
     };
     match open.protocol {
-        Protocol::Tcp => tcp_flow(&shared, guard, send, recv, &open, &backend).await,
+        Protocol::Tcp => {
+            let credit = (&*state, agent);
+            tcp_flow(&shared, guard, send, recv, &open, &backend, credit).await
+        }
         Protocol::Udp => udp_flow(&shared, &state, guard, send, recv, &open, &backend).await,
     }
 }
@@ -191,6 +245,7 @@ async fn tcp_flow(
     recv: FramedRecv,
     open: &FlowOpen,
     backend: &Backend,
+    (state, agent): (&ConnState, Option<Arc<str>>),
 ) {
     let service = open.service.as_str();
     let limit = shared.config.connect_timeout;
@@ -219,6 +274,18 @@ async fn tcp_flow(
     let to_backend = m.bytes.with_label_values(&[service, "to_backend"]);
     let ctl = SpliceCtl::for_flow(&guard, Some(shared.config.tcp_idle_timeout));
     let (mut recv, prefix) = recv.into_parts();
+    // Flow credit: this agent's unconsumed bytes at the intermediate stay within its budget,
+    // and what we read is reported back.
+    let stream = u64::from(send.id());
+    let (mut gate, mut meter) = (None, None);
+    if let (Some(c), Some(agent)) = (&state.credit, &agent) {
+        gate = c.budget().await.map(|b| b.open(stream, agent));
+        meter = Some(c.consumed.flow(stream));
+    }
+    let credit = FlowCredit {
+        send: gate.as_ref(),
+        recv: meter.as_ref(),
+    };
     let stats = splice_tcp(
         tcp,
         &mut send,
@@ -227,9 +294,10 @@ async fn tcp_flow(
         Some(&to_agent),
         Some(&to_backend),
         &ctl,
+        credit,
     )
     .await;
-    debug!(%service, to_agent = stats.forward, to_backend = stats.backward, end = ?stats.end, "tcp flow ended");
+    debug!(%service, agent = agent.as_deref().unwrap_or("-"), to_agent = stats.forward, to_backend = stats.backward, end = ?stats.end, "tcp flow ended");
 }
 
 async fn udp_flow(

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub udp_stream_carried: IntCounterVec,
     pub direct_connections: IntGauge,
     pub direct_refused: IntCounterVec,
+    pub credit_waits: IntCounter,
 }
 
 impl Metrics {
@@ -42,6 +43,11 @@ impl Metrics {
                 r,
                 "ztna_connector_reconnect_backoff_seconds",
                 "Delay before the most recent reconnect attempt (grows while an intermediate stays unreachable).",
+            ),
+            credit_waits: m::counter(
+                r,
+                "ztna_connector_credit_waits_total",
+                "Writes towards an intermediate that waited because the flow's agent already had the intermediate's identity_window bytes there not yet consumed.",
             ),
             reconnects: m::counter(
                 r,

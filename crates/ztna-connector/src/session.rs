@@ -13,7 +13,7 @@ use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
 use ztna_node::io::{write_frame, FramedRecv};
 use ztna_node::CancellationToken;
-use ztna_proto::{codes, ClientMsg, Role, ServerMsg};
+use ztna_proto::{codes, ClientMsg, Role, ServerMsg, MAX_LIST_LEN};
 
 use crate::flow::{self, ConnState};
 use crate::{Registration, Shared};
@@ -89,6 +89,7 @@ async fn serve(
         mut send,
         recv,
         observed_addr,
+        revision,
         ..
     } = match client::hello(&conn, Role::Connector, software, vec![], CONNECT_TIMEOUT).await {
         Ok(c) => c,
@@ -105,6 +106,17 @@ async fn serve(
     if let (Some(id), Some(cert)) = (&intermediate, &cert) {
         ztna_node::lock(&shared.intermediate_certs).insert(id.clone(), cert.clone());
     }
+    // Flow credit (revision 2): said before any Register, so the intermediate knows it before it
+    // routes us a flow.
+    let credit = revision >= 2;
+    if credit {
+        let msg = ClientMsg::CreditReports {
+            receive_window: shared.config.connection_window,
+        };
+        if write_frame(&mut send, &msg).await.is_err() {
+            return Ended::default();
+        }
+    }
     let mut names: Vec<&String> = shared.services.keys().collect();
     names.sort();
     for name in names {
@@ -119,10 +131,14 @@ async fn serve(
         }
         shared.set_registration(idx, Some((&s.name, Registration::Pending)));
     }
-    let state = Arc::new(ConnState::new(conn.clone()));
+    let state = Arc::new(if credit {
+        ConnState::with_credit(conn.clone())
+    } else {
+        ConnState::new(conn.clone())
+    });
     let mut drained = false;
     let why = tokio::select! {
-        why = control(shared, idx, send, recv, &mut drained) => why,
+        why = control(shared, &state, idx, send, recv, &mut drained) => why,
         why = accept_flows(shared, &state) => why,
         why = datagrams(shared, &state) => why,
         _ = stop.cancelled() => {
@@ -157,6 +173,7 @@ fn forget_cert(
 /// drain.
 async fn control(
     shared: &Arc<Shared>,
+    state: &ConnState,
     idx: usize,
     mut send: quinn::SendStream,
     mut recv: FramedRecv,
@@ -178,8 +195,22 @@ async fn control(
             }
             info!("deregistered; running flows continue");
         }
+        let report = async {
+            match &state.credit {
+                Some(c) => c.consumed.next_report().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = draining.changed() => if r.is_err() { return std::future::pending().await },
+            ready = report => {
+                for chunk in ready.chunks(MAX_LIST_LEN) {
+                    let msg = ClientMsg::Consumed { flows: chunk.to_vec() };
+                    if write_frame(&mut send, &msg).await.is_err() {
+                        return "control stream write failed".to_string();
+                    }
+                }
+            }
             msg = recv.next::<ServerMsg>() => match msg {
                 Ok(Some(ServerMsg::Registered { service })) => {
                     if !shared.services.contains_key(&service) {
@@ -220,6 +251,23 @@ async fn control(
                     };
                     if write_frame(&mut send, &answer).await.is_err() {
                         return "control stream write failed".to_string();
+                    }
+                }
+                Ok(Some(ServerMsg::CreditReports { identity_window })) => {
+                    if let Some(c) = &state.credit {
+                        let budget = ztna_node::credit::SendBudget::new(
+                            identity_window,
+                            Some(shared.metrics.credit_waits.clone()),
+                        );
+                        debug!(window = budget.window(), "per-agent flow credit on");
+                        c.budget.send_replace(Some(budget));
+                    }
+                }
+                Ok(Some(ServerMsg::Consumed { flows })) => {
+                    if let Some(b) = state.credit.as_ref().and_then(|c| c.budget.borrow().clone()) {
+                        for (stream, consumed) in flows {
+                            b.credit(stream, consumed);
+                        }
                     }
                 }
                 Ok(Some(ServerMsg::DirectGo { request })) => {

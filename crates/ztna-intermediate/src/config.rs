@@ -72,6 +72,13 @@ pub struct Config {
     /// Flow-control window of one connector connection (all flows through it together).
     #[serde(default = "default_connector_window", with = "size")]
     pub connector_connection_window: u64,
+    /// Most bytes one agent identity may have in flight towards one connector (and the
+    /// connector towards us) that the other side has not consumed yet, over all its flows and
+    /// connections. Keeps one agent's stalled flows from filling the connector connection's
+    /// window that every agent shares. Used at most half of `connector_connection_window` (and
+    /// of the connector's `connection_window`); needs connectors of revision 2 or later.
+    #[serde(default = "default_identity_window", with = "size")]
+    pub identity_window: u64,
 }
 
 impl ztna_node::config::Paths for Config {
@@ -137,6 +144,9 @@ fn default_agent_window() -> u64 {
 }
 fn default_connector_window() -> u64 {
     64 << 20
+}
+fn default_identity_window() -> u64 {
+    ztna_node::credit::DEFAULT_IDENTITY_WINDOW
 }
 
 impl Config {
@@ -204,7 +214,22 @@ impl Config {
                 "must be at least 64KiB".into(),
             ));
         }
+        use ztna_node::credit::{MAX_IDENTITY_WINDOW, MIN_IDENTITY_WINDOW};
+        if !(MIN_IDENTITY_WINDOW..=MAX_IDENTITY_WINDOW).contains(&self.identity_window) {
+            return Err((
+                "identity_window".into(),
+                "must be between 64KiB and 1GiB".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The per-agent budget in use: `identity_window`, at most half the connector window, so a
+    /// second agent at its budget still leaves room for everyone else.
+    pub fn effective_identity_window(&self) -> u64 {
+        self.identity_window
+            .min(self.connector_connection_window / 2)
+            .max(ztna_node::credit::MIN_IDENTITY_WINDOW)
     }
 
     /// Streams one agent connection may have open at most: control stream + flows, with

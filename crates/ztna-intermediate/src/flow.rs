@@ -11,12 +11,13 @@ use quinn::{SendStream, VarInt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info_span, Instrument};
+use ztna_node::credit::FlowCredit;
 use ztna_node::flows::{FlowGuard, Kind};
 use ztna_node::io::{
     splice_quic, write_frame, write_raw_frame, FramedRecv, QuicSide, SpliceCtl, StreamError,
 };
 use ztna_node::ratelimit::LogLimiter;
-use ztna_proto::{codes, FlowOpen, FlowReply, Protocol, RejectReason};
+use ztna_proto::{codes, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
 use crate::registry::{Peer, Route};
 use crate::session::close;
@@ -104,7 +105,7 @@ async fn open_and_relay(
         let why = format!("UDP flow id {flow_id} is already in use on this connection");
         return reject(send, RejectReason::BadRequest, why).await;
     }
-    let opened = match open_at_connector(shared, &service, protocol).await {
+    let opened = match open_at_connector(shared, &agent.id_str, &service, protocol).await {
         Ok(o) => o,
         Err((reason, why)) => return reject(send, reason, why).await,
     };
@@ -147,16 +148,29 @@ async fn open_and_relay(
             let down = m.bytes("tcp", "to_agent");
             let (mut a_recv, a_prefix) = recv.into_parts();
             let (mut c_recv, c_prefix) = c_recv.into_parts();
+            // Flow credit towards a connector that reports consumption: this agent's unconsumed
+            // bytes there stay within its budget, and what we read is reported back.
+            let stream = u64::from(c_send.id());
+            let gate = connector
+                .credit
+                .get()
+                .map(|b| b.open(stream, &agent.id_str));
+            let meter = gate.as_ref().map(|_| connector.consumed.flow(stream));
             let stats = splice_quic(
                 QuicSide {
                     send: &mut send,
                     recv: &mut a_recv,
                     prefix: a_prefix,
+                    credit: FlowCredit::default(),
                 },
                 QuicSide {
                     send: &mut c_send,
                     recv: &mut c_recv,
                     prefix: c_prefix,
+                    credit: FlowCredit {
+                        send: gate.as_ref(),
+                        recv: meter.as_ref(),
+                    },
                 },
                 Some(&up),
                 Some(&down),
@@ -199,6 +213,7 @@ struct Opened {
 /// tried; only when none takes the flow is it rejected, with the last reason heard.
 async fn open_at_connector(
     shared: &Shared,
+    agent: &str,
     service: &str,
     protocol: Protocol,
 ) -> Result<Opened, (RejectReason, String)> {
@@ -213,7 +228,7 @@ async fn open_at_connector(
         } else {
             0
         };
-        match try_connector(&c, service, protocol, c_flow_id, deadline).await {
+        match try_connector(&c, agent, service, protocol, c_flow_id, deadline).await {
             Ok((send, recv, FlowReply::Accept)) => {
                 c.health.succeeded();
                 return Ok(Opened {
@@ -253,6 +268,7 @@ async fn open_at_connector(
 
 async fn try_connector(
     c: &Peer,
+    agent: &str,
     service: &str,
     protocol: Protocol,
     flow_id: u64,
@@ -269,6 +285,12 @@ async fn try_connector(
         flow_id,
     };
     write_frame(&mut s, &open).await?;
+    if c.credit.get().is_some() {
+        let who = FlowAgent {
+            agent: agent.to_string(),
+        };
+        write_frame(&mut s, &who).await?;
+    }
     let mut r = FramedRecv::new(r);
     let limit = CONNECTOR_REPLY_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
     match r.expect::<FlowReply>(limit).await {

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub udp_stream_carried: IntCounterVec,
     pub drain_timeout: prometheus::Gauge,
     pub drain_started: prometheus::Gauge,
+    pub credit_waits: IntCounter,
 }
 
 impl Metrics {
@@ -89,6 +90,11 @@ impl Metrics {
                 r,
                 "ztna_intermediate_draining",
                 "1 while the intermediate drains.",
+            ),
+            credit_waits: m::counter(
+                r,
+                "ztna_intermediate_credit_waits_total",
+                "Writes towards a connector that waited because the flow's agent already had identity_window bytes there not yet consumed.",
             ),
             limit_rejections: m::counter_vec(
                 r,

@@ -78,6 +78,11 @@ pub struct Peer {
     pub health: ConnectorHealth,
     /// Direct-path and ticket requests this peer may make (each makes us message a connector).
     pub direct_budget: ztna_node::ratelimit::TokenBucket,
+    /// A connector's flow credit, once it said it reports consumption (protocol revision 2):
+    /// what each agent may have unconsumed in flight towards it.
+    pub credit: std::sync::OnceLock<Arc<ztna_node::credit::SendBudget>>,
+    /// What we read from a connector's flows, reported back to it (revision 2).
+    pub consumed: Arc<ztna_node::credit::Meter>,
 }
 
 impl Peer {
@@ -105,6 +110,8 @@ impl Peer {
             load: AtomicUsize::new(0),
             health: ConnectorHealth::default(),
             direct_budget: ztna_node::ratelimit::TokenBucket::new(8, 2.0),
+            credit: std::sync::OnceLock::new(),
+            consumed: ztna_node::credit::Meter::new(),
         }
     }
 

@@ -17,7 +17,10 @@ use ztna_node::identity::describe_connection_error;
 use ztna_node::io::{write_frame, FramedRecv, StreamError};
 use ztna_node::ratelimit::LogLimiter;
 use ztna_node::SpiffeId;
-use ztna_proto::{codes, ClientMsg, Role, ServerMsg, ServiceState, MAX_LIST_LEN, PROTOCOL_VERSION};
+use ztna_proto::{
+    codes, ClientMsg, Role, ServerMsg, ServiceState, MAX_LIST_LEN, PROTOCOL_REVISION,
+    PROTOCOL_VERSION,
+};
 
 use crate::registry::Peer;
 use crate::state::Shared;
@@ -128,7 +131,7 @@ pub(crate) async fn run(
         }
     };
     let welcome = ServerMsg::Welcome {
-        version: PROTOCOL_VERSION,
+        version: PROTOCOL_REVISION,
         identity: id.to_string(),
         observed_addr: ztna_node::transport::canonical(conn.remote_address()),
     };
@@ -454,6 +457,7 @@ async fn connector(
     tokio::select! {
         why = write_control(send, rx) => why,
         why = connector_control(shared, peer, recv) => why,
+        why = report_consumed(peer) => why,
         why = push_goaway(shared, peer) => why,
         why = refuse_streams(peer) => why,
         why = datagrams::relay(shared.clone(), peer.clone(), "to_agent") => why,
@@ -498,6 +502,39 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 direct::answered(shared, request, accepted, candidates, reason);
                 continue;
             }
+            Ok(Some(ClientMsg::CreditReports { receive_window })) => {
+                if peer.credit.get().is_some() {
+                    warn!("second CreditReports, closing");
+                    close(&peer.conn, codes::PROTOCOL, "duplicate CreditReports");
+                    return "duplicate CreditReports".to_string();
+                }
+                // Within what the connector can buffer (half of it: a second agent at its
+                // budget still leaves room) and within what we were configured to allow.
+                let window = shared
+                    .config
+                    .effective_identity_window()
+                    .min(receive_window / 2);
+                let budget = ztna_node::credit::SendBudget::new(
+                    window,
+                    Some(shared.metrics.credit_waits.clone()),
+                );
+                debug!(
+                    window = budget.window(),
+                    "connector reports consumption; per-agent flow credit on"
+                );
+                let _ = peer.credit.set(budget);
+                ServerMsg::CreditReports {
+                    identity_window: shared.config.effective_identity_window(),
+                }
+            }
+            Ok(Some(ClientMsg::Consumed { flows })) => {
+                if let Some(budget) = peer.credit.get() {
+                    for (stream, consumed) in flows {
+                        budget.credit(stream, consumed);
+                    }
+                }
+                continue;
+            }
             Ok(Some(ClientMsg::Hello { .. })) => {
                 warn!("second Hello, closing");
                 close(&peer.conn, codes::PROTOCOL, "duplicate Hello");
@@ -512,6 +549,21 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
         };
         if peer.control.send(reply).await.is_err() {
             return lost(&peer.conn);
+        }
+    }
+}
+
+/// Reports what we read from the connector's flows, so it can budget its agents' downloads.
+async fn report_consumed(peer: &Peer) -> String {
+    loop {
+        let ready = peer.consumed.next_report().await;
+        for chunk in ready.chunks(MAX_LIST_LEN) {
+            let msg = ServerMsg::Consumed {
+                flows: chunk.to_vec(),
+            };
+            if peer.control.send(msg).await.is_err() {
+                return lost(&peer.conn);
+            }
         }
     }
 }

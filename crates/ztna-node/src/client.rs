@@ -179,6 +179,9 @@ pub struct Control {
     pub observed_addr: SocketAddr,
     /// The intermediate's view of our identity.
     pub identity: String,
+    /// The intermediate's protocol revision (`Welcome.version`, see
+    /// [`ztna_proto::PROTOCOL_REVISION`]): which later messages it understands.
+    pub revision: u16,
 }
 
 /// Opens the control stream and exchanges Hello/Welcome. A `Refused` answer or anything else
@@ -209,14 +212,15 @@ pub async fn hello(
     write_frame(&mut send, &msg).await.map_err(|e| lost(&e))?;
     match recv.expect::<ServerMsg>(limit).await {
         Ok(ServerMsg::Welcome {
+            version,
             identity,
             observed_addr,
-            ..
         }) => Ok(Control {
             send,
             recv,
             observed_addr,
             identity,
+            revision: version,
         }),
         Ok(ServerMsg::Refused { reason }) => Err(format!("refused by the intermediate: {reason}")),
         Ok(other) => {

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use ztna_proto::{codes, frame, FrameDecoder, FrameError, Message};
 
 use crate::clock::Activity;
+use crate::credit::FlowCredit;
 use crate::flows::{CancelCode, FlowGuard};
 
 #[derive(Debug, Error)]
@@ -264,6 +265,8 @@ fn code(c: u32) -> VarInt {
 /// `prefix` (bytes already read past a header), propagating finish, reset and stop in both
 /// directions. Ends early (with a reset) when `stop` is cancelled. Returns bytes copied and
 /// whether it was aborted.
+/// `recv_credit` counts what is read from `recv`; `send_credit` budgets what goes to `send`.
+#[allow(clippy::too_many_arguments)]
 async fn pipe_quic(
     recv: &mut RecvStream,
     prefix: Bytes,
@@ -271,6 +274,8 @@ async fn pipe_quic(
     counter: Option<&IntCounter>,
     activity: &Activity,
     stop: &CancellationToken,
+    recv_credit: FlowCredit<'_>,
+    send_credit: FlowCredit<'_>,
 ) -> (u64, bool) {
     let mut total = 0u64;
     let stopped = send.stopped();
@@ -299,8 +304,12 @@ async fn pipe_quic(
             Ok(Some(k)) => {
                 let n: u64 = bufs[..k].iter().map(|b| b.len() as u64).sum();
                 activity.touch();
+                recv_credit.read(n);
                 let res = tokio::select! {
-                    r = send.write_all_chunks(&mut bufs[..k]) => r,
+                    r = async {
+                        send_credit.take(n).await;
+                        send.write_all_chunks(&mut bufs[..k]).await
+                    } => r,
                     _ = stop.cancelled() => return (total, true),
                 };
                 if let Err(e) = res {
@@ -332,11 +341,13 @@ async fn pipe_quic(
     }
 }
 
-/// One side of a QUIC splice: the stream pair and any bytes already read from `recv`.
+/// One side of a QUIC splice: the stream pair, any bytes already read from `recv`, and the
+/// flow credit of this stream pair (writes to `send` budgeted, reads from `recv` reported).
 pub struct QuicSide<'a> {
     pub send: &'a mut SendStream,
     pub recv: &'a mut RecvStream,
     pub prefix: Bytes,
+    pub credit: FlowCredit<'a>,
 }
 
 /// Relays a flow between two QUIC stream pairs in both directions until both are done, the
@@ -352,8 +363,26 @@ pub async fn splice_quic(
     let (((forward, f_abort), (backward, b_abort)), early_end) = {
         let pipes = async {
             tokio::join!(
-                pipe_quic(a.recv, a.prefix, b.send, a_to_b, &ctl.activity, &early),
-                pipe_quic(b.recv, b.prefix, a.send, b_to_a, &ctl.activity, &early)
+                pipe_quic(
+                    a.recv,
+                    a.prefix,
+                    b.send,
+                    a_to_b,
+                    &ctl.activity,
+                    &early,
+                    a.credit,
+                    b.credit
+                ),
+                pipe_quic(
+                    b.recv,
+                    b.prefix,
+                    a.send,
+                    b_to_a,
+                    &ctl.activity,
+                    &early,
+                    b.credit,
+                    a.credit
+                )
             )
         };
         tokio::pin!(pipes);
@@ -406,6 +435,8 @@ pub fn prepare_tcp(tcp: &TcpStream) {
 /// `backward` QUIC→TCP. `prefix` is stream data already read past the flow header.
 ///
 /// The TCP socket should have gone through [`prepare_tcp`] (abortive close by default).
+/// `credit` budgets the writes to `send` and counts the reads from `recv` (flow credit).
+#[allow(clippy::too_many_arguments)]
 pub async fn splice_tcp(
     tcp: TcpStream,
     send: &mut SendStream,
@@ -414,6 +445,7 @@ pub async fn splice_tcp(
     tcp_to_quic: Option<&IntCounter>,
     quic_to_tcp: Option<&IntCounter>,
     ctl: &SpliceCtl,
+    credit: FlowCredit<'_>,
 ) -> SpliceStats {
     let (mut rd, mut wr) = tcp.into_split();
     let abort = CancellationToken::new();
@@ -449,7 +481,10 @@ pub async fn splice_tcp(
                         let chunk = buf.split().freeze();
                         let res = tokio::select! {
                             _ = abort.cancelled() => return total,
-                            r = send.write_chunk(chunk) => r,
+                            r = async {
+                                credit.take(n as u64).await;
+                                send.write_chunk(chunk).await
+                            } => r,
                         };
                         if res.is_err() {
                             abort.cancel();
@@ -488,6 +523,7 @@ pub async fn splice_tcp(
                     Ok(Some(k)) => {
                         let n: u64 = bufs[..k].iter().map(|b| b.len() as u64).sum();
                         activity.touch();
+                        credit.read(n);
                         // Everything ready in one vectored write, not a system call per packet.
                         let res = tokio::select! {
                             _ = abort.cancelled() => return total,

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod credit;
 pub mod daemon;
 pub mod datagram;
 pub mod fdlimit;

@@ -19,8 +19,17 @@ pub use msg::*;
 /// ALPN protocol identifier negotiated by every ZTNA QUIC connection.
 pub const ALPN: &[u8] = b"ztna/1";
 
-/// Version carried in `Hello`/`Welcome`. A peer with a different major version is refused.
+/// Version carried in `Hello`. A peer with a different major version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Revision carried in `Welcome`: what the intermediate understands beyond version 1. Clients
+/// still say version 1 in `Hello` (so older intermediates accept them) and use a later
+/// revision's messages only when `Welcome` announces it; older clients ignore the field.
+///
+/// * 2: flow credit. A connector may send [`ClientMsg::CreditReports`] and
+///   [`ClientMsg::Consumed`]; the intermediate then adds [`FlowAgent`] to every flow it opens
+///   there and reports what it consumes with [`ServerMsg::Consumed`].
+pub const PROTOCOL_REVISION: u16 = 2;
 
 /// Application error codes used to close connections and reset streams.
 ///

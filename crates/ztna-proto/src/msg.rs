@@ -173,6 +173,15 @@ pub enum ClientMsg {
     },
     /// Agent asks for a fresh ticket for an established direct path (tickets live ≤ 60 s).
     TicketRequest { service: String, connector: String },
+    /// Connector (revision 2, sent right after Welcome, before any Register): it reports the
+    /// bytes it consumes per flow ([`ClientMsg::Consumed`]) and expects a [`FlowAgent`] frame
+    /// after every [`FlowOpen`] on this connection. `receive_window` is its connection's
+    /// flow-control window, which the intermediate's per-agent budget must stay well within.
+    CreditReports { receive_window: u64 },
+    /// Connector (revision 2): per flow stream (its QUIC stream id), the total payload bytes it
+    /// has read so far. Lets the intermediate bound what one agent has in flight towards this
+    /// connector, so one agent's stalled flows cannot fill the window all agents share.
+    Consumed { flows: Vec<(u64, u64)> },
 }
 
 /// Intermediate → client, on the control stream.
@@ -242,6 +251,17 @@ pub enum ServerMsg {
         deadline_ms: u64,
         reconnect: Vec<String>,
     },
+    /// Answer to [`ClientMsg::CreditReports`]: the intermediate sends the agent behind every
+    /// flow ([`FlowAgent`]) and its own consumption reports; the connector keeps what one agent
+    /// has unconsumed in flight towards the intermediate at or below `identity_window` bytes.
+    CreditReports {
+        identity_window: u64,
+    },
+    /// Intermediate → connector (revision 2): per flow stream, the total payload bytes the
+    /// intermediate has read from it so far.
+    Consumed {
+        flows: Vec<(u64, u64)>,
+    },
 }
 
 /// Whether an agent can reach a service right now.
@@ -262,6 +282,14 @@ pub struct FlowOpen {
     pub protocol: Protocol,
     /// For UDP: the id that prefixes this flow's datagrams on this connection. 0 for TCP.
     pub flow_id: u64,
+}
+
+/// Second frame of a flow from an intermediate to a connector that sent
+/// [`ClientMsg::CreditReports`]: the agent the flow is for (its SPIFFE ID). The connector budgets
+/// what it sends per agent, and names the agent in its logs.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FlowAgent {
+    pub agent: String,
 }
 
 /// Why a flow was not opened.
@@ -353,6 +381,8 @@ impl Message for ClientMsg {
                 name("service name", service)?;
                 text("connector", connector)
             }
+            ClientMsg::CreditReports { .. } => Ok(()),
+            ClientMsg::Consumed { flows } => list("consumed", flows, |_| Ok(())),
         }
     }
 }
@@ -411,6 +441,8 @@ impl Message for ServerMsg {
                 text("connector", connector)?;
                 ticket_ok(ticket)
             }
+            ServerMsg::CreditReports { .. } => Ok(()),
+            ServerMsg::Consumed { flows } => list("consumed", flows, |_| Ok(())),
         }
     }
 }
@@ -455,6 +487,12 @@ impl Message for DirectReply {
 impl Message for FlowOpen {
     fn check(&self) -> Result<(), String> {
         name("service name", &self.service)
+    }
+}
+
+impl Message for FlowAgent {
+    fn check(&self) -> Result<(), String> {
+        text("agent", &self.agent)
     }
 }
 
@@ -510,6 +548,9 @@ mod tests {
             (name(), any::<bool>(), any::<bool>())
                 .prop_map(|(service, tcp, udp)| ClientMsg::Register { service, tcp, udp }),
             name().prop_map(|service| ClientMsg::Deregister { service }),
+            any::<u64>().prop_map(|receive_window| ClientMsg::CreditReports { receive_window }),
+            proptest::collection::vec(any::<(u64, u64)>(), 0..MAX_LIST_LEN)
+                .prop_map(|flows| ClientMsg::Consumed { flows }),
         ]
     }
     fn server_msg() -> impl Strategy<Value = ServerMsg> {
@@ -542,6 +583,9 @@ mod tests {
                     deadline_ms,
                     reconnect
                 }),
+            any::<u64>().prop_map(|identity_window| ServerMsg::CreditReports { identity_window }),
+            proptest::collection::vec(any::<(u64, u64)>(), 0..MAX_LIST_LEN)
+                .prop_map(|flows| ServerMsg::Consumed { flows }),
         ]
     }
     fn state() -> impl Strategy<Value = ServiceState> {
@@ -582,6 +626,10 @@ mod tests {
             round_trip(&FlowOpen { service, protocol, flow_id });
         }
         #[test]
+        fn flow_agent_round_trip(agent in name()) {
+            round_trip(&FlowAgent { agent });
+        }
+        #[test]
         fn flow_reply_round_trip(reason in reject_reason(), message in name(), accept in any::<bool>()) {
             let m = if accept { FlowReply::Accept } else { FlowReply::Reject { reason, message } };
             round_trip(&m);
@@ -607,6 +655,15 @@ mod tests {
             let _ = frame::decode_payload::<ServerMsg>(&bytes);
             let _ = frame::decode_payload::<FlowOpen>(&bytes);
             let _ = frame::decode_payload::<FlowReply>(&bytes);
+            let _ = frame::decode_payload::<FlowAgent>(&bytes);
+        }
+
+        #[test]
+        fn too_many_consumption_entries_are_refused(extra in 1usize..64) {
+            let m = ClientMsg::Consumed { flows: vec![(0, 0); MAX_LIST_LEN + extra] };
+            let wire = frame::encode(&m).unwrap();
+            let e = frame::decode_payload::<ClientMsg>(&wire[frame::HEADER_LEN..]).unwrap_err().to_string();
+            prop_assert!(e.contains("consumed"), "{}", e);
         }
     }
 }

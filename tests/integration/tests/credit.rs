@@ -1,0 +1,324 @@
+//! Flow credit: one agent's stalled flows cannot fill the intermediate ↔ connector connection
+//! that every agent's flows to that connector share, in either direction; connectors that predate
+//! flow credit keep working unchanged.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use ztna_integration::*;
+use ztna_node::io::{write_frame, FramedRecv};
+use ztna_proto::{ClientMsg, FlowOpen, FlowReply, Protocol, Role, ServerMsg, PROTOCOL_VERSION};
+
+const T: Duration = Duration::from_secs(10);
+/// More stalled flows than the default 64 MiB connector window holds at 16 MiB per stream.
+const STALLED_FLOWS: usize = 40;
+/// Agent processes (connections) of the attacking identity.
+const MALLORY_CONNECTIONS: usize = 4;
+
+/// A backend that accepts connections and never reads from them. Its small receive buffer
+/// keeps the kernel from absorbing what the flows push, as a busy remote backend would.
+async fn tcp_sink() -> (SocketAddr, JoinHandle<()>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(64 * 1024).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    sock.bind(&loopback0().into()).unwrap();
+    sock.listen(128).unwrap();
+    let l = TcpListener::from_std(sock.into()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// A backend that writes to every connection as fast as it is read, forever.
+async fn tcp_source() -> (SocketAddr, JoinHandle<()>) {
+    let l = TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 256 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The victim: `n` round trips of 64 KiB through `port` (echo), each within `limit`. Returns
+/// how many succeeded and the slowest.
+async fn victim(port: SocketAddr, n: usize, limit: Duration) -> (usize, Duration) {
+    let payload = vec![0x5au8; 64 * 1024];
+    let mut ok = 0;
+    let mut worst = Duration::ZERO;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(limit, tcp_roundtrip(port, &payload)).await;
+        let took = t0.elapsed();
+        worst = worst.max(took);
+        if matches!(r, Ok(Ok(ref back)) if back == &payload) {
+            ok += 1;
+        }
+    }
+    (ok, worst)
+}
+
+struct World {
+    im: IntermediateHandle,
+    _c: ConnectorHandle,
+    /// The same identity on several connections (as an attacker would: each connection has its
+    /// own window at the relay).
+    mallory: Vec<AgentHandle>,
+    alice: AgentHandle,
+    _backends: Vec<JoinHandle<()>>,
+}
+
+/// Connector `shared-1` serves `web` (echo) and `bulk` (`bulk` backend) through one
+/// intermediate; mallory forwards `bulk`, alice forwards `web`.
+async fn world(pki: &Pki, bulk: (SocketAddr, JoinHandle<()>)) -> World {
+    let (echo, e) = tcp_echo().await;
+    let im = start_intermediate(pki, open_policy(&["web", "bulk"]));
+    let mut c = start_connector(
+        pki,
+        "shared-1",
+        &[im.addr],
+        &[("web", Some(echo), None), ("bulk", Some(bulk.0), None)],
+    );
+    c.wait_registered(1).await;
+    let mut mallory = Vec::new();
+    for _ in 0..MALLORY_CONNECTIONS {
+        let mut m = start_agent(
+            pki,
+            "mallory",
+            &[im.addr],
+            &[("bulk", ForwardProtocol::Tcp)],
+        )
+        .await;
+        m.wait_status("bulk", ztna_proto::ServiceState::Available)
+            .await;
+        mallory.push(m);
+    }
+    let mut alice = start_agent(pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    alice
+        .wait_status("web", ztna_proto::ServiceState::Available)
+        .await;
+    World {
+        im,
+        _c: c,
+        mallory,
+        alice,
+        _backends: vec![e, bulk.1],
+    }
+}
+
+/// Waits until the relay's TCP byte counter in `direction` stops growing (mallory's flows have
+/// filled everything they can), at most 30 s; returns its value.
+async fn settle(im: &IntermediateHandle, direction: &str) -> f64 {
+    let read = || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_relay_bytes_total",
+            &[("protocol", "tcp"), ("direction", direction)],
+        )
+    };
+    let mut last = -1.0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = read();
+        if now == last && now > 0.0 {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+fn credit_waits(text: &str, name: &str) -> f64 {
+    metric(text, name, &[])
+}
+
+/// Mallory pushes into a backend that never reads on more flows than the connector
+/// connection's window can hold; alice, on the same connector through the same relay, still
+/// gets every round trip through, quickly. (Without flow credit her uploads stop as soon as
+/// mallory's stalled flows fill the shared window.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_of_one_agent_do_not_stop_another_agents_flows() {
+    logs();
+    let pki = Pki::new();
+    let w = world(&pki, tcp_sink().await).await;
+    let ports: Vec<SocketAddr> = w
+        .mallory
+        .iter()
+        .map(|m| m.port("bulk", Protocol::Tcp))
+        .collect();
+    let written = Arc::new(AtomicU64::new(0));
+    let mut pushers = Vec::new();
+    for i in 0..STALLED_FLOWS {
+        let port = ports[i % ports.len()];
+        let written = written.clone();
+        pushers.push(tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(port).await else {
+                return;
+            };
+            let chunk = vec![1u8; 256 * 1024];
+            while s.write_all(&chunk).await.is_ok() {
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let relayed = settle(&w.im, "to_connector").await;
+    let stuck = written.load(Ordering::Relaxed);
+    let c_text = w._c.daemon.metrics.common.render();
+    let to_backend = metric(
+        &c_text,
+        "ztna_connector_bytes_total",
+        &[("direction", "to_backend")],
+    );
+    let (ok, worst) = victim(
+        w.alice.port("web", Protocol::Tcp),
+        20,
+        Duration::from_secs(3),
+    )
+    .await;
+    let waits = credit_waits(
+        &w.im.daemon.metrics.common.render(),
+        "ztna_intermediate_credit_waits_total",
+    );
+    eprintln!(
+        "mallory wrote {} MiB into a backend that never reads on {STALLED_FLOWS} flows; the relay sent {} MiB to the connector, which wrote {} MiB to the backend; alice: {ok}/20 round trips, slowest {worst:?}; intermediate credit waits {waits}",
+        stuck >> 20,
+        relayed as u64 >> 20,
+        to_backend as u64 >> 20
+    );
+    for p in pushers {
+        p.abort();
+    }
+    assert_eq!(
+        ok, 20,
+        "alice's flows on the shared connector stalled (slowest {worst:?})"
+    );
+    assert!(waits > 0.0, "mallory's flows never hit their budget");
+}
+
+/// Mallory downloads from a backend that never stops on flows it never reads; alice's flows on
+/// the same connector keep working. (Without flow credit mallory's unread downloads fill the
+/// intermediate's receive window for the connector connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_downloads_of_one_agent_do_not_stop_another_agents_flows() {
+    logs();
+    let pki = Pki::new();
+    let w = world(&pki, tcp_source().await).await;
+    let ports: Vec<SocketAddr> = w
+        .mallory
+        .iter()
+        .map(|m| m.port("bulk", Protocol::Tcp))
+        .collect();
+    let mut held = Vec::new();
+    for i in 0..STALLED_FLOWS {
+        let port = ports[i % ports.len()];
+        let mut s = TcpStream::connect(port).await.unwrap();
+        // One byte so the flow is open end to end; then never read.
+        s.write_all(b"x").await.unwrap();
+        held.push(s);
+    }
+    let relayed = settle(&w.im, "to_agent").await;
+    let (ok, worst) = victim(
+        w.alice.port("web", Protocol::Tcp),
+        20,
+        Duration::from_secs(3),
+    )
+    .await;
+    let waits = credit_waits(
+        &w._c.daemon.metrics.common.render(),
+        "ztna_connector_credit_waits_total",
+    );
+    eprintln!(
+        "mallory holds {STALLED_FLOWS} unread downloads ({} MiB relayed to its agents before they stalled); alice: {ok}/20 round trips, slowest {worst:?}; connector credit waits {waits}",
+        relayed as u64 >> 20
+    );
+    assert_eq!(
+        ok, 20,
+        "alice's flows on the shared connector stalled (slowest {worst:?})"
+    );
+    assert!(waits > 0.0, "mallory's downloads never hit their budget");
+    drop(held);
+}
+
+/// A connector that predates flow credit (it never sends CreditReports) still gets flows in the
+/// old format: FlowOpen, then payload, no FlowAgent frame; and bytes pass both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectors_without_flow_credit_get_flows_in_the_old_format() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let tls = pki.issue("connector", "old-1");
+    let (_ep, conn) = raw_connect(&tls, Role::Connector, im.addr)
+        .await
+        .expect("connect");
+    let (mut send, recv) = conn.open_bi().await.expect("control stream");
+    let mut recv = FramedRecv::new(recv);
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Connector,
+        software: "ztna-connector/0.1.0".into(),
+        watch: vec![],
+    };
+    write_frame(&mut send, &hello).await.unwrap();
+    match recv.expect::<ServerMsg>(T).await.expect("welcome") {
+        ServerMsg::Welcome { version, .. } => assert!(version >= 2, "revision {version}"),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let register = ClientMsg::Register {
+        service: "web".into(),
+        tcp: true,
+        udp: false,
+    };
+    write_frame(&mut send, &register).await.unwrap();
+    match recv.expect::<ServerMsg>(T).await.expect("registered") {
+        ServerMsg::Registered { .. } => {}
+        other => panic!("expected Registered, got {other:?}"),
+    }
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ztna_proto::ServiceState::Available)
+        .await;
+    let port = a.port("web", Protocol::Tcp);
+    let client = tokio::spawn(async move {
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.unwrap();
+        back
+    });
+    let (mut fs, fr) = tokio::time::timeout(T, conn.accept_bi())
+        .await
+        .expect("a flow arrives")
+        .expect("stream");
+    let mut fr = FramedRecv::new(fr);
+    let open = fr.expect::<FlowOpen>(T).await.expect("FlowOpen");
+    assert_eq!(open.service, "web");
+    write_frame(&mut fs, &FlowReply::Accept).await.unwrap();
+    let (mut raw, prefix) = fr.into_parts();
+    let mut got = prefix.to_vec();
+    while got.len() < 4 {
+        let chunk = tokio::time::timeout(T, raw.read_chunk(64, true))
+            .await
+            .expect("payload")
+            .expect("read")
+            .expect("not finished");
+        got.extend_from_slice(&chunk.bytes);
+    }
+    assert_eq!(&got, b"ping", "payload follows FlowOpen directly");
+    fs.write_all(b"pong").await.unwrap();
+    let back = tokio::time::timeout(T, client).await.unwrap().unwrap();
+    assert_eq!(&back, b"pong");
+}
