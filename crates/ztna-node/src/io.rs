@@ -351,7 +351,10 @@ pub struct QuicSide<'a> {
 }
 
 /// Relays a flow between two QUIC stream pairs in both directions until both are done, the
-/// flow idles out, or `ctl.cancel` fires.
+/// flow idles out, or `ctl.cancel` fires. A direction that aborts (a reset, a stop, a lost
+/// connection) aborts the whole flow, like a TCP reset: the other direction may be blocked on a
+/// peer that will never take more (a stalled receiver, an exhausted flow credit), and must not
+/// keep the flow and its buffers alive after one end is gone.
 pub async fn splice_quic(
     a: QuicSide<'_>,
     b: QuicSide<'_>,
@@ -360,29 +363,43 @@ pub async fn splice_quic(
     ctl: &SpliceCtl,
 ) -> SpliceStats {
     let early = CancellationToken::new();
+    let abort_on_abort = |r: (u64, bool)| {
+        if r.1 {
+            early.cancel();
+        }
+        r
+    };
     let (((forward, f_abort), (backward, b_abort)), early_end) = {
         let pipes = async {
             tokio::join!(
-                pipe_quic(
-                    a.recv,
-                    a.prefix,
-                    b.send,
-                    a_to_b,
-                    &ctl.activity,
-                    &early,
-                    a.credit,
-                    b.credit
-                ),
-                pipe_quic(
-                    b.recv,
-                    b.prefix,
-                    a.send,
-                    b_to_a,
-                    &ctl.activity,
-                    &early,
-                    b.credit,
-                    a.credit
-                )
+                async {
+                    let r = pipe_quic(
+                        a.recv,
+                        a.prefix,
+                        b.send,
+                        a_to_b,
+                        &ctl.activity,
+                        &early,
+                        a.credit,
+                        b.credit,
+                    )
+                    .await;
+                    abort_on_abort(r)
+                },
+                async {
+                    let r = pipe_quic(
+                        b.recv,
+                        b.prefix,
+                        a.send,
+                        b_to_a,
+                        &ctl.activity,
+                        &early,
+                        b.credit,
+                        a.credit,
+                    )
+                    .await;
+                    abort_on_abort(r)
+                }
             )
         };
         tokio::pin!(pipes);
@@ -403,7 +420,15 @@ pub async fn splice_quic(
             let _ = b.recv.stop(c);
             why
         }
-        None if f_abort || b_abort => SpliceEnd::Aborted,
+        None if f_abort || b_abort => {
+            // The aborting direction passed its code on; the other one learns it ended too.
+            let c = code(codes::FLOW_ABORTED);
+            let _ = a.send.reset(c);
+            let _ = b.send.reset(c);
+            let _ = a.recv.stop(c);
+            let _ = b.recv.stop(c);
+            SpliceEnd::Aborted
+        }
         None => SpliceEnd::Finished,
     };
     SpliceStats {

@@ -96,13 +96,9 @@ async fn world(pki: &Pki, bulk: (SocketAddr, JoinHandle<()>)) -> World {
     c.wait_registered(1).await;
     let mut mallory = Vec::new();
     for _ in 0..MALLORY_CONNECTIONS {
-        let mut m = start_agent(
-            pki,
-            "mallory",
-            &[im.addr],
-            &[("bulk", ForwardProtocol::Tcp)],
-        )
-        .await;
+        let tls = pki.issue("agent", "mallory");
+        let forwards = [("bulk", ForwardProtocol::Tcp)];
+        let mut m = start_agent_with(tls, &[im.addr], &forwards, "drain_timeout = \"1s\"").await;
         m.wait_status("bulk", ztna_proto::ServiceState::Available)
             .await;
         mallory.push(m);
@@ -200,14 +196,40 @@ async fn stalled_uploads_of_one_agent_do_not_stop_another_agents_flows() {
         relayed as u64 >> 20,
         to_backend as u64 >> 20
     );
-    for p in pushers {
-        p.abort();
-    }
     assert_eq!(
         ok, 20,
         "alice's flows on the shared connector stalled (slowest {worst:?})"
     );
     assert!(waits > 0.0, "mallory's flows never hit their budget");
+    // Mallory goes away: its flows, blocked on a budget the backend will never free, end with
+    // it instead of pinning their buffers at the relay.
+    for p in pushers {
+        p.abort();
+    }
+    let leaving: Vec<_> = w.mallory.into_iter().map(|m| m.daemon.shutdown()).collect();
+    for l in leaving {
+        l.await;
+    }
+    let im = &w.im;
+    let active = || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_flows_active",
+            &[("protocol", "tcp")],
+        )
+    };
+    let t0 = Instant::now();
+    let gone = eventually(T, || active() == 0.0).await;
+    eprintln!(
+        "relay flows after mallory left: {} ({:?})",
+        active(),
+        t0.elapsed()
+    );
+    assert!(
+        gone,
+        "{} of mallory's flows outlived it at the relay",
+        active()
+    );
 }
 
 /// Mallory downloads from a backend that never stops on flows it never reads; alice's flows on
