@@ -39,12 +39,6 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
-    /// Runtime worker threads (0 = one per core). One by default: an agent carries a few flows
-    /// over one or two connections, and on one thread it moves them with fewer cross-thread
-    /// wake-ups (`ztna-bench --mode tcp` on 2 cores: relay 187-200 MiB/s and 9.0-9.4 CPU-s/GiB
-    /// with one per core, 422-432 MiB/s and 3.9-4.0 CPU-s/GiB with one).
-    #[serde(default = "default_agent_workers")]
-    pub worker_threads: usize,
     /// Ask for direct (P2P) paths to connectors; new flows use one once it is up, the relay
     /// otherwise. Off: every flow goes through an intermediate.
     #[serde(default = "default_p2p")]
@@ -127,16 +121,10 @@ impl ztna_node::daemon::DaemonConfig for Config {
     fn log_format(&self) -> LogFormat {
         self.log_format
     }
-    fn worker_threads(&self) -> usize {
-        self.worker_threads
-    }
 }
 
 pub fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9472))
-}
-fn default_agent_workers() -> usize {
-    1
 }
 fn default_bind() -> SocketAddr {
     ztna_node::transport::DUAL_STACK_ANY
@@ -186,7 +174,6 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
-        ztna_node::daemon::check_workers(self.worker_threads)?;
         if self.intermediates.is_empty() {
             return Err((
                 "intermediates".into(),

@@ -174,7 +174,6 @@ impl Handle {
             ("forward", new.forward != old.forward),
             ("ops_listen", new.ops_listen != old.ops_listen),
             ("drain_timeout", new.drain_timeout != old.drain_timeout),
-            ("worker_threads", new.worker_threads != old.worker_threads),
         ]);
         shared
             .tls

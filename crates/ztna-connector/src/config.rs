@@ -47,9 +47,6 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
-    /// Runtime worker threads (0 = one per core: a connector serves many agents' flows).
-    #[serde(default = "default_workers")]
-    pub worker_threads: usize,
     /// Accept direct (P2P) connections from agents with a ticket from an intermediate; off:
     /// every flow comes through an intermediate.
     #[serde(default = "default_p2p")]
@@ -90,16 +87,10 @@ impl ztna_node::daemon::DaemonConfig for Config {
     fn log_format(&self) -> LogFormat {
         self.log_format
     }
-    fn worker_threads(&self) -> usize {
-        self.worker_threads
-    }
 }
 
 pub fn default_ops() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9471))
-}
-fn default_workers() -> usize {
-    0
 }
 fn default_bind() -> SocketAddr {
     ztna_node::transport::DUAL_STACK_ANY
@@ -153,7 +144,6 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
-        ztna_node::daemon::check_workers(self.worker_threads)?;
         if self.intermediates.is_empty() {
             return Err((
                 "intermediates".into(),

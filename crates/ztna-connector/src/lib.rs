@@ -230,7 +230,6 @@ impl Handle {
             ("ops_listen", new.ops_listen != old.ops_listen),
             ("bind", new.bind != old.bind),
             ("max_flows", new.max_flows != old.max_flows),
-            ("worker_threads", new.worker_threads != old.worker_threads),
         ]);
         let summary = shared
             .tls

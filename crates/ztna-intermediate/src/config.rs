@@ -61,9 +61,6 @@ pub struct Config {
     /// Log format: `text` (colour only on a terminal) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
-    /// Runtime worker threads (0 = one per core: a relay serves many peers).
-    #[serde(default = "default_workers")]
-    pub worker_threads: usize,
     /// Flow-control window of one flow (bytes in flight before the receiver reads): one flow's
     /// throughput is at most this per round trip, and a stalled flow holds at most this.
     #[serde(default = "default_stream_window", with = "size")]
@@ -97,14 +94,8 @@ impl ztna_node::daemon::DaemonConfig for Config {
     fn log_format(&self) -> LogFormat {
         self.log_format
     }
-    fn worker_threads(&self) -> usize {
-        self.worker_threads
-    }
 }
 
-fn default_workers() -> usize {
-    0
-}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
@@ -175,7 +166,6 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
-        ztna_node::daemon::check_workers(self.worker_threads)?;
         Policy::new(self.policy.clone())
             .validate()
             .map_err(|m| ("policy".to_string(), m))?;

@@ -36,7 +36,6 @@ pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
         ("listen", new.listen != old.listen),
         ("ops_listen", new.ops_listen != old.ops_listen),
         ("drain_timeout", new.drain_timeout != old.drain_timeout),
-        ("worker_threads", new.worker_threads != old.worker_threads),
         ("keepalive", new.keepalive != old.keepalive),
         ("idle_timeout", new.idle_timeout != old.idle_timeout),
         (

@@ -84,33 +84,6 @@ pub trait DaemonConfig: Send + 'static {
     fn tls(&self) -> &TlsConfig;
     /// `log_format`.
     fn log_format(&self) -> LogFormat;
-    /// `worker_threads`: the runtime's worker threads; 0 = one per core.
-    fn worker_threads(&self) -> usize;
-}
-
-/// Most runtime worker threads a config may ask for.
-pub const MAX_WORKER_THREADS: usize = 1024;
-
-/// Checks `worker_threads`: an error names the key, like every other config check.
-pub fn check_workers(n: usize) -> Result<(), (String, String)> {
-    if n > MAX_WORKER_THREADS {
-        return Err((
-            "worker_threads".into(),
-            format!("{n} is more than {MAX_WORKER_THREADS}; 0 means one per core"),
-        ));
-    }
-    Ok(())
-}
-
-/// The daemon's runtime: multi-threaded, with `workers` worker threads (0 = one per core, or
-/// `TOKIO_WORKER_THREADS`).
-pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
-    b.build()
 }
 
 /// Subcommands every daemon has besides running (which is what it does without one).
@@ -238,7 +211,7 @@ where
             }
         };
     }
-    let rt = match runtime(config.worker_threads()) {
+    let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the runtime: {e}");
@@ -266,20 +239,4 @@ where
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn worker_threads_sets_the_runtimes_workers_and_is_bounded() {
-        assert_eq!(runtime(1).unwrap().metrics().num_workers(), 1);
-        assert_eq!(runtime(3).unwrap().metrics().num_workers(), 3);
-        assert!(runtime(0).unwrap().metrics().num_workers() >= 1);
-        assert!(check_workers(MAX_WORKER_THREADS).is_ok());
-        let (key, why) = check_workers(MAX_WORKER_THREADS + 1).unwrap_err();
-        assert_eq!(key, "worker_threads");
-        assert!(why.contains("one per core"), "{why}");
-    }
 }
