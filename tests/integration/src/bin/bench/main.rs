@@ -935,6 +935,16 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             "  flows the agents opened during the tcp and rtt runs (ztna_agent_flows_total by path): {}",
             text.join("; ")
         );
+        // A relay row must measure the relay: a direct flow there (daemons that were not told
+        // `p2p = false`, e.g. wrapper scripts under ZTNA_BIN_DIR) invalidates its figures.
+        for (name, (_, direct)) in &f.paths {
+            if name.starts_with("relay") && *direct > 0.0 {
+                println!(
+                    "  WARNING: {direct:.0} flow(s) of the {name:?} rows went direct: those rows and \
+                     their ratios are NOT the relay path"
+                );
+            }
+        }
     }
     if !f.setup.is_empty() {
         println!();
