@@ -335,6 +335,7 @@ def main():
         figures = []
         for r in ["relay-a", "relay-b"]:
             t0 = time.time()
+            sigterms.append(f"{r} SIGTERM at {t0:.3f}")
             procs[r]["proc"].send_signal(signal.SIGTERM)
             code = procs[r]["proc"].wait(timeout=30)
             drained = time.time() - t0
@@ -483,9 +484,10 @@ def main():
         dp = subprocess.Popen(nsx("agent", sys.executable, HELP, "digprobe", "5353", "web.test", dstop, dout))
         p, stop, out = probe_start("rolling2")
         time.sleep(1.5)
-        figures = []
+        figures, sigterms = [], []
         for r in ["relay-a", "relay-b"]:
             t0 = time.time()
+            sigterms.append(f"{r} SIGTERM at {t0:.3f}")
             procs[r]["proc"].send_signal(signal.SIGTERM)
             code = procs[r]["proc"].wait(timeout=60)
             drained = time.time() - t0
@@ -501,8 +503,10 @@ def main():
         dig_failed = sum(1 for _, ok, _ in digs if not ok)
         tcp_failed = sum(1 for _, ok, _ in tcp if not ok)
         slowest = max((d for _, _, d in digs), default=0)
+        failed_at = [f"{t:.3f}" for t, ok, _ in digs if not ok] + [f"tcp {t:.3f}" for t, ok, _ in tcp if not ok]
         line = (f"{len(digs)} dig queries, {dig_failed} failed (slowest {slowest:.2f} s); {len(tcp)} TCP flows, "
-                f"{tcp_failed} failed; " + "; ".join(figures))
+                f"{tcp_failed} failed; " + "; ".join(figures)
+                + (f"; failed ones started at {', '.join(failed_at)} ({', '.join(sigterms)})" if failed_at else ""))
         assert len(digs) > 20, line
         assert dig_failed == 0 and tcp_failed == 0, line
         for f in figures:
