@@ -335,7 +335,6 @@ def main():
         figures = []
         for r in ["relay-a", "relay-b"]:
             t0 = time.time()
-            sigterms.append(f"{r} SIGTERM at {t0:.3f}")
             procs[r]["proc"].send_signal(signal.SIGTERM)
             code = procs[r]["proc"].wait(timeout=30)
             drained = time.time() - t0
