@@ -113,7 +113,8 @@ impl SendBudget {
     }
 
     /// Bytes `identity` has in flight (written, not reported consumed).
-    pub fn in_flight(&self, identity: &str) -> u64 {
+    #[cfg(test)]
+    fn in_flight(&self, identity: &str) -> u64 {
         let a = crate::lock(&self.inner);
         a.groups
             .get(identity)
@@ -122,7 +123,8 @@ impl SendBudget {
     }
 
     /// Open flows with an account.
-    pub fn flows(&self) -> usize {
+    #[cfg(test)]
+    fn flows(&self) -> usize {
         crate::lock(&self.inner).flows.len()
     }
 }

@@ -74,7 +74,7 @@ async fn victim(port: SocketAddr, n: usize, limit: Duration) -> (usize, Duration
 
 struct World {
     im: IntermediateHandle,
-    _c: ConnectorHandle,
+    connector: ConnectorHandle,
     /// The same identity on several connections (as an attacker would: each connection has its
     /// own window at the relay).
     mallory: Vec<AgentHandle>,
@@ -109,7 +109,7 @@ async fn world(pki: &Pki, bulk: (SocketAddr, JoinHandle<()>)) -> World {
         .await;
     World {
         im,
-        _c: c,
+        connector: c,
         mallory,
         alice,
         _backends: vec![e, bulk.1],
@@ -139,8 +139,14 @@ async fn settle(im: &IntermediateHandle, direction: &str) -> f64 {
     last
 }
 
-fn credit_waits(text: &str, name: &str) -> f64 {
-    metric(text, name, &[])
+/// Alice's 20 round trips of 64 KiB through `web`, each within 3 s: (succeeded, slowest).
+async fn alice_round_trips(w: &World) -> (usize, Duration) {
+    victim(
+        w.alice.port("web", Protocol::Tcp),
+        20,
+        Duration::from_secs(3),
+    )
+    .await
 }
 
 /// Mallory pushes into a backend that never reads on more flows than the connector
@@ -174,21 +180,17 @@ async fn stalled_uploads_of_one_agent_do_not_stop_another_agents_flows() {
     }
     let relayed = settle(&w.im, "to_connector").await;
     let stuck = written.load(Ordering::Relaxed);
-    let c_text = w._c.daemon.metrics.common.render();
+    let c_text = w.connector.daemon.metrics.common.render();
     let to_backend = metric(
         &c_text,
         "ztna_connector_bytes_total",
         &[("direction", "to_backend")],
     );
-    let (ok, worst) = victim(
-        w.alice.port("web", Protocol::Tcp),
-        20,
-        Duration::from_secs(3),
-    )
-    .await;
-    let waits = credit_waits(
+    let (ok, worst) = alice_round_trips(&w).await;
+    let waits = metric(
         &w.im.daemon.metrics.common.render(),
         "ztna_intermediate_credit_waits_total",
+        &[],
     );
     eprintln!(
         "mallory wrote {} MiB into a backend that never reads on {STALLED_FLOWS} flows; the relay sent {} MiB to the connector, which wrote {} MiB to the backend; alice: {ok}/20 round trips, slowest {worst:?}; intermediate credit waits {waits}",
@@ -254,15 +256,11 @@ async fn unread_downloads_of_one_agent_do_not_stop_another_agents_flows() {
         held.push(s);
     }
     let relayed = settle(&w.im, "to_agent").await;
-    let (ok, worst) = victim(
-        w.alice.port("web", Protocol::Tcp),
-        20,
-        Duration::from_secs(3),
-    )
-    .await;
-    let waits = credit_waits(
-        &w._c.daemon.metrics.common.render(),
+    let (ok, worst) = alice_round_trips(&w).await;
+    let waits = metric(
+        &w.connector.daemon.metrics.common.render(),
         "ztna_connector_credit_waits_total",
+        &[],
     );
     eprintln!(
         "mallory holds {STALLED_FLOWS} unread downloads ({} MiB relayed to its agents before they stalled); alice: {ok}/20 round trips, slowest {worst:?}; connector credit waits {waits}",
