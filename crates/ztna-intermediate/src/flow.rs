@@ -135,14 +135,19 @@ async fn open_and_relay(
     let mut guard = shared.flows.register(meta, kind);
     guard.count_in(m.flows_active.with_label_values(&[protocol.as_str()]));
     let _loads = (agent.load_guard(), connector.load_guard());
+    // A UDP flow's routes exist before the agent hears Accept: its first datagram follows the
+    // Accept at once and would otherwise race this task to the route table (and be dropped as
+    // an unknown flow: a lost DNS query when the relay is busy).
+    let udp = (protocol == Protocol::Udp)
+        .then(|| UdpRoutes::install(&agent, &connector, flow_id, c_flow_id, &guard.activity));
     if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
         let _ = c_send.reset(VarInt::from_u32(codes::FLOW_ABORTED));
         return;
     }
     m.flows.with_label_values(&[protocol.as_str(), "ok"]).inc();
     debug!(connector = %connector.id, "flow accepted");
-    match protocol {
-        Protocol::Tcp => {
+    match udp {
+        None => {
             let ctl = SpliceCtl::for_flow(&guard, Some(shared.config.tcp_idle_timeout));
             let up = m.bytes("tcp", "to_connector");
             let down = m.bytes("tcp", "to_agent");
@@ -179,15 +184,15 @@ async fn open_and_relay(
             .await;
             debug!(up = stats.forward, down = stats.backward, end = ?stats.end, "flow ended");
         }
-        Protocol::Udp => {
-            let flow = UdpFlow {
-                agent: agent.clone(),
-                connector: connector.clone(),
-                a_id: flow_id,
-                c_id: c_flow_id,
-            };
-            flow.relay(shared, &guard, (send, recv), (c_send, c_recv))
-                .await;
+        Some((routes, to_c_rx, to_a_rx)) => {
+            relay_udp(
+                shared,
+                &guard,
+                (send, recv, to_a_rx),
+                (c_send, c_recv, to_c_rx),
+            )
+            .await;
+            drop(routes);
         }
     }
 }
@@ -302,75 +307,99 @@ async fn try_connector(
     }
 }
 
-/// A relayed UDP flow: its datagrams are routed by `datagrams::relay` (flow ids rewritten per
-/// hop); this task carries the flow's lifetime and the payloads too large for a datagram.
-struct UdpFlow {
+/// A relayed UDP flow's two entries in the datagram relay (`datagrams::relay` rewrites flow ids
+/// per hop), removed when this is dropped, whichever way the flow ends.
+struct UdpRoutes {
     agent: Arc<Peer>,
     connector: Arc<Peer>,
     a_id: u64,
     c_id: u64,
 }
 
-impl UdpFlow {
-    async fn relay(
-        self,
-        shared: &Shared,
-        guard: &FlowGuard<FlowMeta>,
-        (mut a_send, a_recv): (SendStream, FramedRecv),
-        (mut c_send, c_recv): (SendStream, FramedRecv),
-    ) {
+impl UdpRoutes {
+    /// Routes both ways; the receivers get the payloads the datagram relay could not send as
+    /// datagrams on the next hop (towards the connector, towards the agent).
+    fn install(
+        agent: &Arc<Peer>,
+        connector: &Arc<Peer>,
+        a_id: u64,
+        c_id: u64,
+        activity: &ztna_node::clock::Activity,
+    ) -> (Self, mpsc::Receiver<Bytes>, mpsc::Receiver<Bytes>) {
         let (to_c, to_c_rx) = mpsc::channel(OVERFLOW_QUEUE);
         let (to_a, to_a_rx) = mpsc::channel(OVERFLOW_QUEUE);
-        self.agent.routes().insert(
-            self.a_id,
+        agent.routes().insert(
+            a_id,
             Route {
-                peer: self.connector.clone(),
-                flow_id: self.c_id,
+                peer: connector.clone(),
+                flow_id: c_id,
                 overflow: to_c,
-                activity: guard.activity.clone(),
+                activity: activity.clone(),
             },
         );
-        self.connector.routes().insert(
-            self.c_id,
+        connector.routes().insert(
+            c_id,
             Route {
-                peer: self.agent.clone(),
-                flow_id: self.a_id,
+                peer: agent.clone(),
+                flow_id: a_id,
                 overflow: to_a,
-                activity: guard.activity.clone(),
+                activity: activity.clone(),
             },
         );
-        let m = &shared.metrics;
-        let up_n = m.udp_stream_carried.with_label_values(&["to_connector"]);
-        let down_n = m.udp_stream_carried.with_label_values(&["to_agent"]);
-        let idle = shared.config.udp_idle_timeout;
-        let ended = {
-            let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, guard);
-            let down = forward_frames(c_recv, to_a_rx, &mut a_send, &down_n, guard);
-            let idle_out = async {
-                loop {
-                    let quiet = guard.activity.idle_for();
-                    if quiet >= idle {
-                        return;
-                    }
-                    tokio::time::sleep(idle - quiet + Duration::from_millis(10)).await;
-                }
-            };
-            tokio::select! {
-                _ = async { tokio::join!(up, down) } => None,
-                _ = guard.cancel.cancelled() => Some(guard.code.get()),
-                _ = idle_out => Some(codes::IDLE),
-            }
+        let routes = UdpRoutes {
+            agent: agent.clone(),
+            connector: connector.clone(),
+            a_id,
+            c_id,
         };
-        if let Some(code) = ended {
-            // Cut short (idle, drain, revocation): both ends learn why.
-            let c = VarInt::from_u32(code);
-            let _ = a_send.reset(c);
-            let _ = c_send.reset(c);
-        }
+        (routes, to_c_rx, to_a_rx)
+    }
+}
+
+impl Drop for UdpRoutes {
+    fn drop(&mut self) {
         self.agent.routes().remove(&self.a_id);
         self.connector.routes().remove(&self.c_id);
-        debug!(end = ?ended, "udp flow ended");
     }
+}
+
+/// Carries a relayed UDP flow's lifetime (idle timeout, drain, revocation) and the payloads too
+/// large for a datagram, on the flow's streams; its datagrams go through `datagrams::relay`.
+async fn relay_udp(
+    shared: &Shared,
+    guard: &FlowGuard<FlowMeta>,
+    (mut a_send, a_recv, to_a_rx): (SendStream, FramedRecv, mpsc::Receiver<Bytes>),
+    (mut c_send, c_recv, to_c_rx): (SendStream, FramedRecv, mpsc::Receiver<Bytes>),
+) {
+    let m = &shared.metrics;
+    let up_n = m.udp_stream_carried.with_label_values(&["to_connector"]);
+    let down_n = m.udp_stream_carried.with_label_values(&["to_agent"]);
+    let idle = shared.config.udp_idle_timeout;
+    let ended = {
+        let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, guard);
+        let down = forward_frames(c_recv, to_a_rx, &mut a_send, &down_n, guard);
+        let idle_out = async {
+            loop {
+                let quiet = guard.activity.idle_for();
+                if quiet >= idle {
+                    return;
+                }
+                tokio::time::sleep(idle - quiet + Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(up, down) } => None,
+            _ = guard.cancel.cancelled() => Some(guard.code.get()),
+            _ = idle_out => Some(codes::IDLE),
+        }
+    };
+    if let Some(code) = ended {
+        // Cut short (idle, drain, revocation): both ends learn why.
+        let c = VarInt::from_u32(code);
+        let _ = a_send.reset(c);
+        let _ = c_send.reset(c);
+    }
+    debug!(end = ?ended, "udp flow ended");
 }
 
 /// Passes one direction of a UDP flow's stream on: raw frames (oversized payloads) from the

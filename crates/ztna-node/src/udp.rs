@@ -26,6 +26,10 @@ pub async fn connected(peer: SocketAddr, bytes: usize) -> std::io::Result<UdpSoc
     let socket = UdpSocket::bind(any_for(&peer)).await?;
     size_buffers(&socket, bytes);
     socket.connect(peer).await?;
+    // tokio knows a new socket is writable only once its reactor has seen the registration's
+    // first event; until then `try_send` fails with WouldBlock without trying. A UDP flow's
+    // first datagram is sent with `try_send` as soon as the flow exists, so wait for it here.
+    socket.writable().await?;
     Ok(socket)
 }
 
