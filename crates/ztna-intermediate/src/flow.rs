@@ -139,7 +139,7 @@ async fn open_and_relay(
     // Accept at once and would otherwise race this task to the route table (and be dropped as
     // an unknown flow: a lost DNS query when the relay is busy).
     let udp = (protocol == Protocol::Udp)
-        .then(|| UdpRoutes::install(&agent, &connector, flow_id, c_flow_id, &guard.activity));
+        .then(|| UdpRoutes::install(agent, &connector, flow_id, c_flow_id, &guard.activity));
     if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
         let _ = c_send.reset(VarInt::from_u32(codes::FLOW_ABORTED));
         return;
