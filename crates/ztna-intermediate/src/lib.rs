@@ -209,13 +209,22 @@ impl Intermediate {
     }
 }
 
-/// Keeps the operator status line and readiness current.
+/// How often every peer's RTT goes into `ztna_intermediate_peer_rtt_seconds`: one sweep for all
+/// peers, not a timer per connection (10,000 idle agents: 2,000 wake-ups a second).
+const RTT_SAMPLE_EVERY: u64 = 5;
+
+/// Keeps the operator status line and readiness current, and samples the peers' RTT.
 async fn status_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        ticks += 1;
+        if ticks % RTT_SAMPLE_EVERY == 0 {
+            sample_rtt(&shared);
         }
         let (agents, connectors) = {
             let peers = ztna_node::lock(&shared.peers);
@@ -239,6 +248,20 @@ async fn status_loop(shared: Arc<Shared>, stop: CancellationToken) {
             .handshakes_in_progress
             .set(shared.handshakes_pending.get() as i64);
         shared.update_ready();
+    }
+}
+
+fn sample_rtt(shared: &Shared) {
+    let peers: Vec<Arc<registry::Peer>> =
+        ztna_node::lock(&shared.peers).values().cloned().collect();
+    let (agents, connectors) = (shared.metrics.rtt("agent"), shared.metrics.rtt("connector"));
+    for p in peers {
+        let hist = if p.role == Role::Agent {
+            &agents
+        } else {
+            &connectors
+        };
+        hist.observe(p.conn.rtt().as_secs_f64());
     }
 }
 

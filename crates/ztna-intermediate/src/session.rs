@@ -27,7 +27,6 @@ use crate::state::Shared;
 use crate::{datagrams, direct, flow};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Control messages queued for one peer before it counts as not reading them.
 const CONTROL_QUEUE: usize = 2 * MAX_LIST_LEN;
 
@@ -148,6 +147,11 @@ pub(crate) async fn run(
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, chain, tx));
     ztna_node::lock(&shared.peers).insert(conn_id, peer.clone());
+    // Its handshake RTT now; then every few seconds with all peers (`status_loop`).
+    shared
+        .metrics
+        .rtt(role.as_str())
+        .observe(conn.rtt().as_secs_f64());
     let gauge = shared
         .metrics
         .connections
@@ -209,17 +213,6 @@ fn protocol_error(conn: &quinn::Connection, what: &str, e: &StreamError) -> Stri
     }
 }
 
-async fn sample_rtt(shared: &Shared, peer: &Peer, role: &str) -> String {
-    let hist = shared.metrics.rtt(role);
-    let mut tick = tokio::time::interval(RTT_SAMPLE_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => hist.observe(peer.conn.rtt().as_secs_f64()),
-            e = peer.conn.closed() => return describe_connection_error(&e),
-        }
-    }
-}
-
 /// Closes the connection when the peer's certificate expires: an established connection must
 /// not outlive the credential it was authorized with.
 async fn expire(shared: &Shared, peer: &Peer) -> String {
@@ -263,7 +256,6 @@ async fn agent(
         why = push_status(shared, peer, watch) => why,
         why = accept_flows(shared, peer) => why,
         why = datagrams::relay(shared.clone(), peer.clone(), "to_connector") => why,
-        why = sample_rtt(shared, peer, "agent") => why,
         why = expire(shared, peer) => why,
     }
 }
@@ -461,7 +453,6 @@ async fn connector(
         why = push_goaway(shared, peer) => why,
         why = refuse_streams(peer) => why,
         why = datagrams::relay(shared.clone(), peer.clone(), "to_agent") => why,
-        why = sample_rtt(shared, peer, "connector") => why,
         why = expire(shared, peer) => why,
     }
 }
