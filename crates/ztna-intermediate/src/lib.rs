@@ -223,7 +223,7 @@ async fn status_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         ticks += 1;
-        if ticks % RTT_SAMPLE_EVERY == 0 {
+        if ticks.is_multiple_of(RTT_SAMPLE_EVERY) {
             sample_rtt(&shared);
         }
         let (agents, connectors) = {
