@@ -247,6 +247,10 @@ async fn status_loop(shared: Arc<Shared>, stop: CancellationToken) {
             .metrics
             .handshakes_in_progress
             .set(shared.handshakes_pending.get() as i64);
+        shared
+            .metrics
+            .quic_connections
+            .set(shared.endpoint.open_connections() as i64);
         shared.update_ready();
     }
 }

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub limit_rejections: IntCounterVec,
     pub handshakes_shed: IntCounterVec,
     pub handshakes_in_progress: IntGauge,
+    pub quic_connections: IntGauge,
     pub revocations: IntCounterVec,
     pub udp_stream_carried: IntCounterVec,
     pub drain_timeout: prometheus::Gauge,
@@ -112,6 +113,11 @@ impl Metrics {
                 r,
                 "ztna_intermediate_handshakes_in_progress",
                 "QUIC handshakes in progress.",
+            ),
+            quic_connections: m::gauge(
+                r,
+                "ztna_intermediate_quic_connections",
+                "QUIC connections the endpoint holds: handshaking, established, and closed ones still draining (3 PTO each), which keep their memory until then.",
             ),
             revocations: m::counter_vec(
                 r,

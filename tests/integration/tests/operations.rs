@@ -1002,3 +1002,34 @@ async fn sigterm_on_the_agent_lets_a_running_transfer_finish_and_refuses_new_one
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// `ztna_intermediate_quic_connections` counts the endpoint's QUIC connections, including closed
+/// ones still draining (they keep their memory until then): up with an agent, back to 0 once it
+/// has left and its connection drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_gauge_follows_the_endpoint_until_drained() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let quic = || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_quic_connections",
+            &[],
+        )
+    };
+    assert_eq!(quic(), 0.0);
+    let a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    assert!(
+        eventually(Duration::from_secs(5), || quic() == 1.0).await,
+        "one agent: gauge {}",
+        quic()
+    );
+    a.daemon.shutdown().await;
+    assert!(
+        eventually(Duration::from_secs(5), || quic() == 0.0).await,
+        "agent gone: gauge {}",
+        quic()
+    );
+    im.daemon.shutdown().await;
+}

@@ -131,7 +131,11 @@ pub struct Report {
     pub storm_failed: u64,
     pub rss_after_storm_kib: Option<f64>,
     pub rss_after_leave_kib: Option<f64>,
-    /// Fraction of the connections' memory given back after they left.
+    /// Seconds from the last agent session's end until the intermediate's QUIC connections had
+    /// all drained (closed connections stay for 3 PTO, with their memory); None: not measured
+    /// (a build without `ztna_intermediate_quic_connections`, or not drained within 60 s).
+    pub drained_secs: Option<f64>,
+    /// Fraction of the connections' memory given back after they left (and drained).
     pub returned: Option<f64>,
     /// RSS once all of them connected again after leaving.
     pub rss_rejoined_kib: Option<f64>,
@@ -368,7 +372,30 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         rep.notes
             .push("the intermediate still counted agents 30 s after they left".into());
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Closed QUIC connections drain for 3 PTO each before quinn frees them; after a storm on
+    // two busy cores the RTT estimates (and so the PTOs) are inflated, and draining can take
+    // longer than 5 s. Measure the memory once they have drained, and say how long that took.
+    let t_left = Instant::now();
+    let quic = |text: &str| {
+        text.contains("ztna_intermediate_quic_connections")
+            .then(|| metric(text, "ztna_intermediate_quic_connections", &[]))
+    };
+    if quic(&scrape(ops).await).is_some() {
+        let drained = eventually_async(Duration::from_secs(60), || async {
+            quic(&scrape(ops).await) == Some(0.0)
+        })
+        .await;
+        if drained {
+            rep.drained_secs = Some(t_left.elapsed().as_secs_f64());
+        } else {
+            rep.notes.push(
+                "the intermediate's QUIC connections had not drained 60 s after the agents left"
+                    .into(),
+            );
+        }
+    }
+    // Then one heap trim period (`ztna_node::memory::TRIM_EVERY`) and a little.
+    tokio::time::sleep(ztna_node::memory::TRIM_EVERY + Duration::from_secs(1)).await;
     rep.rss_after_leave_kib = rss_kib(im2.pid());
     if let (Some(full), Some(after)) = (rep.rss_after_storm_kib, rep.rss_after_leave_kib) {
         let held = full - rep.rss_base_kib;
