@@ -137,7 +137,7 @@ async fn open_and_relay(
     let _loads = (agent.load_guard(), connector.load_guard());
     // A UDP flow's routes exist before the agent hears Accept: its first datagram follows the
     // Accept at once and would otherwise race this task to the route table (and be dropped as
-    // an unknown flow: a lost DNS query when the relay is busy).
+    // an unknown flow if this thread were descheduled in between).
     let udp = (protocol == Protocol::Udp)
         .then(|| UdpRoutes::install(agent, &connector, flow_id, c_flow_id, &guard.activity));
     if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
