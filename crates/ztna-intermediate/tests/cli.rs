@@ -69,6 +69,30 @@ fn config_errors_check_config_and_exit_codes() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("config ok"), "{text}");
 
+    // identity_window outside 64 KiB..1 GiB: named, with its range; the bounds themselves pass.
+    for (value, ok) in [
+        ("\"63KiB\"", false),
+        ("\"2GiB\"", false),
+        ("\"64KiB\"", true),
+        ("\"1GiB\"", true),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!("listen = \"127.0.0.1:0\"\nidentity_window = {value}\n{tls}"),
+        )
+        .unwrap();
+        let (code, text) = run(&cfg, &["--check-config"]);
+        if ok {
+            assert_eq!(code, 0, "identity_window = {value}: {text}");
+        } else {
+            assert_eq!(code, 2, "identity_window = {value}: {text}");
+            assert!(
+                text.contains("identity_window") && text.contains("between 64KiB and 1GiB"),
+                "{text}"
+            );
+        }
+    }
+
     // A command-line override is validated like the file.
     let (code, text) = run(&cfg, &["--check-config", "--drain-timeout", "5 fortnights"]);
     assert_eq!(code, 2, "{text}");
