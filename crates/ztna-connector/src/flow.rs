@@ -392,20 +392,13 @@ async fn udp_flow(
                     }
                 }
             };
-            let idle_out = async {
-                loop {
-                    let quiet = guard.activity.idle_for();
-                    if quiet >= idle {
-                        debug!(%service, "udp flow idle, closing");
-                        return;
-                    }
-                    tokio::time::sleep(idle - quiet + Duration::from_millis(10)).await;
-                }
-            };
             tokio::select! {
                 _ = reader => None,
                 _ = from_agent => None,
-                _ = idle_out => None,
+                _ = guard.activity.idle_out(idle) => {
+                    debug!(%service, "udp flow idle, closing");
+                    None
+                }
                 _ = guard.cancel.cancelled() => Some(guard.code.get()),
             }
         };

@@ -378,19 +378,10 @@ async fn relay_udp(
     let ended = {
         let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, guard);
         let down = forward_frames(c_recv, to_a_rx, &mut a_send, &down_n, guard);
-        let idle_out = async {
-            loop {
-                let quiet = guard.activity.idle_for();
-                if quiet >= idle {
-                    return;
-                }
-                tokio::time::sleep(idle - quiet + Duration::from_millis(10)).await;
-            }
-        };
         tokio::select! {
             _ = async { tokio::join!(up, down) } => None,
             _ = guard.cancel.cancelled() => Some(guard.code.get()),
-            _ = idle_out => Some(codes::IDLE),
+            _ = guard.activity.idle_out(idle) => Some(codes::IDLE),
         }
     };
     if let Some(code) = ended {

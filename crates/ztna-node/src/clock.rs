@@ -33,6 +33,18 @@ impl Activity {
     pub fn idle_for(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
     }
+
+    /// Completes once nothing has touched this for `limit` (an idle timeout). Sleeps until the
+    /// earliest moment that could be, so a busy flow costs one wake-up per `limit`.
+    pub async fn idle_out(&self, limit: Duration) {
+        loop {
+            let quiet = self.idle_for();
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet + Duration::from_millis(5)).await;
+        }
+    }
 }
 
 impl Default for Activity {
@@ -44,6 +56,26 @@ impl Default for Activity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn idle_out_waits_for_quiet_not_for_the_first_deadline() {
+        let a = Activity::new();
+        let t0 = std::time::Instant::now();
+        let toucher = {
+            let a = a.clone();
+            async move {
+                // Touched at 60 ms: the 100 ms idle timeout is counted from then.
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                a.touch();
+            }
+        };
+        tokio::join!(toucher, a.idle_out(Duration::from_millis(100)));
+        assert!(
+            t0.elapsed() >= Duration::from_millis(160),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
 
     #[test]
     fn idle_grows_and_touch_resets() {

@@ -234,13 +234,7 @@ impl SpliceCtl {
             let Some(limit) = self.idle_timeout else {
                 return std::future::pending().await;
             };
-            loop {
-                let quiet = self.activity.idle_for();
-                if quiet >= limit {
-                    return;
-                }
-                tokio::time::sleep(limit - quiet + Duration::from_millis(5)).await;
-            }
+            self.activity.idle_out(limit).await
         };
         tokio::select! {
             _ = self.cancel.cancelled() => SpliceEnd::Cancelled,
