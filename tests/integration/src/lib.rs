@@ -409,6 +409,21 @@ pub async fn web_chain(
     (c, a)
 }
 
+/// A UDP chain: connector `dns-1` serving `dns` (UDP, backend `echo`) and agent `alice`
+/// forwarding it, both on `im` and ready. Like [`web_chain`].
+pub async fn dns_chain(
+    pki: &Pki,
+    im: SocketAddr,
+    echo: SocketAddr,
+) -> (ConnectorHandle, AgentHandle) {
+    let mut c = start_connector(pki, "dns-1", &[im], &[("dns", None, Some(echo))]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(pki, "alice", &[im], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", ztna_proto::ServiceState::Available)
+        .await;
+    (c, a)
+}
+
 /// Starts an agent; `settings` are extra top-level TOML lines.
 pub async fn start_agent_with(
     tls: TlsConfig,

@@ -189,10 +189,7 @@ async fn a_relay_holding_only_idle_udp_flows_drains_in_under_two_seconds() {
     let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["dns"]));
     cfg.drain_timeout = Duration::from_secs(30);
     let im = start_intermediate_with(cfg);
-    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", ServiceState::Available).await;
+    let (c, a) = dns_chain(&pki, im.addr, echo).await;
     // Ten clients, one query each: ten idle UDP flows.
     for i in 0..10 {
         let client = UdpSocket::bind(loopback0()).await.unwrap();

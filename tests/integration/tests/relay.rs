@@ -90,10 +90,7 @@ async fn udp_1000_mixed_sizes_and_payloads_of_any_size_echoed() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["dns"]));
-    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", ServiceState::Available).await;
+    let (c, a) = dns_chain(&pki, im.addr, echo).await;
     let port = a.port("dns", Protocol::Udp);
     let client = UdpSocket::bind(loopback0()).await.unwrap();
     client.connect(port).await.unwrap();
@@ -635,10 +632,7 @@ async fn the_single_first_datagram_of_every_new_udp_flow_is_answered() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["dns"]));
-    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", ServiceState::Available).await;
+    let (c, a) = dns_chain(&pki, im.addr, echo).await;
     let port = a.port("dns", Protocol::Udp);
     const FLOWS: usize = 600;
     const AT_ONCE: usize = 40;

@@ -346,10 +346,7 @@ async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
     let pki = Pki::new();
     let (echo, seen, _e) = udp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["dns"]));
-    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", ServiceState::Available).await;
+    let (c, a) = dns_chain(&pki, im.addr, echo).await;
     let client = UdpSocket::bind(loopback0()).await.unwrap();
     client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
     let mut buf = vec![0u8; 2048];
