@@ -161,6 +161,9 @@ fn runtime(name: &str, workers: Option<usize>) -> Result<Runtime> {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(util::UDP_ECHO_CHILD) {
+        return util::udp_echo_child();
+    }
     let args = Args::parse()?;
     // The load generators, backends and delay proxies.
     let io = runtime("bench-io", Some(2))?;
@@ -211,6 +214,9 @@ struct Figures {
     udp_rtt: Vec<(&'static str, Samples, usize)>,
     /// Plain UDP ping-pong between the anchor's two runtimes: the hop's baseline.
     hop_plain_udp: Option<(Samples, usize)>,
+    /// Plain UDP ping-pong with another process (blocking echo): what one cross-process round
+    /// trip costs on this machine, before any QUIC or proxying.
+    two_process_udp: Option<(Samples, usize)>,
     setup: Vec<(&'static str, Samples)>,
     /// Flows each agent opened during the tcp and rtt runs: (relay, direct).
     paths: Vec<(&'static str, (f64, f64))>,
@@ -539,6 +545,13 @@ async fn rtt(
         f.udp_rtt.push((P2P, s, l));
     }
     f.hop_plain_udp = Some((p, pl));
+    let child = util::UdpEchoChild::spawn()?;
+    let (c, cl) = step(
+        "rtt: plain udp to another process",
+        backends::udp_rtt(child.addr, w, n),
+    )
+    .await?;
+    f.two_process_udp = Some((c, cl));
     Ok(())
 }
 
@@ -918,9 +931,20 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
                 p.show()
             );
         }
+        if let Some((p, lost)) = &f.two_process_udp {
+            println!(
+                "  {:<34}{:>7} {:>7}   {} {lost}",
+                "plain udp, two processes",
+                "",
+                "",
+                p.show()
+            );
+        }
         println!(
             "  (one quinn hop: tcp column = a stream, udp column = QUIC datagrams; plain udp = the \
-             same two runtimes without QUIC, the hop's own baseline)"
+             same two runtimes without QUIC, the hop's own baseline; two processes = this process \
+             and a blocking UDP echo process: one cross-process round trip; per round trip the in-process \
+             anchor pays none, the direct path (P2P) three, the relay path four)"
         );
     }
     if !f.paths.is_empty() {

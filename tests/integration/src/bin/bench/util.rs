@@ -235,6 +235,72 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         .then(|| Duration::from_secs_f64(secs))
 }
 
+/// First argument that makes `ztna-bench` a UDP echo child (see [`UdpEchoChild`]).
+pub const UDP_ECHO_CHILD: &str = "--udp-echo-child";
+
+/// The child's side: a blocking UDP echo on loopback. Prints its address on stdout, then echoes
+/// until its parent goes away (stdin closes) or 10 minutes have passed.
+pub fn udp_echo_child() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    println!("{}", sock.local_addr()?);
+    std::io::stdout().flush()?;
+    let echo = sock.try_clone()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        while !matches!(std::io::stdin().read(&mut sink), Ok(0) | Err(_)) {}
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(600));
+    Ok(())
+}
+
+/// A UDP echo in another process (this binary, re-run with [`UDP_ECHO_CHILD`]); killed on drop.
+pub struct UdpEchoChild {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl UdpEchoChild {
+    pub fn spawn() -> anyhow::Result<UdpEchoChild> {
+        use anyhow::Context;
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg(UDP_ECHO_CHILD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start the UDP echo child")?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        match line.trim().parse() {
+            Ok(addr) => Ok(UdpEchoChild { child, addr }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the UDP echo child printed {line:?}, not its address")
+            }
+        }
+    }
+}
+
+impl Drop for UdpEchoChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
