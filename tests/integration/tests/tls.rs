@@ -9,29 +9,26 @@ use ztna_integration::*;
 use ztna_node::Identity;
 use ztna_proto::Role;
 
+/// Moves everything `from` has to send into `to`, and lets `to` process it.
+fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).unwrap();
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).unwrap();
+    }
+    to.process_new_packets().unwrap();
+}
+
 fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> SupportedCipherSuite {
     let name = "ztna-intermediate".try_into().unwrap();
-    let mut c = ClientConnection::new(Arc::new(client), name).unwrap();
-    let mut s = ServerConnection::new(Arc::new(server)).unwrap();
+    let mut c = rustls::Connection::from(ClientConnection::new(Arc::new(client), name).unwrap());
+    let mut s = rustls::Connection::from(ServerConnection::new(Arc::new(server)).unwrap());
     for _ in 0..10 {
-        let mut buf = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd).unwrap();
-        }
-        s.process_new_packets().unwrap();
-        let mut buf = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd).unwrap();
-        }
-        c.process_new_packets().unwrap();
+        pump(&mut c, &mut s);
+        pump(&mut s, &mut c);
         if !c.is_handshaking() && !s.is_handshaking() {
             assert_eq!(c.negotiated_cipher_suite(), s.negotiated_cipher_suite());
             return s.negotiated_cipher_suite().unwrap();
