@@ -1033,3 +1033,33 @@ async fn quic_connections_gauge_follows_the_endpoint_until_drained() {
     );
     im.daemon.shutdown().await;
 }
+
+/// `ztna_intermediate_peer_rtt_seconds` gets a sample when a peer connects and then one per
+/// peer on every sweep (every 5 s), without a timer per connection: an idle agent's count grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_rtt_is_sampled_at_connect_and_by_the_periodic_sweep() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let count = || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_peer_rtt_seconds_count",
+            &[("role", "agent")],
+        )
+    };
+    let a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    assert!(
+        eventually(Duration::from_secs(2), || count() >= 1.0).await,
+        "no sample at connect: count {}",
+        count()
+    );
+    let at_connect = count();
+    assert!(
+        eventually(Duration::from_secs(8), || count() > at_connect).await,
+        "no sweep sample within 8 s of an idle agent: count {}",
+        count()
+    );
+    a.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
