@@ -43,6 +43,12 @@ impl Default for BackoffPolicy {
 /// enough that a returned peer is not missed for long by an attempt whose Initials went nowhere.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Handshake timeout once the peer has answered the attempt (a QUIC Retry or any handshake
+/// packet, see [`crate::answered`]): it is alive and busy, most likely with a reconnect storm,
+/// and starting over would only add to its load. A silent peer still gets [`CONNECT_TIMEOUT`],
+/// and a peer that falls silent after answering ends the attempt at the QUIC idle timeout.
+pub const ANSWERED_CONNECT_TIMEOUT: Duration = Duration::from_secs(12);
+
 pub struct Reconnect {
     policy: BackoffPolicy,
     iter: ExponentialBackoff,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use quinn::{SendStream, VarInt};
 use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
 
+use crate::backoff::ANSWERED_CONNECT_TIMEOUT;
 use crate::identity::describe_connection_error;
 use crate::io::{write_frame, FramedRecv};
 
@@ -52,15 +53,39 @@ pub async fn connect_any(
             list(&skipped)
         ));
     }
-    match tokio::time::timeout(limit, race(endpoint, client, &usable, sni)).await {
+    let started = std::time::Instant::now();
+    let attempt = race(endpoint, client, &usable, sni);
+    tokio::pin!(attempt);
+    let mut outcome = tokio::time::timeout(limit, &mut attempt).await;
+    let mut waited = limit;
+    if outcome.is_err() {
+        // A peer that answered (with a Retry while it sheds load, or part of a handshake) is
+        // alive and busy: give it longer instead of starting over (see `crate::answered`).
+        let local = endpoint.local_addr();
+        let answered = local.is_ok_and(|local| {
+            usable
+                .iter()
+                .any(|a| crate::answered::since(local, *a, started))
+        });
+        let extended = ANSWERED_CONNECT_TIMEOUT.max(limit);
+        if answered {
+            tracing::debug!(
+                intermediate = target,
+                "the peer answered but the handshake is slow: waiting up to {extended:?}"
+            );
+            outcome = tokio::time::timeout(extended - limit, &mut attempt).await;
+            waited = extended;
+        }
+    }
+    match outcome {
         Ok(Ok((conn, addr))) => {
             tracing::info!(intermediate = target, %addr, "QUIC connection established");
             Ok(conn)
         }
         Ok(Err(failures)) => Err(describe_failures(&failures)),
-        Err(_) if usable.len() == 1 => Err(format!("handshake did not complete within {limit:?}")),
+        Err(_) if usable.len() == 1 => Err(format!("handshake did not complete within {waited:?}")),
         Err(_) => Err(format!(
-            "handshake did not complete within {limit:?} on any of {}",
+            "handshake did not complete within {waited:?} on any of {}",
             list(&usable)
         )),
     }

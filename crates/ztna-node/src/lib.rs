@@ -1,6 +1,7 @@
 //! What every ZTNA process shares: identity and TLS, QUIC transport settings, configuration
 //! loading, stream I/O helpers, logging and the metrics registry.
 
+pub mod answered;
 pub mod backoff;
 pub mod client;
 pub mod clock;

@@ -143,12 +143,10 @@ pub const DUAL_STACK_ANY: SocketAddr =
 ///
 /// An IPv6 wildcard (`[::]:port`, the default) makes a dual-stack socket (IPV6_V6ONLY off), so
 /// intermediates are reachable over IPv6 and IPv4; on a host without IPv6 it falls back to
-/// `0.0.0.0:port`. Any other address is bound as given.
+/// `0.0.0.0:port`. Any other address is bound as given. The socket notes which peers answer a
+/// handshake ([`crate::answered`]).
 pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
-    let socket = bind_socket(bind)?;
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    crate::answered::endpoint(quinn::EndpointConfig::default(), None, bind_socket(bind)?)
 }
 
 /// Like [`client_endpoint`], plus a [`Puncher`] that sends hole-punching packets from the very
@@ -164,9 +162,7 @@ pub fn punchable_endpoint(
         v6: socket.local_addr()?.is_ipv6(),
         socket: socket.try_clone()?,
     };
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    Ok((Endpoint::new(config, server, socket, runtime)?, puncher))
+    Ok((crate::answered::endpoint(config, server, socket)?, puncher))
 }
 
 /// Sends hole-punching packets from an endpoint's socket (a second handle on the same socket).

@@ -1343,7 +1343,11 @@ fn goals(f: &Figures) -> Vec<Goal> {
         });
         g.push(Goal {
             name: "scale_storm_failed_attempts",
-            what: "5: attempts refused or timed out after the restarted process started".into(),
+            what: format!(
+                "5: attempts started after the restarted process was spawned that were refused \
+                 or timed out (counted after it by time, whenever they started: {})",
+                s.storm_failed_counted_after
+            ),
             value: Some(s.storm_failed as f64),
             target: "0",
         });

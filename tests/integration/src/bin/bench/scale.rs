@@ -38,15 +38,38 @@ fn idle_for(keepalive: Duration) -> Duration {
     (keepalive * 3).max(Duration::from_secs(5))
 }
 
-#[derive(Default)]
 struct Stats {
     up: AtomicUsize,
     attempts: AtomicU64,
     refused: AtomicU64,
     timed_out: AtomicU64,
     other: AtomicU64,
+    /// The same counts for attempts that *started* after [`Stats::mark`] (the restarted process
+    /// was spawned). An attempt that began earlier failed against the old, draining process (its
+    /// refusal) or an unbound port, whenever its failure was counted.
+    late: [AtomicU64; 4],
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the mark; `u64::MAX` until it is set.
+    mark: AtomicU64,
     last_other: Mutex<String>,
     last_refused: Mutex<String>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            up: AtomicUsize::new(0),
+            attempts: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            other: AtomicU64::new(0),
+            late: Default::default(),
+            epoch: Instant::now(),
+            mark: AtomicU64::new(u64::MAX),
+            last_other: Mutex::new(String::new()),
+            last_refused: Mutex::new(String::new()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -66,19 +89,50 @@ impl Stats {
             other: self.other.load(Ordering::Relaxed),
         }
     }
-    fn fail(&self, kind: Fail) {
-        match kind {
+    /// Counts of the attempts that started after the mark.
+    fn late_failures(&self) -> Failures {
+        let [attempts, refused, timed_out, other] =
+            self.late.each_ref().map(|c| c.load(Ordering::Relaxed));
+        Failures {
+            attempts,
+            refused,
+            timed_out,
+            other,
+        }
+    }
+    fn set_mark(&self) {
+        let at = self.epoch.elapsed().as_nanos().min(u64::MAX as u128 - 1) as u64;
+        self.mark.store(at, Ordering::Relaxed);
+    }
+    fn after_mark(&self, started: Instant) -> bool {
+        started.saturating_duration_since(self.epoch).as_nanos()
+            >= self.mark.load(Ordering::Relaxed) as u128
+    }
+    /// An attempt starts now; returns its start for [`Stats::fail`].
+    fn attempt(&self) -> Instant {
+        let now = Instant::now();
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        if self.after_mark(now) {
+            self.late[0].fetch_add(1, Ordering::Relaxed);
+        }
+        now
+    }
+    fn fail(&self, kind: Fail, started: Instant) {
+        let (all, late) = match kind {
             Fail::Refused(why) => {
                 *ztna_node::lock(&self.last_refused) = why;
-                &self.refused
+                (&self.refused, 1)
             }
-            Fail::TimedOut => &self.timed_out,
+            Fail::TimedOut => (&self.timed_out, 2),
             Fail::Other(why) => {
                 *ztna_node::lock(&self.last_other) = why;
-                &self.other
+                (&self.other, 3)
             }
+        };
+        all.fetch_add(1, Ordering::Relaxed);
+        if self.after_mark(started) {
+            self.late[late].fetch_add(1, Ordering::Relaxed);
         }
-        .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -128,7 +182,11 @@ pub struct Report {
     pub storm_total_secs: Option<f64>,
     pub storm_reconnected: usize,
     pub storm: String,
+    /// Failed attempts among those that started after the restarted process was spawned.
     pub storm_failed: u64,
+    /// Failures counted after the spawn, whenever their attempt started (includes refusals by
+    /// the old, draining process and attempts sent before anything listened again).
+    pub storm_failed_counted_after: u64,
     pub rss_after_storm_kib: Option<f64>,
     pub rss_after_leave_kib: Option<f64>,
     /// Seconds from the last agent session's end until the intermediate's QUIC connections had
@@ -278,6 +336,7 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     rep.storm_exit_secs = Some(t_term.elapsed().as_secs_f64());
     drop(im);
     let at_start = stats.failures();
+    stats.set_mark();
     let t_start = Instant::now();
     let g_start = proc_cpu(me);
     let g_drops = udp_socket_drops(me);
@@ -320,13 +379,17 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     }
     let drain = at_start - before;
     let f = stats.failures() - at_start;
-    rep.storm_failed = f.refused + f.timed_out + f.other;
+    rep.storm_failed_counted_after = f.refused + f.timed_out + f.other;
+    let late = stats.late_failures();
+    rep.storm_failed = late.refused + late.timed_out + late.other;
     let h_after = scrape(ops).await;
     let hs = |t: &str, r: &str| metric(t, "ztna_intermediate_handshakes_total", &[("result", r)]);
     rep.storm = format!(
         "while the old process drained: {} attempts, {} refused, {} timed out, {} other; after \
-         the restart: {} attempts, {} refused, {} timed out, {} other; the new process counted \
-         handshakes ok {} failed {} unauthorized {} (the old one: ok {})",
+         the restart: {} attempts, {} refused, {} timed out, {} other (of these, the attempts \
+         that started after the new process was spawned: {} attempts, {} refused, {} timed out, \
+         {} other); the new process counted handshakes ok {} failed {} unauthorized {} (the old \
+         one: ok {})",
         drain.attempts,
         drain.refused,
         drain.timed_out,
@@ -335,6 +398,10 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         f.refused,
         f.timed_out,
         f.other,
+        late.attempts,
+        late.refused,
+        late.timed_out,
+        late.other,
         hs(&h_after, "ok"),
         hs(&h_after, "failed"),
         hs(&h_after, "unauthorized"),
@@ -438,9 +505,8 @@ fn generator_endpoint() -> std::io::Result<quinn::Endpoint> {
     let r = socket2::SockRef::from(&socket);
     r.set_recv_buffer_size(8 << 20)?;
     r.set_send_buffer_size(8 << 20)?;
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    // Watched like an agent's socket: the agent's connect gives a relay that answered longer.
+    ztna_node::answered::endpoint(quinn::EndpointConfig::default(), None, socket)
 }
 
 /// Issues `n` agent certificates from the test CA on the blocking pool (two at a time) and
@@ -526,7 +592,7 @@ async fn agent(
     let mut backoff = Reconnect::new(BackoffPolicy::default());
     let mut permit = ramp.acquire_owned().await.ok();
     while !stop.is_cancelled() {
-        stats.attempts.fetch_add(1, Ordering::Relaxed);
+        let started = stats.attempt();
         let attempt = tokio::select! {
             r = connect(&ep, &cfg, target) => r,
             _ = stop.cancelled() => return,
@@ -539,7 +605,7 @@ async fn agent(
                 (Some(since), drained)
             }
             Err(f) => {
-                stats.fail(f);
+                stats.fail(f, started);
                 (None, false)
             }
         };
@@ -557,24 +623,31 @@ async fn agent(
     }
 }
 
-/// Handshake and Hello within the agent's connect timeout.
+/// Handshake (the agent's own connect: [`CONNECT_TIMEOUT`], longer once the relay answered) and
+/// Hello within the agent's timeout.
 async fn connect(
     ep: &quinn::Endpoint,
     cfg: &quinn::ClientConfig,
     target: SocketAddr,
 ) -> Result<(quinn::Connection, client::Control), Fail> {
-    let connecting = ep
-        .connect_with(cfg.clone(), target, "ztna-intermediate")
-        .map_err(|e| Fail::Other(e.to_string()))?;
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => return Err(Fail::TimedOut),
-        Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(Fail::TimedOut),
-        Ok(Err(e @ quinn::ConnectionError::ConnectionClosed(_)))
-        | Ok(Err(e @ quinn::ConnectionError::ApplicationClosed(_))) => {
-            return Err(Fail::Refused(e.to_string()))
+    let conn = match client::connect_any(
+        ep,
+        cfg,
+        "the scale intermediate",
+        vec![target],
+        "ztna-intermediate",
+        CONNECT_TIMEOUT,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(why) if why.contains("did not complete") || why.contains("timed out") => {
+            return Err(Fail::TimedOut)
         }
-        Ok(Err(e)) => return Err(Fail::Other(e.to_string())),
-        Ok(Ok(c)) => c,
+        Err(why) if why.contains("refused") || why.contains("closed by peer") => {
+            return Err(Fail::Refused(why))
+        }
+        Err(why) => return Err(Fail::Other(why)),
     };
     let software = format!("ztna-bench/{}", ztna_node::VERSION);
     match client::hello(&conn, Role::Agent, software, Vec::new(), CONNECT_TIMEOUT).await {
