@@ -20,25 +20,66 @@ static REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
 
 static SHED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
 
-/// Handshakes in progress; see [`admit`].
-pub(crate) struct Pending(AtomicUsize);
+/// How long a proven address waits for a handshake slot at the cap before it is dropped. The
+/// client heard our Retry and waits (`ztna_node::backoff::ANSWERED_CONNECT_TIMEOUT`), but its
+/// QUIC idle timeout (5 s by default) runs from that Retry: the wait must leave room for it.
+const QUEUE_WAIT: Duration = Duration::from_secs(3);
+
+/// Handshakes in progress and proven addresses waiting for one of them; see [`admit`].
+pub(crate) struct Pending {
+    in_progress: AtomicUsize,
+    queued: AtomicUsize,
+    /// A slot was freed.
+    freed: tokio::sync::Notify,
+}
 
 impl Pending {
-    pub const fn new() -> Pending {
-        Pending(AtomicUsize::new(0))
+    pub fn new() -> Pending {
+        Pending {
+            in_progress: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+        }
     }
 
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.in_progress.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Takes a handshake slot if one of `max` is free.
+    fn claim(&self, max: usize) -> bool {
+        self.in_progress
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 }
 
-/// Counts one handshake in progress while it lives.
+/// Counts one handshake in progress while it lives; its end lets a queued one in.
 struct InProgress(Arc<Shared>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        self.0.handshakes_pending.0.fetch_sub(1, Ordering::Relaxed);
+        let p = &self.0.handshakes_pending;
+        p.in_progress.fetch_sub(1, Ordering::AcqRel);
+        p.freed.notify_one();
+    }
+}
+
+/// Counts one proven address waiting for a slot while it lives.
+struct Queued(Arc<Shared>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0
+            .handshakes_pending
+            .queued
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -49,16 +90,39 @@ pub(crate) enum Admit {
     /// Ask the client to prove its address (QUIC Retry: one round trip, a stateless token)
     /// before any handshake state is kept: spoofed sources never answer.
     Retry,
-    /// At the hard cap: drop it (the client retransmits, then tries another relay).
+    /// A proven address at the cap (or behind others already waiting): wait, first come first
+    /// served, up to [`QUEUE_WAIT`] for a slot. It heard our Retry, so its client is waiting
+    /// too; dropping it would waste that round trip and leave it to time out.
+    Queue,
+    /// A proven address with no room left to wait: drop it (the client retransmits, then tries
+    /// another relay).
     Drop,
 }
 
-/// Above `retry_above` handshakes in progress, unproven addresses get a Retry; at `max`, new
-/// attempts are dropped. Proven addresses (they answered a Retry) go through up to `max`.
-pub(crate) fn admit(pending: usize, validated: bool, retry_above: usize, max: usize) -> Admit {
-    if pending >= max {
-        Admit::Drop
-    } else if !validated && pending >= retry_above {
+/// Proven addresses waiting for a slot, at most, per handshake slot (a waiting attempt holds only
+/// its buffered Initial, and [`QUEUE_WAIT`] bounds its stay).
+const QUEUE_PER_SLOT: usize = 4;
+
+/// From `retry_above` handshakes in progress (and always at `max`), unproven addresses get a
+/// Retry: it keeps no state, and spoofed sources never answer it. Proven addresses (they
+/// answered one) go through up to `max`, then queue in arrival order, at most
+/// [`QUEUE_PER_SLOT`] × `max` of them; beyond that they are dropped.
+pub(crate) fn admit(
+    pending: usize,
+    queued: usize,
+    validated: bool,
+    retry_above: usize,
+    max: usize,
+) -> Admit {
+    if validated {
+        if pending < max && queued == 0 {
+            Admit::Handshake
+        } else if queued < max.saturating_mul(QUEUE_PER_SLOT) {
+            Admit::Queue
+        } else {
+            Admit::Drop
+        }
+    } else if pending >= retry_above.min(max) {
         Admit::Retry
     } else {
         Admit::Handshake
@@ -81,12 +145,19 @@ pub(crate) async fn accept_loop(
             _ = shutdown.cancelled() => return,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return };
-                let pending = shared.handshakes_pending.get();
-                match admit(pending, incoming.remote_address_validated(), retry_above, max) {
+                let p = &shared.handshakes_pending;
+                let pending = p.get();
+                match admit(pending, p.queued(), incoming.remote_address_validated(), retry_above, max) {
                     Admit::Handshake => {
-                        shared.handshakes_pending.0.fetch_add(1, Ordering::Relaxed);
+                        p.in_progress.fetch_add(1, Ordering::AcqRel);
                         let guard = InProgress(shared.clone());
                         tokio::spawn(handshake(shared.clone(), incoming, guard));
+                    }
+                    Admit::Queue => {
+                        shed.with_label_values(&["queued"]).inc();
+                        p.queued.fetch_add(1, Ordering::AcqRel);
+                        let waiting = Queued(shared.clone());
+                        tokio::spawn(wait_for_slot(shared.clone(), incoming, waiting, max));
                     }
                     Admit::Retry => {
                         shed.with_label_values(&["retry"]).inc();
@@ -97,10 +168,44 @@ pub(crate) async fn accept_loop(
                     }
                     Admit::Drop => {
                         shed.with_label_values(&["dropped"]).inc();
-                        ztna_node::warn_limited!(SHED_LOG, pending, max, "handshake limit reached (max_handshakes): dropping new connection attempts");
+                        ztna_node::warn_limited!(SHED_LOG, pending, max, "handshake limit reached (max_handshakes) and its queue is full: dropping new connection attempts");
                         incoming.ignore();
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A queued attempt: takes the first free slot (the longest waiter is woken first), or is
+/// dropped after [`QUEUE_WAIT`].
+async fn wait_for_slot(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    waiting: Queued,
+    max: usize,
+) {
+    let deadline = tokio::time::Instant::now() + QUEUE_WAIT;
+    let p = &shared.handshakes_pending;
+    loop {
+        let freed = p.freed.notified();
+        if p.claim(max) {
+            drop(waiting);
+            // Several slots may have freed under one stored wake-up: pass it on.
+            if p.get() < max && p.queued() > 0 {
+                p.freed.notify_one();
+            }
+            let guard = InProgress(shared.clone());
+            handshake(shared.clone(), incoming, guard).await;
+            return;
+        }
+        tokio::select! {
+            _ = freed => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                shared.metrics.handshakes_shed.with_label_values(&["dropped"]).inc();
+                ztna_node::warn_limited!(SHED_LOG, max, "no handshake slot within {QUEUE_WAIT:?}: dropping a queued connection attempt");
+                incoming.ignore();
+                return;
             }
         }
     }
@@ -151,13 +256,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_under_load_and_a_hard_cap() {
-        assert_eq!(admit(0, false, 64, 1024), Admit::Handshake);
-        assert_eq!(admit(63, false, 64, 1024), Admit::Handshake);
-        assert_eq!(admit(64, false, 64, 1024), Admit::Retry);
+    fn retry_under_load_a_queue_for_proven_addresses_and_a_hard_cap() {
+        assert_eq!(admit(0, 0, false, 64, 1024), Admit::Handshake);
+        assert_eq!(admit(63, 0, false, 64, 1024), Admit::Handshake);
+        assert_eq!(admit(64, 0, false, 64, 1024), Admit::Retry);
         // A client that answered the Retry is let through.
-        assert_eq!(admit(64, true, 64, 1024), Admit::Handshake);
-        assert_eq!(admit(1024, true, 64, 1024), Admit::Drop);
-        assert_eq!(admit(5000, false, 64, 1024), Admit::Drop);
+        assert_eq!(admit(64, 0, true, 64, 1024), Admit::Handshake);
+        // At the cap it waits for a slot, and so does every proven address behind it.
+        assert_eq!(admit(1024, 0, true, 64, 1024), Admit::Queue);
+        assert_eq!(admit(1000, 3, true, 64, 1024), Admit::Queue);
+        assert_eq!(admit(1024, 4095, true, 64, 1024), Admit::Queue);
+        assert_eq!(admit(1024, 4096, true, 64, 1024), Admit::Drop);
+        // Unproven addresses never wait: they are asked to prove themselves, at the cap too
+        // (and never start a handshake beyond it, whatever the Retry threshold).
+        assert_eq!(admit(1000, 3, false, 64, 1024), Admit::Retry);
+        assert_eq!(admit(5000, 0, false, 64, 1024), Admit::Retry);
+        assert_eq!(admit(1024, 0, false, 4096, 1024), Admit::Retry);
     }
 }

@@ -40,7 +40,9 @@ pub struct Config {
     /// (QUIC Retry, one extra round trip): a flood from spoofed sources then costs no handshake.
     #[serde(default = "default_retry_threshold")]
     pub handshake_retry_threshold: u32,
-    /// At most this many QUIC handshakes in progress; further attempts are dropped.
+    /// At most this many QUIC handshakes in progress. Beyond it, addresses that answered a
+    /// Retry wait (first come, first served, up to 3 s, at most 4× this many) for a slot; others
+    /// are dropped.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: u32,
     /// Concurrent connections one identity (agent or connector) may hold.

@@ -106,7 +106,7 @@ impl Metrics {
             handshakes_shed: m::counter_vec(
                 r,
                 "ztna_intermediate_handshakes_shed_total",
-                "New connection attempts answered with a QUIC Retry or dropped because many handshakes were in progress.",
+                "New connection attempts answered with a QUIC Retry, queued for a handshake slot (proven addresses at max_handshakes) or dropped because many handshakes were in progress.",
                 &["action"],
             ),
             handshakes_in_progress: m::gauge(
@@ -171,7 +171,7 @@ impl Metrics {
         ] {
             me.datagrams_dropped.with_label_values(&[r]);
         }
-        for a in ["retry", "dropped"] {
+        for a in ["retry", "queued", "dropped"] {
             me.handshakes_shed.with_label_values(&[a]);
         }
         for l in crate::limits::Limit::ALL {

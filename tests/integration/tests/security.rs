@@ -405,6 +405,60 @@ async fn rogue_local_udp_sender_cannot_inject_into_the_tunnel() {
     im.daemon.shutdown().await;
 }
 
+/// At `max_handshakes`, clients that proved their address (they answered our Retry) wait for a
+/// slot in arrival order instead of being dropped: dropped, each would stall for its QUIC
+/// retransmission timer (a second or more) and, in a reconnect storm, time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proven_clients_at_the_handshake_cap_wait_for_a_slot_instead_of_being_dropped() {
+    logs();
+    let pki = Pki::new();
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.handshake_retry_threshold = 0;
+    cfg.max_handshakes = 2;
+    let im = start_intermediate_with(cfg);
+    let tls: Vec<_> = (0..8)
+        .map(|i| pki.issue("agent", &format!("queued-{i}")))
+        .collect();
+    let t = std::time::Instant::now();
+    let clients: Vec<_> = tls
+        .into_iter()
+        .map(|tls| {
+            let addr = im.addr;
+            tokio::spawn(async move { raw_connect(&tls, Role::Agent, addr).await })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for c in clients {
+        held.push(
+            c.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("not connected after {:?}: {e}", t.elapsed())),
+        );
+    }
+    eprintln!("8 clients connected in {:?}", t.elapsed());
+    let text = im.daemon.metrics.common.render();
+    let shed = |action| {
+        metric(
+            &text,
+            "ztna_intermediate_handshakes_shed_total",
+            &[("action", action)],
+        )
+    };
+    assert!(shed("queued") >= 1.0, "{text}");
+    assert_eq!(shed("dropped"), 0.0, "{text}");
+    // The server counts a handshake once the client's Finished arrived.
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_handshakes_total",
+            &[("result", "ok")]
+        ) == 8.0)
+        .await
+    );
+    drop(held);
+    im.daemon.shutdown().await;
+}
+
 /// Under a handshake flood the relay answers unproven addresses with a QUIC Retry. A real client
 /// still connects (it answers the Retry) and its flows work; the Retry is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
