@@ -188,6 +188,11 @@ async fn wait_for_slot(
     let deadline = tokio::time::Instant::now() + QUEUE_WAIT;
     let p = &shared.handshakes_pending;
     loop {
+        if shared.is_draining() {
+            // Refused like every attempt that arrives during a drain (it retries elsewhere).
+            incoming.refuse();
+            return;
+        }
         let freed = p.freed.notified();
         if p.claim(max) {
             drop(waiting);
