@@ -58,24 +58,22 @@ pub async fn connect_any(
     tokio::pin!(attempt);
     let mut outcome = tokio::time::timeout(limit, &mut attempt).await;
     let mut waited = limit;
-    if outcome.is_err() {
-        // A peer that answered (with a Retry while it sheds load, or part of a handshake) is
-        // alive and busy: give it longer instead of starting over (see `crate::answered`).
-        let local = endpoint.local_addr();
-        let answered = local.is_ok_and(|local| {
+    // A peer that answered (with a Retry while it sheds load, or part of a handshake) is alive
+    // and busy: give it longer instead of starting over (see `crate::answered`).
+    let answered = || {
+        endpoint.local_addr().is_ok_and(|local| {
             usable
                 .iter()
                 .any(|a| crate::answered::since(local, *a, started))
-        });
-        let extended = ANSWERED_CONNECT_TIMEOUT.max(limit);
-        if answered {
-            tracing::debug!(
-                intermediate = target,
-                "the peer answered but the handshake is slow: waiting up to {extended:?}"
-            );
-            outcome = tokio::time::timeout(extended - limit, &mut attempt).await;
-            waited = extended;
-        }
+        })
+    };
+    if outcome.is_err() && limit < ANSWERED_CONNECT_TIMEOUT && answered() {
+        tracing::debug!(
+            intermediate = target,
+            "the peer answered but the handshake is slow: waiting up to {ANSWERED_CONNECT_TIMEOUT:?}"
+        );
+        outcome = tokio::time::timeout(ANSWERED_CONNECT_TIMEOUT - limit, &mut attempt).await;
+        waited = ANSWERED_CONNECT_TIMEOUT;
     }
     match outcome {
         Ok(Ok((conn, addr))) => {

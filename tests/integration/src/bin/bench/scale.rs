@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -38,38 +38,44 @@ fn idle_for(keepalive: Duration) -> Duration {
     (keepalive * 3).max(Duration::from_secs(5))
 }
 
-struct Stats {
-    up: AtomicUsize,
+/// Connection attempts and how they failed.
+#[derive(Default)]
+struct Counts {
     attempts: AtomicU64,
     refused: AtomicU64,
     timed_out: AtomicU64,
     other: AtomicU64,
-    /// The same counts for attempts that *started* after [`Stats::mark`] (the restarted process
-    /// was spawned). An attempt that began earlier failed against the old, draining process (its
-    /// refusal) or an unbound port, whenever its failure was counted.
-    late: [AtomicU64; 4],
-    epoch: Instant,
-    /// Nanoseconds after `epoch` of the mark; `u64::MAX` until it is set.
-    mark: AtomicU64,
-    last_other: Mutex<String>,
-    last_refused: Mutex<String>,
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Stats {
-            up: AtomicUsize::new(0),
-            attempts: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            timed_out: AtomicU64::new(0),
-            other: AtomicU64::new(0),
-            late: Default::default(),
-            epoch: Instant::now(),
-            mark: AtomicU64::new(u64::MAX),
-            last_other: Mutex::new(String::new()),
-            last_refused: Mutex::new(String::new()),
+impl Counts {
+    fn load(&self) -> Failures {
+        Failures {
+            attempts: self.attempts.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+            other: self.other.load(Ordering::Relaxed),
         }
     }
+    fn failed(&self, kind: &Fail) -> &AtomicU64 {
+        match kind {
+            Fail::Refused(_) => &self.refused,
+            Fail::TimedOut => &self.timed_out,
+            Fail::Other(_) => &self.other,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    up: AtomicUsize,
+    all: Counts,
+    /// The same for attempts that *started* after the mark (the restarted process was spawned).
+    /// An attempt that began earlier failed against the old, draining process (its refusal) or
+    /// an unbound port, whenever its failure was counted.
+    late: Counts,
+    mark: OnceLock<Instant>,
+    last_other: Mutex<String>,
+    last_refused: Mutex<String>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -81,57 +87,27 @@ struct Failures {
 }
 
 impl Stats {
-    fn failures(&self) -> Failures {
-        Failures {
-            attempts: self.attempts.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
-            timed_out: self.timed_out.load(Ordering::Relaxed),
-            other: self.other.load(Ordering::Relaxed),
-        }
-    }
-    /// Counts of the attempts that started after the mark.
-    fn late_failures(&self) -> Failures {
-        let [attempts, refused, timed_out, other] =
-            self.late.each_ref().map(|c| c.load(Ordering::Relaxed));
-        Failures {
-            attempts,
-            refused,
-            timed_out,
-            other,
-        }
-    }
-    fn set_mark(&self) {
-        let at = self.epoch.elapsed().as_nanos().min(u64::MAX as u128 - 1) as u64;
-        self.mark.store(at, Ordering::Relaxed);
-    }
     fn after_mark(&self, started: Instant) -> bool {
-        started.saturating_duration_since(self.epoch).as_nanos()
-            >= self.mark.load(Ordering::Relaxed) as u128
+        self.mark.get().is_some_and(|m| started >= *m)
     }
     /// An attempt starts now; returns its start for [`Stats::fail`].
     fn attempt(&self) -> Instant {
         let now = Instant::now();
-        self.attempts.fetch_add(1, Ordering::Relaxed);
+        self.all.attempts.fetch_add(1, Ordering::Relaxed);
         if self.after_mark(now) {
-            self.late[0].fetch_add(1, Ordering::Relaxed);
+            self.late.attempts.fetch_add(1, Ordering::Relaxed);
         }
         now
     }
     fn fail(&self, kind: Fail, started: Instant) {
-        let (all, late) = match kind {
-            Fail::Refused(why) => {
-                *ztna_node::lock(&self.last_refused) = why;
-                (&self.refused, 1)
-            }
-            Fail::TimedOut => (&self.timed_out, 2),
-            Fail::Other(why) => {
-                *ztna_node::lock(&self.last_other) = why;
-                (&self.other, 3)
-            }
-        };
-        all.fetch_add(1, Ordering::Relaxed);
+        self.all.failed(&kind).fetch_add(1, Ordering::Relaxed);
         if self.after_mark(started) {
-            self.late[late].fetch_add(1, Ordering::Relaxed);
+            self.late.failed(&kind).fetch_add(1, Ordering::Relaxed);
+        }
+        match kind {
+            Fail::Refused(why) => *ztna_node::lock(&self.last_refused) = why,
+            Fail::Other(why) => *ztna_node::lock(&self.last_other) = why,
+            Fail::TimedOut => {}
         }
     }
 }
@@ -325,7 +301,7 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     }
 
     // Reconnect storm: SIGTERM (drain: GoAway, close), wait for the exit, start again.
-    let before = stats.failures();
+    let before = stats.all.load();
     let h_before = scrape(ops).await;
     let t_term = Instant::now();
     im.signal("TERM");
@@ -335,8 +311,8 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     }
     rep.storm_exit_secs = Some(t_term.elapsed().as_secs_f64());
     drop(im);
-    let at_start = stats.failures();
-    stats.set_mark();
+    let at_start = stats.all.load();
+    let _ = stats.mark.set(Instant::now());
     let t_start = Instant::now();
     let g_start = proc_cpu(me);
     let g_drops = udp_socket_drops(me);
@@ -378,9 +354,9 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         ));
     }
     let drain = at_start - before;
-    let f = stats.failures() - at_start;
+    let f = stats.all.load() - at_start;
     rep.storm_failed_counted_after = f.refused + f.timed_out + f.other;
-    let late = stats.late_failures();
+    let late = stats.late.load();
     rep.storm_failed = late.refused + late.timed_out + late.other;
     let h_after = scrape(ops).await;
     let hs = |t: &str, r: &str| metric(t, "ztna_intermediate_handshakes_total", &[("result", r)]);
