@@ -44,7 +44,12 @@ struct Counts {
     attempts: AtomicU64,
     refused: AtomicU64,
     timed_out: AtomicU64,
+    /// `timed_out` split by [`Stage`].
+    stages: [AtomicU64; Stage::ALL.len()],
     other: AtomicU64,
+    /// Welcomed only after more than [`CONNECT_TIMEOUT`] (the intermediate had confirmed the
+    /// handshake, so `client::hello` waited on instead of starting over).
+    welcomed_late: AtomicU64,
 }
 
 impl Counts {
@@ -53,15 +58,21 @@ impl Counts {
             attempts: self.attempts.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             timed_out: self.timed_out.load(Ordering::Relaxed),
+            stages: std::array::from_fn(|i| self.stages[i].load(Ordering::Relaxed)),
             other: self.other.load(Ordering::Relaxed),
+            welcomed_late: self.welcomed_late.load(Ordering::Relaxed),
         }
     }
-    fn failed(&self, kind: &Fail) -> &AtomicU64 {
-        match kind {
+    fn fail(&self, kind: &Fail) {
+        let counter = match kind {
             Fail::Refused(_) => &self.refused,
-            Fail::TimedOut => &self.timed_out,
+            Fail::TimedOut(stage) => {
+                self.stages[*stage as usize].fetch_add(1, Ordering::Relaxed);
+                &self.timed_out
+            }
             Fail::Other(_) => &self.other,
-        }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -83,7 +94,9 @@ struct Failures {
     attempts: u64,
     refused: u64,
     timed_out: u64,
+    stages: [u64; Stage::ALL.len()],
     other: u64,
+    welcomed_late: u64,
 }
 
 impl Stats {
@@ -99,15 +112,21 @@ impl Stats {
         }
         now
     }
-    fn fail(&self, kind: Fail, started: Instant) {
-        self.all.failed(&kind).fetch_add(1, Ordering::Relaxed);
+    fn welcomed_late(&self, started: Instant) {
+        self.all.welcomed_late.fetch_add(1, Ordering::Relaxed);
         if self.after_mark(started) {
-            self.late.failed(&kind).fetch_add(1, Ordering::Relaxed);
+            self.late.welcomed_late.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn fail(&self, kind: Fail, started: Instant) {
+        self.all.fail(&kind);
+        if self.after_mark(started) {
+            self.late.fail(&kind);
         }
         match kind {
             Fail::Refused(why) => *ztna_node::lock(&self.last_refused) = why,
             Fail::Other(why) => *ztna_node::lock(&self.last_other) = why,
-            Fail::TimedOut => {}
+            Fail::TimedOut(_) => {}
         }
     }
 }
@@ -119,15 +138,44 @@ impl std::ops::Sub for Failures {
             attempts: self.attempts - o.attempts,
             refused: self.refused - o.refused,
             timed_out: self.timed_out - o.timed_out,
+            stages: std::array::from_fn(|i| self.stages[i] - o.stages[i]),
             other: self.other - o.other,
+            welcomed_late: self.welcomed_late - o.welcomed_late,
         }
     }
 }
 
 enum Fail {
     Refused(String),
-    TimedOut,
+    TimedOut(Stage),
     Other(String),
+}
+
+/// Where a timed-out attempt gave up.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// Nothing came back within [`CONNECT_TIMEOUT`].
+    Silent,
+    /// The relay answered (a Retry or part of a handshake) but the handshake did not complete
+    /// within [`ztna_node::backoff::ANSWERED_CONNECT_TIMEOUT`].
+    Answered,
+    /// QUIC's idle timeout ended the handshake (nothing from the relay for that long).
+    Idle,
+    /// Connected, but the relay had not confirmed the handshake when `client::hello` gave up
+    /// (after [`CONNECT_TIMEOUT`]).
+    Unconfirmed,
+    /// Connected and confirmed, but no Welcome in time (`client::hello`).
+    Hello,
+}
+
+impl Stage {
+    const ALL: [(Stage, &'static str); 5] = [
+        (Stage::Silent, "no answer"),
+        (Stage::Answered, "answered, handshake too slow"),
+        (Stage::Idle, "QUIC idle timeout in the handshake"),
+        (Stage::Unconfirmed, "handshake never confirmed"),
+        (Stage::Hello, "confirmed, no Welcome"),
+    ];
 }
 
 /// What the scale run found (None where a phase did not get that far).
@@ -383,6 +431,21 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         hs(&h_after, "unauthorized"),
         hs(&h_before, "ok"),
     );
+    rep.storm.push_str(&format!(
+        " ({} of the attempts that started after it were welcomed only after more than \
+         {CONNECT_TIMEOUT:?}: the intermediate had confirmed the handshake, so they waited)",
+        late.welcomed_late
+    ));
+    if late.timed_out > 0 {
+        let by: Vec<String> = Stage::ALL
+            .iter()
+            .map(|(stage, name)| format!("{name} {}", late.stages[*stage as usize]))
+            .collect();
+        rep.storm.push_str(&format!(
+            " (where those that started after it timed out: {})",
+            by.join(", ")
+        ));
+    }
     if f.refused > 0 {
         rep.storm.push_str(&format!(
             " (last refusal: {})",
@@ -570,7 +633,7 @@ async fn agent(
     while !stop.is_cancelled() {
         let started = stats.attempt();
         let attempt = tokio::select! {
-            r = connect(&ep, &cfg, target) => r,
+            r = connect(&ep, &cfg, target, &stats, started) => r,
             _ = stop.cancelled() => return,
         };
         permit.take();
@@ -605,6 +668,8 @@ async fn connect(
     ep: &quinn::Endpoint,
     cfg: &quinn::ClientConfig,
     target: SocketAddr,
+    stats: &Stats,
+    started: Instant,
 ) -> Result<(quinn::Connection, client::Control), Fail> {
     let conn = match client::connect_any(
         ep,
@@ -617,19 +682,35 @@ async fn connect(
     .await
     {
         Ok(c) => c,
-        Err(why) if why.contains("did not complete") || why.contains("timed out") => {
-            return Err(Fail::TimedOut)
+        Err(why) if why.contains(&format!("did not complete within {CONNECT_TIMEOUT:?}")) => {
+            return Err(Fail::TimedOut(Stage::Silent))
         }
+        Err(why) if why.contains("did not complete") => {
+            return Err(Fail::TimedOut(Stage::Answered))
+        }
+        Err(why) if why.contains("timed out") => return Err(Fail::TimedOut(Stage::Idle)),
         Err(why) if why.contains("refused") || why.contains("closed by peer") => {
             return Err(Fail::Refused(why))
         }
         Err(why) => return Err(Fail::Other(why)),
     };
     let software = format!("ztna-bench/{}", ztna_node::VERSION);
+    let said = Instant::now();
     match client::hello(&conn, Role::Agent, software, Vec::new(), CONNECT_TIMEOUT).await {
-        Ok(c) => Ok((conn, c)),
+        Ok(c) => {
+            if said.elapsed() > CONNECT_TIMEOUT {
+                stats.welcomed_late(started);
+            }
+            Ok((conn, c))
+        }
         Err(why) if why.contains("refused") || why.contains("closed") => Err(Fail::Refused(why)),
-        Err(why) if why.contains("timed out") => Err(Fail::TimedOut),
+        Err(why) if why.contains("timed out") => Err(Fail::TimedOut(
+            if conn.stats().frame_rx.handshake_done > 0 {
+                Stage::Hello
+            } else {
+                Stage::Unconfirmed
+            },
+        )),
         Err(why) => Err(Fail::Other(why)),
     }
 }
