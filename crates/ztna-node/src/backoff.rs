@@ -49,6 +49,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// and a peer that falls silent after answering ends the attempt at the QUIC idle timeout.
 pub const ANSWERED_CONNECT_TIMEOUT: Duration = Duration::from_secs(12);
 
+/// How long a client waits for `Welcome` once the intermediate has confirmed the handshake
+/// (`HANDSHAKE_DONE`, see [`crate::client::hello`]; before that, [`CONNECT_TIMEOUT`]). It has
+/// completed its side and will read our `Hello`; in a reconnect storm its first Welcomes take
+/// seconds, and giving up would throw away the handshake it just paid for and queue another. A
+/// relay that dies meanwhile still ends the wait at the QUIC idle timeout; only one whose control
+/// plane hangs while QUIC answers costs this long. The intermediate waits as long for `Hello`.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Reconnect {
     policy: BackoffPolicy,
     iter: ExponentialBackoff,

@@ -7,9 +7,9 @@ use std::time::Duration;
 use quinn::{SendStream, VarInt};
 use ztna_proto::{codes, ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
 
-use crate::backoff::ANSWERED_CONNECT_TIMEOUT;
+use crate::backoff::{ANSWERED_CONNECT_TIMEOUT, WELCOME_TIMEOUT};
 use crate::identity::describe_connection_error;
-use crate::io::{write_frame, FramedRecv};
+use crate::io::{write_frame, FramedRecv, StreamError};
 
 /// How long one connection attempt runs alone before the next address is tried beside it
 /// (happy eyeballs, RFC 8305's recommended 250 ms).
@@ -207,8 +207,9 @@ pub struct Control {
     pub revision: u16,
 }
 
-/// Opens the control stream and exchanges Hello/Welcome. A `Refused` answer or anything else
-/// comes back as an error naming the reason.
+/// Opens the control stream and exchanges Hello/Welcome within `limit`, or within
+/// [`WELCOME_TIMEOUT`] once the intermediate has confirmed the handshake. A `Refused` answer or
+/// anything else comes back as an error naming the reason.
 pub async fn hello(
     conn: &quinn::Connection,
     role: Role,
@@ -233,7 +234,20 @@ pub async fn hello(
         watch,
     };
     write_frame(&mut send, &msg).await.map_err(|e| lost(&e))?;
-    match recv.expect::<ServerMsg>(limit).await {
+    let mut answer = recv.expect::<ServerMsg>(limit).await;
+    // An intermediate that confirmed the handshake (HANDSHAKE_DONE) has completed its side and
+    // will read our Hello: it is busy, most likely with a reconnect storm, and starting over
+    // would throw that handshake away. One that has not confirmed it after `limit` has most
+    // likely lost our last handshake packet (its retransmission can be many seconds away after
+    // a storm's inflated first RTT sample): a new attempt is the faster way in.
+    if matches!(answer, Err(StreamError::Timeout))
+        && limit < WELCOME_TIMEOUT
+        && conn.stats().frame_rx.handshake_done > 0
+    {
+        tracing::debug!("the intermediate confirmed the handshake but has not welcomed us yet: waiting up to {WELCOME_TIMEOUT:?}");
+        answer = recv.expect::<ServerMsg>(WELCOME_TIMEOUT - limit).await;
+    }
+    match answer {
         Ok(ServerMsg::Welcome {
             version,
             identity,

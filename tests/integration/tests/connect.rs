@@ -1,15 +1,21 @@
 //! How long an agent or connector waits for a relay's handshake: a relay that answered (here: a
 //! QUIC Retry, as an intermediate sheds load in a reconnect storm) gets
-//! `ANSWERED_CONNECT_TIMEOUT`; a silent address still fails after `CONNECT_TIMEOUT`.
+//! `ANSWERED_CONNECT_TIMEOUT`; a silent address still fails after `CONNECT_TIMEOUT`. After the
+//! handshake, a relay that confirmed it gets `WELCOME_TIMEOUT` for a slow Welcome; one that never
+//! confirmed it gets `CONNECT_TIMEOUT`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use ztna_integration::*;
-use ztna_node::backoff::{ANSWERED_CONNECT_TIMEOUT, CONNECT_TIMEOUT};
+
+use ztna_node::backoff::{ANSWERED_CONNECT_TIMEOUT, CONNECT_TIMEOUT, WELCOME_TIMEOUT};
+use ztna_node::io::{write_frame, FramedRecv};
 use ztna_node::transport::{client_config, client_endpoint, server_config, TransportOptions};
 use ztna_node::{client, Identity};
-use ztna_proto::Role;
+use ztna_proto::{ClientMsg, Role, ServerMsg, PROTOCOL_REVISION};
 
 fn configs(pki: &Pki) -> (quinn::ServerConfig, quinn::ClientConfig) {
     let opts = TransportOptions::default();
@@ -93,4 +99,136 @@ async fn a_silent_address_fails_after_the_connect_timeout() {
         err.contains(&format!("did not complete within {CONNECT_TIMEOUT:?}")),
         "{err}"
     );
+}
+
+/// An intermediate that completes the handshake at once but answers Hello only after `busy`
+/// (past the connect timeout): what an agent sees of a relay whose first Welcomes take seconds
+/// in a reconnect storm. A real agent must wait for it, not close the connection and dial again
+/// (which would throw the handshake away and add another to the relay's queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waits_for_a_slow_welcome_instead_of_dialling_again() {
+    let pki = Pki::new();
+    let (server, _) = configs(&pki);
+    let relay = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = relay.local_addr().unwrap();
+    let busy = CONNECT_TIMEOUT + Duration::from_secs(1);
+    assert!(busy < WELCOME_TIMEOUT);
+    let dialled = Arc::new(AtomicUsize::new(0));
+    let count = dialled.clone();
+    let serve = tokio::spawn(async move {
+        while let Some(incoming) = relay.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.accept().unwrap().await else {
+                    return;
+                };
+                let Ok((mut send, recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let mut recv = FramedRecv::new(recv);
+                let Ok(ClientMsg::Hello { .. }) = recv.expect::<ClientMsg>(busy).await else {
+                    return;
+                };
+                tokio::time::sleep(busy).await;
+                let welcome = ServerMsg::Welcome {
+                    version: PROTOCOL_REVISION,
+                    identity: Pki::id("agent", "alice"),
+                    observed_addr: conn.remote_address(),
+                };
+                if write_frame(&mut send, &welcome).await.is_err() {
+                    return;
+                }
+                // Read whatever the agent says next until it leaves.
+                while let Ok(Some(_)) = recv.next::<ClientMsg>().await {}
+            });
+        }
+    });
+    let agent = start_agent(
+        &pki,
+        "alice",
+        &[addr],
+        &[("web", ztna_integration::ForwardProtocol::Tcp)],
+    )
+    .await;
+    let connected = eventually(busy + Duration::from_secs(3), || {
+        agent.daemon.metrics.intermediates_connected.get() == 1
+    })
+    .await;
+    let n = dialled.load(Ordering::SeqCst);
+    assert!(
+        connected,
+        "the agent never got connected to a relay that welcomes after {busy:?} ({n} connections)"
+    );
+    assert_eq!(
+        n, 1,
+        "the agent dialled again instead of waiting for Welcome"
+    );
+    agent.daemon.shutdown().await;
+    serve.abort();
+}
+
+/// A UDP path to `server` that carries the client's datagrams only until the server first
+/// answers: the server's flight reaches the client (whose handshake then completes), but the
+/// client's Finished and everything after it are lost, so the server never confirms.
+async fn lost_after_first_answer(server: SocketAddr) -> SocketAddr {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let mut client = None;
+        let mut answered = false;
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut up) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    if !answered {
+                        let _ = back.send(&up[..n]).await;
+                    }
+                }
+                r = back.recv(&mut down) => {
+                    let Ok(n) = r else { return };
+                    answered = true;
+                    if let Some(to) = client {
+                        let _ = front.send_to(&down[..n], to).await;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// The other side of the Welcome wait: a relay that never confirmed our handshake (our last
+/// handshake packet lost; its retransmission can be many seconds away after a storm's inflated
+/// first RTT sample) is given only the connect timeout, and the agent starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_never_confirmed_the_handshake_gets_only_the_connect_timeout_for_welcome() {
+    let pki = Pki::new();
+    let (server, client_cfg) = configs(&pki);
+    let relay = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let path = lost_after_first_answer(relay.local_addr().unwrap()).await;
+    let serve = tokio::spawn(async move {
+        while let Some(incoming) = relay.accept().await {
+            // Never completes: the client's Finished does not arrive.
+            tokio::spawn(async move { incoming.accept().unwrap().await });
+        }
+    });
+    let (got, took) = connect(&client_cfg, path).await;
+    let conn =
+        got.unwrap_or_else(|e| panic!("the client's side did not complete after {took:?}: {e}"));
+    let t = Instant::now();
+    let said = client::hello(&conn, Role::Agent, "test".into(), vec![], CONNECT_TIMEOUT).await;
+    let took = t.elapsed();
+    assert!(
+        said.is_err(),
+        "welcomed by a relay that never confirmed the handshake"
+    );
+    assert!(
+        took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(1),
+        "gave up on Welcome after {took:?}, the connect timeout is {CONNECT_TIMEOUT:?}"
+    );
+    serve.abort();
 }
