@@ -174,9 +174,10 @@ in
 
         networking.firewall.allowedTCPPorts = lib.mkIf cfg.openOpsFirewall [ ops.port ];
 
-        # The daemons ask for 4 MiB UDP socket buffers (a relay path with the kernel's default
-        # ~208 KiB drops bursts that QUIC takes for congestion). The highest of all definitions
-        # wins, so this never lowers what another service asked for.
+        # Agents and connectors ask for 4 MiB UDP socket buffers (a relay path with the kernel's
+        # default ~208 KiB drops bursts that QUIC takes for congestion; the intermediate asks for
+        # more, see intermediate.nix). The highest of all definitions wins, so this never lowers
+        # what another service asked for.
         boot.kernel.sysctl."net.core.rmem_max" = 7500000;
         boot.kernel.sysctl."net.core.wmem_max" = 7500000;
 

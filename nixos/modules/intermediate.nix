@@ -76,5 +76,9 @@ import ./daemon.nix {
     {
       bindsPrivilegedPort = port < 1024;
       networking.firewall.allowedUDPPorts = lib.mkIf cfg.openFirewall [ port ];
+      # The intermediate asks for 16 MiB UDP socket buffers: every peer's packets arrive on one
+      # socket, and in a reconnect storm a 4 MiB buffer overflowed. The highest definition wins.
+      boot.kernel.sysctl."net.core.rmem_max" = 16777216;
+      boot.kernel.sysctl."net.core.wmem_max" = 16777216;
     };
 }

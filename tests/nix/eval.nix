@@ -211,7 +211,8 @@ let
           (expect ((configOf u.ztna-agent).drain_timeout == "25s" && (configOf u.ztna-connector).drain_timeout == "40s" && (configOf u.ztna-intermediate).drain_timeout == "20s") "drain_timeout rendered for all three, the agent included")
           (expect ((configOf u.ztna-intermediate).ops_listen == "127.0.0.1:9470" && (configOf u.ztna-connector).ops_listen == "127.0.0.1:9471" && (configOf u.ztna-agent).ops_listen == "127.0.0.1:9472") "ops_listen defaults 9470/9471/9472")
           (expect ((configOf u.ztna-intermediate).tls == { ca = "ca.pem"; cert = "cert.pem"; key = "key.pem"; }) "[tls] by credential name")
-          (expect (h.config.boot.kernel.sysctl."net.core.rmem_max" == 7500000 && h.config.boot.kernel.sysctl."net.core.wmem_max" == 7500000) "UDP socket buffer maxima raised for the daemons' 4 MiB buffers")
+          (expect (h.config.boot.kernel.sysctl."net.core.rmem_max" == 16777216 && h.config.boot.kernel.sysctl."net.core.wmem_max" == 16777216) "UDP socket buffer maxima raised for the intermediate's 16 MiB buffers on a host with all three")
+          (expect (let e = (x86 [ mods.default (connector { }) (agent { }) ]).config.boot.kernel.sysctl; in e."net.core.rmem_max" == 7500000 && e."net.core.wmem_max" == 7500000) "UDP socket buffer maxima raised for the 4 MiB buffers of agents and connectors")
           (expect ((x86 [ mods.default (relay { }) { boot.kernel.sysctl."net.core.rmem_max" = 16777216; } ]).config.boot.kernel.sysctl."net.core.rmem_max" == 16777216) "a higher rmem_max set elsewhere wins")
         ]
         ++ lib.mapAttrsToList
@@ -221,7 +222,7 @@ let
           ])
           daemonUnits
       )
-      "${toString (builtins.length (attrNames daemonUnits))} daemon units: LimitNOFILE=65536, Type=notify; TimeoutStopSec = drain + 15 and drain_timeout in the TOML for intermediate, connector and agent; ops ports 9470/9471/9472; net.core.{r,w}mem_max 7500000 (a higher value elsewhere wins)";
+      "${toString (builtins.length (attrNames daemonUnits))} daemon units: LimitNOFILE=65536, Type=notify; TimeoutStopSec = drain + 15 and drain_timeout in the TOML for intermediate, connector and agent; ops ports 9470/9471/9472; net.core.{r,w}mem_max 16777216 with an intermediate, 7500000 without (a higher value elsewhere wins)";
 
     # Defect 2: promtool is in prometheus' `cli` output.
     promtool =

@@ -102,7 +102,7 @@ impl Intermediate {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
-        ztna_node::transport::size_quic_socket(&socket);
+        ztna_node::transport::size_quic_socket(&socket, ztna_node::transport::RELAY_SOCKET_BUFFER);
         let endpoint = quinn::Endpoint::new(
             ztna_node::transport::restart_aware_endpoint_config(&identity),
             Some(server),

@@ -281,31 +281,41 @@ pub fn interface_addrs() -> Vec<std::net::IpAddr> {
 /// The UDP socket of an agent's or connector's endpoint (see [`client_endpoint`]).
 fn bind_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let s = bind_socket_inner(bind)?;
-    size_quic_socket(&s);
+    size_quic_socket(&s, QUIC_SOCKET_BUFFER);
     Ok(s)
 }
 
-/// Receive and send buffer of every QUIC socket. With the kernel's default (~208 KiB) a relay
-/// dropped thousands of datagrams per GiB in bursts, which QUIC takes for congestion: 4 MiB
-/// raised one flow through the relay from about 2.0 to 2.9 Gbit/s on loopback (ztna-bench).
+/// Receive and send buffer of an agent's or connector's QUIC socket. With the kernel's default
+/// (~208 KiB) a relay dropped thousands of datagrams per GiB in bursts, which QUIC takes for
+/// congestion: 4 MiB raised one flow through the relay from about 2.0 to 2.9 Gbit/s on loopback
+/// (ztna-bench).
 pub const QUIC_SOCKET_BUFFER: usize = 4 << 20;
 
-/// Sizes a QUIC socket's buffers to [`QUIC_SOCKET_BUFFER`]; warns when the kernel grants less
-/// (its limit is `net.core.rmem_max` / `wmem_max`; the NixOS modules raise them).
-pub fn size_quic_socket(socket: &std::net::UdpSocket) {
+/// Receive and send buffer of an intermediate's QUIC socket, which takes every peer's traffic:
+/// in a reconnect storm of 10,000 agents a 4 MiB buffer overflowed (500–15,000 datagrams
+/// dropped per storm), and each lost handshake packet stalls that agent for a retransmission
+/// timeout of seconds (its first RTT sample is inflated by the storm). The kernel charges the
+/// buffer only while datagrams wait in it.
+pub const RELAY_SOCKET_BUFFER: usize = 16 << 20;
+
+/// Sizes a QUIC socket's buffers to `bytes`; warns when the kernel grants less (its limit is
+/// `net.core.rmem_max` / `wmem_max`; the NixOS modules raise them).
+pub fn size_quic_socket(socket: &std::net::UdpSocket, bytes: usize) {
     let s = socket2::SockRef::from(socket);
-    let _ = s.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(QUIC_SOCKET_BUFFER);
+    let _ = s.set_recv_buffer_size(bytes);
+    let _ = s.set_send_buffer_size(bytes);
     // Linux reports twice what it granted (bookkeeping overhead included).
     let granted = s.recv_buffer_size().unwrap_or(0) / 2;
-    if granted < QUIC_SOCKET_BUFFER / 2 {
+    if granted < bytes / 2 {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
             tracing::warn!(
                 granted_kib = granted / 1024,
-                wanted_kib = QUIC_SOCKET_BUFFER / 1024,
+                wanted_kib = bytes / 1024,
                 "the kernel limits UDP socket buffers (net.core.rmem_max); bursts will be dropped \
-                 as loss: sysctl -w net.core.rmem_max=7500000 net.core.wmem_max=7500000"
+                 as loss: sysctl -w net.core.rmem_max={} net.core.wmem_max={}",
+                bytes + bytes / 4,
+                bytes + bytes / 4
             );
         });
     }
