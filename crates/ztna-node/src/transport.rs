@@ -313,9 +313,7 @@ pub fn size_quic_socket(socket: &std::net::UdpSocket, bytes: usize) {
                 granted_kib = granted / 1024,
                 wanted_kib = bytes / 1024,
                 "the kernel limits UDP socket buffers (net.core.rmem_max); bursts will be dropped \
-                 as loss: sysctl -w net.core.rmem_max={} net.core.wmem_max={}",
-                bytes + bytes / 4,
-                bytes + bytes / 4
+                 as loss: sysctl -w net.core.rmem_max={bytes} net.core.wmem_max={bytes}"
             );
         });
     }

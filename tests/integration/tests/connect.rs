@@ -5,12 +5,11 @@
 //! confirmed it gets `CONNECT_TIMEOUT`.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use ztna_integration::*;
+use std::time::{Duration, Instant};
 
+use ztna_integration::*;
 use ztna_node::backoff::{ANSWERED_CONNECT_TIMEOUT, CONNECT_TIMEOUT, WELCOME_TIMEOUT};
 use ztna_node::io::{write_frame, FramedRecv};
 use ztna_node::transport::{client_config, client_endpoint, server_config, TransportOptions};
@@ -143,13 +142,7 @@ async fn an_agent_waits_for_a_slow_welcome_instead_of_dialling_again() {
             });
         }
     });
-    let agent = start_agent(
-        &pki,
-        "alice",
-        &[addr],
-        &[("web", ztna_integration::ForwardProtocol::Tcp)],
-    )
-    .await;
+    let agent = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
     let connected = eventually(busy + Duration::from_secs(3), || {
         agent.daemon.metrics.intermediates_connected.get() == 1
     })
