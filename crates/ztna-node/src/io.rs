@@ -255,6 +255,27 @@ fn code(c: u32) -> VarInt {
     VarInt::from_u32(c)
 }
 
+/// How long a flow's finished direction waits for the peer to acknowledge the last of it.
+const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+
+/// Finishes `send` and returns once the peer has acknowledged everything on it (`stopped`, the
+/// stream's [`SendStream::stopped`], resolves), `abort` fires, or [`DELIVERY_WAIT`] passes.
+/// A direction of a flow ends only then: a drain closes the connection as soon as its flows
+/// have ended, and closing discards whatever quinn has not yet sent or had acknowledged, so the
+/// end of a response could be lost (the client saw a reset instead).
+async fn finish_delivered(
+    send: &mut SendStream,
+    stopped: std::pin::Pin<&mut impl std::future::Future>,
+    abort: impl std::future::Future,
+) {
+    let _ = send.finish();
+    tokio::select! {
+        _ = stopped => {}
+        _ = abort => {}
+        _ = tokio::time::sleep(DELIVERY_WAIT) => {}
+    }
+}
+
 /// Copies one QUIC stream into another, chunk by chunk without copying the bytes, starting with
 /// `prefix` (bytes already read past a header), propagating finish, reset and stop in both
 /// directions. Ends early (with a reset) when `stop` is cancelled. Returns bytes copied and
@@ -320,7 +341,7 @@ async fn pipe_quic(
                 }
             }
             Ok(None) => {
-                let _ = send.finish();
+                finish_delivered(send, stopped.as_mut(), stop.cancelled()).await;
                 return (total, false);
             }
             Err(ReadError::Reset(c)) => {
@@ -492,7 +513,7 @@ pub async fn splice_tcp(
                 };
                 match n {
                     Ok(0) => {
-                        let _ = send.finish();
+                        finish_delivered(send, stopped.as_mut(), abort.cancelled()).await;
                         return total;
                     }
                     Ok(n) => {
