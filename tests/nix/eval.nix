@@ -213,7 +213,7 @@ let
           (expect ((configOf u.ztna-intermediate).tls == { ca = "ca.pem"; cert = "cert.pem"; key = "key.pem"; }) "[tls] by credential name")
           (expect (h.config.boot.kernel.sysctl."net.core.rmem_max" == 16777216 && h.config.boot.kernel.sysctl."net.core.wmem_max" == 16777216) "UDP socket buffer maxima raised for the intermediate's 16 MiB buffers on a host with all three")
           (expect (let e = (x86 [ mods.default (connector { }) (agent { }) ]).config.boot.kernel.sysctl; in e."net.core.rmem_max" == 7500000 && e."net.core.wmem_max" == 7500000) "UDP socket buffer maxima raised for the 4 MiB buffers of agents and connectors")
-          (expect ((x86 [ mods.default (relay { }) { boot.kernel.sysctl."net.core.rmem_max" = 16777216; } ]).config.boot.kernel.sysctl."net.core.rmem_max" == 16777216) "a higher rmem_max set elsewhere wins")
+          (expect ((x86 [ mods.default (relay { }) { boot.kernel.sysctl."net.core.rmem_max" = 33554432; } ]).config.boot.kernel.sysctl."net.core.rmem_max" == 33554432) "a higher rmem_max set elsewhere wins")
         ]
         ++ lib.mapAttrsToList
           (n: t: [

@@ -292,10 +292,11 @@ fn bind_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 pub const QUIC_SOCKET_BUFFER: usize = 4 << 20;
 
 /// Receive and send buffer of an intermediate's QUIC socket, which takes every peer's traffic:
-/// in a reconnect storm of 10,000 agents a 4 MiB buffer overflowed (500–15,000 datagrams
-/// dropped per storm), and each lost handshake packet stalls that agent for a retransmission
-/// timeout of seconds (its first RTT sample is inflated by the storm). The kernel charges the
-/// buffer only while datagrams wait in it.
+/// in a reconnect storm of 10,000 agents a 4 MiB buffer overflowed in about half the runs
+/// (up to 25,165 datagrams dropped), and each lost handshake packet stalls its agent for a
+/// retransmission timeout of seconds (its first RTT sample is inflated by the storm); 16 MiB
+/// dropped none in five runs (`ztna-bench --mode scale`). The kernel charges the buffer only
+/// while datagrams wait in it.
 pub const RELAY_SOCKET_BUFFER: usize = 16 << 20;
 
 /// Sizes a QUIC socket's buffers to `bytes`; warns when the kernel grants less (its limit is
