@@ -2,6 +2,7 @@
 //! library entry points on loopback.
 
 pub mod hostile;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

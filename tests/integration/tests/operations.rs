@@ -1003,60 +1003,6 @@ async fn sigterm_on_the_agent_lets_a_running_transfer_finish_and_refuses_new_one
     im.daemon.shutdown().await;
 }
 
-/// A UDP path to `server` for one client that holds every datagram for `delay` in each
-/// direction, in order: a relay far from its agent.
-async fn delayed_path(server: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
-    use std::sync::{Arc, Mutex};
-    use tokio::sync::mpsc;
-    type Line = mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>)>;
-    /// A FIFO delay line: each datagram leaves `delay` after it arrived, never before the one
-    /// ahead of it (reordering would look like loss to QUIC).
-    fn line(delay: Duration, mut send: impl FnMut(Vec<u8>) + Send + 'static) -> Line {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-        tokio::spawn(async move {
-            while let Some((at, data)) = rx.recv().await {
-                tokio::time::sleep_until(at + delay).await;
-                send(data);
-            }
-        });
-        tx
-    }
-    let front = Arc::new(UdpSocket::bind(loopback0()).await.unwrap());
-    let back = Arc::new(UdpSocket::bind(loopback0()).await.unwrap());
-    back.connect(server).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let client = Arc::new(Mutex::new(None::<std::net::SocketAddr>));
-    let up = {
-        let back = back.clone();
-        line(delay, move |d| {
-            let _ = back.try_send(&d);
-        })
-    };
-    let down = {
-        let (front, client) = (front.clone(), client.clone());
-        line(delay, move |d| {
-            if let Some(to) = *client.lock().unwrap() {
-                let _ = front.try_send_to(&d, to);
-            }
-        })
-    };
-    let (f, c) = (front.clone(), client.clone());
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = f.recv_from(&mut buf).await {
-            *c.lock().unwrap() = Some(from);
-            let _ = up.send((tokio::time::Instant::now(), buf[..n].to_vec()));
-        }
-    });
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = back.recv(&mut buf).await {
-            let _ = down.send((tokio::time::Instant::now(), buf[..n].to_vec()));
-        }
-    });
-    addr
-}
-
 /// A drain waits for a flow, and then for its last bytes to reach the agent, before it closes
 /// the connection: here the backend answers with 2 MiB and closes just after the drain began,
 /// on a path with an 80 ms round trip, so most of the answer is still on its way when the
@@ -1086,8 +1032,11 @@ async fn a_drain_closes_only_after_the_last_bytes_of_a_flow_were_delivered() {
     let im = start_intermediate(&pki, open_policy(&["web"]));
     let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(backend), None)]);
     c.wait_registered(1).await;
-    let far = delayed_path(im.addr, Duration::from_millis(40)).await;
-    let mut a = start_agent(&pki, "alice", &[far], &[("web", ForwardProtocol::Tcp)]).await;
+    // 40 ms each way between agent and relay.
+    let far = ztna_integration::proxy::start(im.addr, Duration::from_millis(40))
+        .await
+        .unwrap();
+    let mut a = start_agent(&pki, "alice", &[far.addr], &[("web", ForwardProtocol::Tcp)]).await;
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
     let download = tokio::spawn(async move {

@@ -17,7 +17,6 @@
 
 mod backends;
 mod hop;
-mod proxy;
 mod relays;
 mod scale;
 mod udp_rate;

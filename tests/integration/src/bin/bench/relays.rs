@@ -14,8 +14,8 @@ use ztna_integration::*;
 use ztna_proto::{Protocol, ServiceState};
 
 use crate::backends::TcpSink;
-use crate::proxy::{self, Proxy};
 use crate::udp_rate::UdpSink;
+use ztna_integration::proxy::{self, Proxy};
 
 /// Thread-name prefix of the runtime that hosts the in-process daemons.
 pub const THREADS: &str = "ztna-rt";

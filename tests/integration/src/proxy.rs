@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::loopback0;
 use anyhow::Result;
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use ztna_integration::loopback0;
 
 /// Bytes a delay line may hold before it drops (a 1 Gbit/s stream for half a second).
 const MAX_QUEUED: u64 = 64 * 1024 * 1024;
