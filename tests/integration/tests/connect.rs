@@ -26,6 +26,15 @@ fn configs(pki: &Pki) -> (quinn::ServerConfig, quinn::ClientConfig) {
     )
 }
 
+/// A stand-in intermediate (a bare quinn server with an intermediate's identity) whose behaviour
+/// each test scripts, its address, and an agent's client config for it.
+fn fake_relay(pki: &Pki) -> (quinn::Endpoint, SocketAddr, quinn::ClientConfig) {
+    let (server, client_cfg) = configs(pki);
+    let relay = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = relay.local_addr().unwrap();
+    (relay, addr, client_cfg)
+}
+
 /// An agent's or connector's connect to `addr` (its own endpoint and timeout), and how long it
 /// took.
 async fn connect(
@@ -51,9 +60,7 @@ async fn connect(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_answered_with_a_retry_gets_longer_than_the_connect_timeout() {
     let pki = Pki::new();
-    let (server, client_cfg) = configs(&pki);
-    let relay = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = relay.local_addr().unwrap();
+    let (relay, addr, client_cfg) = fake_relay(&pki);
     // Past the connect timeout, within the idle timeout (5 s without a packet ends any attempt).
     let busy = CONNECT_TIMEOUT + Duration::from_secs(1);
     let serve = tokio::spawn(async move {
@@ -107,9 +114,7 @@ async fn a_silent_address_fails_after_the_connect_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_waits_for_a_slow_welcome_instead_of_dialling_again() {
     let pki = Pki::new();
-    let (server, _) = configs(&pki);
-    let relay = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = relay.local_addr().unwrap();
+    let (relay, addr, _) = fake_relay(&pki);
     let busy = CONNECT_TIMEOUT + Duration::from_secs(1);
     assert!(busy < WELCOME_TIMEOUT);
     let dialled = Arc::new(AtomicUsize::new(0));
@@ -200,9 +205,8 @@ async fn lost_after_first_answer(server: SocketAddr) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_never_confirmed_the_handshake_gets_only_the_connect_timeout_for_welcome() {
     let pki = Pki::new();
-    let (server, client_cfg) = configs(&pki);
-    let relay = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let path = lost_after_first_answer(relay.local_addr().unwrap()).await;
+    let (relay, addr, client_cfg) = fake_relay(&pki);
+    let path = lost_after_first_answer(addr).await;
     let serve = tokio::spawn(async move {
         while let Some(incoming) = relay.accept().await {
             // Never completes: the client's Finished does not arrive.
