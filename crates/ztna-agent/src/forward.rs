@@ -6,8 +6,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 use ztna_node::flows::Kind;
-use ztna_node::io::{prepare_tcp, splice_tcp, SpliceCtl};
-use ztna_node::CancellationToken;
+use ztna_node::io::{prepare_tcp, splice_tcp, AbortCause, SpliceCtl};
+use ztna_node::ratelimit::LogLimiter;
+use ztna_node::{warn_limited, CancellationToken};
 use ztna_proto::Protocol;
 
 use crate::open::{open_any, OpenError};
@@ -41,6 +42,10 @@ pub(crate) async fn tcp(
     }
 }
 
+/// Flows cut by the tunnel (a relay lost its connector mid-flow, a connector's backend reset):
+/// the user's connection was reset, so this is logged, but at most once per period.
+static CUT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+
 /// Refuses a local connection with RST, so the client fails at once instead of seeing an empty,
 /// clean close.
 fn refuse_tcp(tcp: TcpStream) {
@@ -67,6 +72,7 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
                 .inc();
             debug!(via = %opened.via.name(), path = opened.via.label(), "flow open");
             let ctl = SpliceCtl::for_flow(&guard, None);
+            let started = tokio::time::Instant::now();
             let (mut recv, prefix) = opened.recv.into_parts();
             let mut send = opened.send;
             let stats = splice_tcp(
@@ -86,6 +92,18 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
                 end = ?stats.end,
                 "flow ended"
             );
+            if let Some(AbortCause::Tunnel(why)) = &stats.cause {
+                warn_limited!(
+                    CUT_LOG,
+                    via = %opened.via.name(),
+                    path = opened.via.label(),
+                    up = stats.forward,
+                    down = stats.backward,
+                    secs = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+                    why = %why,
+                    "a flow to {service} was cut by the tunnel; its local connection was reset"
+                );
+            }
         }
         Err(e) => {
             let (label, why) = e.describe();

@@ -189,14 +189,26 @@ pub enum SpliceEnd {
     Cancelled,
 }
 
+/// Which end of a TCP ↔ QUIC splice failed first, when it was aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AbortCause {
+    /// The TCP connection: its peer reset it, or reading or writing it failed.
+    Tcp,
+    /// The QUIC side: the stream was reset or stopped by the peer (the reason names its code),
+    /// or the connection carrying it was lost.
+    Tunnel(String),
+}
+
 /// Byte totals of a finished splice and how it ended.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct SpliceStats {
     /// Bytes read from the first endpoint and written to the second.
     pub forward: u64,
     /// Bytes read from the second endpoint and written to the first.
     pub backward: u64,
     pub end: SpliceEnd,
+    /// For an [`SpliceEnd::Aborted`] TCP splice: which end failed first.
+    pub cause: Option<AbortCause>,
 }
 
 impl SpliceStats {
@@ -450,6 +462,7 @@ pub async fn splice_quic(
         forward,
         backward,
         end,
+        cause: None,
     }
 }
 
@@ -489,6 +502,12 @@ pub async fn splice_tcp(
 ) -> SpliceStats {
     let (mut rd, mut wr) = tcp.into_split();
     let abort = CancellationToken::new();
+    // The first failure, whichever direction saw it (the other one then stops on `abort`).
+    let cause = std::sync::OnceLock::new();
+    let fail = |c: AbortCause| {
+        let _ = cause.set(c);
+        abort.cancel();
+    };
     let activity = &ctl.activity;
     let ((forward, backward), early) = {
         let up = async {
@@ -506,8 +525,12 @@ pub async fn splice_tcp(
                 let n = tokio::select! {
                     _ = abort.cancelled() => return total,
                     r = rd.read_buf(&mut buf) => r,
-                    _ = &mut stopped => {
-                        abort.cancel();
+                    r = &mut stopped => {
+                        fail(AbortCause::Tunnel(match r {
+                            Ok(Some(c)) => format!("stopped by the peer: {}", codes::name(c.into_inner())),
+                            Ok(None) => "stopped by the peer".to_string(),
+                            Err(e) => e.to_string(),
+                        }));
                         return total;
                     }
                 };
@@ -526,8 +549,8 @@ pub async fn splice_tcp(
                                 send.write_chunk(chunk).await
                             } => r,
                         };
-                        if res.is_err() {
-                            abort.cancel();
+                        if let Err(e) = res {
+                            fail(AbortCause::Tunnel(e.to_string()));
                             return total;
                         }
                         total += n as u64;
@@ -537,7 +560,7 @@ pub async fn splice_tcp(
                     }
                     Err(_) => {
                         let _ = send.reset(code(codes::FLOW_RESET));
-                        abort.cancel();
+                        fail(AbortCause::Tcp);
                         return total;
                     }
                 }
@@ -570,7 +593,7 @@ pub async fn splice_tcp(
                             r = write_all_bytes(&mut wr, &mut bufs[..k]) => r,
                         };
                         if res.is_err() {
-                            abort.cancel();
+                            fail(AbortCause::Tcp);
                             return total;
                         }
                         total += n;
@@ -583,8 +606,13 @@ pub async fn splice_tcp(
                         let _ = wr.shutdown().await;
                         return total;
                     }
-                    Err(_) => {
-                        abort.cancel();
+                    Err(e) => {
+                        fail(AbortCause::Tunnel(match e {
+                            ReadError::Reset(c) => {
+                                format!("reset by the peer: {}", codes::name(c.into_inner()))
+                            }
+                            e => e.to_string(),
+                        }));
                         return total;
                     }
                 }
@@ -627,5 +655,8 @@ pub async fn splice_tcp(
         forward,
         backward,
         end,
+        cause: (end == SpliceEnd::Aborted)
+            .then(|| cause.into_inner())
+            .flatten(),
     }
 }

@@ -1132,3 +1132,113 @@ async fn peer_rtt_is_sampled_at_connect_and_by_the_periodic_sweep() {
     a.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// A flow in the middle of a transfer when the path between the relay and the connector goes
+/// silent cannot be replayed elsewhere (its request may have been acted on): the relay gives
+/// the connector up at the idle timeout, the agent resets the local connection (never a clean
+/// end the client could take for a complete answer) and says in its log why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_cut_by_the_tunnel_resets_the_local_connection_and_the_agent_says_why() {
+    logs();
+    let pki = Pki::new();
+    // Answers 64 KiB at once, then holds the connection open: the flow is mid-transfer.
+    let backend = {
+        let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut req = [0u8; 16];
+                    let _ = s.read(&mut req).await;
+                    let _ = s.write_all(&[0x5au8; 64 << 10]).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        addr
+    };
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    // The connector reaches the relay through a line that can be cut silently.
+    let line = ztna_integration::proxy::start(im.addr, Duration::ZERO)
+        .await
+        .unwrap();
+    let mut c = start_connector(&pki, "web-1", &[line.addr], &[("web", Some(backend), None)]);
+    c.wait_registered(1).await;
+    let (port, ops) = (free_tcp_port(), free_tcp_port());
+    // No direct path: the flow must go through the relay whose connector link is cut.
+    let cfg = agent_file(
+        &pki,
+        "alice",
+        &[im.addr],
+        &[("web", "tcp", port)],
+        &format!("ops_listen = \"{ops}\"\np2p = false"),
+    );
+    let agent = Proc::spawn(BIN, "agent", "agent", &cfg, &[]);
+    assert!(
+        wait_ready(ops, Duration::from_secs(10)).await,
+        "{}",
+        agent.tail(20)
+    );
+    let open = || async {
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(b"GET").await.unwrap();
+        let mut first = vec![0u8; 64 << 10];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut first))
+            .await
+            .expect("the first 64 KiB in time")
+            .expect("the first 64 KiB");
+        s
+    };
+    // A client that resets its own connection is not the tunnel's doing: no warning.
+    let s = open().await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !agent.log().contains("cut by the tunnel"),
+        "a client's own reset was logged as the tunnel's\n{}",
+        agent.tail(20)
+    );
+    let mut s = open().await;
+    let t0 = Instant::now();
+    line.set_loss(1.0, 1);
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    let after = t0.elapsed();
+    println!(
+        "MEASURED flow cut between relay and connector: the local client saw {end:?} {:.0} ms after the cut",
+        after.as_secs_f64() * 1e3
+    );
+    let end = end.expect("the cut flow was left hanging");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the cut flow must end with a reset, not a clean end"
+    );
+    // The relay's idle timeout (5 s) ends the connector's connection, then the flow.
+    assert!(
+        after >= Duration::from_secs(4) && after < Duration::from_secs(9),
+        "reset after {after:?}"
+    );
+    let told = eventually(Duration::from_secs(2), || {
+        agent.log().contains("a flow to web was cut by the tunnel")
+    })
+    .await;
+    assert!(
+        told,
+        "the agent did not log the cut flow\n{}",
+        agent.tail(20)
+    );
+    // With the relay's reason: the stream was reset or stopped with FLOW_ABORTED.
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("cut by the tunnel"));
+    assert!(
+        line.is_some_and(|l| l.contains("by the peer: flow aborted") && l.contains("down=65536")),
+        "{}",
+        agent.tail(20)
+    );
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
