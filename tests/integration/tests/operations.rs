@@ -913,6 +913,26 @@ async fn the_binary_speaks_sd_notify_on_a_real_socket() {
     assert_eq!(relay.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
 
+/// A backend that reads a request (up to 16 bytes), waits `delay`, answers `bytes` bytes, holds
+/// the connection for `hold` and then closes it with a FIN.
+async fn answering_backend(delay: Duration, bytes: usize, hold: Duration) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = [0u8; 16];
+                let _ = s.read(&mut req).await;
+                tokio::time::sleep(delay).await;
+                let _ = s.write_all(&vec![0x5au8; bytes]).await;
+                tokio::time::sleep(hold).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// A backend that answers every connection with `chunks` × 64 KiB, one chunk every `gap`, then
 /// closes: a download that takes a while.
 async fn slow_download_backend(chunks: usize, gap: Duration) -> std::net::SocketAddr {
@@ -1013,22 +1033,7 @@ async fn a_drain_closes_only_after_the_last_bytes_of_a_flow_were_delivered() {
     logs();
     const ANSWER: usize = 2 << 20;
     let pki = Pki::new();
-    let backend = {
-        let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut req = [0u8; 16];
-                    let _ = s.read(&mut req).await;
-                    tokio::time::sleep(Duration::from_millis(400)).await;
-                    let _ = s.write_all(&vec![0x5au8; ANSWER]).await;
-                    let _ = s.shutdown().await;
-                });
-            }
-        });
-        addr
-    };
+    let backend = answering_backend(Duration::from_millis(400), ANSWER, Duration::ZERO).await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
     let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(backend), None)]);
     c.wait_registered(1).await;
@@ -1142,21 +1147,7 @@ async fn a_flow_cut_by_the_tunnel_resets_the_local_connection_and_the_agent_says
     logs();
     let pki = Pki::new();
     // Answers 64 KiB at once, then holds the connection open: the flow is mid-transfer.
-    let backend = {
-        let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut req = [0u8; 16];
-                    let _ = s.read(&mut req).await;
-                    let _ = s.write_all(&[0x5au8; 64 << 10]).await;
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                });
-            }
-        });
-        addr
-    };
+    let backend = answering_backend(Duration::ZERO, 64 << 10, Duration::from_secs(60)).await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
     // The connector reaches the relay through a line that can be cut silently.
     let line = ztna_integration::proxy::start(im.addr, Duration::ZERO)
