@@ -968,6 +968,16 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
                 );
             }
         }
+        // And the direct-path row must measure the direct path: a flow via the relay there
+        // (a path lost or not yet up) makes its figures a mix of both.
+        for (name, (relay, _)) in &f.paths {
+            if *name == P2P && *relay > 0.0 {
+                println!(
+                    "  WARNING: {relay:.0} flow(s) of the {name:?} rows went via the relay: those \
+                     rows and the p2p ratios are NOT the direct path alone"
+                );
+            }
+        }
     }
     if !f.setup.is_empty() {
         println!();

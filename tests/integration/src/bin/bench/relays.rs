@@ -275,21 +275,28 @@ impl ProcRelay {
         by
     }
 
-    /// Opens flows until the agent reports a direct path up (within `limit`).
+    /// Opens a flow to each service the direct-path rows use (`echo` for the RTT rows, `sink`
+    /// for the TCP rows) until the agent reports a direct path up for each (within `limit`).
+    /// Direct paths are per service and a service's first flow goes via the relay while its
+    /// path is set up, so waiting for one service only would measure the relay in the other's
+    /// first transfer.
     pub async fn wait_direct(&self, limit: Duration) -> Result<()> {
+        let wanted = [self.ports.echo_tcp, self.ports.sink];
         let ok = eventually_async(limit, || async {
-            let _ = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(self.ports.echo_tcp),
-            )
-            .await;
+            for port in wanted {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(port),
+                )
+                .await;
+            }
             let text = crate::util::scrape(self.a_ops).await;
-            metric(&text, "ztna_agent_direct_paths", &[]) >= 1.0
+            metric(&text, "ztna_agent_direct_paths", &[]) >= wanted.len() as f64
         })
         .await;
         if !ok {
             bail!(
-                "the direct path never came up\n{}\n{}\n{}",
+                "the direct paths for echo and sink never came up\n{}\n{}\n{}",
                 self.agent.tail(15),
                 self.connector.tail(15),
                 self.im.tail(15)
