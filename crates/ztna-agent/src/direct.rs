@@ -8,9 +8,15 @@
 //! service go direct. A direct path that stops answering is noticed within 3 s (keepalive 1 s,
 //! idle timeout 3 s); new flows then go via the relay and the agent tries again with backoff.
 //! An attempt that fails never delays a flow: flows use the relay meanwhile.
+//!
+//! Services served by the same connector share one direct connection: when the relay names a
+//! connector we already have a path to, the new service's ticket is presented on that path's
+//! control stream (no second punch, handshake or keepalive), and the connector's answer says
+//! whether the path now carries it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,13 +43,66 @@ const FULL_PUNCH_AFTER: Duration = Duration::from_millis(50);
 /// Tickets live 60 s; refresh at half that.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
-/// An established direct path.
+/// An established direct connection to a connector, shared by every service it carries.
 pub struct DirectPath {
-    pub service: String,
     /// SPIFFE ID of the connector.
     pub connector: String,
     pub conn: quinn::Connection,
-    control: tokio::sync::Mutex<quinn::SendStream>,
+    /// The control stream: tickets out, the connector's answers back.
+    control: tokio::sync::Mutex<(quinn::SendStream, FramedRecv)>,
+    /// Whether the connector answers tickets presented on the control stream (connectors
+    /// before path sharing only read them): cleared when an answer does not come.
+    answers: AtomicBool,
+    /// The services whose flows this path carries.
+    services: Mutex<BTreeSet<String>>,
+}
+
+impl DirectPath {
+    fn new(
+        connector: String,
+        conn: quinn::Connection,
+        control: (quinn::SendStream, FramedRecv),
+        service: &str,
+    ) -> DirectPath {
+        DirectPath {
+            connector,
+            conn,
+            control: tokio::sync::Mutex::new(control),
+            answers: AtomicBool::new(true),
+            services: Mutex::new(BTreeSet::from([service.to_string()])),
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    fn services(&self) -> Vec<String> {
+        lock(&self.services).iter().cloned().collect()
+    }
+
+    /// Presents a ticket on the control stream. With a connector that answers, waits for the
+    /// answer: the services the path now carries, or why not.
+    async fn present(&self, ticket: Vec<u8>) -> Result<Option<Vec<String>>, String> {
+        let mut control = self.control.lock().await;
+        let (send, recv) = &mut *control;
+        write_frame(send, &DirectMsg::Ticket { ticket })
+            .await
+            .map_err(|e| e.to_string())?;
+        if !self.answers.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match recv.expect::<DirectReply>(ANSWER_TIMEOUT).await {
+            Ok(DirectReply::Welcome { services }) => Ok(Some(services)),
+            Ok(DirectReply::Refused { reason }) => Err(format!("the connector refused: {reason}")),
+            Err(e) => {
+                // An older connector: it takes tickets without a word. From now on, present
+                // refreshed tickets without waiting, and give other services paths of their own.
+                self.answers.store(false, Ordering::Relaxed);
+                Err(format!("the connector did not answer the ticket: {e}"))
+            }
+        }
+    }
 }
 
 enum PathState {
@@ -67,6 +126,10 @@ enum Answer {
 #[derive(Default)]
 pub(crate) struct Direct {
     paths: Mutex<HashMap<String, PathState>>,
+    /// Live direct connections, by connector.
+    conns: Mutex<HashMap<String, Arc<DirectPath>>>,
+    /// One path set-up at a time per connector, so services that ask at once share it.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
     /// Fresh tickets, by service, for the refresh loop.
     tickets: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
@@ -76,16 +139,24 @@ impl Direct {
     /// The direct path for `service`, if one is up.
     pub fn up(&self, service: &str) -> Option<Arc<DirectPath>> {
         match lock(&self.paths).get(service) {
-            Some(PathState::Up(p)) if p.conn.close_reason().is_none() => Some(p.clone()),
+            Some(PathState::Up(p)) if p.live() => Some(p.clone()),
             _ => None,
         }
     }
 
-    /// Direct paths up now.
+    /// The live direct connection to `connector`, if there is one.
+    fn to(&self, connector: &str) -> Option<Arc<DirectPath>> {
+        lock(&self.conns)
+            .get(connector)
+            .filter(|p| p.live())
+            .cloned()
+    }
+
+    /// Services whose new flows go direct now.
     pub fn count(&self) -> usize {
         lock(&self.paths)
             .values()
-            .filter(|s| matches!(s, PathState::Up(p) if p.conn.close_reason().is_none()))
+            .filter(|s| matches!(s, PathState::Up(p) if p.live()))
             .count()
     }
 
@@ -131,7 +202,7 @@ pub(crate) fn want(shared: &Arc<Shared>, service: &str) {
     let mut paths = lock(&shared.direct.paths);
     let backoff = match paths.remove(service) {
         None => Reconnect::new(policy()),
-        Some(PathState::Up(p)) if p.conn.close_reason().is_none() => {
+        Some(PathState::Up(p)) if p.live() => {
             paths.insert(service.to_string(), PathState::Up(p));
             return;
         }
@@ -159,7 +230,7 @@ pub(crate) fn want(shared: &Arc<Shared>, service: &str) {
                 report(&shared, &service, true, "");
                 lock(&shared.direct.paths).insert(service.clone(), PathState::Up(path.clone()));
                 shared.update_direct_gauge();
-                run(&shared, path, backoff).await;
+                keep(&shared, &service, path, backoff).await;
             }
             Err(why) => {
                 report(&shared, &service, false, &why);
@@ -232,6 +303,28 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
         Ok(Ok(Answer::Refused(why))) => return Err(format!("refused by the relay: {why}")),
         _ => return Err("the relay did not answer".to_string()),
     };
+    let gate = lock(&shared.direct.connecting)
+        .entry(connector.clone())
+        .or_default()
+        .clone();
+    let _gate = gate.lock().await;
+    if let Some(path) = shared.direct.to(&connector) {
+        if path.answers.load(Ordering::Relaxed) {
+            match path.present(ticket.clone()).await {
+                Ok(Some(services)) if services.iter().any(|s| s == service) => {
+                    lock(&path.services).insert(service.to_string());
+                    info!(%service, %connector, addr = %ztna_node::transport::canonical(path.conn.remote_address()), services = ?path.services(), "direct path up (on the connection the connector's other services use)");
+                    return Ok(path);
+                }
+                Ok(_) => {
+                    debug!(%service, %connector, "the connector's answer leaves the service out; connecting anew")
+                }
+                Err(why) => {
+                    debug!(%service, %connector, why = %why, "the direct connection did not take the service; connecting anew")
+                }
+            }
+        }
+    }
     // The connector got its start signal at about this moment. Open our NAT mapping towards
     // every candidate with a low-TTL packet (it dies before the connector's NAT, where an early
     // unsolicited packet could claim the port pair), give the other side the same moment to do
@@ -259,12 +352,19 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
     match recv.expect::<DirectReply>(CONNECT_TIMEOUT).await {
         Ok(DirectReply::Welcome { services }) => {
             info!(%service, %connector, addr = %ztna_node::transport::canonical(conn.remote_address()), ?services, "direct path up");
-            Ok(Arc::new(DirectPath {
-                service: service.to_string(),
-                connector,
+            let path = Arc::new(DirectPath::new(
+                connector.clone(),
                 conn,
-                control: tokio::sync::Mutex::new(send),
-            }))
+                (send, recv),
+                service,
+            ));
+            if let Some(old) = lock(&shared.direct.conns).insert(connector, path.clone()) {
+                // A path whose services found it unusable (an older connector): those flows
+                // stay where they are until it ends.
+                debug!(connector = %old.connector, "a second direct connection to this connector");
+            }
+            tokio::spawn(run(shared.clone(), path.clone()));
+            Ok(path)
         }
         Ok(DirectReply::Refused { reason }) => Err(format!("the connector refused: {reason}")),
         Err(e) => Err(conn
@@ -332,47 +432,56 @@ async fn connect(
     ))
 }
 
-/// Keeps an established path: delivers its datagrams, refreshes its ticket, and notices when
-/// it dies (then flows use the relay and a new attempt backs off).
-async fn run(shared: &Arc<Shared>, path: Arc<DirectPath>, backoff: Reconnect) {
-    let since = Instant::now();
-    let datagrams = async {
-        while let Ok(d) = path.conn.read_datagram().await {
-            shared.udp.dispatch(&d);
-        }
-    };
-    let refresh = async {
-        loop {
-            tokio::time::sleep(REFRESH_EVERY).await;
-            let Some(link) = relay_for(shared, &path.service) else {
-                continue;
-            };
-            let (tx, rx) = oneshot::channel();
-            lock(&shared.direct.tickets).insert(path.service.clone(), tx);
-            link.say(ClientMsg::TicketRequest {
-                service: path.service.clone(),
-                connector: path.connector.clone(),
-            });
-            if let Ok(Ok(ticket)) = tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
-                let mut send = path.control.lock().await;
-                if write_frame(&mut send, &DirectMsg::Ticket { ticket })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-    };
-    tokio::select! {
-        _ = datagrams => {}
-        _ = refresh => {}
+/// Delivers an established connection's datagrams until it ends, then forgets it.
+async fn run(shared: Arc<Shared>, path: Arc<DirectPath>) {
+    while let Ok(d) = path.conn.read_datagram().await {
+        shared.udp.dispatch(&d);
     }
     let why = path
         .conn
         .close_reason()
         .map(|e| describe_connection_error(&e))
         .unwrap_or_else(|| "closed".to_string());
-    warn!(service = %path.service, connector = %path.connector, reason = %why, "direct path lost; new flows use the relay");
-    back_off(shared, &path.service, backoff, Some(since));
+    warn!(connector = %path.connector, services = ?path.services(), reason = %why, "direct path lost; new flows use the relay");
+    {
+        let mut conns = lock(&shared.direct.conns);
+        if conns
+            .get(&path.connector)
+            .is_some_and(|p| Arc::ptr_eq(p, &path))
+        {
+            conns.remove(&path.connector);
+        }
+    }
+    shared.update_direct_gauge();
+}
+
+/// Keeps `service` on an established path: refreshes its ticket until the path dies, then
+/// backs off (new flows use the relay meanwhile).
+async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backoff: Reconnect) {
+    let since = Instant::now();
+    let refresh = async {
+        loop {
+            tokio::time::sleep(REFRESH_EVERY).await;
+            let Some(link) = relay_for(shared, service) else {
+                continue;
+            };
+            let (tx, rx) = oneshot::channel();
+            lock(&shared.direct.tickets).insert(service.to_string(), tx);
+            link.say(ClientMsg::TicketRequest {
+                service: service.to_string(),
+                connector: path.connector.clone(),
+            });
+            if let Ok(Ok(ticket)) = tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+                if let Err(why) = path.present(ticket).await {
+                    debug!(%service, connector = %path.connector, why = %why, "refreshed ticket not taken");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = path.conn.closed() => {}
+        _ = refresh => {}
+    }
+    lock(&path.services).remove(service);
+    back_off(shared, service, backoff, Some(since));
 }

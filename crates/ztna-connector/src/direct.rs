@@ -8,6 +8,7 @@
 //! names and this connector serves. Anything else is refused with the reason, counted in
 //! `ztna_connector_direct_refused_total{reason}`, and never reaches a backend.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,33 +41,50 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// What a direct connection's current ticket allows.
+/// What a direct connection's tickets allow: each service until its latest ticket expires.
+/// Services of one agent on this connector share the connection, each with tickets of its own.
+#[derive(Default)]
 pub(crate) struct DirectAuth {
-    inner: RwLock<(Vec<String>, u64)>,
+    inner: RwLock<BTreeMap<String, u64>>,
 }
 
 impl DirectAuth {
-    fn set(&self, services: Vec<String>, not_after_ms: u64) {
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = (services, not_after_ms);
+    /// Adds a valid ticket's services (or extends their expiry); forgets expired ones.
+    fn add(&self, services: Vec<String>, not_after_ms: u64) {
+        let now = unix_ms();
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.retain(|_, until| now <= *until + SKEW_MS);
+        for s in services {
+            let until = g.entry(s).or_insert(not_after_ms);
+            *until = (*until).max(not_after_ms);
+        }
+    }
+
+    /// The services flows may be opened for now.
+    fn services(&self) -> Vec<String> {
+        let now = unix_ms();
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        g.iter()
+            .filter(|(_, until)| now <= **until + SKEW_MS)
+            .map(|(s, _)| s.clone())
+            .collect()
     }
 
     /// Whether a flow to `service` may be opened now; the refusal reason (metric label, text)
     /// otherwise.
     pub fn allows(&self, service: &str) -> Result<(), (&'static str, String)> {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        if unix_ms() > g.1 + SKEW_MS {
-            return Err((
-                "expired",
-                "the direct path's ticket expired; use the relay".to_string(),
-            ));
-        }
-        if !g.0.iter().any(|s| s == service) {
-            return Err((
+        match g.get(service) {
+            None => Err((
                 "service_not_allowed",
-                format!("the direct path's ticket does not allow {service}"),
-            ));
+                format!("no ticket on the direct path allows {service}"),
+            )),
+            Some(until) if unix_ms() > until + SKEW_MS => Err((
+                "expired",
+                format!("the direct path's ticket for {service} expired; use the relay"),
+            )),
+            Some(_) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -277,9 +295,8 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
             return;
         }
     };
-    let auth = Arc::new(DirectAuth {
-        inner: RwLock::new((services.clone(), not_after)),
-    });
+    let auth = Arc::new(DirectAuth::default());
+    auth.add(services.clone(), not_after);
     if write_frame(
         &mut send,
         &DirectReply::Welcome {
@@ -298,13 +315,25 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
     let control = async {
         loop {
             match recv.next::<DirectMsg>().await {
-                Ok(Some(DirectMsg::Ticket { ticket })) => match verify(&shared, &agent, &ticket) {
-                    Ok((services, not_after)) => auth.set(services, not_after),
-                    Err((label, why)) => {
-                        refused(&shared, label);
-                        debug!(why = %why, "refreshed ticket refused; new flows need a valid one");
-                    }
-                },
+                // A refreshed ticket, or one for another service of ours: answered, so the
+                // agent knows whether the path carries the service. (Agents before path
+                // sharing do not read answers; a failed write is no reason to drop the path.)
+                Ok(Some(DirectMsg::Ticket { ticket })) => {
+                    let reply = match verify(&shared, &agent, &ticket) {
+                        Ok((services, not_after)) => {
+                            auth.add(services, not_after);
+                            DirectReply::Welcome {
+                                services: auth.services(),
+                            }
+                        }
+                        Err((label, why)) => {
+                            refused(&shared, label);
+                            debug!(why = %why, "ticket on the direct path refused; the services of earlier tickets stay until they expire");
+                            DirectReply::Refused { reason: why }
+                        }
+                    };
+                    let _ = write_frame(&mut send, &reply).await;
+                }
                 Ok(Some(DirectMsg::Hello { .. })) => {
                     conn.close(VarInt::from_u32(codes::PROTOCOL), b"duplicate Hello");
                     return;

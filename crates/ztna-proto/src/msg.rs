@@ -452,16 +452,20 @@ impl Message for ServerMsg {
 pub enum DirectMsg {
     /// First message: protocol version and the ticket an intermediate issued for this path.
     Hello { version: u16, ticket: Vec<u8> },
-    /// A fresh ticket (tickets live ≤ 60 s; flows on the path need a valid one).
+    /// A fresh ticket (tickets live ≤ 60 s; flows on the path need a valid one), or a ticket
+    /// for another service of the same connector, which then shares the connection. Answered
+    /// with a `DirectReply` (connectors before path sharing did not answer).
     Ticket { ticket: Vec<u8> },
 }
 
 /// Connector → agent on a direct connection's first stream.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum DirectReply {
-    /// The ticket is good: flows for `services` may be opened until it expires.
+    /// The ticket is good: flows for `services` (every service a valid ticket on this
+    /// connection allows) may be opened until their tickets expire.
     Welcome { services: Vec<String> },
-    /// Refused, with the reason; the connection is closed.
+    /// Refused, with the reason. After `Hello` the connection is closed; after `Ticket` it
+    /// stays, with the services of earlier tickets.
     Refused { reason: String },
 }
 

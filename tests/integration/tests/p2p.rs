@@ -116,6 +116,232 @@ async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their
     im.daemon.shutdown().await;
 }
 
+/// Two services behind one connector share one direct connection: the second service's ticket
+/// is presented on the first's control stream (no second punch or handshake), and both
+/// services' flows go direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_of_one_connector_share_one_direct_connection() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), None), ("db", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    a.wait_status("db", ServiceState::Available).await;
+    let agent_metric = |name: &str| metric(&a.daemon.metrics.common.render(), name, &[]);
+    let connections = || {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_connections",
+            &[],
+        )
+    };
+    let web = a.port("web", Protocol::Tcp);
+    let db = a.port("db", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(web, b"w").await.unwrap(), b"w");
+    assert!(
+        eventually(T, || agent_metric("ztna_agent_direct_paths") == 1.0).await,
+        "no direct path for web"
+    );
+    let t0 = Instant::now();
+    assert_eq!(tcp_roundtrip(db, b"d").await.unwrap(), b"d");
+    assert!(
+        eventually(T, || agent_metric("ztna_agent_direct_paths") == 2.0).await,
+        "db never went direct"
+    );
+    println!(
+        "MEASURED db direct {:?} after its first flow (web's connection)",
+        t0.elapsed()
+    );
+    assert_eq!(
+        connections(),
+        1.0,
+        "db got a connection of its own instead of sharing web's"
+    );
+    let before = relay_bytes(&im);
+    let payload = vec![9u8; 256 << 10];
+    for port in [web, db, web, db] {
+        assert_eq!(tcp_roundtrip(port, &payload).await.unwrap(), payload);
+    }
+    assert_eq!(
+        relay_bytes(&im) - before,
+        0.0,
+        "the relay carried direct flows' bytes"
+    );
+    assert_eq!(
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_flows_total",
+            &[("path", "direct"), ("protocol", "tcp"), ("result", "ok")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_p2p_total",
+            &[("result", "success")]
+        ),
+        2.0
+    );
+    assert_eq!(connections(), 1.0);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// On an established direct connection the connector answers every ticket: a valid one for
+/// another service adds it (and keeps the first), an invalid one is refused with its reason,
+/// counted, and takes nothing away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_answers_tickets_on_an_established_direct_connection() {
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{DirectMsg, DirectReply, FlowOpen, FlowReply, Role, PROTOCOL_VERSION};
+    logs();
+    let pki = Pki::new();
+    let (echo, accepted) = counting_echo().await;
+    let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web", "db", "ssh"]));
+    let relay = ztna_node::Identity::load(&cfg.tls, Role::Intermediate).unwrap();
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[
+            ("web", Some(echo), None),
+            ("db", Some(echo), None),
+            ("ssh", Some(echo), None),
+        ],
+    );
+    c.wait_registered(1).await;
+    let (a_id, c_id) = (Pki::id("agent", "alice"), Pki::id("connector", "web-1"));
+    let identity = ztna_node::Identity::load(&pki.issue("agent", "alice"), Role::Agent).unwrap();
+    let cfg = ztna_node::transport::client_config(
+        &identity,
+        Role::Connector,
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::client(loopback0()).unwrap();
+    let conn = ep
+        .connect_with(cfg, c.quic, "ztna-connector")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut control, r) = conn.open_bi().await.unwrap();
+    let mut control_recv = FramedRecv::new(r);
+    let flow = |service: &'static str| {
+        let conn = conn.clone();
+        async move {
+            let (mut s, r) = conn.open_bi().await.unwrap();
+            let mut r = FramedRecv::new(r);
+            let open = FlowOpen {
+                service: service.to_string(),
+                protocol: Protocol::Tcp,
+                flow_id: 0,
+            };
+            write_frame(&mut s, &open).await.unwrap();
+            r.expect::<FlowReply>(T).await.unwrap()
+        }
+    };
+    let ticket =
+        |agent: &str, service: &str| signed_ticket(&relay, agent, &c_id, &[service], 30_000);
+    write_frame(
+        &mut control,
+        &DirectMsg::Hello {
+            version: PROTOCOL_VERSION,
+            ticket: ticket(&a_id, "web"),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        control_recv.expect::<DirectReply>(T).await.unwrap(),
+        DirectReply::Welcome {
+            services: vec!["web".into()]
+        }
+    );
+    assert!(
+        matches!(flow("db").await, FlowReply::Reject { .. }),
+        "db without its ticket"
+    );
+    write_frame(
+        &mut control,
+        &DirectMsg::Ticket {
+            ticket: ticket(&a_id, "db"),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        control_recv.expect::<DirectReply>(T).await.unwrap(),
+        DirectReply::Welcome {
+            services: vec!["db".into(), "web".into()]
+        },
+        "a valid ticket for db adds db and keeps web"
+    );
+    assert_eq!(flow("db").await, FlowReply::Accept);
+    assert_eq!(flow("web").await, FlowReply::Accept);
+    let refused = || {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_refused_total",
+            &[("reason", "wrong_agent")],
+        )
+    };
+    let before = refused();
+    write_frame(
+        &mut control,
+        &DirectMsg::Ticket {
+            ticket: ticket(&Pki::id("agent", "bob"), "ssh"),
+        },
+    )
+    .await
+    .unwrap();
+    match control_recv.expect::<DirectReply>(T).await.unwrap() {
+        DirectReply::Refused { reason } => {
+            println!("MEASURED bob's ticket on alice's path: refused: {reason}");
+            assert!(reason.contains("bob"), "{reason}");
+        }
+        other => panic!("bob's ticket was taken: {other:?}"),
+    }
+    assert_eq!(refused(), before + 1.0);
+    let backend_before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        matches!(flow("ssh").await, FlowReply::Reject { .. }),
+        "ssh after a refused ticket"
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        backend_before,
+        "a refused ticket reached a backend"
+    );
+    assert_eq!(
+        flow("web").await,
+        FlowReply::Accept,
+        "a refused ticket took web away"
+    );
+    assert!(
+        conn.close_reason().is_none(),
+        "a refused ticket closed the path"
+    );
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 /// A TCP backend that counts the connections it accepts (none may come from a refused ticket).
 async fn counting_echo() -> (
     std::net::SocketAddr,

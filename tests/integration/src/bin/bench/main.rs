@@ -209,6 +209,8 @@ struct Figures {
     tcp: Vec<(&'static str, Vec<Bulk>)>,
     /// Drop counters that moved in the relay processes during the TCP runs.
     tcp_drops: Vec<String>,
+    /// The same for the direct-path (P2P) processes.
+    p2p_drops: Vec<String>,
     tcp_rtt: Vec<(&'static str, Samples)>,
     udp_rtt: Vec<(&'static str, Samples, usize)>,
     /// Plain UDP ping-pong between the anchor's two runtimes: the hop's baseline.
@@ -445,6 +447,10 @@ async fn tcp(
     let relay_cpu = CpuOf::Pids(relay.pids());
     let inproc_cpu = CpuOf::Threads(vec![relays::THREADS]);
     let before = relay.drop_snapshot().await;
+    let p2p_before = match p2p {
+        Some(p) => Some(p.drop_snapshot().await),
+        None => None,
+    };
     for i in 0..args.repeat {
         let n = i + 1;
         let r = step(
@@ -478,6 +484,9 @@ async fn tcp(
     }
     f.tcp = rows;
     f.tcp_drops = relays::snapshot_deltas(&before, &relay.drop_snapshot().await);
+    if let (Some(p), Some(before)) = (p2p, p2p_before) {
+        f.p2p_drops = relays::snapshot_deltas(&before, &p.drop_snapshot().await);
+    }
     Ok(())
 }
 
@@ -908,6 +917,12 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             println!(
                 "  relay processes, during these runs: {}",
                 f.tcp_drops.join("; ")
+            );
+        }
+        if !f.p2p_drops.is_empty() {
+            println!(
+                "  direct-path (P2P) processes, during these runs: {}",
+                f.p2p_drops.join("; ")
             );
         }
     }
