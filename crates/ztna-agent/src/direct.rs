@@ -344,23 +344,30 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
         &mut send,
         &DirectMsg::Hello {
             version: PROTOCOL_VERSION,
-            ticket,
+            ticket: ticket.clone(),
         },
     )
     .await
     .map_err(|e| e.to_string())?;
     match recv.expect::<DirectReply>(CONNECT_TIMEOUT).await {
         Ok(DirectReply::Welcome { services }) => {
-            info!(%service, %connector, addr = %ztna_node::transport::canonical(conn.remote_address()), ?services, "direct path up");
+            let addr = ztna_node::transport::canonical(conn.remote_address());
             let path = Arc::new(DirectPath::new(
                 connector.clone(),
                 conn,
                 (send, recv),
                 service,
             ));
+            // Can the path carry this connector's other services? Only if the connector
+            // answers tickets on it: ask with the ticket it just took. A connector from before
+            // path sharing takes it silently (and would replace the path's service with the
+            // next one's), so other services get paths of their own there. One round trip with
+            // a current connector; flows use the relay until the path is up either way.
+            let shared_ok = path.present(ticket).await.is_ok();
+            info!(%service, %connector, %addr, ?services, shares = shared_ok, "direct path up");
             if let Some(old) = lock(&shared.direct.conns).insert(connector, path.clone()) {
-                // A path whose services found it unusable (an older connector): those flows
-                // stay where they are until it ends.
+                // The connector's paths that cannot be shared (see above) each keep their
+                // service until they end.
                 debug!(connector = %old.connector, "a second direct connection to this connector");
             }
             tokio::spawn(run(shared.clone(), path.clone()));

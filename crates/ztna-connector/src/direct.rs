@@ -376,3 +376,34 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
         conn.close(VarInt::from_u32(codes::OK), b"direct path closed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Services sharing a direct connection keep their own tickets: one expiring takes nothing
+    /// from the others, and a later ticket never shortens a service's time.
+    #[test]
+    fn each_service_on_a_shared_path_keeps_its_own_expiry() {
+        let auth = DirectAuth::default();
+        let now = unix_ms();
+        auth.add(vec!["web".into()], now + 30_000);
+        auth.add(vec!["db".into()], now - 10_000);
+        assert_eq!(auth.allows("web"), Ok(()));
+        assert_eq!(auth.allows("db").map_err(|e| e.0), Err("expired"));
+        assert_eq!(
+            auth.allows("ssh").map_err(|e| e.0),
+            Err("service_not_allowed")
+        );
+        assert_eq!(auth.services(), vec!["web".to_string()]);
+        auth.add(vec!["db".into()], now + 30_000);
+        auth.add(vec!["web".into()], now + 1_000);
+        assert_eq!(auth.allows("db"), Ok(()));
+        assert_eq!(
+            *auth.inner.read().unwrap().get("web").unwrap(),
+            now + 30_000,
+            "an earlier expiry shortened web's ticket"
+        );
+        assert_eq!(auth.services(), vec!["db".to_string(), "web".to_string()]);
+    }
+}

@@ -342,7 +342,7 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
         )
         .await?;
         step(
-            "wait for the direct path",
+            "wait for the direct paths",
             r.wait_direct(Duration::from_secs(15)),
         )
         .await?;

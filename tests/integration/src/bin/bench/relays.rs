@@ -302,6 +302,11 @@ impl ProcRelay {
                 self.im.tail(15)
             );
         }
+        let text = crate::util::scrape(self.c_ops).await;
+        crate::progress(&format!(
+            "direct paths up for echo and sink on {} connection(s) to the connector",
+            metric(&text, "ztna_connector_direct_connections", &[])
+        ));
         Ok(())
     }
 
