@@ -15,7 +15,8 @@ stack, where they leave an UNREPLIED conntrack entry that makes its next mapping
 peer take another port. `fully-random` makes NAT-A symmetric.
 
 Cases: a) both NATs home routers (endpoint-independent) -> later flows direct, the relay carries
-none of their bytes; f) a UDP flow goes direct; d) the direct path cut mid-run -> new flows via
+none of their bytes; f) a UDP flow goes direct; g) a second service of the same connector goes
+direct on the same connection (no second punch); d) the direct path cut mid-run -> new flows via
 the relay within 3 s, none started after the cut fails; a2/a3) one NAT bare -> direct; a4) both
 bare -> whatever the path, no flow fails or waits; b) NAT-A symmetric -> all via the relay, none
 failed, none delayed; c) UDP between the NATs dropped -> the same; e) agent and connector on one
@@ -280,7 +281,8 @@ class Agent:
         cfg = write(self.key, f'intermediates = ["{RELAY}:4433"]\nops_listen = "127.0.0.1:{OPS[host]}"\n'
                               f'drain_timeout = "2s"\n{tls(d, name)}'
                               '[[forward]]\nservice = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:8080"\n'
-                              '[[forward]]\nservice = "web"\nprotocol = "udp"\nlisten = "127.0.0.1:8081"\n')
+                              '[[forward]]\nservice = "web"\nprotocol = "udp"\nlisten = "127.0.0.1:8081"\n'
+                              '[[forward]]\nservice = "db"\nprotocol = "tcp"\nlisten = "127.0.0.1:8082"\n')
         self.t_start = time.time()
         start(self.key, "agent", host, cfg)
         self.stopf, self.out = os.path.join(WORK, self.key + ".stop"), os.path.join(WORK, self.key + ".watch")
@@ -327,10 +329,11 @@ def p2p_counts():
     return {r: msum(text, "ztna_intermediate_p2p_total", f'result="{r}"') for r in ["success", "failed", "denied", "disabled"]}
 
 
-def transfer(agent):
-    """One 8 MiB TCP transfer through the echo (SHA-256 both ways): ok, seconds, path, relay bytes."""
+def transfer(agent, port="8080"):
+    """One 8 MiB TCP transfer through the echo (SHA-256 both ways): ok, seconds, path, relay bytes.
+    Port 8080 is service web, 8082 service db (same connector, same echo backend)."""
     a0, r0 = agent.now(), relay_bytes()
-    ok, out = helper(agent.host, "big", "8080", str(MIB))
+    ok, out = helper(agent.host, "big", port, str(MIB))
     a1, r1 = agent.now(), relay_bytes()
     dd, dr = a1[2] - a0[2], a1[3] - a0[3]
     path = "direct" if (dd, dr) == (1, 0) else "relay" if (dd, dr) == (0, 1) else f"?(direct +{dd:.0f}, relay +{dr:.0f})"
@@ -404,14 +407,15 @@ def main():
     t_suite = time.time()
     setup()
     d = pki()
-    policy = ('[[policy]]\nservice = "web"\nconnectors = ["spiffe://p2p.test/connector/web-*"]\n'
-              'agents = ["spiffe://p2p.test/agent/alice", "spiffe://p2p.test/agent/carol"]\n')
+    policy = "".join(f'[[policy]]\nservice = "{s}"\nconnectors = ["spiffe://p2p.test/connector/web-*"]\n'
+                     'agents = ["spiffe://p2p.test/agent/alice", "spiffe://p2p.test/agent/carol"]\n' for s in ["web", "db"])
     start("relay", "intermediate", "relay", write("relay", f'listen = "0.0.0.0:4433"\nops_listen = "127.0.0.1:9470"\n'
                                                          f'drain_timeout = "2s"\n{tls(d, "relay")}{policy}'))
     procs["backend"] = {"proc": subprocess.Popen(nsx("back", sys.executable, HELP, "backends-on", BACKEND, "7000", "7001"),
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "host": "back"}
     conn_cfg = write("connector", f'intermediates = ["{RELAY}:4433"]\nops_listen = "127.0.0.1:9471"\ndrain_timeout = "2s"\n'
-                                  f'{tls(d, "web-1")}[[service]]\nname = "web"\ntcp = "{BACKEND}:7000"\nudp = "{BACKEND}:7001"\n')
+                                  f'{tls(d, "web-1")}[[service]]\nname = "web"\ntcp = "{BACKEND}:7000"\nudp = "{BACKEND}:7001"\n'
+                                  f'[[service]]\nname = "db"\ntcp = "{BACKEND}:7000"\n')
 
     def fresh_start():
         """Each case starts clean: the NATs' conntrack tables flushed (when conntrack is installed)
@@ -498,10 +502,39 @@ def main():
         return line
     cf()
 
+    @case("g) a second service of the same connector (db) shares the direct connection: no second punch or connection")
+    def cg(fig):
+        a = state.get("agent")
+        assert a and a.now()[1] == 1, "no direct path up (case a)"
+        p0 = p2p_counts()
+        t0 = time.time()
+        # db's first flow goes via the relay while its ticket is presented on web's path.
+        first = transfer(a, port="8082")
+        up = wait(lambda: a.last()[1] == 2, 5)
+        t_up = next((r[0] for r in a.rows() if r[0] >= t0 and r[1] == 2), float("nan")) - t0
+        later = [transfer(a, port="8082") for _ in range(2)]
+        c1, p1 = scrape("conn"), p2p_counts()
+        conns = msum(c1, "ztna_connector_direct_connections")
+        later_relay = sum(r["relay_bytes"] for r in later)
+        fig["share"] = f"{sum(r['path'] == 'direct' for r in [first] + later)}/3 direct"
+        fig["outcome"] = "direct on web's connection" if up and conns == 1 and all(
+            r["path"] == "direct" for r in later) else "not shared"
+        fig["figures"] = (f"db direct {t_up:.2f} s after its first flow started; connector direct_connections {conns:.0f}; "
+                          f"later 2x8 MiB: relay bytes {later_relay:.0f}")
+        line = (f"first db flow: {describe([first])}; later: {describe(later)}; {fig['figures']}; "
+                f"relay p2p_total success +{p1['success'] - p0['success']:.0f}")
+        assert first["ok"] and all(r["ok"] for r in later), line
+        assert up, "db never went direct: " + line
+        assert conns == 1, "db got a direct connection of its own: " + line
+        assert all(r["path"] == "direct" for r in later) and later_relay == 0, line
+        assert p1["success"] == p0["success"] + 1, line
+        return line
+    cg()
+
     @case("d) direct path cut mid-run (UDP between the NATs dropped): new flows via the relay within 3 s, none fails")
     def cd(fig):
         a = state.get("agent")
-        assert a and a.now()[1] == 1, "no direct path up (case a)"
+        assert a and a.now()[1] >= 1, "no direct path up (case a)"
         pr = probe_start(a, "cut")
         time.sleep(1.5)
         base = a.now()
