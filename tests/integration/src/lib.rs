@@ -640,16 +640,44 @@ pub async fn closed_reason(conn: &quinn::Connection) -> Option<String> {
         .map(|e| ztna_node::identity::describe_connection_error(&e))
 }
 
-/// A loopback port that was free a moment ago (UDP for QUIC listeners).
-pub fn free_udp_port() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
+/// A loopback port below the kernel's ephemeral range that `bindable` could bind a moment ago.
+///
+/// A port the kernel picked for a port-0 bind is free only until the next outgoing connection
+/// or port-0 bind, ours or a daemon's, takes it as its own (CI saw an agent fail with "cannot
+/// bind TCP forward 127.0.0.1:36581: Address already in use"). Ports below
+/// `ip_local_port_range` are never handed out that way. A counter keeps this process's picks
+/// apart, and the process id spreads concurrent test processes over the range.
+fn pick_port(bindable: impl Fn(SocketAddr) -> bool) -> Option<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FLOOR: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())?;
+    let span = ephemeral_low.checked_sub(FLOOR).filter(|s| *s >= 1000)?;
+    let base = std::process::id().wrapping_mul(7919) % span;
+    (0..span.min(4000)).find_map(|_| {
+        let port = FLOOR + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        bindable(addr).then_some(addr)
+    })
 }
 
-/// A loopback TCP port that was free a moment ago (ops endpoints of child processes).
+/// A loopback port that was free a moment ago (UDP for QUIC listeners).
+pub fn free_udp_port() -> SocketAddr {
+    pick_port(|a| std::net::UdpSocket::bind(a).is_ok()).unwrap_or_else(|| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr")
+    })
+}
+
+/// A loopback TCP port that was free a moment ago (ops endpoints and forwards of child
+/// processes).
 pub fn free_tcp_port() -> SocketAddr {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
+    pick_port(|a| std::net::TcpListener::bind(a).is_ok()).unwrap_or_else(|| {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr")
+    })
 }
 
 /// `GET` on an ops endpoint: (status, body).
