@@ -30,6 +30,7 @@ use ztna_proto::{ClientMsg, DirectMsg, DirectReply, Role, ServerMsg, PROTOCOL_VE
 
 use crate::relays::{choose, Choice};
 use crate::Shared;
+use ztna_proto::RejectReason;
 
 /// How long to wait for the relay's answer to a request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,6 +41,11 @@ const FIRST_PUNCH_TTL: u8 = 2;
 /// Pause between the low-TTL punch and full-TTL packets (longer than the skew between the two
 /// sides' start signals).
 const FULL_PUNCH_AFTER: Duration = Duration::from_millis(50);
+/// Longest wait behind another set-up towards the same connector after which we still punch
+/// (the connector punches for 3 s after its start signal).
+const PUNCH_STALE_AFTER: Duration = Duration::from_secs(1);
+/// How long a ticket lives (at most).
+const TICKET_LIFETIME: Duration = Duration::from_millis(ztna_proto::ticket::MAX_TICKET_LIFETIME_MS);
 /// Tickets live 60 s; refresh at half that.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
@@ -82,25 +88,45 @@ impl DirectPath {
     }
 
     /// Presents a ticket on the control stream. With a connector that answers, waits for the
-    /// answer: the services the path now carries, or why not.
-    async fn present(&self, ticket: Vec<u8>) -> Result<Option<Vec<String>>, String> {
+    /// answer: the services the path now carries (`None` from a connector that does not
+    /// answer), or why not.
+    async fn present(&self, ticket: Vec<u8>) -> Result<Option<Vec<String>>, NotTaken> {
         let mut control = self.control.lock().await;
         let (send, recv) = &mut *control;
         write_frame(send, &DirectMsg::Ticket { ticket })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| NotTaken::Unanswered(e.to_string()))?;
         if !self.answers.load(Ordering::Relaxed) {
             return Ok(None);
         }
         match recv.expect::<DirectReply>(ANSWER_TIMEOUT).await {
             Ok(DirectReply::Welcome { services }) => Ok(Some(services)),
-            Ok(DirectReply::Refused { reason }) => Err(format!("the connector refused: {reason}")),
+            Ok(DirectReply::Refused { reason }) => Err(NotTaken::Refused(reason)),
             Err(e) => {
                 // An older connector: it takes tickets without a word. From now on, present
                 // refreshed tickets without waiting, and give other services paths of their own.
                 self.answers.store(false, Ordering::Relaxed);
-                Err(format!("the connector did not answer the ticket: {e}"))
+                Err(NotTaken::Unanswered(format!(
+                    "the connector did not answer the ticket: {e}"
+                )))
             }
+        }
+    }
+}
+
+/// Why a ticket presented on a path was not taken.
+enum NotTaken {
+    /// The connector refused it, with this reason.
+    Refused(String),
+    /// No answer (an older connector, or the stream failed).
+    Unanswered(String),
+}
+
+impl std::fmt::Display for NotTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotTaken::Refused(why) => write!(f, "the connector refused: {why}"),
+            NotTaken::Unanswered(why) => f.write_str(why),
         }
     }
 }
@@ -122,6 +148,9 @@ enum Answer {
     Refused(String),
 }
 
+/// A relay's answer to a refresh: a fresh ticket, or why the service may no longer go direct.
+type FreshTicket = Result<Vec<u8>, String>;
+
 /// The agent's direct paths, by service.
 #[derive(Default)]
 pub(crate) struct Direct {
@@ -131,8 +160,8 @@ pub(crate) struct Direct {
     /// One path set-up at a time per connector, so services that ask at once share it.
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
-    /// Fresh tickets, by service, for the refresh loop.
-    tickets: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
+    /// Fresh tickets (or the relay's refusal), by service, for the refresh loop.
+    tickets: Mutex<HashMap<String, oneshot::Sender<FreshTicket>>>,
 }
 
 impl Direct {
@@ -178,15 +207,18 @@ impl Direct {
                 }
             }
             ServerMsg::DirectRefused { service, reason } => {
+                // An attempt's request, or a refresh the policy no longer allows.
                 if let Some(tx) = lock(&self.waiting).remove(&service) {
                     let _ = tx.send(Answer::Refused(reason));
+                } else if let Some(tx) = lock(&self.tickets).remove(&service) {
+                    let _ = tx.send(Err(reason));
                 }
             }
             ServerMsg::Ticket {
                 service, ticket, ..
             } => {
                 if let Some(tx) = lock(&self.tickets).remove(&service) {
-                    let _ = tx.send(ticket);
+                    let _ = tx.send(Ok(ticket));
                 }
             }
             _ => {}
@@ -303,11 +335,40 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
         Ok(Ok(Answer::Refused(why))) => return Err(format!("refused by the relay: {why}")),
         _ => return Err("the relay did not answer".to_string()),
     };
+    let answered = Instant::now();
     let gate = lock(&shared.direct.connecting)
         .entry(connector.clone())
         .or_default()
         .clone();
-    let _gate = gate.lock().await;
+    let result = {
+        let _gate = gate.lock().await;
+        establish(shared, service, &connector, candidates, ticket, answered).await
+    };
+    // Forget the gate when no other attempt holds it (the map would otherwise keep one per
+    // connector ever seen).
+    {
+        let mut gates = lock(&shared.direct.connecting);
+        if gates
+            .get(&connector)
+            .is_some_and(|g| Arc::ptr_eq(g, &gate) && Arc::strong_count(g) == 2)
+        {
+            gates.remove(&connector);
+        }
+    }
+    result
+}
+
+/// With the per-connector gate held: shares the live path to `connector` when it takes the
+/// ticket, otherwise punches and connects.
+async fn establish(
+    shared: &Arc<Shared>,
+    service: &str,
+    connector: &str,
+    candidates: Vec<SocketAddr>,
+    ticket: Vec<u8>,
+    answered: Instant,
+) -> Result<Arc<DirectPath>, String> {
+    let connector = connector.to_string();
     if let Some(path) = shared.direct.to(&connector) {
         if path.answers.load(Ordering::Relaxed) {
             match path.present(ticket.clone()).await {
@@ -324,6 +385,15 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
                 }
             }
         }
+    }
+    // The connector punches for 3 s from its start signal, sent when the relay answered us.
+    // After a long wait behind another set-up towards it, punching now would miss it: ask
+    // again later (flows use the relay meanwhile).
+    let waited = answered.elapsed();
+    if waited > PUNCH_STALE_AFTER {
+        return Err(format!(
+            "waited {waited:.1?} behind another set-up towards {connector}; its punching is over"
+        ));
     }
     // The connector got its start signal at about this moment. Open our NAT mapping towards
     // every candidate with a low-TTL packet (it dies before the connector's NAT, where an early
@@ -467,9 +537,28 @@ async fn run(shared: Arc<Shared>, path: Arc<DirectPath>) {
 async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backoff: Reconnect) {
     let since = Instant::now();
     let refresh = async {
+        // When the connector last took a ticket for the service.
+        let mut fresh = Instant::now();
         loop {
             tokio::time::sleep(REFRESH_EVERY).await;
-            let Some(link) = relay_for(shared, service) else {
+            if fresh.elapsed() >= TICKET_LIFETIME {
+                return "no fresh ticket within a ticket's lifetime".to_string();
+            }
+            let link = {
+                let snap = shared.relays.borrow();
+                match choose(&snap, service, &[]) {
+                    Choice::Use(i) => snap.link(i),
+                    // The policy no longer lets us reach the service: no relay would issue a
+                    // ticket, and flows to it are refused here anyway.
+                    Choice::Refuse(RejectReason::Denied, why) => {
+                        return format!("the relays deny the service now: {why}")
+                    }
+                    // A relay reconnecting or the service briefly unavailable there: the path
+                    // keeps working until its ticket expires; try again at the next refresh.
+                    _ => None,
+                }
+            };
+            let Some(link) = link else {
                 continue;
             };
             let (tx, rx) = oneshot::channel();
@@ -478,16 +567,33 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
                 service: service.to_string(),
                 connector: path.connector.clone(),
             });
-            if let Ok(Ok(ticket)) = tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
-                if let Err(why) = path.present(ticket).await {
-                    debug!(%service, connector = %path.connector, why = %why, "refreshed ticket not taken");
+            let ticket = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+                Ok(Ok(Ok(ticket))) => ticket,
+                // The policy no longer allows the service here: stop sending its flows direct
+                // now rather than have the connector refuse each one once the ticket expires.
+                Ok(Ok(Err(why))) => return format!("the relay refused a fresh ticket: {why}"),
+                _ => continue,
+            };
+            match path.present(ticket).await {
+                Ok(Some(services)) if !services.iter().any(|s| s == service) => {
+                    return "the connector's answer to the fresh ticket leaves the service out"
+                        .to_string()
                 }
+                Err(NotTaken::Refused(why)) => {
+                    return format!("the connector refused the fresh ticket: {why}")
+                }
+                Err(NotTaken::Unanswered(why)) => {
+                    debug!(%service, connector = %path.connector, why = %why, "refreshed ticket not answered");
+                }
+                Ok(_) => fresh = Instant::now(),
             }
         }
     };
     tokio::select! {
         _ = path.conn.closed() => {}
-        _ = refresh => {}
+        why = refresh => {
+            info!(%service, connector = %path.connector, why = %why, "the direct path no longer carries the service; its new flows use the relay");
+        }
     }
     lock(&path.services).remove(service);
     back_off(shared, service, backoff, Some(since));

@@ -57,7 +57,7 @@ impl Metrics {
             direct_paths: m::gauge(
                 r,
                 "ztna_agent_direct_paths",
-                "Direct (P2P) paths to connectors that are up.",
+                "Services whose new flows go direct (P2P) now (services of one connector share its connection).",
             ),
             udp_moves: m::counter(
                 r,

@@ -203,6 +203,100 @@ async fn services_of_one_connector_share_one_direct_connection() {
     im.daemon.shutdown().await;
 }
 
+/// A policy reload that takes one of two services sharing a direct connection away from the
+/// agent: at its next ticket refresh (30 s) the relay refuses a fresh ticket, the agent stops
+/// sending that service's flows direct, and the other service stays direct on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let rule = |service: &str, agents: &[&str]| PolicyRule {
+        service: service.into(),
+        connectors: vec![format!("spiffe://{TD}/connector/*")],
+        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
+    };
+    let base = intermediate_config(
+        &pki,
+        loopback0(),
+        vec![rule("web", &["alice"]), rule("db", &["alice"])],
+    );
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[addr],
+        &[("web", Some(echo), None), ("db", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[addr],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("db", ServiceState::Available).await;
+    let direct_paths = || {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_direct_paths",
+            &[],
+        )
+    };
+    for port in [a.port("web", Protocol::Tcp), a.port("db", Protocol::Tcp)] {
+        assert_eq!(tcp_roundtrip(port, b"x").await.unwrap(), b"x");
+    }
+    assert!(
+        eventually(T, || direct_paths() == 2.0).await,
+        "web and db never both went direct"
+    );
+    let mut cfg = base.clone();
+    cfg.policy = vec![rule("web", &["alice"])];
+    handle.reload(cfg).expect("reload");
+    let t0 = Instant::now();
+    // The first refresh comes 30 s after the path came up.
+    assert!(
+        eventually(Duration::from_secs(40), || direct_paths() == 1.0).await,
+        "db stayed on the direct path after the relay refused its fresh ticket"
+    );
+    println!(
+        "MEASURED db off the direct path {:?} after the reload",
+        t0.elapsed()
+    );
+    let web = a.port("web", Protocol::Tcp);
+    let before = metric(
+        &a.daemon.metrics.common.render(),
+        "ztna_agent_flows_total",
+        &[("path", "direct"), ("result", "ok")],
+    );
+    assert_eq!(tcp_roundtrip(web, b"still").await.unwrap(), b"still");
+    assert_eq!(
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_flows_total",
+            &[("path", "direct"), ("result", "ok")],
+        ),
+        before + 1.0,
+        "web left the direct path too"
+    );
+    assert_eq!(
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_connections",
+            &[]
+        ),
+        1.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = task.await;
+}
+
 /// On an established direct connection the connector answers every ticket: a valid one for
 /// another service adds it (and keeps the first), an invalid one is refused with its reason,
 /// counted, and takes nothing away.
