@@ -179,6 +179,19 @@ async fn stalled_uploads_of_one_agent_do_not_stop_another_agents_flows() {
         }));
     }
     let relayed = settle(&w.im, "to_connector").await;
+    // Stalled means stalled at both ends: mallory's writes into the agents' sockets stop too
+    // once every window on the way is full (at most 30 s). Until then alice would share the
+    // machine with a bulk upload still filling windows, which is not what this test is about.
+    let t_quiet = Instant::now();
+    let mut last = written.load(Ordering::Relaxed);
+    while t_quiet.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = written.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let stuck = written.load(Ordering::Relaxed);
     let c_text = w.connector.daemon.metrics.common.render();
     let to_backend = metric(
@@ -193,8 +206,9 @@ async fn stalled_uploads_of_one_agent_do_not_stop_another_agents_flows() {
         &[],
     );
     eprintln!(
-        "mallory wrote {} MiB into a backend that never reads on {STALLED_FLOWS} flows; the relay sent {} MiB to the connector, which wrote {} MiB to the backend; alice: {ok}/20 round trips, slowest {worst:?}; intermediate credit waits {waits}",
+        "mallory wrote {} MiB into a backend that never reads on {STALLED_FLOWS} flows (writes stopped {:.1?} after the relay's); the relay sent {} MiB to the connector, which wrote {} MiB to the backend; alice: {ok}/20 round trips, slowest {worst:?}; intermediate credit waits {waits}",
         stuck >> 20,
+        t_quiet.elapsed(),
         relayed as u64 >> 20,
         to_backend as u64 >> 20
     );
