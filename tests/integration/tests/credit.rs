@@ -116,16 +116,9 @@ async fn world(pki: &Pki, bulk: (SocketAddr, JoinHandle<()>)) -> World {
     }
 }
 
-/// Waits until the relay's TCP byte counter in `direction` stops growing (mallory's flows have
-/// filled everything they can), at most 30 s; returns its value.
-async fn settle(im: &IntermediateHandle, direction: &str) -> f64 {
-    let read = || {
-        metric(
-            &im.daemon.metrics.common.render(),
-            "ztna_intermediate_relay_bytes_total",
-            &[("protocol", "tcp"), ("direction", direction)],
-        )
-    };
+/// Waits until `read` (a byte count) is above 0 and has not grown for 500 ms, at most 30 s;
+/// returns its value.
+async fn until_stable(read: impl Fn() -> f64) -> f64 {
     let mut last = -1.0;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
@@ -137,6 +130,19 @@ async fn settle(im: &IntermediateHandle, direction: &str) -> f64 {
         last = now;
     }
     last
+}
+
+/// Waits until the relay's TCP byte counter in `direction` stops growing (mallory's flows have
+/// filled everything they can), at most 30 s; returns its value.
+async fn settle(im: &IntermediateHandle, direction: &str) -> f64 {
+    until_stable(|| {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_relay_bytes_total",
+            &[("protocol", "tcp"), ("direction", direction)],
+        )
+    })
+    .await
 }
 
 /// Alice's 20 round trips of 64 KiB through `web`, each within 3 s: (succeeded, slowest).
@@ -183,16 +189,7 @@ async fn stalled_uploads_of_one_agent_do_not_stop_another_agents_flows() {
     // once every window on the way is full (at most 30 s). Until then alice would share the
     // machine with a bulk upload still filling windows, which is not what this test is about.
     let t_quiet = Instant::now();
-    let mut last = written.load(Ordering::Relaxed);
-    while t_quiet.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = written.load(Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    let stuck = written.load(Ordering::Relaxed);
+    let stuck = until_stable(|| written.load(Ordering::Relaxed) as f64).await as u64;
     let c_text = w.connector.daemon.metrics.common.render();
     let to_backend = metric(
         &c_text,

@@ -16,6 +16,42 @@ fn relay_bytes(im: &IntermediateHandle) -> f64 {
     )
 }
 
+/// Services whose new flows go direct at `a` now.
+fn direct_paths(a: &AgentHandle) -> f64 {
+    metric(
+        &a.daemon.metrics.common.render(),
+        "ztna_agent_direct_paths",
+        &[],
+    )
+}
+
+/// `a`'s flows of `protocol` that went direct and ended well.
+fn direct_flows_ok(a: &AgentHandle, protocol: &str) -> f64 {
+    metric(
+        &a.daemon.metrics.common.render(),
+        "ztna_agent_flows_total",
+        &[("path", "direct"), ("protocol", protocol), ("result", "ok")],
+    )
+}
+
+/// Direct paths the relay counted as up (reported by agents).
+fn p2p_success(im: &IntermediateHandle) -> f64 {
+    metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_p2p_total",
+        &[("result", "success")],
+    )
+}
+
+/// Agents' direct connections to `c` now.
+fn direct_connections(c: &ConnectorHandle) -> f64 {
+    metric(
+        &c.daemon.metrics.common.render(),
+        "ztna_connector_direct_connections",
+        &[],
+    )
+}
+
 /// The first flow goes via the relay (and asks for a direct path); once the path is up, new
 /// flows go direct: the relay carries none of their bytes. Every outcome is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,11 +79,8 @@ async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their
     let port = a.port("web", Protocol::Tcp);
     let t0 = Instant::now();
     assert_eq!(tcp_roundtrip(port, b"first").await.unwrap(), b"first");
-    let agent_metric = |name: &str, labels: &[(&str, &str)]| {
-        metric(&a.daemon.metrics.common.render(), name, labels)
-    };
     assert!(
-        eventually(T, || agent_metric("ztna_agent_direct_paths", &[]) == 1.0).await,
+        eventually(T, || direct_paths(&a) == 1.0).await,
         "no direct path came up"
     );
     println!(
@@ -81,36 +114,10 @@ async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their
     let relayed = relay_bytes(&im) - before;
     println!("MEASURED 5 MiB TCP and 20 UDP round trips on the direct path: {relayed} bytes through the relay");
     assert_eq!(relayed, 0.0, "the relay carried direct flows' bytes");
-    assert_eq!(
-        agent_metric(
-            "ztna_agent_flows_total",
-            &[("path", "direct"), ("protocol", "tcp"), ("result", "ok")]
-        ),
-        5.0
-    );
-    assert_eq!(
-        agent_metric(
-            "ztna_agent_flows_total",
-            &[("path", "direct"), ("protocol", "udp"), ("result", "ok")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &im.daemon.metrics.common.render(),
-            "ztna_intermediate_p2p_total",
-            &[("result", "success")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &c.daemon.metrics.common.render(),
-            "ztna_connector_direct_connections",
-            &[]
-        ),
-        1.0
-    );
+    assert_eq!(direct_flows_ok(&a, "tcp"), 5.0);
+    assert_eq!(direct_flows_ok(&a, "udp"), 1.0);
+    assert_eq!(p2p_success(&im), 1.0);
+    assert_eq!(direct_connections(&c), 1.0);
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
@@ -141,25 +148,17 @@ async fn services_of_one_connector_share_one_direct_connection() {
     .await;
     a.wait_status("web", ServiceState::Available).await;
     a.wait_status("db", ServiceState::Available).await;
-    let agent_metric = |name: &str| metric(&a.daemon.metrics.common.render(), name, &[]);
-    let connections = || {
-        metric(
-            &c.daemon.metrics.common.render(),
-            "ztna_connector_direct_connections",
-            &[],
-        )
-    };
     let web = a.port("web", Protocol::Tcp);
     let db = a.port("db", Protocol::Tcp);
     assert_eq!(tcp_roundtrip(web, b"w").await.unwrap(), b"w");
     assert!(
-        eventually(T, || agent_metric("ztna_agent_direct_paths") == 1.0).await,
+        eventually(T, || direct_paths(&a) == 1.0).await,
         "no direct path for web"
     );
     let t0 = Instant::now();
     assert_eq!(tcp_roundtrip(db, b"d").await.unwrap(), b"d");
     assert!(
-        eventually(T, || agent_metric("ztna_agent_direct_paths") == 2.0).await,
+        eventually(T, || direct_paths(&a) == 2.0).await,
         "db never went direct"
     );
     println!(
@@ -167,7 +166,7 @@ async fn services_of_one_connector_share_one_direct_connection() {
         t0.elapsed()
     );
     assert_eq!(
-        connections(),
+        direct_connections(&c),
         1.0,
         "db got a connection of its own instead of sharing web's"
     );
@@ -181,23 +180,9 @@ async fn services_of_one_connector_share_one_direct_connection() {
         0.0,
         "the relay carried direct flows' bytes"
     );
-    assert_eq!(
-        metric(
-            &a.daemon.metrics.common.render(),
-            "ztna_agent_flows_total",
-            &[("path", "direct"), ("protocol", "tcp"), ("result", "ok")]
-        ),
-        4.0
-    );
-    assert_eq!(
-        metric(
-            &im.daemon.metrics.common.render(),
-            "ztna_intermediate_p2p_total",
-            &[("result", "success")]
-        ),
-        2.0
-    );
-    assert_eq!(connections(), 1.0);
+    assert_eq!(direct_flows_ok(&a, "tcp"), 4.0);
+    assert_eq!(p2p_success(&im), 2.0);
+    assert_eq!(direct_connections(&c), 1.0);
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
@@ -240,18 +225,11 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
     )
     .await;
     a.wait_status("db", ServiceState::Available).await;
-    let direct_paths = || {
-        metric(
-            &a.daemon.metrics.common.render(),
-            "ztna_agent_direct_paths",
-            &[],
-        )
-    };
     for port in [a.port("web", Protocol::Tcp), a.port("db", Protocol::Tcp)] {
         assert_eq!(tcp_roundtrip(port, b"x").await.unwrap(), b"x");
     }
     assert!(
-        eventually(T, || direct_paths() == 2.0).await,
+        eventually(T, || direct_paths(&a) == 2.0).await,
         "web and db never both went direct"
     );
     let mut cfg = base.clone();
@@ -260,7 +238,7 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
     let t0 = Instant::now();
     // The first refresh comes 30 s after the path came up.
     assert!(
-        eventually(Duration::from_secs(40), || direct_paths() == 1.0).await,
+        eventually(Duration::from_secs(40), || direct_paths(&a) == 1.0).await,
         "db stayed on the direct path after the relay refused its fresh ticket"
     );
     println!(
@@ -268,29 +246,14 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
         t0.elapsed()
     );
     let web = a.port("web", Protocol::Tcp);
-    let before = metric(
-        &a.daemon.metrics.common.render(),
-        "ztna_agent_flows_total",
-        &[("path", "direct"), ("result", "ok")],
-    );
+    let before = direct_flows_ok(&a, "tcp");
     assert_eq!(tcp_roundtrip(web, b"still").await.unwrap(), b"still");
     assert_eq!(
-        metric(
-            &a.daemon.metrics.common.render(),
-            "ztna_agent_flows_total",
-            &[("path", "direct"), ("result", "ok")],
-        ),
+        direct_flows_ok(&a, "tcp"),
         before + 1.0,
         "web left the direct path too"
     );
-    assert_eq!(
-        metric(
-            &c.daemon.metrics.common.render(),
-            "ztna_connector_direct_connections",
-            &[]
-        ),
-        1.0
-    );
+    assert_eq!(direct_connections(&c), 1.0);
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     stop.cancel();
@@ -303,7 +266,7 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connector_answers_tickets_on_an_established_direct_connection() {
     use ztna_node::io::{write_frame, FramedRecv};
-    use ztna_proto::{DirectMsg, DirectReply, FlowOpen, FlowReply, Role, PROTOCOL_VERSION};
+    use ztna_proto::{DirectMsg, DirectReply, FlowReply, Role, PROTOCOL_VERSION};
     logs();
     let pki = Pki::new();
     let (echo, accepted) = counting_echo().await;
@@ -322,34 +285,12 @@ async fn the_connector_answers_tickets_on_an_established_direct_connection() {
     );
     c.wait_registered(1).await;
     let (a_id, c_id) = (Pki::id("agent", "alice"), Pki::id("connector", "web-1"));
-    let identity = ztna_node::Identity::load(&pki.issue("agent", "alice"), Role::Agent).unwrap();
-    let cfg = ztna_node::transport::client_config(
-        &identity,
-        Role::Connector,
-        &ztna_node::transport::TransportOptions::default(),
-    )
-    .unwrap();
-    let ep = quinn::Endpoint::client(loopback0()).unwrap();
-    let conn = ep
-        .connect_with(cfg, c.quic, "ztna-connector")
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = dial_connector(c.quic, &pki.issue("agent", "alice")).await;
     let (mut control, r) = conn.open_bi().await.unwrap();
     let mut control_recv = FramedRecv::new(r);
     let flow = |service: &'static str| {
         let conn = conn.clone();
-        async move {
-            let (mut s, r) = conn.open_bi().await.unwrap();
-            let mut r = FramedRecv::new(r);
-            let open = FlowOpen {
-                service: service.to_string(),
-                protocol: Protocol::Tcp,
-                flow_id: 0,
-            };
-            write_frame(&mut s, &open).await.unwrap();
-            r.expect::<FlowReply>(T).await.unwrap()
-        }
+        async move { open_flow(conn, service).await.expect("a flow answer") }
     };
     let ticket =
         |agent: &str, service: &str| signed_ticket(&relay, agent, &c_id, &[service], 30_000);
@@ -472,14 +413,12 @@ enum Outcome {
 
 /// Connects to the connector directly as `agent_tls`, presents `ticket` (or nothing), and tries a
 /// TCP flow to `service`.
-async fn direct_attempt(
+/// A QUIC connection to the connector's endpoint as `agent_tls` (mutual TLS; no ticket yet).
+async fn dial_connector(
     conn_addr: std::net::SocketAddr,
     agent_tls: &ztna_node::config::TlsConfig,
-    ticket: Option<Vec<u8>>,
-    service: &str,
-) -> Outcome {
-    use ztna_node::io::{write_frame, FramedRecv};
-    use ztna_proto::{DirectMsg, DirectReply, FlowOpen, FlowReply, Role, PROTOCOL_VERSION};
+) -> quinn::Connection {
+    use ztna_proto::Role;
     let identity = ztna_node::Identity::load(agent_tls, Role::Agent).unwrap();
     let cfg = ztna_node::transport::client_config(
         &identity,
@@ -488,22 +427,38 @@ async fn direct_attempt(
     )
     .unwrap();
     let ep = quinn::Endpoint::client(loopback0()).unwrap();
-    let conn = ep
-        .connect_with(cfg, conn_addr, "ztna-connector")
+    ep.connect_with(cfg, conn_addr, "ztna-connector")
         .unwrap()
         .await
-        .expect("TLS to the connector (a valid agent certificate)");
-    let flow = |conn: quinn::Connection| async move {
-        let (mut s, r) = conn.open_bi().await.ok()?;
-        let mut r = FramedRecv::new(r);
-        let open = FlowOpen {
-            service: service.to_string(),
-            protocol: Protocol::Tcp,
-            flow_id: 0,
-        };
-        write_frame(&mut s, &open).await.ok()?;
-        r.expect::<FlowReply>(T).await.ok()
+        .expect("TLS to the connector (a valid agent certificate)")
+}
+
+/// Opens a TCP flow to `service` on a direct connection: the connector's answer, or `None`
+/// when the stream or the connection failed.
+async fn open_flow(conn: quinn::Connection, service: &str) -> Option<ztna_proto::FlowReply> {
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{FlowOpen, FlowReply};
+    let (mut s, r) = conn.open_bi().await.ok()?;
+    let mut r = FramedRecv::new(r);
+    let open = FlowOpen {
+        service: service.to_string(),
+        protocol: Protocol::Tcp,
+        flow_id: 0,
     };
+    write_frame(&mut s, &open).await.ok()?;
+    r.expect::<FlowReply>(T).await.ok()
+}
+
+async fn direct_attempt(
+    conn_addr: std::net::SocketAddr,
+    agent_tls: &ztna_node::config::TlsConfig,
+    ticket: Option<Vec<u8>>,
+    service: &str,
+) -> Outcome {
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{DirectMsg, DirectReply, FlowReply, PROTOCOL_VERSION};
+    let conn = dial_connector(conn_addr, agent_tls).await;
+    let flow = |conn: quinn::Connection| open_flow(conn, service);
     let Some(ticket) = ticket else {
         // No Hello: straight to a flow.
         return match flow(conn.clone()).await {
