@@ -3,6 +3,7 @@
 //! certificate is sent along in the chain.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -77,14 +78,19 @@ async fn a_sub_ca_cannot_mint_a_client_identity() {
         .await
         .expect("a certificate from a sub-CA was accepted");
     assert!(err.contains("not issued by the deployment CA"), "{err}");
-    let text = im.daemon.metrics.common.render();
-    assert!(
+    // The client reads the refusal before the relay's handshake task has
+    // counted it: the count follows within moments, not necessarily first.
+    let unauthorized = || {
         metric(
-            &text,
+            &im.daemon.metrics.common.render(),
             "ztna_intermediate_handshakes_total",
-            &[("result", "unauthorized")]
-        ) >= 1.0,
-        "{text}"
+            &[("result", "unauthorized")],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || unauthorized() >= 1.0).await,
+        "{}",
+        im.daemon.metrics.common.render()
     );
 
     // --check-config says so before it is deployed.
