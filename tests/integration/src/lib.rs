@@ -384,6 +384,32 @@ impl AgentHandle {
         assert!(ok.is_ok(), "agent never saw {service} in state {want:?}");
         reason
     }
+
+    /// Waits until the agent's relay number `relay` (configuration order) is up, not draining,
+    /// and has `service` available: new flows then go to the first such relay, so a test that
+    /// counts flows per relay waits for the one it expects to carry them.
+    pub async fn wait_relay_has(&mut self, relay: usize, service: &str) {
+        let ok = eventually(Duration::from_secs(10), || {
+            self.relays.borrow().relays.get(relay).is_some_and(|r| {
+                r.usable() && r.state(service) == Some(ztna_proto::ServiceState::Available)
+            })
+        })
+        .await;
+        assert!(ok, "agent's relay {relay} never had {service} available");
+    }
+
+    /// Waits until the agent has seen relay number `relay` announce its drain (GoAway).
+    pub async fn wait_relay_draining(&mut self, relay: usize) {
+        let ok = eventually(Duration::from_secs(10), || {
+            self.relays
+                .borrow()
+                .relays
+                .get(relay)
+                .is_some_and(|r| r.draining())
+        })
+        .await;
+        assert!(ok, "agent never saw relay {relay} draining");
+    }
 }
 
 pub async fn start_agent(

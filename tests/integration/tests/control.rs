@@ -241,8 +241,10 @@ async fn on_goaway_a_busy_udp_flow_moves_to_the_other_relay_without_loss() {
         &[("dns", ForwardProtocol::Udp), ("web", ForwardProtocol::Tcp)],
     )
     .await;
-    a.wait_status("dns", ServiceState::Available).await;
-    eventually(T, || agents_on(&rb) == 1.0).await;
+    // Both relays have both services before the first flows, so those go to A, the first.
+    a.wait_relay_has(0, "dns").await;
+    a.wait_relay_has(0, "web").await;
+    a.wait_relay_has(1, "dns").await;
     let client = UdpSocket::bind(loopback0()).await.unwrap();
     client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
     assert!(udp_echo_once(&client, b"warm up").await);
@@ -332,8 +334,9 @@ async fn new_flows_never_go_to_a_draining_relay() {
         &[("web", ForwardProtocol::Tcp)],
     )
     .await;
-    a.wait_status("web", ServiceState::Available).await;
-    eventually(T, || agents_on(&rb) == 1.0).await;
+    // Both relays have web before the first flow, so it goes to A, the first.
+    a.wait_relay_has(0, "web").await;
+    a.wait_relay_has(1, "web").await;
     let port = a.port("web", Protocol::Tcp);
     let mut held = TcpStream::connect(port).await.unwrap();
     held.write_all(b"1").await.unwrap();
@@ -352,15 +355,18 @@ async fn new_flows_never_go_to_a_draining_relay() {
         "the preferred relay A carries the first flow"
     );
     ra.daemon.stop.cancel();
-    assert!(
-        eventually(T, || metric(
+    // New flows avoid A once the agent has its GoAway (A itself still accepts flows while
+    // it drains, so a flow opened before that would count on A).
+    a.wait_relay_draining(0).await;
+    assert_eq!(
+        metric(
             &a.daemon.metrics.common.render(),
             "ztna_agent_intermediates_connected",
             &[]
-        ) == 2.0)
-        .await
+        ),
+        2.0,
+        "a draining relay is still connected"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut failed = 0;
     for i in 0..30 {
         let msg = format!("flow {i}");
