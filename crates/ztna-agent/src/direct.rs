@@ -264,8 +264,17 @@ pub(crate) fn want(shared: &Arc<Shared>, service: &str) {
                 shared.update_direct_gauge();
                 keep(&shared, &service, path, backoff).await;
             }
-            Err(why) => {
-                report(&shared, &service, false, &why);
+            Err(no) => {
+                // A refusal was counted by the relay that gave it (denied, disabled, or the
+                // connector did not answer); only an attempt it brokered is reported back, so
+                // each attempt counts once in its p2p metric.
+                let why = match no {
+                    NoPath::Refused(why) => why,
+                    NoPath::Failed(why) => {
+                        report(&shared, &service, false, &why);
+                        why
+                    }
+                };
                 back_off(&shared, &service, backoff, None);
                 debug!(%service, why = %why, "no direct path; flows use the relay");
             }
@@ -311,8 +320,17 @@ fn relay_for(shared: &Shared, service: &str) -> Option<Arc<crate::relays::Link>>
     }
 }
 
-async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>, String> {
-    let link = relay_for(shared, service).ok_or("no relay carries the service now")?;
+/// Why an attempt gave no direct path.
+enum NoPath {
+    /// The relay refused the request and counted why.
+    Refused(String),
+    /// The relay brokered it, or never answered: reported to the relay as `failed`.
+    Failed(String),
+}
+
+async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>, NoPath> {
+    let link = relay_for(shared, service)
+        .ok_or_else(|| NoPath::Refused("no relay carries the service now".to_string()))?;
     let (tx, rx) = oneshot::channel();
     lock(&shared.direct.waiting).insert(service.to_string(), tx);
     let candidates = shared
@@ -332,8 +350,10 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
             candidates,
             ticket,
         })) => (connector, candidates, ticket),
-        Ok(Ok(Answer::Refused(why))) => return Err(format!("refused by the relay: {why}")),
-        _ => return Err("the relay did not answer".to_string()),
+        Ok(Ok(Answer::Refused(why))) => {
+            return Err(NoPath::Refused(format!("refused by the relay: {why}")))
+        }
+        _ => return Err(NoPath::Failed("the relay did not answer".to_string())),
     };
     let answered = Instant::now();
     let gate = lock(&shared.direct.connecting)
@@ -342,7 +362,9 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
         .clone();
     let result = {
         let _gate = gate.lock().await;
-        establish(shared, service, &connector, candidates, ticket, answered).await
+        establish(shared, service, &connector, candidates, ticket, answered)
+            .await
+            .map_err(NoPath::Failed)
     };
     // Forget the gate when no other attempt holds it (the map would otherwise keep one per
     // connector ever seen).

@@ -311,7 +311,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
     info!(%agent, ?services, "direct path up");
     let gauge = &shared.metrics.direct_connections;
     gauge.inc();
-    let state = Arc::new(ConnState::new(conn.clone()));
+    let state = Arc::new(ConnState::direct(conn.clone()));
     let control = async {
         loop {
             match recv.next::<DirectMsg>().await {

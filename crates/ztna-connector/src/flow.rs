@@ -39,6 +39,8 @@ pub(crate) struct ConnState {
     udp: Mutex<HashMap<u64, UdpFlow>>,
     /// Flow credit with an intermediate of protocol revision 2 or later (not on direct paths).
     pub credit: Option<ConnCredit>,
+    /// A direct (P2P) connection from an agent: its flows also count in `direct_flows`.
+    pub direct: bool,
 }
 
 /// Flow credit on a connection to an intermediate: what we read from its flows (reported on
@@ -76,6 +78,15 @@ impl ConnState {
             conn,
             udp: Mutex::new(HashMap::new()),
             credit: None,
+            direct: false,
+        }
+    }
+
+    /// A direct (P2P) connection from an agent.
+    pub fn direct(conn: quinn::Connection) -> ConnState {
+        ConnState {
+            direct: true,
+            ..ConnState::new(conn)
         }
     }
 
@@ -270,6 +281,9 @@ async fn tcp_flow(
         return;
     }
     m.flows.with_label_values(&[service, "tcp", "ok"]).inc();
+    if state.direct {
+        m.direct_flows.with_label_values(&[service, "tcp"]).inc();
+    }
     let to_agent = m.bytes.with_label_values(&[service, "to_agent"]);
     let to_backend = m.bytes.with_label_values(&[service, "to_backend"]);
     let ctl = SpliceCtl::for_flow(&guard, Some(shared.config.tcp_idle_timeout));
@@ -363,6 +377,9 @@ async fn udp_flow(
     guard.count_in(m.flows_active.with_label_values(&[&service, "udp"]));
     if write_frame(&mut send, &FlowReply::Accept).await.is_ok() {
         m.flows.with_label_values(&[&service, "udp", "ok"]).inc();
+        if state.direct {
+            m.direct_flows.with_label_values(&[&service, "udp"]).inc();
+        }
         let idle = shared.config.udp_idle_timeout;
         let ended = {
             let reader = backend_reader(

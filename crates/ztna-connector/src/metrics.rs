@@ -21,6 +21,7 @@ pub struct Metrics {
     pub udp_stream_carried: IntCounterVec,
     pub direct_connections: IntGauge,
     pub direct_refused: IntCounterVec,
+    pub direct_flows: IntCounterVec,
     pub credit_waits: IntCounter,
 }
 
@@ -118,6 +119,12 @@ impl Metrics {
                 "Direct connections and direct flows refused, by reason (no_ticket, malformed, bad_signature, expired, wrong_agent, wrong_connector, unknown_intermediate, service_not_allowed, handshake).",
                 &["reason"],
             ),
+            direct_flows: m::counter_vec(
+                r,
+                "ztna_connector_direct_flows_total",
+                "Flows accepted on direct (P2P) connections from agents (also counted in ztna_connector_flows_total{result=\"ok\"}, which counts relayed and direct flows).",
+                &["service", "protocol"],
+            ),
             common,
         };
         for r in [
@@ -150,6 +157,7 @@ impl Metrics {
             for (p, on) in [("tcp", *tcp), ("udp", *udp)] {
                 if on {
                     me.flows_active.with_label_values(&[s, p]);
+                    me.direct_flows.with_label_values(&[s, p]);
                     for res in ["ok", "error"] {
                         me.flows.with_label_values(&[s, p, res]);
                     }
