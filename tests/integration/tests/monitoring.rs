@@ -131,34 +131,16 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
         &[("web", Some(echo), Some(uecho))],
     );
     c.wait_registered(1).await;
-    let mut a = start_agent(
-        &pki,
-        "alice",
+    // The agent uses direct paths (on loopback the punch succeeds), so the P2P panel and the
+    // direct-share rules have real data.
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
         &[im.addr],
         &[("web", ForwardProtocol::Tcp), ("web", ForwardProtocol::Udp)],
+        "p2p = true",
     )
     .await;
     a.wait_status("web", ServiceState::Available).await;
-    for _ in 0..10 {
-        assert_eq!(
-            tcp_roundtrip(a.port("web", Protocol::Tcp), b"x")
-                .await
-                .unwrap(),
-            b"x"
-        );
-    }
-    let u = UdpSocket::bind(loopback0()).await.unwrap();
-    u.connect(a.port("web", Protocol::Udp)).await.unwrap();
-    let mut buf = [0u8; 16];
-    for _ in 0..20 {
-        u.send(b"u").await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(300), u.recv(&mut buf))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-    }
 
     // A real Prometheus, loopback only, scraping every second.
     let tmp = tempfile::tempdir().unwrap();
@@ -220,6 +202,37 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // Traffic of both protocols while Prometheus scrapes: the first flows go via the relay while
+    // the direct path comes up, the later ones direct.
+    let port = a.port("web", Protocol::Tcp);
+    for _ in 0..10 {
+        assert_eq!(tcp_roundtrip(port, b"x").await.unwrap(), b"x");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_direct_paths",
+            &[]
+        ) >= 1.0)
+        .await,
+        "no direct path on loopback"
+    );
+    for _ in 0..10 {
+        assert_eq!(tcp_roundtrip(port, b"x").await.unwrap(), b"x");
+    }
+    let u = UdpSocket::bind(loopback0()).await.unwrap();
+    u.connect(a.port("web", Protocol::Udp)).await.unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..20 {
+        u.send(b"u").await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(300), u.recv(&mut buf))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+    }
     tokio::time::sleep(Duration::from_secs(3)).await; // a few scrapes and rule evaluations
 
     let names = get(web, "/api/v1/label/__name__/values").await;
@@ -271,7 +284,10 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
             evaluated += 1;
         }
     }
-    assert_eq!(evaluated, 9, "expected the 9 ZTNA alert rules to be loaded");
+    assert_eq!(
+        evaluated, 12,
+        "expected the 10 ZTNA alert rules and 2 recording rules to be loaded"
+    );
     // The service with a policy but no connector shows up at 0 — what ZtnaServiceUnavailable needs.
     let idle = get(
         web,
@@ -285,6 +301,50 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
     println!(
         "MEASURED monitoring: {queries} dashboard queries ran, {evaluated} alert rules healthy"
     );
+
+    // The P2P panel and the recorded ratios show the direct flows (they once queried a label
+    // value no daemon exports and showed 0 whatever happened).
+    let value = |r: &serde_json::Value| {
+        r["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let p2p = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .find(|p| p["title"] == "P2P vs relay")
+        .expect("P2P panel");
+    let mut shown = Vec::new();
+    for t in p2p["targets"].as_array().expect("targets") {
+        let q = t["expr"]
+            .as_str()
+            .expect("expr")
+            .replace("$job", ".*")
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "1m");
+        let r = get(web, &format!("/api/v1/query?query={}", encode(&q))).await;
+        shown.push((
+            t["legendFormat"].as_str().unwrap_or("").to_string(),
+            value(&r),
+        ));
+    }
+    let mut recorded = Vec::new();
+    for rule in [
+        "ztna:direct_flow_share:ratio_rate15m",
+        "ztna:p2p_attempt_success:ratio_rate15m",
+    ] {
+        let r = get(web, &format!("/api/v1/query?query={}", encode(rule))).await;
+        recorded.push((rule, value(&r)));
+    }
+    println!("MEASURED monitoring: P2P panel {shown:?}, recorded {recorded:?}");
+    for (legend, v) in &shown {
+        let v = v.unwrap_or(0.0);
+        assert!(v > 0.0 && v <= 1.0, "P2P panel shows {legend} = {v}");
+    }
+    let share = recorded[0].1.expect("direct share recorded");
+    assert!(share > 0.0 && share < 1.0, "direct share {share}");
+    assert_eq!(recorded[1].1, Some(1.0), "punch attempts that went direct");
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
