@@ -534,7 +534,7 @@ async fn connect(
 /// Delivers an established connection's datagrams until it ends, then forgets it.
 async fn run(shared: Arc<Shared>, path: Arc<DirectPath>) {
     while let Ok(d) = path.conn.read_datagram().await {
-        shared.udp.dispatch(&d);
+        shared.udp.dispatch(&d, &shared.metrics.udp_dropped);
     }
     let why = path
         .conn

@@ -178,7 +178,7 @@ async fn serve(
     let datagrams = async {
         loop {
             match conn.read_datagram().await {
-                Ok(d) => shared.udp.dispatch(&d),
+                Ok(d) => shared.udp.dispatch(&d, &shared.metrics.udp_dropped),
                 Err(e) => return describe_connection_error(&e),
             }
         }

@@ -41,7 +41,7 @@ impl Metrics {
             udp_dropped: m::counter_vec(
                 r,
                 "ztna_agent_udp_dropped_total",
-                "Local UDP datagrams dropped, by reason (pending: queue full while the flow opens; send_buffer_full: the path is congested; stream_full: oversized payload queue full; client_busy: the local client's socket is full; draining: new client during a drain; socket_overflow: the kernel dropped them, the forward's receive buffer was full).",
+                "UDP datagrams dropped, by reason (pending: queue full while the flow opens; no_path: still queued when the flow could not open or ended; send_buffer_full: the path is congested; stream_full: oversized payload queue full; client_busy / client_error: the local client could not be sent to; draining: new client during a drain; socket_overflow: the kernel dropped them, the forward's receive buffer was full; unknown_flow / malformed: from a relay or direct path, for no flow of ours).",
                 &["reason"],
             ),
             intermediates_connected: m::gauge(
@@ -76,13 +76,16 @@ impl Metrics {
         }
         me.intermediates_configured.set(intermediates as i64);
         for r in [
-            "too_large",
             "pending",
+            "no_path",
             "send_buffer_full",
             "stream_full",
             "client_busy",
+            "client_error",
             "draining",
             "socket_overflow",
+            "unknown_flow",
+            "malformed",
         ] {
             me.udp_dropped.with_label_values(&[r]);
         }

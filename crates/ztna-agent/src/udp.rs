@@ -50,14 +50,29 @@ impl UdpFlows {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// A datagram from a relay: hand its payload to the flow's local client.
-    pub fn dispatch(&self, d: &Bytes) {
+    /// A datagram from a relay or a direct path: hand its payload to the flow's local client.
+    /// What cannot be delivered is counted in `dropped` and logged.
+    pub fn dispatch(&self, d: &Bytes, dropped: &prometheus::IntCounterVec) {
         let Ok((id, payload)) = datagram::decode(d) else {
+            dropped.with_label_values(&["malformed"]).inc();
+            ztna_node::warn_limited!(
+                DROP_LOG,
+                size = d.len(),
+                "UDP datagram dropped: malformed (no valid flow id)"
+            );
             return;
         };
         let flow = lock(&self.by_id).get(&id).cloned();
-        if let Some(flow) = flow {
-            flow.to_client(&payload);
+        match flow {
+            Some(flow) => flow.to_client(&payload),
+            None => {
+                dropped.with_label_values(&["unknown_flow"]).inc();
+                ztna_node::warn_limited!(
+                    DROP_LOG,
+                    flow = id,
+                    "UDP datagram dropped: no such flow (it ended, or never existed)"
+                );
+            }
         }
     }
 }
@@ -90,6 +105,10 @@ impl UdpFlow {
         if let Err(e) = self.socket.try_send_to(payload, self.client) {
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 self.drop_one("client_busy");
+                ztna_node::warn_limited!(DROP_LOG, service = %self.service, client = %self.client, "UDP datagram to the local client dropped: the forward's send buffer is full");
+            } else {
+                self.drop_one("client_error");
+                ztna_node::warn_limited!(DROP_LOG, service = %self.service, client = %self.client, error = %e, "UDP datagram to the local client dropped: send failed");
             }
         }
     }
@@ -98,6 +117,7 @@ impl UdpFlow {
         let mut q = lock(&self.pending);
         if q.len() >= PENDING {
             self.drop_one("pending");
+            ztna_node::warn_limited!(DROP_LOG, service = %self.service, queued = PENDING, "UDP datagram dropped: the flow has no path yet and its queue is full");
             return;
         }
         q.push_back(Bytes::copy_from_slice(payload));
@@ -111,6 +131,8 @@ impl UdpFlow {
             return self.queue(payload);
         };
         let Ok(d) = datagram::encode_into(arena, p.id, payload) else {
+            self.drop_one("malformed");
+            ztna_node::warn_limited!(DROP_LOG, service = %self.service, size = payload.len(), "UDP datagram dropped: cannot be encoded");
             return;
         };
         match dg::send(p.via.conn(), d) {
@@ -202,6 +224,7 @@ pub(crate) async fn udp(
                 .udp_dropped
                 .with_label_values(&["draining"])
                 .inc();
+            ztna_node::warn_limited!(DROP_LOG, %service, %client, "UDP datagram from a new client dropped: the agent is draining");
             continue;
         }
         let guard = shared.flows.register(
@@ -394,9 +417,19 @@ fn end_leg(shared: &Shared, mut leg: Leg, code: Option<u32>) {
 }
 
 fn forget(clients: &Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>, flow: &Arc<UdpFlow>) {
-    let mut c = lock(clients);
-    if c.get(&flow.client).is_some_and(|f| Arc::ptr_eq(f, flow)) {
-        c.remove(&flow.client);
+    {
+        let mut c = lock(clients);
+        if c.get(&flow.client).is_some_and(|f| Arc::ptr_eq(f, flow)) {
+            c.remove(&flow.client);
+        }
+    }
+    // Datagrams still queued for a path the flow never got (or lost for good).
+    let lost = lock(&flow.pending).drain(..).count();
+    if lost > 0 {
+        flow.dropped
+            .with_label_values(&["no_path"])
+            .inc_by(lost as u64);
+        ztna_node::warn_limited!(DROP_LOG, service = %flow.service, lost, "UDP datagrams dropped: the flow ended before they had a path");
     }
 }
 

@@ -111,12 +111,22 @@ impl ConnState {
 pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
     let m = &shared.metrics;
     let Ok((id, payload)) = datagram::decode(d) else {
-        m.udp_dropped.with_label_values(&["unknown_flow"]).inc();
+        m.udp_dropped.with_label_values(&["malformed"]).inc();
+        ztna_node::warn_limited!(
+            DROP_LOG,
+            size = d.len(),
+            "UDP datagram dropped: malformed (no valid flow id)"
+        );
         return;
     };
     let flows = state.flows();
     let Some(flow) = flows.get(&id) else {
         m.udp_dropped.with_label_values(&["unknown_flow"]).inc();
+        ztna_node::warn_limited!(
+            DROP_LOG,
+            flow = id,
+            "UDP datagram dropped: no such flow (it ended, or never existed)"
+        );
         return;
     };
     flow.activity.touch();
@@ -135,8 +145,13 @@ fn to_backend(shared: &Shared, flow: &UdpFlow, payload: &[u8]) {
             ztna_node::warn_limited!(DROP_LOG, service = %flow.service, "UDP datagram to the backend dropped: socket buffer full");
         }
         Err(e) => {
-            debug!(service = %flow.service, error = %e, "backend send failed");
             flow.backend_errors.inc();
+            shared
+                .metrics
+                .udp_dropped
+                .with_label_values(&["backend_error"])
+                .inc();
+            ztna_node::warn_limited!(DROP_LOG, service = %flow.service, error = %e, "UDP datagram to the backend dropped: send failed");
         }
     }
 }

@@ -230,6 +230,28 @@ impl Handle {
             ("ops_listen", new.ops_listen != old.ops_listen),
             ("bind", new.bind != old.bind),
             ("max_flows", new.max_flows != old.max_flows),
+            ("drain_timeout", new.drain_timeout != old.drain_timeout),
+            (
+                "connect_timeout",
+                new.connect_timeout != old.connect_timeout,
+            ),
+            (
+                "udp_idle_timeout",
+                new.udp_idle_timeout != old.udp_idle_timeout,
+            ),
+            (
+                "tcp_idle_timeout",
+                new.tcp_idle_timeout != old.tcp_idle_timeout,
+            ),
+            ("keepalive", new.keepalive != old.keepalive),
+            ("idle_timeout", new.idle_timeout != old.idle_timeout),
+            ("p2p", new.p2p != old.p2p),
+            ("stream_window", new.stream_window != old.stream_window),
+            (
+                "connection_window",
+                new.connection_window != old.connection_window,
+            ),
+            ("log_format", new.log_format != old.log_format),
         ]);
         let summary = shared
             .tls

@@ -88,7 +88,7 @@ impl Metrics {
             udp_dropped: m::counter_vec(
                 r,
                 "ztna_connector_udp_dropped_total",
-                "UDP datagrams dropped (too large for the path, unknown flow, queue full).",
+                "UDP datagrams dropped, by reason (unknown_flow / malformed: from an intermediate or agent, for no flow of ours; backend_busy / backend_error: the backend could not be sent to; send_buffer_full: the path to the intermediate is congested; peer_gone: its connection ended; socket_overflow: the kernel dropped datagrams from the backend, the receive buffer was full).",
                 &["reason"],
             ),
             service_registrations: m::gauge_vec(
@@ -165,11 +165,11 @@ impl Metrics {
             }
         }
         for r in [
-            "too_large",
             "unknown_flow",
+            "malformed",
             "backend_busy",
+            "backend_error",
             "send_buffer_full",
-            "stream_full",
             "peer_gone",
             "socket_overflow",
         ] {

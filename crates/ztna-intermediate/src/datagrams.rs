@@ -37,16 +37,34 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
         };
         let Ok((id, payload)) = datagram::decode(&d) else {
             drop_malformed.inc();
+            ztna_node::warn_limited!(
+                DROP_LOG,
+                direction,
+                size = d.len(),
+                "UDP datagram dropped: malformed (no valid flow id)"
+            );
             continue;
         };
         let routes = peer.routes();
         let Some(route) = routes.get(&id) else {
             drop_unknown.inc();
+            ztna_node::warn_limited!(
+                DROP_LOG,
+                direction,
+                flow = id,
+                "UDP datagram dropped: no such flow (it ended, or never existed)"
+            );
             continue;
         };
         route.activity.touch();
         let Ok(out) = datagram::encode_into(&mut arena, route.flow_id, &payload) else {
             drop_malformed.inc();
+            ztna_node::warn_limited!(
+                DROP_LOG,
+                direction,
+                size = payload.len(),
+                "UDP datagram dropped: cannot be re-encoded for the next hop"
+            );
             continue;
         };
         let outcome = dg::send(&route.peer.conn, out);
@@ -67,7 +85,14 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
                     "UDP datagram dropped: send buffer full (the next hop is congested)"
                 );
             }
-            Sent::Gone => drop_gone.inc(),
+            Sent::Gone => {
+                drop_gone.inc();
+                ztna_node::warn_limited!(
+                    DROP_LOG,
+                    direction,
+                    "UDP datagram dropped: the other side of the flow is gone"
+                );
+            }
         }
     }
 }

@@ -71,7 +71,7 @@ impl Metrics {
             datagrams_dropped: m::counter_vec(
                 r,
                 "ztna_intermediate_datagrams_dropped_total",
-                "UDP datagrams dropped by the relay.",
+                "UDP datagrams dropped by the relay, by reason (unknown_flow: for a flow that ended or never existed; malformed: no valid flow id; peer_gone: the other side's connection ended; send_buffer_full: the next hop is congested; stream_full: a payload too large for a datagram and the flow's stream queue full).",
                 &["reason"],
             ),
             p2p: m::counter_vec(
@@ -163,7 +163,6 @@ impl Metrics {
         }
         for r in [
             "unknown_flow",
-            "too_large",
             "peer_gone",
             "malformed",
             "send_buffer_full",

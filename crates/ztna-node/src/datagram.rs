@@ -17,18 +17,6 @@ pub enum Sent {
     Gone,
 }
 
-impl Sent {
-    /// The `reason` label a drop is counted under.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Sent::Queued => "none",
-            Sent::TooLarge => "too_large",
-            Sent::BufferFull => "send_buffer_full",
-            Sent::Gone => "peer_gone",
-        }
-    }
-}
-
 /// Queues `d` on `conn` unless that would drop older datagrams or it cannot fit the path.
 pub fn send(conn: &quinn::Connection, d: Bytes) -> Sent {
     match conn.max_datagram_size() {
