@@ -342,6 +342,23 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
         let v = v.unwrap_or(0.0);
         assert!(v > 0.0 && v <= 1.0, "P2P panel shows {legend} = {v}");
     }
+    let panel = |title: &str| {
+        dash["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"))
+            .clone()
+    };
+    let paths = panel("Direct paths");
+    let connections = paths["targets"][0]["expr"].as_str().expect("expr");
+    let r = get(web, &format!("/api/v1/query?query={}", encode(connections))).await;
+    assert_eq!(
+        value(&r),
+        Some(1.0),
+        "Direct paths panel: {connections}: {r}"
+    );
     let share = recorded[0].1.expect("direct share recorded");
     assert!(share > 0.0 && share < 1.0, "direct share {share}");
     assert_eq!(recorded[1].1, Some(1.0), "punch attempts that went direct");

@@ -757,3 +757,183 @@ async fn p2p_off_at_the_connector_keeps_every_flow_on_the_relay() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// `p2p = false` on the agent (the harness default; set here explicitly): it never asks the
+/// relay for a direct path, so the relay counts no P2P outcome and the connector sees no direct
+/// connection, while every flow works via the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2p_off_at_the_agent_never_asks_for_a_direct_path() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp)],
+        "p2p = false",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    for i in 0..10 {
+        let msg = format!("m{i}");
+        assert_eq!(
+            tcp_roundtrip(port, msg.as_bytes()).await.unwrap(),
+            msg.as_bytes()
+        );
+        // Room for an attempt to show, had one been made.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = im.daemon.metrics.common.render();
+    let asked: f64 = ["success", "failed", "denied", "disabled"]
+        .iter()
+        .map(|r| metric(&text, "ztna_intermediate_p2p_total", &[("result", r)]))
+        .sum();
+    println!("MEASURED p2p off at the agent: {asked} direct-path requests counted, 10 flows");
+    assert_eq!(asked, 0.0, "{text}");
+    assert_eq!(direct_connections(&c), 0.0);
+    assert_eq!(direct_flows_ok(&a, "tcp"), 0.0);
+    assert_eq!(
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_flows_total",
+            &[("path", "relay"), ("result", "ok")]
+        ),
+        10.0
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// An agent asking for a direct path to a service its policy does not allow (a crafted client:
+/// ours never asks for a service no relay offers it) is refused with the reason, counted as
+/// `denied`, and the connector is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_path_request_for_a_denied_service_is_refused_and_counted() {
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    // db is served, but only bob may reach it.
+    let mut policy = open_policy(&["web"]);
+    policy.push(PolicyRule {
+        service: "db".into(),
+        connectors: vec![Pki::id("connector", "*")],
+        agents: vec![Pki::id("agent", "bob")],
+    });
+    let im = start_intermediate(&pki, policy);
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), None), ("db", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let (_ep, conn) = raw_connect(&pki.issue("agent", "alice"), Role::Agent, im.addr)
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Agent,
+        software: "test".into(),
+        watch: vec!["db".into()],
+    };
+    write_frame(&mut send, &hello).await.unwrap();
+    let p2p = |result| {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_p2p_total",
+            &[("result", result)],
+        )
+    };
+    let before = p2p("denied");
+    write_frame(
+        &mut send,
+        &ClientMsg::DirectRequest {
+            service: "db".into(),
+            candidates: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    let reason = tokio::time::timeout(T, async {
+        loop {
+            match recv.expect::<ServerMsg>(T).await {
+                Ok(ServerMsg::DirectRefused { service, reason }) => {
+                    assert_eq!(service, "db");
+                    return reason;
+                }
+                Ok(ServerMsg::DirectStart { .. }) => panic!("a denied service was brokered"),
+                Ok(_) => continue,
+                Err(e) => panic!("control stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("no answer to the direct-path request");
+    println!("MEASURED direct-path request for a denied service: refused: {reason}");
+    assert!(reason.contains("policy does not allow"), "{reason}");
+    assert_eq!(p2p("denied"), before + 1.0);
+    assert_eq!(p2p("success") + p2p("failed") + p2p("disabled"), 0.0);
+    assert_eq!(direct_connections(&c), 0.0);
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// IPv6 only: relay, connector and agent each bound to `[::1]`, so the only candidates that can
+/// work are IPv6 ones (the observed address the relay sends). The path comes up over IPv6 and
+/// the relay carries none of the direct flows' bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_path_comes_up_over_ipv6() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let v6: std::net::SocketAddr = "[::1]:0".parse().unwrap();
+    let im = start_intermediate_with(intermediate_config(&pki, v6, open_policy(&["web"])));
+    let mut c = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im.addr],
+        &[("web", Some(echo), None)],
+        "bind = \"[::1]:0\"",
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp)],
+        "p2p = true\nbind = \"[::1]:0\"",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(port, b"first").await.unwrap(), b"first");
+    assert!(
+        eventually(T, || direct_paths(&a) == 1.0).await,
+        "no direct path over IPv6"
+    );
+    let (_, status) = http_get(a.ops, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let via = status["services"][0]["relay"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    println!("MEASURED direct path over IPv6: {via}");
+    assert!(via.contains(" at [::1]:"), "{status:#}");
+    let before = relay_bytes(&im);
+    let payload = vec![6u8; 1 << 20];
+    for _ in 0..3 {
+        assert_eq!(tcp_roundtrip(port, &payload).await.unwrap(), payload);
+    }
+    assert_eq!(relay_bytes(&im) - before, 0.0);
+    assert_eq!(direct_flows_ok(&a, "tcp"), 3.0);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
