@@ -372,8 +372,14 @@ async fn relay_udp(
     (mut c_send, c_recv, to_c_rx): (SendStream, FramedRecv, mpsc::Receiver<Bytes>),
 ) {
     let m = &shared.metrics;
-    let up_n = m.udp_stream_carried.with_label_values(&["to_connector"]);
-    let down_n = m.udp_stream_carried.with_label_values(&["to_agent"]);
+    let up_n = (
+        m.udp_stream_carried.with_label_values(&["to_connector"]),
+        m.bytes("udp", "to_connector"),
+    );
+    let down_n = (
+        m.udp_stream_carried.with_label_values(&["to_agent"]),
+        m.bytes("udp", "to_agent"),
+    );
     let idle = shared.config.udp_idle_timeout;
     let ended = {
         let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, guard);
@@ -394,19 +400,24 @@ async fn relay_udp(
 }
 
 /// Passes one direction of a UDP flow's stream on: raw frames (oversized payloads) from the
-/// sender, plus those the datagram relay could not send as datagrams on the next hop.
+/// sender, plus those the datagram relay could not send as datagrams on the next hop (counted
+/// in `carried`; their bytes were counted by the datagram relay). The sender's frames count in
+/// `bytes`, the relay's UDP payload bytes, like its datagrams.
 async fn forward_frames(
     mut from: FramedRecv,
     mut overflow: mpsc::Receiver<Bytes>,
     to: &mut SendStream,
-    carried: &prometheus::IntCounter,
+    (carried, bytes): &(prometheus::IntCounter, prometheus::IntCounter),
     guard: &FlowGuard<FlowMeta>,
 ) {
     let mut overflow_open = true;
     loop {
         let payload = tokio::select! {
             f = from.next_frame() => match f {
-                Ok(Some(p)) => p,
+                Ok(Some(p)) => {
+                    bytes.inc_by(p.len() as u64);
+                    p
+                }
                 Ok(None) => {
                     let _ = to.finish();
                     return;

@@ -144,6 +144,19 @@ async fn udp_1000_mixed_sizes_and_payloads_of_any_size_echoed() {
         &[],
     );
     assert_eq!(dropped, 0.0, "the agent dropped datagrams");
+    // The relay counts every payload byte it carried, as datagrams or on the flow's stream.
+    let sent: usize = 5
+        + (0..1000usize).map(|i| 1 + (i * 37) % 1100).sum::<usize>()
+        + [1472usize, 8192, 32_768, 65_507].iter().sum::<usize>();
+    let text = im.daemon.metrics.common.render();
+    for direction in ["to_connector", "to_agent"] {
+        let counted = metric(
+            &text,
+            "ztna_intermediate_relay_bytes_total",
+            &[("protocol", "udp"), ("direction", direction)],
+        );
+        assert_eq!(counted, sent as f64, "relay UDP bytes {direction}");
+    }
     // Still working afterwards, as datagrams.
     client.send(b"after").await.unwrap();
     let n = tokio::time::timeout(T, client.recv(&mut buf))
