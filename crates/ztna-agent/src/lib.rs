@@ -344,6 +344,7 @@ impl Agent {
             self.ops.with_status(status::provider(&shared, ports)),
             shared.metrics.common.clone(),
             health.clone(),
+            self.endpoint.local_addr().ok(),
         );
         info!(
             identity = %shared.tls.id(),

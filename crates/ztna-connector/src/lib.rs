@@ -395,6 +395,7 @@ impl Connector {
             self.ops.with_status(status::provider(&shared)),
             shared.metrics.common.clone(),
             health.clone(),
+            self.endpoint.local_addr().ok(),
         );
         info!(
             identity = %shared.tls.id(),

@@ -187,6 +187,7 @@ impl Intermediate {
             self.ops.with_status(status::provider(&shared)),
             shared.metrics.common.clone(),
             health.clone(),
+            self.endpoint.local_addr().ok(),
         );
         tokio::spawn(status_loop(shared.clone(), background.clone()));
         info!(

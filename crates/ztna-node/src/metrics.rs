@@ -101,6 +101,8 @@ pub struct Common {
     pub registry: Registry,
     pub build_info: IntGaugeVec,
     pub cert_expiry: Gauge,
+    /// Packets the kernel dropped at the daemon's QUIC socket (receive buffer full).
+    pub quic_socket_drops: IntCounter,
 }
 
 impl Common {
@@ -118,10 +120,16 @@ impl Common {
             "ztna_tls_cert_expiry_timestamp_seconds",
             "notAfter of the certificate this daemon presents, as a Unix timestamp.",
         );
+        let quic_socket_drops = counter(
+            &registry,
+            "ztna_quic_socket_drops_total",
+            "Packets the kernel dropped at this daemon's QUIC UDP socket because its receive buffer was full (read from /proc every 5 s). QUIC resends what streams lost; UDP flows' datagrams are gone. Raise net.core.rmem_max.",
+        );
         Common {
             registry,
             build_info,
             cert_expiry,
+            quic_socket_drops,
         }
     }
 

@@ -207,11 +207,24 @@ async fn handle(
     stream.shutdown().await
 }
 
-/// Starts what every daemon runs beside its work: the runtime heartbeat, the ops endpoint and the
-/// systemd notifier. Cancel the returned token when the daemon has finished.
-pub fn start_background(ops: Ops, metrics: Common, health: Health) -> CancellationToken {
+/// Starts what every daemon runs beside its work: the runtime heartbeat, the ops endpoint, the
+/// systemd notifier, the heap trimmer and the count of kernel drops at its QUIC socket (bound to
+/// `quic`). Cancel the returned token when the daemon has finished.
+pub fn start_background(
+    ops: Ops,
+    metrics: Common,
+    health: Health,
+    quic: Option<SocketAddr>,
+) -> CancellationToken {
     let stop = CancellationToken::new();
     health.spawn_heartbeat();
+    if let Some(addr) = quic {
+        tokio::spawn(crate::udp::watch_quic_socket(
+            addr.port(),
+            metrics.quic_socket_drops.clone(),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(ops.serve(metrics, health.clone(), stop.clone()));
     tokio::spawn(health.notify_systemd(stop.clone()));
     tokio::spawn(crate::memory::trimmer(stop.clone()));

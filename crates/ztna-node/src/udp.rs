@@ -205,9 +205,110 @@ impl OverflowCounter {
     }
 }
 
+/// Datagrams the kernel dropped at the UDP socket bound to `port` (in this network namespace)
+/// because its receive buffer was full: the `drops` column of `/proc/self/net/udp` and `udp6`.
+/// `None` where that table cannot be read. quinn reads its socket with `recvmmsg` and has no
+/// overflow counter of its own, so this is the only place these drops show.
+pub fn kernel_drops_at(port: u16) -> Option<u64> {
+    let mut found = None;
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        found = Some(found.unwrap_or(0) + drops_in(&text, port));
+    }
+    found
+}
+
+/// Sums the `drops` column of the rows of a `/proc/net/udp{,6}` table whose local port is `port`.
+fn drops_in(table: &str, port: u16) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit(':').next()?;
+            if u16::from_str_radix(local_port, 16).ok()? != port {
+                return None;
+            }
+            f.last()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// How often [`watch_quic_socket`] reads the kernel's count.
+pub const KERNEL_DROPS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+static KERNEL_DROP_LOG: crate::ratelimit::LogLimiter =
+    crate::ratelimit::LogLimiter::new(std::time::Duration::from_secs(60));
+
+/// Adds what the kernel drops at the QUIC socket on `port` to `counter` every
+/// [`KERNEL_DROPS_EVERY`], and warns (at most once a minute) while it rises, until `stop`.
+pub async fn watch_quic_socket(
+    port: u16,
+    counter: prometheus::IntCounter,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let Some(mut last) = kernel_drops_at(port) else {
+        tracing::debug!("no /proc/self/net/udp: kernel drops at the QUIC socket are not counted");
+        return;
+    };
+    let mut tick = tokio::time::interval(KERNEL_DROPS_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(now) = kernel_drops_at(port) else {
+            continue;
+        };
+        let lost = now.saturating_sub(last);
+        last = now;
+        if lost > 0 {
+            counter.inc_by(lost);
+            crate::warn_limited!(KERNEL_DROP_LOG, port, lost, "the kernel dropped packets at the QUIC socket: its receive buffer was full (raise net.core.rmem_max; the NixOS modules set 16 MiB)");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rows of the socket's port are summed (an IPv4 and an IPv6 table), others ignored.
+    #[test]
+    fn kernel_drops_are_read_per_local_port() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  1: 00000000:115C 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 17\n\
+  2: 0100007F:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4243 2 0000000000000000 5\n";
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  3: 00000000000000000000000000000000:115C 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4244 2 0000000000000000 3\n";
+        assert_eq!(drops_in(v4, 4444), 17);
+        assert_eq!(drops_in(v6, 4444), 3);
+        assert_eq!(drops_in(v4, 8080), 5);
+        assert_eq!(drops_in(v4, 9999), 0);
+    }
+
+    /// A real socket that overflows: the kernel's count of its drops is found by its port.
+    #[test]
+    fn kernel_drops_of_an_overflowing_socket_are_counted() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let port = rx.local_addr().unwrap().port();
+        let Some(before) = kernel_drops_at(port) else {
+            eprintln!("SKIP: /proc/self/net/udp not readable here");
+            return;
+        };
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..200 {
+            let _ = tx.send_to(&[0u8; 1200], rx.local_addr().unwrap());
+        }
+        let after = kernel_drops_at(port).unwrap_or(0);
+        assert!(after > before + 100, "drops {before} -> {after}");
+    }
 
     /// A socket nobody reads overflows; the next datagram read reports how many the kernel
     /// dropped, and payloads and sources come through intact.

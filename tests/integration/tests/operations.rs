@@ -1244,3 +1244,45 @@ async fn a_flow_cut_by_the_tunnel_resets_the_local_connection_and_the_agent_says
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// Packets the kernel drops at a daemon's QUIC socket (receive buffer full) are counted in
+/// `ztna_quic_socket_drops_total`: a stopped relay (SIGSTOP) gets a burst it cannot read, and
+/// once it runs again the counter shows what the kernel dropped. quinn has no counter of its own
+/// for these; before, no metric did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_drops_at_the_quic_socket_are_counted() {
+    logs();
+    let pki = Pki::new();
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(&pki, "relay", addr, ops, &["web"]);
+    let relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    let drops = || async {
+        let (_, text) = http_get(ops, "/metrics").await;
+        metric(&text, "ztna_quic_socket_drops_total", &[])
+    };
+    assert_eq!(drops().await, 0.0);
+    relay.signal("STOP");
+    // Far more than any receive buffer the kernel grants (net.core.rmem_max) holds.
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let junk = [0u8; 1200];
+    for _ in 0..20_000 {
+        let _ = tx.send_to(&junk, addr);
+    }
+    let kernel = ztna_node::udp::kernel_drops_at(addr.port());
+    relay.signal("CONT");
+    let counted = eventually_async(Duration::from_secs(15), || async {
+        drops().await >= 1000.0
+    })
+    .await;
+    let n = drops().await;
+    println!("MEASURED 20,000 packets to a stopped relay: kernel says {kernel:?} dropped, ztna_quic_socket_drops_total {n}");
+    assert!(
+        counted,
+        "counted {n}, kernel {kernel:?}\n{}",
+        relay.tail(20)
+    );
+    if let Some(k) = kernel {
+        assert!(n >= k as f64, "counted {n} of the kernel's {k}");
+    }
+}
