@@ -428,9 +428,32 @@ pub async fn web_chain(
     im: SocketAddr,
     echo: SocketAddr,
 ) -> (ConnectorHandle, AgentHandle) {
-    let mut c = start_connector(pki, "web-1", &[im], &[("web", Some(echo), None)]);
+    web_chain_with(pki, im, echo, "", "").await
+}
+
+/// [`web_chain`] with extra top-level TOML lines for the connector and for the agent (e.g.
+/// `p2p = true`, `bind = "[::1]:0"`).
+pub async fn web_chain_with(
+    pki: &Pki,
+    im: SocketAddr,
+    echo: SocketAddr,
+    connector_settings: &str,
+    agent_settings: &str,
+) -> (ConnectorHandle, AgentHandle) {
+    let mut c = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im],
+        &[("web", Some(echo), None)],
+        connector_settings,
+    );
     c.wait_registered(1).await;
-    let mut a = start_agent(pki, "alice", &[im], &[("web", ForwardProtocol::Tcp)]).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im],
+        &[("web", ForwardProtocol::Tcp)],
+        agent_settings,
+    )
+    .await;
     a.wait_status("web", ztna_proto::ServiceState::Available)
         .await;
     (c, a)

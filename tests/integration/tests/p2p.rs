@@ -690,21 +690,7 @@ async fn p2p_off_at_the_connector_keeps_every_flow_on_the_relay() {
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
-    let mut c = start_connector_with(
-        pki.issue("connector", "web-1"),
-        &[im.addr],
-        &[("web", Some(echo), None)],
-        "p2p = false",
-    );
-    c.wait_registered(1).await;
-    let mut a = start_agent_with(
-        pki.issue("agent", "alice"),
-        &[im.addr],
-        &[("web", ForwardProtocol::Tcp)],
-        "p2p = true",
-    )
-    .await;
-    a.wait_status("web", ServiceState::Available).await;
+    let (c, a) = web_chain_with(&pki, im.addr, echo, "p2p = false", "p2p = true").await;
     let port = a.port("web", Protocol::Tcp);
     let mut worst = Duration::ZERO;
     let started = Instant::now();
@@ -767,16 +753,7 @@ async fn p2p_off_at_the_agent_never_asks_for_a_direct_path() {
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
-    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent_with(
-        pki.issue("agent", "alice"),
-        &[im.addr],
-        &[("web", ForwardProtocol::Tcp)],
-        "p2p = false",
-    )
-    .await;
-    a.wait_status("web", ServiceState::Available).await;
+    let (c, a) = web_chain_with(&pki, im.addr, echo, "", "p2p = false").await;
     let port = a.port("web", Protocol::Tcp);
     for i in 0..10 {
         let msg = format!("m{i}");
@@ -897,21 +874,8 @@ async fn a_direct_path_comes_up_over_ipv6() {
     let (echo, _e) = tcp_echo().await;
     let v6: std::net::SocketAddr = "[::1]:0".parse().unwrap();
     let im = start_intermediate_with(intermediate_config(&pki, v6, open_policy(&["web"])));
-    let mut c = start_connector_with(
-        pki.issue("connector", "web-1"),
-        &[im.addr],
-        &[("web", Some(echo), None)],
-        "bind = \"[::1]:0\"",
-    );
-    c.wait_registered(1).await;
-    let mut a = start_agent_with(
-        pki.issue("agent", "alice"),
-        &[im.addr],
-        &[("web", ForwardProtocol::Tcp)],
-        "p2p = true\nbind = \"[::1]:0\"",
-    )
-    .await;
-    a.wait_status("web", ServiceState::Available).await;
+    let bind = "bind = \"[::1]:0\"";
+    let (c, a) = web_chain_with(&pki, im.addr, echo, bind, &format!("p2p = true\n{bind}")).await;
     let port = a.port("web", Protocol::Tcp);
     assert_eq!(tcp_roundtrip(port, b"first").await.unwrap(), b"first");
     assert!(
