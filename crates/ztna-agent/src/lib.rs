@@ -169,27 +169,11 @@ impl Handle {
         let shared = &self.shared;
         new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
         let old = &shared.config;
-        ztna_node::daemon::warn_unapplied(&[
-            ("intermediates", new.intermediates != old.intermediates),
-            ("forward", new.forward != old.forward),
-            ("ops_listen", new.ops_listen != old.ops_listen),
-            ("drain_timeout", new.drain_timeout != old.drain_timeout),
-            ("bind", new.bind != old.bind),
-            ("open_timeout", new.open_timeout != old.open_timeout),
-            (
-                "udp_idle_timeout",
-                new.udp_idle_timeout != old.udp_idle_timeout,
-            ),
-            ("keepalive", new.keepalive != old.keepalive),
-            ("idle_timeout", new.idle_timeout != old.idle_timeout),
-            ("p2p", new.p2p != old.p2p),
-            ("stream_window", new.stream_window != old.stream_window),
-            (
-                "connection_window",
-                new.connection_window != old.connection_window,
-            ),
-            ("log_format", new.log_format != old.log_format),
-        ]);
+        ztna_node::warn_unapplied!(new, old;
+            intermediates, forward, ops_listen, drain_timeout, bind, open_timeout,
+            udp_idle_timeout, keepalive, idle_timeout, p2p, stream_window, connection_window,
+            log_format,
+        );
         shared
             .tls
             .reload(&new.tls, &shared.metrics.common.cert_expiry)

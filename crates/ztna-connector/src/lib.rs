@@ -224,35 +224,12 @@ impl Handle {
                     .get(&s.name)
                     .is_some_and(|o| o.tcp == s.tcp && o.udp == s.udp)
             });
-        ztna_node::daemon::warn_unapplied(&[
-            ("intermediates", new.intermediates != old.intermediates),
-            ("service", !same_services),
-            ("ops_listen", new.ops_listen != old.ops_listen),
-            ("bind", new.bind != old.bind),
-            ("max_flows", new.max_flows != old.max_flows),
-            ("drain_timeout", new.drain_timeout != old.drain_timeout),
-            (
-                "connect_timeout",
-                new.connect_timeout != old.connect_timeout,
-            ),
-            (
-                "udp_idle_timeout",
-                new.udp_idle_timeout != old.udp_idle_timeout,
-            ),
-            (
-                "tcp_idle_timeout",
-                new.tcp_idle_timeout != old.tcp_idle_timeout,
-            ),
-            ("keepalive", new.keepalive != old.keepalive),
-            ("idle_timeout", new.idle_timeout != old.idle_timeout),
-            ("p2p", new.p2p != old.p2p),
-            ("stream_window", new.stream_window != old.stream_window),
-            (
-                "connection_window",
-                new.connection_window != old.connection_window,
-            ),
-            ("log_format", new.log_format != old.log_format),
-        ]);
+        ztna_node::daemon::warn_unapplied(&[("service", !same_services)]);
+        ztna_node::warn_unapplied!(new, old;
+            intermediates, ops_listen, bind, max_flows, drain_timeout, connect_timeout,
+            udp_idle_timeout, tcp_idle_timeout, keepalive, idle_timeout, p2p, stream_window,
+            connection_window, log_format,
+        );
         let summary = shared
             .tls
             .reload(&new.tls, &shared.metrics.common.cert_expiry)?;

@@ -32,35 +32,13 @@ pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
     )
     .map_err(|e| e.to_string())?;
     let old = &shared.config;
-    ztna_node::daemon::warn_unapplied(&[
-        ("listen", new.listen != old.listen),
-        ("ops_listen", new.ops_listen != old.ops_listen),
-        ("drain_timeout", new.drain_timeout != old.drain_timeout),
-        ("keepalive", new.keepalive != old.keepalive),
-        ("idle_timeout", new.idle_timeout != old.idle_timeout),
-        (
-            "max_flows_per_agent",
-            new.max_flows_per_agent != old.max_flows_per_agent,
-        ),
-        (
-            "max_flows_per_connector",
-            new.max_flows_per_connector != old.max_flows_per_connector,
-        ),
-        ("max_flows", new.max_flows != old.max_flows),
-        (
-            "max_connections_per_identity",
-            new.max_connections_per_identity != old.max_connections_per_identity,
-        ),
-        (
-            "tcp_idle_timeout",
-            new.tcp_idle_timeout != old.tcp_idle_timeout,
-        ),
-        (
-            "udp_idle_timeout",
-            new.udp_idle_timeout != old.udp_idle_timeout,
-        ),
-        ("reconnect_hint", new.reconnect_hint != old.reconnect_hint),
-    ]);
+    ztna_node::warn_unapplied!(new, old;
+        listen, ops_listen, drain_timeout, keepalive, idle_timeout, max_flows_per_agent,
+        max_flows_per_connector, max_flows, handshake_retry_threshold, max_handshakes,
+        max_connections_per_identity, tcp_idle_timeout, udp_idle_timeout, reconnect_hint,
+        log_format, stream_window, agent_connection_window, connector_connection_window,
+        identity_window,
+    );
     shared.endpoint.set_server_config(Some(server));
     let m = &shared.metrics;
     m.common.cert_expiry.set(identity.expiry_unix());

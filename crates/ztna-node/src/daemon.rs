@@ -157,6 +157,15 @@ impl<C: Send + 'static> Reloads<C> {
     }
 }
 
+/// Warns about each named config field that differs between `$new` and `$old`: a reload does not
+/// apply it. Field names are the config file's keys.
+#[macro_export]
+macro_rules! warn_unapplied {
+    ($new:expr, $old:expr; $($field:ident),+ $(,)?) => {
+        $crate::daemon::warn_unapplied(&[$((stringify!($field), $new.$field != $old.$field)),+])
+    };
+}
+
 /// Logs the keys a reload changed but cannot apply.
 pub fn warn_unapplied(changes: &[(&str, bool)]) {
     for (key, changed) in changes {

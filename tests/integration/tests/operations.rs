@@ -772,12 +772,33 @@ async fn sighup_reloads_the_certificate_and_survives_a_broken_file() {
     pki.tls_for(&issued, "intermediate-relay");
     let new_der = pem_certs(&cert_path)[0].clone();
     assert_ne!(new_der, old_der);
+    // Keys a reload cannot apply are changed too: the reload goes ahead and names each of them.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "drain_timeout = \"10s\"",
+            "drain_timeout = \"20s\"\nmax_handshakes = 100",
+        ),
+    )
+    .unwrap();
     relay.signal("HUP");
     let reloaded = eventually(Duration::from_secs(5), || {
         relay.log().contains("configuration reloaded")
     })
     .await;
     assert!(reloaded, "{}", relay.tail(20));
+    let log = relay.log();
+    let unapplied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("a reload does not apply it"))
+        .collect();
+    for key in ["drain_timeout", "max_handshakes"] {
+        assert!(
+            unapplied.iter().any(|l| l.contains(key)),
+            "{key} not named: {unapplied:?}"
+        );
+    }
     let new_expiry = expiry(&http_get(ops, "/metrics").await.1);
     let want = issued.not_after.unix_timestamp() as f64;
     assert!(
