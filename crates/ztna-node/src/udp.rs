@@ -249,7 +249,14 @@ pub async fn watch_quic_socket(
     counter: prometheus::IntCounter,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let Some(mut last) = kernel_drops_at(port) else {
+    // Reading the kernel's table is file I/O (long on a host with many sockets): off the runtime.
+    let read = move || async move {
+        tokio::task::spawn_blocking(move || kernel_drops_at(port))
+            .await
+            .ok()
+            .flatten()
+    };
+    let Some(mut last) = read().await else {
         tracing::debug!("no /proc/self/net/udp: kernel drops at the QUIC socket are not counted");
         return;
     };
@@ -260,7 +267,7 @@ pub async fn watch_quic_socket(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Some(now) = kernel_drops_at(port) else {
+        let Some(now) = read().await else {
             continue;
         };
         let lost = now.saturating_sub(last);
