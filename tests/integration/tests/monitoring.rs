@@ -309,12 +309,16 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
             .as_str()
             .and_then(|v| v.parse::<f64>().ok())
     };
-    let p2p = dash["panels"]
-        .as_array()
-        .expect("panels")
-        .iter()
-        .find(|p| p["title"] == "P2P vs relay")
-        .expect("P2P panel");
+    let panel = |title: &str| {
+        dash["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"))
+            .clone()
+    };
+    let p2p = panel("P2P vs relay");
     let mut shown = Vec::new();
     for t in p2p["targets"].as_array().expect("targets") {
         let q = t["expr"]
@@ -342,15 +346,6 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
         let v = v.unwrap_or(0.0);
         assert!(v > 0.0 && v <= 1.0, "P2P panel shows {legend} = {v}");
     }
-    let panel = |title: &str| {
-        dash["panels"]
-            .as_array()
-            .expect("panels")
-            .iter()
-            .find(|p| p["title"] == title)
-            .unwrap_or_else(|| panic!("no panel {title:?}"))
-            .clone()
-    };
     let paths = panel("Direct paths");
     let connections = paths["targets"][0]["expr"].as_str().expect("expr");
     let r = get(web, &format!("/api/v1/query?query={}", encode(connections))).await;
