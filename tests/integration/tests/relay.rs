@@ -692,3 +692,37 @@ async fn the_single_first_datagram_of_every_new_udp_flow_is_answered() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// Datagrams a local client sends to a UDP forward whose service no connector serves wait for a
+/// path that never comes: when the agent refuses the flow they are counted as dropped
+/// (`no_path`) and logged, not discarded silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_of_a_udp_flow_that_cannot_open_are_counted_as_dropped() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", ServiceState::Unavailable).await;
+    let client = UdpSocket::bind(loopback0()).await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    for i in 0..3u8 {
+        client.send(&[i; 100]).await.unwrap();
+    }
+    let dropped = || {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_udp_dropped_total",
+            &[("reason", "no_path")],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || dropped() >= 1.0).await,
+        "queued datagrams of a refused flow were not counted"
+    );
+    println!(
+        "MEASURED 3 datagrams to an unavailable UDP service: {} counted as no_path",
+        dropped()
+    );
+    a.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
