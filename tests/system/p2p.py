@@ -20,14 +20,17 @@ direct on the same connection (no second punch); d) the direct path cut mid-run 
 the relay within 3 s, none started after the cut fails; a2/a3) one NAT bare -> direct; a4) both
 bare -> whatever the path, no flow fails or waits; b) NAT-A symmetric -> all via the relay, none
 failed, none delayed; c) UDP between the NATs dropped -> the same; e) agent and connector on one
-LAN -> direct via the local candidate. Every transfer is 8 MiB through a TCP echo checked by
+LAN -> direct via the local candidate; h) tickets: a crafted client (`ztna-hostile ticket`) on the
+connector's LAN with a valid agent certificate and no, an expired, a wrong-service or otherwise
+wrong ticket is refused, counted by reason, and reaches no backend (a valid ticket from the same
+client works, as the control). Every transfer is 8 MiB through a TCP echo checked by
 SHA-256; every case prints its figures (direct share from the agent's flows_total{path}, relay
 bytes from the intermediate, time until the path was up, failed and slowest flows); the end
 prints the matrix and "p2p: N passed, N failed". Namespaces are zp-*, never netns.py's ztna-*.
 Every loop is bounded in count or time; namespaces and processes go in a finally. Set
 ZTNA_P2P_KEEP=1 to keep the logs (the temporary directory is printed).
 """
-import os, re, shutil, signal, subprocess, sys, tempfile, time, traceback, urllib.request
+import json, os, re, shutil, signal, subprocess, sys, tempfile, time, traceback, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -214,8 +217,13 @@ def pki():
     d = os.path.join(WORK, "pki")
     pk = os.path.join(BIN, "ztna-pki")
     run(pk, "init", "--out", d, "--trust-domain", "p2p.test")
-    for role, name in [("intermediate", "relay"), ("connector", "web-1"), ("agent", "alice"), ("agent", "carol")]:
+    for role, name in [("intermediate", "relay"), ("connector", "web-1"), ("agent", "alice"), ("agent", "carol"),
+                       ("intermediate", "impostor")]:
         run(pk, "issue", "--ca", d, "--role", role, "--name", name, "--out", d)
+    # Another CA in the same trust domain, with a relay of the same name (same SPIFFE ID, other
+    # key): a forger's signer for case h.
+    run(pk, "init", "--out", d + "/foreign", "--trust-domain", "p2p.test")
+    run(pk, "issue", "--ca", d + "/foreign", "--role", "intermediate", "--name", "relay", "--out", d + "/foreign")
     return d
 
 
@@ -401,6 +409,8 @@ def main():
         print("building release binaries", flush=True)
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "ztna-intermediate", "-p", "ztna-connector",
                         "-p", "ztna-agent", "-p", "ztna-pki"], cwd=REPO, check=True)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "ztna-integration", "--bin", "ztna-hostile"],
+                       cwd=REPO, check=True)
     print(f"binaries: {BIN}", flush=True)
     WORK = tempfile.mkdtemp(prefix="ztna-p2p.")
     print(f"work directory: {WORK}", flush=True)
@@ -413,11 +423,12 @@ def main():
                                                          f'drain_timeout = "2s"\n{tls(d, "relay")}{policy}'))
     procs["backend"] = {"proc": subprocess.Popen(nsx("back", sys.executable, HELP, "backends-on", BACKEND, "7000", "7001"),
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "host": "back"}
-    conn_cfg = write("connector", f'intermediates = ["{RELAY}:4433"]\nops_listen = "127.0.0.1:9471"\ndrain_timeout = "2s"\n'
-                                  f'{tls(d, "web-1")}[[service]]\nname = "web"\ntcp = "{BACKEND}:7000"\nudp = "{BACKEND}:7001"\n'
-                                  f'[[service]]\nname = "db"\ntcp = "{BACKEND}:7000"\n')
+    conn_text = (f'intermediates = ["{RELAY}:4433"]\nops_listen = "127.0.0.1:9471"\ndrain_timeout = "2s"\n'
+                 f'{tls(d, "web-1")}[[service]]\nname = "web"\ntcp = "{BACKEND}:7000"\nudp = "{BACKEND}:7001"\n'
+                 f'[[service]]\nname = "db"\ntcp = "{BACKEND}:7000"\n')
+    conn_cfg = write("connector", conn_text)
 
-    def fresh_start():
+    def fresh_start(cfg=None):
         """Each case starts clean: the NATs' conntrack tables flushed (when conntrack is installed)
         and a new connector process (a new source port). A NAT mapping left by an earlier case
         would otherwise decide this one: Linux reuses a source's existing mapping for its new
@@ -426,7 +437,7 @@ def main():
             if shutil.which("conntrack"):
                 run(*nsx(h, "conntrack", "-F"), check=False)
         stop("connector")
-        start("connector", "connector", "conn", conn_cfg)
+        start("connector", "connector", "conn", cfg or conn_cfg)
         ok = wait(lambda: msum(scrape("conn"), "ztna_connector_intermediates_connected") == 1, 20)
         if not ok:
             raise AssertionError("the connector did not register at the relay")
@@ -694,6 +705,93 @@ def main():
         assert addrs and all(x.startswith(CONN + ":") for x in addrs), f"not via the connector's LAN address {CONN}: {addrs}; " + line
         return f"{line}; the agent's direct path went to {addrs}"
     ce()
+
+    def syn_counter(on):
+        """Counts TCP connection attempts that reach the backend host (on), or removes that."""
+        if on:
+            nft("back", "table ip zp_syn {\n  chain in { type filter hook input priority filter; policy accept;\n"
+                        "    tcp dport 7000 tcp flags & (syn | ack) == syn counter\n  }\n}\n")
+        else:
+            run(*nsx("back", "nft", "delete", "table", "ip", "zp_syn"), check=False)
+
+    def syns():
+        out = run(*nsx("back", "nft", "list", "table", "ip", "zp_syn"), check=False)
+        return sum(int(x) for x in re.findall(r"packets (\d+)", out))
+
+    @case("h) tickets: a crafted client on the connector's LAN with a valid agent certificate and no, an expired, "
+          "a wrong-service or otherwise wrong ticket is refused by the connector, counted, and reaches no backend")
+    def ch(fig):
+        # On the connector's LAN nothing but the ticket stands between a client with a valid agent
+        # certificate and the connector's QUIC endpoint (from the internet, NAT-C's filter already
+        # drops what no punch opened). The connector binds a known port for this case.
+        port = 4600
+        fresh_start(write("connector-h", f'bind = "0.0.0.0:{port}"\n' + conn_text))
+        me, web1 = "spiffe://p2p.test/agent/carol", "spiffe://p2p.test/connector/web-1"
+        signer = ["--signer-cert", f"{d}/relay.pem", "--signer-key", f"{d}/relay.key"]
+        cases = [
+            ("no ticket", [], "no_ticket"),
+            ("expired 10 s ago", signer + ["--lifetime-ms", "-10000"], "expired"),
+            ("for db, used for web", signer + ["--for-services", "db"], "service_not_allowed"),
+            ("for another agent (alice)", signer + ["--for-agent", "spiffe://p2p.test/agent/alice"], "wrong_agent"),
+            ("for another connector (web-2)", signer + ["--connector", "spiffe://p2p.test/connector/web-2"], "wrong_connector"),
+            ("signed by an intermediate the connector is not connected to",
+             ["--signer-cert", f"{d}/impostor.pem", "--signer-key", f"{d}/impostor.key"], "unknown_intermediate"),
+            ("forged: another CA's relay under the relay's name",
+             ["--signer-cert", f"{d}/foreign/relay.pem", "--signer-key", f"{d}/foreign/relay.key",
+              "--signer-ca", f"{d}/foreign/ca.pem"], "bad_signature"),
+            ("living longer than tickets may (1 h)", signer + ["--lifetime-ms", "3600000"], "bad_ticket"),
+            ("garbage", ["--raw-ticket", "deadbeef"], "malformed"),
+        ]
+
+        def probe_ticket(extra):
+            args = [os.path.join(BIN, "ztna-hostile"), "ticket", "--ca", f"{d}/ca.pem", "--cert", f"{d}/carol.pem",
+                    "--key", f"{d}/carol.key", "--server", f"{CONN}:{port}", "--service", "web"]
+            if "--connector" not in extra:
+                args += ["--connector", web1]
+            r = subprocess.run(nsx("agentc", *args, *extra), capture_output=True, text=True, timeout=30)
+            lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+            if r.returncode != 0 or not lines:
+                raise AssertionError(f"ztna-hostile ticket {' '.join(extra)} failed (rc {r.returncode}): "
+                                     f"{(r.stdout + r.stderr).strip()[-400:]}")
+            return json.loads(lines[-1])
+
+        def refused(label):
+            return msum(scrape("conn"), "ztna_connector_direct_refused_total", f'reason="{label}"')
+
+        syn_counter(True)
+        try:
+            c0 = scrape("conn")
+            seen = []
+            for name, extra, label in cases:
+                before = refused(label)
+                out = probe_ticket(extra)
+                counted = wait(lambda: refused(label) > before, 3)
+                seen.append(f"{name}: {out['outcome']} ({label}{'' if counted else ' NOT COUNTED'}: {out['reason'][:70]})")
+                assert out["outcome"] != "accepted", f"{name}: the connector accepted the flow; " + "; ".join(seen)
+                assert counted, f"{name}: not counted as direct_refused_total{{reason=\"{label}\"}}; " + "; ".join(seen)
+            refused_syns = syns()
+            c1 = scrape("conn")
+            good = probe_ticket(signer)
+            good_syns = syns()
+            c2 = scrape("conn")
+        finally:
+            syn_counter(False)
+        direct = lambda t: msum(t, "ztna_connector_direct_flows_total")
+        total_refused = lambda t: msum(t, "ztna_connector_direct_refused_total")
+        fig["outcome"] = f"{len(cases)} of {len(cases)} refused, valid ticket accepted" if good["outcome"] == "accepted" else "?"
+        fig["share"] = "-"
+        fig["figures"] = (f"refused: {', '.join(l for _, _, l in cases)}; backend connection attempts during them "
+                          f"{refused_syns}; with a valid ticket: {good['outcome']}, echoed {good['echoed']}, backend attempts "
+                          f"+{good_syns - refused_syns}")
+        line = f"{'; '.join(seen)}; {fig['figures']}"
+        assert refused_syns == 0, "a refused ticket reached the backend: " + line
+        assert direct(c1) == direct(c0), "a refused ticket opened a direct flow: " + line
+        assert total_refused(c1) - total_refused(c0) == len(cases), "refusals miscounted: " + line
+        # The control: the same client, port and certificate with the relay's genuine ticket.
+        assert good["outcome"] == "accepted" and good["echoed"], "a valid ticket did not get a working flow: " + line
+        assert good_syns - refused_syns == 1 and direct(c2) == direct(c1) + 1, line
+        return line
+    ch()
 
     print()
     print("NAT matrix:")

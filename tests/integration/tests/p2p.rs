@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use ztna_integration::hostile::direct::{self, signed_ticket, Attempt, DirectOutcome};
+use ztna_integration::hostile::{open_flow, tcp_open, FlowOutcome};
 use ztna_integration::*;
 use ztna_proto::{Protocol, ServiceState};
 
@@ -266,7 +268,7 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connector_answers_tickets_on_an_established_direct_connection() {
     use ztna_node::io::{write_frame, FramedRecv};
-    use ztna_proto::{DirectMsg, DirectReply, FlowReply, Role, PROTOCOL_VERSION};
+    use ztna_proto::{DirectMsg, DirectReply, Role, PROTOCOL_VERSION};
     logs();
     let pki = Pki::new();
     let (echo, accepted) = counting_echo().await;
@@ -285,15 +287,18 @@ async fn the_connector_answers_tickets_on_an_established_direct_connection() {
     );
     c.wait_registered(1).await;
     let (a_id, c_id) = (Pki::id("agent", "alice"), Pki::id("connector", "web-1"));
-    let conn = dial_connector(c.quic, &pki.issue("agent", "alice")).await;
+    let conn = direct::dial_connector(c.quic, &pki.issue("agent", "alice"), T)
+        .await
+        .unwrap();
     let (mut control, r) = conn.open_bi().await.unwrap();
     let mut control_recv = FramedRecv::new(r);
     let flow = |service: &'static str| {
         let conn = conn.clone();
-        async move { open_flow(conn, service).await.expect("a flow answer") }
+        async move { open_flow(&conn, &tcp_open(service), false, T).await }
     };
-    let ticket =
-        |agent: &str, service: &str| signed_ticket(&relay, agent, &c_id, &[service], 30_000);
+    let ticket = |agent: &str, service: &str| {
+        signed_ticket(&relay, agent, &c_id, &[service], 30_000).unwrap()
+    };
     write_frame(
         &mut control,
         &DirectMsg::Hello {
@@ -310,7 +315,7 @@ async fn the_connector_answers_tickets_on_an_established_direct_connection() {
         }
     );
     assert!(
-        matches!(flow("db").await, FlowReply::Reject { .. }),
+        matches!(flow("db").await, FlowOutcome::Rejected(..)),
         "db without its ticket"
     );
     write_frame(
@@ -328,8 +333,8 @@ async fn the_connector_answers_tickets_on_an_established_direct_connection() {
         },
         "a valid ticket for db adds db and keeps web"
     );
-    assert_eq!(flow("db").await, FlowReply::Accept);
-    assert_eq!(flow("web").await, FlowReply::Accept);
+    assert!(matches!(flow("db").await, FlowOutcome::Accepted(..)));
+    assert!(matches!(flow("web").await, FlowOutcome::Accepted(..)));
     let refused = || {
         metric(
             &c.daemon.metrics.common.render(),
@@ -356,7 +361,7 @@ async fn the_connector_answers_tickets_on_an_established_direct_connection() {
     assert_eq!(refused(), before + 1.0);
     let backend_before = accepted.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        matches!(flow("ssh").await, FlowReply::Reject { .. }),
+        matches!(flow("ssh").await, FlowOutcome::Rejected(..)),
         "ssh after a refused ticket"
     );
     assert_eq!(
@@ -364,9 +369,8 @@ async fn the_connector_answers_tickets_on_an_established_direct_connection() {
         backend_before,
         "a refused ticket reached a backend"
     );
-    assert_eq!(
-        flow("web").await,
-        FlowReply::Accept,
+    assert!(
+        matches!(flow("web").await, FlowOutcome::Accepted(..)),
         "a refused ticket took web away"
     );
     assert!(
@@ -400,128 +404,17 @@ async fn counting_echo() -> (
     (addr, n)
 }
 
-/// What a crafted direct client got from the connector.
-#[derive(Debug, PartialEq)]
-enum Outcome {
-    /// Refused at Hello, with the reason.
-    Refused(String),
-    /// Welcomed, then the flow for the service was rejected with this reason.
-    FlowRejected(String),
-    /// Welcomed and the flow was accepted.
-    FlowAccepted,
-}
-
-/// Connects to the connector directly as `agent_tls`, presents `ticket` (or nothing), and tries a
-/// TCP flow to `service`.
-/// A QUIC connection to the connector's endpoint as `agent_tls` (mutual TLS; no ticket yet).
-async fn dial_connector(
-    conn_addr: std::net::SocketAddr,
-    agent_tls: &ztna_node::config::TlsConfig,
-) -> quinn::Connection {
-    use ztna_proto::Role;
-    let identity = ztna_node::Identity::load(agent_tls, Role::Agent).unwrap();
-    let cfg = ztna_node::transport::client_config(
-        &identity,
-        Role::Connector,
-        &ztna_node::transport::TransportOptions::default(),
-    )
-    .unwrap();
-    let ep = quinn::Endpoint::client(loopback0()).unwrap();
-    ep.connect_with(cfg, conn_addr, "ztna-connector")
-        .unwrap()
-        .await
-        .expect("TLS to the connector (a valid agent certificate)")
-}
-
-/// Opens a TCP flow to `service` on a direct connection: the connector's answer, or `None`
-/// when the stream or the connection failed.
-async fn open_flow(conn: quinn::Connection, service: &str) -> Option<ztna_proto::FlowReply> {
-    use ztna_node::io::{write_frame, FramedRecv};
-    use ztna_proto::{FlowOpen, FlowReply};
-    let (mut s, r) = conn.open_bi().await.ok()?;
-    let mut r = FramedRecv::new(r);
-    let open = FlowOpen {
-        service: service.to_string(),
-        protocol: Protocol::Tcp,
-        flow_id: 0,
-    };
-    write_frame(&mut s, &open).await.ok()?;
-    r.expect::<FlowReply>(T).await.ok()
-}
-
-async fn direct_attempt(
+/// A crafted direct attempt from a fresh connection as `agent_tls`: what the connector did.
+async fn attempt(
     conn_addr: std::net::SocketAddr,
     agent_tls: &ztna_node::config::TlsConfig,
     ticket: Option<Vec<u8>>,
     service: &str,
-) -> Outcome {
-    use ztna_node::io::{write_frame, FramedRecv};
-    use ztna_proto::{DirectMsg, DirectReply, FlowReply, PROTOCOL_VERSION};
-    let conn = dial_connector(conn_addr, agent_tls).await;
-    let flow = |conn: quinn::Connection| open_flow(conn, service);
-    let Some(ticket) = ticket else {
-        // No Hello: straight to a flow.
-        return match flow(conn.clone()).await {
-            Some(FlowReply::Accept) => Outcome::FlowAccepted,
-            Some(FlowReply::Reject { message, .. }) => Outcome::FlowRejected(message),
-            None => Outcome::Refused(
-                tokio::time::timeout(T, conn.closed())
-                    .await
-                    .map(|e| ztna_node::identity::describe_connection_error(&e))
-                    .unwrap_or_default(),
-            ),
-        };
-    };
-    let (mut s, r) = conn.open_bi().await.unwrap();
-    let mut r = FramedRecv::new(r);
-    write_frame(
-        &mut s,
-        &DirectMsg::Hello {
-            version: PROTOCOL_VERSION,
-            ticket,
-        },
-    )
-    .await
-    .unwrap();
-    match r.expect::<DirectReply>(T).await {
-        Ok(DirectReply::Refused { reason }) => Outcome::Refused(reason),
-        Ok(DirectReply::Welcome { .. }) => match flow(conn.clone()).await {
-            Some(FlowReply::Accept) => Outcome::FlowAccepted,
-            Some(FlowReply::Reject { message, .. }) => Outcome::FlowRejected(message),
-            None => Outcome::Refused("flow failed".into()),
-        },
-        Err(e) => Outcome::Refused(e.to_string()),
-    }
-}
-
-/// Tickets as an intermediate would sign them.
-fn signed_ticket(
-    signer: &ztna_node::Identity,
-    agent: &str,
-    connector: &str,
-    services: &[&str],
-    lifetime_ms: i64,
-) -> Vec<u8> {
-    use ztna_proto::ticket::{Ticket, TicketBody};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let body = TicketBody {
-        intermediate: signer.id.to_string(),
-        agent: agent.to_string(),
-        connector: connector.to_string(),
-        services: services.iter().map(|s| s.to_string()).collect(),
-        not_after_ms: (now + lifetime_ms).max(0) as u64,
-    }
-    .encode();
-    let (scheme, signature) = signer.sign(&body).unwrap();
-    Ticket {
-        body,
-        scheme,
-        signature,
-    }
-    .encode()
+) -> Attempt {
+    let conn = direct::dial_connector(conn_addr, agent_tls, T)
+        .await
+        .expect("TLS to the connector (a valid agent certificate)");
+    direct::direct_attempt(&conn, ticket, service, T).await
 }
 
 /// The connector accepts a direct connection and its flows only with a ticket an intermediate it
@@ -560,86 +453,62 @@ async fn the_connector_refuses_direct_connections_without_a_valid_ticket() {
         ("no ticket", None, "web", "no_ticket"),
         (
             "expired",
-            Some(signed_ticket(
-                &relay_identity,
-                &a_id,
-                &c_id,
-                &["web"],
-                -10_000,
-            )),
+            Some(signed_ticket(&relay_identity, &a_id, &c_id, &["web"], -10_000).unwrap()),
             "web",
             "expired",
         ),
         (
             "for another agent",
-            Some(signed_ticket(
-                &relay_identity,
-                &Pki::id("agent", "bob"),
-                &c_id,
-                &["web"],
-                30_000,
-            )),
+            Some(
+                signed_ticket(
+                    &relay_identity,
+                    &Pki::id("agent", "bob"),
+                    &c_id,
+                    &["web"],
+                    30_000,
+                )
+                .unwrap(),
+            ),
             "web",
             "wrong_agent",
         ),
         (
             "for another connector",
-            Some(signed_ticket(
-                &relay_identity,
-                &a_id,
-                &Pki::id("connector", "web-2"),
-                &["web"],
-                30_000,
-            )),
+            Some(
+                signed_ticket(
+                    &relay_identity,
+                    &a_id,
+                    &Pki::id("connector", "web-2"),
+                    &["web"],
+                    30_000,
+                )
+                .unwrap(),
+            ),
             "web",
             "wrong_connector",
         ),
         (
             "for db, used for web",
-            Some(signed_ticket(
-                &relay_identity,
-                &a_id,
-                &c_id,
-                &["db"],
-                30_000,
-            )),
+            Some(signed_ticket(&relay_identity, &a_id, &c_id, &["db"], 30_000).unwrap()),
             "web",
             "service_not_allowed",
         ),
         (
             "signed by a relay the connector is not connected to",
-            Some(signed_ticket(
-                &impostor_relay,
-                &a_id,
-                &c_id,
-                &["web"],
-                30_000,
-            )),
+            Some(signed_ticket(&impostor_relay, &a_id, &c_id, &["web"], 30_000).unwrap()),
             "web",
             "unknown_intermediate",
         ),
         // Same SPIFFE ID as the real relay, another key: the signature does not verify.
         (
             "signed by another CA's relay",
-            Some(signed_ticket(
-                &foreign_relay,
-                &a_id,
-                &c_id,
-                &["web"],
-                30_000,
-            )),
+            Some(signed_ticket(&foreign_relay, &a_id, &c_id, &["web"], 30_000).unwrap()),
             "web",
             "bad_signature",
         ),
         (
             "living longer than tickets may",
-            Some(signed_ticket(
-                &relay_identity,
-                &a_id,
-                &c_id,
-                &["web"],
-                3_600_000,
-            )),
+            Some(signed_ticket(&relay_identity, &a_id, &c_id, &["web"], 3_600_000).unwrap()),
             "web",
             "bad_ticket",
         ),
@@ -659,9 +528,9 @@ async fn the_connector_refuses_direct_connections_without_a_valid_ticket() {
     };
     for (name, ticket, service, label) in cases {
         let before = refused(label);
-        let outcome = direct_attempt(c.quic, &alice, ticket, service).await;
+        let outcome = attempt(c.quic, &alice, ticket, service).await.outcome;
         println!("ticket {name}: {outcome:?}");
-        assert_ne!(outcome, Outcome::FlowAccepted, "{name}: accepted");
+        assert_ne!(outcome, DirectOutcome::FlowAccepted, "{name}: accepted");
         assert!(
             eventually(Duration::from_secs(2), || refused(label) > before).await,
             "{name}: not counted as {label}"
@@ -673,10 +542,13 @@ async fn the_connector_refuses_direct_connections_without_a_valid_ticket() {
         "a refused ticket reached a backend"
     );
     // The genuine article works.
-    let good = signed_ticket(&relay_identity, &a_id, &c_id, &["web"], 30_000);
-    assert_eq!(
-        direct_attempt(c.quic, &alice, Some(good), "web").await,
-        Outcome::FlowAccepted
+    let good = signed_ticket(&relay_identity, &a_id, &c_id, &["web"], 30_000).unwrap();
+    let ok = attempt(c.quic, &alice, Some(good), "web").await;
+    assert_eq!(ok.outcome, DirectOutcome::FlowAccepted);
+    let flow = ok.flow.expect("the accepted flow's stream");
+    assert!(
+        direct::echoes(flow, b"through the direct path", T).await,
+        "the accepted flow did not reach the echo backend"
     );
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;

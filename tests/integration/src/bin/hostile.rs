@@ -4,7 +4,7 @@
 //!
 //! Attacks (as an authenticated peer, in our own protocol): `exhaust`, `flood-write`, `names`,
 //! `initials` (spoofed raw Initials; root), `hold` (revocation: a held flow that reports how it
-//! ends). Local helpers: `victim`, `serve` (backends), `upload`, `download`, `udp-flows`, and
+//! ends), `ticket` (issue 14: a crafted direct client with a ticket it made, or none). Local helpers: `victim`, `serve` (backends), `upload`, `download`, `udp-flows`, and
 //! `issue` (a certificate whose notAfter is seconds away).
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use ztna_integration::hostile::{attacks, initials, local, unix_now, Creds, NameKind};
+use ztna_integration::hostile::{attacks, direct, initials, local, unix_now, Creds, NameKind};
 use ztna_node::config::TlsConfig;
 
 #[derive(Parser)]
@@ -211,6 +211,43 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         hold: f64,
     },
+    /// Issue 14: a crafted direct (P2P) client. Dials the connector at SERVER as the agent of
+    /// --cert, presents a ticket signed with --signer-cert/--signer-key (an intermediate's, or a
+    /// forger's), a raw one, or none, and opens a TCP flow to SERVICE; an accepted flow must echo.
+    Ticket {
+        #[command(flatten)]
+        tls: Tls,
+        /// The connector's QUIC address (its `bind`).
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        service: String,
+        /// The connector's SPIFFE ID, as the ticket names it.
+        #[arg(long)]
+        connector: String,
+        /// Signs the ticket; without it no ticket is presented.
+        #[arg(long, requires = "signer_key")]
+        signer_cert: Option<PathBuf>,
+        #[arg(long)]
+        signer_key: Option<PathBuf>,
+        /// The CA the signer's certificate chains to (default: --ca).
+        #[arg(long)]
+        signer_ca: Option<PathBuf>,
+        /// The agent the ticket names (default: ours).
+        #[arg(long)]
+        for_agent: Option<String>,
+        /// The services the ticket names, comma-separated (default: SERVICE).
+        #[arg(long, value_delimiter = ',')]
+        for_services: Vec<String>,
+        /// Milliseconds the ticket lives from now (negative: expired).
+        #[arg(long, default_value_t = 30_000, allow_negative_numbers = true)]
+        lifetime_ms: i64,
+        /// Present these hex bytes as the ticket (a malformed one).
+        #[arg(long)]
+        raw_ticket: Option<String>,
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
     /// Issues a certificate from DIR/ca.pem + ca.key whose notAfter is SECS from now.
     Issue {
         #[arg(long)]
@@ -241,6 +278,20 @@ fn parse_net(s: &str) -> Result<(Ipv4Addr, u8), String> {
         return Err(format!("{s}: prefix longer than 32"));
     }
     Ok((ip, len))
+}
+
+fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err(format!("--raw-ticket {s}: an odd number of hex digits"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            s.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .ok_or_else(|| format!("--raw-ticket {s}: not hex"))
+        })
+        .collect()
 }
 
 fn issue(ca: &Path, role: &str, name: &str, out: &Path, secs: u32) -> Result<Value, String> {
@@ -441,6 +492,47 @@ async fn run(cmd: Cmd) -> Result<Value, String> {
             out,
             expires_in,
         } => issue(&ca, &role, &name, &out, expires_in),
+        Cmd::Ticket {
+            tls,
+            server,
+            service,
+            connector,
+            signer_cert,
+            signer_key,
+            signer_ca,
+            for_agent,
+            for_services,
+            lifetime_ms,
+            raw_ticket,
+            timeout,
+        } => {
+            let signer = match (signer_cert, signer_key) {
+                (Some(cert), Some(key)) => Some(TlsConfig {
+                    ca: signer_ca.unwrap_or_else(|| tls.ca.clone()),
+                    cert,
+                    key,
+                }),
+                _ => None,
+            };
+            let raw_ticket = raw_ticket.map(|h| parse_hex(&h)).transpose()?;
+            let o = direct::TicketProbe {
+                server,
+                agent: TlsConfig {
+                    ca: tls.ca,
+                    cert: tls.cert,
+                    key: tls.key,
+                },
+                service,
+                connector,
+                signer,
+                for_agent,
+                for_services,
+                lifetime_ms,
+                raw_ticket,
+                limit: secs(timeout.clamp(0.1, 60.0)),
+            };
+            direct::ticket_probe(&o).await
+        }
     }
 }
 

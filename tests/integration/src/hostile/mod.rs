@@ -7,6 +7,7 @@
 //! in-process tests call them directly.
 
 pub mod attacks;
+pub mod direct;
 pub mod initials;
 pub mod local;
 
