@@ -471,6 +471,7 @@ async fn backend_reader(
         .with_label_values(&[service, "to_agent"]);
     let dropped = |r: &str| m.udp_dropped.with_label_values(&[r]);
     let (drop_full, drop_gone) = (dropped("send_buffer_full"), dropped("peer_gone"));
+    let drop_refused = dropped("backend_error");
     let overflowed = dropped("socket_overflow");
     ztna_node::udp::report_overflows(socket);
     let mut overflows = ztna_node::udp::OverflowCounter::default();
@@ -492,14 +493,20 @@ async fn backend_reader(
                 (r.len, r.from)
             }
             Err(e) => {
-                // ICMP port unreachable from the backend surfaces here; keep the flow.
-                debug!(%service, error = %e, "backend socket error");
                 m.backend_errors.with_label_values(&[service]).inc();
                 arena.clear();
                 if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    // The backend's host refused a datagram we sent (ICMP port unreachable: no
+                    // one listens there now). The kernel reports it on whichever call comes
+                    // next, usually this read rather than a send, so it is counted here as a
+                    // drop like a failed send. The flow stays: a backend that comes back gets
+                    // the flow's next datagrams.
+                    drop_refused.inc();
+                    ztna_node::warn_limited!(DROP_LOG, %service, %backend, "UDP datagram to the backend dropped: the backend's host refused it (nothing listens on that port)");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                ztna_node::warn_limited!(DROP_LOG, %service, error = %e, "backend socket failed; the UDP flow ends");
                 return;
             }
         };

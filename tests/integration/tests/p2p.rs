@@ -773,3 +773,72 @@ async fn a_direct_path_comes_up_over_ipv6() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// Datagrams on a direct connection that name no flow, or no valid flow id at all, are counted by
+/// reason at the connector (`unknown_flow`, `malformed`) and logged; they reach no backend and
+/// leave the path working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_counts_datagrams_it_cannot_place_on_a_direct_path() {
+    logs();
+    let pki = Pki::new();
+    let (echo, accepted) = counting_echo().await;
+    let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    let relay = ztna_node::Identity::load(&cfg.tls, ztna_proto::Role::Intermediate).unwrap();
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let (a_id, c_id) = (Pki::id("agent", "alice"), Pki::id("connector", "web-1"));
+    let conn = direct::dial_connector(c.quic, &pki.issue("agent", "alice"), T)
+        .await
+        .unwrap();
+    let ticket = signed_ticket(&relay, &a_id, &c_id, &["web"], 30_000).unwrap();
+    // A ticketed path with no flow yet: a Hello and a rejected flow for a service it lacks.
+    let probe = direct::direct_attempt(&conn, Some(ticket), "nope", T).await;
+    assert!(
+        matches!(probe.outcome, DirectOutcome::FlowRejected(_)),
+        "{:?}",
+        probe.outcome
+    );
+    let dropped = |reason: &str| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_udp_dropped_total",
+            &[("reason", reason)],
+        )
+    };
+    let mut arena = bytes::BytesMut::new();
+    let unknown = ztna_proto::datagram::encode_into(&mut arena, 4242, b"no such flow").unwrap();
+    for _ in 0..3 {
+        conn.send_datagram(unknown.clone()).unwrap();
+        // A varint that announces 8 bytes and has 1.
+        conn.send_datagram(bytes::Bytes::from_static(&[0xff]))
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            dropped("unknown_flow") >= 3.0 && dropped("malformed") >= 3.0
+        })
+        .await,
+        "unknown_flow {}, malformed {} (3 each sent)",
+        dropped("unknown_flow"),
+        dropped("malformed")
+    );
+    println!(
+        "MEASURED 3 unknown-flow and 3 malformed datagrams on a direct path: unknown_flow {}, malformed {}",
+        dropped("unknown_flow"),
+        dropped("malformed")
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a stray datagram opened a backend connection"
+    );
+    // The path still carries flows.
+    let ok = direct::direct_attempt(&conn, None, "web", T).await;
+    assert_eq!(ok.outcome, DirectOutcome::FlowAccepted);
+    let flow = ok.flow.expect("the accepted flow's stream");
+    assert!(direct::echoes(flow, b"still here", T).await);
+    drop(probe);
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}

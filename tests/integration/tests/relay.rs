@@ -726,3 +726,71 @@ async fn datagrams_of_a_udp_flow_that_cannot_open_are_counted_as_dropped() {
     a.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// A UDP service whose backend is down: its host refuses the datagrams (ICMP port unreachable),
+/// and the connector counts them as dropped (`backend_error`) and logs them, instead of losing
+/// them silently. It keeps the flow: once the backend is back on its port, the same client's
+/// next datagrams are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_counts_what_a_down_backend_refuses_and_outlives_it() {
+    logs();
+    let pki = Pki::new();
+    // A port no one listens on: bound, then released.
+    let down = {
+        let s = std::net::UdpSocket::bind(loopback0()).unwrap();
+        s.local_addr().unwrap()
+    };
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let (c, a) = dns_chain(&pki, im.addr, down).await;
+    let client = UdpSocket::bind(loopback0()).await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    let refused = || {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_udp_dropped_total",
+            &[("reason", "backend_error")],
+        )
+    };
+    for i in 0..5u8 {
+        client.send(&[i; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || refused() >= 1.0).await,
+        "datagrams the down backend's host refused were not counted as backend_error"
+    );
+    let while_down = refused();
+    // The backend comes back on its port.
+    let back = UdpSocket::bind(down).await.unwrap();
+    let echo = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = back.recv_from(&mut buf).await {
+            let _ = back.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut answered_after = None;
+    let mut buf = [0u8; 2048];
+    for i in 0..20 {
+        client.send(b"are you back").await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut buf)).await
+        {
+            if &buf[..n] == b"are you back" {
+                answered_after = Some(i + 1);
+                break;
+            }
+        }
+    }
+    println!(
+        "MEASURED 5 datagrams to a down UDP backend: {while_down} counted as backend_error; \
+         the same flow answered after the backend came back: {answered_after:?} datagrams"
+    );
+    assert!(
+        answered_after.is_some(),
+        "the flow did not carry datagrams again once the backend was back"
+    );
+    echo.abort();
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
