@@ -517,7 +517,7 @@ def main():
     def cg(fig):
         a = state.get("agent")
         assert a and a.now()[1] == 1, "no direct path up (case a)"
-        p0 = p2p_counts()
+        p0, k0 = p2p_counts(), msum(scrape("conn"), "ztna_connector_direct_punches_total")
         t0 = time.time()
         # db's first flow goes via the relay while its ticket is presented on web's path.
         first = transfer(a, port="8082")
@@ -526,17 +526,20 @@ def main():
         later = [transfer(a, port="8082") for _ in range(2)]
         c1, p1 = scrape("conn"), p2p_counts()
         conns = msum(c1, "ztna_connector_direct_connections")
+        punched = msum(c1, "ztna_connector_direct_punches_total") - k0
         later_relay = sum(r["relay_bytes"] for r in later)
         fig["share"] = f"{sum(r['path'] == 'direct' for r in [first] + later)}/3 direct"
         fig["outcome"] = "direct on web's connection" if up and conns == 1 and all(
             r["path"] == "direct" for r in later) else "not shared"
-        fig["figures"] = (f"db direct {t_up:.2f} s after its first flow started; connector direct_connections {conns:.0f}; "
+        fig["figures"] = (f"db direct {t_up:.2f} s after its first flow started; connector direct_connections {conns:.0f}, "
+                          f"punches for db {punched:.0f}; "
                           f"later 2x8 MiB: relay bytes {later_relay:.0f}")
         line = (f"first db flow: {describe([first])}; later: {describe(later)}; {fig['figures']}; "
                 f"relay p2p_total success +{p1['success'] - p0['success']:.0f}")
         assert first["ok"] and all(r["ok"] for r in later), line
         assert up, "db never went direct: " + line
         assert conns == 1, "db got a direct connection of its own: " + line
+        assert punched == 0, "the connector punched again for db: " + line
         assert all(r["path"] == "direct" for r in later) and later_relay == 0, line
         assert p1["success"] == p0["success"] + 1, line
         return line

@@ -331,6 +331,9 @@ enum NoPath {
 async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>, NoPath> {
     let link = relay_for(shared, service)
         .ok_or_else(|| NoPath::Refused("no relay carries the service now".to_string()))?;
+    if let Some(path) = join(shared, &link, service).await {
+        return Ok(path);
+    }
     let (tx, rx) = oneshot::channel();
     lock(&shared.direct.waiting).insert(service.to_string(), tx);
     let candidates = shared
@@ -378,6 +381,58 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
         }
     }
     result
+}
+
+/// Most live direct connections asked about, one after the other, before a new set-up.
+const MAX_JOIN_ASKS: usize = 4;
+
+/// Puts `service` on a live direct connection to a connector that serves it too, if the relay
+/// signs a ticket for it there: one round trip to the relay and one to the connector, and no
+/// offer, start signal or punching (the connector would otherwise punch towards us for 3 s for
+/// a connection we already have). The relay checks the policy and that the connector serves
+/// the service, as for any ticket. `None`: no such connection (or a refusal): set one up.
+async fn join(
+    shared: &Arc<Shared>,
+    link: &crate::relays::Link,
+    service: &str,
+) -> Option<Arc<DirectPath>> {
+    let paths: Vec<Arc<DirectPath>> = lock(&shared.direct.conns)
+        .values()
+        .filter(|p| p.live() && p.answers.load(Ordering::Relaxed))
+        .take(MAX_JOIN_ASKS)
+        .cloned()
+        .collect();
+    for path in paths {
+        let (tx, rx) = oneshot::channel();
+        lock(&shared.direct.tickets).insert(service.to_string(), tx);
+        link.say(ClientMsg::TicketRequest {
+            service: service.to_string(),
+            connector: path.connector.clone(),
+        });
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
+        lock(&shared.direct.tickets).remove(service);
+        let ticket = match answer {
+            Ok(Ok(Ok(ticket))) => ticket,
+            // Not allowed there, or the connector does not serve it: ask about the next.
+            Ok(Ok(Err(why))) => {
+                debug!(%service, connector = %path.connector, why = %why, "no ticket for the live direct connection");
+                continue;
+            }
+            _ => continue,
+        };
+        match path.present(ticket).await {
+            Ok(Some(services)) if services.iter().any(|s| s == service) => {
+                lock(&path.services).insert(service.to_string());
+                info!(%service, connector = %path.connector, addr = %ztna_node::transport::canonical(path.conn.remote_address()), services = ?path.services(), "direct path up (joined the live connection to the connector, no new punch)");
+                return Some(path);
+            }
+            Ok(_) => {}
+            Err(why) => {
+                debug!(%service, connector = %path.connector, why = %why, "the live direct connection did not take the service")
+            }
+        }
+    }
+    None
 }
 
 /// With the per-connector gate held: shares the live path to `connector` when it takes the

@@ -190,6 +190,7 @@ pub(crate) fn punch(shared: &Arc<Shared>, candidates: Vec<SocketAddr>) {
         let Some(puncher) = &shared.puncher else {
             return;
         };
+        shared.metrics.direct_punches.inc();
         puncher.punch_ttl(&candidates, FIRST_PUNCH_TTL);
         tokio::time::sleep(FULL_PUNCH_AFTER).await;
         let end = tokio::time::Instant::now() + PUNCH_FOR;

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub direct_connections: IntGauge,
     pub direct_refused: IntCounterVec,
     pub direct_flows: IntCounterVec,
+    pub direct_punches: IntCounter,
     pub credit_waits: IntCounter,
 }
 
@@ -124,6 +125,11 @@ impl Metrics {
                 "ztna_connector_direct_flows_total",
                 "Flows accepted on direct (P2P) connections from agents (also counted in ztna_connector_flows_total{result=\"ok\"}, which counts relayed and direct flows).",
                 &["service", "protocol"],
+            ),
+            direct_punches: m::counter(
+                r,
+                "ztna_connector_direct_punches_total",
+                "Direct-path set-ups this connector punched for: on an intermediate's start signal, packets towards the agent's candidates for 3 s. An agent's further services of this connector join its existing direct connection without one.",
             ),
             common,
         };

@@ -126,8 +126,8 @@ async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their
 }
 
 /// Two services behind one connector share one direct connection: the second service's ticket
-/// is presented on the first's control stream (no second punch or handshake), and both
-/// services' flows go direct.
+/// (asked of the relay for that connector) is presented on the first's control stream, with no
+/// offer, punching or handshake, and both services' flows go direct.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_of_one_connector_share_one_direct_connection() {
     logs();
@@ -172,6 +172,15 @@ async fn services_of_one_connector_share_one_direct_connection() {
         1.0,
         "db got a connection of its own instead of sharing web's"
     );
+    assert_eq!(
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_punches_total",
+            &[]
+        ),
+        1.0,
+        "the connector punched again for db, which joined the connection web's punch opened"
+    );
     let before = relay_bytes(&im);
     let payload = vec![9u8; 256 << 10];
     for port in [web, db, web, db] {
@@ -187,6 +196,61 @@ async fn services_of_one_connector_share_one_direct_connection() {
     assert_eq!(direct_connections(&c), 1.0);
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// With a direct connection to one connector up, a service only another connector serves gets
+/// a connection of its own: the relay refuses a ticket for it on the live connection, and the
+/// agent asks for a path (offer, punch, handshake) to the other connector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_of_another_connector_gets_its_own_direct_connection() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web", "db"]));
+    let mut c1 = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    let mut c2 = start_connector(&pki, "db-1", &[im.addr], &[("db", Some(echo), None)]);
+    c1.wait_registered(1).await;
+    c2.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    a.wait_status("db", ServiceState::Available).await;
+    let (web, db) = (a.port("web", Protocol::Tcp), a.port("db", Protocol::Tcp));
+    assert_eq!(tcp_roundtrip(web, b"w").await.unwrap(), b"w");
+    assert!(
+        eventually(T, || direct_paths(&a) == 1.0).await,
+        "no direct path for web"
+    );
+    assert_eq!(tcp_roundtrip(db, b"d").await.unwrap(), b"d");
+    assert!(
+        eventually(T, || direct_paths(&a) == 2.0).await,
+        "db never went direct"
+    );
+    let punches = |c: &ConnectorHandle| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_punches_total",
+            &[],
+        )
+    };
+    assert_eq!(
+        (direct_connections(&c1), direct_connections(&c2)),
+        (1.0, 1.0)
+    );
+    assert_eq!((punches(&c1), punches(&c2)), (1.0, 1.0));
+    for port in [web, db] {
+        assert_eq!(tcp_roundtrip(port, b"both").await.unwrap(), b"both");
+    }
+    assert_eq!(direct_flows_ok(&a, "tcp"), 2.0);
+    a.daemon.shutdown().await;
+    c1.daemon.shutdown().await;
+    c2.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
 
