@@ -160,8 +160,10 @@ pub(crate) struct Direct {
     /// One path set-up at a time per connector, so services that ask at once share it.
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
-    /// Fresh tickets (or the relay's refusal), by service, for the refresh loop.
-    tickets: Mutex<HashMap<String, oneshot::Sender<FreshTicket>>>,
+    /// Tickets asked of the relay (or its refusal), by service: for the refresh loop and for a
+    /// service joining a live connection. With the connector asked about, so that a late answer
+    /// about another connector is not taken for this one.
+    tickets: Mutex<HashMap<String, (String, oneshot::Sender<FreshTicket>)>>,
 }
 
 impl Direct {
@@ -210,15 +212,20 @@ impl Direct {
                 // An attempt's request, or a refresh the policy no longer allows.
                 if let Some(tx) = lock(&self.waiting).remove(&service) {
                     let _ = tx.send(Answer::Refused(reason));
-                } else if let Some(tx) = lock(&self.tickets).remove(&service) {
+                } else if let Some((_, tx)) = lock(&self.tickets).remove(&service) {
                     let _ = tx.send(Err(reason));
                 }
             }
             ServerMsg::Ticket {
-                service, ticket, ..
+                service,
+                connector,
+                ticket,
             } => {
-                if let Some(tx) = lock(&self.tickets).remove(&service) {
-                    let _ = tx.send(Ok(ticket));
+                let mut tickets = lock(&self.tickets);
+                if tickets.get(&service).is_some_and(|(c, _)| *c == connector) {
+                    if let Some((_, tx)) = tickets.remove(&service) {
+                        let _ = tx.send(Ok(ticket));
+                    }
                 }
             }
             _ => {}
@@ -404,7 +411,7 @@ async fn join(
         .collect();
     for path in paths {
         let (tx, rx) = oneshot::channel();
-        lock(&shared.direct.tickets).insert(service.to_string(), tx);
+        lock(&shared.direct.tickets).insert(service.to_string(), (path.connector.clone(), tx));
         link.say(ClientMsg::TicketRequest {
             service: service.to_string(),
             connector: path.connector.clone(),
@@ -639,7 +646,7 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
                 continue;
             };
             let (tx, rx) = oneshot::channel();
-            lock(&shared.direct.tickets).insert(service.to_string(), tx);
+            lock(&shared.direct.tickets).insert(service.to_string(), (path.connector.clone(), tx));
             link.say(ClientMsg::TicketRequest {
                 service: service.to_string(),
                 connector: path.connector.clone(),
