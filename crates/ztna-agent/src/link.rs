@@ -35,8 +35,10 @@ pub(crate) async fn supervise(
                 return;
             }
             let client_config = shared.client();
+            let limit = backoff.attempt_limit();
+            let started = Instant::now();
             let attempt = tokio::select! {
-                r = client::connect(&endpoint, &client_config, &target, CONNECT_TIMEOUT) => r,
+                r = client::connect(&endpoint, &client_config, &target, limit) => r,
                 _ = stop.cancelled() => return,
             };
             let ended = match attempt {
@@ -70,7 +72,7 @@ pub(crate) async fn supervise(
                 // A restart is planned: poll at about a second until it is back.
                 backoff.planned();
             }
-            let delay = backoff.next_delay(ended.since);
+            let delay = backoff.next_delay_after(ended.since, started);
             debug!(?delay, "reconnecting after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

@@ -54,7 +54,7 @@ impl Metrics {
             reconnects: m::counter(
                 r,
                 "ztna_connector_reconnects_total",
-                "Connection attempts after a lost or failed connection.",
+                "Connection attempts after a lost or failed connection (polling an intermediate that drained for a restart counts once, however many polls it takes).",
             ),
             flows_active: m::gauge_vec(
                 r,

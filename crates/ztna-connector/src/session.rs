@@ -29,23 +29,27 @@ pub(crate) async fn supervise(
     async move {
         let mut backoff = Reconnect::new(BackoffPolicy::default());
         let mut attempt = 0u64;
+        let mut last_failed = false;
         loop {
             if stop.is_cancelled() || shared.is_draining() {
                 return;
             }
-            if attempt > 0 {
+            // Polling an intermediate that drained for a restart is one reconnect, however many
+            // polls it takes (a routine restart must not look like a reconnect storm).
+            if attempt > 0 && !(backoff.is_planned() && last_failed) {
                 shared.metrics.reconnects.inc();
             }
             attempt += 1;
-            let ended = match client::connect(&endpoint, &shared.client(), &target, CONNECT_TIMEOUT)
-                .await
-            {
+            let limit = backoff.attempt_limit();
+            let started = Instant::now();
+            let ended = match client::connect(&endpoint, &shared.client(), &target, limit).await {
                 Ok(conn) => serve(&shared, conn, idx, &stop).await,
                 Err(reason) => {
                     warn!(%reason, "cannot connect to intermediate");
                     Ended::default()
                 }
             };
+            last_failed = ended.since.is_none();
             shared.set_registration(idx, None);
             if stop.is_cancelled() || shared.is_draining() {
                 return;
@@ -55,7 +59,7 @@ pub(crate) async fn supervise(
                 // second until it is back, whatever earlier failures did to the delays.
                 backoff.planned();
             }
-            let delay = backoff.next_delay(ended.since);
+            let delay = backoff.next_delay_after(ended.since, started);
             shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
             info!(?delay, "reconnecting after backoff");
             tokio::select! {

@@ -6,7 +6,10 @@
 //!   the cap (each delay is 50–100 % of the capped value), so a fleet that lost the same relay
 //!   does not come back in lockstep.
 //! * After a drain (GoAway, or a close with the DRAINING code) the peer told us a restart is
-//!   planned: poll every 0.5–1 s (jittered) until it is back, for up to `planned_window`.
+//!   planned: poll every 0.5–1 s (jittered) until it is back, for up to `planned_window`. An
+//!   attempt then starts every poll interval: one the peer does not answer ends when the next
+//!   is due ([`Reconnect::attempt_limit`]), so a peer that returns hears from us within a
+//!   second, not within a 3 s handshake timeout plus the poll.
 //! * A connection that stayed up for `healthy_after` resets the schedule.
 
 use std::time::{Duration, Instant};
@@ -62,6 +65,8 @@ pub struct Reconnect {
     iter: ExponentialBackoff,
     /// Set by [`Reconnect::planned`]: until when to poll at the planned interval.
     planned_until: Option<Instant>,
+    /// While polling: the interval drawn for the attempt under way (its limit).
+    poll: Option<Duration>,
 }
 
 impl Reconnect {
@@ -70,6 +75,7 @@ impl Reconnect {
             policy,
             iter: Self::build(&policy),
             planned_until: None,
+            poll: None,
         }
     }
 
@@ -86,6 +92,7 @@ impl Reconnect {
     pub fn reset(&mut self) {
         self.iter = Self::build(&self.policy);
         self.planned_until = None;
+        self.poll = None;
     }
 
     /// The peer drained on purpose: it is restarting, so poll it at the planned interval until it
@@ -98,6 +105,38 @@ impl Reconnect {
     /// True while polling a peer that drained.
     pub fn is_planned(&self) -> bool {
         self.planned_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// How long the next attempt may wait for the peer's first answer: [`CONNECT_TIMEOUT`], or
+    /// while polling a peer that drained, one poll interval (jittered), so that the attempts
+    /// start a poll interval apart. Either way an attempt the peer answered is given longer
+    /// ([`crate::client::connect_any`]): a busy peer is not abandoned.
+    pub fn attempt_limit(&mut self) -> Duration {
+        if self.is_planned() {
+            let p = jitter(self.policy.planned_poll);
+            self.poll = Some(p);
+            p
+        } else {
+            self.poll = None;
+            CONNECT_TIMEOUT
+        }
+    }
+
+    /// [`Reconnect::next_delay`] for an attempt that started at `started` with the limit from
+    /// [`Reconnect::attempt_limit`]: while polling, a failed attempt is followed by the next one
+    /// a poll interval after it started (at once after one that used its whole interval; an
+    /// attempt refused at once still waits the interval).
+    pub fn next_delay_after(
+        &mut self,
+        connected_since: Option<Instant>,
+        started: Instant,
+    ) -> Duration {
+        match self.poll.take() {
+            Some(p) if connected_since.is_none() && self.is_planned() => {
+                p.saturating_sub(started.elapsed())
+            }
+            _ => self.next_delay(connected_since),
+        }
     }
 
     /// Delay before the next attempt, given when the last connection was established (if it was).
@@ -177,6 +216,40 @@ mod tests {
         assert!(delays.iter().any(|d| *d != delays[0]), "{delays:?}");
         r.reset();
         assert!(!r.is_planned());
+    }
+
+    #[test]
+    fn while_polling_attempts_start_a_poll_interval_apart() {
+        let mut r = Reconnect::new(BackoffPolicy::default());
+        // Not polling: the full handshake timeout.
+        assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
+        r.planned();
+        for _ in 0..50 {
+            let limit = r.attempt_limit();
+            assert!(
+                limit >= Duration::from_millis(500) && limit <= Duration::from_secs(1),
+                "{limit:?}"
+            );
+            // An attempt that used its whole interval: the next one starts at once.
+            let started = Instant::now() - limit;
+            assert_eq!(r.next_delay_after(None, started), Duration::ZERO);
+            // One refused at once: the next one a poll interval after it started.
+            let limit = r.attempt_limit();
+            let d = r.next_delay_after(None, Instant::now());
+            assert!(
+                d <= limit && d + Duration::from_millis(50) >= limit,
+                "{d:?} {limit:?}"
+            );
+        }
+        // A connection that was up and ended: the planned poll, as before.
+        r.attempt_limit();
+        let d = r.next_delay_after(
+            Some(Instant::now()),
+            Instant::now() - Duration::from_secs(5),
+        );
+        assert!(d >= Duration::from_millis(500), "{d:?}");
+        r.reset();
+        assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
     }
 
     #[test]
