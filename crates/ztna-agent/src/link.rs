@@ -70,7 +70,7 @@ pub(crate) async fn supervise(
             }
             if ended.drained {
                 // A restart is planned: poll at about a second until it is back.
-                backoff.planned();
+                backoff.planned(ended.rtt);
             }
             let delay = backoff.next_delay_after(ended.since, started);
             debug!(?delay, "reconnecting after backoff");
@@ -89,6 +89,8 @@ struct Ended {
     since: Option<Instant>,
     drained: bool,
     why: String,
+    /// The connection's round-trip time when it ended.
+    rtt: std::time::Duration,
 }
 
 async fn serve(
@@ -209,5 +211,6 @@ async fn serve(
         since: Some(since),
         drained,
         why,
+        rtt: conn.rtt(),
     }
 }

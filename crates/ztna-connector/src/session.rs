@@ -57,7 +57,7 @@ pub(crate) async fn supervise(
             if ended.drained {
                 // The intermediate drained on purpose (a restart or upgrade): poll it at about a
                 // second until it is back, whatever earlier failures did to the delays.
-                backoff.planned();
+                backoff.planned(ended.rtt);
             }
             let delay = backoff.next_delay_after(ended.since, started);
             shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
@@ -79,6 +79,8 @@ struct Ended {
     since: Option<Instant>,
     /// The intermediate told us it was draining (GoAway, or a close with the DRAINING code).
     drained: bool,
+    /// The connection's round-trip time when it ended.
+    rtt: std::time::Duration,
 }
 
 /// Runs one connection until it is lost or we stop.
@@ -148,7 +150,7 @@ async fn serve(
         _ = stop.cancelled() => {
             conn.close(VarInt::from_u32(codes::SHUTDOWN), b"connector stopped");
             forget_cert(shared, intermediate.as_deref(), cert.as_ref());
-            return Ended { since: Some(since), drained: false };
+            return Ended { since: Some(since), drained: false, rtt: conn.rtt() };
         }
     };
     warn!(reason = %why, "lost intermediate");
@@ -156,6 +158,7 @@ async fn serve(
     Ended {
         since: Some(since),
         drained: drained || client::closed_by_drain(&conn),
+        rtt: conn.rtt(),
     }
 }
 

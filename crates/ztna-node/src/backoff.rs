@@ -67,6 +67,9 @@ pub struct Reconnect {
     planned_until: Option<Instant>,
     /// While polling: the interval drawn for the attempt under way (its limit).
     poll: Option<Duration>,
+    /// While polling: the shortest attempt, two round trips of the connection that drained (a
+    /// relay's first answer must be able to arrive within an attempt on a long path).
+    poll_floor: Duration,
 }
 
 impl Reconnect {
@@ -76,6 +79,7 @@ impl Reconnect {
             iter: Self::build(&policy),
             planned_until: None,
             poll: None,
+            poll_floor: Duration::ZERO,
         }
     }
 
@@ -96,10 +100,12 @@ impl Reconnect {
     }
 
     /// The peer drained on purpose: it is restarting, so poll it at the planned interval until it
-    /// is back (delays grown by earlier failures do not carry over).
-    pub fn planned(&mut self) {
+    /// is back (delays grown by earlier failures do not carry over). `rtt`: the round-trip time
+    /// of the connection that drained; an attempt lasts at least two of them.
+    pub fn planned(&mut self, rtt: Duration) {
         self.iter = Self::build(&self.policy);
         self.planned_until = Some(Instant::now() + self.policy.planned_window);
+        self.poll_floor = rtt.saturating_mul(2);
     }
 
     /// True while polling a peer that drained.
@@ -113,7 +119,7 @@ impl Reconnect {
     /// ([`crate::client::connect_any`]): a busy peer is not abandoned.
     pub fn attempt_limit(&mut self) -> Duration {
         if self.is_planned() {
-            let p = jitter(self.policy.planned_poll);
+            let p = jitter(self.policy.planned_poll).max(self.poll_floor);
             self.poll = Some(p);
             p
         } else {
@@ -203,7 +209,7 @@ mod tests {
         for _ in 0..10 {
             r.next_delay(None);
         }
-        r.planned();
+        r.planned(Duration::from_millis(1));
         assert!(r.is_planned());
         let delays: Vec<Duration> = (0..50).map(|_| r.next_delay(None)).collect();
         assert!(
@@ -223,7 +229,7 @@ mod tests {
         let mut r = Reconnect::new(BackoffPolicy::default());
         // Not polling: the full handshake timeout.
         assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
-        r.planned();
+        r.planned(Duration::from_millis(1));
         for _ in 0..50 {
             let limit = r.attempt_limit();
             assert!(
@@ -250,6 +256,9 @@ mod tests {
         assert!(d >= Duration::from_millis(500), "{d:?}");
         r.reset();
         assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
+        // After a drain on a 900 ms path, each attempt has time for the relay's first answer.
+        r.planned(Duration::from_millis(900));
+        assert!((0..20).all(|_| r.attempt_limit() >= Duration::from_millis(1800)));
     }
 
     #[test]

@@ -632,29 +632,31 @@ async fn agent(
     let mut permit = ramp.acquire_owned().await.ok();
     while !stop.is_cancelled() {
         let started = stats.attempt();
+        let limit = backoff.attempt_limit();
         let attempt = tokio::select! {
-            r = connect(&ep, &cfg, target, &stats, started) => r,
+            r = connect(&ep, &cfg, target, &stats, started, limit) => r,
             _ = stop.cancelled() => return,
         };
         permit.take();
-        let (since, drained) = match attempt {
+        let (since, drained, rtt) = match attempt {
             Ok((conn, control)) => {
                 let since = Instant::now();
+                let held = conn.clone();
                 let drained = hold(conn, control, &stats, &stop).await;
-                (Some(since), drained)
+                (Some(since), drained, held.rtt())
             }
             Err(f) => {
                 stats.fail(f, started);
-                (None, false)
+                (None, false, Duration::ZERO)
             }
         };
         if stop.is_cancelled() {
             return;
         }
         if drained {
-            backoff.planned();
+            backoff.planned(rtt);
         }
-        let delay = backoff.next_delay(since);
+        let delay = backoff.next_delay_after(since, started);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
@@ -662,14 +664,15 @@ async fn agent(
     }
 }
 
-/// Handshake (the agent's own connect: [`CONNECT_TIMEOUT`], longer once the relay answered) and
-/// Hello within the agent's timeout.
+/// Handshake (the agent's own connect: `limit` from its schedule, [`CONNECT_TIMEOUT`] or a poll
+/// interval, longer once the relay answered) and Hello within the agent's timeout.
 async fn connect(
     ep: &quinn::Endpoint,
     cfg: &quinn::ClientConfig,
     target: SocketAddr,
     stats: &Stats,
     started: Instant,
+    limit: Duration,
 ) -> Result<(quinn::Connection, client::Control), Fail> {
     let conn = match client::connect_any(
         ep,
@@ -677,12 +680,12 @@ async fn connect(
         "the scale intermediate",
         vec![target],
         "ztna-intermediate",
-        CONNECT_TIMEOUT,
+        limit,
     )
     .await
     {
         Ok(c) => c,
-        Err(why) if why.contains(&format!("did not complete within {CONNECT_TIMEOUT:?}")) => {
+        Err(why) if why.contains(&format!("did not complete within {limit:?}")) => {
             return Err(Fail::TimedOut(Stage::Silent))
         }
         Err(why) if why.contains("did not complete") => {
