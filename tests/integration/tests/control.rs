@@ -478,6 +478,14 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
     let port = a.port("web", Protocol::Tcp);
     assert_eq!(tcp_roundtrip(port, b"before").await.unwrap(), b"before");
     let (mut stop, mut task) = (im.daemon.stop.clone(), im.daemon.task);
+    let reconnects = |c: &ConnectorHandle| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_reconnects_total",
+            &[],
+        )
+    };
+    let reconnects_before = reconnects(&c);
     let mut measured = Vec::new();
     for down in [1500u64, 2000, 2500] {
         stop.cancel();
@@ -526,6 +534,14 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
             "down {down} ms: back after {usable:?}; all: {measured:?}"
         );
     }
+    // However many polls each restart took, it is one reconnect (ZtnaReconnectStorm counts
+    // these: routine restarts must not page).
+    assert_eq!(
+        reconnects(&c) - reconnects_before,
+        measured.len() as f64,
+        "connector reconnects for {} planned restarts",
+        measured.len()
+    );
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     stop.cancel();
