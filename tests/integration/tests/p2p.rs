@@ -125,6 +125,25 @@ async fn flows_go_direct_once_the_path_is_up_and_the_relay_carries_none_of_their
     im.daemon.shutdown().await;
 }
 
+/// A P2P agent forwarding `web` and `db` (TCP) through `relay`, both services available there:
+/// the agent and its two local ports.
+async fn web_and_db_agent(
+    pki: &Pki,
+    relay: std::net::SocketAddr,
+) -> (AgentHandle, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[relay],
+        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    a.wait_status("db", ServiceState::Available).await;
+    let (web, db) = (a.port("web", Protocol::Tcp), a.port("db", Protocol::Tcp));
+    (a, web, db)
+}
+
 /// Two services behind one connector share one direct connection: the second service's ticket
 /// (asked of the relay for that connector) is presented on the first's control stream, with no
 /// offer, punching or handshake, and both services' flows go direct.
@@ -141,17 +160,7 @@ async fn services_of_one_connector_share_one_direct_connection() {
         &[("web", Some(echo), None), ("db", Some(echo), None)],
     );
     c.wait_registered(1).await;
-    let mut a = start_agent_with(
-        pki.issue("agent", "alice"),
-        &[im.addr],
-        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
-        "p2p = true",
-    )
-    .await;
-    a.wait_status("web", ServiceState::Available).await;
-    a.wait_status("db", ServiceState::Available).await;
-    let web = a.port("web", Protocol::Tcp);
-    let db = a.port("db", Protocol::Tcp);
+    let (a, web, db) = web_and_db_agent(&pki, im.addr).await;
     assert_eq!(tcp_roundtrip(web, b"w").await.unwrap(), b"w");
     assert!(
         eventually(T, || direct_paths(&a) == 1.0).await,
@@ -212,16 +221,7 @@ async fn a_service_of_another_connector_gets_its_own_direct_connection() {
     let mut c2 = start_connector(&pki, "db-1", &[im.addr], &[("db", Some(echo), None)]);
     c1.wait_registered(1).await;
     c2.wait_registered(1).await;
-    let mut a = start_agent_with(
-        pki.issue("agent", "alice"),
-        &[im.addr],
-        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
-        "p2p = true",
-    )
-    .await;
-    a.wait_status("web", ServiceState::Available).await;
-    a.wait_status("db", ServiceState::Available).await;
-    let (web, db) = (a.port("web", Protocol::Tcp), a.port("db", Protocol::Tcp));
+    let (a, web, db) = web_and_db_agent(&pki, im.addr).await;
     assert_eq!(tcp_roundtrip(web, b"w").await.unwrap(), b"w");
     assert!(
         eventually(T, || direct_paths(&a) == 1.0).await,
@@ -283,15 +283,8 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
         &[("web", Some(echo), None), ("db", Some(echo), None)],
     );
     c.wait_registered(1).await;
-    let mut a = start_agent_with(
-        pki.issue("agent", "alice"),
-        &[addr],
-        &[("web", ForwardProtocol::Tcp), ("db", ForwardProtocol::Tcp)],
-        "p2p = true",
-    )
-    .await;
-    a.wait_status("db", ServiceState::Available).await;
-    for port in [a.port("web", Protocol::Tcp), a.port("db", Protocol::Tcp)] {
+    let (a, web, db) = web_and_db_agent(&pki, addr).await;
+    for port in [web, db] {
         assert_eq!(tcp_roundtrip(port, b"x").await.unwrap(), b"x");
     }
     assert!(
