@@ -2,7 +2,8 @@
 //! QUIC Retry, as an intermediate sheds load in a reconnect storm) gets
 //! `ANSWERED_CONNECT_TIMEOUT`; a silent address still fails after `CONNECT_TIMEOUT`. After the
 //! handshake, a relay that confirmed it gets `WELCOME_TIMEOUT` for a slow Welcome; one that never
-//! confirmed it gets `CONNECT_TIMEOUT`.
+//! confirmed it gets `CONNECT_TIMEOUT`. And what an agent does with datagrams from its relay that
+//! it cannot place (the stand-in relay sends them).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,4 +229,84 @@ async fn a_relay_that_never_confirmed_the_handshake_gets_only_the_connect_timeou
         "gave up on Welcome after {took:?}, the connect timeout is {CONNECT_TIMEOUT:?}"
     );
     serve.abort();
+}
+
+/// Datagrams from a relay that name no flow of the agent, or carry no valid flow id, are counted
+/// by reason at the agent (`unknown_flow`, `malformed`) and logged, and the agent stays
+/// connected. (A real intermediate only forwards datagrams of flows it knows; a relay of another
+/// version, or a flow that ended at the agent while the backend still answered, is what sends
+/// them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_counts_datagrams_from_its_relay_it_cannot_place() {
+    logs();
+    let pki = Pki::new();
+    let (relay, addr, _) = fake_relay(&pki);
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let Some(incoming) = relay.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else {
+            return;
+        };
+        let Ok((mut send, recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let mut recv = FramedRecv::new(recv);
+        let Ok(ClientMsg::Hello { .. }) = recv.expect::<ClientMsg>(Duration::from_secs(5)).await
+        else {
+            return;
+        };
+        let welcome = ServerMsg::Welcome {
+            version: PROTOCOL_REVISION,
+            identity: Pki::id("agent", "alice"),
+            observed_addr: conn.remote_address(),
+        };
+        if write_frame(&mut send, &welcome).await.is_err() {
+            return;
+        }
+        let mut arena = bytes::BytesMut::new();
+        let unknown = ztna_proto::datagram::encode_into(&mut arena, 4242, b"no such flow").unwrap();
+        for _ in 0..3 {
+            let _ = conn.send_datagram(unknown.clone());
+            // A varint that announces 8 bytes and has 1.
+            let _ = conn.send_datagram(bytes::Bytes::from_static(&[0xff]));
+        }
+        let _ = sent_tx.send(conn.clone());
+        // Read whatever the agent says next until it leaves.
+        while let Ok(Some(_)) = recv.next::<ClientMsg>().await {}
+    });
+    let a = start_agent(&pki, "alice", &[addr], &[("dns", ForwardProtocol::Udp)]).await;
+    let conn = tokio::time::timeout(Duration::from_secs(10), sent_rx)
+        .await
+        .expect("the agent reached the stand-in relay")
+        .expect("datagrams sent");
+    let dropped = |reason: &str| {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_udp_dropped_total",
+            &[("reason", reason)],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            dropped("unknown_flow") >= 3.0 && dropped("malformed") >= 3.0
+        })
+        .await,
+        "unknown_flow {}, malformed {} (3 each sent)",
+        dropped("unknown_flow"),
+        dropped("malformed")
+    );
+    println!(
+        "MEASURED 3 unknown-flow and 3 malformed datagrams from the relay: unknown_flow {}, malformed {}",
+        dropped("unknown_flow"),
+        dropped("malformed")
+    );
+    assert!(
+        conn.close_reason().is_none(),
+        "the agent left the relay over stray datagrams: {:?}",
+        conn.close_reason()
+    );
+    a.daemon.shutdown().await;
+    server.abort();
 }
