@@ -1307,3 +1307,72 @@ async fn kernel_drops_at_the_quic_socket_are_counted() {
         assert!(n >= k as f64, "counted {n} of the kernel's {k}");
     }
 }
+
+/// Datagrams an agent cannot send because its relay stopped answering (SIGSTOP: no ACKs, the
+/// congestion window stays full) fill quinn's datagram send buffer; what no longer fits is
+/// counted as `send_buffer_full` and logged, not discarded silently. The flow carries datagrams
+/// again once the relay runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(&pki, "relay", addr, ops, &["dns"]);
+    let relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    let (c, a) = dns_chain(&pki, addr, echo).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    assert!(
+        udp_round_trip(&client, b"before").await,
+        "the flow never carried"
+    );
+    let full = || {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_udp_dropped_total",
+            &[("reason", "send_buffer_full")],
+        )
+    };
+    let before = full();
+    relay.signal("STOP");
+    // 3 MiB of 1200-byte datagrams: three times the 1 MiB datagram send buffer.
+    let payload = [7u8; 1200];
+    for _ in 0..2_600 {
+        client.send(&payload).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
+    relay.signal("CONT");
+    let n = full() - before;
+    println!("MEASURED 2,600 datagrams (3 MiB) towards a stopped relay: send_buffer_full {n}");
+    assert!(
+        counted,
+        "only {n} counted as send_buffer_full\n{}",
+        relay.tail(20)
+    );
+    assert!(
+        udp_round_trip(&client, b"after").await,
+        "the flow did not carry again once the relay ran"
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+}
+
+/// Sends `msg` on a connected UDP socket until it comes back (an echo behind the agent), at most
+/// 20 times; answers to earlier datagrams that arrive first are read and skipped.
+async fn udp_round_trip(client: &UdpSocket, msg: &[u8]) -> bool {
+    let mut buf = [0u8; 2048];
+    for _ in 0..20 {
+        client.send(msg).await.unwrap();
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut buf)).await
+        {
+            if &buf[..n] == msg {
+                return true;
+            }
+        }
+    }
+    false
+}
