@@ -1310,8 +1310,9 @@ async fn kernel_drops_at_the_quic_socket_are_counted() {
 
 /// Datagrams an agent cannot send because its relay stopped answering (SIGSTOP: no ACKs, the
 /// congestion window stays full) fill quinn's datagram send buffer; what no longer fits is
-/// counted as `send_buffer_full` and logged, not discarded silently. The flow carries datagrams
-/// again once the relay runs.
+/// counted as `send_buffer_full` and logged, not discarded silently; payloads too large for a
+/// datagram, which ride the flow's stream, are counted as `stream_full` once its queue is full.
+/// The flow carries datagrams again once the relay runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
     logs();
@@ -1344,13 +1345,38 @@ async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
         tokio::task::yield_now().await;
     }
     let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
+    // Payloads too large for a datagram ride the flow's stream, through a queue of 64. 19 MB is
+    // more than the stream may buffer towards the stalled relay (its 16 MiB window), so the
+    // queue fills whatever the machine's speed: what does not fit is counted as `stream_full`.
+    let stream_full = || {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_udp_dropped_total",
+            &[("reason", "stream_full")],
+        )
+    };
+    let big = [8u8; 1472];
+    for _ in 0..13_000 {
+        client.send(&big).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let stream_counted = eventually(Duration::from_secs(5), || stream_full() >= 100.0).await;
     relay.signal("CONT");
     let n = full() - before;
-    println!("MEASURED 2,600 datagrams (3 MiB) towards a stopped relay: send_buffer_full {n}");
+    println!(
+        "MEASURED towards a stopped relay: 2,600 datagrams of 1200 B (3 MiB): send_buffer_full {n}; \
+         13,000 payloads of 1472 B (on the stream): stream_full {}",
+        stream_full()
+    );
     assert!(
         counted,
         "only {n} counted as send_buffer_full\n{}",
         relay.tail(20)
+    );
+    assert!(
+        stream_counted,
+        "only {} counted as stream_full",
+        stream_full()
     );
     assert!(
         udp_round_trip(&client, b"after").await,
