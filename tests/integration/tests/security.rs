@@ -340,6 +340,22 @@ async fn malformed_oversized_and_unknown_version_close_only_that_connection() {
     })
     .await;
     assert!(counted, "garbage datagrams not counted");
+    // Datagrams without a valid flow id (a varint that announces 8 bytes and has 1).
+    for _ in 0..10 {
+        let _ = conn.send_datagram(bytes::Bytes::from_static(&[0xff]));
+    }
+    let malformed = eventually(Duration::from_secs(5), || {
+        metric(
+            &w.im.daemon.metrics.common.render(),
+            "ztna_intermediate_datagrams_dropped_total",
+            &[("reason", "malformed")],
+        ) >= 10.0
+    })
+    .await;
+    assert!(
+        malformed,
+        "datagrams without a flow id not counted as malformed"
+    );
     assert!(conn.close_reason().is_none());
 
     legit_still_works(&w).await;
