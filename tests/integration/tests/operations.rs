@@ -1402,3 +1402,68 @@ async fn udp_round_trip(client: &UdpSocket, msg: &[u8]) -> bool {
     }
     false
 }
+
+/// The relay's side of a stalled path: datagrams it cannot pass to a connector that stopped
+/// answering (SIGSTOP) fill its datagram send buffer towards it, and what no longer fits is
+/// counted at the intermediate as `send_buffer_full`, not lost silently. The flow carries
+/// again once the connector runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let c_ops = free_tcp_port();
+    let cfg = connector_file(
+        &pki,
+        "dns-1",
+        &[im.addr],
+        &[("dns", None, Some(echo))],
+        &format!("ops_listen = \"{c_ops}\""),
+    );
+    let conn = Proc::spawn(BIN, "connector", "connector", &cfg, &[]);
+    assert!(
+        wait_ready(c_ops, Duration::from_secs(10)).await,
+        "{}",
+        conn.tail(20)
+    );
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", ServiceState::Available).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    assert!(
+        udp_round_trip(&client, b"before").await,
+        "the flow never carried"
+    );
+    let full = || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_datagrams_dropped_total",
+            &[("reason", "send_buffer_full")],
+        )
+    };
+    let before = full();
+    conn.signal("STOP");
+    // 3 MiB of 1200-byte datagrams, three times the relay's 1 MiB datagram send buffer, paced
+    // (about 30 Mbit/s) so that they reach the relay on a busy machine too.
+    let payload = [7u8; 1200];
+    for i in 0..2_600 {
+        client.send(&payload).await.unwrap();
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let counted = eventually(Duration::from_secs(5), || full() - before >= 1000.0).await;
+    conn.signal("CONT");
+    let n = full() - before;
+    println!(
+        "MEASURED 2,600 datagrams (3 MiB, paced) towards a stopped connector: intermediate send_buffer_full {n}"
+    );
+    assert!(counted, "only {n} counted\n{}", conn.tail(20));
+    assert!(
+        udp_round_trip(&client, b"after").await,
+        "the flow did not carry again once the connector ran"
+    );
+    a.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
