@@ -1467,3 +1467,74 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     a.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// The connector's side of a stalled path: a backend answering a flow with more than the path
+/// takes while the relay is stopped (SIGSTOP) fills the connector's datagram send buffer, and
+/// what no longer fits is counted at the connector as `send_buffer_full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buffer() {
+    logs();
+    let pki = Pki::new();
+    // A UDP backend that echoes, and on the test's signal sends 2,600 datagrams of 1200 bytes
+    // to the last peer it heard from (the connector's socket for the flow), paced.
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let (burst_tx, mut burst_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let backend_task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        let mut peer = None;
+        loop {
+            tokio::select! {
+                r = backend.recv_from(&mut buf) => {
+                    let Ok((n, from)) = r else { return };
+                    peer = Some(from);
+                    let _ = backend.send_to(&buf[..n], from).await;
+                }
+                Some(()) = burst_rx.recv() => {
+                    let Some(to) = peer else { continue };
+                    for i in 0..2_600 {
+                        let _ = backend.send_to(&[5u8; 1200], to).await;
+                        if i % 4 == 3 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(&pki, "relay", addr, ops, &["dns"]);
+    let relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    let (c, a) = dns_chain(&pki, addr, backend_addr).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    assert!(
+        udp_round_trip(&client, b"before").await,
+        "the flow never carried"
+    );
+    let full = || {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_udp_dropped_total",
+            &[("reason", "send_buffer_full")],
+        )
+    };
+    let before = full();
+    relay.signal("STOP");
+    burst_tx.send(()).await.unwrap();
+    let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
+    relay.signal("CONT");
+    let n = full() - before;
+    println!(
+        "MEASURED 2,600 backend datagrams (3 MiB, paced) towards a stopped relay: connector send_buffer_full {n}"
+    );
+    assert!(counted, "only {n} counted\n{}", relay.tail(20));
+    assert!(
+        udp_round_trip(&client, b"after").await,
+        "the flow did not carry again once the relay ran"
+    );
+    backend_task.abort();
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+}
