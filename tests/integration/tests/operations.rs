@@ -1480,6 +1480,7 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let backend_addr = backend.local_addr().unwrap();
     let (burst_tx, mut burst_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     let backend_task = tokio::spawn(async move {
         let mut buf = [0u8; 2048];
         let mut peer = None;
@@ -1498,6 +1499,7 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
+                    let _ = done_tx.send(()).await;
                 }
             }
         }
@@ -1523,8 +1525,13 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     let before = full();
     relay.signal("STOP");
     burst_tx.send(()).await.unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(10), done_rx.recv()).await;
     let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
     relay.signal("CONT");
+    assert!(
+        matches!(sent, Ok(Some(()))),
+        "the backend's burst did not finish"
+    );
     let n = full() - before;
     println!(
         "MEASURED 2,600 backend datagrams (3 MiB, paced) towards a stopped relay: connector send_buffer_full {n}"
