@@ -625,6 +625,38 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Sends `n` datagrams that name a flow no one has (id 4242) and `n` without a valid flow id (a
+/// varint that announces 8 bytes and has 1) on `conn`; then waits (5 s at most) until the
+/// receiving daemon's `dropped` counter (`render` gives its metrics text) shows at least `n`
+/// under `unknown_flow` and under `malformed`. Returns the two counts.
+pub async fn stray_datagrams_counted(
+    conn: &quinn::Connection,
+    n: usize,
+    render: impl Fn() -> String,
+    dropped: &str,
+) -> (f64, f64) {
+    let mut arena = bytes::BytesMut::new();
+    let unknown = ztna_proto::datagram::encode_into(&mut arena, 4242, b"no such flow")
+        .expect("a small flow id encodes");
+    for _ in 0..n {
+        let _ = conn.send_datagram(unknown.clone());
+        let _ = conn.send_datagram(bytes::Bytes::from_static(&[0xff]));
+    }
+    let counts = || {
+        let text = render();
+        (
+            metric(&text, dropped, &[("reason", "unknown_flow")]),
+            metric(&text, dropped, &[("reason", "malformed")]),
+        )
+    };
+    eventually(Duration::from_secs(5), || {
+        let (u, m) = counts();
+        u >= n as f64 && m >= n as f64
+    })
+    .await;
+    counts()
+}
+
 /// Polls an async check until it returns true or `limit` passes.
 pub async fn eventually_async<F, Fut>(limit: Duration, mut f: F) -> bool
 where

@@ -127,22 +127,9 @@ async fn an_agent_waits_for_a_slow_welcome_instead_of_dialling_again() {
                 let Ok(conn) = incoming.accept().unwrap().await else {
                     return;
                 };
-                let Ok((mut send, recv)) = conn.accept_bi().await else {
+                let Some((_send, mut recv)) = welcome_after(&conn, busy).await else {
                     return;
                 };
-                let mut recv = FramedRecv::new(recv);
-                let Ok(ClientMsg::Hello { .. }) = recv.expect::<ClientMsg>(busy).await else {
-                    return;
-                };
-                tokio::time::sleep(busy).await;
-                let welcome = ServerMsg::Welcome {
-                    version: PROTOCOL_REVISION,
-                    identity: Pki::id("agent", "alice"),
-                    observed_addr: conn.remote_address(),
-                };
-                if write_frame(&mut send, &welcome).await.is_err() {
-                    return;
-                }
                 // Read whatever the agent says next until it leaves.
                 while let Ok(Some(_)) = recv.next::<ClientMsg>().await {}
             });
@@ -241,7 +228,7 @@ async fn an_agent_counts_datagrams_from_its_relay_it_cannot_place() {
     logs();
     let pki = Pki::new();
     let (relay, addr, _) = fake_relay(&pki);
-    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+    let (welcomed_tx, welcomed_rx) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(async move {
         let Some(incoming) = relay.accept().await else {
             return;
@@ -249,58 +236,31 @@ async fn an_agent_counts_datagrams_from_its_relay_it_cannot_place() {
         let Ok(conn) = incoming.await else {
             return;
         };
-        let Ok((mut send, recv)) = conn.accept_bi().await else {
+        let Some((_send, mut recv)) = welcome_after(&conn, Duration::ZERO).await else {
             return;
         };
-        let mut recv = FramedRecv::new(recv);
-        let Ok(ClientMsg::Hello { .. }) = recv.expect::<ClientMsg>(Duration::from_secs(5)).await
-        else {
-            return;
-        };
-        let welcome = ServerMsg::Welcome {
-            version: PROTOCOL_REVISION,
-            identity: Pki::id("agent", "alice"),
-            observed_addr: conn.remote_address(),
-        };
-        if write_frame(&mut send, &welcome).await.is_err() {
-            return;
-        }
-        let mut arena = bytes::BytesMut::new();
-        let unknown = ztna_proto::datagram::encode_into(&mut arena, 4242, b"no such flow").unwrap();
-        for _ in 0..3 {
-            let _ = conn.send_datagram(unknown.clone());
-            // A varint that announces 8 bytes and has 1.
-            let _ = conn.send_datagram(bytes::Bytes::from_static(&[0xff]));
-        }
-        let _ = sent_tx.send(conn.clone());
+        let _ = welcomed_tx.send(conn.clone());
         // Read whatever the agent says next until it leaves.
         while let Ok(Some(_)) = recv.next::<ClientMsg>().await {}
     });
     let a = start_agent(&pki, "alice", &[addr], &[("dns", ForwardProtocol::Udp)]).await;
-    let conn = tokio::time::timeout(Duration::from_secs(10), sent_rx)
+    let conn = tokio::time::timeout(Duration::from_secs(10), welcomed_rx)
         .await
         .expect("the agent reached the stand-in relay")
-        .expect("datagrams sent");
-    let dropped = |reason: &str| {
-        metric(
-            &a.daemon.metrics.common.render(),
-            "ztna_agent_udp_dropped_total",
-            &[("reason", reason)],
-        )
-    };
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            dropped("unknown_flow") >= 3.0 && dropped("malformed") >= 3.0
-        })
-        .await,
-        "unknown_flow {}, malformed {} (3 each sent)",
-        dropped("unknown_flow"),
-        dropped("malformed")
-    );
+        .expect("welcomed");
+    let (unknown, malformed) = stray_datagrams_counted(
+        &conn,
+        3,
+        || a.daemon.metrics.common.render(),
+        "ztna_agent_udp_dropped_total",
+    )
+    .await;
     println!(
-        "MEASURED 3 unknown-flow and 3 malformed datagrams from the relay: unknown_flow {}, malformed {}",
-        dropped("unknown_flow"),
-        dropped("malformed")
+        "MEASURED 3 unknown-flow and 3 malformed datagrams from the relay: unknown_flow {unknown}, malformed {malformed}"
+    );
+    assert!(
+        unknown >= 3.0 && malformed >= 3.0,
+        "unknown_flow {unknown}, malformed {malformed} (3 each sent)"
     );
     assert!(
         conn.close_reason().is_none(),
@@ -309,4 +269,26 @@ async fn an_agent_counts_datagrams_from_its_relay_it_cannot_place() {
     );
     a.daemon.shutdown().await;
     server.abort();
+}
+
+/// The stand-in relay's side of Hello: reads the agent's Hello (within 10 s) and, `delay` later,
+/// welcomes agent alice. The control stream, kept open by the caller (the agent reads it).
+async fn welcome_after(
+    conn: &quinn::Connection,
+    delay: Duration,
+) -> Option<(quinn::SendStream, FramedRecv)> {
+    let (mut send, recv) = conn.accept_bi().await.ok()?;
+    let mut recv = FramedRecv::new(recv);
+    let Ok(ClientMsg::Hello { .. }) = recv.expect::<ClientMsg>(Duration::from_secs(10)).await
+    else {
+        return None;
+    };
+    tokio::time::sleep(delay).await;
+    let welcome = ServerMsg::Welcome {
+        version: PROTOCOL_REVISION,
+        identity: Pki::id("agent", "alice"),
+        observed_addr: conn.remote_address(),
+    };
+    write_frame(&mut send, &welcome).await.ok()?;
+    Some((send, recv))
 }

@@ -1318,17 +1318,7 @@ async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
     logs();
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
-    let (addr, ops) = (free_udp_port(), free_tcp_port());
-    let cfg = intermediate_file(&pki, "relay", addr, ops, &["dns"]);
-    let relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
-    assert!(wait_ready(ops, Duration::from_secs(10)).await);
-    let (c, a) = dns_chain(&pki, addr, echo).await;
-    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
-    assert!(
-        udp_round_trip(&client, b"before").await,
-        "the flow never carried"
-    );
+    let (relay, c, a, client) = dns_flow_via_relay_process(&pki, echo).await;
     let full = || {
         metric(
             &a.daemon.metrics.common.render(),
@@ -1339,11 +1329,7 @@ async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
     let before = full();
     relay.signal("STOP");
     // 3 MiB of 1200-byte datagrams: three times the 1 MiB datagram send buffer.
-    let payload = [7u8; 1200];
-    for _ in 0..2_600 {
-        client.send(&payload).await.unwrap();
-        tokio::task::yield_now().await;
-    }
+    send_paced(&client, None, 2_600).await;
     let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
     // Payloads too large for a datagram ride the flow's stream, through a queue of 64. 19 MB is
     // more than the stream may buffer towards the stalled relay (its 16 MiB window), so the
@@ -1446,13 +1432,7 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     conn.signal("STOP");
     // 3 MiB of 1200-byte datagrams, three times the relay's 1 MiB datagram send buffer, paced
     // (about 30 Mbit/s) so that they reach the relay on a busy machine too.
-    let payload = [7u8; 1200];
-    for i in 0..2_600 {
-        client.send(&payload).await.unwrap();
-        if i % 4 == 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
+    send_paced(&client, None, 2_600).await;
     let counted = eventually(Duration::from_secs(5), || full() - before >= 1000.0).await;
     conn.signal("CONT");
     let n = full() - before;
@@ -1493,28 +1473,13 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
                 }
                 Some(()) = burst_rx.recv() => {
                     let Some(to) = peer else { continue };
-                    for i in 0..2_600 {
-                        let _ = backend.send_to(&[5u8; 1200], to).await;
-                        if i % 4 == 3 {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    }
+                    send_paced(&backend, Some(to), 2_600).await;
                     let _ = done_tx.send(()).await;
                 }
             }
         }
     });
-    let (addr, ops) = (free_udp_port(), free_tcp_port());
-    let cfg = intermediate_file(&pki, "relay", addr, ops, &["dns"]);
-    let relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
-    assert!(wait_ready(ops, Duration::from_secs(10)).await);
-    let (c, a) = dns_chain(&pki, addr, backend_addr).await;
-    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
-    assert!(
-        udp_round_trip(&client, b"before").await,
-        "the flow never carried"
-    );
+    let (relay, c, a, client) = dns_flow_via_relay_process(&pki, backend_addr).await;
     let full = || {
         metric(
             &c.daemon.metrics.common.render(),
@@ -1544,4 +1509,41 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     backend_task.abort();
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
+}
+
+/// An intermediate process (which tests stop with SIGSTOP) for service `dns`, an in-process
+/// connector serving it from the UDP `backend`, an agent forwarding it, and a local client
+/// connected to the agent's port whose first datagram made the round trip.
+async fn dns_flow_via_relay_process(
+    pki: &Pki,
+    backend: std::net::SocketAddr,
+) -> (Proc, ConnectorHandle, AgentHandle, UdpSocket) {
+    let (addr, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = intermediate_file(pki, "relay", addr, ops, &["dns"]);
+    let relay = Proc::spawn(BIN, "intermediate", "relay", &cfg, &[]);
+    assert!(wait_ready(ops, Duration::from_secs(10)).await);
+    let (c, a) = dns_chain(pki, addr, backend).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    assert!(
+        udp_round_trip(&client, b"before").await,
+        "the flow never carried"
+    );
+    (relay, c, a, client)
+}
+
+/// Sends `n` datagrams of 1200 bytes from `socket` (to `to`, or to its connected peer), paced
+/// at about 30 Mbit/s (a millisecond's pause every four) so that they get past the sockets of a
+/// busy machine.
+async fn send_paced(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize) {
+    let payload = [7u8; 1200];
+    for i in 0..n {
+        let _ = match to {
+            Some(to) => socket.send_to(&payload, to).await,
+            None => socket.send(&payload).await,
+        };
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }

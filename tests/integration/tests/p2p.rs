@@ -856,34 +856,19 @@ async fn the_connector_counts_datagrams_it_cannot_place_on_a_direct_path() {
         "{:?}",
         probe.outcome
     );
-    let dropped = |reason: &str| {
-        metric(
-            &c.daemon.metrics.common.render(),
-            "ztna_connector_udp_dropped_total",
-            &[("reason", reason)],
-        )
-    };
-    let mut arena = bytes::BytesMut::new();
-    let unknown = ztna_proto::datagram::encode_into(&mut arena, 4242, b"no such flow").unwrap();
-    for _ in 0..3 {
-        conn.send_datagram(unknown.clone()).unwrap();
-        // A varint that announces 8 bytes and has 1.
-        conn.send_datagram(bytes::Bytes::from_static(&[0xff]))
-            .unwrap();
-    }
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            dropped("unknown_flow") >= 3.0 && dropped("malformed") >= 3.0
-        })
-        .await,
-        "unknown_flow {}, malformed {} (3 each sent)",
-        dropped("unknown_flow"),
-        dropped("malformed")
-    );
+    let (unknown, malformed) = stray_datagrams_counted(
+        &conn,
+        3,
+        || c.daemon.metrics.common.render(),
+        "ztna_connector_udp_dropped_total",
+    )
+    .await;
     println!(
-        "MEASURED 3 unknown-flow and 3 malformed datagrams on a direct path: unknown_flow {}, malformed {}",
-        dropped("unknown_flow"),
-        dropped("malformed")
+        "MEASURED 3 unknown-flow and 3 malformed datagrams on a direct path: unknown_flow {unknown}, malformed {malformed}"
+    );
+    assert!(
+        unknown >= 3.0 && malformed >= 3.0,
+        "unknown_flow {unknown}, malformed {malformed} (3 each sent)"
     );
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
