@@ -545,7 +545,14 @@ pub async fn tcp_named(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
 
 /// UDP echo backend; records every source address it saw (the connector's backend-facing sockets).
 pub async fn udp_echo() -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>, JoinHandle<()>) {
-    let s = UdpSocket::bind(loopback0()).await.expect("bind");
+    udp_echo_on(loopback0()).await
+}
+
+/// [`udp_echo`] on a given address (a backend that comes back on its port).
+pub async fn udp_echo_on(
+    at: SocketAddr,
+) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>, JoinHandle<()>) {
+    let s = UdpSocket::bind(at).await.expect("bind");
     let addr = s.local_addr().expect("addr");
     let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
     let seen2 = seen.clone();
@@ -562,6 +569,24 @@ pub async fn udp_echo() -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>, JoinHandle<
         }
     });
     (addr, seen, task)
+}
+
+/// Sends `msg` on a connected UDP socket (a client of an agent's UDP forward, an echo behind it)
+/// until it comes back, at most 20 times; answers to earlier datagrams that arrive first are
+/// read and skipped. How many sends it took, or `None`.
+pub async fn udp_round_trip(client: &UdpSocket, msg: &[u8]) -> Option<usize> {
+    let mut buf = [0u8; 2048];
+    for attempt in 1..=20 {
+        client.send(msg).await.ok()?;
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut buf)).await
+        {
+            if &buf[..n] == msg {
+                return Some(attempt);
+            }
+        }
+    }
+    None
 }
 
 /// Connects to a local forward and exchanges `msg`, returning what came back (until EOF).

@@ -1365,28 +1365,11 @@ async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
         stream_full()
     );
     assert!(
-        udp_round_trip(&client, b"after").await,
+        udp_round_trip(&client, b"after").await.is_some(),
         "the flow did not carry again once the relay ran"
     );
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
-}
-
-/// Sends `msg` on a connected UDP socket until it comes back (an echo behind the agent), at most
-/// 20 times; answers to earlier datagrams that arrive first are read and skipped.
-async fn udp_round_trip(client: &UdpSocket, msg: &[u8]) -> bool {
-    let mut buf = [0u8; 2048];
-    for _ in 0..20 {
-        client.send(msg).await.unwrap();
-        while let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut buf)).await
-        {
-            if &buf[..n] == msg {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// The relay's side of a stalled path: datagrams it cannot pass to a connector that stopped
@@ -1418,7 +1401,7 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
     assert!(
-        udp_round_trip(&client, b"before").await,
+        udp_round_trip(&client, b"before").await.is_some(),
         "the flow never carried"
     );
     let full = || {
@@ -1441,7 +1424,7 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     );
     assert!(counted, "only {n} counted\n{}", conn.tail(20));
     assert!(
-        udp_round_trip(&client, b"after").await,
+        udp_round_trip(&client, b"after").await.is_some(),
         "the flow did not carry again once the connector ran"
     );
     a.daemon.shutdown().await;
@@ -1503,7 +1486,7 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     );
     assert!(counted, "only {n} counted\n{}", relay.tail(20));
     assert!(
-        udp_round_trip(&client, b"after").await,
+        udp_round_trip(&client, b"after").await.is_some(),
         "the flow did not carry again once the relay ran"
     );
     backend_task.abort();
@@ -1526,7 +1509,7 @@ async fn dns_flow_via_relay_process(
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
     assert!(
-        udp_round_trip(&client, b"before").await,
+        udp_round_trip(&client, b"before").await.is_some(),
         "the flow never carried"
     );
     (relay, c, a, client)

@@ -748,11 +748,8 @@ async fn datagrams_of_a_udp_flow_that_cannot_open_are_counted_as_dropped() {
 async fn a_udp_flow_counts_what_a_down_backend_refuses_and_outlives_it() {
     logs();
     let pki = Pki::new();
-    // A port no one listens on: bound, then released.
-    let down = {
-        let s = std::net::UdpSocket::bind(loopback0()).unwrap();
-        s.local_addr().unwrap()
-    };
+    // A port no one listens on.
+    let down = free_udp_port();
     let im = start_intermediate(&pki, open_policy(&["dns"]));
     let (c, a) = dns_chain(&pki, im.addr, down).await;
     let client = UdpSocket::bind(loopback0()).await.unwrap();
@@ -774,26 +771,8 @@ async fn a_udp_flow_counts_what_a_down_backend_refuses_and_outlives_it() {
     );
     let while_down = refused();
     // The backend comes back on its port.
-    let back = UdpSocket::bind(down).await.unwrap();
-    let echo = tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = back.recv_from(&mut buf).await {
-            let _ = back.send_to(&buf[..n], from).await;
-        }
-    });
-    let mut answered_after = None;
-    let mut buf = [0u8; 2048];
-    for i in 0..20 {
-        client.send(b"are you back").await.unwrap();
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut buf)).await
-        {
-            if &buf[..n] == b"are you back" {
-                answered_after = Some(i + 1);
-                break;
-            }
-        }
-    }
+    let (_, _, echo) = udp_echo_on(down).await;
+    let answered_after = udp_round_trip(&client, b"are you back").await;
     println!(
         "MEASURED 5 datagrams to a down UDP backend: {while_down} counted as backend_error; \
          the same flow answered after the backend came back: {answered_after:?} datagrams"
