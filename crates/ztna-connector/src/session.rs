@@ -29,14 +29,13 @@ pub(crate) async fn supervise(
     async move {
         let mut backoff = Reconnect::new(BackoffPolicy::default());
         let mut attempt = 0u64;
-        let mut last_failed = false;
         loop {
             if stop.is_cancelled() || shared.is_draining() {
                 return;
             }
             // Polling an intermediate that drained for a restart is one reconnect, however many
             // polls it takes (a routine restart must not look like a reconnect storm).
-            if attempt > 0 && !(backoff.is_planned() && last_failed) {
+            if attempt > 0 && !backoff.is_repeat_poll() {
                 shared.metrics.reconnects.inc();
             }
             attempt += 1;
@@ -49,7 +48,6 @@ pub(crate) async fn supervise(
                     Ended::default()
                 }
             };
-            last_failed = ended.since.is_none();
             shared.set_registration(idx, None);
             if stop.is_cancelled() || shared.is_draining() {
                 return;

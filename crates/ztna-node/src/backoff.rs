@@ -70,6 +70,8 @@ pub struct Reconnect {
     /// While polling: the shortest attempt, two round trips of the connection that drained (a
     /// relay's first answer must be able to arrive within an attempt on a long path).
     poll_floor: Duration,
+    /// The next attempt repeats a poll that failed (see [`Reconnect::is_repeat_poll`]).
+    repeat_poll: bool,
 }
 
 impl Reconnect {
@@ -80,6 +82,7 @@ impl Reconnect {
             planned_until: None,
             poll: None,
             poll_floor: Duration::ZERO,
+            repeat_poll: false,
         }
     }
 
@@ -97,6 +100,7 @@ impl Reconnect {
         self.iter = Self::build(&self.policy);
         self.planned_until = None;
         self.poll = None;
+        self.repeat_poll = false;
     }
 
     /// The peer drained on purpose: it is restarting, so poll it at the planned interval until it
@@ -139,10 +143,21 @@ impl Reconnect {
     ) -> Duration {
         match self.poll.take() {
             Some(p) if connected_since.is_none() && self.is_planned() => {
+                self.repeat_poll = true;
                 p.saturating_sub(started.elapsed())
             }
-            _ => self.next_delay(connected_since),
+            _ => {
+                self.repeat_poll = false;
+                self.next_delay(connected_since)
+            }
         }
+    }
+
+    /// True when the next attempt repeats a poll of a restarting peer that has not answered yet:
+    /// one planned restart is one reconnect however many polls it takes, so counters of
+    /// reconnects (and the alerts on them) count only the first.
+    pub fn is_repeat_poll(&self) -> bool {
+        self.repeat_poll && self.is_planned()
     }
 
     /// Delay before the next attempt, given when the last connection was established (if it was).
@@ -230,6 +245,10 @@ mod tests {
         // Not polling: the full handshake timeout.
         assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
         r.planned(Duration::from_millis(1));
+        assert!(
+            !r.is_repeat_poll(),
+            "the first poll after a drain is a reconnect"
+        );
         for _ in 0..50 {
             let limit = r.attempt_limit();
             assert!(
@@ -239,6 +258,7 @@ mod tests {
             // An attempt that used its whole interval: the next one starts at once.
             let started = Instant::now() - limit;
             assert_eq!(r.next_delay_after(None, started), Duration::ZERO);
+            assert!(r.is_repeat_poll());
             // One refused at once: the next one a poll interval after it started.
             let limit = r.attempt_limit();
             let d = r.next_delay_after(None, Instant::now());
