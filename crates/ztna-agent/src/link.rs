@@ -36,7 +36,6 @@ pub(crate) async fn supervise(
             }
             let client_config = shared.client();
             let limit = backoff.attempt_limit();
-            let started = Instant::now();
             let attempt = tokio::select! {
                 r = client::connect(&endpoint, &client_config, &target, limit) => r,
                 _ = stop.cancelled() => return,
@@ -72,7 +71,7 @@ pub(crate) async fn supervise(
                 // A restart is planned: poll at about a second until it is back.
                 backoff.planned(ended.rtt);
             }
-            let delay = backoff.next_delay_after(ended.since, started);
+            let delay = backoff.next_delay(ended.since);
             debug!(?delay, "reconnecting after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

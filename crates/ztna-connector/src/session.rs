@@ -40,7 +40,6 @@ pub(crate) async fn supervise(
             }
             attempt += 1;
             let limit = backoff.attempt_limit();
-            let started = Instant::now();
             let ended = match client::connect(&endpoint, &shared.client(), &target, limit).await {
                 Ok(conn) => serve(&shared, conn, idx, &stop).await,
                 Err(reason) => {
@@ -57,7 +56,7 @@ pub(crate) async fn supervise(
                 // second until it is back, whatever earlier failures did to the delays.
                 backoff.planned(ended.rtt);
             }
-            let delay = backoff.next_delay_after(ended.since, started);
+            let delay = backoff.next_delay(ended.since);
             shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
             info!(?delay, "reconnecting after backoff");
             tokio::select! {

@@ -65,8 +65,9 @@ pub struct Reconnect {
     iter: ExponentialBackoff,
     /// Set by [`Reconnect::planned`]: until when to poll at the planned interval.
     planned_until: Option<Instant>,
-    /// While polling: the interval drawn for the attempt under way (its limit).
-    poll: Option<Duration>,
+    /// While polling: when the attempt under way started, and the interval drawn for it (its
+    /// limit).
+    poll: Option<(Instant, Duration)>,
     /// While polling: the shortest attempt, two round trips of the connection that drained (a
     /// relay's first answer must be able to arrive within an attempt on a long path).
     poll_floor: Duration,
@@ -124,32 +125,11 @@ impl Reconnect {
     pub fn attempt_limit(&mut self) -> Duration {
         if self.is_planned() {
             let p = jitter(self.policy.planned_poll).max(self.poll_floor);
-            self.poll = Some(p);
+            self.poll = Some((Instant::now(), p));
             p
         } else {
             self.poll = None;
             CONNECT_TIMEOUT
-        }
-    }
-
-    /// [`Reconnect::next_delay`] for an attempt that started at `started` with the limit from
-    /// [`Reconnect::attempt_limit`]: while polling, a failed attempt is followed by the next one
-    /// a poll interval after it started (at once after one that used its whole interval; an
-    /// attempt refused at once still waits the interval).
-    pub fn next_delay_after(
-        &mut self,
-        connected_since: Option<Instant>,
-        started: Instant,
-    ) -> Duration {
-        match self.poll.take() {
-            Some(p) if connected_since.is_none() && self.is_planned() => {
-                self.repeat_poll = true;
-                p.saturating_sub(started.elapsed())
-            }
-            _ => {
-                self.repeat_poll = false;
-                self.next_delay(connected_since)
-            }
         }
     }
 
@@ -161,7 +141,17 @@ impl Reconnect {
     }
 
     /// Delay before the next attempt, given when the last connection was established (if it was).
+    /// While polling, a failed attempt from [`Reconnect::attempt_limit`] is followed by the next
+    /// one a poll interval after it started (at once after one that used its whole interval; an
+    /// attempt refused at once still waits the interval).
     pub fn next_delay(&mut self, connected_since: Option<Instant>) -> Duration {
+        match self.poll.take() {
+            Some((started, p)) if connected_since.is_none() && self.is_planned() => {
+                self.repeat_poll = true;
+                return p.saturating_sub(started.elapsed());
+            }
+            _ => self.repeat_poll = false,
+        }
         if connected_since.is_some_and(|t| t.elapsed() >= self.policy.healthy_after) {
             self.iter = Self::build(&self.policy);
         }
@@ -250,30 +240,28 @@ mod tests {
             "the first poll after a drain is a reconnect"
         );
         for _ in 0..50 {
+            // One refused at once: the next one a poll interval after it started.
             let limit = r.attempt_limit();
             assert!(
                 limit >= Duration::from_millis(500) && limit <= Duration::from_secs(1),
                 "{limit:?}"
             );
-            // An attempt that used its whole interval: the next one starts at once.
-            let started = Instant::now() - limit;
-            assert_eq!(r.next_delay_after(None, started), Duration::ZERO);
-            assert!(r.is_repeat_poll());
-            // One refused at once: the next one a poll interval after it started.
-            let limit = r.attempt_limit();
-            let d = r.next_delay_after(None, Instant::now());
+            let d = r.next_delay(None);
             assert!(
                 d <= limit && d + Duration::from_millis(50) >= limit,
                 "{d:?} {limit:?}"
             );
+            assert!(r.is_repeat_poll());
         }
+        // An attempt that used its whole interval: the next one starts at once.
+        let limit = r.attempt_limit();
+        std::thread::sleep(limit);
+        assert_eq!(r.next_delay(None), Duration::ZERO);
         // A connection that was up and ended: the planned poll, as before.
         r.attempt_limit();
-        let d = r.next_delay_after(
-            Some(Instant::now()),
-            Instant::now() - Duration::from_secs(5),
-        );
+        let d = r.next_delay(Some(Instant::now()));
         assert!(d >= Duration::from_millis(500), "{d:?}");
+        assert!(!r.is_repeat_poll());
         r.reset();
         assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
         // After a drain on a 900 ms path, each attempt has time for the relay's first answer.

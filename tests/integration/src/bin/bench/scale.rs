@@ -656,7 +656,7 @@ async fn agent(
         if drained {
             backoff.planned(rtt);
         }
-        let delay = backoff.next_delay_after(since, started);
+        let delay = backoff.next_delay(since);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
