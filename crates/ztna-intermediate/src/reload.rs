@@ -53,7 +53,7 @@ pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
     let peers: Vec<_> = ztna_node::lock(&shared.peers).values().cloned().collect();
     let mut disconnected = 0;
     for p in &peers {
-        if let Err(why) = identity.verify_client_chain(&p.chain, &[p.role]) {
+        if let Err(why) = identity.verify_client_chain(&p.chain(), &[p.role]) {
             warn!(peer = %p.id, %why, "certificate no longer accepted after reload, disconnecting");
             m.revocations.with_label_values(&["ca_changed"]).inc();
             close(

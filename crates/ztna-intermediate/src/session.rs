@@ -145,7 +145,7 @@ pub(crate) async fn run(
     }
     let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, chain, tx));
+    let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, &chain, tx));
     ztna_node::lock(&shared.peers).insert(conn_id, peer.clone());
     // Its handshake RTT now; then every few seconds with all peers (`status_loop`).
     shared
@@ -185,7 +185,7 @@ async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: u32, reas
 }
 
 /// Sends the peer's queued control messages, in order.
-async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<ServerMsg>) -> String {
+async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<Box<ServerMsg>>) -> String {
     while let Some(msg) = rx.recv().await {
         if let Err(e) = write_frame(&mut send, &msg).await {
             return format!("control stream write failed: {e}");
@@ -197,7 +197,7 @@ async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<ServerMsg>) 
 
 /// Tells the peer something, then closes with `code` once it had a moment to read it.
 async fn say_then_close(peer: &Peer, msg: ServerMsg, code: u32, reason: &str) -> String {
-    let _ = peer.control.send(msg).await;
+    let _ = peer.tell(msg).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     close(&peer.conn, code, reason);
     reason.to_string()
@@ -247,7 +247,7 @@ async fn agent(
     peer: &Arc<Peer>,
     send: SendStream,
     recv: FramedRecv,
-    rx: mpsc::Receiver<ServerMsg>,
+    rx: mpsc::Receiver<Box<ServerMsg>>,
     watch: Vec<String>,
 ) -> String {
     tokio::select! {
@@ -354,14 +354,14 @@ async fn push_status(shared: &Shared, peer: &Peer, watch: Vec<String>) -> String
                     state,
                     reason,
                 };
-                if peer.control.send(msg).await.is_err() {
+                if !peer.tell(msg).await {
                     return lost(&peer.conn);
                 }
             }
         }
         if *draining.borrow_and_update() && !goaway_sent {
             goaway_sent = true;
-            if peer.control.send(goaway(shared)).await.is_err() {
+            if !peer.tell(goaway(shared)).await {
                 return lost(&peer.conn);
             }
         }
@@ -373,9 +373,11 @@ async fn push_status(shared: &Shared, peer: &Peer, watch: Vec<String>) -> String
 }
 
 /// Concurrent streams a new connection may open before it has shown it needs more. quinn keeps
-/// a table entry per permitted stream from the start (about 100 bytes each): 1016 of them made an
-/// idle agent connection cost 136 KiB; 64 cost a few KiB.
-pub(crate) const INITIAL_STREAMS: u32 = 64;
+/// an entry per permitted stream from the start in two hash tables: 1016 of them made an idle
+/// agent connection cost 136 KiB; 64 cost 5.4 KiB (tables of 128 slots); 28 is the most that
+/// fits tables of 32 slots. The credit is raised at 21 open flows, one round trip before it is
+/// needed.
+pub(crate) const INITIAL_STREAMS: u32 = 28;
 
 /// The agent's stream credit: starts at [`INITIAL_STREAMS`] and doubles whenever three quarters
 /// of it are open, up to `max` (`max_flows_per_agent` + control + headroom). An agent that needs
@@ -444,7 +446,7 @@ async fn connector(
     peer: &Arc<Peer>,
     send: SendStream,
     recv: FramedRecv,
-    rx: mpsc::Receiver<ServerMsg>,
+    rx: mpsc::Receiver<Box<ServerMsg>>,
 ) -> String {
     tokio::select! {
         why = write_control(send, rx) => why,
@@ -538,7 +540,7 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
             }
             Err(e) => return protocol_error(&peer.conn, "control stream", &e),
         };
-        if peer.control.send(reply).await.is_err() {
+        if !peer.tell(reply).await {
             return lost(&peer.conn);
         }
     }
@@ -552,7 +554,7 @@ async fn report_consumed(peer: &Peer) -> String {
             let msg = ServerMsg::Consumed {
                 flows: chunk.to_vec(),
             };
-            if peer.control.send(msg).await.is_err() {
+            if !peer.tell(msg).await {
                 return lost(&peer.conn);
             }
         }
@@ -564,7 +566,7 @@ async fn push_goaway(shared: &Shared, peer: &Peer) -> String {
     if draining.wait_for(|d| *d).await.is_err() {
         return std::future::pending().await;
     }
-    if peer.control.send(goaway(shared)).await.is_err() {
+    if !peer.tell(goaway(shared)).await {
         return lost(&peer.conn);
     }
     std::future::pending().await
