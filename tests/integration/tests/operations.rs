@@ -1381,29 +1381,7 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     logs();
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
-    let im = start_intermediate(&pki, open_policy(&["dns"]));
-    let c_ops = free_tcp_port();
-    let cfg = connector_file(
-        &pki,
-        "dns-1",
-        &[im.addr],
-        &[("dns", None, Some(echo))],
-        &format!("ops_listen = \"{c_ops}\""),
-    );
-    let conn = Proc::spawn(BIN, "connector", "connector", &cfg, &[]);
-    assert!(
-        wait_ready(c_ops, Duration::from_secs(10)).await,
-        "{}",
-        conn.tail(20)
-    );
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", ServiceState::Available).await;
-    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
-    assert!(
-        udp_round_trip(&client, b"before").await.is_some(),
-        "the flow never carried"
-    );
+    let (conn, _c_ops, im, a, client) = dns_flow_via_connector_process(&pki, echo).await;
     let full = || {
         metric(
             &im.daemon.metrics.common.render(),
@@ -1438,30 +1416,8 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
 async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buffer() {
     logs();
     let pki = Pki::new();
-    // A UDP backend that echoes, and on the test's signal sends 2,600 datagrams of 1200 bytes
-    // to the last peer it heard from (the connector's socket for the flow), paced.
-    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    let (burst_tx, mut burst_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let backend_task = tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        let mut peer = None;
-        loop {
-            tokio::select! {
-                r = backend.recv_from(&mut buf) => {
-                    let Ok((n, from)) = r else { return };
-                    peer = Some(from);
-                    let _ = backend.send_to(&buf[..n], from).await;
-                }
-                Some(()) = burst_rx.recv() => {
-                    let Some(to) = peer else { continue };
-                    send_paced(&backend, Some(to), 2_600).await;
-                    let _ = done_tx.send(()).await;
-                }
-            }
-        }
-    });
+    let mut backend = BurstingBackend::start().await;
+    let backend_addr = backend.addr;
     let (relay, c, a, client) = dns_flow_via_relay_process(&pki, backend_addr).await;
     let full = || {
         metric(
@@ -1472,14 +1428,10 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     };
     let before = full();
     relay.signal("STOP");
-    burst_tx.send(()).await.unwrap();
-    let sent = tokio::time::timeout(Duration::from_secs(10), done_rx.recv()).await;
+    let sent = backend.burst(2_600, true).await;
     let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
     relay.signal("CONT");
-    assert!(
-        matches!(sent, Ok(Some(()))),
-        "the backend's burst did not finish"
-    );
+    assert!(sent, "the backend's burst did not finish");
     let n = full() - before;
     println!(
         "MEASURED 2,600 backend datagrams (3 MiB, paced) towards a stopped relay: connector send_buffer_full {n}"
@@ -1489,9 +1441,199 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
         udp_round_trip(&client, b"after").await.is_some(),
         "the flow did not carry again once the relay ran"
     );
-    backend_task.abort();
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
+}
+
+/// A connector that falls behind its backend (here: stopped with SIGSTOP) loses the backend's
+/// datagrams in the kernel, at the flow's full socket receive buffer. It counts them as
+/// `socket_overflow` once it runs again (the kernel reports them with the next datagram it
+/// queues), and the flow carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_counts_what_the_kernel_drops_at_its_flows_socket() {
+    logs();
+    let pki = Pki::new();
+    let mut backend = BurstingBackend::start().await;
+    let (conn, c_ops, im, a, client) = dns_flow_via_connector_process(&pki, backend.addr).await;
+    let overflowed = || async {
+        metric(
+            &http_get(c_ops, "/metrics").await.1,
+            "ztna_connector_udp_dropped_total",
+            &[("reason", "socket_overflow")],
+        )
+    };
+    let before = overflowed().await;
+    conn.signal("STOP");
+    // 12 MB: more than the flow socket's receive buffer holds (4 MiB asked; the kernel counts
+    // a 1200-byte datagram as about 2.3 KB and grants at most twice `net.core.rmem_max`).
+    let sent = backend.burst(OVERFLOW_BURST, false).await;
+    conn.signal("CONT");
+    assert!(sent, "the backend's burst did not finish");
+    let carried = udp_round_trip(&client, b"after").await;
+    let counted = eventually_async(Duration::from_secs(5), || async {
+        overflowed().await - before >= 2_000.0
+    })
+    .await;
+    let n = overflowed().await - before;
+    println!(
+        "MEASURED {OVERFLOW_BURST} backend datagrams of 1200 B towards a stopped connector: \
+         connector socket_overflow {n}"
+    );
+    assert!(
+        carried.is_some(),
+        "the flow did not carry again\n{}",
+        conn.tail(20)
+    );
+    assert!(
+        counted,
+        "only {n} counted as socket_overflow\n{}",
+        conn.tail(20)
+    );
+    assert!(
+        n <= OVERFLOW_BURST as f64,
+        "{n} counted, more than were sent"
+    );
+    a.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// An agent that falls behind its local client (stopped with SIGSTOP) loses the client's
+/// datagrams in the kernel, at the forward's full receive buffer; it counts them as
+/// `socket_overflow` once it runs again, and the flow carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_counts_what_the_kernel_drops_at_its_forwards_socket() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
+    c.wait_registered(1).await;
+    let (port, ops) = (free_udp_port(), free_tcp_port());
+    let cfg = agent_file(
+        &pki,
+        "alice",
+        &[im.addr],
+        &[("dns", "udp", port)],
+        &format!("ops_listen = \"{ops}\""),
+    );
+    let agent = Proc::spawn(BIN, "agent", "agent", &cfg, &[]);
+    assert!(
+        wait_ready(ops, Duration::from_secs(10)).await,
+        "{}",
+        agent.tail(20)
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(port).await.unwrap();
+    assert!(
+        udp_round_trip(&client, b"before").await.is_some(),
+        "the flow never carried\n{}",
+        agent.tail(20)
+    );
+    let overflowed = || async {
+        metric(
+            &http_get(ops, "/metrics").await.1,
+            "ztna_agent_udp_dropped_total",
+            &[("reason", "socket_overflow")],
+        )
+    };
+    let before = overflowed().await;
+    agent.signal("STOP");
+    send_burst(&client, None, OVERFLOW_BURST).await;
+    agent.signal("CONT");
+    let carried = udp_round_trip(&client, b"after").await;
+    let counted = eventually_async(Duration::from_secs(5), || async {
+        overflowed().await - before >= 2_000.0
+    })
+    .await;
+    let n = overflowed().await - before;
+    println!(
+        "MEASURED {OVERFLOW_BURST} client datagrams of 1200 B towards a stopped agent: \
+         agent socket_overflow {n}"
+    );
+    assert!(
+        carried.is_some(),
+        "the flow did not carry again\n{}",
+        agent.tail(20)
+    );
+    assert!(
+        counted,
+        "only {n} counted as socket_overflow\n{}",
+        agent.tail(20)
+    );
+    assert!(
+        n <= OVERFLOW_BURST as f64,
+        "{n} counted, more than were sent"
+    );
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// Datagrams the overflow tests send at a stopped daemon: 12 MB in 1200-byte datagrams, more
+/// than a socket's receive buffer holds.
+const OVERFLOW_BURST: usize = 10_000;
+
+/// A UDP backend that echoes, and on [`BurstingBackend::burst`] sends datagrams of 1200 bytes
+/// to the last peer it heard from (the connector's socket for the flow).
+struct BurstingBackend {
+    addr: std::net::SocketAddr,
+    go: tokio::sync::mpsc::Sender<(usize, bool)>,
+    done: tokio::sync::mpsc::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BurstingBackend {
+    async fn start() -> BurstingBackend {
+        let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = backend.local_addr().unwrap();
+        let (go, mut go_rx) = tokio::sync::mpsc::channel::<(usize, bool)>(1);
+        let (done_tx, done) = tokio::sync::mpsc::channel::<()>(1);
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut peer = None;
+            loop {
+                tokio::select! {
+                    r = backend.recv_from(&mut buf) => {
+                        let Ok((n, from)) = r else { return };
+                        peer = Some(from);
+                        let _ = backend.send_to(&buf[..n], from).await;
+                    }
+                    Some((n, paced)) = go_rx.recv() => {
+                        let Some(to) = peer else { continue };
+                        if paced {
+                            send_paced(&backend, Some(to), n).await;
+                        } else {
+                            send_burst(&backend, Some(to), n).await;
+                        }
+                        let _ = done_tx.send(()).await;
+                    }
+                }
+            }
+        });
+        BurstingBackend {
+            addr,
+            go,
+            done,
+            task,
+        }
+    }
+
+    /// Sends `n` datagrams (`paced`: see [`send_paced`]); false if they were not all sent
+    /// within 10 s.
+    async fn burst(&mut self, n: usize, paced: bool) -> bool {
+        if self.go.send((n, paced)).await.is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.done.recv()).await,
+            Ok(Some(()))
+        )
+    }
+}
+
+impl Drop for BurstingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// An intermediate process (which tests stop with SIGSTOP) for service `dns`, an in-process
@@ -1515,18 +1657,69 @@ async fn dns_flow_via_relay_process(
     (relay, c, a, client)
 }
 
+/// A connector process (which tests stop with SIGSTOP; its ops endpoint is returned) serving
+/// service `dns` from the UDP `backend`, an in-process intermediate, an agent forwarding `dns`,
+/// and a local client connected to the agent's port whose first datagram made the round trip.
+async fn dns_flow_via_connector_process(
+    pki: &Pki,
+    backend: std::net::SocketAddr,
+) -> (
+    Proc,
+    std::net::SocketAddr,
+    IntermediateHandle,
+    AgentHandle,
+    UdpSocket,
+) {
+    let im = start_intermediate(pki, open_policy(&["dns"]));
+    let c_ops = free_tcp_port();
+    let cfg = connector_file(
+        pki,
+        "dns-1",
+        &[im.addr],
+        &[("dns", None, Some(backend))],
+        &format!("ops_listen = \"{c_ops}\""),
+    );
+    let conn = Proc::spawn(BIN, "connector", "connector", &cfg, &[]);
+    assert!(
+        wait_ready(c_ops, Duration::from_secs(10)).await,
+        "{}",
+        conn.tail(20)
+    );
+    let mut a = start_agent(pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", ServiceState::Available).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    assert!(
+        udp_round_trip(&client, b"before").await.is_some(),
+        "the flow never carried\n{}",
+        conn.tail(20)
+    );
+    (conn, c_ops, im, a, client)
+}
+
 /// Sends `n` datagrams of 1200 bytes from `socket` (to `to`, or to its connected peer), paced
 /// at about 30 Mbit/s (a millisecond's pause every four) so that they get past the sockets of a
 /// busy machine.
 async fn send_paced(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize) {
+    send_1200(socket, to, n, true).await
+}
+
+/// Sends `n` datagrams of 1200 bytes as fast as the socket takes them (yielding now and then).
+async fn send_burst(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize) {
+    send_1200(socket, to, n, false).await
+}
+
+async fn send_1200(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize, paced: bool) {
     let payload = [7u8; 1200];
     for i in 0..n {
         let _ = match to {
             Some(to) => socket.send_to(&payload, to).await,
             None => socket.send(&payload).await,
         };
-        if i % 4 == 3 {
+        if paced && i % 4 == 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
+        } else if i % 64 == 63 {
+            tokio::task::yield_now().await;
         }
     }
 }
