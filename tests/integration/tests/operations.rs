@@ -1445,6 +1445,76 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     c.daemon.shutdown().await;
 }
 
+/// While an agent drains, its running UDP flow keeps carrying, and datagrams from a new local
+/// client are neither turned into a flow nor lost silently: each is counted as `draining`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_counts_datagrams_of_new_clients_and_keeps_its_flows() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    let (c, a) = dns_chain(&pki, im.addr, echo).await;
+    let port = a.port("dns", Protocol::Udp);
+    let running = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    running.connect(port).await.unwrap();
+    assert!(
+        udp_round_trip(&running, b"before").await.is_some(),
+        "the flow never carried"
+    );
+    let draining = || {
+        metric(
+            &a.daemon.metrics.common.render(),
+            "ztna_agent_udp_dropped_total",
+            &[("reason", "draining")],
+        )
+    };
+    let before = draining();
+    // The drain begins (what SIGTERM does). Each probe comes from a new client address, until
+    // one is counted: the forward has taken the drain in.
+    a.daemon.stop.cancel();
+    let mut probes = 0;
+    let started = eventually_async(Duration::from_secs(5), || {
+        probes += 1;
+        async {
+            let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let _ = probe.send_to(b"probe", port).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            draining() > before
+        }
+    })
+    .await;
+    assert!(
+        started,
+        "no datagram counted as draining after {probes} probes"
+    );
+    let late = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    late.connect(port).await.unwrap();
+    let counted = draining();
+    for _ in 0..5 {
+        late.send(b"new client").await.unwrap();
+    }
+    let all = eventually(Duration::from_secs(5), || draining() - counted >= 5.0).await;
+    let mut buf = [0u8; 64];
+    let answered = tokio::time::timeout(Duration::from_millis(500), late.recv(&mut buf))
+        .await
+        .is_ok();
+    let carried = udp_round_trip(&running, b"during the drain").await;
+    println!(
+        "MEASURED draining agent: 5 datagrams of a new client counted as draining {}, answered {answered}; \
+         the running flow answered after {carried:?} attempts",
+        draining() - counted
+    );
+    assert!(all, "only {} of 5 counted", draining() - counted);
+    assert_eq!(draining() - counted, 5.0, "counted more than were sent");
+    assert!(!answered, "a new client was served during the drain");
+    assert!(
+        carried.is_some(),
+        "the running flow stopped during the drain"
+    );
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 /// A connector that falls behind its backend (here: stopped with SIGSTOP) loses the backend's
 /// datagrams in the kernel, at the flow's full socket receive buffer. It counts them as
 /// `socket_overflow` once it runs again (the kernel reports them with the next datagram it
