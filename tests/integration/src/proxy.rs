@@ -1,12 +1,13 @@
 //! An in-process UDP delay proxy (netem is not available here): every datagram is held for a
 //! fixed one-way delay in each direction, and a settable fraction is dropped on arrival, one by
-//! one or in runs of consecutive datagrams (as a full queue drops them).
+//! one or in runs of consecutive datagrams (as a full queue drops them), and datagrams above a
+//! settable size are dropped (a link with a smaller MTU).
 //! Clients talk to `addr`; each client address gets its own upstream socket (like a NAT), so
 //! the server sees one address per client.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct ProxyStats {
     pub lost: AtomicU64,
     /// Dropped because a delay line was full.
     pub overflow: AtomicU64,
+    /// Dropped for being larger than the path's MTU setting.
+    pub too_big: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -37,6 +40,8 @@ struct Shared {
     loss_ppm: Arc<AtomicU32>,
     /// Longest run of consecutive drops (runs are 1..=this long, uniformly).
     max_run: Arc<AtomicU32>,
+    /// Largest UDP payload passed, both directions (0: no limit).
+    max_size: Arc<AtomicUsize>,
     stats: Arc<ProxyStats>,
     queued: Arc<AtomicU64>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -54,6 +59,12 @@ impl Proxy {
         self.shared.max_run.store(max_run.max(1), Ordering::Relaxed);
         let ppm = (fraction.clamp(0.0, 1.0) * 1e6) as u32;
         self.shared.loss_ppm.store(ppm, Ordering::Relaxed);
+    }
+
+    /// Drops every datagram with a UDP payload above `bytes`, both ways, from now on (a path
+    /// MTU of `bytes` + 28 on IPv4); 0 lifts the limit.
+    pub fn set_max_datagram(&self, bytes: usize) {
+        self.shared.max_size.store(bytes, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> &ProxyStats {
@@ -77,6 +88,7 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
         delay: one_way,
         loss_ppm: Arc::default(),
         max_run: Arc::new(AtomicU32::new(1)),
+        max_size: Arc::default(),
         stats: Arc::default(),
         queued: Arc::default(),
         tasks: Arc::default(),
@@ -110,8 +122,13 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
 }
 
 impl Shared {
-    /// Applies the loss setting and the queue bound to a datagram of `n` bytes.
+    /// Applies the MTU and loss settings and the queue bound to a datagram of `n` bytes.
     fn admit(&self, loss: &mut Loss, n: usize) -> bool {
+        let max = self.max_size.load(Ordering::Relaxed);
+        if max > 0 && n > max {
+            self.stats.too_big.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         let (ppm, max_run) = (
             self.loss_ppm.load(Ordering::Relaxed),
             self.max_run.load(Ordering::Relaxed),

@@ -2,12 +2,9 @@
 //! packets are allowed again within seconds once the path carries them, not after quinn's default
 //! 60 s cooldown (during which every UDP payload above ~1150 bytes rides the flow's stream).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use ztna_integration::*;
 use ztna_node::identity::Identity;
@@ -18,41 +15,6 @@ use ztna_proto::Role;
 const HOLE_ABOVE: usize = 1250;
 /// A QUIC datagram payload this large needs a path that carries packets above `HOLE_ABOVE`.
 const FULL: usize = 1300;
-
-/// A UDP proxy between one client and `server`; while `hole` is set it drops every datagram
-/// larger than [`HOLE_ABOVE`], both ways (an MTU black hole).
-async fn proxy(server: SocketAddr, hole: Arc<AtomicBool>) -> SocketAddr {
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    back.connect(server).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-    {
-        let (front, back, client, hole) =
-            (front.clone(), back.clone(), client.clone(), hole.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = front.recv_from(&mut buf).await {
-                *client.lock().unwrap() = Some(from);
-                if !(hole.load(Ordering::Relaxed) && n > HOLE_ABOVE) {
-                    let _ = back.send(&buf[..n]).await;
-                }
-            }
-        });
-    }
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = back.recv(&mut buf).await {
-            let to = *client.lock().unwrap();
-            if let Some(to) = to {
-                if !(hole.load(Ordering::Relaxed) && n > HOLE_ABOVE) {
-                    let _ = front.send_to(&buf[..n], to).await;
-                }
-            }
-        }
-    });
-    addr
-}
 
 /// Polls until `cond` holds (every 20 ms, at most `limit`); how long it took.
 async fn until(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
@@ -97,8 +59,11 @@ async fn full_size_packets_return_within_seconds_after_a_black_hole() {
         }
     });
 
-    let hole = Arc::new(AtomicBool::new(false));
-    let via = proxy(server_addr, hole.clone()).await;
+    // A black hole when switched on: every UDP payload above `HOLE_ABOVE` is dropped, both ways.
+    let hole = ztna_integration::proxy::start(server_addr, Duration::ZERO)
+        .await
+        .unwrap();
+    let via = hole.addr;
     let client_cfg = transport::client_config(&client_id, Role::Intermediate, &opts).unwrap();
     let ep = transport::client_endpoint(transport::DUAL_STACK_ANY).unwrap();
     let conn = ep
@@ -120,11 +85,11 @@ async fn full_size_packets_return_within_seconds_after_a_black_hole() {
         "path MTU discovery never allowed a {FULL}-byte datagram"
     );
 
-    hole.store(true, Ordering::Relaxed);
+    hole.set_max_datagram(HOLE_ABOVE);
     let fell = until(Duration::from_secs(10), || !fits(&conn)).await;
     assert!(fell.is_some(), "the black hole was never detected");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    hole.store(false, Ordering::Relaxed);
+    hole.set_max_datagram(0);
 
     let back = until(Duration::from_secs(15), || fits(&conn)).await;
     println!(

@@ -1515,6 +1515,103 @@ async fn a_draining_agent_counts_datagrams_of_new_clients_and_keeps_its_flows() 
     im.daemon.shutdown().await;
 }
 
+/// A payload that fits the agent's path as a datagram but not the connector's (whose path MTU
+/// is smaller) rides the flow's stream from the relay on. While the connector is stopped
+/// (SIGSTOP) that stream stalls, and what the relay's queue for it cannot hold is counted at the
+/// relay as `stream_full`, not lost silently; the flow carries again once the connector runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_counts_payloads_beyond_a_stalled_narrower_paths_stream_queue() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _seen, _e) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["dns"]));
+    // The connector reaches the relay over a path that drops UDP payloads above 1250 bytes, so
+    // its path MTU settles below what a 1300-byte payload needs; the agent's path is loopback.
+    let narrow = ztna_integration::proxy::start(im.addr, Duration::ZERO)
+        .await
+        .unwrap();
+    narrow.set_max_datagram(1250);
+    let c_ops = free_tcp_port();
+    // Small windows: the relay can buffer at most 1 MiB on the stalled flow's stream.
+    let cfg = connector_file(
+        &pki,
+        "dns-1",
+        &[narrow.addr],
+        &[("dns", None, Some(echo))],
+        &format!(
+            "ops_listen = \"{c_ops}\"\nstream_window = \"1MiB\"\nconnection_window = \"2MiB\""
+        ),
+    );
+    let conn = Proc::spawn(BIN, "connector", "connector", &cfg, &[]);
+    assert!(
+        wait_ready(c_ops, Duration::from_secs(10)).await,
+        "{}",
+        conn.tail(20)
+    );
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
+    a.wait_status("dns", ServiceState::Available).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    let relay_metric = |name: &str, label: (&str, &str)| {
+        metric(&im.daemon.metrics.common.render(), name, &[label])
+    };
+    let moved_to_stream = || {
+        relay_metric(
+            "ztna_intermediate_udp_stream_payloads_total",
+            ("direction", "to_connector"),
+        )
+    };
+    // Round trips of 1300 bytes until the relay is the one moving them onto the stream (the
+    // agent's path has found its MTU and sends them as datagrams).
+    let big = [5u8; 1300];
+    let narrowed = eventually_async(Duration::from_secs(10), || async {
+        udp_round_trip(&client, &big).await.is_some() && moved_to_stream() > 0.0
+    })
+    .await;
+    assert!(
+        narrowed,
+        "the relay never carried a 1300-byte payload on the stream (proxy dropped {} as too big)\n{}",
+        narrow.stats().too_big.load(std::sync::atomic::Ordering::Relaxed),
+        conn.tail(20)
+    );
+    let full = || {
+        relay_metric(
+            "ztna_intermediate_datagrams_dropped_total",
+            ("reason", "stream_full"),
+        )
+    };
+    let before = full();
+    conn.signal("STOP");
+    // 3.9 MB in 1300-byte payloads, paced: far more than the stalled stream takes.
+    for i in 0..3_000 {
+        let _ = client.send(&big).await;
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let counted = eventually(Duration::from_secs(3), || full() - before >= 500.0).await;
+    conn.signal("CONT");
+    let n = full() - before;
+    println!(
+        "MEASURED 3,000 payloads of 1300 B for a stopped connector behind a 1250-byte path: \
+         relay stream_full {n}, carried on the stream {}",
+        moved_to_stream()
+    );
+    assert!(
+        counted,
+        "only {n} counted as stream_full\n{}",
+        conn.tail(20)
+    );
+    assert!(n <= 3_000.0, "{n} counted, more than were sent");
+    assert!(
+        udp_round_trip(&client, b"after").await.is_some(),
+        "the flow did not carry again once the connector ran\n{}",
+        conn.tail(20)
+    );
+    a.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 /// A connector that falls behind its backend (here: stopped with SIGSTOP) loses the backend's
 /// datagrams in the kernel, at the flow's full socket receive buffer. It counts them as
 /// `socket_overflow` once it runs again (the kernel reports them with the next datagram it
