@@ -601,8 +601,43 @@ def main():
         return line
     c12()
 
-    @case("13. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    @case("13. a host firewall refusing the agent's answers to a local client: each counted as client_error "
+          "and logged, the agent stays up, the flow answers once the rule is gone")
     def c13():
+        def errors():
+            return metric("agent", "ztna_agent_udp_dropped_total", 'reason="client_error"') or 0.0
+        before = errors()
+        # The agent host's firewall drops what the UDP forward sends to local clients: the
+        # agent's send fails (EPERM), as under a host policy that blocks the port.
+        path = os.path.join(WORK, "fw.nft")
+        open(path, "w").write("add table inet ztna_fw\n"
+                              "add chain inet ztna_fw out { type filter hook output priority 0 ; }\n"
+                              "add rule inet ztna_fw out oifname \"lo\" udp sport 8081 counter drop\n")
+        run(*nsx("agent", "nft", "-f", path))
+        try:
+            client = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(0.1)\n"
+                      "got = 0\nfor i in range(20):\n    s.sendto(b'fw-%d' % i, ('127.0.0.1', 8081))\n"
+                      "    try:\n        s.recvfrom(2048); got += 1\n    except OSError:\n        pass\nprint(got)")
+            answered = int(run(*nsx("agent", sys.executable, "-c", client)).strip())
+            wait(lambda: errors() - before >= 20, 5)
+            n = errors() - before
+            blocked = sum(int(x) for x in re.findall(r"packets (\d+)", run(*nsx("agent", "nft", "list", "table", "inet", "ztna_fw"))))
+        finally:
+            run(*nsx("agent", "nft", "delete", "table", "inet", "ztna_fw"), check=False)
+        ok, out = helper("agent", "udpmany", "8081", "50", "INJECT")
+        logged = "UDP datagram to the local client dropped: send failed" in tail("agent", 400)
+        line = (f"20 datagrams from a new client: {answered} answered, {blocked} answers refused by the firewall, "
+                f"{n:.0f} counted as client_error, logged at warn: {logged}; after the rule was removed: {out}")
+        assert answered == 0, line
+        assert blocked >= 10 and n == blocked, line
+        assert logged, line
+        assert procs["agent"]["proc"].poll() is None, "the agent exited"
+        assert ok, line
+        return line
+    c13()
+
+    @case("14. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    def c14():
         src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
         h = hashlib.sha256()
         with open(src, "wb") as f:
@@ -626,7 +661,7 @@ def main():
         assert scp.returncode == 0 and same, line
         assert code == 0, line
         return line
-    c13()
+    c14()
 
     print()
     print(f"netns: {sum(results)} passed, {len(results) - sum(results)} failed")

@@ -1622,44 +1622,14 @@ async fn the_connector_counts_what_the_kernel_drops_at_its_flows_socket() {
     let pki = Pki::new();
     let mut backend = BurstingBackend::start().await;
     let (conn, c_ops, im, a, client) = dns_flow_via_connector_process(&pki, backend.addr).await;
-    let overflowed = || async {
-        metric(
-            &http_get(c_ops, "/metrics").await.1,
-            "ztna_connector_udp_dropped_total",
-            &[("reason", "socket_overflow")],
-        )
-    };
-    let before = overflowed().await;
-    conn.signal("STOP");
-    // 12 MB: more than the flow socket's receive buffer holds (4 MiB asked; the kernel counts
-    // a 1200-byte datagram as about 2.3 KB and grants at most twice `net.core.rmem_max`).
-    let sent = backend.burst(OVERFLOW_BURST, false).await;
-    conn.signal("CONT");
-    assert!(sent, "the backend's burst did not finish");
-    let carried = udp_round_trip(&client, b"after").await;
-    let counted = eventually_async(Duration::from_secs(5), || async {
-        overflowed().await - before >= 2_000.0
-    })
+    overflow_is_counted(
+        &conn,
+        c_ops,
+        "ztna_connector_udp_dropped_total",
+        &client,
+        backend.burst(OVERFLOW_BURST, false),
+    )
     .await;
-    let n = overflowed().await - before;
-    println!(
-        "MEASURED {OVERFLOW_BURST} backend datagrams of 1200 B towards a stopped connector: \
-         connector socket_overflow {n}"
-    );
-    assert!(
-        carried.is_some(),
-        "the flow did not carry again\n{}",
-        conn.tail(20)
-    );
-    assert!(
-        counted,
-        "only {n} counted as socket_overflow\n{}",
-        conn.tail(20)
-    );
-    assert!(
-        n <= OVERFLOW_BURST as f64,
-        "{n} counted, more than were sent"
-    );
     a.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
@@ -1696,41 +1666,17 @@ async fn the_agent_counts_what_the_kernel_drops_at_its_forwards_socket() {
         "the flow never carried\n{}",
         agent.tail(20)
     );
-    let overflowed = || async {
-        metric(
-            &http_get(ops, "/metrics").await.1,
-            "ztna_agent_udp_dropped_total",
-            &[("reason", "socket_overflow")],
-        )
-    };
-    let before = overflowed().await;
-    agent.signal("STOP");
-    send_burst(&client, None, OVERFLOW_BURST).await;
-    agent.signal("CONT");
-    let carried = udp_round_trip(&client, b"after").await;
-    let counted = eventually_async(Duration::from_secs(5), || async {
-        overflowed().await - before >= 2_000.0
-    })
+    overflow_is_counted(
+        &agent,
+        ops,
+        "ztna_agent_udp_dropped_total",
+        &client,
+        async {
+            send_burst(&client, None, OVERFLOW_BURST).await;
+            true
+        },
+    )
     .await;
-    let n = overflowed().await - before;
-    println!(
-        "MEASURED {OVERFLOW_BURST} client datagrams of 1200 B towards a stopped agent: \
-         agent socket_overflow {n}"
-    );
-    assert!(
-        carried.is_some(),
-        "the flow did not carry again\n{}",
-        agent.tail(20)
-    );
-    assert!(
-        counted,
-        "only {n} counted as socket_overflow\n{}",
-        agent.tail(20)
-    );
-    assert!(
-        n <= OVERFLOW_BURST as f64,
-        "{n} counted, more than were sent"
-    );
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
@@ -1738,6 +1684,56 @@ async fn the_agent_counts_what_the_kernel_drops_at_its_forwards_socket() {
 /// Datagrams the overflow tests send at a stopped daemon: 12 MB in 1200-byte datagrams, more
 /// than a socket's receive buffer holds.
 const OVERFLOW_BURST: usize = 10_000;
+
+/// Stops `daemon` (SIGSTOP) while `burst` sends [`OVERFLOW_BURST`] datagrams at one of its
+/// sockets (12 MB: more than its receive buffer holds; 4 MiB asked, a 1200-byte datagram counts
+/// as about 2.3 KB, and the kernel grants at most twice `net.core.rmem_max`), lets it run, and
+/// checks that `client`'s flow carries again and that `dropped` (`reason="socket_overflow"`,
+/// read from the ops endpoint `ops`) rose by at least 2,000 and by no more than was sent. The
+/// kernel reports its drops with the next datagram it queues: the round trip after the burst.
+async fn overflow_is_counted(
+    daemon: &Proc,
+    ops: std::net::SocketAddr,
+    dropped: &str,
+    client: &UdpSocket,
+    burst: impl std::future::Future<Output = bool>,
+) {
+    let overflowed = || async {
+        metric(
+            &http_get(ops, "/metrics").await.1,
+            dropped,
+            &[("reason", "socket_overflow")],
+        )
+    };
+    let before = overflowed().await;
+    daemon.signal("STOP");
+    let sent = burst.await;
+    daemon.signal("CONT");
+    assert!(sent, "the burst did not finish");
+    let carried = udp_round_trip(client, b"after").await;
+    let counted = eventually_async(Duration::from_secs(5), || async {
+        overflowed().await - before >= 2_000.0
+    })
+    .await;
+    let n = overflowed().await - before;
+    println!(
+        "MEASURED {OVERFLOW_BURST} datagrams of 1200 B at a stopped process: {dropped} socket_overflow {n}"
+    );
+    assert!(
+        carried.is_some(),
+        "the flow did not carry again\n{}",
+        daemon.tail(20)
+    );
+    assert!(
+        counted,
+        "only {n} counted as socket_overflow\n{}",
+        daemon.tail(20)
+    );
+    assert!(
+        n <= OVERFLOW_BURST as f64,
+        "{n} counted, more than were sent"
+    );
+}
 
 /// A UDP backend that echoes, and on [`BurstingBackend::burst`] sends datagrams of 1200 bytes
 /// to the last peer it heard from (the connector's socket for the flow).
