@@ -636,8 +636,36 @@ def main():
         return line
     c13()
 
-    @case("14. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    @case("14. a slow link to the backend (8 Mbit/s): datagrams the connector cannot hand to its full socket are "
+          "counted as backend_busy and logged, the flow carries once the link is fast again")
     def c14():
+        def busy():
+            return metric("connector", "ztna_connector_udp_dropped_total", 'reason="backend_busy"') or 0.0
+        link = veth("connector", "backend")
+        before = busy()
+        # A long queue on the connector's link to the backend: the flow's socket send buffer fills
+        # before the queue does, so the connector's sends would block.
+        run(*nsx("connector", "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", "8mbit",
+                 "burst", "32kb", "limit", "64mb"))
+        try:
+            helper("agent", "flood", "127.0.0.1", "8081", "20000", "B" * 1200, timeout=120)
+            wait(lambda: busy() - before >= 1000, 5)
+            n = busy() - before
+        finally:
+            run(*nsx("connector", "tc", "qdisc", "del", "dev", link, "root"), check=False)
+        ok, out = helper("agent", "udpmany", "8081", "50", "INJECT")
+        logged = "UDP datagram to the backend dropped: socket buffer full" in tail("connector", 400)
+        line = (f"20,000 datagrams of 1200 B from one client: {n:.0f} counted as backend_busy, logged at warn: {logged}; "
+                f"after the link was fast again: {out}")
+        assert n >= 1000, line
+        assert logged, line
+        assert procs["connector"]["proc"].poll() is None, "the connector exited"
+        assert ok, line
+        return line
+    c14()
+
+    @case("15. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    def c15():
         src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
         h = hashlib.sha256()
         with open(src, "wb") as f:
@@ -661,7 +689,7 @@ def main():
         assert scp.returncode == 0 and same, line
         assert code == 0, line
         return line
-    c14()
+    c15()
 
     print()
     print(f"netns: {sum(results)} passed, {len(results) - sum(results)} failed")
