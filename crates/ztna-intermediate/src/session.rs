@@ -146,6 +146,9 @@ pub(crate) async fn run(
     let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, &chain, tx));
+    // The TLS session keeps the chain (`Peer::chain`); this copy would otherwise live as long as
+    // the session.
+    drop(chain);
     ztna_node::lock(&shared.peers).insert(conn_id, peer.clone());
     // Its handshake RTT now; then every few seconds with all peers (`status_loop`).
     shared
