@@ -1,6 +1,8 @@
 //! Rate-limited logging: a line that a peer can trigger at will (a refused flow, a dropped
-//! datagram) is logged at most once per period; the rest are counted and the count is reported
-//! with the next line that gets through.
+//! datagram) is logged at most once per period *per call site*; the rest are counted and the
+//! count is reported with the next line from that site that gets through. Per site, so that a
+//! frequent kind of event (say, datagrams dropped for congestion) cannot hide a rarer one (a
+//! send the host's firewall refused) for the whole period.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,12 +28,24 @@ impl LogLimiter {
         }
     }
 
+    /// The period, for [`warn_limited!`] and [`info_limited!`], which keep their state per call
+    /// site.
+    pub const fn period_ms(&self) -> u64 {
+        self.period_ms
+    }
+
     /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the
     /// last one that was; `None` when it must be dropped (it is counted).
     pub fn allow(&self) -> Option<u64> {
+        self.allow_every(self.period_ms)
+    }
+
+    /// [`LogLimiter::allow`] with the period given by the caller (a call site's own state with a
+    /// shared setting).
+    pub fn allow_every(&self, period_ms: u64) -> Option<u64> {
         let now = now_ms() + 1;
         let last = self.last.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= self.period_ms;
+        let due = last == 0 || now.saturating_sub(last) >= period_ms;
         if due
             && self
                 .last
@@ -45,24 +59,29 @@ impl LogLimiter {
     }
 }
 
-/// Logs at warn level through a [`LogLimiter`], appending how many similar lines were skipped.
+/// Logs at warn level at most once per period of `$limiter` from this call site, appending how
+/// many lines this site skipped since its last one.
 #[macro_export]
 macro_rules! warn_limited {
-    ($limiter:expr, $($arg:tt)+) => {
-        if let Some(skipped) = $limiter.allow() {
+    ($limiter:expr, $($arg:tt)+) => {{
+        static SITE: $crate::ratelimit::LogLimiter =
+            $crate::ratelimit::LogLimiter::new(std::time::Duration::ZERO);
+        if let Some(skipped) = SITE.allow_every($limiter.period_ms()) {
             tracing::warn!(skipped, $($arg)+);
         }
-    };
+    }};
 }
 
-/// Logs at info level through a [`LogLimiter`].
+/// Logs at info level at most once per period of `$limiter` from this call site.
 #[macro_export]
 macro_rules! info_limited {
-    ($limiter:expr, $($arg:tt)+) => {
-        if let Some(skipped) = $limiter.allow() {
+    ($limiter:expr, $($arg:tt)+) => {{
+        static SITE: $crate::ratelimit::LogLimiter =
+            $crate::ratelimit::LogLimiter::new(std::time::Duration::ZERO);
+        if let Some(skipped) = SITE.allow_every($limiter.period_ms()) {
             tracing::info!(skipped, $($arg)+);
         }
-    };
+    }};
 }
 
 #[cfg(test)]
@@ -79,6 +98,32 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(l.allow(), Some(99));
         assert_eq!(l.allow(), None);
+    }
+
+    /// Each call site of the macros has its own state: a site that fires all the time does not
+    /// silence another one, and each counts only its own skipped lines.
+    #[test]
+    fn each_call_site_is_limited_on_its_own() {
+        static PERIOD: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+        fn frequent() -> Option<u64> {
+            static SITE: LogLimiter = LogLimiter::new(Duration::ZERO);
+            SITE.allow_every(PERIOD.period_ms())
+        }
+        fn rare() -> Option<u64> {
+            static SITE: LogLimiter = LogLimiter::new(Duration::ZERO);
+            SITE.allow_every(PERIOD.period_ms())
+        }
+        assert_eq!(frequent(), Some(0));
+        for _ in 0..50 {
+            assert_eq!(frequent(), None);
+        }
+        assert_eq!(rare(), Some(0), "the frequent site silenced the rare one");
+        assert_eq!(rare(), None);
+        // The macros expand to one such site each and compile with a shared period.
+        for _ in 0..3 {
+            crate::warn_limited!(PERIOD, "a warning");
+            crate::info_limited!(PERIOD, "a note");
+        }
     }
 }
 
