@@ -98,10 +98,10 @@ def big(port, mib):
     return n == len(data) and h.hexdigest() == want
 
 
-def udp_many(port, count, marker):
+def udp_many(port, count, marker, host="127.0.0.1"):
     """`count` UDP round trips; fails if any reply is not ours (e.g. contains `marker`)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
-    s.connect(("127.0.0.1", port))
+    s.connect((host, port))
     ok = 0
     for i in range(count):
         msg = b"legit-%d" % i
@@ -207,7 +207,7 @@ if __name__ == "__main__":
     elif cmd == "big":
         sys.exit(0 if big(int(args[0]), int(args[1])) else 1)
     elif cmd == "udpmany":
-        sys.exit(0 if udp_many(int(args[0]), int(args[1]), args[2]) else 1)
+        sys.exit(0 if udp_many(int(args[0]), int(args[1]), args[2], *args[3:4]) else 1)
     elif cmd == "flood":
         payload = None
         if len(args) > 3:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The whole product across separate hosts made of network namespaces (needs root).
 
-Hosts: agent, relay-a, relay-b, connector, backend. Point-to-point links only, so routing decides
-who reaches whom: the agent reaches the relays, the connector dials out to the relays and is the
-only host on the backend's private segment. The release binaries run as real processes.
+Hosts: agent, relay-a, relay-b, connector, backend, and lan (a client on the agent's local
+network). Point-to-point links only, so routing decides who reaches whom: the agent reaches the
+relays, the connector dials out to the relays and is the only host on the backend's private
+segment. The release binaries run as real processes.
 Each case prints PASS/FAIL with its measured figures; the last line is "N passed, N failed".
 Every load loop is bounded in count and time; traffic stays on these namespaces' addresses.
 """
@@ -15,7 +16,7 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 BIN = os.environ.get("ZTNA_BIN_DIR") or os.path.join(REPO, "target", "release")
 HELP = os.path.join(HERE, "helpers.py")
 PREFIX = "ztna-"
-HOSTS = ["agent", "relay-a", "relay-b", "connector", "backend"]
+HOSTS = ["agent", "relay-a", "relay-b", "connector", "backend", "lan"]
 # (host a, host b, subnet): a gets .1, b gets .2
 LINKS = [
     ("agent", "relay-a", "10.201.1"),
@@ -23,8 +24,11 @@ LINKS = [
     ("connector", "relay-a", "10.202.1"),
     ("connector", "relay-b", "10.202.2"),
     ("connector", "backend", "10.203.1"),
+    ("agent", "lan", "10.204.1"),
 ]
-SHORT = {"agent": "ag", "relay-a": "ra", "relay-b": "rb", "connector": "co", "backend": "be"}
+SHORT = {"agent": "ag", "relay-a": "ra", "relay-b": "rb", "connector": "co", "backend": "be", "lan": "la"}
+# The agent's address on the link to the lan host, where a UDP forward serves LAN clients.
+AGENT_ON_LAN = "10.204.1.1"
 RELAY_FOR_AGENT = {"relay-a": "10.201.1.2", "relay-b": "10.201.2.2"}
 RELAY_FOR_CONNECTOR = {"relay-a": "10.202.1.2", "relay-b": "10.202.2.2"}
 BACKEND = "10.203.1.2"
@@ -277,7 +281,8 @@ def main():
     real_fwd = ('[[forward]]\nservice = "dns"\nprotocol = "udp"\nlisten = "127.0.0.1:5353"\n'
                 '[[forward]]\nservice = "iperf"\nprotocol = "tcp"\nlisten = "127.0.0.1:5201"\n'
                 '[[forward]]\nservice = "iperf"\nprotocol = "udp"\nlisten = "127.0.0.1:5201"\n'
-                '[[forward]]\nservice = "ssh"\nprotocol = "tcp"\nlisten = "127.0.0.1:2222"\n')
+                '[[forward]]\nservice = "ssh"\nprotocol = "tcp"\nlisten = "127.0.0.1:2222"\n'
+                '[[forward]]\nservice = "web"\nprotocol = "udp"\nlisten = "%s:8083"\n' % AGENT_ON_LAN)
     start("agent", "agent", "agent", write("agent", (agent_head % 9472) + tls(d, "alice") + fwd % (8080, 8081) + real_fwd))
     if not connector_on(2) or not wait(lambda: helper("agent", "tcp", "8080")[0], 20):
         print("FAIL setup: the system did not come up"); [print(tail(k)) for k in procs]; return 1
@@ -664,8 +669,36 @@ def main():
         return line
     c14()
 
-    @case("15. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    @case("15. a slow link to a LAN client (8 Mbit/s): the agent's sends that would block are counted as "
+          "client_busy and logged, the flow carries once the link is fast again")
     def c15():
+        def busy():
+            return metric("agent", "ztna_agent_udp_dropped_total", 'reason="client_busy"') or 0.0
+        link = veth("agent", "lan")
+        before = busy()
+        # A long queue on the agent's link to the LAN: the forward's socket send buffer fills before
+        # the queue does, so the agent's sends to the client would block.
+        run(*nsx("agent", "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", "8mbit",
+                 "burst", "32kb", "limit", "64mb"))
+        try:
+            helper("lan", "flood", AGENT_ON_LAN, "8083", "20000", "L" * 1200, timeout=120)
+            wait(lambda: busy() - before >= 1000, 5)
+            n = busy() - before
+        finally:
+            run(*nsx("agent", "tc", "qdisc", "del", "dev", link, "root"), check=False)
+        ok, out = helper("lan", "udpmany", "8083", "50", "INJECT", AGENT_ON_LAN)
+        logged = "UDP datagram to the local client dropped: the forward's send buffer is full" in tail("agent", 400)
+        line = (f"20,000 datagrams of 1200 B from a LAN client: {n:.0f} counted as client_busy, logged at warn: {logged}; "
+                f"after the link was fast again: {out}")
+        assert n >= 1000, line
+        assert logged, line
+        assert procs["agent"]["proc"].poll() is None, "the agent exited"
+        assert ok, line
+        return line
+    c15()
+
+    @case("16. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    def c16():
         src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
         h = hashlib.sha256()
         with open(src, "wb") as f:
@@ -689,7 +722,7 @@ def main():
         assert scp.returncode == 0 and same, line
         assert code == 0, line
         return line
-    c15()
+    c16()
 
     print()
     print(f"netns: {sum(results)} passed, {len(results) - sum(results)} failed")
