@@ -1319,55 +1319,46 @@ async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let (relay, c, a, client) = dns_flow_via_relay_process(&pki, echo).await;
-    let full = || {
-        metric(
-            &a.daemon.metrics.common.render(),
-            "ztna_agent_udp_dropped_total",
-            &[("reason", "send_buffer_full")],
-        )
+    let dropped = |reason: &'static str| {
+        let a = &a;
+        move || async move {
+            metric(
+                &a.daemon.metrics.common.render(),
+                "ztna_agent_udp_dropped_total",
+                &[("reason", reason)],
+            )
+        }
     };
-    let before = full();
-    relay.signal("STOP");
     // 3 MiB of 1200-byte datagrams: three times the 1 MiB datagram send buffer.
-    send_paced(&client, None, 2_600).await;
-    let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
+    drops_are_counted(
+        &relay,
+        dropped("send_buffer_full"),
+        Counted::WhileStopped,
+        async {
+            send_paced(&client, None, 2_600).await;
+            true
+        },
+        (500.0, 2_600.0),
+        &client,
+        "2,600 datagrams of 1200 B towards a stopped relay: agent send_buffer_full",
+    )
+    .await;
     // Payloads too large for a datagram ride the flow's stream, through a queue of 64. 19 MB is
     // more than the stream may buffer towards the stalled relay (its 16 MiB window), so the
     // queue fills whatever the machine's speed: what does not fit is counted as `stream_full`.
-    let stream_full = || {
-        metric(
-            &a.daemon.metrics.common.render(),
-            "ztna_agent_udp_dropped_total",
-            &[("reason", "stream_full")],
-        )
-    };
-    let big = [8u8; 1472];
-    for _ in 0..13_000 {
-        client.send(&big).await.unwrap();
-        tokio::task::yield_now().await;
-    }
-    let stream_counted = eventually(Duration::from_secs(5), || stream_full() >= 100.0).await;
-    relay.signal("CONT");
-    let n = full() - before;
-    println!(
-        "MEASURED towards a stopped relay: 2,600 datagrams of 1200 B (3 MiB): send_buffer_full {n}; \
-         13,000 payloads of 1472 B (on the stream): stream_full {}",
-        stream_full()
-    );
-    assert!(
-        counted,
-        "only {n} counted as send_buffer_full\n{}",
-        relay.tail(20)
-    );
-    assert!(
-        stream_counted,
-        "only {} counted as stream_full",
-        stream_full()
-    );
-    assert!(
-        udp_round_trip(&client, b"after").await.is_some(),
-        "the flow did not carry again once the relay ran"
-    );
+    drops_are_counted(
+        &relay,
+        dropped("stream_full"),
+        Counted::WhileStopped,
+        async {
+            send_sized(&client, None, 1472, 13_000, Pace::Yield).await;
+            true
+        },
+        (100.0, 13_000.0),
+        &client,
+        "13,000 payloads of 1472 B (on the stream) towards a stopped relay: agent stream_full",
+    )
+    .await;
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
 }
@@ -1382,29 +1373,27 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let (conn, _c_ops, im, a, client) = dns_flow_via_connector_process(&pki, echo).await;
-    let full = || {
-        metric(
-            &im.daemon.metrics.common.render(),
-            "ztna_intermediate_datagrams_dropped_total",
-            &[("reason", "send_buffer_full")],
-        )
-    };
-    let before = full();
-    conn.signal("STOP");
     // 3 MiB of 1200-byte datagrams, three times the relay's 1 MiB datagram send buffer, paced
     // (about 30 Mbit/s) so that they reach the relay on a busy machine too.
-    send_paced(&client, None, 2_600).await;
-    let counted = eventually(Duration::from_secs(5), || full() - before >= 1000.0).await;
-    conn.signal("CONT");
-    let n = full() - before;
-    println!(
-        "MEASURED 2,600 datagrams (3 MiB, paced) towards a stopped connector: intermediate send_buffer_full {n}"
-    );
-    assert!(counted, "only {n} counted\n{}", conn.tail(20));
-    assert!(
-        udp_round_trip(&client, b"after").await.is_some(),
-        "the flow did not carry again once the connector ran"
-    );
+    drops_are_counted(
+        &conn,
+        || async {
+            metric(
+                &im.daemon.metrics.common.render(),
+                "ztna_intermediate_datagrams_dropped_total",
+                &[("reason", "send_buffer_full")],
+            )
+        },
+        Counted::WhileStopped,
+        async {
+            send_paced(&client, None, 2_600).await;
+            true
+        },
+        (1_000.0, 2_600.0),
+        &client,
+        "2,600 datagrams (3 MiB, paced) towards a stopped connector: intermediate send_buffer_full",
+    )
+    .await;
     a.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
@@ -1417,30 +1406,23 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     logs();
     let pki = Pki::new();
     let mut backend = BurstingBackend::start().await;
-    let backend_addr = backend.addr;
-    let (relay, c, a, client) = dns_flow_via_relay_process(&pki, backend_addr).await;
-    let full = || {
-        metric(
-            &c.daemon.metrics.common.render(),
-            "ztna_connector_udp_dropped_total",
-            &[("reason", "send_buffer_full")],
-        )
-    };
-    let before = full();
-    relay.signal("STOP");
-    let sent = backend.burst(2_600, true).await;
-    let counted = eventually(Duration::from_secs(5), || full() - before >= 500.0).await;
-    relay.signal("CONT");
-    assert!(sent, "the backend's burst did not finish");
-    let n = full() - before;
-    println!(
-        "MEASURED 2,600 backend datagrams (3 MiB, paced) towards a stopped relay: connector send_buffer_full {n}"
-    );
-    assert!(counted, "only {n} counted\n{}", relay.tail(20));
-    assert!(
-        udp_round_trip(&client, b"after").await.is_some(),
-        "the flow did not carry again once the relay ran"
-    );
+    let (relay, c, a, client) = dns_flow_via_relay_process(&pki, backend.addr).await;
+    drops_are_counted(
+        &relay,
+        || async {
+            metric(
+                &c.daemon.metrics.common.render(),
+                "ztna_connector_udp_dropped_total",
+                &[("reason", "send_buffer_full")],
+            )
+        },
+        Counted::WhileStopped,
+        backend.burst(2_600, true),
+        (500.0, 2_600.0),
+        &client,
+        "2,600 backend datagrams (3 MiB, paced) towards a stopped relay: connector send_buffer_full",
+    )
+    .await;
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
 }
@@ -1574,40 +1556,26 @@ async fn the_relay_counts_payloads_beyond_a_stalled_narrower_paths_stream_queue(
         narrow.stats().too_big.load(std::sync::atomic::Ordering::Relaxed),
         conn.tail(20)
     );
-    let full = || {
-        relay_metric(
-            "ztna_intermediate_datagrams_dropped_total",
-            ("reason", "stream_full"),
-        )
-    };
-    let before = full();
-    conn.signal("STOP");
     // 3.9 MB in 1300-byte payloads, paced: far more than the stalled stream takes.
-    for i in 0..3_000 {
-        let _ = client.send(&big).await;
-        if i % 4 == 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-    let counted = eventually(Duration::from_secs(3), || full() - before >= 500.0).await;
-    conn.signal("CONT");
-    let n = full() - before;
-    println!(
-        "MEASURED 3,000 payloads of 1300 B for a stopped connector behind a 1250-byte path: \
-         relay stream_full {n}, carried on the stream {}",
-        moved_to_stream()
-    );
-    assert!(
-        counted,
-        "only {n} counted as stream_full\n{}",
-        conn.tail(20)
-    );
-    assert!(n <= 3_000.0, "{n} counted, more than were sent");
-    assert!(
-        udp_round_trip(&client, b"after").await.is_some(),
-        "the flow did not carry again once the connector ran\n{}",
-        conn.tail(20)
-    );
+    drops_are_counted(
+        &conn,
+        || async {
+            relay_metric(
+                "ztna_intermediate_datagrams_dropped_total",
+                ("reason", "stream_full"),
+            )
+        },
+        Counted::WhileStopped,
+        async {
+            send_sized(&client, None, 1300, 3_000, Pace::Paced).await;
+            true
+        },
+        (500.0, 3_000.0),
+        &client,
+        "3,000 payloads of 1300 B for a stopped connector behind a 1250-byte path: relay stream_full",
+    )
+    .await;
+    println!("MEASURED carried on the stream: {}", moved_to_stream());
     a.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
@@ -1622,12 +1590,14 @@ async fn the_connector_counts_what_the_kernel_drops_at_its_flows_socket() {
     let pki = Pki::new();
     let mut backend = BurstingBackend::start().await;
     let (conn, c_ops, im, a, client) = dns_flow_via_connector_process(&pki, backend.addr).await;
-    overflow_is_counted(
+    drops_are_counted(
         &conn,
-        c_ops,
-        "ztna_connector_udp_dropped_total",
-        &client,
+        || overflowed(c_ops, "ztna_connector_udp_dropped_total"),
+        Counted::OnResume,
         backend.burst(OVERFLOW_BURST, false),
+        (2_000.0, OVERFLOW_BURST as f64),
+        &client,
+        "10,000 backend datagrams of 1200 B towards a stopped connector: connector socket_overflow",
     )
     .await;
     a.daemon.shutdown().await;
@@ -1666,15 +1636,17 @@ async fn the_agent_counts_what_the_kernel_drops_at_its_forwards_socket() {
         "the flow never carried\n{}",
         agent.tail(20)
     );
-    overflow_is_counted(
+    drops_are_counted(
         &agent,
-        ops,
-        "ztna_agent_udp_dropped_total",
-        &client,
+        || overflowed(ops, "ztna_agent_udp_dropped_total"),
+        Counted::OnResume,
         async {
-            send_burst(&client, None, OVERFLOW_BURST).await;
+            send_sized(&client, None, 1200, OVERFLOW_BURST, Pace::Yield).await;
             true
         },
+        (2_000.0, OVERFLOW_BURST as f64),
+        &client,
+        "10,000 client datagrams of 1200 B towards a stopped agent: agent socket_overflow",
     )
     .await;
     c.daemon.shutdown().await;
@@ -1685,54 +1657,61 @@ async fn the_agent_counts_what_the_kernel_drops_at_its_forwards_socket() {
 /// than a socket's receive buffer holds.
 const OVERFLOW_BURST: usize = 10_000;
 
-/// Stops `daemon` (SIGSTOP) while `burst` sends [`OVERFLOW_BURST`] datagrams at one of its
-/// sockets (12 MB: more than its receive buffer holds; 4 MiB asked, a 1200-byte datagram counts
-/// as about 2.3 KB, and the kernel grants at most twice `net.core.rmem_max`), lets it run, and
-/// checks that `client`'s flow carries again and that `dropped` (`reason="socket_overflow"`,
-/// read from the ops endpoint `ops`) rose by at least 2,000 and by no more than was sent. The
-/// kernel reports its drops with the next datagram it queues: the round trip after the burst.
-async fn overflow_is_counted(
-    daemon: &Proc,
-    ops: std::net::SocketAddr,
-    dropped: &str,
+/// When the drops a test provokes show in their counter.
+#[derive(Clone, Copy, PartialEq)]
+enum Counted {
+    /// While the process is stopped: a running daemon counts them.
+    WhileStopped,
+    /// Once the stopped process runs again: it counts them itself. The kernel's drops at a
+    /// socket are reported with the next datagram it queues, the round trip after the resume.
+    OnResume,
+}
+
+/// Stops `stopped` (SIGSTOP) while `send` pushes traffic at it or through it, lets it run
+/// again, and checks that the counter `dropped` rose by at least `at_least` and by no more than
+/// `at_most` (what was sent), and that `client`'s flow carries afterwards. Prints the count.
+async fn drops_are_counted<R, F>(
+    stopped: &Proc,
+    dropped: R,
+    when: Counted,
+    send: impl std::future::Future<Output = bool>,
+    (at_least, at_most): (f64, f64),
     client: &UdpSocket,
-    burst: impl std::future::Future<Output = bool>,
-) {
-    let overflowed = || async {
-        metric(
-            &http_get(ops, "/metrics").await.1,
-            dropped,
-            &[("reason", "socket_overflow")],
-        )
-    };
-    let before = overflowed().await;
-    daemon.signal("STOP");
-    let sent = burst.await;
-    daemon.signal("CONT");
-    assert!(sent, "the burst did not finish");
+    what: &str,
+) where
+    R: Fn() -> F,
+    F: std::future::Future<Output = f64>,
+{
+    let before = dropped().await;
+    stopped.signal("STOP");
+    let sent = send.await;
+    let risen = || async { dropped().await - before >= at_least };
+    let mut counted =
+        when == Counted::WhileStopped && eventually_async(Duration::from_secs(5), risen).await;
+    stopped.signal("CONT");
+    assert!(sent, "{what}: the traffic was not all sent");
     let carried = udp_round_trip(client, b"after").await;
-    let counted = eventually_async(Duration::from_secs(5), || async {
-        overflowed().await - before >= 2_000.0
-    })
-    .await;
-    let n = overflowed().await - before;
-    println!(
-        "MEASURED {OVERFLOW_BURST} datagrams of 1200 B at a stopped process: {dropped} socket_overflow {n}"
-    );
+    if when == Counted::OnResume {
+        counted = eventually_async(Duration::from_secs(5), risen).await;
+    }
+    let n = dropped().await - before;
+    println!("MEASURED {what} {n}");
     assert!(
         carried.is_some(),
-        "the flow did not carry again\n{}",
-        daemon.tail(20)
+        "{what}: the flow did not carry again\n{}",
+        stopped.tail(20)
     );
-    assert!(
-        counted,
-        "only {n} counted as socket_overflow\n{}",
-        daemon.tail(20)
-    );
-    assert!(
-        n <= OVERFLOW_BURST as f64,
-        "{n} counted, more than were sent"
-    );
+    assert!(counted, "{what}: only {n} counted\n{}", stopped.tail(20));
+    assert!(n <= at_most, "{what}: {n} counted, more than were sent");
+}
+
+/// `reason="socket_overflow"` of the counter `name`, read from a daemon process's ops endpoint.
+async fn overflowed(ops: std::net::SocketAddr, name: &str) -> f64 {
+    metric(
+        &http_get(ops, "/metrics").await.1,
+        name,
+        &[("reason", "socket_overflow")],
+    )
 }
 
 /// A UDP backend that echoes, and on [`BurstingBackend::burst`] sends datagrams of 1200 bytes
@@ -1765,7 +1744,7 @@ impl BurstingBackend {
                         if paced {
                             send_paced(&backend, Some(to), n).await;
                         } else {
-                            send_burst(&backend, Some(to), n).await;
+                            send_sized(&backend, Some(to), 1200, n, Pace::Yield).await;
                         }
                         let _ = done_tx.send(()).await;
                     }
@@ -1860,28 +1839,39 @@ async fn dns_flow_via_connector_process(
     (conn, c_ops, im, a, client)
 }
 
-/// Sends `n` datagrams of 1200 bytes from `socket` (to `to`, or to its connected peer), paced
-/// at about 30 Mbit/s (a millisecond's pause every four) so that they get past the sockets of a
-/// busy machine.
+/// How [`send_sized`] spaces its datagrams.
+#[derive(Clone, Copy, PartialEq)]
+enum Pace {
+    /// About 30 Mbit/s of 1200-byte datagrams (a millisecond's pause every four), so that they
+    /// get past the sockets of a busy machine.
+    Paced,
+    /// As fast as the socket takes them, yielding to the runtime after each (in-process
+    /// daemons share it with the test).
+    Yield,
+}
+
+/// Sends `n` datagrams of 1200 bytes from `socket` (to `to`, or to its connected peer), paced.
 async fn send_paced(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize) {
-    send_1200(socket, to, n, true).await
+    send_sized(socket, to, 1200, n, Pace::Paced).await
 }
 
-/// Sends `n` datagrams of 1200 bytes as fast as the socket takes them (yielding now and then).
-async fn send_burst(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize) {
-    send_1200(socket, to, n, false).await
-}
-
-async fn send_1200(socket: &UdpSocket, to: Option<std::net::SocketAddr>, n: usize, paced: bool) {
-    let payload = [7u8; 1200];
+/// Sends `n` datagrams of `size` bytes from `socket` (to `to`, or to its connected peer).
+async fn send_sized(
+    socket: &UdpSocket,
+    to: Option<std::net::SocketAddr>,
+    size: usize,
+    n: usize,
+    pace: Pace,
+) {
+    let payload = vec![7u8; size];
     for i in 0..n {
         let _ = match to {
             Some(to) => socket.send_to(&payload, to).await,
             None => socket.send(&payload).await,
         };
-        if paced && i % 4 == 3 {
+        if pace == Pace::Paced && i % 4 == 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
-        } else if i % 64 == 63 {
+        } else if pace == Pace::Yield {
             tokio::task::yield_now().await;
         }
     }
