@@ -641,60 +641,45 @@ def main():
         return line
     c13()
 
-    @case("14. a slow link to the backend (8 Mbit/s): datagrams the connector cannot hand to its full socket are "
-          "counted as backend_busy and logged, the flow carries once the link is fast again")
-    def c14():
-        def busy():
-            return metric("connector", "ztna_connector_udp_dropped_total", 'reason="backend_busy"') or 0.0
-        link = veth("connector", "backend")
-        before = busy()
-        # A long queue on the connector's link to the backend: the flow's socket send buffer fills
-        # before the queue does, so the connector's sends would block.
-        run(*nsx("connector", "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", "8mbit",
+    def slow_link(daemon, link_to, flood_from, target, port, reason, warning):
+        """A long queue (tbf, 8 Mbit/s, 64 MB) on `daemon`'s link to `link_to`: the UDP socket's send
+        buffer fills before the queue does, so `daemon`'s sends would block. 20,000 datagrams of
+        1200 B from `flood_from` to `target`:`port`; each send that would block must be counted as
+        `reason` and logged (`warning`), and the flow must carry once the link is fast again."""
+        def dropped():
+            return metric(daemon, f"ztna_{daemon}_udp_dropped_total", f'reason="{reason}"') or 0.0
+        link = veth(daemon, link_to)
+        before = dropped()
+        run(*nsx(daemon, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", "8mbit",
                  "burst", "32kb", "limit", "64mb"))
         try:
-            helper("agent", "flood", "127.0.0.1", "8081", "20000", "B" * 1200, timeout=120)
-            wait(lambda: busy() - before >= 1000, 5)
-            n = busy() - before
+            helper(flood_from, "flood", target, str(port), "20000", "F" * 1200, timeout=120)
+            wait(lambda: dropped() - before >= 1000, 5)
+            n = dropped() - before
         finally:
-            run(*nsx("connector", "tc", "qdisc", "del", "dev", link, "root"), check=False)
-        ok, out = helper("agent", "udpmany", "8081", "50", "INJECT")
-        logged = "UDP datagram to the backend dropped: socket buffer full" in tail("connector", 400)
-        line = (f"20,000 datagrams of 1200 B from one client: {n:.0f} counted as backend_busy, logged at warn: {logged}; "
+            run(*nsx(daemon, "tc", "qdisc", "del", "dev", link, "root"), check=False)
+        ok, out = helper(flood_from, "udpmany", str(port), "50", "INJECT", target)
+        logged = warning in tail(daemon, 400)
+        line = (f"20,000 datagrams of 1200 B from one client: {n:.0f} counted as {reason}, logged at warn: {logged}; "
                 f"after the link was fast again: {out}")
         assert n >= 1000, line
         assert logged, line
-        assert procs["connector"]["proc"].poll() is None, "the connector exited"
+        assert procs[daemon]["proc"].poll() is None, f"the {daemon} exited"
         assert ok, line
         return line
+
+    @case("14. a slow link to the backend (8 Mbit/s): datagrams the connector cannot hand to its full socket are "
+          "counted as backend_busy and logged, the flow carries once the link is fast again")
+    def c14():
+        return slow_link("connector", "backend", "agent", "127.0.0.1", 8081, "backend_busy",
+                         "UDP datagram to the backend dropped: socket buffer full")
     c14()
 
     @case("15. a slow link to a LAN client (8 Mbit/s): the agent's sends that would block are counted as "
           "client_busy and logged, the flow carries once the link is fast again")
     def c15():
-        def busy():
-            return metric("agent", "ztna_agent_udp_dropped_total", 'reason="client_busy"') or 0.0
-        link = veth("agent", "lan")
-        before = busy()
-        # A long queue on the agent's link to the LAN: the forward's socket send buffer fills before
-        # the queue does, so the agent's sends to the client would block.
-        run(*nsx("agent", "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", "8mbit",
-                 "burst", "32kb", "limit", "64mb"))
-        try:
-            helper("lan", "flood", AGENT_ON_LAN, "8083", "20000", "L" * 1200, timeout=120)
-            wait(lambda: busy() - before >= 1000, 5)
-            n = busy() - before
-        finally:
-            run(*nsx("agent", "tc", "qdisc", "del", "dev", link, "root"), check=False)
-        ok, out = helper("lan", "udpmany", "8083", "50", "INJECT", AGENT_ON_LAN)
-        logged = "UDP datagram to the local client dropped: the forward's send buffer is full" in tail("agent", 400)
-        line = (f"20,000 datagrams of 1200 B from a LAN client: {n:.0f} counted as client_busy, logged at warn: {logged}; "
-                f"after the link was fast again: {out}")
-        assert n >= 1000, line
-        assert logged, line
-        assert procs["agent"]["proc"].poll() is None, "the agent exited"
-        assert ok, line
-        return line
+        return slow_link("agent", "lan", "lan", AGENT_ON_LAN, 8083, "client_busy",
+                         "UDP datagram to the local client dropped: the forward's send buffer is full")
     c15()
 
     @case("16. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
