@@ -17,6 +17,7 @@
 
 mod backends;
 mod hop;
+mod quinn_anchor;
 mod relays;
 mod scale;
 mod udp_rate;
@@ -162,6 +163,12 @@ fn runtime(name: &str, workers: Option<usize>) -> Result<Runtime> {
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some(util::UDP_ECHO_CHILD) {
         return util::udp_echo_child();
+    }
+    if std::env::args().nth(1).as_deref() == Some(quinn_anchor::CHILD) {
+        let config = std::env::args_os()
+            .nth(2)
+            .context("the quinn anchor child needs a config file")?;
+        return quinn_anchor::child(std::path::Path::new(&config));
     }
     let args = Args::parse()?;
     // The load generators, backends and delay proxies.
@@ -1140,6 +1147,24 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             opt(s.quiet_cpu_pct, 1),
             opt(s.generator_cpu_pct, 1)
         );
+        if let Some(a) = &s.anchor {
+            println!(
+                "  anchor, a bare quinn server with the intermediate's configuration file (its own \
+                 process; the same {} identities from fresh sockets, no stream): {} connected in \
+                 {:.1} s (CPU {} ms per connection); RSS {:.0} → {:.0} MiB: {} KiB per connection; \
+                 keepalives over {:.0} s quiet: {} % of one core (load generator {} %)",
+                s.agents,
+                a.connected,
+                a.connect_secs,
+                opt(a.ramp_cpu_ms_per_conn, 2),
+                a.rss_base_kib / 1024.0,
+                a.rss_full_kib / 1024.0,
+                opt(a.kib_per_conn, 1),
+                args.quiet.as_secs_f64(),
+                opt(a.quiet_cpu_pct, 1),
+                opt(a.generator_cpu_pct, 1)
+            );
+        }
         println!(
             "  reconnect storm: SIGTERM → exit {} s; restart → all {} back in {} s (SIGTERM → all \
              back {} s; {} back)",
@@ -1369,6 +1394,22 @@ fn goals(f: &Figures) -> Vec<Goal> {
             value: s.quiet_cpu_pct,
             target: "<= 5",
         });
+        if let Some(a) = &s.anchor {
+            g.push(Goal {
+                name: "scale_kib_per_connection_quinn",
+                what: "5, the anchor: a bare quinn server's RSS growth / idle connection".into(),
+                value: a.kib_per_conn,
+                target: "-",
+            });
+            g.push(Goal {
+                name: "scale_keepalive_cpu_pct_quinn",
+                what: "5, the anchor: a bare quinn server's CPU, % of one core, every connection \
+                       idle"
+                    .into(),
+                value: a.quiet_cpu_pct,
+                target: "-",
+            });
+        }
         g.push(Goal {
             name: "scale_memory_returned",
             what:

@@ -221,7 +221,22 @@ pub struct Report {
     pub returned: Option<f64>,
     /// RSS once all of them connected again after leaving.
     pub rss_rejoined_kib: Option<f64>,
+    /// The same idle connections held by a bare quinn server (see [`crate::quinn_anchor`]).
+    pub anchor: Option<Anchor>,
     pub notes: Vec<String>,
+}
+
+/// What N idle connections cost a bare quinn server with the intermediate's configuration.
+#[derive(Default)]
+pub struct Anchor {
+    pub connected: usize,
+    pub connect_secs: f64,
+    pub ramp_cpu_ms_per_conn: Option<f64>,
+    pub rss_base_kib: f64,
+    pub rss_full_kib: f64,
+    pub kib_per_conn: Option<f64>,
+    pub quiet_cpu_pct: Option<f64>,
+    pub generator_cpu_pct: Option<f64>,
 }
 
 pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
@@ -253,17 +268,23 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         );
         std::fs::write(&cfg_path, keys + &text).context("write scale config")?;
     }
+    // N identities, each with its own client config (as N agents would have).
+    let t = Instant::now();
+    let configs = issue(pki.clone(), n, opts.keepalive).await?;
+    rep.issue_secs = t.elapsed().as_secs_f64();
+
+    // The anchor first: the same connections held by bare quinn, in a process of its own.
+    match anchor(&cfg_path, &configs, sockets, opts.quiet).await {
+        Ok(a) => rep.anchor = Some(a),
+        Err(e) => rep.notes.push(format!("the quinn anchor failed: {e:#}")),
+    }
+
     let mut im = bins.spawn("intermediate", "intermediate-scale", &cfg_path);
     if !wait_ready(ops, Duration::from_secs(15)).await {
         bail!("scale intermediate did not become ready\n{}", im.tail(20));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     rep.rss_base_kib = rss_kib(im.pid()).unwrap_or(0.0);
-
-    // N identities, each with its own client config (as N agents would have).
-    let t = Instant::now();
-    let configs = issue(pki.clone(), n, opts.keepalive).await?;
-    rep.issue_secs = t.elapsed().as_secs_f64();
 
     let mut endpoints = Vec::with_capacity(sockets);
     for _ in 0..sockets {
@@ -534,6 +555,120 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     im2.signal("TERM");
     let _ = im2.wait_exit(Duration::from_secs(30)).await;
     Ok(rep)
+}
+
+/// The anchor phase: a bare quinn server (the intermediate's configuration file) takes the same
+/// N connections from fresh generator sockets; its RSS per connection, its CPU while they idle
+/// for `quiet`, and its handshake CPU during the ramp. The connections then close and the
+/// server is stopped.
+async fn anchor(
+    cfg_path: &std::path::Path,
+    configs: &[quinn::ClientConfig],
+    sockets: usize,
+    quiet: Duration,
+) -> Result<Anchor> {
+    let n = configs.len();
+    let server = crate::quinn_anchor::QuinnAnchor::spawn(cfg_path)?;
+    let pid = server.pid();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut a = Anchor {
+        rss_base_kib: rss_kib(pid).unwrap_or(0.0),
+        ..Anchor::default()
+    };
+    let endpoints = (0..sockets)
+        .map(|_| generator_endpoint())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("anchor client sockets")?;
+    let up = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let ramp = Arc::new(Semaphore::new(RAMP_CONCURRENCY));
+    let cpu0 = proc_cpu(pid);
+    let t = Instant::now();
+    let tasks: Vec<_> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| {
+            tokio::spawn(bare(
+                endpoints[i % endpoints.len()].clone(),
+                cfg.clone(),
+                server.addr,
+                up.clone(),
+                stop.clone(),
+                ramp.clone(),
+            ))
+        })
+        .collect();
+    let all = eventually_async(Duration::from_secs(240), || {
+        let up = up.clone();
+        async move { up.load(Ordering::Relaxed) >= n }
+    })
+    .await;
+    a.connect_secs = t.elapsed().as_secs_f64();
+    a.connected = up.load(Ordering::Relaxed);
+    if let (Some(c0), Some(c1)) = (cpu0, proc_cpu(pid)) {
+        a.ramp_cpu_ms_per_conn = Some((c1 - c0) * 1e3 / a.connected.max(1) as f64);
+    }
+    if all {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        a.rss_full_kib = rss_kib(pid).unwrap_or(0.0);
+        let held = up.load(Ordering::Relaxed);
+        if held > 0 {
+            a.kib_per_conn = Some((a.rss_full_kib - a.rss_base_kib) / held as f64);
+        }
+        let me = std::process::id();
+        let (c0, g0, t0) = (proc_cpu(pid), proc_cpu(me), Instant::now());
+        tokio::time::sleep(quiet).await;
+        let secs = t0.elapsed().as_secs_f64();
+        a.quiet_cpu_pct = c0.zip(proc_cpu(pid)).map(|(x, y)| (y - x) / secs * 100.0);
+        a.generator_cpu_pct = g0.zip(proc_cpu(me)).map(|(x, y)| (y - x) / secs * 100.0);
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    for ep in &endpoints {
+        ep.close(0u32.into(), b"anchor done");
+    }
+    drop(server);
+    if !all {
+        bail!("only {} of {n} connected within 240 s", a.connected);
+    }
+    Ok(a)
+}
+
+/// One connection to the anchor: connect (retrying every second), hold until it ends or `stop`.
+async fn bare(
+    ep: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    target: SocketAddr,
+    up: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    ramp: Arc<Semaphore>,
+) {
+    let mut permit = ramp.acquire_owned().await.ok();
+    while !stop.is_cancelled() {
+        let attempt = tokio::select! {
+            r = client::connect_any(
+                &ep, &cfg, "the quinn anchor", vec![target], "ztna-intermediate", CONNECT_TIMEOUT,
+            ) => r,
+            _ = stop.cancelled() => return,
+        };
+        permit.take();
+        match attempt {
+            Ok(conn) => {
+                up.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = stop.cancelled() => conn.close(0u32.into(), b"leaving"),
+                }
+                up.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(_) => tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            },
+        }
+    }
 }
 
 /// A client endpoint like an agent's, but with receive and send buffers as large as the system
