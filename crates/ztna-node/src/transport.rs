@@ -300,13 +300,25 @@ pub const QUIC_SOCKET_BUFFER: usize = 4 << 20;
 pub const RELAY_SOCKET_BUFFER: usize = 16 << 20;
 
 /// Sizes a QUIC socket's buffers to `bytes`; warns when the kernel grants less (its limit is
-/// `net.core.rmem_max` / `wmem_max`; the NixOS modules raise them).
+/// `net.core.rmem_max` / `wmem_max`; the NixOS modules raise them). A process that may pass
+/// the limit (`CAP_NET_ADMIN`, e.g. root outside the NixOS modules' sandbox) does so, as
+/// quic-go does, instead of running with buffers its operator never chose.
 pub fn size_quic_socket(socket: &std::net::UdpSocket, bytes: usize) {
     let s = socket2::SockRef::from(socket);
     let _ = s.set_recv_buffer_size(bytes);
     let _ = s.set_send_buffer_size(bytes);
     // Linux reports twice what it granted (bookkeeping overhead included).
-    let granted = s.recv_buffer_size().unwrap_or(0) / 2;
+    let granted = || s.recv_buffer_size().unwrap_or(0) / 2;
+    if granted() < bytes / 2 && crate::udp::force_buffers(socket, bytes) {
+        static FORCED: std::sync::Once = std::sync::Once::new();
+        FORCED.call_once(|| {
+            tracing::info!(
+                kib = bytes / 1024,
+                "UDP socket buffers set past net.core.rmem_max / wmem_max (CAP_NET_ADMIN)"
+            );
+        });
+    }
+    let granted = granted();
     if granted < bytes / 2 {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
@@ -423,6 +435,47 @@ pub async fn resolve(target: &str) -> std::io::Result<(SocketAddr, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether this process has `CAP_NET_ADMIN` (bit 12 of `CapEff`).
+    fn net_admin() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+                u64::from_str_radix(hex, 16).ok()
+            })
+            .is_some_and(|caps| caps & (1 << 12) != 0)
+    }
+
+    /// A relay's socket gets the 16 MiB it asks for when the process may pass the kernel's
+    /// limit, and exactly what the limit allows otherwise (never an error).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn quic_socket_buffers_pass_the_kernels_limit_only_with_cap_net_admin() {
+        let limit: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if limit == 0 || limit >= RELAY_SOCKET_BUFFER {
+            println!(
+                "skipped: net.core.rmem_max is {limit}, which does not limit a {RELAY_SOCKET_BUFFER}-byte buffer"
+            );
+            return;
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        size_quic_socket(&socket, RELAY_SOCKET_BUFFER);
+        let s = socket2::SockRef::from(&socket);
+        let (recv, send) = (
+            s.recv_buffer_size().unwrap() / 2,
+            s.send_buffer_size().unwrap() / 2,
+        );
+        if net_admin() {
+            assert_eq!((recv, send), (RELAY_SOCKET_BUFFER, RELAY_SOCKET_BUFFER));
+        } else {
+            println!("without CAP_NET_ADMIN: the kernel's limit {limit} applies");
+            assert!(recv <= limit, "{recv} > {limit}");
+        }
+    }
 
     #[test]
     fn interleaves_families_starting_with_the_resolvers_first() {

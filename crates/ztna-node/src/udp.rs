@@ -76,6 +76,40 @@ pub fn report_overflows(socket: &UdpSocket) -> bool {
     }
 }
 
+/// Sets the socket's receive and send buffers to `bytes` past the kernel's limits
+/// (`net.core.rmem_max` / `wmem_max`) with `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, which the kernel
+/// allows only to a process with `CAP_NET_ADMIN` (root, typically). Returns whether both were
+/// set; without the capability nothing changes.
+pub fn force_buffers(socket: &std::net::UdpSocket, bytes: usize) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(v) = libc::c_int::try_from(bytes) else {
+            return false;
+        };
+        [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE]
+            .into_iter()
+            .all(|opt| {
+                // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local.
+                let r = unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&v as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                r == 0
+            })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, bytes);
+        false
+    }
+}
+
 /// `recvmsg` into `buf`, with the `SO_RXQ_OVFL` control message decoded.
 #[cfg(target_os = "linux")]
 fn recvmsg(
