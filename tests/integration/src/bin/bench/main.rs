@@ -566,7 +566,7 @@ async fn rtt(
         f.udp_rtt.push((P2P, s, l));
     }
     f.hop_plain_udp = Some((p, pl));
-    let child = util::UdpEchoChild::spawn()?;
+    let child = util::SelfChild::spawn(&[util::UDP_ECHO_CHILD.as_ref()], "the UDP echo child")?;
     let (c, cl) = step(
         "rtt: plain udp to another process",
         backends::udp_rtt(child.addr, w, n),
@@ -1150,7 +1150,7 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
         if let Some(a) = &s.anchor {
             println!(
                 "  anchor, a bare quinn server with the intermediate's configuration file (its own \
-                 process; the same {} identities from fresh sockets, no stream): {} connected in \
+                 process; {} more identities from fresh sockets, no stream): {} connected in \
                  {:.1} s (CPU {} ms per connection); RSS {:.0} → {:.0} MiB: {} KiB per connection; \
                  keepalives over {:.0} s quiet: {} % of one core (load generator {} %)",
                 s.agents,

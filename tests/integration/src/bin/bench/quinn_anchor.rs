@@ -4,16 +4,16 @@
 //! stream or reading one. What an idle agent connection costs it (RSS, keepalive CPU) is what
 //! quinn and rustls cost by themselves; the intermediate's figures above it are ours.
 
-use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use ztna_node::transport;
 use ztna_node::Identity;
 use ztna_proto::Role;
+
+use crate::util::SelfChild;
 
 /// First argument that makes `ztna-bench` the anchor server (then `CONFIG`).
 pub const CHILD: &str = "--quinn-anchor-child";
@@ -53,56 +53,15 @@ pub fn child(config: &std::path::Path) -> Result<()> {
         });
         anyhow::Ok(addr)
     })?;
-    println!("{addr}");
-    std::io::stdout().flush()?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sink = [0u8; 64];
-        while !matches!(std::io::stdin().read(&mut sink), Ok(0) | Err(_)) {}
-        let _ = tx.send(());
-    });
-    let _ = rx.recv_timeout(Duration::from_secs(900));
+    crate::util::serve_until_parent_leaves(addr, Duration::from_secs(900))?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
 
 /// The anchor server as a child process (this binary, re-run with [`CHILD`]); killed on drop.
-pub struct QuinnAnchor {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl QuinnAnchor {
-    pub fn spawn(config: &std::path::Path) -> Result<QuinnAnchor> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg(CHILD)
-            .arg(config)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("start the quinn anchor child")?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            std::io::BufReader::new(out).read_line(&mut line)?;
-        }
-        match line.trim().parse() {
-            Ok(addr) => Ok(QuinnAnchor { child, addr }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the quinn anchor child printed {line:?}, not its address")
-            }
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for QuinnAnchor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+pub fn spawn(config: &std::path::Path) -> Result<SelfChild> {
+    SelfChild::spawn(
+        &[CHILD.as_ref(), config.as_os_str()],
+        "the quinn anchor child",
+    )
 }

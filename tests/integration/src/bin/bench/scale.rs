@@ -268,16 +268,20 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
         );
         std::fs::write(&cfg_path, keys + &text).context("write scale config")?;
     }
+    // The anchor first: as many connections held by bare quinn, in a process of its own. Its
+    // clients are configs of their own, so that no TLS session they cached reaches the
+    // intermediate's handshakes.
+    let anchor_configs = issue(pki.clone(), n, opts.keepalive).await?;
+    match anchor(&cfg_path, &anchor_configs, sockets, opts.quiet).await {
+        Ok(a) => rep.anchor = Some(a),
+        Err(e) => rep.notes.push(format!("the quinn anchor failed: {e:#}")),
+    }
+    drop(anchor_configs);
+
     // N identities, each with its own client config (as N agents would have).
     let t = Instant::now();
     let configs = issue(pki.clone(), n, opts.keepalive).await?;
     rep.issue_secs = t.elapsed().as_secs_f64();
-
-    // The anchor first: the same connections held by bare quinn, in a process of its own.
-    match anchor(&cfg_path, &configs, sockets, opts.quiet).await {
-        Ok(a) => rep.anchor = Some(a),
-        Err(e) => rep.notes.push(format!("the quinn anchor failed: {e:#}")),
-    }
 
     let mut im = bins.spawn("intermediate", "intermediate-scale", &cfg_path);
     if !wait_ready(ops, Duration::from_secs(15)).await {
@@ -557,8 +561,8 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     Ok(rep)
 }
 
-/// The anchor phase: a bare quinn server (the intermediate's configuration file) takes the same
-/// N connections from fresh generator sockets; its RSS per connection, its CPU while they idle
+/// The anchor phase: a bare quinn server (the intermediate's configuration file) takes N
+/// connections like the intermediate's from fresh generator sockets; its RSS per connection, its CPU while they idle
 /// for `quiet`, and its handshake CPU during the ramp. The connections then close and the
 /// server is stopped.
 async fn anchor(
@@ -568,7 +572,7 @@ async fn anchor(
     quiet: Duration,
 ) -> Result<Anchor> {
     let n = configs.len();
-    let server = crate::quinn_anchor::QuinnAnchor::spawn(cfg_path)?;
+    let server = crate::quinn_anchor::spawn(cfg_path)?;
     let pid = server.pid();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut a = Anchor {

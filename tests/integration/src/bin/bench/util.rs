@@ -235,16 +235,13 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         .then(|| Duration::from_secs_f64(secs))
 }
 
-/// First argument that makes `ztna-bench` a UDP echo child (see [`UdpEchoChild`]).
+/// First argument that makes `ztna-bench` a UDP echo child ([`udp_echo_child`], [`SelfChild`]).
 pub const UDP_ECHO_CHILD: &str = "--udp-echo-child";
 
 /// The child's side: a blocking UDP echo on loopback. Prints its address on stdout, then echoes
 /// until its parent goes away (stdin closes) or 10 minutes have passed.
 pub fn udp_echo_child() -> anyhow::Result<()> {
-    use std::io::{Read, Write};
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    println!("{}", sock.local_addr()?);
-    std::io::stdout().flush()?;
     let echo = sock.try_clone()?;
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -252,49 +249,63 @@ pub fn udp_echo_child() -> anyhow::Result<()> {
             let _ = echo.send_to(&buf[..n], from);
         }
     });
+    serve_until_parent_leaves(sock.local_addr()?, Duration::from_secs(600))
+}
+
+/// A child's side of [`SelfChild`]: prints `addr` on stdout, then returns when the parent goes
+/// away (stdin closes) or after `limit`.
+pub fn serve_until_parent_leaves(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    println!("{addr}");
+    std::io::stdout().flush()?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut sink = [0u8; 64];
         while !matches!(std::io::stdin().read(&mut sink), Ok(0) | Err(_)) {}
         let _ = tx.send(());
     });
-    let _ = rx.recv_timeout(Duration::from_secs(600));
+    let _ = rx.recv_timeout(limit);
     Ok(())
 }
 
-/// A UDP echo in another process (this binary, re-run with [`UDP_ECHO_CHILD`]); killed on drop.
-pub struct UdpEchoChild {
+/// This binary re-run as a server child (`args` name which one), with the address it printed
+/// first; killed on drop.
+pub struct SelfChild {
     child: std::process::Child,
     pub addr: SocketAddr,
 }
 
-impl UdpEchoChild {
-    pub fn spawn() -> anyhow::Result<UdpEchoChild> {
+impl SelfChild {
+    pub fn spawn(args: &[&std::ffi::OsStr], what: &str) -> anyhow::Result<SelfChild> {
         use anyhow::Context;
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new(std::env::current_exe()?)
-            .arg(UDP_ECHO_CHILD)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("start the UDP echo child")?;
+            .with_context(|| format!("start {what}"))?;
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             std::io::BufReader::new(out).read_line(&mut line)?;
         }
         match line.trim().parse() {
-            Ok(addr) => Ok(UdpEchoChild { child, addr }),
+            Ok(addr) => Ok(SelfChild { child, addr }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                anyhow::bail!("the UDP echo child printed {line:?}, not its address")
+                anyhow::bail!("{what} printed {line:?}, not its address")
             }
         }
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
-impl Drop for UdpEchoChild {
+impl Drop for SelfChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
