@@ -7,7 +7,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 use ztna_node::flows::Kind;
 use ztna_node::io::{prepare_tcp, splice_tcp, AbortCause, SpliceCtl};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_node::{warn_limited, CancellationToken};
 use ztna_proto::Protocol;
 
@@ -44,7 +43,7 @@ pub(crate) async fn tcp(
 
 /// Flows cut by the tunnel (a relay lost its connector mid-flow, a connector's backend reset):
 /// the user's connection was reset, so this is logged, but at most once per period.
-static CUT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+const CUT_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Refuses a local connection with RST, so the client fails at once instead of seeing an empty,
 /// clean close.
@@ -94,7 +93,7 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
             );
             if let Some(AbortCause::Tunnel(why)) = &stats.cause {
                 warn_limited!(
-                    CUT_LOG,
+                    CUT_LOG_EVERY,
                     via = %opened.via.name(),
                     path = opened.via.label(),
                     up = stats.forward,

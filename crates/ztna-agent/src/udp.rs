@@ -22,7 +22,6 @@ use ztna_node::clock::Activity;
 use ztna_node::datagram::{self as dg, Sent};
 use ztna_node::flows::{FlowGuard, Kind};
 use ztna_node::io::{write_raw_frame, FramedRecv, StreamError};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_node::{lock, CancellationToken};
 use ztna_proto::{codes, datagram, Protocol};
 
@@ -35,7 +34,7 @@ const PENDING: usize = 128;
 /// Oversized payloads queued per flow for the flow's stream.
 const OVERFLOW_QUEUE: usize = 64;
 
-static DROP_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Every UDP flow of the agent by flow id (flow ids are unique per agent, whichever relay
 /// carries the flow), for datagrams coming back.
@@ -56,7 +55,7 @@ impl UdpFlows {
         let Ok((id, payload)) = datagram::decode(d) else {
             dropped.with_label_values(&["malformed"]).inc();
             ztna_node::warn_limited!(
-                DROP_LOG,
+                DROP_LOG_EVERY,
                 size = d.len(),
                 "UDP datagram dropped: malformed (no valid flow id)"
             );
@@ -68,7 +67,7 @@ impl UdpFlows {
             None => {
                 dropped.with_label_values(&["unknown_flow"]).inc();
                 ztna_node::warn_limited!(
-                    DROP_LOG,
+                    DROP_LOG_EVERY,
                     flow = id,
                     "UDP datagram dropped: no such flow (it ended, or never existed)"
                 );
@@ -105,10 +104,10 @@ impl UdpFlow {
         if let Err(e) = self.socket.try_send_to(payload, self.client) {
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 self.drop_one("client_busy");
-                ztna_node::warn_limited!(DROP_LOG, service = %self.service, client = %self.client, "UDP datagram to the local client dropped: the forward's send buffer is full");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, client = %self.client, "UDP datagram to the local client dropped: the forward's send buffer is full");
             } else {
                 self.drop_one("client_error");
-                ztna_node::warn_limited!(DROP_LOG, service = %self.service, client = %self.client, error = %e, "UDP datagram to the local client dropped: send failed");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, client = %self.client, error = %e, "UDP datagram to the local client dropped: send failed");
             }
         }
     }
@@ -117,7 +116,7 @@ impl UdpFlow {
         let mut q = lock(&self.pending);
         if q.len() >= PENDING {
             self.drop_one("pending");
-            ztna_node::warn_limited!(DROP_LOG, service = %self.service, queued = PENDING, "UDP datagram dropped: the flow has no path yet and its queue is full");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, queued = PENDING, "UDP datagram dropped: the flow has no path yet and its queue is full");
             return;
         }
         q.push_back(Bytes::copy_from_slice(payload));
@@ -132,7 +131,7 @@ impl UdpFlow {
         };
         let Ok(d) = datagram::encode_into(arena, p.id, payload) else {
             self.drop_one("malformed");
-            ztna_node::warn_limited!(DROP_LOG, service = %self.service, size = payload.len(), "UDP datagram dropped: cannot be encoded");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: cannot be encoded");
             return;
         };
         match dg::send(p.via.conn(), d) {
@@ -143,12 +142,12 @@ impl UdpFlow {
                     .is_err()
                 {
                     self.drop_one("stream_full");
-                    ztna_node::warn_limited!(DROP_LOG, service = %self.service, size = payload.len(), "UDP datagram dropped: too large for a QUIC datagram and the flow's stream queue is full");
+                    ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: too large for a QUIC datagram and the flow's stream queue is full");
                 }
             }
             Sent::BufferFull => {
                 self.drop_one("send_buffer_full");
-                ztna_node::warn_limited!(DROP_LOG, service = %self.service, "UDP datagram dropped: send buffer full (the path to the intermediate is congested)");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, "UDP datagram dropped: send buffer full (the path to the intermediate is congested)");
             }
             // The leg's connection is gone: keep it for the next leg.
             Sent::Gone => self.queue(payload),
@@ -202,7 +201,7 @@ pub(crate) async fn udp(
                     let lost = overflows.delta(r.overflows);
                     if lost > 0 {
                         overflowed.inc_by(lost);
-                        ztna_node::warn_limited!(DROP_LOG, %service, lost, "the kernel dropped UDP datagrams from local clients: the forward's receive buffer was full (raise net.core.rmem_max)");
+                        ztna_node::warn_limited!(DROP_LOG_EVERY, %service, lost, "the kernel dropped UDP datagrams from local clients: the forward's receive buffer was full (raise net.core.rmem_max)");
                     }
                     (r.len, r.from)
                 }
@@ -224,7 +223,7 @@ pub(crate) async fn udp(
                 .udp_dropped
                 .with_label_values(&["draining"])
                 .inc();
-            ztna_node::warn_limited!(DROP_LOG, %service, %client, "UDP datagram from a new client dropped: the agent is draining");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, %service, %client, "UDP datagram from a new client dropped: the agent is draining");
             continue;
         }
         let guard = shared.flows.register(
@@ -429,7 +428,7 @@ fn forget(clients: &Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>, flow: &Arc<UdpFlow
         flow.dropped
             .with_label_values(&["no_path"])
             .inc_by(lost as u64);
-        ztna_node::warn_limited!(DROP_LOG, service = %flow.service, lost, "UDP datagrams dropped: the flow ended before they had a path");
+        ztna_node::warn_limited!(DROP_LOG_EVERY, service = %flow.service, lost, "UDP datagrams dropped: the flow ended before they had a path");
     }
 }
 

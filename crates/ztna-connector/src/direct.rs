@@ -17,7 +17,6 @@ use quinn::VarInt;
 use tracing::{debug, info, info_span, Instrument};
 use ztna_node::identity::{describe_connection_error, peer_id, verify_signature};
 use ztna_node::io::{write_frame, FramedRecv};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_node::CancellationToken;
 use ztna_proto::ticket::{Ticket, MAX_TICKET_LIFETIME_MS};
 use ztna_proto::{codes, DirectMsg, DirectReply, PROTOCOL_VERSION};
@@ -32,7 +31,7 @@ const PUNCH_EVERY: Duration = Duration::from_millis(100);
 /// Clock skew tolerated on ticket expiry.
 const SKEW_MS: u64 = 2_000;
 
-static REFUSE_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+const REFUSE_LOG_EVERY: Duration = Duration::from_secs(1);
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -232,7 +231,7 @@ pub(crate) async fn accept(
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
                         refused(&shared, "handshake");
-                        ztna_node::info_limited!(REFUSE_LOG, why = %describe_connection_error(&e), "direct connection refused in the handshake");
+                        ztna_node::info_limited!(REFUSE_LOG_EVERY, why = %describe_connection_error(&e), "direct connection refused in the handshake");
                         return;
                     }
                     Err(_) => return,
@@ -282,7 +281,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
         Ok(v) => v,
         Err((label, why)) => {
             refused(&shared, label);
-            ztna_node::warn_limited!(REFUSE_LOG, %agent, why = %why, "direct connection refused");
+            ztna_node::warn_limited!(REFUSE_LOG_EVERY, %agent, why = %why, "direct connection refused");
             let _ = write_frame(
                 &mut send,
                 &DirectReply::Refused {

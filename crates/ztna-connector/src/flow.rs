@@ -14,7 +14,6 @@ use ztna_node::credit::{FlowCredit, Meter, SendBudget};
 use ztna_node::datagram::{self as dg, Sent};
 use ztna_node::flows::{FlowGuard, Kind};
 use ztna_node::io::{prepare_tcp, splice_tcp, write_frame, write_raw_frame, FramedRecv, SpliceCtl};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_proto::{datagram, varint, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
 use crate::backend::{connect_tcp, Backend};
@@ -26,8 +25,8 @@ const MAX_UDP: usize = 65_535;
 /// Socket buffers of each backend-facing UDP socket: room for a burst at line rate.
 const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
-static REJECT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
-static DROP_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(1);
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a flow waits for the intermediate's answer to our `CreditReports` (it is sent
 /// before the intermediate routes us any flow, so it is normally there already).
@@ -113,7 +112,7 @@ pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
     let Ok((id, payload)) = datagram::decode(d) else {
         m.udp_dropped.with_label_values(&["malformed"]).inc();
         ztna_node::warn_limited!(
-            DROP_LOG,
+            DROP_LOG_EVERY,
             size = d.len(),
             "UDP datagram dropped: malformed (no valid flow id)"
         );
@@ -123,7 +122,7 @@ pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
     let Some(flow) = flows.get(&id) else {
         m.udp_dropped.with_label_values(&["unknown_flow"]).inc();
         ztna_node::warn_limited!(
-            DROP_LOG,
+            DROP_LOG_EVERY,
             flow = id,
             "UDP datagram dropped: no such flow (it ended, or never existed)"
         );
@@ -142,7 +141,7 @@ fn to_backend(shared: &Shared, flow: &UdpFlow, payload: &[u8]) {
                 .udp_dropped
                 .with_label_values(&["backend_busy"])
                 .inc();
-            ztna_node::warn_limited!(DROP_LOG, service = %flow.service, "UDP datagram to the backend dropped: socket buffer full");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, service = %flow.service, "UDP datagram to the backend dropped: socket buffer full");
         }
         Err(e) => {
             flow.backend_errors.inc();
@@ -151,7 +150,7 @@ fn to_backend(shared: &Shared, flow: &UdpFlow, payload: &[u8]) {
                 .udp_dropped
                 .with_label_values(&["backend_error"])
                 .inc();
-            ztna_node::warn_limited!(DROP_LOG, service = %flow.service, error = %e, "UDP datagram to the backend dropped: send failed");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, service = %flow.service, error = %e, "UDP datagram to the backend dropped: send failed");
         }
     }
 }
@@ -163,7 +162,7 @@ async fn reject(
     reason: RejectReason,
     why: String,
 ) {
-    ztna_node::info_limited!(REJECT_LOG, service = %open.service, protocol = %open.protocol, reason = reason.as_str(), why = %why, "flow rejected");
+    ztna_node::info_limited!(REJECT_LOG_EVERY, service = %open.service, protocol = %open.protocol, reason = reason.as_str(), why = %why, "flow rejected");
     if shared.services.contains_key(&open.service) {
         shared
             .metrics
@@ -488,7 +487,7 @@ async fn backend_reader(
                 let lost = overflows.delta(r.overflows);
                 if lost > 0 {
                     overflowed.inc_by(lost);
-                    ztna_node::warn_limited!(DROP_LOG, %service, lost, "the kernel dropped UDP datagrams from the backend: the socket's receive buffer was full (raise net.core.rmem_max)");
+                    ztna_node::warn_limited!(DROP_LOG_EVERY, %service, lost, "the kernel dropped UDP datagrams from the backend: the socket's receive buffer was full (raise net.core.rmem_max)");
                 }
                 (r.len, r.from)
             }
@@ -502,18 +501,18 @@ async fn backend_reader(
                     // drop like a failed send. The flow stays: a backend that comes back gets
                     // the flow's next datagrams.
                     drop_refused.inc();
-                    ztna_node::warn_limited!(DROP_LOG, %service, %backend, "UDP datagram to the backend dropped: the backend's host refused it (nothing listens on that port)");
+                    ztna_node::warn_limited!(DROP_LOG_EVERY, %service, %backend, "UDP datagram to the backend dropped: the backend's host refused it (nothing listens on that port)");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
-                ztna_node::warn_limited!(DROP_LOG, %service, error = %e, "backend socket failed; the UDP flow ends");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, %service, error = %e, "backend socket failed; the UDP flow ends");
                 return;
             }
         };
         if from != backend {
             // Not from the flow's backend (the connected socket should already prevent this).
             rejected.inc();
-            ztna_node::warn_limited!(DROP_LOG, %service, %from, "refused UDP datagram from unexpected source");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, %service, %from, "refused UDP datagram from unexpected source");
             arena.clear();
             continue;
         }
@@ -530,7 +529,7 @@ async fn backend_reader(
             }
             Sent::BufferFull => {
                 drop_full.inc();
-                ztna_node::warn_limited!(DROP_LOG, %service, "UDP datagram to the agent dropped: send buffer full (congested)");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, %service, "UDP datagram to the agent dropped: send buffer full (congested)");
             }
             Sent::Gone => {
                 drop_gone.inc();

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tracing::{info_span, Instrument};
 use ztna_node::identity::{describe_connection_error, peer_chain, peer_id};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_node::CancellationToken;
 
 use crate::session;
@@ -16,9 +15,9 @@ use crate::state::Shared;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refused handshakes are logged at most once a second (a flood must not flood the journal).
-static REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);
 
-static SHED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+const SHED_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a proven address waits for a handshake slot at the cap before it is dropped. The
 /// client heard our Retry and waits (`ztna_node::backoff::ANSWERED_CONNECT_TIMEOUT`), but its
@@ -161,14 +160,14 @@ pub(crate) async fn accept_loop(
                     }
                     Admit::Retry => {
                         shed.with_label_values(&["retry"]).inc();
-                        ztna_node::info_limited!(SHED_LOG, pending, "many handshakes in progress: answering new ones with a QUIC Retry (address validation)");
+                        ztna_node::info_limited!(SHED_LOG_EVERY, pending, "many handshakes in progress: answering new ones with a QUIC Retry (address validation)");
                         if incoming.retry().is_err() {
                             shed.with_label_values(&["dropped"]).inc();
                         }
                     }
                     Admit::Drop => {
                         shed.with_label_values(&["dropped"]).inc();
-                        ztna_node::warn_limited!(SHED_LOG, pending, max, "handshake limit reached (max_handshakes) and its queue is full: dropping new connection attempts");
+                        ztna_node::warn_limited!(SHED_LOG_EVERY, pending, max, "handshake limit reached (max_handshakes) and its queue is full: dropping new connection attempts");
                         incoming.ignore();
                     }
                 }
@@ -208,7 +207,7 @@ async fn wait_for_slot(
             _ = freed => {}
             _ = tokio::time::sleep_until(deadline) => {
                 shared.metrics.handshakes_shed.with_label_values(&["dropped"]).inc();
-                ztna_node::warn_limited!(SHED_LOG, max, "no handshake slot within {QUEUE_WAIT:?}: dropping a queued connection attempt");
+                ztna_node::warn_limited!(SHED_LOG_EVERY, max, "no handshake slot within {QUEUE_WAIT:?}: dropping a queued connection attempt");
                 incoming.ignore();
                 return;
             }
@@ -232,12 +231,12 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, _in_progress:
                 "failed"
             };
             handshakes.with_label_values(&[result]).inc();
-            ztna_node::warn_limited!(REFUSED_LOG, %remote, result, reason = %describe_connection_error(&e), "handshake refused");
+            ztna_node::warn_limited!(REFUSED_LOG_EVERY, %remote, result, reason = %describe_connection_error(&e), "handshake refused");
             return;
         }
         Err(_) => {
             handshakes.with_label_values(&["failed"]).inc();
-            ztna_node::warn_limited!(REFUSED_LOG, %remote, "handshake timed out");
+            ztna_node::warn_limited!(REFUSED_LOG_EVERY, %remote, "handshake timed out");
             return;
         }
     };

@@ -9,13 +9,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ztna_node::datagram::{self as dg, Sent};
 use ztna_node::identity::describe_connection_error;
-use ztna_node::ratelimit::LogLimiter;
 use ztna_proto::datagram;
 
 use crate::registry::Peer;
 use crate::state::Shared;
 
-static DROP_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Relays `peer`'s datagrams until its connection ends; returns why it ended.
 pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'static str) -> String {
@@ -38,7 +37,7 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
         let Ok((id, payload)) = datagram::decode(&d) else {
             drop_malformed.inc();
             ztna_node::warn_limited!(
-                DROP_LOG,
+                DROP_LOG_EVERY,
                 direction,
                 size = d.len(),
                 "UDP datagram dropped: malformed (no valid flow id)"
@@ -49,7 +48,7 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
         let Some(route) = routes.get(&id) else {
             drop_unknown.inc();
             ztna_node::warn_limited!(
-                DROP_LOG,
+                DROP_LOG_EVERY,
                 direction,
                 flow = id,
                 "UDP datagram dropped: no such flow (it ended, or never existed)"
@@ -60,7 +59,7 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
         let Ok(out) = datagram::encode_into(&mut arena, route.flow_id, &payload) else {
             drop_malformed.inc();
             ztna_node::warn_limited!(
-                DROP_LOG,
+                DROP_LOG_EVERY,
                 direction,
                 size = payload.len(),
                 "UDP datagram dropped: cannot be re-encoded for the next hop"
@@ -74,13 +73,13 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
                 Ok(()) => bytes.inc_by(payload.len() as u64),
                 Err(_) => {
                     drop_stream.inc();
-                    ztna_node::warn_limited!(DROP_LOG, size = payload.len(), "UDP payload dropped: too large for a datagram and the flow's stream queue is full");
+                    ztna_node::warn_limited!(DROP_LOG_EVERY, size = payload.len(), "UDP payload dropped: too large for a datagram and the flow's stream queue is full");
                 }
             },
             Sent::BufferFull => {
                 drop_full.inc();
                 ztna_node::warn_limited!(
-                    DROP_LOG,
+                    DROP_LOG_EVERY,
                     direction,
                     "UDP datagram dropped: send buffer full (the next hop is congested)"
                 );
@@ -88,7 +87,7 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
             Sent::Gone => {
                 drop_gone.inc();
                 ztna_node::warn_limited!(
-                    DROP_LOG,
+                    DROP_LOG_EVERY,
                     direction,
                     "UDP datagram dropped: the other side of the flow is gone"
                 );

@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_proto::ticket::{Ticket, TicketBody, MAX_TICKET_LIFETIME_MS};
 use ztna_proto::{Protocol, ServerMsg, MAX_CANDIDATES};
 
@@ -28,7 +27,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lifetime of the tickets issued here.
 pub(crate) const TICKET_LIFETIME_MS: u64 = MAX_TICKET_LIFETIME_MS;
 
-static DIRECT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+const DIRECT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 type Answer = (bool, Vec<SocketAddr>, String);
 
@@ -110,7 +109,7 @@ pub(crate) async fn broker(
 ) {
     let refuse = |result: &str, reason: String| {
         count(&shared, result);
-        ztna_node::info_limited!(DIRECT_LOG, %service, result, why = %reason, "no direct path");
+        ztna_node::info_limited!(DIRECT_LOG_EVERY, %service, result, why = %reason, "no direct path");
         agent.say(ServerMsg::DirectRefused {
             service: service.clone(),
             reason,
@@ -200,7 +199,7 @@ pub(crate) fn over_budget(shared: &Shared, agent: &Peer, service: String) {
         .limit_rejections
         .with_label_values(&["direct_requests"])
         .inc();
-    ztna_node::info_limited!(DIRECT_LOG, %service, "direct-path requests over budget, refused");
+    ztna_node::info_limited!(DIRECT_LOG_EVERY, %service, "direct-path requests over budget, refused");
     agent.say(ServerMsg::DirectRefused {
         service,
         reason: "too many direct-path requests; try again later".to_string(),
@@ -227,7 +226,7 @@ pub(crate) fn result(shared: &Shared, service: &str, success: bool, reason: &str
         info!(%service, "direct path up");
     } else {
         count(shared, "failed");
-        ztna_node::info_limited!(DIRECT_LOG, %service, why = %reason, "direct path attempt failed; flows use the relay");
+        ztna_node::info_limited!(DIRECT_LOG_EVERY, %service, why = %reason, "direct path attempt failed; flows use the relay");
     }
 }
 

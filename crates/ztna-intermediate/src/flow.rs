@@ -16,7 +16,6 @@ use ztna_node::flows::{FlowGuard, Kind};
 use ztna_node::io::{
     splice_quic, write_frame, write_raw_frame, FramedRecv, QuicSide, SpliceCtl, StreamError,
 };
-use ztna_node::ratelimit::LogLimiter;
 use ztna_proto::{codes, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
 use crate::registry::{Peer, Route};
@@ -34,7 +33,7 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(18);
 /// Oversized UDP payloads queued per flow and direction for the flow's stream.
 const OVERFLOW_QUEUE: usize = 64;
 
-static REJECT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn agent_flow(
     shared: Arc<Shared>,
@@ -79,7 +78,7 @@ async fn open_and_relay(
         m.flows
             .with_label_values(&[protocol.as_str(), reason.outcome()])
             .inc();
-        ztna_node::info_limited!(REJECT_LOG, reason = reason.as_str(), why = %why, "flow rejected");
+        ztna_node::info_limited!(REJECT_LOG_EVERY, reason = reason.as_str(), why = %why, "flow rejected");
         send_reject(send, reason, why)
     };
     if !shared.policy().may_reach(&service, &agent.id_str) {

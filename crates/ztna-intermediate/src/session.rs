@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::identity::describe_connection_error;
 use ztna_node::io::{write_frame, FramedRecv, StreamError};
-use ztna_node::ratelimit::LogLimiter;
 use ztna_node::SpiffeId;
 use ztna_proto::{
     codes, ClientMsg, Role, ServerMsg, ServiceState, MAX_LIST_LEN, PROTOCOL_REVISION,
@@ -30,7 +29,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control messages queued for one peer before it counts as not reading them.
 const CONTROL_QUEUE: usize = 2 * MAX_LIST_LEN;
 
-static LIMIT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) fn close(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
@@ -124,7 +123,7 @@ pub(crate) async fn run(
                 shared.config.max_connections_per_identity,
                 limit.key()
             );
-            ztna_node::warn_limited!(LIMIT_LOG, %reason, "refusing peer");
+            ztna_node::warn_limited!(LIMIT_LOG_EVERY, %reason, "refusing peer");
             refuse(&conn, &mut send, codes::LIMIT, &reason).await;
             return;
         }

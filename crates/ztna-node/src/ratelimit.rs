@@ -28,24 +28,12 @@ impl LogLimiter {
         }
     }
 
-    /// The period, for [`warn_limited!`] and [`info_limited!`], which keep their state per call
-    /// site.
-    pub const fn period_ms(&self) -> u64 {
-        self.period_ms
-    }
-
     /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the
     /// last one that was; `None` when it must be dropped (it is counted).
     pub fn allow(&self) -> Option<u64> {
-        self.allow_every(self.period_ms)
-    }
-
-    /// [`LogLimiter::allow`] with the period given by the caller (a call site's own state with a
-    /// shared setting).
-    pub fn allow_every(&self, period_ms: u64) -> Option<u64> {
         let now = now_ms() + 1;
         let last = self.last.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= period_ms;
+        let due = last == 0 || now.saturating_sub(last) >= self.period_ms;
         if due
             && self
                 .last
@@ -59,27 +47,34 @@ impl LogLimiter {
     }
 }
 
-/// Logs at warn level at most once per period of `$limiter` from this call site, appending how
-/// many lines this site skipped since its last one.
+/// Logs at warn level at most once per `$every` (a constant `Duration`) from this call site,
+/// appending how many lines this site skipped since its last one. Evaluates to whether it
+/// logged.
 #[macro_export]
 macro_rules! warn_limited {
-    ($limiter:expr, $($arg:tt)+) => {{
-        static SITE: $crate::ratelimit::LogLimiter =
-            $crate::ratelimit::LogLimiter::new(std::time::Duration::ZERO);
-        if let Some(skipped) = SITE.allow_every($limiter.period_ms()) {
-            tracing::warn!(skipped, $($arg)+);
+    ($every:expr, $($arg:tt)+) => {{
+        static SITE: $crate::ratelimit::LogLimiter = $crate::ratelimit::LogLimiter::new($every);
+        match SITE.allow() {
+            Some(skipped) => {
+                tracing::warn!(skipped, $($arg)+);
+                true
+            }
+            None => false,
         }
     }};
 }
 
-/// Logs at info level at most once per period of `$limiter` from this call site.
+/// Logs at info level at most once per `$every` from this call site (see [`warn_limited!`]).
 #[macro_export]
 macro_rules! info_limited {
-    ($limiter:expr, $($arg:tt)+) => {{
-        static SITE: $crate::ratelimit::LogLimiter =
-            $crate::ratelimit::LogLimiter::new(std::time::Duration::ZERO);
-        if let Some(skipped) = SITE.allow_every($limiter.period_ms()) {
-            tracing::info!(skipped, $($arg)+);
+    ($every:expr, $($arg:tt)+) => {{
+        static SITE: $crate::ratelimit::LogLimiter = $crate::ratelimit::LogLimiter::new($every);
+        match SITE.allow() {
+            Some(skipped) => {
+                tracing::info!(skipped, $($arg)+);
+                true
+            }
+            None => false,
         }
     }};
 }
@@ -101,29 +96,22 @@ mod tests {
     }
 
     /// Each call site of the macros has its own state: a site that fires all the time does not
-    /// silence another one, and each counts only its own skipped lines.
+    /// silence another one.
     #[test]
     fn each_call_site_is_limited_on_its_own() {
-        static PERIOD: LogLimiter = LogLimiter::new(Duration::from_secs(60));
-        fn frequent() -> Option<u64> {
-            static SITE: LogLimiter = LogLimiter::new(Duration::ZERO);
-            SITE.allow_every(PERIOD.period_ms())
+        const EVERY: Duration = Duration::from_secs(60);
+        fn frequent() -> bool {
+            crate::warn_limited!(EVERY, "a frequent warning")
         }
-        fn rare() -> Option<u64> {
-            static SITE: LogLimiter = LogLimiter::new(Duration::ZERO);
-            SITE.allow_every(PERIOD.period_ms())
+        fn rare() -> bool {
+            crate::info_limited!(EVERY, "a rare note")
         }
-        assert_eq!(frequent(), Some(0));
+        assert!(frequent());
         for _ in 0..50 {
-            assert_eq!(frequent(), None);
+            assert!(!frequent());
         }
-        assert_eq!(rare(), Some(0), "the frequent site silenced the rare one");
-        assert_eq!(rare(), None);
-        // The macros expand to one such site each and compile with a shared period.
-        for _ in 0..3 {
-            crate::warn_limited!(PERIOD, "a warning");
-            crate::info_limited!(PERIOD, "a note");
-        }
+        assert!(rare(), "the frequent site silenced the rare one");
+        assert!(!rare());
     }
 }
 

@@ -273,8 +273,7 @@ fn drops_in(table: &str, port: u16) -> u64 {
 /// How often [`watch_quic_socket`] reads the kernel's count.
 pub const KERNEL_DROPS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-static KERNEL_DROP_LOG: crate::ratelimit::LogLimiter =
-    crate::ratelimit::LogLimiter::new(std::time::Duration::from_secs(60));
+const KERNEL_DROP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Adds what the kernel drops at the QUIC socket on `port` to `counter` every
 /// [`KERNEL_DROPS_EVERY`], and warns (at most once a minute) while it rises, until `stop`.
@@ -308,7 +307,7 @@ pub async fn watch_quic_socket(
         last = now;
         if lost > 0 {
             counter.inc_by(lost);
-            crate::warn_limited!(KERNEL_DROP_LOG, port, lost, "the kernel dropped packets at the QUIC socket: its receive buffer was full (raise net.core.rmem_max; the NixOS modules set 16 MiB)");
+            crate::warn_limited!(KERNEL_DROP_LOG_EVERY, port, lost, "the kernel dropped packets at the QUIC socket: its receive buffer was full (raise net.core.rmem_max; the NixOS modules set 16 MiB)");
         }
     }
 }
