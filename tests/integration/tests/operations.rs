@@ -1320,15 +1320,12 @@ async fn datagrams_beyond_a_stalled_paths_send_buffer_are_counted() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let (relay, c, a, client) = dns_flow_via_relay_process(&pki, echo).await;
-    let dropped = |reason: &'static str| {
-        let a = &a;
-        move || async move {
-            metric(
-                &a.daemon.metrics.common.render(),
-                "ztna_agent_udp_dropped_total",
-                &[("reason", reason)],
-            )
-        }
+    let dropped = |reason| {
+        dropped_in(
+            &a.daemon.metrics.common,
+            "ztna_agent_udp_dropped_total",
+            reason,
+        )
     };
     // 3 MiB of 1200-byte datagrams: three times the 1 MiB datagram send buffer.
     drops_are_counted(
@@ -1378,13 +1375,11 @@ async fn the_relay_counts_datagrams_beyond_a_stalled_connectors_send_buffer() {
     // (about 30 Mbit/s) so that they reach the relay on a busy machine too.
     drops_are_counted(
         &conn,
-        || async {
-            metric(
-                &im.daemon.metrics.common.render(),
-                "ztna_intermediate_datagrams_dropped_total",
-                &[("reason", "send_buffer_full")],
-            )
-        },
+        dropped_in(
+            &im.daemon.metrics.common,
+            "ztna_intermediate_datagrams_dropped_total",
+            "send_buffer_full",
+        ),
         Counted::WhileStopped,
         async {
             send_paced(&client, None, 2_600).await;
@@ -1410,13 +1405,11 @@ async fn the_connector_counts_backend_datagrams_beyond_a_stalled_paths_send_buff
     let (relay, c, a, client) = dns_flow_via_relay_process(&pki, backend.addr).await;
     drops_are_counted(
         &relay,
-        || async {
-            metric(
-                &c.daemon.metrics.common.render(),
-                "ztna_connector_udp_dropped_total",
-                &[("reason", "send_buffer_full")],
-            )
-        },
+        dropped_in(
+            &c.daemon.metrics.common,
+            "ztna_connector_udp_dropped_total",
+            "send_buffer_full",
+        ),
         Counted::WhileStopped,
         backend.burst(2_600, true),
         (500.0, 2_600.0),
@@ -1704,6 +1697,15 @@ async fn drops_are_counted<R, F>(
     );
     assert!(counted, "{what}: only {n} counted\n{}", stopped.tail(20));
     assert!(n <= at_most, "{what}: {n} counted, more than were sent");
+}
+
+/// A reader of `name{reason=...}` in an in-process daemon's registry, for [`drops_are_counted`].
+fn dropped_in<'a>(
+    common: &'a ztna_node::metrics::Common,
+    name: &'static str,
+    reason: &'static str,
+) -> impl Fn() -> std::future::Ready<f64> + 'a {
+    move || std::future::ready(metric(&common.render(), name, &[("reason", reason)]))
 }
 
 /// `reason="socket_overflow"` of the counter `name`, read from a daemon process's ops endpoint.
