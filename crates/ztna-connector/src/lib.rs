@@ -245,14 +245,15 @@ impl Handle {
 }
 
 /// The server side of direct paths: agents only (mutual TLS), detection of a dead path within
-/// 3 s (keepalive 1 s, idle timeout 3 s), as many streams as flows we may serve.
+/// 3 s (idle timeout 3 s; the agent pings every second, we only as a backstop), as many streams
+/// as flows we may serve.
 fn direct_server_config(
     identity: &ztna_node::Identity,
     config: &Config,
 ) -> Result<quinn::ServerConfig, IdentityError> {
     let mut opts = config.transport();
-    opts.keepalive = Duration::from_secs(1);
     opts.idle_timeout = Duration::from_secs(3);
+    opts.keepalive = ztna_node::transport::server_keepalive(opts.idle_timeout);
     ztna_node::transport::server_config(identity, &[Role::Agent], &opts)
 }
 

@@ -22,9 +22,13 @@ pub struct Config {
     /// How long running flows may continue after a drain starts.
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
-    /// QUIC keepalive interval; peers are declared dead after `idle_timeout`.
-    #[serde(default = "default_keepalive", with = "duration")]
-    pub keepalive: Duration,
+    /// The intermediate's own PING interval on an idle connection. Agents and connectors ping
+    /// it themselves (their `keepalive`), so this is a backstop for peers whose keepalive is
+    /// longer than our `idle_timeout`. Unset: 4/5 of `idle_timeout`
+    /// ([`ztna_node::transport::server_keepalive`]).
+    #[serde(default, deserialize_with = "duration::option")]
+    pub keepalive: Option<Duration>,
+    /// A peer we have heard nothing from for this long is dead.
     #[serde(default = "default_idle", with = "duration")]
     pub idle_timeout: Duration,
     /// Concurrent flows one agent identity may have open, across all its connections.
@@ -107,9 +111,6 @@ pub fn default_ops() -> SocketAddr {
 fn default_drain() -> Duration {
     Duration::from_secs(30)
 }
-fn default_keepalive() -> Duration {
-    Duration::from_secs(1)
-}
 fn default_idle() -> Duration {
     Duration::from_secs(5)
 }
@@ -171,12 +172,12 @@ impl Config {
         Policy::new(self.policy.clone())
             .validate()
             .map_err(|m| ("policy".to_string(), m))?;
-        if self.keepalive >= self.idle_timeout {
+        if let Some(k) = self.keepalive.filter(|k| *k >= self.idle_timeout) {
             return Err((
                 "keepalive".into(),
                 format!(
-                    "must be shorter than idle_timeout ({:?} >= {:?})",
-                    self.keepalive, self.idle_timeout
+                    "must be shorter than idle_timeout ({k:?} >= {:?})",
+                    self.idle_timeout
                 ),
             ));
         }
@@ -240,9 +241,15 @@ impl Config {
         self.max_flows_per_agent.saturating_add(16)
     }
 
+    /// The PING interval in use: `keepalive`, or the backstop derived from `idle_timeout`.
+    pub fn keepalive(&self) -> Duration {
+        self.keepalive
+            .unwrap_or_else(|| ztna_node::transport::server_keepalive(self.idle_timeout))
+    }
+
     pub fn transport(&self) -> ztna_node::transport::TransportOptions {
         ztna_node::transport::TransportOptions {
-            keepalive: self.keepalive,
+            keepalive: self.keepalive(),
             idle_timeout: self.idle_timeout,
             // A new connection's stream credit; an agent's grows with its flows up to
             // `max_streams_per_agent` (see `session::StreamCredit`).

@@ -233,6 +233,11 @@ pub mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         d.deserialize_any(V)
     }
+
+    /// For `Option<Duration>` fields (use with `#[serde(default)]`).
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        deserialize(d).map(Some)
+    }
 }
 
 /// Parses a port number; `zero_ok` for listen addresses, where 0 means "any free port".

@@ -1,6 +1,7 @@
 //! The example configurations document every key of each daemon's configuration, with the
 //! default the daemon really uses: a key added without its example line, or a default changed
-//! in code but not in the example, fails here.
+//! in code but not in the example, fails here. A key whose default is derived from another
+//! key's value (the intermediate's `keepalive`) is checked against the value the daemon derives.
 
 use std::path::{Path, PathBuf};
 
@@ -12,13 +13,15 @@ fn example(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// `# key = value` lines turned into `key = value`.
-fn uncomment(text: &str) -> String {
+/// `# key = value` lines turned into `key = value`, except for the keys in `derived`.
+fn uncomment(text: &str, derived: &[&str]) -> String {
     text.lines()
         .map(|l| match l.strip_prefix("# ") {
             Some(rest)
                 if rest.split_once(" = ").is_some_and(|(k, _)| {
-                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    !k.is_empty()
+                        && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        && !derived.contains(&k)
                 }) =>
             {
                 format!("{rest}\n")
@@ -28,12 +31,24 @@ fn uncomment(text: &str) -> String {
         .collect()
 }
 
+/// The value documented for `key` in an example (`# key = "value"`), without its quotes.
+fn documented_value(file: &str, key: &str) -> String {
+    let text = std::fs::read_to_string(example(file)).expect("example");
+    let prefix = format!("# {key} = ");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("examples/{file} does not document `{key}`"));
+    line.trim().trim_matches('"').to_string()
+}
+
 /// Checks one example: every field documented, and the documented defaults are the real ones
 /// (the file as shipped and the file with every default uncommented load the same config).
 fn check<C: std::fmt::Debug>(
     file: &str,
     fields: &[&str],
     tables: &[&str],
+    derived: &[&str],
     load: impl Fn(&Path) -> Result<C, String>,
 ) {
     let text = std::fs::read_to_string(example(file)).expect("example");
@@ -49,7 +64,7 @@ fn check<C: std::fmt::Debug>(
     let shipped = dir.path().join(file);
     let all = dir.path().join(format!("all-{file}"));
     std::fs::write(&shipped, &text).expect("write");
-    std::fs::write(&all, uncomment(&text)).expect("write");
+    std::fs::write(&all, uncomment(&text, derived)).expect("write");
     let a = format!("{:?}", load(&shipped).expect("the shipped example loads"));
     let b = format!(
         "{:?}",
@@ -67,19 +82,32 @@ fn examples_document_every_key_with_its_real_default() {
         "intermediate.toml",
         field_names::<ztna_intermediate::Config>(),
         &["tls", "policy"],
+        &["keepalive"],
         |p| ztna_intermediate::Config::load(Some(p), vec![]).map_err(|e| e.to_string()),
     );
     check(
         "connector.toml",
         field_names::<ztna_connector::Config>(),
         &["tls", "service"],
+        &[],
         |p| ztna_connector::Config::load(Some(p), vec![]).map_err(|e| e.to_string()),
     );
     check(
         "agent.toml",
         field_names::<ztna_agent::Config>(),
         &["tls", "forward"],
+        &[],
         |p| ztna_agent::Config::load(Some(p), vec![], vec![]).map_err(|e| e.to_string()),
+    );
+    // The intermediate's keepalive defaults to a fraction of idle_timeout: the example shows
+    // what the shipped idle_timeout gives.
+    let shipped =
+        ztna_intermediate::Config::load(Some(&example("intermediate.toml")), vec![]).unwrap();
+    assert_eq!(shipped.keepalive, None, "keepalive is unset by default");
+    assert_eq!(
+        ztna_node::config::parse_duration(&documented_value("intermediate.toml", "keepalive")),
+        Ok(shipped.keepalive()),
+        "examples/intermediate.toml: the documented keepalive is not the derived one"
     );
     // The introspection itself sees the fields.
     assert!(field_names::<ztna_intermediate::Config>().contains(&"max_flows_per_connector"));

@@ -1879,3 +1879,83 @@ async fn send_sized(
         }
     }
 }
+
+/// An idle agent connection's keepalive: the agent pings, the intermediate only acknowledges
+/// (quinn restarts a keepalive timer on every packet received, so an intermediate pinging as
+/// often as its agents would take turns with them: a PING and its ACK more each second). It pings
+/// as a backstop before its own idle timeout, which keeps alive a peer tuned to ping less often.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_pings_idle_peers_only_as_a_backstop() {
+    use ztna_integration::hostile::{client_endpoint, session};
+    use ztna_node::transport::{client_config, TransportOptions};
+    logs();
+    let pki = Pki::new();
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.idle_timeout = Duration::from_secs(3);
+    assert_eq!(cfg.keepalive(), Duration::from_millis(2400));
+    let im = start_intermediate_with(cfg);
+    let client = |name: &str, keepalive_ms: u64, idle_secs: u64| {
+        let id = ztna_node::Identity::load(&pki.issue("agent", name), ztna_proto::Role::Agent)
+            .expect("identity");
+        let opts = TransportOptions {
+            keepalive: Duration::from_millis(keepalive_ms),
+            idle_timeout: Duration::from_secs(idle_secs),
+            ..TransportOptions::default()
+        };
+        client_config(&id, ztna_proto::Role::Intermediate, &opts).expect("client config")
+    };
+    let ep = client_endpoint(im.addr).expect("endpoint");
+    let connect = |cfg: quinn::ClientConfig| {
+        let ep = ep.clone();
+        async move {
+            session(
+                &ep,
+                &cfg,
+                im.addr,
+                ztna_proto::Role::Agent,
+                vec![],
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("session")
+        }
+    };
+    // An agent with the shipped keepalive (1 s), and one tuned to ping less often than the
+    // intermediate's idle timeout (8 s against 3 s).
+    let shipped = connect(client("alice", 1000, 5)).await;
+    let sparse = connect(client("bob", 8000, 20)).await;
+    let (shipped0, sparse0) = (shipped.conn.stats(), sparse.conn.stats());
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let (shipped1, sparse1) = (shipped.conn.stats(), sparse.conn.stats());
+    let pings_from_im =
+        |a: &quinn::ConnectionStats, b: &quinn::ConnectionStats| b.frame_rx.ping - a.frame_rx.ping;
+    let datagrams = |a: &quinn::ConnectionStats, b: &quinn::ConnectionStats| {
+        (b.udp_rx.datagrams + b.udp_tx.datagrams) - (a.udp_rx.datagrams + a.udp_tx.datagrams)
+    };
+    println!(
+        "MEASURED over 7 s idle: the intermediate sent {} PINGs to an agent with the shipped 1 s \
+         keepalive (the agent sent {}; {} datagrams both ways), {} to one pinging every 8 s",
+        pings_from_im(&shipped0, &shipped1),
+        shipped1.frame_tx.ping - shipped0.frame_tx.ping,
+        datagrams(&shipped0, &shipped1),
+        pings_from_im(&sparse0, &sparse1),
+    );
+    assert!(
+        shipped.conn.close_reason().is_none() && sparse.conn.close_reason().is_none(),
+        "an idle connection was closed: {:?} / {:?}",
+        shipped.conn.close_reason(),
+        sparse.conn.close_reason()
+    );
+    // A 1 s keepalive on the intermediate sends 4-5 here; one loss probe is allowed for.
+    assert!(
+        pings_from_im(&shipped0, &shipped1) <= 1,
+        "the intermediate pinged a peer that pings it every second {} times in 7 s",
+        pings_from_im(&shipped0, &shipped1)
+    );
+    assert!(
+        pings_from_im(&sparse0, &sparse1) >= 2,
+        "the intermediate did not ping a peer that pings less often than its idle timeout"
+    );
+    assert_eq!(agents_on(&im), 2.0, "the intermediate lost an idle agent");
+    im.daemon.shutdown().await;
+}

@@ -61,7 +61,7 @@ struct Args {
     agents: usize,
     per_socket: usize,
     quiet: Duration,
-    /// Scale mode: keepalive of agents and intermediate (idle timeout 3x, at least 5 s);
+    /// Scale mode: keepalive of the agents (idle timeout 3x, at least 5 s, on both sides);
     /// `None` = the shipped defaults.
     keepalive: Option<Duration>,
 }

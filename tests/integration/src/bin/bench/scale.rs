@@ -259,13 +259,10 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     let ops = free_tcp_port();
     let cfg_path = intermediate_file(&pki, "im-scale", listen, ops, &["echo"]);
     if let Some(k) = opts.keepalive {
-        // Top-level keys go before the file's tables.
+        // Top-level keys go before the file's tables. The intermediate's own keepalive stays
+        // unset: a backstop at 4/5 of its idle timeout, as an operator would leave it.
         let text = std::fs::read_to_string(&cfg_path).context("read scale config")?;
-        let keys = format!(
-            "keepalive = \"{}ms\"\nidle_timeout = \"{}ms\"\n",
-            k.as_millis(),
-            idle_for(k).as_millis()
-        );
+        let keys = format!("idle_timeout = \"{}ms\"\n", idle_for(k).as_millis());
         std::fs::write(&cfg_path, keys + &text).context("write scale config")?;
     }
     // The anchor first: as many connections held by bare quinn, in a process of its own. Its
