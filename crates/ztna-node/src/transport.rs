@@ -39,7 +39,7 @@ pub struct TransportOptions {
 /// keeps both ends' idle timers running. quinn restarts the keepalive timer on every packet it
 /// receives, so a server with the clients' 1 s keepalive takes turns with them: 1.3 PINGs and
 /// 2.6 datagrams per idle connection and second instead of 0.9 and 1.9, and 10,000 idle agents
-/// cost an intermediate 30-31 % of one core instead of 21-23 % (`ztna-bench --mode scale`).
+/// cost an intermediate 25-30 % of one core instead of 20-22 % (`ztna-bench --mode scale`).
 /// Pinging before its own idle timeout still keeps alive a client whose keepalive is longer than
 /// that (an agent tuned for a relay with thousands of agents, talking to one left at defaults).
 pub fn server_keepalive(idle_timeout: Duration) -> Duration {
