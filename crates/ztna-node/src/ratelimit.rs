@@ -47,16 +47,17 @@ impl LogLimiter {
     }
 }
 
-/// Logs at warn level at most once per `$every` (a constant `Duration`) from this call site,
+/// Logs at `$level` at most once per `$every` (a constant `Duration`) from this call site,
 /// appending how many lines this site skipped since its last one. Evaluates to whether it
-/// logged.
+/// logged. Use [`warn_limited!`] or [`info_limited!`].
+#[doc(hidden)]
 #[macro_export]
-macro_rules! warn_limited {
-    ($every:expr, $($arg:tt)+) => {{
+macro_rules! log_limited {
+    ($level:expr, $every:expr, $($arg:tt)+) => {{
         static SITE: $crate::ratelimit::LogLimiter = $crate::ratelimit::LogLimiter::new($every);
         match SITE.allow() {
             Some(skipped) => {
-                tracing::warn!(skipped, $($arg)+);
+                tracing::event!($level, skipped, $($arg)+);
                 true
             }
             None => false,
@@ -64,19 +65,22 @@ macro_rules! warn_limited {
     }};
 }
 
+/// Logs at warn level at most once per `$every` (a constant `Duration`) from this call site,
+/// appending how many lines this site skipped since its last one. Evaluates to whether it
+/// logged.
+#[macro_export]
+macro_rules! warn_limited {
+    ($every:expr, $($arg:tt)+) => {
+        $crate::log_limited!(tracing::Level::WARN, $every, $($arg)+)
+    };
+}
+
 /// Logs at info level at most once per `$every` from this call site (see [`warn_limited!`]).
 #[macro_export]
 macro_rules! info_limited {
-    ($every:expr, $($arg:tt)+) => {{
-        static SITE: $crate::ratelimit::LogLimiter = $crate::ratelimit::LogLimiter::new($every);
-        match SITE.allow() {
-            Some(skipped) => {
-                tracing::info!(skipped, $($arg)+);
-                true
-            }
-            None => false,
-        }
-    }};
+    ($every:expr, $($arg:tt)+) => {
+        $crate::log_limited!(tracing::Level::INFO, $every, $($arg)+)
+    };
 }
 
 #[cfg(test)]
