@@ -37,6 +37,11 @@ pub struct Config {
     /// Also capped by the process's descriptor limit (LimitNOFILE).
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// Concurrent flows one agent identity may have on direct (P2P) paths to this connector,
+    /// across its direct connections. Relayed flows are limited at the intermediate
+    /// (`max_flows_per_agent` there), which never sees direct ones.
+    #[serde(default = "default_max_direct_flows_per_agent")]
+    pub max_direct_flows_per_agent: u32,
     #[serde(default = "default_keepalive", with = "duration")]
     pub keepalive: Duration,
     #[serde(default = "default_idle", with = "duration")]
@@ -109,6 +114,9 @@ fn default_tcp_idle() -> Duration {
 }
 fn default_max_flows() -> u32 {
     16_000
+}
+fn default_max_direct_flows_per_agent() -> u32 {
+    1000
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(1)
@@ -188,6 +196,12 @@ impl Config {
         }
         if self.max_flows == 0 {
             return Err(("max_flows".into(), "must be at least 1".into()));
+        }
+        if self.max_direct_flows_per_agent == 0 {
+            return Err((
+                "max_direct_flows_per_agent".into(),
+                "must be at least 1 (p2p = false turns direct paths off)".into(),
+            ));
         }
         if self.tcp_idle_timeout < Duration::from_secs(1) {
             return Err(("tcp_idle_timeout".into(), "must be at least 1s".into()));

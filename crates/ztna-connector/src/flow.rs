@@ -188,7 +188,7 @@ pub(crate) async fn handle(
     state: Arc<ConnState>,
     mut send: SendStream,
     recv: RecvStream,
-    direct: Option<Arc<crate::direct::DirectAuth>>,
+    direct: Option<Arc<crate::direct::DirectPath>>,
 ) {
     let mut recv = FramedRecv::new(recv);
     let open = match recv.expect::<FlowOpen>(FLOW_HEADER_TIMEOUT).await {
@@ -211,8 +211,8 @@ pub(crate) async fn handle(
             }
         }
     }
-    if let Some(auth) = &direct {
-        if let Err((label, why)) = auth.allows(&open.service) {
+    if let Some(path) = &direct {
+        if let Err((label, why)) = path.auth.allows(&open.service) {
             shared
                 .metrics
                 .direct_refused
@@ -239,21 +239,58 @@ pub(crate) async fn handle(
     }
     let meta = FlowMeta {
         service: Arc::from(open.service.as_str()),
+        direct: direct.as_ref().map(|p| p.of.clone()),
     };
-    let max = shared.max_flows;
+    let (max, per_agent) = (
+        shared.max_flows,
+        shared.config.max_direct_flows_per_agent as usize,
+    );
+    let agent_of = direct.as_ref().map(|p| p.of.agent.clone());
     let guard = match shared.flows.register_if(meta, Kind::Opening, |flows| {
-        if flows.count() >= max {
-            Err(())
+        let (mut all, mut agents_n) = (0, 0);
+        for e in flows {
+            all += 1;
+            if let (Some(a), Some(d)) = (&agent_of, &e.meta.direct) {
+                if d.agent == *a {
+                    agents_n += 1;
+                }
+            }
+        }
+        if all >= max {
+            Err(format!("connector is at its flow limit ({max}, max_flows)"))
+        } else if agent_of.is_some() && agents_n >= per_agent {
+            Err(format!(
+                "the agent has {per_agent} direct flows at this connector \
+                 (max_direct_flows_per_agent)"
+            ))
         } else {
             Ok(())
         }
     }) {
         Ok(g) => g,
-        Err(()) => {
-            let why = format!("connector is at its flow limit ({max}, max_flows)");
+        Err(why) => {
+            if direct.is_some() {
+                shared
+                    .metrics
+                    .direct_refused
+                    .with_label_values(&["flow_limit"])
+                    .inc();
+            }
             return reject(&shared, send, &open, RejectReason::Limit, why).await;
         }
     };
+    // Registered before this check, so a ticket lapsing in between ends the flow with the others.
+    if let Some(path) = &direct {
+        if let Err((label, why)) = path.auth.allows(&open.service) {
+            shared
+                .metrics
+                .direct_refused
+                .with_label_values(&[label])
+                .inc();
+            drop(guard);
+            return reject(&shared, send, &open, RejectReason::Denied, why).await;
+        }
+    }
     match open.protocol {
         Protocol::Tcp => {
             let credit = (&*state, agent);
@@ -302,7 +339,7 @@ async fn tcp_flow(
     let to_backend = m.bytes.with_label_values(&[service, "to_backend"]);
     let ctl = SpliceCtl::for_flow(&guard, Some(shared.config.tcp_idle_timeout));
     let (mut recv, prefix) = recv.into_parts();
-    // Flow credit: this agent's unconsumed bytes at the intermediate stay within its budget,
+    // Flow credit: this agents_n unconsumed bytes at the intermediate stay within its budget,
     // and what we read is reported back.
     let stream = u64::from(send.id());
     let (mut gate, mut meter) = (None, None);

@@ -70,6 +70,9 @@ pub type Registrations = Vec<BTreeMap<String, Registration>>;
 #[derive(Clone)]
 pub(crate) struct FlowMeta {
     pub service: Arc<str>,
+    /// On a direct (P2P) path: that connection and its agent (per-agent limit, revocation when
+    /// the service's ticket lapses).
+    pub direct: Option<direct::FlowOf>,
 }
 
 pub(crate) struct Shared {
@@ -95,6 +98,8 @@ pub(crate) struct Shared {
     pub intermediate_certs: std::sync::Mutex<HashMap<String, ztna_node::CertificateDer<'static>>>,
     /// Backend host names to addresses (cached briefly).
     pub resolver: Resolver,
+    /// Direct connections open per agent identity.
+    pub direct_per_agent: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 impl Shared {
@@ -226,7 +231,8 @@ impl Handle {
             });
         ztna_node::daemon::warn_unapplied(&[("service", !same_services)]);
         ztna_node::warn_unapplied!(new, old;
-            intermediates, ops_listen, bind, max_flows, drain_timeout, connect_timeout,
+            intermediates, ops_listen, bind, max_flows, max_direct_flows_per_agent,
+            drain_timeout, connect_timeout,
             udp_idle_timeout, tcp_idle_timeout, keepalive, idle_timeout, p2p, stream_window,
             connection_window, log_format,
         );
@@ -246,13 +252,15 @@ impl Handle {
 
 /// The server side of direct paths: agents only (mutual TLS), detection of a dead path within
 /// 3 s (idle timeout 3 s; the agent pings every second, we only as a backstop), as many streams
-/// as flows we may serve.
+/// as one agent may have direct flows.
 fn direct_server_config(
     identity: &ztna_node::Identity,
     config: &Config,
 ) -> Result<quinn::ServerConfig, IdentityError> {
     let mut opts = config.transport();
     opts.idle_timeout = Duration::from_secs(3);
+    // One agent's flows: a connection never needs more streams than its agent may have flows.
+    opts.max_streams = config.max_direct_flows_per_agent.saturating_add(16);
     opts.keepalive = ztna_node::transport::server_keepalive(opts.idle_timeout);
     ztna_node::transport::server_config(identity, &[Role::Agent], &opts)
 }
@@ -329,6 +337,7 @@ impl Connector {
                 puncher,
                 offers: direct::Offers::default(),
                 intermediate_certs: std::sync::Mutex::new(HashMap::new()),
+                direct_per_agent: std::sync::Mutex::new(HashMap::new()),
                 resolver,
             }),
         })

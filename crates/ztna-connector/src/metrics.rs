@@ -23,6 +23,7 @@ pub struct Metrics {
     pub direct_refused: IntCounterVec,
     pub direct_flows: IntCounterVec,
     pub direct_punches: IntCounter,
+    pub direct_revoked: IntCounter,
     pub credit_waits: IntCounter,
 }
 
@@ -117,7 +118,7 @@ impl Metrics {
             direct_refused: m::counter_vec(
                 r,
                 "ztna_connector_direct_refused_total",
-                "Direct connections and direct flows refused, by reason (no_ticket, malformed, bad_signature, expired, wrong_agent, wrong_connector, unknown_intermediate, service_not_allowed, handshake).",
+                "Direct connections and direct flows refused, by reason (no_ticket, malformed, bad_ticket, bad_signature, expired, wrong_agent, wrong_connector, unknown_intermediate, service_not_allowed, handshake, too_many_connections, flow_limit).",
                 &["reason"],
             ),
             direct_flows: m::counter_vec(
@@ -125,6 +126,11 @@ impl Metrics {
                 "ztna_connector_direct_flows_total",
                 "Flows accepted on direct (P2P) connections from agents (also counted in ztna_connector_flows_total{result=\"ok\"}, which counts relayed and direct flows).",
                 &["service", "protocol"],
+            ),
+            direct_revoked: m::counter(
+                r,
+                "ztna_connector_direct_revoked_total",
+                "Running flows on direct (P2P) connections ended because their service's last ticket lapsed unrenewed (the intermediates no longer allow it).",
             ),
             direct_punches: m::counter(
                 r,
@@ -144,6 +150,8 @@ impl Metrics {
             "unknown_intermediate",
             "service_not_allowed",
             "handshake",
+            "too_many_connections",
+            "flow_limit",
         ] {
             me.direct_refused.with_label_values(&[r]);
         }

@@ -234,7 +234,7 @@ async fn control(
                     let answer = match &shared.puncher {
                         Some(puncher) if shared.config.p2p && !shared.is_draining() => {
                             debug!(%agent, %service, ?candidates, "direct path offered; punching at the start signal");
-                            shared.offers.remember(request, candidates);
+                            shared.offers.remember(idx, request, candidates);
                             ClientMsg::DirectAnswer {
                                 request,
                                 accepted: true,
@@ -275,7 +275,7 @@ async fn control(
                     }
                 }
                 Ok(Some(ServerMsg::DirectGo { request })) => {
-                    if let Some(candidates) = shared.offers.take(request) {
+                    if let Some(candidates) = shared.offers.take(idx, request) {
                         crate::direct::punch(shared, candidates);
                     }
                 }

@@ -83,6 +83,10 @@ pub struct Peer {
     pub credit: std::sync::OnceLock<Arc<ztna_node::credit::SendBudget>>,
     /// What we read from a connector's flows, reported back to it (revision 2).
     pub consumed: Arc<ztna_node::credit::Meter>,
+    /// A connector's: our identity as it was when it authenticated us. Its direct-path tickets
+    /// are signed with this key, the one whose certificate the connector holds (a reload that
+    /// changes our key does not break its direct paths until it reconnects).
+    pub signer: Option<Arc<ztna_node::Identity>>,
 }
 
 impl Peer {
@@ -92,6 +96,7 @@ impl Peer {
         conn_id: u64,
         chain: &[ztna_node::CertificateDer<'static>],
         control: mpsc::Sender<Box<ServerMsg>>,
+        signer: Option<Arc<ztna_node::Identity>>,
     ) -> Peer {
         let expires = chain
             .first()
@@ -111,6 +116,7 @@ impl Peer {
             direct_budget: ztna_node::ratelimit::TokenBucket::new(8, 2.0),
             credit: std::sync::OnceLock::new(),
             consumed: ztna_node::credit::Meter::new(),
+            signer,
         }
     }
 

@@ -144,7 +144,8 @@ pub(crate) async fn run(
     }
     let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, &chain, tx));
+    let signer = (role == Role::Connector).then(|| Arc::new(shared.identity()));
+    let peer = Arc::new(Peer::new(conn.clone(), id, conn_id, &chain, tx, signer));
     // The TLS session keeps the chain (`Peer::chain`); this copy would otherwise live as long as
     // the session.
     drop(chain);
@@ -494,7 +495,7 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 candidates,
                 reason,
             })) => {
-                direct::answered(shared, request, accepted, candidates, reason);
+                direct::answered(shared, peer, request, accepted, candidates, reason);
                 continue;
             }
             Ok(Some(ClientMsg::CreditReports { receive_window })) => {

@@ -884,3 +884,294 @@ async fn the_connector_counts_datagrams_it_cannot_place_on_a_direct_path() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// Reads a flow's stream until it ends: the application code it was reset with, if it was.
+async fn reset_code(flow: (quinn::SendStream, ztna_node::io::FramedRecv)) -> Option<u64> {
+    let (_send, recv) = flow;
+    let (mut recv, _) = recv.into_parts();
+    let mut buf = [0u8; 1024];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(quinn::ReadError::Reset(code)) => return Some(code.into_inner()),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Policy lives at the intermediates: a service whose tickets stop coming loses its running
+/// direct flows when its last ticket lapses (ended with the REVOKED code, counted), as relayed
+/// flows end when a reload forbids them. Another service's flows on the same connection carry
+/// on, and a fresh ticket lets the service in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_direct_flow_ends_when_its_ticket_lapses_unrenewed() {
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{DirectMsg, DirectReply, Role, PROTOCOL_VERSION};
+    logs();
+    let pki = Pki::new();
+    let (echo, _accepted) = counting_echo().await;
+    let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web", "db"]));
+    let relay = ztna_node::Identity::load(&cfg.tls, Role::Intermediate).unwrap();
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), None), ("db", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let (a_id, c_id) = (Pki::id("agent", "alice"), Pki::id("connector", "web-1"));
+    let conn = direct::dial_connector(c.quic, &pki.issue("agent", "alice"), T)
+        .await
+        .unwrap();
+    let (mut control, r) = conn.open_bi().await.unwrap();
+    let mut control_recv = FramedRecv::new(r);
+    // web: a ticket of 1 s (lapses 1 s + the 2 s of tolerated skew from now); db: 30 s.
+    let issued = Instant::now();
+    let short = signed_ticket(&relay, &a_id, &c_id, &["web"], 1_000).unwrap();
+    write_frame(
+        &mut control,
+        &DirectMsg::Hello {
+            version: PROTOCOL_VERSION,
+            ticket: short,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        control_recv.expect::<DirectReply>(T).await.unwrap(),
+        DirectReply::Welcome { .. }
+    ));
+    let db_ticket = signed_ticket(&relay, &a_id, &c_id, &["db"], 30_000).unwrap();
+    write_frame(&mut control, &DirectMsg::Ticket { ticket: db_ticket })
+        .await
+        .unwrap();
+    control_recv.expect::<DirectReply>(T).await.unwrap();
+    let flow = |service: &'static str| {
+        let conn = conn.clone();
+        async move {
+            match open_flow(&conn, &tcp_open(service), false, T).await {
+                FlowOutcome::Accepted(s, r) => Some((s, r)),
+                _ => None,
+            }
+        }
+    };
+    let web = flow("web").await.expect("web flow accepted");
+    let (mut db_send, db_recv) = flow("db").await.expect("db flow accepted");
+    let revoked = || {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_revoked_total",
+            &[],
+        )
+    };
+    assert_eq!(revoked(), 0.0);
+    let code = tokio::time::timeout(Duration::from_secs(8), reset_code(web))
+        .await
+        .expect("the web flow outlived its ticket by more than 5 s");
+    let after = issued.elapsed();
+    println!("MEASURED web flow ended {after:?} after its 1 s ticket was issued (code {code:?})");
+    assert_eq!(code, Some(u64::from(ztna_proto::codes::REVOKED)));
+    assert!(
+        after >= Duration::from_millis(2_900),
+        "ended early: {after:?}"
+    );
+    assert_eq!(revoked(), 1.0);
+    // db's flow on the same connection carries on.
+    let (mut db_recv, early) = db_recv.into_parts();
+    assert!(early.is_empty());
+    db_send.write_all(b"still here").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(
+        T,
+        tokio::io::AsyncReadExt::read_exact(&mut db_recv, &mut got),
+    )
+    .await
+    .expect("db echo")
+    .unwrap();
+    assert_eq!(&got, b"still here");
+    // New web flows are refused; a fresh ticket lets web in again.
+    assert!(
+        flow("web").await.is_none(),
+        "a web flow after its ticket lapsed"
+    );
+    let fresh = signed_ticket(&relay, &a_id, &c_id, &["web"], 30_000).unwrap();
+    write_frame(&mut control, &DirectMsg::Ticket { ticket: fresh })
+        .await
+        .unwrap();
+    control_recv.expect::<DirectReply>(T).await.unwrap();
+    let again = flow("web").await.expect("web after a fresh ticket");
+    assert!(direct::echoes(again, b"back", T).await);
+    // A connection whose every ticket lapsed is closed by the connector.
+    let lone = direct::dial_connector(c.quic, &pki.issue("agent", "alice"), T)
+        .await
+        .unwrap();
+    let short = signed_ticket(&relay, &a_id, &c_id, &["web"], 500).unwrap();
+    let first = direct::direct_attempt(&lone, Some(short), "web", T).await;
+    assert_eq!(first.outcome, DirectOutcome::FlowAccepted);
+    let why = tokio::time::timeout(Duration::from_secs(6), lone.closed())
+        .await
+        .expect("a direct connection without a valid ticket stayed open");
+    println!("MEASURED a connection whose only ticket lapsed: {why}");
+    assert!(
+        matches!(&why, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(ztna_proto::codes::REVOKED)),
+        "{why}"
+    );
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// The intermediates never see direct flows, so the connector holds each agent to
+/// `max_direct_flows_per_agent` across its direct connections, and to a few direct connections;
+/// other agents are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_holds_each_agent_to_its_direct_flow_and_connection_limits() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _accepted) = counting_echo().await;
+    let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    let relay = ztna_node::Identity::load(&cfg.tls, ztna_proto::Role::Intermediate).unwrap();
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im.addr],
+        &[("web", Some(echo), None)],
+        "max_direct_flows_per_agent = 3",
+    );
+    c.wait_registered(1).await;
+    let c_id = Pki::id("connector", "web-1");
+    let (alice, bob) = (pki.issue("agent", "alice"), pki.issue("agent", "bob"));
+    let ticket = |agent: &str| signed_ticket(&relay, agent, &c_id, &["web"], 30_000).unwrap();
+    let refused = |reason: &str| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_direct_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    // Three flows on two connections of alice's: the third is her last.
+    let a1 = attempt(
+        c.quic,
+        &alice,
+        Some(ticket(&Pki::id("agent", "alice"))),
+        "web",
+    )
+    .await;
+    let a2 = attempt(
+        c.quic,
+        &alice,
+        Some(ticket(&Pki::id("agent", "alice"))),
+        "web",
+    )
+    .await;
+    assert_eq!(a1.outcome, DirectOutcome::FlowAccepted);
+    assert_eq!(a2.outcome, DirectOutcome::FlowAccepted);
+    let conn = direct::dial_connector(c.quic, &alice, T).await.unwrap();
+    let a3 =
+        direct::direct_attempt(&conn, Some(ticket(&Pki::id("agent", "alice"))), "web", T).await;
+    assert_eq!(a3.outcome, DirectOutcome::FlowAccepted);
+    let over = open_flow(&conn, &tcp_open("web"), false, T).await;
+    match &over {
+        FlowOutcome::Rejected(reason, why) => {
+            println!("MEASURED alice's 4th direct flow: {reason:?}: {why}");
+            assert_eq!(*reason, ztna_proto::RejectReason::Limit);
+            assert!(why.contains("max_direct_flows_per_agent"), "{why}");
+        }
+        other => panic!("a 4th direct flow: {}", other.label()),
+    }
+    assert_eq!(refused("flow_limit"), 1.0);
+    // Bob is not held to alice's count.
+    let b = attempt(c.quic, &bob, Some(ticket(&Pki::id("agent", "bob"))), "web").await;
+    assert_eq!(b.outcome, DirectOutcome::FlowAccepted);
+    // Once one of alice's flows ends, she may open another.
+    drop(a1);
+    let t0 = Instant::now();
+    let mut freed = None;
+    while freed.is_none() && t0.elapsed() < T {
+        match open_flow(&conn, &tcp_open("web"), false, T).await {
+            FlowOutcome::Accepted(s, r) => freed = Some((s, r)),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(
+        freed.is_some(),
+        "alice's flow count did not go down when a flow ended"
+    );
+    // Connections: she has 2 now (a1's and a2's ended with their control streams); up to 8 at
+    // once.
+    let mut held = vec![];
+    let mut refused_at = None;
+    for i in 0..10 {
+        let conn = direct::dial_connector(c.quic, &alice, T).await.unwrap();
+        let r = direct::direct_attempt(
+            &conn,
+            Some(ticket(&Pki::id("agent", "alice"))),
+            "nothing",
+            T,
+        )
+        .await;
+        if let DirectOutcome::Refused(why) = &r.outcome {
+            println!("MEASURED alice's connection {i} more: refused: {why}");
+            assert!(why.contains("8 direct connections"), "{why}");
+            refused_at = Some(i);
+            break;
+        }
+        // Its control stream is what keeps a direct connection: hold both.
+        held.push((conn, r));
+    }
+    assert_eq!(refused_at, Some(6), "alice held 2 and may have 8");
+    assert!(refused("too_many_connections") >= 1.0);
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// An intermediate that reloads a new key keeps signing tickets for a connector connected
+/// before the reload with the key that connector knows it by: direct paths keep coming up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_paths_come_up_after_the_intermediate_reloads_a_new_key() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    let im = ztna_intermediate::Intermediate::bind(cfg.clone()).unwrap();
+    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    // A new certificate and key for the same identity, in place, then a reload.
+    let before = std::fs::read(&cfg.tls.key).unwrap();
+    pki.issue("intermediate", "relay");
+    assert_ne!(
+        std::fs::read(&cfg.tls.key).unwrap(),
+        before,
+        "the key did not change"
+    );
+    handle.reload(cfg.clone()).expect("reload");
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[addr],
+        &[("web", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(port, b"first").await.unwrap(), b"first");
+    let up = eventually(T, || direct_paths(&a) == 1.0).await;
+    let bad = metric(
+        &c.daemon.metrics.common.render(),
+        "ztna_connector_direct_refused_total",
+        &[("reason", "bad_signature")],
+    );
+    println!("MEASURED direct path after the key reload: up {up}, tickets refused as bad_signature {bad}");
+    assert!(up, "no direct path after the intermediate's key changed");
+    assert_eq!(bad, 0.0);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = task.await;
+}
+
