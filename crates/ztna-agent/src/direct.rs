@@ -48,6 +48,8 @@ const PUNCH_STALE_AFTER: Duration = Duration::from_secs(1);
 const TICKET_LIFETIME: Duration = Duration::from_millis(ztna_proto::ticket::MAX_TICKET_LIFETIME_MS);
 /// Tickets live 60 s; refresh at half that.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// After a refresh that failed for a reason that may pass, the next try comes this soon.
+const REFRESH_RETRY: Duration = Duration::from_secs(3);
 
 /// An established direct connection to a connector, shared by every service it carries.
 pub struct DirectPath {
@@ -596,7 +598,9 @@ async fn connect(
 /// Delivers an established connection's datagrams until it ends, then forgets it.
 async fn run(shared: Arc<Shared>, path: Arc<DirectPath>) {
     while let Ok(d) = path.conn.read_datagram().await {
-        shared.udp.dispatch(&d, &shared.metrics.udp_dropped);
+        shared
+            .udp
+            .dispatch(&d, path.conn.stable_id(), &shared.metrics.udp_dropped);
     }
     let why = path
         .conn
@@ -623,8 +627,12 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
     let refresh = async {
         // When the connector last took a ticket for the service.
         let mut fresh = Instant::now();
+        // The last refresh failed for a reason that may pass (a relay reconnecting, the
+        // connector not registered there again yet): try again soon, not in 30 s.
+        let mut retry = false;
         loop {
-            tokio::time::sleep(REFRESH_EVERY).await;
+            tokio::time::sleep(if retry { REFRESH_RETRY } else { REFRESH_EVERY }).await;
+            retry = true;
             if fresh.elapsed() >= TICKET_LIFETIME {
                 return "no fresh ticket within a ticket's lifetime".to_string();
             }
@@ -638,7 +646,7 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
                         return format!("the relays deny the service now: {why}")
                     }
                     // A relay reconnecting or the service briefly unavailable there: the path
-                    // keeps working until its ticket expires; try again at the next refresh.
+                    // keeps working until its ticket expires; try again shortly.
                     _ => None,
                 }
             };
@@ -651,11 +659,18 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
                 service: service.to_string(),
                 connector: path.connector.clone(),
             });
-            let ticket = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+            let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
+            lock(&shared.direct.tickets).remove(service);
+            let ticket = match answer {
                 Ok(Ok(Ok(ticket))) => ticket,
-                // The policy no longer allows the service here: stop sending its flows direct
-                // now rather than have the connector refuse each one once the ticket expires.
-                Ok(Ok(Err(why))) => return format!("the relay refused a fresh ticket: {why}"),
+                // Refused by this relay: a policy change shows up as Denied in its status
+                // (above) and ends the service here; anything else (the connector is not
+                // registered there again yet after a restart) may pass before the ticket runs
+                // out.
+                Ok(Ok(Err(why))) => {
+                    debug!(%service, connector = %path.connector, why = %why, "fresh ticket refused by the relay; trying again");
+                    continue;
+                }
                 _ => continue,
             };
             match path.present(ticket).await {
@@ -669,7 +684,10 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
                 Err(NotTaken::Unanswered(why)) => {
                     debug!(%service, connector = %path.connector, why = %why, "refreshed ticket not answered");
                 }
-                Ok(_) => fresh = Instant::now(),
+                Ok(_) => {
+                    fresh = Instant::now();
+                    retry = false;
+                }
             }
         }
     };
@@ -679,6 +697,26 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
             info!(%service, connector = %path.connector, why = %why, "the direct path no longer carries the service; its new flows use the relay");
         }
     }
-    lock(&path.services).remove(service);
+    let empty = {
+        let mut services = lock(&path.services);
+        services.remove(service);
+        services.is_empty()
+    };
+    if empty {
+        close_when_unused(path);
+    }
     back_off(shared, service, backoff, Some(since));
+}
+
+/// A path that carries no service any more is closed: by the time `keep` gives a service up,
+/// it is no longer allowed there (or its ticket lapsed, or the path died), so nothing on it may
+/// run on, and neither side should keep an idle connection and its keepalives for good.
+fn close_when_unused(path: Arc<DirectPath>) {
+    if lock(&path.services).is_empty() && path.conn.close_reason().is_none() {
+        debug!(connector = %path.connector, "closing a direct path that carries no service any more");
+        path.conn.close(
+            quinn::VarInt::from_u32(ztna_proto::codes::OK),
+            b"no service left on the direct path",
+        );
+    }
 }

@@ -51,25 +51,33 @@ pub(crate) async fn supervise(
                         conn,
                         control,
                     });
-                    let ended = serve(&shared, link.clone(), said, &events, &stop).await;
-                    let _ = events.send(Event::Down {
-                        index,
-                        error: ended.why.clone(),
-                    });
-                    ended
+                    serve(&shared, link.clone(), said, &events, &stop).await
                 }
                 Err(why) => {
                     warn!(reason = %why, "cannot connect to intermediate");
-                    let _ = events.send(Event::Down { index, error: why });
-                    Ended::default()
+                    Ended {
+                        why,
+                        ..Ended::default()
+                    }
                 }
             };
-            if stop.is_cancelled() {
-                return;
-            }
             if ended.drained {
                 // A restart is planned: poll at about a second until it is back.
                 backoff.planned(ended.rtt);
+            }
+            // While a relay that drained is expected back, new flows that only it can carry
+            // wait for it (up to open_timeout) instead of being refused: a planned restart is
+            // then invisible to users. Otherwise it is down and flows go elsewhere or are refused.
+            let _ = events.send(if backoff.is_planned() {
+                Event::Connecting(index)
+            } else {
+                Event::Down {
+                    index,
+                    error: ended.why.clone(),
+                }
+            });
+            if stop.is_cancelled() {
+                return;
             }
             let delay = backoff.next_delay(ended.since);
             debug!(?delay, "reconnecting after backoff");
@@ -128,6 +136,13 @@ async fn serve(
     info!(%identity, %observed_addr, "connected to intermediate");
     let since = Instant::now();
     let _ = events.send(Event::Up(link.clone()));
+    {
+        let (events, index, generation) = (events.clone(), link.index, link.generation);
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::relays::RETURN_GRACE).await;
+            let _ = events.send(Event::Settled { index, generation });
+        });
+    }
     let mut drained = false;
     let control = async {
         loop {
@@ -181,7 +196,9 @@ async fn serve(
     let datagrams = async {
         loop {
             match conn.read_datagram().await {
-                Ok(d) => shared.udp.dispatch(&d, &shared.metrics.udp_dropped),
+                Ok(d) => shared
+                    .udp
+                    .dispatch(&d, conn.stable_id(), &shared.metrics.udp_dropped),
                 Err(e) => return describe_connection_error(&e),
             }
         }

@@ -85,6 +85,7 @@ impl Metrics {
             "draining",
             "socket_overflow",
             "unknown_flow",
+            "wrong_path",
             "malformed",
         ] {
             me.udp_dropped.with_label_values(&[r]);

@@ -84,13 +84,13 @@ pub(crate) async fn open_any(
     service: &str,
     protocol: Protocol,
     flow_id: u64,
-    avoid: &mut Vec<usize>,
+    avoid: &mut Vec<(usize, u64)>,
     allow_direct: bool,
 ) -> Result<Opened, OpenError> {
     crate::direct::want(shared, service);
     if allow_direct {
         if let Some(path) = shared.direct.up(service) {
-            match try_open(&path.conn, service, protocol, flow_id).await {
+            match try_open(shared, &path.conn, service, protocol, flow_id).await {
                 Ok((send, recv, FlowReply::Accept)) => {
                     return Ok(Opened {
                         via: Via::Direct(path),
@@ -115,7 +115,7 @@ pub(crate) async fn open_flow(
     service: &str,
     protocol: Protocol,
     flow_id: u64,
-    avoid: &mut Vec<usize>,
+    avoid: &mut Vec<(usize, u64)>,
 ) -> Result<Opened, OpenError> {
     let deadline = Instant::now() + shared.config.open_timeout;
     let mut snaps = shared.relays.subscribe();
@@ -144,7 +144,7 @@ pub(crate) async fn open_flow(
         let Some(link) = snaps.borrow().link(index) else {
             continue;
         };
-        match try_open(&link.conn, service, protocol, flow_id).await {
+        match try_open(shared, &link.conn, service, protocol, flow_id).await {
             Ok((send, recv, FlowReply::Accept)) => {
                 return Ok(Opened {
                     via: Via::Relay(link),
@@ -173,7 +173,7 @@ pub(crate) async fn open_flow(
                 };
                 debug!(intermediate = %link.target, reason = reason.as_str(), why = %message, "trying the flow on the next intermediate");
                 shared.report(event);
-                avoid.push(index);
+                avoid.push((index, link.generation));
             }
             Err(e) => {
                 let gone = link.conn.close_reason().is_some();
@@ -184,7 +184,7 @@ pub(crate) async fn open_flow(
                     ));
                 }
                 debug!(intermediate = %link.target, error = %e, "the intermediate went away or did not answer; trying the next one");
-                avoid.push(index);
+                avoid.push((index, link.generation));
             }
         }
         if Instant::now() >= deadline {
@@ -197,12 +197,17 @@ pub(crate) async fn open_flow(
 }
 
 async fn try_open(
+    shared: &Shared,
     conn: &quinn::Connection,
     service: &str,
     protocol: Protocol,
     flow_id: u64,
 ) -> Result<(SendStream, FramedRecv, FlowReply), StreamError> {
     let (mut send, recv) = conn.open_bi().await.map_err(|_| StreamError::Closed)?;
+    if protocol == Protocol::Udp {
+        // Its datagrams come back on this connection, and only this one.
+        shared.udp.carried_by(flow_id, conn.stable_id());
+    }
     let open = FlowOpen {
         service: service.to_string(),
         protocol,

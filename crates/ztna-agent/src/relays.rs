@@ -19,7 +19,7 @@
 //! a service that any reachable non-draining relay has is never refused, and flows for one
 //! service never move because of another service: there are no moves, only per-flow choices.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -46,7 +46,7 @@ impl Link {
 /// Where one relay stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Conn {
-    /// First attempt (or an attempt after a drain) in progress.
+    /// First attempt, or attempts while a relay that drained is expected back, in progress.
     Connecting,
     Up {
         /// It sent GoAway: running flows finish there, new ones go elsewhere.
@@ -66,7 +66,16 @@ pub struct RelayView {
     pub generation: u64,
     /// Pushed by the relay (reset when the connection is lost).
     pub services: BTreeMap<String, (ServiceState, String)>,
+    /// Services that were available there when it drained for a restart. Back on a new
+    /// connection, it may say "no connector" for them while their connectors, restarted with it,
+    /// are still reconnecting: flows for them wait (until it has them again, or for
+    /// [`RETURN_GRACE`] after it came back) instead of being refused.
+    pub returning: BTreeSet<String>,
 }
+
+/// How long after a relay that drained is back its "no connector" for a service that was
+/// available before is taken as "not yet" (connectors poll a drained relay about every second).
+pub const RETURN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl RelayView {
     pub fn new(target: &str) -> RelayView {
@@ -76,6 +85,7 @@ impl RelayView {
             link: None,
             generation: 0,
             services: BTreeMap::new(),
+            returning: BTreeSet::new(),
         }
     }
 
@@ -112,14 +122,15 @@ pub enum Choice {
     Refuse(RejectReason, String),
 }
 
-/// The relay for a new flow to `service`, skipping relays in `avoid` (ones this flow already
-/// failed on).
-pub fn choose(snap: &Snapshot, service: &str, avoid: &[usize]) -> Choice {
+/// The relay for a new flow to `service`, skipping the connections in `avoid` (relay index and
+/// connection generation: ones this flow already failed on). A relay that has since lost that
+/// connection is considered again: it may be reconnecting, or back with a new one.
+pub fn choose(snap: &Snapshot, service: &str, avoid: &[(usize, u64)]) -> Choice {
     let considered = || {
         snap.relays
             .iter()
             .enumerate()
-            .filter(|(i, _)| !avoid.contains(i))
+            .filter(|(i, r)| !(r.is_up() && avoid.contains(&(*i, r.generation))))
     };
     // 1. Connected, not draining, service available: the first in preference order.
     if let Some((i, _)) =
@@ -130,7 +141,11 @@ pub fn choose(snap: &Snapshot, service: &str, avoid: &[usize]) -> Choice {
     // 2. Something may still tell us the service is there.
     let pending = considered().any(|(_, r)| match &r.conn {
         Conn::Connecting => true,
-        Conn::Up { draining: false } => r.state(service).is_none(),
+        Conn::Up { draining: false } => {
+            r.state(service).is_none()
+                || (r.returning.contains(service)
+                    && r.state(service) == Some(ServiceState::Unavailable))
+        }
         _ => false,
     });
     if pending {
@@ -250,6 +265,12 @@ pub enum Event {
         index: usize,
         error: String,
     },
+    /// [`RETURN_GRACE`] has passed since that connection came up: its "no connector" answers
+    /// count from now on.
+    Settled {
+        index: usize,
+        generation: u64,
+    },
     /// A flow was told the service is missing there although the last status said otherwise
     /// (the status push is on its way): believe the flow until the relay says more.
     Missing {
@@ -271,6 +292,14 @@ pub fn apply(snap: &mut Snapshot, ev: Event) {
     match ev {
         Event::Connecting(i) => {
             if let Some(r) = snap.relays.get_mut(i) {
+                // What it had when it went away (polls after a drain add nothing: their
+                // `services` is already empty).
+                let had = r
+                    .services
+                    .iter()
+                    .filter(|(_, (state, _))| *state == ServiceState::Available)
+                    .map(|(s, _)| s.clone());
+                r.returning.extend(had);
                 r.conn = Conn::Connecting;
                 r.link = None;
                 r.services.clear();
@@ -292,6 +321,9 @@ pub fn apply(snap: &mut Snapshot, ev: Event) {
             reason,
         } => {
             if let Some(r) = current(snap, index, generation) {
+                if state == ServiceState::Available {
+                    r.returning.remove(&service);
+                }
                 r.services.insert(service, (state, reason));
             }
         }
@@ -305,6 +337,12 @@ pub fn apply(snap: &mut Snapshot, ev: Event) {
                 r.conn = Conn::Down { error };
                 r.link = None;
                 r.services.clear();
+                r.returning.clear();
+            }
+        }
+        Event::Settled { index, generation } => {
+            if let Some(r) = current(snap, index, generation) {
+                r.returning.clear();
             }
         }
         Event::Missing {
@@ -344,6 +382,7 @@ mod tests {
                 .iter()
                 .map(|(s, st)| (s.to_string(), (*st, format!("{s} is {st:?}"))))
                 .collect(),
+            returning: BTreeSet::new(),
         }
     }
     fn up(services: &[(&str, ServiceState)]) -> RelayView {
@@ -377,12 +416,13 @@ mod tests {
 
     #[test]
     fn decision_table() {
-        /// (situation, relays, service, relays to avoid, expected choice)
+        /// (situation, relays, service, connections to avoid (index, generation), expected
+        /// choice)
         type Case = (
             &'static str,
             Vec<RelayView>,
             &'static str,
-            Vec<usize>,
+            Vec<(usize, u64)>,
             Choice,
         );
         let cases: Vec<Case> = vec![
@@ -481,14 +521,51 @@ mod tests {
                 "a relay the flow failed on is avoided",
                 vec![up(&[("web", A)]), up(&[("web", A)])],
                 "web",
-                vec![0],
+                vec![(0, 1)],
                 Choice::Use(1),
             ),
             (
                 "avoiding the only one that has it: refuse",
                 vec![up(&[("web", A)]), up(&[("web", U)])],
                 "web",
-                vec![0],
+                vec![(0, 1)],
+                refuse_unavailable(),
+            ),
+            (
+                "the lone relay the flow failed on drained and is expected back: wait for it",
+                vec![connecting()],
+                "web",
+                vec![(0, 1)],
+                Choice::Wait,
+            ),
+            (
+                "... and once it is back on a new connection, use it",
+                vec![RelayView {
+                    generation: 2,
+                    ..up(&[("web", A)])
+                }],
+                "web",
+                vec![(0, 1)],
+                Choice::Use(0),
+            ),
+            (
+                "back after a restart, no connector yet for a service it had: wait for it",
+                vec![RelayView {
+                    returning: ["web".to_string()].into(),
+                    ..up(&[("web", U), ("db", U)])
+                }],
+                "web",
+                vec![],
+                Choice::Wait,
+            ),
+            (
+                "... but a service it did not have is refused at once",
+                vec![RelayView {
+                    returning: ["web".to_string()].into(),
+                    ..up(&[("web", U), ("db", U)])
+                }],
+                "db",
+                vec![],
                 refuse_unavailable(),
             ),
             (
@@ -526,6 +603,85 @@ mod tests {
             Choice::Refuse(_, why) => assert!(why.contains("timed out"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A lone relay drains for a restart and comes back before the connector: its "no
+    /// connector" for a service it had is "not yet" until the connector is back or the grace
+    /// has passed; a service it did not have is refused at once.
+    #[test]
+    fn a_relay_back_from_a_restart_is_waited_for_while_its_connectors_return() {
+        let mut snap = Snapshot::new(&["a:1".to_string()]);
+        let status = |generation, service: &str, state| Event::Status {
+            index: 0,
+            generation,
+            service: service.into(),
+            state,
+            reason: format!("{service} is {state:?}"),
+        };
+        snap.relays[0].conn = Conn::Up { draining: false };
+        snap.relays[0].generation = 1;
+        apply(&mut snap, status(1, "web", A));
+        apply(&mut snap, status(1, "db", U));
+        apply(
+            &mut snap,
+            Event::Draining {
+                index: 0,
+                generation: 1,
+            },
+        );
+        // Closed after the drain; polled until it is back.
+        apply(&mut snap, Event::Connecting(0));
+        apply(&mut snap, Event::Connecting(0));
+        assert_eq!(choose(&snap, "web", &[]), Choice::Wait);
+        // Back on connection 2 (what `Event::Up` does), before the connector.
+        snap.relays[0].conn = Conn::Up { draining: false };
+        snap.relays[0].generation = 2;
+        snap.relays[0].services.clear();
+        apply(&mut snap, status(2, "web", U));
+        apply(&mut snap, status(2, "db", U));
+        assert_eq!(
+            choose(&snap, "web", &[]),
+            Choice::Wait,
+            "web was there before"
+        );
+        assert!(matches!(choose(&snap, "db", &[]), Choice::Refuse(..)));
+        apply(&mut snap, status(2, "web", A));
+        assert_eq!(choose(&snap, "web", &[]), Choice::Use(0));
+        // Gone again from the connector's side later: refused at once, as always.
+        apply(&mut snap, status(2, "web", U));
+        assert!(matches!(choose(&snap, "web", &[]), Choice::Refuse(..)));
+        // The grace ends on its own when no connector comes back.
+        snap.relays[0].returning.insert("web".into());
+        apply(
+            &mut snap,
+            Event::Settled {
+                index: 0,
+                generation: 1,
+            },
+        );
+        assert_eq!(
+            choose(&snap, "web", &[]),
+            Choice::Wait,
+            "a stale Settled counts"
+        );
+        apply(
+            &mut snap,
+            Event::Settled {
+                index: 0,
+                generation: 2,
+            },
+        );
+        assert!(matches!(choose(&snap, "web", &[]), Choice::Refuse(..)));
+        // An unplanned loss forgets it.
+        snap.relays[0].returning.insert("web".into());
+        apply(
+            &mut snap,
+            Event::Down {
+                index: 0,
+                error: "lost".into(),
+            },
+        );
+        assert!(snap.relays[0].returning.is_empty());
     }
 
     #[test]

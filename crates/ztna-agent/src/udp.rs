@@ -40,8 +40,15 @@ const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 /// carries the flow), for datagrams coming back.
 #[derive(Default)]
 pub(crate) struct UdpFlows {
-    by_id: Mutex<HashMap<u64, Arc<UdpFlow>>>,
+    by_id: Mutex<HashMap<u64, ById>>,
     next_id: AtomicU64,
+}
+
+/// A flow id's flow and the connection its datagrams may come from (the `stable_id` of the one
+/// it was opened on; none while it is being opened).
+struct ById {
+    flow: Arc<UdpFlow>,
+    conn: Option<usize>,
 }
 
 impl UdpFlows {
@@ -49,9 +56,18 @@ impl UdpFlows {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// A datagram from a relay or a direct path: hand its payload to the flow's local client.
-    /// What cannot be delivered is counted in `dropped` and logged.
-    pub fn dispatch(&self, d: &Bytes, dropped: &prometheus::IntCounterVec) {
+    /// Datagrams for flow `id` are accepted from connection `conn` (its `stable_id`) only, from
+    /// now on: it is being opened there.
+    pub fn carried_by(&self, id: u64, conn: usize) {
+        if let Some(e) = lock(&self.by_id).get_mut(&id) {
+            e.conn = Some(conn);
+        }
+    }
+
+    /// A datagram from a relay or a direct path (`from`: its connection's `stable_id`): hand
+    /// its payload to the flow's local client, if the flow is carried there (no other relay or
+    /// connector may send into it). What cannot be delivered is counted in `dropped` and logged.
+    pub fn dispatch(&self, d: &Bytes, from: usize, dropped: &prometheus::IntCounterVec) {
         let Ok((id, payload)) = datagram::decode(d) else {
             dropped.with_label_values(&["malformed"]).inc();
             ztna_node::warn_limited!(
@@ -61,9 +77,20 @@ impl UdpFlows {
             );
             return;
         };
-        let flow = lock(&self.by_id).get(&id).cloned();
+        let flow = lock(&self.by_id)
+            .get(&id)
+            .map(|e| (e.flow.clone(), e.conn == Some(from)));
         match flow {
-            Some(flow) => flow.to_client(&payload),
+            Some((flow, true)) => flow.to_client(&payload),
+            Some((flow, false)) => {
+                flow.drop_one("wrong_path");
+                ztna_node::warn_limited!(
+                    DROP_LOG_EVERY,
+                    flow = id,
+                    service = %flow.service,
+                    "UDP datagram dropped: it came on a connection that does not carry its flow"
+                );
+            }
             None => {
                 dropped.with_label_values(&["unknown_flow"]).inc();
                 ztna_node::warn_limited!(
@@ -271,12 +298,18 @@ enum LegEnd {
 async fn open_leg(
     shared: &Arc<Shared>,
     flow: &Arc<UdpFlow>,
-    avoid: &mut Vec<usize>,
+    avoid: &mut Vec<(usize, u64)>,
     allow_direct: bool,
 ) -> Result<Leg, OpenError> {
     let id = shared.udp.alloc_id();
     // Known before Accept, so the first datagrams coming back are delivered.
-    lock(&shared.udp.by_id).insert(id, flow.clone());
+    lock(&shared.udp.by_id).insert(
+        id,
+        ById {
+            flow: flow.clone(),
+            conn: None,
+        },
+    );
     match open_any(
         shared,
         &flow.service,
@@ -346,7 +379,7 @@ async fn run_flow(
             LegEnd::Move { broken } => {
                 // A relay leg moves to another relay; a direct leg falls back to the relay.
                 let (mut avoid, allow_direct) = match &leg.via {
-                    Via::Relay(link) => (vec![link.index], true),
+                    Via::Relay(link) => (vec![(link.index, link.generation)], true),
                     Via::Direct(_) => (Vec::new(), false),
                 };
                 match open_leg(&shared, &flow, &mut avoid, allow_direct).await {
@@ -448,7 +481,10 @@ async fn run_leg(
         };
         let snap = snaps.borrow();
         !snap.is_current_and_usable(link)
-            && matches!(choose(&snap, &flow.service, &[link.index]), Choice::Use(_))
+            && matches!(
+                choose(&snap, &flow.service, &[(link.index, link.generation)]),
+                Choice::Use(_)
+            )
     };
     if should_move(&snaps) {
         return LegEnd::Move { broken: false };
@@ -487,5 +523,60 @@ async fn run_leg(
             _ = tokio::time::sleep(idle - quiet + Duration::from_millis(10)) => {}
             _ = guard.cancel.cancelled() => return LegEnd::Over,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A datagram for a flow reaches its local client only when it comes on the connection the
+    /// flow was opened on; the same flow id from another relay's or connector's connection is
+    /// dropped and counted as `wrong_path` (flow ids are sequential and easy to guess).
+    #[tokio::test]
+    async fn datagrams_are_delivered_only_from_the_connection_carrying_the_flow() {
+        let forward = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        // Sends to clients are non-blocking (`try_send_to`): let tokio learn it is writable.
+        forward.writable().await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dropped =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
+                .unwrap();
+        let flow = Arc::new(UdpFlow {
+            socket: forward,
+            client: client.local_addr().unwrap(),
+            service: Arc::from("dns"),
+            activity: Activity::new(),
+            path: Mutex::new(None),
+            pending: Mutex::new(VecDeque::new()),
+            dropped: dropped.clone(),
+        });
+        let flows = UdpFlows::default();
+        let id = flows.alloc_id();
+        lock(&flows.by_id).insert(
+            id,
+            ById {
+                flow: flow.clone(),
+                conn: None,
+            },
+        );
+        let (carrier, other) = (0x1000usize, 0x2000usize);
+        flows.carried_by(id, carrier);
+        let mut arena = BytesMut::new();
+        let injected = datagram::encode_into(&mut arena, id, b"injected").unwrap();
+        flows.dispatch(&injected, other, &dropped);
+        assert_eq!(dropped.with_label_values(&["wrong_path"]).get(), 1);
+        let genuine = datagram::encode_into(&mut arena, id, b"genuine").unwrap();
+        flows.dispatch(&genuine, carrier, &dropped);
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .expect("the genuine datagram reached the client")
+            .unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"genuine",
+            "the injected datagram reached the client"
+        );
     }
 }

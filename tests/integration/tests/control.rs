@@ -548,6 +548,83 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
     let _ = tokio::time::timeout(T, task).await;
 }
 
+/// While the only relay is away for a planned restart (it drained, so the agent expects it
+/// back), flows opened meanwhile wait for it, up to `open_timeout`, and go through once it is
+/// back, instead of being refused at once ("no intermediate reachable").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_opened_while_the_lone_relay_restarts_wait_for_it() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let addr = free_udp_port();
+    let im = start_intermediate_with(intermediate_config(&pki, addr, open_policy(&["web"])));
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(port, b"before").await.unwrap(), b"before");
+    let (stop, task) = (im.daemon.stop.clone(), im.daemon.task);
+    stop.cancel();
+    tokio::time::timeout(T, task)
+        .await
+        .expect("drained")
+        .expect("task");
+    // The relay is gone; flows opened now, over the next second.
+    let t_gone = Instant::now();
+    let flows: Vec<_> = (0..4u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300 * i)).await;
+                let opened = Instant::now();
+                let r = tcp_roundtrip(port, b"during").await;
+                (r.ok(), opened.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut restarted = None;
+    for _ in 0..50 {
+        match ztna_intermediate::Intermediate::bind(intermediate_config(
+            &pki,
+            addr,
+            open_policy(&["web"]),
+        )) {
+            Ok(im) => {
+                restarted = Some(im);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let im2 = restarted.expect("rebind the relay's address");
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im2.run(stop.clone()));
+    let t_back = t_gone.elapsed();
+    let mut results = Vec::new();
+    for f in flows {
+        results.push(f.await.expect("flow task"));
+    }
+    println!(
+        "MEASURED relay away {t_back:?}; flows opened meanwhile: {:?}",
+        results
+            .iter()
+            .map(|(r, took)| (r.is_some(), *took))
+            .collect::<Vec<_>>()
+    );
+    for (i, (r, took)) in results.iter().enumerate() {
+        assert_eq!(
+            r.as_deref(),
+            Some(b"during".as_slice()),
+            "flow {i} (opened while the relay restarted) was refused after {took:?}"
+        );
+    }
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
+
 /// A policy reload that removes a connector's permission takes its registration away (told to the
 /// connector, which stops claiming it) and ends the flows it carried; restoring the policy brings
 /// it back without a reconnect. A connector rejected when it connected is registered as soon as

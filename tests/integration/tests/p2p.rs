@@ -1175,3 +1175,68 @@ async fn direct_paths_come_up_after_the_intermediate_reloads_a_new_key() {
     let _ = task.await;
 }
 
+/// A policy reload that takes an agent's only direct service away ends its direct path: the
+/// agent closes the connection once it carries no service (neither side keeps an idle connection
+/// and its keepalives), and a flow that was running on it ends too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_path_left_without_a_service_is_closed_with_its_flows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let rule = |agents: &[&str]| PolicyRule {
+        service: "web".into(),
+        connectors: vec![format!("spiffe://{TD}/connector/*")],
+        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
+    };
+    let base = intermediate_config(&pki, loopback0(), vec![rule(&["alice"])]);
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[addr],
+        &[("web", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(port, b"first").await.unwrap(), b"first");
+    assert!(eventually(T, || direct_paths(&a) == 1.0).await);
+    // A flow on the direct path, kept open.
+    let before = direct_flows_ok(&a, "tcp");
+    let mut held = tokio::net::TcpStream::connect(port).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).await.unwrap();
+    assert!(
+        eventually(T, || direct_flows_ok(&a, "tcp") == before + 1.0).await,
+        "the held flow did not go direct"
+    );
+    let mut cfg = base.clone();
+    cfg.policy = vec![rule(&["bob"])];
+    handle.reload(cfg).expect("reload");
+    let t0 = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(45), || direct_connections(&c) == 0.0).await,
+        "the direct connection stayed open without a service"
+    );
+    let closed_after = t0.elapsed();
+    let ended = tokio::time::timeout(Duration::from_secs(5), held.read(&mut one)).await;
+    println!(
+        "MEASURED direct connection closed {closed_after:?} after the reload; held flow: {ended:?}"
+    );
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "the flow outlived its direct path: {ended:?}"
+    );
+    assert_eq!(direct_paths(&a), 0.0);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = task.await;
+}
