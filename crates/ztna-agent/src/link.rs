@@ -168,9 +168,11 @@ async fn serve(
                 Ok(Some(ServerMsg::GoAway {
                     reason,
                     deadline_ms,
-                    ..
+                    reconnect,
                 })) => {
-                    info!(why = %reason, deadline_ms, "intermediate going away: new flows use another intermediate, running flows finish here");
+                    // The hint is logged for the operator; the agent uses the intermediates of
+                    // its own configuration only (an address from a relay is not trusted config).
+                    info!(why = %reason, deadline_ms, hint = ?reconnect, "intermediate going away: new flows use another intermediate, running flows finish here");
                     drained = true;
                     let _ = events.send(Event::Draining {
                         index: link.index,

@@ -279,8 +279,10 @@ async fn control(
                         crate::direct::punch(shared, candidates);
                     }
                 }
-                Ok(Some(ServerMsg::GoAway { reason, deadline_ms, .. })) => {
-                    info!(why = %reason, deadline_ms, "intermediate is draining; running flows continue, reconnecting when it closes");
+                Ok(Some(ServerMsg::GoAway { reason, deadline_ms, reconnect })) => {
+                    // The hint is logged for the operator; we keep to the intermediates of our
+                    // own configuration (we are connected to every one of them already).
+                    info!(why = %reason, deadline_ms, hint = ?reconnect, "intermediate is draining; running flows continue, reconnecting when it closes");
                     *drained = true;
                 }
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
