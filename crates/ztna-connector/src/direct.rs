@@ -351,6 +351,23 @@ pub(crate) async fn accept(
     }
 }
 
+/// Refuses a direct connection: the reason on its control stream (given a moment to be read),
+/// then the close with `code`.
+async fn refuse_path(
+    mut send: quinn::SendStream,
+    conn: &quinn::Connection,
+    code: u32,
+    why: String,
+) {
+    let reply = DirectReply::Refused {
+        reason: why.clone(),
+    };
+    let _ = write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    conn.close(VarInt::from_u32(code), why.as_bytes());
+}
+
 async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
     let Some(agent) = peer_id(&conn) else {
         refused(&shared, "handshake");
@@ -391,17 +408,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
         Err((label, why)) => {
             refused(&shared, label);
             ztna_node::warn_limited!(REFUSE_LOG_EVERY, %agent, why = %why, "direct connection refused");
-            let _ = write_frame(
-                &mut send,
-                &DirectReply::Refused {
-                    reason: why.clone(),
-                },
-            )
-            .await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-            conn.close(VarInt::from_u32(codes::UNAUTHORIZED), why.as_bytes());
-            return;
+            return refuse_path(send, &conn, codes::UNAUTHORIZED, why).await;
         }
     };
     let Some(_slot) = ConnSlot::take(&shared, &agent) else {
@@ -410,17 +417,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
             "{agent} already has {MAX_DIRECT_CONNECTIONS_PER_AGENT} direct connections to this connector"
         );
         ztna_node::warn_limited!(REFUSE_LOG_EVERY, %agent, "direct connection refused: too many from this agent");
-        let _ = write_frame(
-            &mut send,
-            &DirectReply::Refused {
-                reason: why.clone(),
-            },
-        )
-        .await;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-        conn.close(VarInt::from_u32(codes::LIMIT), why.as_bytes());
-        return;
+        return refuse_path(send, &conn, codes::LIMIT, why).await;
     };
     let path = Arc::new(DirectPath {
         of: FlowOf {

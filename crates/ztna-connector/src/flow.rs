@@ -181,6 +181,21 @@ async fn reject(
     let _ = send.finish();
 }
 
+/// On a direct path: why no ticket allows a flow to `service` now (counted), if none does.
+fn unticketed(
+    shared: &Shared,
+    direct: &Option<Arc<crate::direct::DirectPath>>,
+    service: &str,
+) -> Option<String> {
+    let (label, why) = direct.as_ref()?.auth.allows(service).err()?;
+    shared
+        .metrics
+        .direct_refused
+        .with_label_values(&[label])
+        .inc();
+    Some(why)
+}
+
 /// One flow stream from an intermediate, or from an agent on a direct path (`direct`: what its
 /// ticket allows).
 pub(crate) async fn handle(
@@ -211,15 +226,8 @@ pub(crate) async fn handle(
             }
         }
     }
-    if let Some(path) = &direct {
-        if let Err((label, why)) = path.auth.allows(&open.service) {
-            shared
-                .metrics
-                .direct_refused
-                .with_label_values(&[label])
-                .inc();
-            return reject(&shared, send, &open, RejectReason::Denied, why).await;
-        }
+    if let Some(why) = unticketed(&shared, &direct, &open.service) {
+        return reject(&shared, send, &open, RejectReason::Denied, why).await;
     }
     let Some(svc) = shared.services.get(&open.service) else {
         let why = format!("this connector does not serve {:?}", open.service);
@@ -280,16 +288,9 @@ pub(crate) async fn handle(
         }
     };
     // Registered before this check, so a ticket lapsing in between ends the flow with the others.
-    if let Some(path) = &direct {
-        if let Err((label, why)) = path.auth.allows(&open.service) {
-            shared
-                .metrics
-                .direct_refused
-                .with_label_values(&[label])
-                .inc();
-            drop(guard);
-            return reject(&shared, send, &open, RejectReason::Denied, why).await;
-        }
+    if let Some(why) = unticketed(&shared, &direct, &open.service) {
+        drop(guard);
+        return reject(&shared, send, &open, RejectReason::Denied, why).await;
     }
     match open.protocol {
         Protocol::Tcp => {

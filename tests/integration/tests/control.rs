@@ -459,6 +459,25 @@ async fn a_service_only_on_a_draining_relay_is_still_served_without_flapping() {
     ra.daemon.shutdown().await;
 }
 
+/// A relay restarted on `addr` (the old one's socket may take a moment to go).
+async fn rebind(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    services: &[&str],
+) -> ztna_intermediate::Intermediate {
+    for _ in 0..50 {
+        match ztna_intermediate::Intermediate::bind(intermediate_config(
+            pki,
+            addr,
+            open_policy(services),
+        )) {
+            Ok(im) => return im,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("could not rebind the relay's address {addr}");
+}
+
 /// The only relay drains and comes back on the same address: agent and connector are back (a
 /// flow goes through) within 2 s of its return, whenever it returns. Polling a drained relay
 /// starts an attempt every 0.5-1 s; when an unanswered attempt ran into the 3 s handshake
@@ -494,21 +513,7 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
             .expect("drained")
             .expect("task");
         tokio::time::sleep(Duration::from_millis(down)).await;
-        let mut restarted = None;
-        for _ in 0..50 {
-            match ztna_intermediate::Intermediate::bind(intermediate_config(
-                &pki,
-                addr,
-                open_policy(&["web"]),
-            )) {
-                Ok(im) => {
-                    restarted = Some(im);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        let im2 = restarted.expect("rebind the relay's address");
+        let im2 = rebind(&pki, addr, &["web"]).await;
         stop = ztna_node::CancellationToken::new();
         task = tokio::spawn(im2.run(stop.clone()));
         let t_back = Instant::now();
@@ -583,21 +588,7 @@ async fn flows_opened_while_the_lone_relay_restarts_wait_for_it() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut restarted = None;
-    for _ in 0..50 {
-        match ztna_intermediate::Intermediate::bind(intermediate_config(
-            &pki,
-            addr,
-            open_policy(&["web"]),
-        )) {
-            Ok(im) => {
-                restarted = Some(im);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let im2 = restarted.expect("rebind the relay's address");
+    let im2 = rebind(&pki, addr, &["web"]).await;
     let stop = ztna_node::CancellationToken::new();
     let task = tokio::spawn(im2.run(stop.clone()));
     let t_back = t_gone.elapsed();

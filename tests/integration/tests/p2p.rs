@@ -54,6 +54,37 @@ fn direct_connections(c: &ConnectorHandle) -> f64 {
     )
 }
 
+/// A policy rule: `agents` may reach `service` at any connector.
+fn reach(service: &str, agents: &[&str]) -> PolicyRule {
+    PolicyRule {
+        service: service.into(),
+        connectors: vec![format!("spiffe://{TD}/connector/*")],
+        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
+    }
+}
+
+/// An intermediate in this process that a test can reload: its address, handle, stop token and
+/// task.
+fn reloadable_intermediate(
+    cfg: ztna_intermediate::Config,
+) -> (
+    std::net::SocketAddr,
+    ztna_intermediate::Handle,
+    ztna_node::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let im = ztna_intermediate::Intermediate::bind(cfg).expect("bind intermediate");
+    let (addr, handle) = (im.local_addr().expect("addr"), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = im.run(stop).await;
+        }
+    });
+    (addr, handle, stop, task)
+}
+
 /// The first flow goes via the relay (and asks for a direct path); once the path is up, new
 /// flows go direct: the relay carries none of their bytes. Every outcome is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,20 +293,12 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
-    let rule = |service: &str, agents: &[&str]| PolicyRule {
-        service: service.into(),
-        connectors: vec![format!("spiffe://{TD}/connector/*")],
-        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
-    };
     let base = intermediate_config(
         &pki,
         loopback0(),
-        vec![rule("web", &["alice"]), rule("db", &["alice"])],
+        vec![reach("web", &["alice"]), reach("db", &["alice"])],
     );
-    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
-    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
-    let stop = ztna_node::CancellationToken::new();
-    let task = tokio::spawn(im.run(stop.clone()));
+    let (addr, handle, stop, task) = reloadable_intermediate(base.clone());
     let mut c = start_connector(
         &pki,
         "web-1",
@@ -292,7 +315,7 @@ async fn a_refused_ticket_refresh_takes_only_that_service_off_the_shared_path() 
         "web and db never both went direct"
     );
     let mut cfg = base.clone();
-    cfg.policy = vec![rule("web", &["alice"])];
+    cfg.policy = vec![reach("web", &["alice"])];
     handle.reload(cfg).expect("reload");
     let t0 = Instant::now();
     // The first refresh comes 30 s after the path came up.
@@ -1135,10 +1158,7 @@ async fn direct_paths_come_up_after_the_intermediate_reloads_a_new_key() {
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
     let cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
-    let im = ztna_intermediate::Intermediate::bind(cfg.clone()).unwrap();
-    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
-    let stop = ztna_node::CancellationToken::new();
-    let task = tokio::spawn(im.run(stop.clone()));
+    let (addr, handle, stop, task) = reloadable_intermediate(cfg.clone());
     let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
     c.wait_registered(1).await;
     // A new certificate and key for the same identity, in place, then a reload.
@@ -1184,16 +1204,8 @@ async fn a_direct_path_left_without_a_service_is_closed_with_its_flows() {
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
-    let rule = |agents: &[&str]| PolicyRule {
-        service: "web".into(),
-        connectors: vec![format!("spiffe://{TD}/connector/*")],
-        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
-    };
-    let base = intermediate_config(&pki, loopback0(), vec![rule(&["alice"])]);
-    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
-    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
-    let stop = ztna_node::CancellationToken::new();
-    let task = tokio::spawn(im.run(stop.clone()));
+    let base = intermediate_config(&pki, loopback0(), vec![reach("web", &["alice"])]);
+    let (addr, handle, stop, task) = reloadable_intermediate(base.clone());
     let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
     c.wait_registered(1).await;
     let mut a = start_agent_with(
@@ -1218,7 +1230,7 @@ async fn a_direct_path_left_without_a_service_is_closed_with_its_flows() {
         "the held flow did not go direct"
     );
     let mut cfg = base.clone();
-    cfg.policy = vec![rule(&["bob"])];
+    cfg.policy = vec![reach("web", &["bob"])];
     handle.reload(cfg).expect("reload");
     let t0 = Instant::now();
     assert!(
