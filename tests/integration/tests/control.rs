@@ -459,6 +459,37 @@ async fn a_service_only_on_a_draining_relay_is_still_served_without_flapping() {
     ra.daemon.shutdown().await;
 }
 
+/// One relay on a fixed address, a connector serving `web` (an echo) and an agent forwarding it,
+/// a flow already through.
+struct LoneRelay {
+    addr: std::net::SocketAddr,
+    im: IntermediateHandle,
+    c: ConnectorHandle,
+    a: AgentHandle,
+    port: std::net::SocketAddr,
+    _echo: tokio::task::JoinHandle<()>,
+}
+
+async fn lone_relay(pki: &Pki) -> LoneRelay {
+    let (echo, _echo) = tcp_echo().await;
+    let addr = free_udp_port();
+    let im = start_intermediate_with(intermediate_config(pki, addr, open_policy(&["web"])));
+    let mut c = start_connector(pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(port, b"before").await.unwrap(), b"before");
+    LoneRelay {
+        addr,
+        im,
+        c,
+        a,
+        port,
+        _echo,
+    }
+}
+
 /// A relay restarted on `addr` (the old one's socket may take a moment to go).
 async fn rebind(
     pki: &Pki,
@@ -487,15 +518,14 @@ async fn rebind(
 async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
     logs();
     let pki = Pki::new();
-    let (echo, _e) = tcp_echo().await;
-    let addr = free_udp_port();
-    let im = start_intermediate_with(intermediate_config(&pki, addr, open_policy(&["web"])));
-    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", ServiceState::Available).await;
-    let port = a.port("web", Protocol::Tcp);
-    assert_eq!(tcp_roundtrip(port, b"before").await.unwrap(), b"before");
+    let LoneRelay {
+        addr,
+        im,
+        c,
+        a,
+        port,
+        _echo,
+    } = lone_relay(&pki).await;
     let (mut stop, mut task) = (im.daemon.stop.clone(), im.daemon.task);
     let reconnects = |c: &ConnectorHandle| {
         metric(
@@ -560,15 +590,14 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
 async fn flows_opened_while_the_lone_relay_restarts_wait_for_it() {
     logs();
     let pki = Pki::new();
-    let (echo, _e) = tcp_echo().await;
-    let addr = free_udp_port();
-    let im = start_intermediate_with(intermediate_config(&pki, addr, open_policy(&["web"])));
-    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
-    a.wait_status("web", ServiceState::Available).await;
-    let port = a.port("web", Protocol::Tcp);
-    assert_eq!(tcp_roundtrip(port, b"before").await.unwrap(), b"before");
+    let LoneRelay {
+        addr,
+        im,
+        c,
+        a,
+        port,
+        _echo,
+    } = lone_relay(&pki).await;
     let (stop, task) = (im.daemon.stop.clone(), im.daemon.task);
     stop.cancel();
     tokio::time::timeout(T, task)
