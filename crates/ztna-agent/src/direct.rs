@@ -243,11 +243,13 @@ pub(crate) fn want(shared: &Arc<Shared>, service: &str) {
     let mut paths = lock(&shared.direct.paths);
     let backoff = match paths.remove(service) {
         None => Reconnect::new(policy()),
-        Some(PathState::Up(p)) if p.live() => {
+        // Up, or just died: its `keep` task owns the state and moves it to a backoff when it
+        // sees the path end (at once). Starting an attempt here too would race it: two attempts,
+        // two `keep`s, each overwriting the other's state.
+        Some(PathState::Up(p)) => {
             paths.insert(service.to_string(), PathState::Up(p));
             return;
         }
-        Some(PathState::Up(_)) => Reconnect::new(policy()),
         Some(PathState::Trying) => {
             paths.insert(service.to_string(), PathState::Trying);
             return;
