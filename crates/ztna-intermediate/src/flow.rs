@@ -132,6 +132,20 @@ async fn open_and_relay(
         Protocol::Udp => Kind::Udp,
     };
     let mut guard = shared.flows.register(meta, kind);
+    // The policy was checked before the open, which can take seconds at the connector; a reload
+    // in between cancels only the flows already in the table. Checked again now that this one is
+    // (a reload writes the policy before it cancels), so a revocation cannot slip past.
+    let policy = shared.policy();
+    if !policy.may_reach(&service, &agent.id_str) || !policy.may_serve(&service, &connector.id_str)
+    {
+        drop(guard);
+        let _ = c_send.reset(VarInt::from_u32(codes::REVOKED));
+        let why = format!(
+            "policy no longer allows {} to reach {service} via {}",
+            agent.id, connector.id
+        );
+        return reject(send, RejectReason::Denied, why).await;
+    }
     guard.count_in(m.flows_active.with_label_values(&[protocol.as_str()]));
     let _loads = (agent.load_guard(), connector.load_guard());
     // A UDP flow's routes exist before the agent hears Accept: its first datagram follows the

@@ -126,7 +126,10 @@ impl Intermediate {
                 .service_connectors
                 .with_label_values(&[&rule.service]);
         }
-        let registry = Registry::new(metrics.service_connectors.clone());
+        let registry = Registry::new(
+            metrics.service_connectors.clone(),
+            config.policy.iter().map(|r| r.service.clone()),
+        );
         let policy = Arc::new(Policy::new(config.policy.clone()));
         let health = Health::new(config.idle_timeout.max(Duration::from_secs(5)));
         let limits = limits::Limits::new(&config);

@@ -5,7 +5,7 @@
 //! offer in both directions: a registration the new policy forbids is removed, and one it now
 //! allows (refused earlier) comes into service without the connector having to reconnect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -175,20 +175,48 @@ pub struct Change {
     pub allowed: bool,
 }
 
+/// Services one connector connection may offer (each offer is kept, denied ones too, for a
+/// later reload to allow): a connector cannot grow the registry without bound.
+pub const MAX_OFFERS_PER_CONNECTION: usize = ztna_proto::MAX_LIST_LEN;
+
 /// service → offers. Every change bumps a version watched by agent sessions.
 pub struct Registry {
     services: Mutex<HashMap<String, Vec<Offer>>>,
     changed: watch::Sender<u64>,
     gauge: prometheus::IntGaugeVec,
+    /// Services with a `service_connectors` series: the policy's (shown at 0 until a connector
+    /// comes) and any that had an allowed connector. Offers the policy denies add none, so the
+    /// metric's labels stay as few as the policy's services.
+    shown: Mutex<HashSet<String>>,
 }
 
 impl Registry {
-    pub fn new(gauge: prometheus::IntGaugeVec) -> Registry {
+    /// `shown`: the services of the policy, whose series exist from the start.
+    pub fn new(
+        gauge: prometheus::IntGaugeVec,
+        shown: impl IntoIterator<Item = String>,
+    ) -> Registry {
         Registry {
             services: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(0),
             gauge,
+            shown: Mutex::new(shown.into_iter().collect()),
         }
+    }
+
+    /// Services `conn_id` offers now.
+    pub fn offers_of(&self, conn_id: u64) -> usize {
+        lock(&self.services)
+            .values()
+            .filter(|offers| offers.iter().any(|o| o.peer.conn_id == conn_id))
+            .count()
+    }
+
+    /// Whether `conn_id` offers `service` now.
+    pub fn offers(&self, service: &str, conn_id: u64) -> bool {
+        lock(&self.services)
+            .get(service)
+            .is_some_and(|offers| offers.iter().any(|o| o.peer.conn_id == conn_id))
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -202,15 +230,24 @@ impl Registry {
 
     fn set_gauge(&self, service: &str, offers: &[Offer]) {
         let n = offers.iter().filter(|o| o.allowed).count();
+        let mut shown = lock(&self.shown);
+        if n > 0 {
+            shown.insert(service.to_string());
+        } else if !shown.contains(service) {
+            return;
+        }
         self.gauge.with_label_values(&[service]).set(n as i64);
     }
 
     /// Records a connector's offer (replacing an earlier one of the same connection) and whether
     /// the policy allows it.
     pub fn offer(&self, service: &str, peer: &Arc<Peer>, tcp: bool, udp: bool, allowed: bool) {
-        {
+        let was_allowed = {
             let mut s = lock(&self.services);
             let offers = s.entry(service.to_string()).or_default();
+            let was_allowed = offers
+                .iter()
+                .any(|o| o.peer.conn_id == peer.conn_id && o.allowed);
             offers.retain(|o| o.peer.conn_id != peer.conn_id);
             offers.push(Offer {
                 peer: peer.clone(),
@@ -219,8 +256,12 @@ impl Registry {
                 allowed,
             });
             self.set_gauge(service, offers);
+            was_allowed
+        };
+        // A denied offer changes no agent's view: no need to wake every agent session.
+        if allowed || was_allowed {
+            self.bump();
         }
-        self.bump();
     }
 
     /// Withdraws a connection's offer of `service`; true if it was serving it.

@@ -165,6 +165,13 @@ pub(crate) async fn run(
         Role::Agent => agent(&shared, &peer, send, recv, rx, watch).await,
         _ => connector(&shared, &peer, send, recv, rx).await,
     };
+    // The session is what authorizes the connection (certificate expiry, CA reloads and the
+    // per-identity limit all work on sessions): it never outlives it. Ended from the peer's side
+    // (its control stream reset, say) the connection would otherwise stay up for as long as a
+    // flow holds it, unlimited and unwatched.
+    if conn.close_reason().is_none() {
+        close(&conn, codes::PROTOCOL, &format!("session ended: {why}"));
+    }
     gauge.dec();
     ztna_node::lock(&shared.peers).remove(&conn_id);
     let gone = shared.registry.remove_peer(conn_id);
@@ -212,7 +219,9 @@ fn protocol_error(conn: &quinn::Connection, what: &str, e: &StreamError) -> Stri
         close(conn, codes::PROTOCOL, &format!("{what}: {e}"));
         format!("protocol violation on {what}: {e}")
     } else {
-        lost(conn)
+        conn.close_reason()
+            .map(|e| describe_connection_error(&e))
+            .unwrap_or_else(|| format!("{what} ended: {e}"))
     }
 }
 
@@ -471,6 +480,18 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 debug!("connector closed its control stream");
                 close(&peer.conn, codes::OK, "control stream closed");
                 return "connector closed its control stream".to_string();
+            }
+            Ok(Some(ClientMsg::Register { service, .. }))
+                if !shared.registry.offers(&service, peer.conn_id)
+                    && shared.registry.offers_of(peer.conn_id)
+                        >= crate::registry::MAX_OFFERS_PER_CONNECTION =>
+            {
+                let reason = format!(
+                    "a connection may offer at most {} services",
+                    crate::registry::MAX_OFFERS_PER_CONNECTION
+                );
+                ztna_node::warn_limited!(LIMIT_LOG_EVERY, %service, "registration refused: {reason}");
+                ServerMsg::RegisterRejected { service, reason }
             }
             Ok(Some(ClientMsg::Register { service, tcp, udp })) => {
                 let allowed = shared.policy().may_serve(&service, &peer.id_str);

@@ -150,6 +150,65 @@ async fn a_policy_reload_ends_the_open_flows_it_no_longer_allows() {
     let _ = tokio::time::timeout(T, task).await;
 }
 
+/// A flow whose open is still under way at the connector (its backend's name takes 1.5 s to
+/// resolve) when a reload revokes the agent's access is refused, not accepted after the reload
+/// under the old policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_still_opening_when_a_reload_revokes_it_is_refused() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let rule = |agents: &[&str]| PolicyRule {
+        service: "web".into(),
+        connectors: vec![format!("spiffe://{TD}/connector/*")],
+        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
+    };
+    let base = intermediate_config(&pki, loopback0(), vec![rule(&["alice"])]);
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let slow = ztna_connector::Resolver::with_lookup(|_, port| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+        })
+    })
+    .with_ttl(Duration::ZERO, Duration::ZERO);
+    let backend = format!("slow.test:{}", echo.port());
+    let mut c = start_connector_resolving(
+        &pki,
+        "web-1",
+        &[addr],
+        &[("web", Some(backend.as_str()), None)],
+        slow,
+    );
+    c.wait_registered(1).await;
+    let mut alice = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    alice.wait_status("web", ServiceState::Available).await;
+    let port = alice.port("web", Protocol::Tcp);
+    let t0 = Instant::now();
+    let opening = tokio::spawn(async move { tcp_roundtrip(port, b"late").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut cfg = base.clone();
+    cfg.policy = vec![rule(&["bob"])];
+    handle.reload(cfg).expect("reload");
+    let r = opening.await.unwrap();
+    println!(
+        "MEASURED flow opening across a revoking reload: {:?} after {:?}",
+        r.as_ref().map(|b| String::from_utf8_lossy(b).to_string()),
+        t0.elapsed()
+    );
+    assert!(
+        r.is_err(),
+        "the flow was accepted after the reload revoked it"
+    );
+    alice.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
+
 /// A reload to a new CA disconnects the peers authenticated under the old one (they are told
 /// why), while peers with certificates from the new CA connect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,5 +313,147 @@ async fn a_connector_with_a_dead_backend_is_routed_around() {
     a.daemon.shutdown().await;
     broken.daemon.shutdown().await;
     good.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// The session authorizes the connection (certificate expiry, CA reloads and the per-identity
+/// connection limit all watch sessions): a peer that ends its session from its side, by
+/// resetting its control stream, loses the connection and the flows on it, instead of keeping
+/// them unwatched while it opens more connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_resets_its_control_stream_loses_the_connection_and_its_flows() {
+    use ztna_integration::hostile::{self, open_flow, tcp_open, Creds, FlowOutcome};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let creds = Creds {
+        tls: pki.issue("agent", "alice"),
+        role: ztna_proto::Role::Agent,
+    };
+    let ep = hostile::client_endpoint(im.addr).unwrap();
+    let mut session = hostile::session(
+        &ep,
+        &creds.client_config().unwrap(),
+        im.addr,
+        ztna_proto::Role::Agent,
+        vec!["web".into()],
+        T,
+    )
+    .await
+    .expect("session");
+    let (mut send, recv) = match open_flow(&session.conn, &tcp_open("web"), false, T).await {
+        FlowOutcome::Accepted(s, r) => (s, r),
+        other => panic!("flow: {}", other.label()),
+    };
+    let (mut recv, _) = recv.into_parts();
+    send.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    recv.read_exact(&mut got).await.unwrap();
+    let agents = || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_connections",
+            &[("role", "agent")],
+        )
+    };
+    assert_eq!(agents(), 1.0);
+    let t0 = Instant::now();
+    session
+        .control_send
+        .reset(quinn::VarInt::from_u32(0))
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(3), session.conn.closed())
+        .await
+        .expect("the connection outlived its session");
+    println!(
+        "MEASURED control stream reset: connection closed after {:?}: {why}",
+        t0.elapsed()
+    );
+    assert!(why.to_string().contains("session ended"), "{why}");
+    let mut buf = [0u8; 16];
+    assert!(
+        !matches!(recv.read(&mut buf).await, Ok(Some(_))),
+        "the flow carried on"
+    );
+    assert_eq!(agents(), 0.0);
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// A connector cannot grow the intermediate's registry or its metrics without bound: offers the
+/// policy denies add no `service_connectors` series, and one connection may offer at most 256
+/// services; beyond that each registration is refused with the reason. Its permitted service
+/// stays registered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_cannot_grow_the_registry_or_the_metrics_without_bound() {
+    use ztna_integration::hostile::{self, Creds};
+    use ztna_node::io::write_frame;
+    use ztna_proto::{ClientMsg, ServerMsg};
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let creds = Creds {
+        tls: pki.issue("connector", "greedy"),
+        role: ztna_proto::Role::Connector,
+    };
+    let ep = hostile::client_endpoint(im.addr).unwrap();
+    let mut s = hostile::session(
+        &ep,
+        &creds.client_config().unwrap(),
+        im.addr,
+        ztna_proto::Role::Connector,
+        vec![],
+        T,
+    )
+    .await
+    .expect("session");
+    let register = |service: String| ClientMsg::Register {
+        service,
+        tcp: true,
+        udp: false,
+    };
+    write_frame(&mut s.control_send, &register("web".into()))
+        .await
+        .unwrap();
+    let (mut denied, mut capped) = (0, 0);
+    let mut last_capped = String::new();
+    for i in 0..300 {
+        write_frame(&mut s.control_send, &register(format!("junk-{i}")))
+            .await
+            .unwrap();
+    }
+    let mut registered = false;
+    while denied + capped < 300 {
+        match s.control_recv.expect::<ServerMsg>(T).await.expect("answer") {
+            ServerMsg::Registered { service } if service == "web" => registered = true,
+            ServerMsg::RegisterRejected { reason, .. } if reason.contains("at most") => {
+                capped += 1;
+                last_capped = reason;
+            }
+            ServerMsg::RegisterRejected { .. } => denied += 1,
+            _ => {}
+        }
+    }
+    println!("MEASURED 300 unpermitted offers: {denied} denied by policy, {capped} over the cap ({last_capped})");
+    assert!(registered, "web was not registered");
+    assert_eq!((denied, capped), (255, 45), "web takes one of the 256");
+    let text = im.daemon.metrics.common.render();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("ztna_intermediate_service_connectors{"))
+        .count();
+    assert_eq!(series, 1, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")]
+        ),
+        1.0
+    );
+    assert!(s.conn.close_reason().is_none(), "the connector was dropped");
     im.daemon.shutdown().await;
 }
