@@ -218,6 +218,7 @@ async fn wait_for_slot(
 async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, _in_progress: InProgress) {
     let remote = ztna_node::transport::canonical(incoming.remote_address());
     let handshakes = &shared.metrics.handshakes;
+    let reloads = shared.reloads.load(Ordering::SeqCst);
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await })
         .await
     {
@@ -252,7 +253,9 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, _in_progress:
     drop(_in_progress);
     let chain = peer_chain(&conn);
     let span = info_span!("peer", peer = %id, addr = %remote);
-    session::run(shared, conn, id, chain).instrument(span).await;
+    session::run(shared, conn, id, chain, reloads)
+        .instrument(span)
+        .await;
 }
 
 #[cfg(test)]

@@ -149,6 +149,7 @@ impl Intermediate {
                 draining: watch::Sender::new(false),
                 peers: Mutex::new(HashMap::new()),
                 next_conn_id: AtomicU64::new(1),
+                reloads: AtomicU64::new(0),
                 handshakes_pending: accept::Pending::new(),
                 direct: direct::Broker::default(),
             }),

@@ -48,6 +48,10 @@ pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
     let me = identity.id.to_string();
     let expiry = identity.expiry_unix();
     *shared.identity.write().unwrap_or_else(|p| p.into_inner()) = identity.clone();
+    // Before the walk below: a session not yet in `peers` sees this and checks itself.
+    shared
+        .reloads
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 
     // Peers the new CA does not accept.
     let peers: Vec<_> = ztna_node::lock(&shared.peers).values().cloned().collect();

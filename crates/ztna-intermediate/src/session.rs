@@ -42,11 +42,14 @@ fn lost(conn: &quinn::Connection) -> String {
         .unwrap_or_else(|| "connection lost".to_string())
 }
 
+/// Runs a peer's session. `reloads`: [`Shared::reloads`] when its handshake began (under the CA
+/// in force then).
 pub(crate) async fn run(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     id: SpiffeId,
     chain: Vec<ztna_node::CertificateDer<'static>>,
+    reloads: u64,
 ) {
     let (mut send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
@@ -150,6 +153,28 @@ pub(crate) async fn run(
     // the session.
     drop(chain);
     ztna_node::lock(&shared.peers).insert(conn_id, peer.clone());
+    // A reload between its handshake and now did not see it in `peers`: check it here against
+    // the CA now in force (after the insert, so a later reload's walk sees it instead).
+    if shared.reloads.load(Ordering::SeqCst) != reloads {
+        if let Err(why) = shared
+            .identity()
+            .verify_client_chain(&peer.chain(), &[role])
+        {
+            warn!(%why, "certificate no longer accepted after a reload during its handshake, disconnecting");
+            shared
+                .metrics
+                .revocations
+                .with_label_values(&["ca_changed"])
+                .inc();
+            close(
+                &conn,
+                codes::REVOKED,
+                &format!("certificate no longer accepted: {why}"),
+            );
+            ztna_node::lock(&shared.peers).remove(&conn_id);
+            return;
+        }
+    }
     // Its handshake RTT now; then every few seconds with all peers (`status_loop`).
     shared
         .metrics

@@ -39,6 +39,9 @@ pub(crate) struct Shared {
     /// Every established session, by connection id (for reload re-verification).
     pub peers: Mutex<HashMap<u64, Arc<Peer>>>,
     pub next_conn_id: AtomicU64,
+    /// Reloads of the identity and CA so far: a session that began before one re-checks its
+    /// peer's chain (the reload's walk over `peers` may have missed it).
+    pub reloads: AtomicU64,
     /// Direct-path offers waiting for connectors' answers.
     pub direct: crate::direct::Broker,
     /// QUIC handshakes in progress (flood defence).

@@ -457,3 +457,46 @@ async fn a_connector_cannot_grow_the_registry_or_the_metrics_without_bound() {
     assert!(s.conn.close_reason().is_none(), "the connector was dropped");
     im.daemon.shutdown().await;
 }
+
+/// A peer whose handshake completed under the old CA but whose Hello comes after a reload to a
+/// new CA is not admitted on the strength of that handshake: it is disconnected like the peers
+/// the reload found connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_between_its_handshake_and_hello_during_a_ca_reload_is_disconnected() {
+    use ztna_integration::hostile::{self, Creds};
+    logs();
+    let (old, new) = (Pki::new(), Pki::new());
+    let base = intermediate_config(&old, loopback0(), open_policy(&["web"]));
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let creds = Creds {
+        tls: old.issue("agent", "alice"),
+        role: ztna_proto::Role::Agent,
+    };
+    let ep = hostile::client_endpoint(addr).unwrap();
+    let conn = ep
+        .connect_with(creds.client_config().unwrap(), addr, "ztna-intermediate")
+        .unwrap()
+        .await
+        .expect("handshake under the old CA");
+    let mut cfg = base.clone();
+    cfg.tls = new.issue("intermediate", "relay");
+    handle.reload(cfg).expect("reload");
+    let hello =
+        ztna_node::client::hello(&conn, ztna_proto::Role::Agent, "test".into(), vec![], T).await;
+    let why = tokio::time::timeout(Duration::from_secs(3), conn.closed())
+        .await
+        .expect("admitted after the reload on its old-CA handshake");
+    println!(
+        "MEASURED Hello after the CA reload: hello {:?}; closed: {why}",
+        hello.as_ref().map(|_| "welcomed")
+    );
+    assert!(
+        why.to_string().contains("certificate no longer accepted"),
+        "{why}"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
