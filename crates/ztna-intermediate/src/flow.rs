@@ -104,7 +104,8 @@ async fn open_and_relay(
         let why = format!("UDP flow id {flow_id} is already in use on this connection");
         return reject(send, RejectReason::BadRequest, why).await;
     }
-    let opened = match open_at_connector(shared, &agent.id_str, &service, protocol).await {
+    let opened = match open_at_connector(shared, &agent.id_str, &service, protocol, &mut slot).await
+    {
         Ok(o) => o,
         Err((reason, why)) => return reject(send, reason, why).await,
     };
@@ -114,12 +115,6 @@ async fn open_and_relay(
         send: mut c_send,
         recv: c_recv,
     } = opened;
-    if let Err(limit) = shared.limits.assign_connector(&mut slot, connector.conn_id) {
-        m.limit_rejections.with_label_values(&[limit.label()]).inc();
-        let _ = c_send.reset(VarInt::from_u32(codes::LIMIT));
-        let why = format!("the connector is at its flow limit ({})", limit.key());
-        return reject(send, RejectReason::Limit, why).await;
-    }
     // In the flow table (revocation, drain) and counted before the agent hears Accept: from
     // then on data can flow, and the least-loaded choice and the gauges must already see it.
     let meta = FlowMeta {
@@ -226,20 +221,34 @@ struct Opened {
     recv: FramedRecv,
 }
 
-/// Opens the flow at the best connector that takes it. A connector that refuses (its backend is
-/// down, it is at a limit), is busy or does not answer is demoted for a while and the next one is
-/// tried; only when none takes the flow is it rejected, with the last reason heard.
+/// Opens the flow at the best connector that takes it. One already at `max_flows_per_connector`
+/// here is skipped before anything is asked of it (the flow is counted against the connector it
+/// is tried at, in `slot`). A connector that refuses (its backend is down, it is at a limit), is
+/// busy or does not answer is demoted for a while and the next one is tried; only when none
+/// takes the flow is it rejected, with the last reason heard.
 async fn open_at_connector(
     shared: &Shared,
     agent: &str,
     service: &str,
     protocol: Protocol,
+    slot: &mut crate::limits::FlowSlot,
 ) -> Result<Opened, (RejectReason, String)> {
     let deadline = Instant::now() + OPEN_DEADLINE;
     let mut last: Option<(RejectReason, String)> = None;
+    // `last` is our own per-connector limit (not something a connector said).
+    let mut limited_here = false;
     for c in shared.registry.candidates(service, protocol) {
         if Instant::now() >= deadline {
             break;
+        }
+        if let Err(limit) = shared.limits.assign_connector(slot, c.conn_id) {
+            debug!(connector = %c.id, "connector at its flow limit here, trying the next one");
+            last = Some((
+                RejectReason::Limit,
+                format!("the connector is at its flow limit ({})", limit.key()),
+            ));
+            limited_here = true;
+            continue;
         }
         let c_flow_id = if protocol == Protocol::Udp {
             c.alloc_flow_id()
@@ -260,6 +269,7 @@ async fn open_at_connector(
                 c.health.failed();
                 debug!(connector = %c.id, reason = reason.as_str(), why = %message, "connector refused the flow, trying the next one");
                 last = Some((reason, message));
+                limited_here = false;
             }
             Err(e) => {
                 c.health.failed();
@@ -268,6 +278,15 @@ async fn open_at_connector(
         }
     }
     if let Some(last) = last {
+        if limited_here {
+            // Counted once per flow refused for it (a flow that found room at another connector
+            // was not refused).
+            shared
+                .metrics
+                .limit_rejections
+                .with_label_values(&[crate::limits::Limit::FlowsPerConnector.label()])
+                .inc();
+        }
         return Err(last);
     }
     if shared.is_draining() {

@@ -500,3 +500,57 @@ async fn a_peer_between_its_handshake_and_hello_during_a_ca_reload_is_disconnect
     stop.cancel();
     let _ = tokio::time::timeout(T, task).await;
 }
+
+/// A connector already at `max_flows_per_connector` here is not asked to open a flow it would
+/// then have to give up: its backend sees no connection for it, and the flow is refused as a
+/// limit, counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_at_its_flow_limit_here_is_not_asked_to_open_more() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    logs();
+    let pki = Pki::new();
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.max_flows_per_connector = 1;
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(backend), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let held = held_flow(port).await;
+    assert!(
+        tcp_roundtrip(port, b"more").await.is_err(),
+        "a second flow through a connector at its limit"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let limited = metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_limit_rejections_total",
+        &[("limit", "flows_per_connector")],
+    );
+    let at_backend = accepted.load(Ordering::SeqCst);
+    println!("MEASURED flow beyond max_flows_per_connector: backend connections {at_backend} (1 held), counted {limited}");
+    assert_eq!(
+        at_backend, 1,
+        "the connector opened a backend connection for a flow it could not keep"
+    );
+    assert_eq!(limited, 1.0);
+    drop(held);
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
