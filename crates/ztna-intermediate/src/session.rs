@@ -51,6 +51,28 @@ pub(crate) async fn run(
     chain: Vec<ztna_node::CertificateDer<'static>>,
     reloads: u64,
 ) {
+    // Counted from the handshake on, not from Hello: a peer cannot hold more connections than
+    // its identity may have by not saying Hello (each could buffer a connection window of
+    // unaccepted streams meanwhile).
+    let id_str: Arc<str> = Arc::from(id.to_string());
+    let _conn_slot = match shared.limits.admit_connection(&id_str) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            shared
+                .metrics
+                .limit_rejections
+                .with_label_values(&[limit.label()])
+                .inc();
+            let reason = format!(
+                "this identity already holds {} connections ({})",
+                shared.config.max_connections_per_identity,
+                limit.key()
+            );
+            ztna_node::warn_limited!(LIMIT_LOG_EVERY, %reason, "refusing peer");
+            close(&conn, codes::LIMIT, &reason);
+            return;
+        }
+    };
     let (mut send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -112,25 +134,6 @@ pub(crate) async fn run(
         refuse(&conn, &mut send, codes::UNAUTHORIZED, &reason).await;
         return;
     }
-    let id_str: Arc<str> = Arc::from(id.to_string());
-    let _conn_slot = match shared.limits.admit_connection(&id_str) {
-        Ok(slot) => slot,
-        Err(limit) => {
-            shared
-                .metrics
-                .limit_rejections
-                .with_label_values(&[limit.label()])
-                .inc();
-            let reason = format!(
-                "this identity already holds {} connections ({})",
-                shared.config.max_connections_per_identity,
-                limit.key()
-            );
-            ztna_node::warn_limited!(LIMIT_LOG_EVERY, %reason, "refusing peer");
-            refuse(&conn, &mut send, codes::LIMIT, &reason).await;
-            return;
-        }
-    };
     let welcome = ServerMsg::Welcome {
         version: PROTOCOL_REVISION,
         identity: id.to_string(),

@@ -554,3 +554,42 @@ async fn a_connector_at_its_flow_limit_here_is_not_asked_to_open_more() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// The per-identity connection limit counts connections from their handshake, not from Hello:
+/// connections that never say Hello cannot pile up past it (each could buffer a connection
+/// window of unaccepted streams while the intermediate waits for its Hello).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_say_hello_count_against_the_identity_limit() {
+    use ztna_integration::hostile::{self, Creds};
+    logs();
+    let pki = Pki::new();
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.max_connections_per_identity = 2;
+    let im = start_intermediate_with(cfg);
+    let creds = Creds {
+        tls: pki.issue("agent", "mallory"),
+        role: ztna_proto::Role::Agent,
+    };
+    let client = creds.client_config().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let ep = hostile::client_endpoint(im.addr).unwrap();
+        let conn = ep
+            .connect_with(client.clone(), im.addr, "ztna-intermediate")
+            .unwrap()
+            .await
+            .expect("handshake");
+        conns.push((ep, conn));
+    }
+    let third = &conns[2].1;
+    let why = tokio::time::timeout(Duration::from_secs(3), third.closed())
+        .await
+        .expect("a third Hello-less connection of the identity stayed open");
+    println!("MEASURED third connection without Hello: {why}");
+    assert!(
+        why.to_string().contains("already holds 2 connections"),
+        "{why}"
+    );
+    assert!(conns[0].1.close_reason().is_none() && conns[1].1.close_reason().is_none());
+    im.daemon.shutdown().await;
+}
