@@ -937,3 +937,56 @@ pub async fn wait_ready(ops: SocketAddr, limit: Duration) -> bool {
     }
     false
 }
+
+/// A policy rule: `agents` may reach `service` at any connector.
+pub fn reach(service: &str, agents: &[&str]) -> PolicyRule {
+    PolicyRule {
+        service: service.into(),
+        connectors: vec![format!("spiffe://{TD}/connector/*")],
+        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
+    }
+}
+
+/// An intermediate in this process that a test can reload: its address, handle, stop token and
+/// task.
+pub fn reloadable_intermediate(
+    cfg: ztna_intermediate::Config,
+) -> (
+    std::net::SocketAddr,
+    ztna_intermediate::Handle,
+    ztna_node::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let im = ztna_intermediate::Intermediate::bind(cfg).expect("bind intermediate");
+    let (addr, handle) = (im.local_addr().expect("addr"), im.handle());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = im.run(stop).await;
+        }
+    });
+    (addr, handle, stop, task)
+}
+
+/// A TCP backend that counts the connections it accepts (none may come from a refused ticket).
+pub async fn counting_echo() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n2 = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, n)
+}

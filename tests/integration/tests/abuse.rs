@@ -158,16 +158,8 @@ async fn a_flow_still_opening_when_a_reload_revokes_it_is_refused() {
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
-    let rule = |agents: &[&str]| PolicyRule {
-        service: "web".into(),
-        connectors: vec![format!("spiffe://{TD}/connector/*")],
-        agents: agents.iter().map(|a| Pki::id("agent", a)).collect(),
-    };
-    let base = intermediate_config(&pki, loopback0(), vec![rule(&["alice"])]);
-    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
-    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
-    let stop = ztna_node::CancellationToken::new();
-    let task = tokio::spawn(im.run(stop.clone()));
+    let base = intermediate_config(&pki, loopback0(), vec![reach("web", &["alice"])]);
+    let (addr, handle, stop, task) = reloadable_intermediate(base.clone());
     let slow = ztna_connector::Resolver::with_lookup(|_, port| {
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -191,7 +183,7 @@ async fn a_flow_still_opening_when_a_reload_revokes_it_is_refused() {
     let opening = tokio::spawn(async move { tcp_roundtrip(port, b"late").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut cfg = base.clone();
-    cfg.policy = vec![rule(&["bob"])];
+    cfg.policy = vec![reach("web", &["bob"])];
     handle.reload(cfg).expect("reload");
     let r = opening.await.unwrap();
     println!(
@@ -467,10 +459,7 @@ async fn a_peer_between_its_handshake_and_hello_during_a_ca_reload_is_disconnect
     logs();
     let (old, new) = (Pki::new(), Pki::new());
     let base = intermediate_config(&old, loopback0(), open_policy(&["web"]));
-    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
-    let (addr, handle) = (im.local_addr().unwrap(), im.handle());
-    let stop = ztna_node::CancellationToken::new();
-    let task = tokio::spawn(im.run(stop.clone()));
+    let (addr, handle, stop, task) = reloadable_intermediate(base.clone());
     let creds = Creds {
         tls: old.issue("agent", "alice"),
         role: ztna_proto::Role::Agent,
@@ -506,23 +495,10 @@ async fn a_peer_between_its_handshake_and_hello_during_a_ca_reload_is_disconnect
 /// limit, counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_at_its_flow_limit_here_is_not_asked_to_open_more() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     logs();
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let backend = l.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let (backend, accepted) = counting_echo().await;
     let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
     cfg.max_flows_per_connector = 1;
     let im = start_intermediate_with(cfg);
