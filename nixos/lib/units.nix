@@ -12,10 +12,12 @@
 #     bindsPrivilegedPort = false;         # true: CAP_NET_BIND_SERVICE (listen port < 1024)
 #     limitNOFILE = 65536;                 # open files: one UDP socket per connector flow
 #     killCommand = "/run/current-system/sw/bin/kill";
+#     restartTriggers = [ ];               # what a config switch restarts the unit for
+#     reloadTriggers = [ ];                # what it only reloads it for (SIGHUP)
 #   }
 #
-# returns { description, after, wants, wantedBy, stopIfChanged, serviceConfig }, the shape of a
-# NixOS `systemd.services.<name>` entry. Credentials arrive with LoadCredential= and the config
+# returns { description, after, wants, wantedBy, stopIfChanged, restartTriggers, reloadTriggers,
+# serviceConfig }, the shape of a NixOS `systemd.services.<name>` entry. Credentials arrive with LoadCredential= and the config
 # refers to them by name (ca.pem, cert.pem, key.pem): the daemons resolve relative TLS paths in
 # $CREDENTIALS_DIRECTORY, so keys are never copied into the Nix store.
 let
@@ -83,6 +85,8 @@ in
     , bindsPrivilegedPort ? false
     , limitNOFILE ? 65536
     , killCommand ? "kill"
+    , restartTriggers ? [ ]
+    , reloadTriggers ? [ ]
     ,
     }:
     {
@@ -93,6 +97,10 @@ in
       wantedBy = [ "multi-user.target" ];
       # Restart (SIGTERM: graceful drain) rather than stop-then-start on a config switch.
       stopIfChanged = false;
+      # ExecStart names a fixed path, so a switch that changes only what a reload applies (the
+      # intermediate's policy) reloads the unit (SIGHUP, no connection dropped); any other
+      # change restarts it.
+      inherit restartTriggers reloadTriggers;
       serviceConfig = hardening // {
         Type = "notify";
         NotifyAccess = "main";

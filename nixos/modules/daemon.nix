@@ -2,6 +2,8 @@
 # intermediate.nix, connector.nix and agent.nix call this with the role and its typed settings.
 { role
 , description
+  # Settings a reload (SIGHUP) applies: a switch that changes only these reloads the unit.
+, reloadable ? [ ]
 , settingsOptions
 , extraOptions ? _: { }
 , assertions ? _: [ ]
@@ -44,6 +46,11 @@ let
     };
   };
   configFile = settingsFormat.generate "${name}.toml" finalSettings;
+  # The unit reads its config from /etc, not from the store path: a config switch then changes
+  # the unit file only in its triggers, so NixOS can reload it (SIGHUP) instead of restarting it
+  # (a drain that ends long flows) when only reloadable settings changed.
+  etcConfig = "ztna/${role}.toml";
+  restartConfig = settingsFormat.generate "${name}-restart.toml" (builtins.removeAttrs finalSettings reloadable);
   # Validated at build time (unknown keys and bad values fail the system build, not the
   # service), by a binary that runs on the build platform, so cross-built systems build too.
   configCheck =
@@ -181,8 +188,13 @@ in
         boot.kernel.sysctl."net.core.rmem_max" = 7500000;
         boot.kernel.sysctl."net.core.wmem_max" = 7500000;
 
+        environment.etc.${etcConfig}.source = configFile;
+
         systemd.services.${name} = units.unit {
-          inherit role configFile;
+          inherit role;
+          configFile = "/etc/${etcConfig}";
+          restartTriggers = [ restartConfig ];
+          reloadTriggers = lib.optional (reloadable != [ ]) configFile;
           execStart = "${cfg.package}/bin/${name}";
           credentials = {
             ca = cfg.caFile;

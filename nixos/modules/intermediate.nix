@@ -2,6 +2,8 @@
 import ./daemon.nix {
   role = "intermediate";
   description = "the ZTNA intermediate (public QUIC relay)";
+  # SIGHUP applies a new policy without dropping a connection (and re-reads the certificates).
+  reloadable = [ "policy" ];
 
   settingsOptions =
     { lib, ... }:

@@ -80,7 +80,10 @@ let
     in
     if m == null then null else builtins.elemAt m 1;
   configFileOf = text: builtins.elemAt (builtins.match ".*--config ([^ \n]+).*" text) 0;
-  configOf = text: builtins.fromTOML (builtins.readFile (configFileOf text));
+  # The file a unit's `--config /etc/...` names on host `h`, and its text and TOML.
+  configSourceOf = h: name: (toplevel h).etc.${lib.removePrefix "/etc/" (configFileOf (units h).${name})};
+  configTextOf = h: name: builtins.readFile (configSourceOf h name);
+  configOf = h: name: builtins.fromTOML (configTextOf h name);
 
   # Everything with binaries the stand-in package sets know: store path -> bin/ names.
   knownBinaries =
@@ -169,7 +172,7 @@ let
         nodesOn = vlan: lib.sort lib.lessThan (attrNames (lib.filterAttrs (_: cfg: builtins.elem vlan cfg.virtualisation.vlans) n));
         addrs = cfg: i: map (a: a.address) cfg.networking.interfaces.${i}.ipv4.addresses;
         relayAddr = builtins.head (addrs n.relay "eth1");
-        intermediatesOf = h: (configOf (units self.checks.x86_64-linux.nixos-p2p.nodes.${h}).${"ztna-" + h}).intermediates;
+        intermediatesOf = h: (configOf self.checks.x86_64-linux.nixos-p2p.nodes.${h} "ztna-${h}").intermediates;
       in
       ok
         [
@@ -200,6 +203,33 @@ let
       )
       "listen 0.0.0.0:443 renders CAP_NET_BIND_SERVICE with PrivateUsers=false; :4433 PrivateUsers=true and no capability; no unit of ${toString (builtins.length (attrNames allUnits))} grants a capability inside a private user namespace";
 
+    # nixos-rebuild switch: a change of the intermediate's policy alone reloads the unit (SIGHUP
+    # applies it and keeps every connection); any other change restarts it (a drain). The unit
+    # reads its config at a fixed /etc path, so the unit file changes only in its triggers.
+    reload =
+      let
+        on = settings: x86 [ mods.default (relay { inherit settings; }) (connector { }) ];
+        base = on { inherit policy; };
+        morePolicy = on { policy = policy ++ [{ service = "db"; connectors = [ "spiffe://corp.example/connector/*" ]; agents = [ "spiffe://corp.example/agent/alice" ]; }]; };
+        moreFlows = on { inherit policy; max_flows = 5000; };
+        t = h: (toplevel h).triggers.ztna-intermediate;
+        ids = map toString;
+        connectorOf = settings: x86 [ mods.default (connector { inherit settings; }) ];
+        c1 = connectorOf { intermediates = [ "relay:4433" ]; service = [{ name = "web"; tcp = "127.0.0.1:8080"; }]; };
+        c2 = connectorOf { intermediates = [ "relay:4433" ]; service = [{ name = "web"; tcp = "127.0.0.1:8081"; }]; };
+        ct = h: (toplevel h).triggers.ztna-connector;
+      in
+      ok
+        [
+          (expect (configFileOf (units base).ztna-intermediate == "/etc/ztna/intermediate.toml" && configFileOf (units base).ztna-connector == "/etc/ztna/connector.toml") "the units read /etc/ztna/<role>.toml")
+          (expect ((units base).ztna-intermediate == (units morePolicy).ztna-intermediate) "a policy change leaves the unit text as it is (only its triggers differ)")
+          (expect (builtins.length (configOf morePolicy "ztna-intermediate").policy == 2) "the new policy is in the /etc file")
+          (expect (ids (t base).restartTriggers == ids (t morePolicy).restartTriggers && ids (t base).reloadTriggers != ids (t morePolicy).reloadTriggers) "a policy change alone: reload, not restart")
+          (expect (ids (t base).restartTriggers != ids (t moreFlows).restartTriggers) "max_flows changed: restart")
+          (expect ((ct c1).reloadTriggers == [ ] && ids (ct c1).restartTriggers != ids (ct c2).restartTriggers) "connector: nothing reloadable in its settings, a changed backend restarts it")
+        ]
+        "policy change: same unit text and restart trigger, new reload trigger (switch-to-configuration reloads); max_flows change: new restart trigger; connector: restart trigger only";
+
     units = ok
       (
         let
@@ -208,9 +238,9 @@ let
         in
         [
           (expect (unitValue u.ztna-intermediate "TimeoutStopSec" == "35" && unitValue u.ztna-connector "TimeoutStopSec" == "55" && unitValue u.ztna-agent "TimeoutStopSec" == "40") "TimeoutStopSec = drain + 15 on all three")
-          (expect ((configOf u.ztna-agent).drain_timeout == "25s" && (configOf u.ztna-connector).drain_timeout == "40s" && (configOf u.ztna-intermediate).drain_timeout == "20s") "drain_timeout rendered for all three, the agent included")
-          (expect ((configOf u.ztna-intermediate).ops_listen == "127.0.0.1:9470" && (configOf u.ztna-connector).ops_listen == "127.0.0.1:9471" && (configOf u.ztna-agent).ops_listen == "127.0.0.1:9472") "ops_listen defaults 9470/9471/9472")
-          (expect ((configOf u.ztna-intermediate).tls == { ca = "ca.pem"; cert = "cert.pem"; key = "key.pem"; }) "[tls] by credential name")
+          (expect ((configOf h "ztna-agent").drain_timeout == "25s" && (configOf h "ztna-connector").drain_timeout == "40s" && (configOf h "ztna-intermediate").drain_timeout == "20s") "drain_timeout rendered for all three, the agent included")
+          (expect ((configOf h "ztna-intermediate").ops_listen == "127.0.0.1:9470" && (configOf h "ztna-connector").ops_listen == "127.0.0.1:9471" && (configOf h "ztna-agent").ops_listen == "127.0.0.1:9472") "ops_listen defaults 9470/9471/9472")
+          (expect ((configOf h "ztna-intermediate").tls == { ca = "ca.pem"; cert = "cert.pem"; key = "key.pem"; }) "[tls] by credential name")
           (expect (h.config.boot.kernel.sysctl."net.core.rmem_max" == 16777216 && h.config.boot.kernel.sysctl."net.core.wmem_max" == 16777216) "UDP socket buffer maxima raised for the intermediate's 16 MiB buffers on a host with all three")
           (expect (let e = (x86 [ mods.default (connector { }) (agent { }) ]).config.boot.kernel.sysctl; in e."net.core.rmem_max" == 7500000 && e."net.core.wmem_max" == 7500000) "UDP socket buffer maxima raised for the 4 MiB buffers of agents and connectors")
           (expect ((x86 [ mods.default (relay { }) { boot.kernel.sysctl."net.core.rmem_max" = 33554432; } ]).config.boot.kernel.sysctl."net.core.rmem_max" == 33554432) "a higher rmem_max set elsewhere wins")
@@ -416,6 +446,6 @@ in
     in
     {
       units = lib.mapAttrs' (n: t: lib.nameValuePair "${n}.service" t) u;
-      files = lib.listToAttrs (map (t: lib.nameValuePair (configFileOf t) (builtins.readFile (configFileOf t))) (attrValues u));
+      files = lib.mapAttrs' (n: t: lib.nameValuePair (configFileOf t) (configTextOf h n)) u;
     };
 }

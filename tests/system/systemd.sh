@@ -94,7 +94,7 @@ render() {
 }
 render 127.0.0.1:24433
 if [ -z "$config_errors" ]; then
-  case_ok "rendered configs pass --check-config" "$(grep -c '/nix/store/' "$WORK/rendered") files from tests/nix/eval.nix (systemdSuite)"
+  case_ok "rendered configs pass --check-config" "$(grep -c '\.toml$' "$WORK/rendered") files from tests/nix/eval.nix (systemdSuite)"
 else
   case_fail "rendered configs pass --check-config" "$config_errors"
 fi

@@ -50,6 +50,31 @@ let
           { };
         # nixos/modules/config/system-path.nix
         environment.systemPackages = opt (types.listOf types.package) [ ];
+        # nixos/modules/system/etc/etc.nix
+        environment.etc = opt
+          (types.attrsOf (
+            types.submodule (
+              { name, config, ... }:
+              {
+                options = {
+                  enable = opt types.bool true;
+                  target = mkOption { type = types.str; };
+                  text = opt (types.nullOr types.lines) null;
+                  source = mkOption { type = types.path; };
+                  mode = opt types.str "symlink";
+                  uid = opt types.int 0;
+                  gid = opt types.int 0;
+                  user = opt types.str "+${toString config.uid}";
+                  group = opt types.str "+${toString config.gid}";
+                };
+                config = {
+                  target = lib.mkDefault name;
+                  source = lib.mkIf (config.text != null) (lib.mkDefault (builtins.toFile "etc-${baseNameOf name}" config.text));
+                };
+              }
+            )
+          ))
+          { };
         # nixos/modules/tasks/network-interfaces.nix
         networking.hostName = opt (types.strMatching "^$|^[[:alnum:]]([[:alnum:]_-]{0,61}[[:alnum:]])?$") "nixos";
         networking.interfaces = opt
@@ -155,6 +180,12 @@ let
               outPath = "/nix/store/00000000000000000000000000000000-nixos-system-${config.networking.hostName}";
               inherit units;
               checks = config.system.checks;
+              # /etc as activation links it: path below /etc -> source.
+              etc = lib.mapAttrs' (_: e: lib.nameValuePair e.target e.source) (lib.filterAttrs (_: e: e.enable) config.environment.etc);
+              # nixpkgs renders these into the unit as X-Restart-Triggers / X-Reload-Triggers
+              # (files of their values), which switch-to-configuration compares: a change in the
+              # first restarts the unit, one only in the second reloads it.
+              triggers = lib.mapAttrs (_: v: { inherit (v) restartTriggers reloadTriggers; }) config.systemd.services;
             };
       };
     };
