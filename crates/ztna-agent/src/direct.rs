@@ -63,6 +63,10 @@ pub struct DirectPath {
     answers: AtomicBool,
     /// The services whose flows this path carries.
     services: Mutex<BTreeSet<String>>,
+    /// The connector refused a flow because it is draining: new flows go via the relay (and a
+    /// new attempt may find another connector) while running ones finish here.
+    draining: AtomicBool,
+    drained: tokio::sync::Notify,
 }
 
 impl DirectPath {
@@ -78,11 +82,35 @@ impl DirectPath {
             control: tokio::sync::Mutex::new(control),
             answers: AtomicBool::new(true),
             services: Mutex::new(BTreeSet::from([service.to_string()])),
+            draining: AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
         }
     }
 
+    /// Takes new flows: open, and its connector not draining.
     fn live(&self) -> bool {
-        self.conn.close_reason().is_none()
+        self.conn.close_reason().is_none() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The connector refused a flow here because it is draining: no new flow is sent here
+    /// again (one round trip lost, once), and the services' `keep` tasks hand them back to
+    /// the relay and a new attempt.
+    pub fn connector_draining(&self) {
+        if !self.draining.swap(true, Ordering::Relaxed) {
+            info!(connector = %self.connector, services = ?self.services(), "the connector is draining; new flows use the relay, running ones finish on the direct path");
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Resolves once the connector was seen draining.
+    async fn seen_draining(&self) {
+        let notified = self.drained.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        notified.await
     }
 
     fn services(&self) -> Vec<String> {
@@ -165,7 +193,7 @@ pub(crate) struct Direct {
     /// Tickets asked of the relay (or its refusal), by service: for the refresh loop and for a
     /// service joining a live connection. With the connector asked about, so that a late answer
     /// about another connector is not taken for this one.
-    tickets: Mutex<HashMap<String, (String, oneshot::Sender<FreshTicket>)>>,
+    tickets: Mutex<HashMap<(String, String), oneshot::Sender<FreshTicket>>>,
 }
 
 impl Direct {
@@ -214,8 +242,15 @@ impl Direct {
                 // An attempt's request, or a refresh the policy no longer allows.
                 if let Some(tx) = lock(&self.waiting).remove(&service) {
                     let _ = tx.send(Answer::Refused(reason));
-                } else if let Some((_, tx)) = lock(&self.tickets).remove(&service) {
-                    let _ = tx.send(Err(reason));
+                } else {
+                    // It names no connector: taken as the answer to one ticket asked for the
+                    // service (if two are asked at once, for two connectors, the other times
+                    // out and is asked again).
+                    let mut tickets = lock(&self.tickets);
+                    let key = tickets.keys().find(|(s, _)| *s == service).cloned();
+                    if let Some(tx) = key.and_then(|k| tickets.remove(&k)) {
+                        let _ = tx.send(Err(reason));
+                    }
                 }
             }
             ServerMsg::Ticket {
@@ -223,11 +258,8 @@ impl Direct {
                 connector,
                 ticket,
             } => {
-                let mut tickets = lock(&self.tickets);
-                if tickets.get(&service).is_some_and(|(c, _)| *c == connector) {
-                    if let Some((_, tx)) = tickets.remove(&service) {
-                        let _ = tx.send(Ok(ticket));
-                    }
+                if let Some(tx) = lock(&self.tickets).remove(&(service, connector)) {
+                    let _ = tx.send(Ok(ticket));
                 }
             }
             _ => {}
@@ -267,22 +299,31 @@ pub(crate) fn want(shared: &Arc<Shared>, service: &str) {
     let shared = shared.clone();
     let service = service.to_string();
     tokio::spawn(async move {
-        let result = attempt(&shared, &service).await;
-        match result {
+        let Attempt { path, asked } = attempt(&shared, &service).await;
+        // A refusal was counted by the relay that gave it (denied, disabled, or the connector
+        // did not answer); other outcomes are reported to the relay that was asked, so each
+        // attempt counts once in its p2p metric, at that relay.
+        let report = |success: bool, why: &str| {
+            if let Some(link) = &asked {
+                link.say(ClientMsg::DirectResult {
+                    service: service.clone(),
+                    success,
+                    reason: why.chars().take(512).collect(),
+                });
+            }
+        };
+        match path {
             Ok(path) => {
-                report(&shared, &service, true, "");
+                report(true, "");
                 lock(&shared.direct.paths).insert(service.clone(), PathState::Up(path.clone()));
                 shared.update_direct_gauge();
                 keep(&shared, &service, path, backoff).await;
             }
             Err(no) => {
-                // A refusal was counted by the relay that gave it (denied, disabled, or the
-                // connector did not answer); only an attempt it brokered is reported back, so
-                // each attempt counts once in its p2p metric.
                 let why = match no {
                     NoPath::Refused(why) => why,
                     NoPath::Failed(why) => {
-                        report(&shared, &service, false, &why);
+                        report(false, &why);
                         why
                     }
                 };
@@ -312,23 +353,20 @@ fn back_off(shared: &Shared, service: &str, mut b: Reconnect, since: Option<Inst
     shared.update_direct_gauge();
 }
 
-/// Tells the relay carrying this service how an attempt went (its p2p metric).
-fn report(shared: &Shared, service: &str, success: bool, reason: &str) {
-    if let Some(link) = relay_for(shared, service) {
-        link.say(ClientMsg::DirectResult {
-            service: service.to_string(),
-            success,
-            reason: reason.chars().take(512).collect(),
-        });
-    }
-}
-
 fn relay_for(shared: &Shared, service: &str) -> Option<Arc<crate::relays::Link>> {
     let snap = shared.relays.borrow();
     match choose(&snap, service, &[]) {
         Choice::Use(i) => snap.link(i),
         _ => None,
     }
+}
+
+/// How an attempt went.
+struct Attempt {
+    path: Result<Arc<DirectPath>, NoPath>,
+    /// The relay asked (for a direct path, or a ticket to join a live one): the outcome is
+    /// reported to it, not to whichever relay carries the service by then. None: no relay.
+    asked: Option<Arc<crate::relays::Link>>,
 }
 
 /// Why an attempt gave no direct path.
@@ -339,12 +377,30 @@ enum NoPath {
     Failed(String),
 }
 
-async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>, NoPath> {
-    let link = relay_for(shared, service)
-        .ok_or_else(|| NoPath::Refused("no relay carries the service now".to_string()))?;
-    if let Some(path) = join(shared, &link, service).await {
-        return Ok(path);
+async fn attempt(shared: &Arc<Shared>, service: &str) -> Attempt {
+    let Some(link) = relay_for(shared, service) else {
+        let why = "no relay carries the service now".to_string();
+        return Attempt {
+            path: Err(NoPath::Refused(why)),
+            asked: None,
+        };
+    };
+    let path = match join(shared, &link, service).await {
+        Some(path) => Ok(path),
+        None => request(shared, &link, service).await,
+    };
+    Attempt {
+        path,
+        asked: Some(link),
     }
+}
+
+/// Asks `link` for a direct path to `service` and sets it up with the connector it names.
+async fn request(
+    shared: &Arc<Shared>,
+    link: &crate::relays::Link,
+    service: &str,
+) -> Result<Arc<DirectPath>, NoPath> {
     let (tx, rx) = oneshot::channel();
     lock(&shared.direct.waiting).insert(service.to_string(), tx);
     let candidates = shared
@@ -394,6 +450,25 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Result<Arc<DirectPath>,
     result
 }
 
+/// Asks `link` for a ticket for `service` at `connector`; waits up to [`ANSWER_TIMEOUT`].
+async fn ask_ticket(
+    shared: &Shared,
+    link: &crate::relays::Link,
+    service: &str,
+    connector: &str,
+) -> Result<Result<FreshTicket, oneshot::error::RecvError>, tokio::time::error::Elapsed> {
+    let key = (service.to_string(), connector.to_string());
+    let (tx, rx) = oneshot::channel();
+    lock(&shared.direct.tickets).insert(key.clone(), tx);
+    link.say(ClientMsg::TicketRequest {
+        service: key.0.clone(),
+        connector: key.1.clone(),
+    });
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
+    lock(&shared.direct.tickets).remove(&key);
+    answer
+}
+
 /// Most live direct connections asked about, one after the other, before a new set-up.
 const MAX_JOIN_ASKS: usize = 4;
 
@@ -414,15 +489,7 @@ async fn join(
         .cloned()
         .collect();
     for path in paths {
-        let (tx, rx) = oneshot::channel();
-        lock(&shared.direct.tickets).insert(service.to_string(), (path.connector.clone(), tx));
-        link.say(ClientMsg::TicketRequest {
-            service: service.to_string(),
-            connector: path.connector.clone(),
-        });
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
-        lock(&shared.direct.tickets).remove(service);
-        let ticket = match answer {
+        let ticket = match ask_ticket(shared, link, service, &path.connector).await {
             Ok(Ok(Ok(ticket))) => ticket,
             // Not allowed there, or the connector does not serve it: ask about the next.
             Ok(Ok(Err(why))) => {
@@ -647,23 +714,19 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
                     Choice::Refuse(RejectReason::Denied, why) => {
                         return format!("the relays deny the service now: {why}")
                     }
-                    // A relay reconnecting or the service briefly unavailable there: the path
-                    // keeps working until its ticket expires; try again shortly.
-                    _ => None,
+                    // No relay takes new flows for it (its connector drains, or is away): ask any
+                    // relay that is up, which renews the ticket while the connector is still
+                    // connected there; otherwise the path keeps working until its ticket
+                    // expires, and we try again shortly.
+                    _ => (0..snap.relays.len())
+                        .filter(|&i| snap.relays[i].is_up())
+                        .find_map(|i| snap.link(i)),
                 }
             };
             let Some(link) = link else {
                 continue;
             };
-            let (tx, rx) = oneshot::channel();
-            lock(&shared.direct.tickets).insert(service.to_string(), (path.connector.clone(), tx));
-            link.say(ClientMsg::TicketRequest {
-                service: service.to_string(),
-                connector: path.connector.clone(),
-            });
-            let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
-            lock(&shared.direct.tickets).remove(service);
-            let ticket = match answer {
+            let ticket = match ask_ticket(shared, &link, service, &path.connector).await {
                 Ok(Ok(Ok(ticket))) => ticket,
                 // Refused by this relay: a policy change shows up as Denied in its status
                 // (above) and ends the service here; anything else (the connector is not
@@ -693,12 +756,26 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
             }
         }
     };
-    tokio::select! {
-        _ = path.conn.closed() => {}
-        why = refresh => {
-            info!(%service, connector = %path.connector, why = %why, "the direct path no longer carries the service; its new flows use the relay");
+    let mut backoff = Some(backoff);
+    let mut refresh = Box::pin(refresh);
+    loop {
+        tokio::select! {
+            _ = path.conn.closed() => break,
+            why = &mut refresh => {
+                info!(%service, connector = %path.connector, why = %why, "the direct path no longer carries the service; its new flows use the relay");
+                break;
+            }
+            // New flows use the relay from now on, and after the backoff a new attempt may
+            // find another connector; the ticket is still renewed, so flows running here finish
+            // (until the connector closes the path at the end of its drain).
+            _ = path.seen_draining(), if backoff.is_some() => {
+                if let Some(b) = backoff.take() {
+                    back_off(shared, service, b, Some(since));
+                }
+            }
         }
     }
+    drop(refresh);
     let empty = {
         let mut services = lock(&path.services);
         services.remove(service);
@@ -707,7 +784,9 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
     if empty {
         close_when_unused(path);
     }
-    back_off(shared, service, backoff, Some(since));
+    if let Some(b) = backoff {
+        back_off(shared, service, b, Some(since));
+    }
 }
 
 /// A path that carries no service any more is closed: by the time `keep` gives a service up,

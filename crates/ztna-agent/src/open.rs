@@ -99,6 +99,9 @@ pub(crate) async fn open_any(
                     })
                 }
                 Ok((_, _, FlowReply::Reject { reason, message })) => {
+                    if reason == RejectReason::Draining {
+                        path.connector_draining();
+                    }
                     debug!(reason = reason.as_str(), why = %message, "the direct path refused the flow; using the relay");
                 }
                 Err(e) => debug!(error = %e, "the direct path failed; using the relay"),

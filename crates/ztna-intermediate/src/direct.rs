@@ -307,17 +307,17 @@ pub(crate) fn result(shared: &Shared, service: &str, success: bool, reason: &str
     }
 }
 
-/// A fresh ticket for an established direct path, if the policy still allows it and the
-/// connector still serves the service here.
+/// A fresh ticket for an established direct path, if the policy still allows the agent to
+/// reach the service and the connector to serve it, and the connector offers it here or did
+/// until it withdrew it and is still connected: a draining connector deregisters at once, but
+/// its running direct flows may finish (until its `drain_timeout`), so their tickets are
+/// renewed. It takes no new flow while it drains.
 pub(crate) fn refresh(shared: &Shared, agent: &Peer, service: &str, connector: &str) {
-    let serving = shared
-        .registry
-        .candidates(service, Protocol::Tcp)
-        .into_iter()
-        .chain(shared.registry.candidates(service, Protocol::Udp))
-        .find(|c| &*c.id_str == connector);
-    let Some(serving) = serving.filter(|_| shared.policy().may_reach(service, &agent.id_str))
-    else {
+    let policy = shared.policy();
+    let serving = shared.registry.holder(service, connector).filter(|_| {
+        policy.may_reach(service, &agent.id_str) && policy.may_serve(service, connector)
+    });
+    let Some(serving) = serving else {
         agent.say(ServerMsg::DirectRefused {
             service: service.to_string(),
             reason: format!("no longer allowed to reach {service} via {connector}"),

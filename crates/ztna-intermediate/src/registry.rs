@@ -4,6 +4,10 @@
 //! Offers are kept even when the policy rejects them, so a policy reload can re-evaluate every
 //! offer in both directions: a registration the new policy forbids is removed, and one it now
 //! allows (refused earlier) comes into service without the connector having to reconnect.
+//!
+//! A withdrawn offer (a connector deregistering, say when it drains) takes no new flow, but is
+//! kept until the connection closes: direct flows still running there need their tickets
+//! renewed until they finish ([`Registry::holder`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -166,6 +170,15 @@ struct Offer {
     udp: bool,
     /// Whether the current policy allows this connector to serve the service.
     allowed: bool,
+    /// Deregistered: no new flow goes there.
+    withdrawn: bool,
+}
+
+impl Offer {
+    /// Takes new flows.
+    fn serving(&self) -> bool {
+        self.allowed && !self.withdrawn
+    }
 }
 
 /// A registration whose standing changed on a policy reload.
@@ -229,7 +242,7 @@ impl Registry {
     }
 
     fn set_gauge(&self, service: &str, offers: &[Offer]) {
-        let n = offers.iter().filter(|o| o.allowed).count();
+        let n = offers.iter().filter(|o| o.serving()).count();
         let mut shown = lock(&self.shown);
         if n > 0 {
             shown.insert(service.to_string());
@@ -247,13 +260,14 @@ impl Registry {
             let offers = s.entry(service.to_string()).or_default();
             let was_allowed = offers
                 .iter()
-                .any(|o| o.peer.conn_id == peer.conn_id && o.allowed);
+                .any(|o| o.peer.conn_id == peer.conn_id && o.serving());
             offers.retain(|o| o.peer.conn_id != peer.conn_id);
             offers.push(Offer {
                 peer: peer.clone(),
                 tcp,
                 udp,
                 allowed,
+                withdrawn: false,
             });
             self.set_gauge(service, offers);
             was_allowed
@@ -264,21 +278,20 @@ impl Registry {
         }
     }
 
-    /// Withdraws a connection's offer of `service`; true if it was serving it.
+    /// Withdraws a connection's offer of `service` (kept, taking no new flow, until the
+    /// connection closes); true if it was serving it.
     pub fn withdraw(&self, service: &str, conn_id: u64) -> bool {
         let removed = {
             let mut s = lock(&self.services);
             let Some(offers) = s.get_mut(service) else {
                 return false;
             };
-            let was = offers
-                .iter()
-                .any(|o| o.peer.conn_id == conn_id && o.allowed);
-            offers.retain(|o| o.peer.conn_id != conn_id);
-            self.set_gauge(service, offers);
-            if offers.is_empty() {
-                s.remove(service);
+            let mut was = false;
+            for o in offers.iter_mut().filter(|o| o.peer.conn_id == conn_id) {
+                was |= o.serving();
+                o.withdrawn = true;
             }
+            self.set_gauge(service, offers);
             was
         };
         if removed {
@@ -295,7 +308,7 @@ impl Registry {
             for (service, offers) in s.iter_mut() {
                 if offers
                     .iter()
-                    .any(|o| o.peer.conn_id == conn_id && o.allowed)
+                    .any(|o| o.peer.conn_id == conn_id && o.serving())
                 {
                     gone.push(service.clone());
                 }
@@ -318,7 +331,8 @@ impl Registry {
         {
             let mut s = lock(&self.services);
             for (service, offers) in s.iter_mut() {
-                for o in offers.iter_mut() {
+                // A withdrawn offer is not registered: nothing to tell its connector.
+                for o in offers.iter_mut().filter(|o| !o.withdrawn) {
                     let now = allowed(service, &o.peer);
                     if now != o.allowed {
                         o.allowed = now;
@@ -348,7 +362,7 @@ impl Registry {
                 offers
                     .iter()
                     .filter(|o| {
-                        o.allowed
+                        o.serving()
                             && match protocol {
                                 Protocol::Tcp => o.tcp,
                                 Protocol::Udp => o.udp,
@@ -366,7 +380,22 @@ impl Registry {
     pub fn count(&self, service: &str) -> usize {
         lock(&self.services)
             .get(service)
-            .map(|o| o.iter().filter(|o| o.allowed).count())
+            .map(|o| o.iter().filter(|o| o.serving()).count())
             .unwrap_or(0)
+    }
+
+    /// The connection of connector `connector` that offers `service`, or offered it and still
+    /// is connected (withdrawn, say while it drains), whether or not the policy allowed it when
+    /// it was offered: for renewing the tickets of direct flows running there. The caller
+    /// checks the current policy.
+    pub fn holder(&self, service: &str, connector: &str) -> Option<Arc<Peer>> {
+        let s = lock(&self.services);
+        let offers = s.get(service)?;
+        // One serving now first, then one that withdrew.
+        offers
+            .iter()
+            .filter(|o| &*o.peer.id_str == connector)
+            .min_by_key(|o| !o.serving())
+            .map(|o| o.peer.clone())
     }
 }

@@ -1198,3 +1198,134 @@ async fn a_direct_path_left_without_a_service_is_closed_with_its_flows() {
     stop.cancel();
     let _ = task.await;
 }
+
+/// A connector that drains refuses new flows on its direct paths (Draining). The agent sends
+/// no further new flow there after the first refusal: they go via the relay to the other
+/// connector, then direct to it. A flow already running on the draining connector's direct path
+/// carries on, and the relay still renews its ticket although the connector has withdrawn the
+/// service (the flow may run until the connector's `drain_timeout`, which may be longer than a
+/// ticket's 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_connectors_direct_path_takes_no_new_flows_and_its_running_ones_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use ztna_node::io::{write_frame, FramedRecv};
+    use ztna_proto::{ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let (two, _t) = tcp_named("two").await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c1 = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im.addr],
+        &[("web", Some(echo), None)],
+        "drain_timeout = \"60s\"",
+    );
+    c1.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("web", ForwardProtocol::Tcp)],
+        "p2p = true",
+    )
+    .await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    assert_eq!(tcp_roundtrip(port, b"w").await.unwrap(), b"w");
+    assert!(
+        eventually(T, || direct_paths(&a) == 1.0).await,
+        "no direct path to web-1"
+    );
+    let c1_metric = |name: &str, labels: &[(&str, &str)]| {
+        metric(&c1.daemon.metrics.common.render(), name, labels)
+    };
+    // A long flow on the direct path to web-1.
+    let mut held = tokio::net::TcpStream::connect(port).await.unwrap();
+    let mut byte = [0u8; 1];
+    held.write_all(b"a").await.unwrap();
+    held.read_exact(&mut byte).await.unwrap();
+    assert_eq!(
+        c1_metric("ztna_connector_direct_flows_total", &[("service", "web")]),
+        1.0,
+        "the held flow did not go direct"
+    );
+    let mut c2 = start_connector(&pki, "web-2", &[im.addr], &[("web", Some(two), None)]);
+    c2.wait_registered(1).await;
+    // web-1 drains: it withdraws web at the relay, and waits for the held flow.
+    c1.daemon.stop.cancel();
+    let withdrawn = eventually(T, || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")],
+        ) == 1.0
+    })
+    .await;
+    assert!(withdrawn, "web-1 never withdrew web at the relay");
+    let refused = || c1_metric("ztna_connector_flows_total", &[("result", "error")]);
+    let refused_before = refused();
+    let t0 = Instant::now();
+    let mut flows = 0;
+    while direct_connections(&c2) < 1.0 || flows < 6 {
+        assert!(t0.elapsed() < T, "no direct path to web-2 within {T:?}");
+        assert_eq!(tcp_roundtrip(port, b"x").await.unwrap(), b"two");
+        flows += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let direct_to_two = t0.elapsed();
+    let refusals = refused() - refused_before;
+    // The relay renews the held flow's ticket at web-1, which no longer offers web.
+    let (_ep, conn) = raw_connect(&pki.issue("agent", "bob"), Role::Agent, im.addr)
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Agent,
+        software: "test".into(),
+        watch: vec!["web".into()],
+    };
+    write_frame(&mut send, &hello).await.unwrap();
+    let mut ticket_for = async |connector: String| {
+        let ask = ClientMsg::TicketRequest {
+            service: "web".into(),
+            connector,
+        };
+        write_frame(&mut send, &ask).await.unwrap();
+        loop {
+            match recv.expect::<ServerMsg>(T).await {
+                Ok(ServerMsg::Ticket { .. }) => return Ok(()),
+                Ok(ServerMsg::DirectRefused { reason, .. }) => return Err(reason),
+                Ok(_) => continue,
+                Err(e) => panic!("control stream ended: {e}"),
+            }
+        }
+    };
+    let renewed = ticket_for(Pki::id("connector", "web-1")).await;
+    let stranger = ticket_for(Pki::id("connector", "web-9")).await;
+    held.write_all(b"b").await.unwrap();
+    held.read_exact(&mut byte).await.unwrap();
+    println!(
+        "MEASURED web-1 draining: {flows} new flows, {refusals} refused by web-1's direct path, \
+         direct to web-2 after {direct_to_two:?}; ticket at web-1 (withdrawn): {renewed:?}; \
+         at a connector never seen: {stranger:?}; the held flow still echoes"
+    );
+    assert_eq!(byte, *b"b", "the held flow on the draining path broke");
+    assert_eq!(
+        refusals, 1.0,
+        "new flows kept being sent to the draining connector's direct path"
+    );
+    assert!(
+        renewed.is_ok(),
+        "no ticket renewal at the draining connector: {renewed:?}"
+    );
+    assert!(stranger.is_err(), "a ticket for a connector never seen");
+    // Once the held flow ends, web-1's drain completes.
+    drop(held);
+    let done = tokio::time::timeout(T, c1.daemon.task).await;
+    assert!(done.is_ok(), "web-1's drain did not end with its last flow");
+    a.daemon.shutdown().await;
+    c2.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
