@@ -252,6 +252,31 @@ impl Registry {
         self.gauge.with_label_values(&[service]).set(n as i64);
     }
 
+    /// After a policy reload: series for the new policy's services (0 without a connector)
+    /// and any a connector serves now, and none for the rest. A service taken out of the
+    /// policy would otherwise stay at 0 (alerting as unavailable) until a restart, and one
+    /// added would have no series until a connector came.
+    pub fn show_policy(&self, policy_services: impl IntoIterator<Item = String>) {
+        let services = lock(&self.services);
+        let mut keep: HashSet<String> = policy_services.into_iter().collect();
+        for (name, offers) in services.iter() {
+            if offers.iter().any(Offer::serving) {
+                keep.insert(name.clone());
+            }
+        }
+        let mut shown = lock(&self.shown);
+        for gone in shown.difference(&keep) {
+            let _ = self.gauge.remove_label_values(&[gone]);
+        }
+        for name in &keep {
+            let n = services
+                .get(name)
+                .map_or(0, |o| o.iter().filter(|o| o.serving()).count());
+            self.gauge.with_label_values(&[name]).set(n as i64);
+        }
+        *shown = keep;
+    }
+
     /// Records a connector's offer (replacing an earlier one of the same connection) and whether
     /// the policy allows it.
     pub fn offer(&self, service: &str, peer: &Arc<Peer>, tcp: bool, udp: bool, allowed: bool) {

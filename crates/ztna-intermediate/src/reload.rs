@@ -114,6 +114,9 @@ pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
             .with_label_values(&["policy_flow"])
             .inc_by(cut as u64);
     }
+    shared
+        .registry
+        .show_policy(policy.rules().iter().map(|r| r.service.clone()));
     // Agents get their service status recomputed under the new policy.
     shared.registry.bump();
     Ok(format!(

@@ -569,3 +569,57 @@ async fn connections_that_never_say_hello_count_against_the_identity_limit() {
     assert!(conns[0].1.close_reason().is_none() && conns[1].1.close_reason().is_none());
     im.daemon.shutdown().await;
 }
+
+/// `ztna_intermediate_service_connectors` follows a policy reload: a service taken out of the
+/// policy loses its series (it stayed at 0 until a restart, firing ZtnaServiceUnavailable for a
+/// service nobody offers any more), and one added shows at 0 until a connector serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_connectors_series_follow_a_policy_reload() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let base = intermediate_config(&pki, loopback0(), open_policy(&["web", "old"]));
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, handle, metrics) = (im.local_addr().unwrap(), im.handle(), im.metrics());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = im.run(stop).await;
+        }
+    });
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let series = || {
+        let text = metrics.common.render();
+        let mut shown: Vec<(String, f64)> = ["web", "old", "new"]
+            .iter()
+            .filter(|s| {
+                text.contains(&format!(
+                    "ztna_intermediate_service_connectors{{service=\"{s}\"}}"
+                ))
+            })
+            .map(|s| {
+                let n = metric(
+                    &text,
+                    "ztna_intermediate_service_connectors",
+                    &[("service", s)],
+                );
+                (s.to_string(), n)
+            })
+            .collect();
+        shown.sort_by(|a, b| a.0.cmp(&b.0));
+        shown
+    };
+    let before = series();
+    let mut cfg = base.clone();
+    cfg.policy = open_policy(&["web", "new"]);
+    handle.reload(cfg).expect("reload");
+    let after = series();
+    println!("MEASURED service_connectors series before the reload {before:?}, after {after:?}");
+    assert_eq!(before, vec![("old".into(), 0.0), ("web".into(), 1.0)]);
+    assert_eq!(after, vec![("new".into(), 0.0), ("web".into(), 1.0)]);
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
