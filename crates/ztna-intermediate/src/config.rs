@@ -253,7 +253,7 @@ impl Config {
             idle_timeout: self.idle_timeout,
             // A new connection's stream credit; an agent's grows with its flows up to
             // `max_streams_per_agent` (see `session::StreamCredit`).
-            max_streams: crate::session::INITIAL_STREAMS.min(self.max_streams_per_agent()),
+            max_streams: crate::session::initial_streams(self.max_streams_per_agent()),
             stream_window: self.stream_window,
             // Agents' window; connector connections get theirs when they say who they are.
             connection_window: self.agent_connection_window,

@@ -422,6 +422,11 @@ pub(crate) const INITIAL_STREAMS: u32 = 28;
 /// The agent's stream credit: starts at [`INITIAL_STREAMS`] and doubles whenever three quarters
 /// of it are open, up to `max` (`max_flows_per_agent` + control + headroom). An agent that needs
 /// more waits one round trip for the raised limit; it is never refused for it.
+///
+/// quinn announces a raised limit (MAX_STREAMS) only when it grows by more than an eighth of
+/// the new limit; a smaller raise waits until streams close. So the last step goes straight to
+/// `max` when a doubling would leave less than that to go ([`next_limit`]): 448 → 896 → 1016
+/// left the agent at 896 streams, and its 896th concurrent flow waited ~10 s for 8 others to end.
 struct StreamCredit {
     open: Arc<AtomicUsize>,
     limit: u32,
@@ -441,7 +446,7 @@ impl StreamCredit {
     fn new(max: u32) -> StreamCredit {
         StreamCredit {
             open: Arc::new(AtomicUsize::new(0)),
-            limit: INITIAL_STREAMS.min(max),
+            limit: initial_streams(max),
             max,
         }
     }
@@ -450,10 +455,31 @@ impl StreamCredit {
     fn opened(&mut self, conn: &quinn::Connection) -> OpenStream {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         if self.limit < self.max && open.saturating_mul(4) >= (self.limit as usize) * 3 {
-            self.limit = self.limit.saturating_mul(2).min(self.max);
+            self.limit = next_limit(self.limit, self.max);
             conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(self.limit));
         }
         OpenStream(self.open.clone())
+    }
+}
+
+/// A new agent connection's stream limit: [`INITIAL_STREAMS`], or `max` when that is less than
+/// an eighth above it (the one raise left would not be announced).
+pub(crate) fn initial_streams(max: u32) -> u32 {
+    if max.saturating_sub(INITIAL_STREAMS) <= max / 8 {
+        max
+    } else {
+        INITIAL_STREAMS
+    }
+}
+
+/// The stream limit after `limit`: doubled, or `max` once a doubling would leave at most an
+/// eighth of `max` to go (a raise quinn would not announce, see [`StreamCredit`]).
+fn next_limit(limit: u32, max: u32) -> u32 {
+    let next = limit.saturating_mul(2).min(max);
+    if max - next <= max / 8 {
+        max
+    } else {
+        next
     }
 }
 
@@ -636,5 +662,39 @@ async fn refuse_streams(peer: &Peer) -> String {
             "connector tried to open a flow".to_string()
         }
         Err(e) => describe_connection_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every raise of an agent's stream limit is one quinn announces at once (it sends
+    /// MAX_STREAMS only for a raise of more than an eighth of the new limit), and the limit
+    /// reaches `max_flows_per_agent` + 16 for any setting.
+    #[test]
+    fn every_stream_limit_raise_is_announced_and_the_limit_reaches_its_max() {
+        for flows in 1..=20_000u32 {
+            let max = flows + 16;
+            let mut limit = initial_streams(max);
+            let mut steps = 0;
+            while limit < max {
+                let next = next_limit(limit, max);
+                assert!(
+                    next - limit > next / 8,
+                    "max_flows_per_agent {flows}: {limit} -> {next} would not be announced"
+                );
+                limit = next;
+                steps += 1;
+                assert!(steps < 40, "max_flows_per_agent {flows}: no end");
+            }
+            assert_eq!(limit, max);
+        }
+        // The default (1000 flows): 28 56 112 224 448 1016.
+        let mut seen = vec![INITIAL_STREAMS];
+        while *seen.last().unwrap() < 1016 {
+            seen.push(next_limit(*seen.last().unwrap(), 1016));
+        }
+        assert_eq!(seen, [28, 56, 112, 224, 448, 1016]);
     }
 }
