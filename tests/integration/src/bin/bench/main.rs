@@ -36,7 +36,7 @@ use ztna_proto::Role;
 
 use backends::Bulk;
 use relays::{Backends, Bins, InprocRelay, ProcRelay};
-use util::{median, mib_s_to_gbit, opt, CpuOf, Samples};
+use util::{median, mib_s_to_gbit, opt, rss_kib, CpuOf, Samples};
 
 const MODES: [&str; 7] = ["tcp", "rtt", "setup", "p2p", "wan", "udp", "scale"];
 const USAGE: &str =
@@ -231,6 +231,8 @@ struct Figures {
     windows: Vec<String>,
     wan: Vec<Wan>,
     udp: Vec<UdpRow>,
+    /// Many small UDP flows held open (a DNS-like service): what each costs each daemon.
+    udp_flows: Option<UdpFlows>,
     /// One per trial (each on fresh connections).
     burst: Vec<Burst>,
     scale: Option<scale::Report>,
@@ -246,6 +248,17 @@ struct Wan {
     /// Datagrams the proxies passed on, and dropped for a full delay line.
     forwarded: u64,
     overflow: u64,
+}
+
+struct UdpFlows {
+    flows: usize,
+    /// Flows whose datagram came back, and those that got another flow's.
+    answered: usize,
+    wrong: usize,
+    /// Drop counters that moved meanwhile.
+    drops: Vec<String>,
+    /// KiB of resident memory per flow: agent, intermediate, connector.
+    kib: [f64; 3],
 }
 
 struct UdpRow {
@@ -393,6 +406,7 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
     if args.has("udp") {
         if let Some(relay) = &relay {
             udp(args, &mut f, &b, relay).await?;
+            f.udp_flows = Some(step("udp: many small flows", udp_flows(relay)).await?);
         }
         // 1200 B fit a QUIC datagram on a 1500-byte path; 1472 B (a full-MTU IPv4 payload)
         // never do and ride the flow's stream throughout.
@@ -795,6 +809,69 @@ async fn udp(args: &Args, f: &mut Figures, b: &Backends, relay: &ProcRelay) -> R
     Ok(())
 }
 
+/// Flows held open by [`udp_flows`]: a DNS-like service sees one per client source port, each
+/// held for the udp_idle_timeout. Within the intermediate's `max_flows_per_agent` (1000).
+const UDP_FLOWS: usize = 900;
+
+/// Opens [`UDP_FLOWS`] UDP flows through the relay, one 32-byte datagram each from its own
+/// socket (echoed), keeps them open, and reports each daemon's resident memory per flow.
+async fn udp_flows(relay: &ProcRelay) -> Result<UdpFlows> {
+    let pids = [relay.agent.pid(), relay.im.pid(), relay.connector.pid()];
+    let rss = || pids.map(|p| rss_kib(p).unwrap_or(f64::NAN));
+    let before = rss();
+    let drops_before = relay.drop_snapshot().await;
+    let mut sockets = Vec::with_capacity(UDP_FLOWS);
+    let (mut answered, mut wrong) = (0, 0);
+    for chunk in 0..UDP_FLOWS.div_ceil(100) {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in 0..100.min(UDP_FLOWS - chunk * 100) {
+            let target = relay.ports.echo_udp;
+            batch.spawn(async move {
+                let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+                s.connect(target).await?;
+                let mut msg = [0u8; 32];
+                msg[..8].copy_from_slice(&((chunk * 100 + i) as u64).to_be_bytes());
+                let mut buf = [0u8; 64];
+                // 0: no answer, 1: its own datagram back, 2: another's.
+                let mut got = 0;
+                for _ in 0..3 {
+                    s.send(&msg).await?;
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_millis(1000), s.recv(&mut buf)).await
+                    {
+                        got = if buf[..n] == msg { 1 } else { 2 };
+                        break;
+                    }
+                }
+                anyhow::Ok((s, got))
+            });
+        }
+        while let Some(r) = batch.join_next().await {
+            let (s, got) = r??;
+            answered += usize::from(got == 1);
+            wrong += usize::from(got == 2);
+            sockets.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss();
+    drop(sockets);
+    let drops = relays::snapshot_deltas(&drops_before, &relay.drop_snapshot().await);
+    let kib = [0, 1, 2].map(|i| (after[i] - before[i]) / UDP_FLOWS as f64);
+    progress(&format!(
+        "udp flows: {answered}/{UDP_FLOWS} answered ({wrong} with another flow's datagram); KiB \
+         per flow: agent {:.1}, intermediate {:.1}, connector {:.1}",
+        kib[0], kib[1], kib[2]
+    ));
+    Ok(UdpFlows {
+        flows: UDP_FLOWS,
+        answered,
+        wrong,
+        kib,
+        drops,
+    })
+}
+
 /// Burst then steady: `size`-byte datagrams at 100 Mbit/s through delay proxies (no delay) on both
 /// hops: 1 s clean, 1 s with 30 % loss on both hops (in runs of 1..=`run` datagrams), 5 s clean
 /// again. Whether a burst collapses the MTU is a matter of chance (quinn's black-hole detection
@@ -1076,6 +1153,18 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             if !u.drops.is_empty() {
                 println!("      drops: {}", u.drops.join("; "));
             }
+        }
+    }
+    if let Some(u) = &f.udp_flows {
+        println!();
+        println!(
+            "UDP, {} flows opened 100 at a time, one 32-byte datagram each (retried twice after \
+             1 s), held open: {} answered, {} with another flow's datagram; resident memory per \
+             flow: agent {:.1} KiB, intermediate {:.1} KiB, connector {:.1} KiB",
+            u.flows, u.answered, u.wrong, u.kib[0], u.kib[1], u.kib[2]
+        );
+        if !u.drops.is_empty() {
+            println!("      drops: {}", u.drops.join("; "));
         }
     }
     for (trial, bu) in f.burst.iter().enumerate() {
