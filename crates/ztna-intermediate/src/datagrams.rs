@@ -14,7 +14,7 @@ use ztna_proto::datagram;
 use crate::registry::Peer;
 use crate::state::Shared;
 
-const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Relays `peer`'s datagrams until its connection ends; returns why it ended.
 pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'static str) -> String {

@@ -414,8 +414,9 @@ async fn relay_udp(
     );
     let idle = shared.config.udp_idle_timeout;
     let ended = {
-        let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, guard);
-        let down = forward_frames(c_recv, to_a_rx, &mut a_send, &down_n, guard);
+        let full = m.datagrams_dropped.with_label_values(&["stream_full"]);
+        let up = forward_frames(a_recv, to_c_rx, &mut c_send, &up_n, &full, guard);
+        let down = forward_frames(c_recv, to_a_rx, &mut a_send, &down_n, &full, guard);
         tokio::select! {
             _ = async { tokio::join!(up, down) } => None,
             _ = guard.cancel.cancelled() => Some(guard.code.get()),
@@ -431,48 +432,86 @@ async fn relay_udp(
     debug!(end = ?ended, "udp flow ended");
 }
 
+/// Payloads of one direction of a UDP flow's stream read from the sender and not yet written
+/// to the receiver. Beyond them, payloads are dropped (`stream_full`), as UDP may be.
+const STREAM_QUEUE: usize = 64;
+
 /// Passes one direction of a UDP flow's stream on: raw frames (oversized payloads) from the
 /// sender, plus those the datagram relay could not send as datagrams on the next hop (counted
 /// in `carried`; their bytes were counted by the datagram relay). The sender's frames count in
 /// `bytes`, the relay's UDP payload bytes, like its datagrams.
+///
+/// The sender's stream is read whether or not the receiver keeps up: what the receiver does not
+/// take is queued (at most [`STREAM_QUEUE`] payloads), then dropped and counted in `dropped`.
+/// Waiting for the receiver instead would leave the sender's data in our receive window: an
+/// agent that never reads its UDP flows would fill the window of the connector connection that
+/// every agent's flows to that connector share (UDP flows have no flow credit).
 async fn forward_frames(
     mut from: FramedRecv,
     mut overflow: mpsc::Receiver<Bytes>,
     to: &mut SendStream,
     (carried, bytes): &(prometheus::IntCounter, prometheus::IntCounter),
+    dropped: &prometheus::IntCounter,
     guard: &FlowGuard<FlowMeta>,
 ) {
-    let mut overflow_open = true;
-    loop {
-        let payload = tokio::select! {
-            f = from.next_frame() => match f {
+    let (queue, mut queued) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    // How the sender's side ended: None finished, Some(code) reset.
+    let read = async move {
+        loop {
+            match from.next_frame().await {
                 Ok(Some(p)) => {
-                    bytes.inc_by(p.len() as u64);
-                    p
+                    guard.activity.touch();
+                    let n = p.len() as u64;
+                    match queue.try_send(p) {
+                        Ok(()) => bytes.inc_by(n),
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            dropped.inc();
+                            ztna_node::warn_limited!(crate::datagrams::DROP_LOG_EVERY, size = n, "UDP payload dropped: too large for a datagram and the flow's stream queue is full (the receiver does not keep up)");
+                        }
+                        // The receiver's side ended: nothing more goes there.
+                        Err(mpsc::error::TrySendError::Closed(_)) => return None,
+                    }
                 }
-                Ok(None) => {
-                    let _ = to.finish();
-                    return;
-                }
-                Err(e) => {
-                    let _ = to.reset(VarInt::from_u32(e.code()));
-                    return;
-                }
-            },
-            p = overflow.recv(), if overflow_open => match p {
-                Some(p) => {
-                    carried.inc();
-                    p
-                }
-                None => {
-                    overflow_open = false;
-                    continue;
-                }
-            },
-        };
-        guard.activity.touch();
-        if write_raw_frame(to, payload).await.is_err() {
-            return;
+                Ok(None) => return None,
+                Err(e) => return Some(e.code()),
+            }
         }
+    };
+    // Owns the queue's receiving end: when the receiver's side fails, the reading stops too.
+    let to_w = &mut *to;
+    let write = async move {
+        let mut overflow_open = true;
+        loop {
+            let payload = tokio::select! {
+                p = queued.recv() => match p {
+                    Some(p) => p,
+                    None => return true,
+                },
+                p = overflow.recv(), if overflow_open => match p {
+                    Some(p) => {
+                        carried.inc();
+                        p
+                    }
+                    None => {
+                        overflow_open = false;
+                        continue;
+                    }
+                },
+            };
+            guard.activity.touch();
+            if write_raw_frame(to_w, payload).await.is_err() {
+                return false;
+            }
+        }
+    };
+    let (reset, written) = tokio::join!(read, write);
+    match reset {
+        Some(code) => {
+            let _ = to.reset(VarInt::from_u32(code));
+        }
+        None if written => {
+            let _ = to.finish();
+        }
+        None => {}
     }
 }

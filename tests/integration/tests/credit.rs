@@ -353,3 +353,108 @@ async fn connectors_without_flow_credit_get_flows_in_the_old_format() {
     let back = tokio::time::timeout(T, client).await.unwrap().unwrap();
     assert_eq!(&back, b"pong");
 }
+
+/// A UDP backend that answers every datagram with `count` datagrams of 8 KiB (too large for a
+/// QUIC datagram: they ride the flow's stream).
+async fn udp_blaster(count: usize) -> (SocketAddr, JoinHandle<()>) {
+    let s = Arc::new(tokio::net::UdpSocket::bind(loopback0()).await.unwrap());
+    let addr = s.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = s.recv_from(&mut buf).await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let big = vec![0xabu8; 8192];
+                for _ in 0..count {
+                    if s.send_to(&big, from).await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Mallory (a crafted agent) opens UDP flows to a backend that answers with a flood of 8 KiB
+/// datagrams, too large for QUIC datagrams, so they ride each flow's stream, and never reads
+/// those streams. UDP flows have no flow credit: the relay must not let her unread payloads
+/// fill the connector connection's window that alice's flows share. It drops what she does not
+/// take (`stream_full`), and alice's round trips through the same connector keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_udp_streams_of_one_agent_do_not_stop_another_agents_flows() {
+    use ztna_integration::hostile::{open_flow, FlowOutcome};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    // 8 flows x 4,000 x 8 KiB = 250 MiB offered: far past the 64 MiB connector window.
+    let (blaster, _b) = udp_blaster(4000).await;
+    let im = start_intermediate(&pki, open_policy(&["web", "blast"]));
+    let mut c = start_connector(
+        &pki,
+        "shared-1",
+        &[im.addr],
+        &[("web", Some(echo), None), ("blast", None, Some(blaster))],
+    );
+    c.wait_registered(1).await;
+    let mut alice = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    alice
+        .wait_status("web", ztna_proto::ServiceState::Available)
+        .await;
+    let (_ep, conn) = raw_connect(&pki.issue("agent", "mallory"), Role::Agent, im.addr)
+        .await
+        .expect("connect");
+    let (mut send, recv) = conn.open_bi().await.expect("control stream");
+    let _control = FramedRecv::new(recv);
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Agent,
+        software: "mallory".into(),
+        watch: vec!["blast".into()],
+    };
+    write_frame(&mut send, &hello).await.unwrap();
+    let mut held = Vec::new();
+    let mut arena = bytes::BytesMut::new();
+    for flow_id in 1..=8u64 {
+        let open = FlowOpen {
+            service: "blast".into(),
+            protocol: Protocol::Udp,
+            flow_id,
+        };
+        match open_flow(&conn, &open, false, T).await {
+            FlowOutcome::Accepted(s, r) => held.push((s, r)),
+            _ => panic!("mallory's UDP flow {flow_id} was not accepted"),
+        }
+        let go = ztna_proto::datagram::encode_into(&mut arena, flow_id, b"go").unwrap();
+        conn.send_datagram(go).unwrap();
+    }
+    let relayed = until_stable(|| {
+        metric(
+            &c.daemon.metrics.common.render(),
+            "ztna_connector_bytes_total",
+            &[("service", "blast"), ("direction", "to_agent")],
+        )
+    })
+    .await;
+    let (ok, worst) = victim(alice.port("web", Protocol::Tcp), 20, Duration::from_secs(3)).await;
+    let dropped = metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_datagrams_dropped_total",
+        &[("reason", "stream_full")],
+    );
+    println!(
+        "MEASURED mallory's 8 unread UDP flows: {} MiB sent by the connector, {dropped} payloads \
+         dropped at the relay (stream_full); alice: {ok}/20 round trips, slowest {worst:?}",
+        relayed as u64 >> 20
+    );
+    assert_eq!(
+        ok, 20,
+        "alice's flows on the shared connector stalled (slowest {worst:?})"
+    );
+    assert!(dropped > 0.0, "nothing was dropped for mallory");
+    drop(held);
+    alice.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
