@@ -28,20 +28,25 @@ pub(crate) async fn supervise(
     let span = info_span!("intermediate", %target);
     async move {
         let mut backoff = Reconnect::new(BackoffPolicy::default());
-        let mut attempt = 0u64;
+        // Whether a connection to this intermediate was up before.
+        let mut was_up = false;
         loop {
             if stop.is_cancelled() || shared.is_draining() {
                 return;
             }
-            // Polling an intermediate that drained for a restart is one reconnect, however many
-            // polls it takes (a routine restart must not look like a reconnect storm).
-            if attempt > 0 && !backoff.is_repeat_poll() {
-                shared.metrics.reconnects.inc();
-            }
-            attempt += 1;
             let limit = backoff.attempt_limit();
             let ended = match client::connect(&endpoint, &shared.client(), &target, limit).await {
-                Ok(conn) => serve(&shared, conn, idx, &stop).await,
+                Ok(conn) => {
+                    // A reconnect is a connection up again after one was lost: an intermediate
+                    // that is down and polled in vain counts when it is back, once (so does a
+                    // restart after a drain), and a flapping one counts every time. Failed
+                    // attempts show in the backoff gauge and in intermediates_connected.
+                    if was_up {
+                        shared.metrics.reconnects.inc();
+                    }
+                    was_up = true;
+                    serve(&shared, conn, idx, &stop).await
+                }
                 Err(reason) => {
                     warn!(%reason, "cannot connect to intermediate");
                     Ended::default()

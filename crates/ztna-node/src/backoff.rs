@@ -71,8 +71,6 @@ pub struct Reconnect {
     /// While polling: the shortest attempt, two round trips of the connection that drained (a
     /// relay's first answer must be able to arrive within an attempt on a long path).
     poll_floor: Duration,
-    /// The next attempt repeats a poll that failed (see [`Reconnect::is_repeat_poll`]).
-    repeat_poll: bool,
 }
 
 impl Reconnect {
@@ -83,7 +81,6 @@ impl Reconnect {
             planned_until: None,
             poll: None,
             poll_floor: Duration::ZERO,
-            repeat_poll: false,
         }
     }
 
@@ -101,7 +98,6 @@ impl Reconnect {
         self.iter = Self::build(&self.policy);
         self.planned_until = None;
         self.poll = None;
-        self.repeat_poll = false;
     }
 
     /// The peer drained on purpose: it is restarting, so poll it at the planned interval until it
@@ -133,13 +129,6 @@ impl Reconnect {
         }
     }
 
-    /// True when the next attempt repeats a poll of a restarting peer that has not answered yet:
-    /// one planned restart is one reconnect however many polls it takes, so counters of
-    /// reconnects (and the alerts on them) count only the first.
-    pub fn is_repeat_poll(&self) -> bool {
-        self.repeat_poll && self.is_planned()
-    }
-
     /// Delay before the next attempt, given when the last connection was established (if it was).
     /// While polling, a failed attempt from [`Reconnect::attempt_limit`] is followed by the next
     /// one a poll interval after it started (at once after one that used its whole interval; an
@@ -147,10 +136,9 @@ impl Reconnect {
     pub fn next_delay(&mut self, connected_since: Option<Instant>) -> Duration {
         match self.poll.take() {
             Some((started, p)) if connected_since.is_none() && self.is_planned() => {
-                self.repeat_poll = true;
                 return p.saturating_sub(started.elapsed());
             }
-            _ => self.repeat_poll = false,
+            _ => {}
         }
         if connected_since.is_some_and(|t| t.elapsed() >= self.policy.healthy_after) {
             self.iter = Self::build(&self.policy);
@@ -235,10 +223,6 @@ mod tests {
         // Not polling: the full handshake timeout.
         assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
         r.planned(Duration::from_millis(1));
-        assert!(
-            !r.is_repeat_poll(),
-            "the first poll after a drain is a reconnect"
-        );
         for _ in 0..50 {
             // One refused at once: the next one a poll interval after it started.
             let limit = r.attempt_limit();
@@ -251,7 +235,6 @@ mod tests {
                 d <= limit && d + Duration::from_millis(50) >= limit,
                 "{d:?} {limit:?}"
             );
-            assert!(r.is_repeat_poll());
         }
         // An attempt that used its whole interval: the next one starts at once.
         let limit = r.attempt_limit();
@@ -261,7 +244,6 @@ mod tests {
         r.attempt_limit();
         let d = r.next_delay(Some(Instant::now()));
         assert!(d >= Duration::from_millis(500), "{d:?}");
-        assert!(!r.is_repeat_poll());
         r.reset();
         assert_eq!(r.attempt_limit(), CONNECT_TIMEOUT);
         // After a drain on a 900 ms path, each attempt has time for the relay's first answer.
