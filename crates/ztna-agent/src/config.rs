@@ -213,6 +213,13 @@ impl Config {
         if self.connection_window < 64 * 1024 {
             return Err(("connection_window".into(), "must be at least 64KiB".into()));
         }
+        if self.udp_idle_timeout < Duration::from_secs(1) {
+            return Err(("udp_idle_timeout".into(), "must be at least 1s".into()));
+        }
+        // 0s would refuse every local connection at once while the config passed.
+        if self.open_timeout < Duration::from_millis(100) {
+            return Err(("open_timeout".into(), "must be at least 100ms".into()));
+        }
         Ok(())
     }
 
@@ -244,5 +251,27 @@ mod tests {
             .contains("tcp or udp"));
         assert!(Forward::parse("tcp:127.0.0.1=web").is_err());
         assert!(Forward::parse("tcp:127.0.0.1:80=").is_err());
+    }
+
+    fn with(extra: &str) -> Result<(), (String, String)> {
+        let text = format!(
+            "intermediates = [\"relay:4433\"]\n{extra}\n[[forward]]\nservice = \"web\"\nprotocol = \"tcp\"\n\
+             listen = \"127.0.0.1:8080\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n"
+        );
+        let cfg: Config = toml::from_str(&text).map_err(|e| ("parse".into(), e.to_string()))?;
+        cfg.validate()
+    }
+
+    /// Timeouts that would make every flow fail at once are refused by --check-config, with
+    /// the key named.
+    #[test]
+    fn timeouts_that_end_every_flow_are_refused() {
+        assert_eq!(with(""), Ok(()));
+        for (line, key) in [
+            ("udp_idle_timeout = \"0s\"", "udp_idle_timeout"),
+            ("open_timeout = \"0s\"", "open_timeout"),
+        ] {
+            assert_eq!(with(line).map_err(|e| e.0), Err(key.to_string()), "{line}");
+        }
     }
 }

@@ -203,8 +203,17 @@ impl Config {
                 "must be at least 1 (p2p = false turns direct paths off)".into(),
             ));
         }
-        if self.tcp_idle_timeout < Duration::from_secs(1) {
-            return Err(("tcp_idle_timeout".into(), "must be at least 1s".into()));
+        for (key, v) in [
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
+            ("udp_idle_timeout", self.udp_idle_timeout),
+        ] {
+            if v < Duration::from_secs(1) {
+                return Err((key.into(), "must be at least 1s".into()));
+            }
+        }
+        // 0s would refuse every flow ("connect_timeout used up") while the config passed.
+        if self.connect_timeout < Duration::from_millis(100) {
+            return Err(("connect_timeout".into(), "must be at least 100ms".into()));
         }
         if self.stream_window < 64 * 1024 {
             return Err(("stream_window".into(), "must be at least 64KiB".into()));
@@ -225,5 +234,37 @@ impl Config {
             connection_window: self.connection_window,
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(extra: &str) -> Result<(), (String, String)> {
+        let text = format!(
+            "intermediates = [\"relay:4433\"]\n{extra}\n[[service]]\nname = \"web\"\n\
+             tcp = \"127.0.0.1:8080\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n"
+        );
+        let cfg: Config = toml::from_str(&text).map_err(|e| ("parse".into(), e.to_string()))?;
+        cfg.validate()
+    }
+
+    /// Timeouts that would make every flow fail at once are refused by --check-config, with
+    /// the key named.
+    #[test]
+    fn timeouts_that_end_every_flow_are_refused() {
+        assert_eq!(with(""), Ok(()));
+        for (line, key) in [
+            ("udp_idle_timeout = \"0s\"", "udp_idle_timeout"),
+            ("tcp_idle_timeout = \"500ms\"", "tcp_idle_timeout"),
+            ("connect_timeout = \"0s\"", "connect_timeout"),
+        ] {
+            assert_eq!(with(line).map_err(|e| e.0), Err(key.to_string()), "{line}");
+        }
+        assert_eq!(
+            with("udp_idle_timeout = \"1s\"\nconnect_timeout = \"100ms\""),
+            Ok(())
+        );
     }
 }
