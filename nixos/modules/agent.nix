@@ -52,4 +52,11 @@ import ./daemon.nix {
         message = "services.ztna.agent.settings.forward must list at least one local port.";
       }
     ];
+
+  extraConfig =
+    { lib, cfg }:
+    {
+      # A local port below 1024 (a DNS forward on :53, say) needs CAP_NET_BIND_SERVICE.
+      bindsPrivilegedPort = lib.any (f: lib.toInt (lib.last (lib.splitString ":" f.listen)) < 1024) cfg.settings.forward;
+    };
 }

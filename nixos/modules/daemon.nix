@@ -167,6 +167,10 @@ in
             message = "services.ztna.${role}: caFile, certFile and keyFile must be absolute paths.";
           }
           {
+            assertion = cfg.settings.drain_timeout == "${toString cfg.drainTimeout}s";
+            message = "services.ztna.${role}: set drainTimeout (seconds; now ${toString cfg.drainTimeout}) rather than settings.drain_timeout (${cfg.settings.drain_timeout}): the unit's TimeoutStopSec follows drainTimeout, and systemd would kill a longer drain.";
+          }
+          {
             assertion = cfg.openOpsFirewall -> !opsIsLoopback;
             message = "services.ztna.${role}.openOpsFirewall: settings.ops_listen (${cfg.settings.ops_listen}) is a loopback address, so no other host can scrape it; listen on e.g. 0.0.0.0:${toString ops.port}.";
           }
@@ -203,7 +207,8 @@ in
           };
           drainTimeoutSec = cfg.drainTimeout;
           inherit (cfg) watchdogSec limitNOFILE;
-          bindsPrivilegedPort = extra.bindsPrivilegedPort or false;
+          # Its own listening ports, or the ops endpoint's, below 1024.
+          bindsPrivilegedPort = (extra.bindsPrivilegedPort or false) || ops.port < 1024;
           killCommand = "${pkgs.coreutils}/bin/kill";
         };
       }

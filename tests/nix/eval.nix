@@ -123,6 +123,7 @@ let
     nixos-modules-dir-and-flake = x86 [ (repo + "/nixos/modules/default.nix") mods.default (relay { package = self.packages.x86_64-linux.ztna-intermediate; }) ];
   };
   privileged = x86 [ mods.intermediate (relay { settings.listen = "0.0.0.0:443"; settings.policy = policy; openFirewall = true; }) ];
+  dnsAgent = x86 [ mods.agent (agent { settings = { intermediates = [ "relay:4433" ]; forward = [{ service = "dns"; protocol = "udp"; listen = "127.0.0.1:53"; }]; }; }) ];
   cross = host "aarch64-linux" [{ nixpkgs.buildPlatform = "x86_64-linux"; } mods.intermediate (relay { })];
   nixosTests = lib.filterAttrs (n: _: lib.hasPrefix "nixos-" n) self.checks.x86_64-linux;
   testNodes = lib.concatMapAttrs (t: drv: lib.mapAttrs' (n: v: lib.nameValuePair "${t}.${n}" v) drv.nodes) nixosTests;
@@ -196,12 +197,15 @@ let
           (expect (unitValue u "PrivateUsers" == "false") "port 443: PrivateUsers=false (got ${toString (unitValue u "PrivateUsers")})")
           (expect (unitValue u4433 "PrivateUsers" == "true" && unitValue u4433 "CapabilityBoundingSet" == "") "port 4433: PrivateUsers=true, no capability")
           (expect (privileged.config.networking.firewall.allowedUDPPorts == [ 443 ]) "openFirewall opens UDP 443")
+          (expect (let a = (units dnsAgent).ztna-agent; in unitValue a "AmbientCapabilities" == "CAP_NET_BIND_SERVICE" && unitValue a "PrivateUsers" == "false") "an agent forwarding 127.0.0.1:53: CAP_NET_BIND_SERVICE, PrivateUsers=false")
+          (expect (let a = (units alone.agent).ztna-agent; in unitValue a "PrivateUsers" == "true" && unitValue a "CapabilityBoundingSet" == "") "an agent forwarding :8080: PrivateUsers=true, no capability")
+          (expect (let c = (units (x86 [ mods.connector (connector { settings = { intermediates = [ "relay:4433" ]; service = [{ name = "web"; tcp = "127.0.0.1:8080"; }]; ops_listen = "0.0.0.0:443"; }; }) ])).ztna-connector; in unitValue c "AmbientCapabilities" == "CAP_NET_BIND_SERVICE") "a connector with ops_listen on :443: CAP_NET_BIND_SERVICE")
         ]
         ++ lib.mapAttrsToList
           (n: t: expect (lib.hasPrefix "CAP_" (toString (unitValue t "AmbientCapabilities")) -> unitValue t "PrivateUsers" == "false") "${n}: a capability together with PrivateUsers=true is useless")
           allUnits
       )
-      "listen 0.0.0.0:443 renders CAP_NET_BIND_SERVICE with PrivateUsers=false; :4433 PrivateUsers=true and no capability; no unit of ${toString (builtins.length (attrNames allUnits))} grants a capability inside a private user namespace";
+      "listen 0.0.0.0:443, an agent forward on :53 and a connector's ops_listen on :443 render CAP_NET_BIND_SERVICE with PrivateUsers=false; :4433 and :8080 PrivateUsers=true and no capability; no unit of ${toString (builtins.length (attrNames allUnits))} grants a capability inside a private user namespace";
 
     # nixos-rebuild switch: a change of the intermediate's policy alone reloads the unit (SIGHUP
     # applies it and keeps every connection); any other change restarts it (a drain). The unit
@@ -362,6 +366,10 @@ let
             "services.ztna.intermediate.settings.policy is empty: every registration and flow would be denied."
           ]) "intermediate assertion")
         (expect (!(builtins.tryEval (toplevel (x86 [ mods.intermediate { services.ztna.intermediate = secrets // { enable = true; }; } ]))).success) "a failed assertion fails the system build")
+        (expect
+          (failedAssertions (x86 [ mods.intermediate (relay { settings = { inherit policy; drain_timeout = "5m"; }; }) ]) == [
+            "services.ztna.intermediate: set drainTimeout (seconds; now 30) rather than settings.drain_timeout (5m): the unit's TimeoutStopSec follows drainTimeout, and systemd would kill a longer drain."
+          ]) "settings.drain_timeout apart from drainTimeout")
       ]
       "impossible combinations fail with their message";
 
