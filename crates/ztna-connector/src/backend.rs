@@ -3,7 +3,9 @@
 //!
 //! An IP literal is used as it is, without a lookup. A host name is resolved when a flow opens,
 //! through a small cache (30 s for an answer, 5 s for a failure), so a DNS change is picked up
-//! within the TTL and a burst of flows makes one lookup, not one each. TCP tries every address
+//! within the TTL and a burst of flows makes one lookup, not one each. When a name stops
+//! resolving (the resolver is down, or does not answer), the last good answer is used for up to
+//! an hour: a DNS outage does not become a backend outage. TCP tries every address
 //! in the resolver's order, each within what is left of `connect_timeout`; UDP uses the first
 //! address, and the flow's socket is connected to it (the injection defence stays as it is).
 
@@ -83,12 +85,21 @@ type Lookup = Arc<dyn Fn(String, u16) -> LookupFuture + Send + Sync>;
 
 /// How long an answer is used before the name is looked up again.
 pub const TTL: Duration = Duration::from_secs(30);
-/// How long a failed lookup is remembered (flows are refused at once meanwhile).
+/// How long a failed lookup is remembered (flows are refused at once meanwhile, unless there is
+/// a last good answer to use).
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// How long the last good answer is used while the name does not resolve.
+pub const STALE_TTL: Duration = Duration::from_secs(3600);
+/// A lookup that has not answered in this long has failed (and is remembered as failed).
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a flow waits for a fresh answer when a last good one is there to fall back on.
+const STALE_WAIT: Duration = Duration::from_millis(500);
 
 type Answer = (Instant, Result<Arc<[SocketAddr]>, String>);
 /// (host, port) → the answer, or the lookup in progress.
 type Cache = HashMap<(String, u16), Arc<OnceCell<Answer>>>;
+/// (host, port) → the last answer that had addresses, and when it came.
+type Good = HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>;
 
 /// Resolves backend host names, with a cache; one lookup per name at a time. Cheap to clone.
 #[derive(Clone)]
@@ -96,8 +107,10 @@ pub struct Resolver {
     lookup: Lookup,
     ttl: Duration,
     negative_ttl: Duration,
+    stale_ttl: Duration,
     /// Keys come from the configuration, so the table stays as small as the list of services.
     cache: Arc<Mutex<Cache>>,
+    good: Arc<Mutex<Good>>,
 }
 
 impl Default for Resolver {
@@ -126,8 +139,16 @@ impl Resolver {
             lookup: Arc::new(lookup),
             ttl: TTL,
             negative_ttl: NEGATIVE_TTL,
+            stale_ttl: STALE_TTL,
             cache: Arc::default(),
+            good: Arc::default(),
         }
+    }
+
+    /// Another limit than [`STALE_TTL`] on how long a last good answer is used.
+    pub fn with_stale_ttl(mut self, stale: Duration) -> Resolver {
+        self.stale_ttl = stale;
+        self
     }
 
     /// Other cache lifetimes than [`TTL`] and [`NEGATIVE_TTL`].
@@ -179,6 +200,11 @@ impl Resolver {
 
     /// The addresses of `backend`, in order of preference, within `limit`. An IP literal comes
     /// back at once. The error names the host and says why.
+    ///
+    /// When the answer in the cache has expired, a new lookup runs on a task of its own (a flow
+    /// that stops waiting does not cancel it: the next flow gets its answer). With a last good
+    /// answer younger than the stale limit, a flow waits at most [`STALE_WAIT`] for the new one
+    /// and otherwise, or when the lookup fails, is given the last good answer.
     pub async fn resolve(
         &self,
         backend: &Backend,
@@ -199,38 +225,86 @@ impl Resolver {
                 Some(c) => c.clone(),
                 None => {
                     let c = Arc::new(OnceCell::new());
-                    cache.insert(key, c.clone());
+                    cache.insert(key.clone(), c.clone());
                     c
                 }
             }
         };
-        let lookup = async {
-            let found = (self.lookup)(backend.host.clone(), backend.port).await;
-            let answer = match found {
-                Ok(addrs) => {
-                    let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
-                    for a in addrs {
-                        if !unique.contains(&a) {
-                            unique.push(a);
-                        }
-                    }
-                    if unique.is_empty() {
-                        Err(format!("{} resolves to no address", backend.host))
-                    } else {
-                        Ok(Arc::from(unique))
-                    }
-                }
-                Err(e) => Err(format!("cannot resolve {}: {e}", backend.host)),
-            };
-            (Instant::now(), answer)
+        let stale = ztna_node::lock(&self.good)
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < self.stale_ttl)
+            .map(|(_, a)| a.clone());
+        let answer = match cell.get() {
+            Some(a) => Some(a.clone()),
+            None => {
+                let task = tokio::spawn(self.lookup_into(cell, key, backend.host.clone()));
+                let wait = match stale {
+                    Some(_) => STALE_WAIT.min(limit),
+                    None => limit,
+                };
+                tokio::time::timeout(wait, task)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+            }
         };
-        match tokio::time::timeout(limit, cell.get_or_init(|| lookup)).await {
-            Ok((_, Ok(addrs))) => Ok(addrs.to_vec()),
-            Ok((_, Err(why))) => Err(why.clone()),
-            Err(_) => Err(format!(
+        match (answer, stale) {
+            (Some((_, Ok(addrs))), _) => Ok(addrs.to_vec()),
+            (answer, Some(stale)) => {
+                let why = match answer {
+                    Some((_, Err(why))) => why,
+                    _ => format!("no answer within {STALE_WAIT:?}"),
+                };
+                ztna_node::warn_limited!(Duration::from_secs(10), backend = %backend, why = %why, "the backend's name does not resolve now; using its last good addresses");
+                Ok(stale.to_vec())
+            }
+            (Some((_, Err(why))), None) => Err(why),
+            (None, None) => Err(format!(
                 "cannot resolve {}: no answer within {limit:?}",
                 backend.host
             )),
+        }
+    }
+
+    /// Looks `key` up into `cell` (unless another lookup already filled it) within
+    /// [`LOOKUP_TIMEOUT`], keeping an answer with addresses as the last good one. Returns what
+    /// the cell holds.
+    fn lookup_into(
+        &self,
+        cell: Arc<OnceCell<Answer>>,
+        key: (String, u16),
+        host: String,
+    ) -> impl Future<Output = Answer> + Send + 'static {
+        let (lookup, good) = (self.lookup.clone(), self.good.clone());
+        async move {
+            cell.get_or_init(|| async {
+                let found =
+                    tokio::time::timeout(LOOKUP_TIMEOUT, (lookup)(key.0.clone(), key.1)).await;
+                let answer = match found {
+                    Ok(Ok(addrs)) => {
+                        let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+                        for a in addrs {
+                            if !unique.contains(&a) {
+                                unique.push(a);
+                            }
+                        }
+                        if unique.is_empty() {
+                            Err(format!("{host} resolves to no address"))
+                        } else {
+                            let unique: Arc<[SocketAddr]> = Arc::from(unique);
+                            ztna_node::lock(&good).insert(key, (Instant::now(), unique.clone()));
+                            Ok(unique)
+                        }
+                    }
+                    Ok(Err(e)) => Err(format!("cannot resolve {host}: {e}")),
+                    Err(_) => Err(format!(
+                        "cannot resolve {host}: no answer within {LOOKUP_TIMEOUT:?}"
+                    )),
+                };
+                (Instant::now(), answer)
+            })
+            .await
+            .clone()
         }
     }
 }
@@ -412,6 +486,68 @@ mod tests {
             e.contains("slow.test") && e.contains("no answer within 300ms"),
             "{e}"
         );
+    }
+
+    /// A DNS outage is not a backend outage: once the name stops resolving (its lookups fail,
+    /// or hang), flows get the last good addresses, at once or after at most STALE_WAIT, until
+    /// the stale limit; then the lookup's error. A name never resolved has nothing to fall back on.
+    #[tokio::test]
+    async fn a_name_that_stops_resolving_keeps_its_last_good_addresses() {
+        // 0: answers, 1: fails, 2: hangs.
+        let mode = Arc::new(AtomicUsize::new(0));
+        let m = mode.clone();
+        let r = Resolver::with_lookup(move |_, port| {
+            let mode = m.load(Ordering::SeqCst);
+            Box::pin(async move {
+                match mode {
+                    0 => Ok(vec![SocketAddr::new(LOOPBACK, port)]),
+                    1 => Err(std::io::Error::other(
+                        "Temporary failure in name resolution",
+                    )),
+                    _ => std::future::pending().await,
+                }
+            })
+        })
+        .with_ttl(Duration::from_millis(100), Duration::from_millis(100))
+        .with_stale_ttl(Duration::from_secs(2));
+        let db = Backend::parse("db.test:5432").unwrap();
+        let limit = Duration::from_secs(5);
+        let good = vec!["127.0.0.1:5432".parse::<SocketAddr>().unwrap()];
+        assert_eq!(r.resolve(&db, limit).await.unwrap(), good);
+        mode.store(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t0 = Instant::now();
+        assert_eq!(r.resolve(&db, limit).await.unwrap(), good, "lookup failing");
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t0.elapsed()
+        );
+        // Past the stale limit the lookup's failure shows.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let e = r.resolve(&db, limit).await.unwrap_err();
+        assert!(e.contains("Temporary failure"), "{e}");
+        // A name never resolved has no last good answer.
+        let other = Backend::parse("other.test:5432").unwrap();
+        assert!(r.resolve(&other, limit).await.is_err());
+        // Back: fresh answers again; then a lookup that hangs.
+        mode.store(0, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(r.resolve(&db, limit).await.unwrap(), good);
+        mode.store(2, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t0 = Instant::now();
+        assert_eq!(r.resolve(&db, limit).await.unwrap(), good, "lookup hanging");
+        let waited = t0.elapsed();
+        assert!(
+            waited >= STALE_WAIT && waited < STALE_WAIT + Duration::from_millis(300),
+            "{waited:?}"
+        );
+        // The next flow does not start a lookup of its own: the hanging one is still under
+        // way, and it waits for it as long (one lookup per name at a time).
+        let t0 = Instant::now();
+        assert_eq!(r.resolve(&db, limit).await.unwrap(), good);
+        assert!(t0.elapsed() >= STALE_WAIT, "{:?}", t0.elapsed());
     }
 
     #[tokio::test]
