@@ -337,8 +337,14 @@ pub async fn connect_tcp(
                 }
                 return Ok((s, *addr));
             }
-            Ok(Err(e)) => failures.push((*addr, format!("refused the connection: {e}"))),
-            Err(_) => failures.push((*addr, format!("did not answer within {limit:?}"))),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                failures.push((*addr, format!("refused the connection: {e}")))
+            }
+            Ok(Err(e)) => failures.push((*addr, format!("could not be reached: {e}"))),
+            Err(_) => failures.push((
+                *addr,
+                format!("did not answer within {left:.1?} (of connect_timeout {limit:?})"),
+            )),
         }
     }
     Err(match (backend.addr(), failures.as_slice()) {
