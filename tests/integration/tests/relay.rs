@@ -786,3 +786,58 @@ async fn a_udp_flow_counts_what_a_down_backend_refuses_and_outlives_it() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// An HTTP server refusing an upload early (413 after the first 4 KiB of 16 MiB), as nginx does:
+/// it answers, closes its side (FIN) and reads and discards the rest for a while (a lingering
+/// close). The client, still uploading, gets the whole answer and then the end of the stream,
+/// as it does without the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_response_to_an_upload_reaches_the_client() {
+    const ANSWER: &[u8] =
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    logs();
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(ANSWER).await;
+                let _ = s.shutdown().await;
+                let linger = async { while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
+            });
+        }
+    });
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let (c, a) = web_chain(&pki, im.addr, backend).await;
+    let port = a.port("web", Protocol::Tcp);
+    for i in 0..5 {
+        let (mut r, mut w) = tokio::net::TcpStream::connect(port)
+            .await
+            .unwrap()
+            .into_split();
+        let upload = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..256 {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got)).await;
+        upload.abort();
+        println!(
+            "MEASURED early answer {i}: {:?}, end {end:?}",
+            String::from_utf8_lossy(&got).lines().next()
+        );
+        assert_eq!(got, ANSWER, "upload {i}: the answer did not arrive whole");
+        assert!(matches!(end, Ok(Ok(_))), "upload {i}: {end:?}");
+    }
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
