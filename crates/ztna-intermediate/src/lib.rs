@@ -91,7 +91,7 @@ impl Handle {
 impl Intermediate {
     /// Loads the identity and binds the QUIC socket. Must be called inside a Tokio runtime.
     pub fn bind(config: Config) -> Result<Intermediate, StartError> {
-        let identity = Identity::load(&config.tls, Role::Intermediate)?;
+        let (identity, _) = Identity::load_verified(&config.tls, Role::Intermediate)?;
         let server = ztna_node::transport::server_config(
             &identity,
             &[Role::Agent, Role::Connector],

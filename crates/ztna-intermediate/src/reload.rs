@@ -24,7 +24,8 @@ use crate::state::Shared;
 
 pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
     new.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
-    let identity = Identity::load(&new.tls, Role::Intermediate).map_err(|e| e.to_string())?;
+    let (identity, _) =
+        Identity::load_verified(&new.tls, Role::Intermediate).map_err(|e| e.to_string())?;
     let server = ztna_node::transport::server_config(
         &identity,
         &[Role::Agent, Role::Connector],

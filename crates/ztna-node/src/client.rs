@@ -294,7 +294,7 @@ impl ClientTls {
         role: Role,
         opts: &crate::transport::TransportOptions,
     ) -> Result<(crate::Identity, quinn::ClientConfig), crate::identity::IdentityError> {
-        let identity = crate::Identity::load(tls, role)?;
+        let (identity, _) = crate::Identity::load_verified(tls, role)?;
         let config = crate::transport::client_config(&identity, Role::Intermediate, opts)?;
         Ok((identity, config))
     }

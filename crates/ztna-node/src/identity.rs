@@ -280,6 +280,14 @@ impl Identity {
     /// intermediate CA), inside its validity period, with the key usage and SPIFFE role
     /// `role` needs. Returns a one-line summary.
     pub fn check(tls: &TlsConfig, role: Role) -> Result<String, IdentityError> {
+        Self::load_verified(tls, role).map(|(_, summary)| summary)
+    }
+
+    /// [`Identity::load`], then the checks of [`Identity::check`]: what a daemon does at start
+    /// and on reload, so that it never runs (or reports ready) with a certificate every peer
+    /// would refuse: expired, not valid yet, or not issued by the configured CA. Returns the
+    /// identity and the one-line summary.
+    pub fn load_verified(tls: &TlsConfig, role: Role) -> Result<(Identity, String), IdentityError> {
         let identity = Self::load(tls, role)?;
         let path = TlsConfig::resolve(&tls.cert);
         let untrusted = |message: String| IdentityError::Untrusted {
@@ -320,12 +328,13 @@ impl Identity {
                 other => format!("refused by the CA in {}: {other}", ca.display()),
             })
         })?;
-        Ok(format!(
+        let summary = format!(
             "{} valid until {}, issued by the CA in {}",
             identity.id,
             validity.not_after,
             ca.display()
-        ))
+        );
+        Ok((identity, summary))
     }
 
     /// Builds an identity from DER parts (also used by tests and the demo).

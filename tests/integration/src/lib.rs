@@ -481,6 +481,18 @@ pub async fn start_agent_with(
     forwards: &[(&str, ForwardProtocol)],
     settings: &str,
 ) -> AgentHandle {
+    try_start_agent_with(tls, intermediates, forwards, settings)
+        .await
+        .expect("bind agent")
+}
+
+/// [`start_agent_with`], or why the agent refused to start.
+pub async fn try_start_agent_with(
+    tls: TlsConfig,
+    intermediates: &[SocketAddr],
+    forwards: &[(&str, ForwardProtocol)],
+    settings: &str,
+) -> Result<AgentHandle, String> {
     // Relay behaviour is what most tests check: direct paths are opt-in here (`p2p = true`).
     let defaults = "udp_idle_timeout = \"10s\"\nopen_timeout = \"5s\"\nops_listen = \"127.0.0.1:0\"\np2p = false";
     let text = client_toml(&tls, intermediates, defaults, settings);
@@ -493,14 +505,16 @@ pub async fn start_agent_with(
             listen: loopback0(),
         })
         .collect();
-    let agent = ztna_agent::Agent::bind(cfg).await.expect("bind agent");
+    let agent = ztna_agent::Agent::bind(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
     let ports = agent.local_addrs();
     let ops = agent.ops_addr().expect("ops addr");
     let metrics = agent.metrics();
     let relays = agent.relays();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
-    AgentHandle {
+    Ok(AgentHandle {
         ops,
         daemon: Daemon {
             metrics,
@@ -509,7 +523,7 @@ pub async fn start_agent_with(
         },
         ports,
         relays,
-    }
+    })
 }
 
 /// TCP echo backend. Echoes until the client half-closes, then closes its side.

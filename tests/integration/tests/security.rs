@@ -155,17 +155,15 @@ async fn foreign_ca_expired_and_wrong_role_are_refused_with_reasons() {
         .await
         .expect("expired cert accepted");
     assert!(err.contains("expired"), "{err}");
-    // The real agent with that certificate never gets a tunnel.
-    let old = start_agent_with(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)], "").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        metric(
-            &old.daemon.metrics.common.render(),
-            "ztna_agent_connected",
-            &[]
-        ),
-        0.0
-    );
+    // The real agent refuses to start with that certificate, and says why (it used to start,
+    // report itself up and never get a tunnel).
+    let why =
+        match try_start_agent_with(tls, &[w.im.addr], &[("web", ForwardProtocol::Tcp)], "").await {
+            Ok(_) => panic!("an agent started with an expired certificate"),
+            Err(why) => why,
+        };
+    println!("MEASURED agent start with an expired certificate: {why}");
+    assert!(why.contains("expired on"), "{why}");
 
     // An intermediate certificate may not be used as a client.
     let tls = w.pki.issue("intermediate", "rogue-relay");
@@ -518,4 +516,53 @@ async fn retry_under_handshake_load_lets_real_clients_through() {
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
+}
+
+/// An intermediate never starts, or takes a reload, with a certificate every peer would refuse:
+/// expired, or issued by another deployment's CA. (It used to start, answer /readyz with 200
+/// and pass a deploy's readiness gate while every peer refused it.) A refused reload keeps the
+/// running certificate, and peers keep connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_refuses_to_start_or_reload_with_a_certificate_peers_would_refuse() {
+    logs();
+    let pki = Pki::new();
+    let now = time::OffsetDateTime::now_utc();
+    let mut req = IssueRequest::new("intermediate", "stale");
+    req.validity = Validity {
+        not_before: now - time::Duration::days(10),
+        not_after: now - time::Duration::days(1),
+    };
+    let expired = pki.tls_for(&pki.ca.issue(&req).unwrap(), "stale");
+    let other = Pki::new();
+    let mut foreign = other.issue("intermediate", "relay");
+    foreign.ca = pki.ca_path.clone();
+    for (what, tls, want) in [
+        ("expired", expired.clone(), "expired on"),
+        ("another CA's", foreign.clone(), "not issued by the CA"),
+    ] {
+        let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+        cfg.tls = tls;
+        let why = match ztna_intermediate::Intermediate::bind(cfg) {
+            Ok(_) => panic!("an intermediate started with {what} certificate"),
+            Err(e) => e.to_string(),
+        };
+        println!("MEASURED start with {what} certificate: {why}");
+        assert!(why.contains(want), "{why}");
+    }
+    let base = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    let (addr, handle, stop, task) = reloadable_intermediate(base.clone());
+    for (what, tls) in [("expired", expired), ("another CA's", foreign)] {
+        let mut cfg = base.clone();
+        cfg.tls = tls;
+        let why = handle
+            .reload(cfg)
+            .expect_err("reload took a bad certificate");
+        println!("MEASURED reload with {what} certificate refused: {why}");
+    }
+    let (echo, _e) = tcp_echo().await;
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
