@@ -22,6 +22,11 @@ pub struct Config {
     pub bind: SocketAddr,
     #[serde(default = "default_udp_idle", with = "duration")]
     pub udp_idle_timeout: Duration,
+    /// A UDP flow whose client sent one datagram and got an answer (a DNS lookup: resolvers ask
+    /// each query from a new port) ends after this long without traffic, not
+    /// `udp_idle_timeout`: each such flow holds a slot of the relay's `max_flows_per_agent`.
+    #[serde(default = "default_udp_query_idle", with = "duration")]
+    pub udp_query_idle_timeout: Duration,
     /// How long a new local connection may wait for a tunnel (at startup or during failover)
     /// before it is refused.
     #[serde(default = "default_open_timeout", with = "duration")]
@@ -132,6 +137,9 @@ fn default_bind() -> SocketAddr {
 fn default_udp_idle() -> Duration {
     Duration::from_secs(60)
 }
+fn default_udp_query_idle() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_open_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -216,6 +224,12 @@ impl Config {
         if self.udp_idle_timeout < Duration::from_secs(1) {
             return Err(("udp_idle_timeout".into(), "must be at least 1s".into()));
         }
+        if self.udp_query_idle_timeout < Duration::from_secs(1) {
+            return Err((
+                "udp_query_idle_timeout".into(),
+                "must be at least 1s".into(),
+            ));
+        }
         // 0s would refuse every local connection at once while the config passed.
         if self.open_timeout < Duration::from_millis(100) {
             return Err(("open_timeout".into(), "must be at least 100ms".into()));
@@ -269,6 +283,10 @@ mod tests {
         assert_eq!(with(""), Ok(()));
         for (line, key) in [
             ("udp_idle_timeout = \"0s\"", "udp_idle_timeout"),
+            (
+                "udp_query_idle_timeout = \"500ms\"",
+                "udp_query_idle_timeout",
+            ),
             ("open_timeout = \"0s\"", "open_timeout"),
         ] {
             assert_eq!(with(line).map_err(|e| e.0), Err(key.to_string()), "{line}");

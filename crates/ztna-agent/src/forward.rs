@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 use ztna_node::flows::Kind;
 use ztna_node::io::{prepare_tcp, splice_tcp, AbortCause, SpliceCtl};
 use ztna_node::{warn_limited, CancellationToken};
@@ -28,8 +28,12 @@ pub(crate) async fn tcp(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(%service, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    ztna_node::warn_limited!(REFUSE_LOG_EVERY, %service, error = %e, "accept failed");
+                    // Out of descriptors or memory: give flows a moment to end. A connection
+                    // that failed on its own (reset before it was accepted) is no reason to wait.
+                    if !matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     continue;
                 }
             },
@@ -44,6 +48,9 @@ pub(crate) async fn tcp(
 /// Flows cut by the tunnel (a relay lost its connector mid-flow, a connector's backend reset):
 /// the user's connection was reset, so this is logged, but at most once per period.
 const CUT_LOG_EVERY: Duration = Duration::from_secs(5);
+/// Accept failures and refused local connections: at most one line per kind this often (a
+/// client retrying in a loop, or descriptors running out, must not flood the journal).
+const REFUSE_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Refuses a local connection with RST, so the client fails at once instead of seeing an empty,
 /// clean close.
@@ -111,10 +118,10 @@ async fn tcp_flow(shared: Arc<Shared>, service: Arc<str>, tcp: TcpStream) {
                 .inc();
             match e {
                 OpenError::Rejected(..) => {
-                    warn!(why = %why, "refusing local connection to {service}")
+                    ztna_node::warn_limited!(REFUSE_LOG_EVERY, why = %why, "refusing local connection to {service}");
                 }
                 OpenError::NoTunnel(_) => {
-                    warn!(why = %why, "refusing local connection to {service}: no intermediate could carry it")
+                    ztna_node::warn_limited!(REFUSE_LOG_EVERY, why = %why, "refusing local connection to {service}: no intermediate could carry it");
                 }
             }
             drop(guard);

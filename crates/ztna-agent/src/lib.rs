@@ -171,7 +171,8 @@ impl Handle {
         let old = &shared.config;
         ztna_node::warn_unapplied!(new, old;
             intermediates, forward, ops_listen, drain_timeout, bind, open_timeout,
-            udp_idle_timeout, keepalive, idle_timeout, p2p, stream_window, connection_window,
+            udp_idle_timeout, udp_query_idle_timeout, keepalive, idle_timeout, p2p, stream_window,
+            connection_window,
             log_format,
         );
         shared

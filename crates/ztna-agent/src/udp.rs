@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,6 +103,11 @@ impl UdpFlows {
     }
 }
 
+/// Counts one more, stopping at the top.
+fn bump(n: &AtomicU32) {
+    let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_add(1));
+}
+
 /// The leg a flow's datagrams go out on.
 #[derive(Clone)]
 struct Path {
@@ -116,6 +121,9 @@ struct UdpFlow {
     client: SocketAddr,
     service: Arc<str>,
     activity: Activity,
+    /// Datagrams from the client, and to it (saturating counts: only 0, 1 and more matter).
+    asked: AtomicU32,
+    answered: AtomicU32,
     path: Mutex<Option<Path>>,
     pending: Mutex<VecDeque<Bytes>>,
     dropped: prometheus::IntCounterVec,
@@ -128,6 +136,7 @@ impl UdpFlow {
 
     fn to_client(&self, payload: &[u8]) {
         self.activity.touch();
+        bump(&self.answered);
         if let Err(e) = self.socket.try_send_to(payload, self.client) {
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 self.drop_one("client_busy");
@@ -136,6 +145,17 @@ impl UdpFlow {
                 self.drop_one("client_error");
                 ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, client = %self.client, error = %e, "UDP datagram to the local client dropped: send failed");
             }
+        }
+    }
+
+    /// How long this flow may stay quiet: `query` once it looks like one answered query (one
+    /// datagram from the client, an answer back), `idle` otherwise.
+    fn idle_limit(&self, idle: Duration, query: Duration) -> Duration {
+        let asked = self.asked.load(Ordering::Relaxed);
+        if asked <= 1 && self.answered.load(Ordering::Relaxed) >= 1 {
+            query.min(idle)
+        } else {
+            idle
         }
     }
 
@@ -241,6 +261,7 @@ pub(crate) async fn udp(
         let payload = &buf[..n];
         let existing = lock(&clients).get(&client).cloned();
         if let Some(flow) = existing {
+            bump(&flow.asked);
             flow.send_out(&mut arena, payload);
             continue;
         }
@@ -264,10 +285,13 @@ pub(crate) async fn udp(
             client,
             service: service.clone(),
             activity: guard.activity.clone(),
+            asked: AtomicU32::new(0),
+            answered: AtomicU32::new(0),
             path: Mutex::new(None),
             pending: Mutex::new(VecDeque::new()),
             dropped: shared.metrics.udp_dropped.clone(),
         });
+        bump(&flow.asked);
         flow.queue(payload);
         lock(&clients).insert(client, flow.clone());
         let span = info_span!("udp", %service, %client);
@@ -365,7 +389,7 @@ async fn run_flow(
             flows
                 .with_label_values(&[&service, "udp", "relay", label])
                 .inc();
-            warn!(why = %why, "refusing UDP flow to {service}");
+            ztna_node::warn_limited!(DROP_LOG_EVERY, why = %why, "refusing UDP flow to {service}");
             // Keep the entry briefly so a burst is not re-opened per datagram.
             tokio::time::sleep(Duration::from_millis(500)).await;
             forget(&clients, &flow);
@@ -489,12 +513,21 @@ async fn run_leg(
     if should_move(&snaps) {
         return LegEnd::Move { broken: false };
     }
+    let query = shared.config.udp_query_idle_timeout;
     loop {
         let quiet = flow.activity.idle_for();
-        if quiet >= idle {
-            debug!("udp flow idle, closing");
+        let limit = flow.idle_limit(idle, query);
+        if quiet >= limit {
+            debug!(?limit, "udp flow idle, closing");
             return LegEnd::Over;
         }
+        // An answer comes outside this loop (datagrams are dispatched by the connection's
+        // reader): while the flow may still turn out to be one query, look again that soon.
+        let recheck = if limit == idle && flow.asked.load(Ordering::Relaxed) <= 1 {
+            query.min(limit - quiet)
+        } else {
+            limit - quiet
+        };
         tokio::select! {
             f = leg.recv.next_frame() => match f {
                 Ok(Some(p)) => flow.to_client(&p),
@@ -520,7 +553,7 @@ async fn run_leg(
                     return LegEnd::Move { broken: false };
                 }
             }
-            _ = tokio::time::sleep(idle - quiet + Duration::from_millis(10)) => {}
+            _ = tokio::time::sleep(recheck + Duration::from_millis(10)) => {}
             _ = guard.cancel.cancelled() => return LegEnd::Over,
         }
     }
@@ -529,6 +562,43 @@ async fn run_leg(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One datagram out and an answer back (a DNS lookup) is held for the short query timeout;
+    /// a second datagram from the client, or no answer yet, keeps the full idle timeout.
+    #[tokio::test]
+    async fn an_answered_single_query_is_held_only_for_the_query_timeout() {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let client = socket.local_addr().unwrap();
+        let flow = UdpFlow {
+            socket: socket.clone(),
+            client,
+            service: Arc::from("dns"),
+            activity: Activity::new(),
+            asked: AtomicU32::new(0),
+            answered: AtomicU32::new(0),
+            path: Mutex::new(None),
+            pending: Mutex::new(VecDeque::new()),
+            dropped: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("dropped", "test"),
+                &["reason"],
+            )
+            .unwrap(),
+        };
+        let (idle, query) = (Duration::from_secs(60), Duration::from_secs(5));
+        bump(&flow.asked);
+        assert_eq!(flow.idle_limit(idle, query), idle, "not answered yet");
+        socket.writable().await.unwrap();
+        flow.to_client(b"answer");
+        assert_eq!(flow.idle_limit(idle, query), query, "one query, answered");
+        flow.to_client(b"more");
+        assert_eq!(flow.idle_limit(idle, query), query);
+        bump(&flow.asked);
+        assert_eq!(flow.idle_limit(idle, query), idle, "a conversation");
+        assert_eq!(
+            flow.idle_limit(Duration::from_secs(2), query),
+            Duration::from_secs(2)
+        );
+    }
 
     /// A datagram for a flow reaches its local client only when it comes on the connection the
     /// flow was opened on; the same flow id from another relay's or connector's connection is
@@ -547,6 +617,8 @@ mod tests {
             client: client.local_addr().unwrap(),
             service: Arc::from("dns"),
             activity: Activity::new(),
+            asked: AtomicU32::new(0),
+            answered: AtomicU32::new(0),
             path: Mutex::new(None),
             pending: Mutex::new(VecDeque::new()),
             dropped: dropped.clone(),

@@ -259,3 +259,74 @@ async fn nine_hundred_concurrent_udp_flows_of_one_agent_are_all_answered() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// A DNS resolver asks each query from a new port: every query is a UDP flow. An answered
+/// single query ends after `udp_query_idle_timeout`, not `udp_idle_timeout`, so steady lookups
+/// do not use up the agent's `max_flows_per_agent` (here 20) and get its other flows refused.
+/// 60 lookups at 10 per second, each from its own port: all answered, and a TCP flow of the
+/// same agent afterwards too. (Before, each lookup held a flow for udp_idle_timeout: the 21st
+/// and later were refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_dns_lookups_from_new_ports_do_not_use_up_the_agents_flows() {
+    logs();
+    let pki = Pki::new();
+    let (dns, _seen, _d) = udp_echo().await;
+    let (echo, _e) = tcp_echo().await;
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["dns", "web"]));
+    cfg.max_flows_per_agent = 20;
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(
+        &pki,
+        "dns-1",
+        &[im.addr],
+        &[("dns", None, Some(dns)), ("web", Some(echo), None)],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("dns", ForwardProtocol::Udp), ("web", ForwardProtocol::Tcp)],
+        "udp_query_idle_timeout = \"1s\"",
+    )
+    .await;
+    a.wait_status("dns", ServiceState::Available).await;
+    let port = a.port("dns", ztna_proto::Protocol::Udp);
+    let mut unanswered = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..60u64 {
+        let s = tokio::net::UdpSocket::bind(loopback0()).await.unwrap();
+        s.connect(port).await.unwrap();
+        let mut buf = [0u8; 16];
+        let mut answered = false;
+        for _ in 0..2 {
+            s.send(&i.to_be_bytes()).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf)).await;
+            if matches!(got, Ok(Ok(8))) && buf[..8] == i.to_be_bytes() {
+                answered = true;
+                break;
+            }
+        }
+        if !answered {
+            unanswered.push(i);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let web = tcp_roundtrip(a.port("web", ztna_proto::Protocol::Tcp), b"after").await;
+    let refused = metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_limit_rejections_total",
+        &[("limit", "flows_per_agent")],
+    );
+    println!(
+        "MEASURED 60 lookups from new ports in {:?} with max_flows_per_agent 20: {} unanswered \
+         {unanswered:?}, {refused} flows refused at the limit; a TCP flow afterwards: {:?}",
+        started.elapsed(),
+        unanswered.len(),
+        web.as_ref().map(|b| String::from_utf8_lossy(b).to_string())
+    );
+    assert!(unanswered.is_empty(), "unanswered lookups: {unanswered:?}");
+    assert_eq!(web.unwrap(), b"after");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
