@@ -297,6 +297,13 @@ impl Issued {
         force: bool,
     ) -> Result<(PathBuf, PathBuf), PkiError> {
         validate_name(name)?;
+        if name == "ca" {
+            return Err(PkiError::InvalidName {
+                value: name.to_owned(),
+                reason: "ca.pem and ca.key are the CA's own files: writing a node's there would \
+                         destroy the CA key; choose another --name",
+            });
+        }
         let (cert, key) = (format!("{name}.pem"), format!("{name}.key"));
         write_pair(dir, &cert, &self.cert_pem, &key, &self.key_pem, force)
     }
@@ -380,8 +387,33 @@ fn write_pair(
             return Err(PkiError::AlreadyExists(p.clone()));
         }
     }
-    write_file(&key_path, key_pem, 0o600, force)?;
-    write_file(&cert_path, cert_pem, 0o644, force)?;
+    if !force {
+        write_file(&key_path, key_pem, 0o600, false)?;
+        write_file(&cert_path, cert_pem, 0o644, false)?;
+        return Ok((cert_path, key_path));
+    }
+    // Replacing a pair a daemon may read at any moment: both are written in full beside the old
+    // ones first, then renamed over them, so no one ever reads half a file, and a failed write
+    // (disk full, permissions) leaves the old pair as it was.
+    let new = |p: &Path| {
+        let mut name = p.as_os_str().to_owned();
+        name.push(".new");
+        PathBuf::from(name)
+    };
+    let (cert_new, key_new) = (new(&cert_path), new(&key_path));
+    let staged = write_file(&key_new, key_pem, 0o600, true)
+        .and_then(|()| write_file(&cert_new, cert_pem, 0o644, true));
+    if let Err(e) = staged {
+        let _ = fs::remove_file(&key_new);
+        let _ = fs::remove_file(&cert_new);
+        return Err(e);
+    }
+    for (from, to) in [(&key_new, &key_path), (&cert_new, &cert_path)] {
+        fs::rename(from, to).map_err(|error| PkiError::Io {
+            path: to.clone(),
+            error,
+        })?;
+    }
     Ok((cert_path, key_path))
 }
 

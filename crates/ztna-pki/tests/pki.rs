@@ -217,6 +217,32 @@ fn refuses_to_overwrite_without_force() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("a.pem") && err.contains("--force"), "{err}");
+
+    // A forced re-issue replaces both files whole (written beside them, then renamed over
+    // them): nothing is left behind.
+    let again = second.issue(&IssueRequest::new("agent", "a")).unwrap();
+    again.write(dir.path(), "a", true).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("a.key")).unwrap(),
+        again.key_pem
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("a.pem")).unwrap(),
+        again.cert_pem
+    );
+    assert_eq!(mode(&dir.path().join("a.key")), 0o600);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".new"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A node named `ca` would overwrite the CA's own files, key included, even with --force.
+    let node = second.issue(&IssueRequest::new("agent", "ca")).unwrap();
+    let err = node.write(dir.path(), "ca", true).unwrap_err().to_string();
+    assert!(err.contains("CA's own files"), "{err}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), second.key_pem());
 }
 
 #[test]
