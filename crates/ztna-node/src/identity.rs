@@ -167,6 +167,14 @@ fn ca_trust_domain(der: &[u8]) -> Result<String, String> {
     )
 }
 
+/// Whether a certificate says it is a CA (basicConstraints cA = TRUE).
+fn is_ca(der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, c)| c.basic_constraints().ok().flatten().map(|b| b.value.ca))
+        .unwrap_or(false)
+}
+
 fn not_after(der: &[u8]) -> Result<SystemTime, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unparseable certificate: {e}"))?;
@@ -352,7 +360,31 @@ impl Identity {
         let ca_der = ca.first().ok_or_else(|| bad("no CA certificate".into()))?;
         let trust_domain = ca_trust_domain(ca_der).map_err(bad)?;
         let mut roots = RootCertStore::empty();
-        for c in &ca {
+        for (i, c) in ca.iter().enumerate() {
+            // Every certificate of the CA file becomes a trust anchor, able to vouch for any
+            // identity of our trust domain: each must be a CA of that trust domain (a bundle of
+            // the old and the new deployment CA during a CA rotation), not another deployment's
+            // CA, a corporate CA or a leaf pasted in by mistake.
+            if !is_ca(c) {
+                return Err(bad(format!(
+                    "certificate {} of the CA file is not a CA certificate (a leaf pasted into \
+                     the CA file?)",
+                    i + 1
+                )));
+            }
+            match ca_trust_domain(c) {
+                Ok(td) if td == trust_domain => {}
+                Ok(td) => {
+                    return Err(bad(format!(
+                        "certificate {} of the CA file is the CA of trust domain {td}, not \
+                         {trust_domain}: it would be trusted to vouch for our identities",
+                        i + 1
+                    )))
+                }
+                Err(why) => {
+                    return Err(bad(format!("certificate {} of the CA file: {why}", i + 1)))
+                }
+            }
             roots
                 .add(c.clone())
                 .map_err(|e| bad(format!("unusable CA certificate: {e}")))?;

@@ -566,3 +566,40 @@ async fn an_intermediate_refuses_to_start_or_reload_with_a_certificate_peers_wou
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
+
+/// Every certificate of the CA file is a trust anchor that can vouch for any identity of the
+/// deployment: a daemon accepts a bundle of CAs of its trust domain (a CA rotation), and refuses
+/// to load one holding another deployment's CA or a leaf.
+#[test]
+fn the_ca_file_may_hold_only_cas_of_the_trust_domain() {
+    let pki = Pki::new();
+    let tls = pki.issue("agent", "a");
+    let own = std::fs::read_to_string(&pki.ca_path).unwrap();
+    let with = |extra: &str| {
+        let path = pki.dir.path().join("bundle.pem");
+        std::fs::write(&path, format!("{own}{extra}")).unwrap();
+        let mut t = tls.clone();
+        t.ca = path;
+        ztna_node::Identity::load(&t, Role::Agent)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let next = ztna_pki::Ca::generate("test.example", Validity::days(10)).unwrap();
+    assert_eq!(
+        with(&next.cert_pem()),
+        Ok(()),
+        "two CAs of the trust domain"
+    );
+    let other = ztna_pki::Ca::generate("other.example", Validity::days(10)).unwrap();
+    let e = with(&other.cert_pem()).unwrap_err();
+    assert!(e.contains("trust domain other.example"), "{e}");
+    let leaf = pki
+        .ca
+        .issue(&IssueRequest::new("agent", "b"))
+        .unwrap()
+        .cert_pem;
+    let first = &leaf[..leaf.find("-----END CERTIFICATE-----").unwrap() + 25];
+    let e = with(&format!("{first}\n")).unwrap_err();
+    assert!(e.contains("not a CA certificate"), "{e}");
+    println!("MEASURED a CA file with a leaf in it: {e}");
+}
