@@ -585,13 +585,9 @@ fn the_ca_file_may_hold_only_cas_of_the_trust_domain() {
             .map_err(|e| e.to_string())
     };
     let next = ztna_pki::Ca::generate("test.example", Validity::days(10)).unwrap();
-    assert_eq!(
-        with(&next.cert_pem()),
-        Ok(()),
-        "two CAs of the trust domain"
-    );
+    assert_eq!(with(next.cert_pem()), Ok(()), "two CAs of the trust domain");
     let other = ztna_pki::Ca::generate("other.example", Validity::days(10)).unwrap();
-    let e = with(&other.cert_pem()).unwrap_err();
+    let e = with(other.cert_pem()).unwrap_err();
     assert!(e.contains("trust domain other.example"), "{e}");
     let leaf = pki
         .ca
