@@ -105,14 +105,39 @@ async fn a_sub_ca_cannot_mint_a_client_identity() {
 async fn a_sub_ca_cannot_mint_an_intermediate() {
     logs();
     let pki = Pki::new();
+    let tls = issue_via_sub_ca(&pki, "intermediate", "rogue-relay");
+    // Our intermediate refuses to start with it (as --check-config says)...
     let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
-    cfg.tls = issue_via_sub_ca(&pki, "intermediate", "rogue-relay");
-    let rogue = start_intermediate_with(cfg);
+    cfg.tls = tls.clone();
+    let why = match ztna_intermediate::Intermediate::bind(cfg) {
+        Ok(_) => panic!("the intermediate started with a certificate from a sub-CA"),
+        Err(e) => e.to_string(),
+    };
+    assert!(why.contains("not issued by the CA in"), "{why}");
+    // ...and a rogue QUIC server presenting it (no such check) is refused by agents.
+    let identity = ztna_node::Identity::load(&tls, Role::Intermediate).unwrap();
+    let server = ztna_node::transport::server_config(
+        &identity,
+        &[Role::Agent],
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .unwrap();
+    let rogue = quinn::Endpoint::server(server, loopback0()).unwrap();
+    let addr = rogue.local_addr().unwrap();
+    let accepting = tokio::spawn({
+        let rogue = rogue.clone();
+        async move {
+            while let Some(i) = rogue.accept().await {
+                let _ = i.await;
+            }
+        }
+    });
     let agent = pki.issue("agent", "alice");
-    let err = match raw_connect(&agent, Role::Agent, rogue.addr).await {
+    let err = match raw_connect(&agent, Role::Agent, addr).await {
         Ok(_) => panic!("the agent accepted an intermediate certificate from a sub-CA"),
         Err(e) => e,
     };
     assert!(err.contains("not issued by the deployment CA"), "{err}");
-    rogue.daemon.shutdown().await;
+    rogue.close(0u32.into(), b"done");
+    accepting.abort();
 }
