@@ -231,15 +231,22 @@ impl Agent {
                         }
                     })?)
                 }
-                ForwardProtocol::Udp => Listener::Udp(Arc::new(
-                    ztna_node::udp::bound(f.listen, UDP_SOCKET_BUFFER)
-                        .await
-                        .map_err(|source| StartError::Bind {
-                            what: "UDP forward",
-                            addr: f.listen,
-                            source,
-                        })?,
-                )),
+                ForwardProtocol::Udp => {
+                    if f.listen.ip().is_unspecified() {
+                        // Replies leave from the address the route picks, not necessarily the
+                        // one the client sent to; resolvers drop such answers.
+                        tracing::warn!(service = %f.service, listen = %f.listen, "UDP forward on a wildcard address: on a host with several addresses (Docker bridges, loopback aliases, IPv6 privacy addresses) a reply may leave from another address than the client asked, and resolvers drop it; listen on the address clients use");
+                    }
+                    Listener::Udp(Arc::new(
+                        ztna_node::udp::bound(f.listen, UDP_SOCKET_BUFFER)
+                            .await
+                            .map_err(|source| StartError::Bind {
+                                what: "UDP forward",
+                                addr: f.listen,
+                                source,
+                            })?,
+                    ))
+                }
             };
             listeners.push((f.clone(), l));
         }
