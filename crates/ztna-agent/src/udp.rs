@@ -563,14 +563,19 @@ async fn run_leg(
 mod tests {
     use super::*;
 
-    /// One datagram out and an answer back (a DNS lookup) is held for the short query timeout;
-    /// a second datagram from the client, or no answer yet, keeps the full idle timeout.
-    #[tokio::test]
-    async fn an_answered_single_query_is_held_only_for_the_query_timeout() {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let client = socket.local_addr().unwrap();
-        let flow = UdpFlow {
-            socket: socket.clone(),
+    fn counter() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
+            .unwrap()
+    }
+
+    /// A flow of the `dns` forward on `socket` for `client`, with no path yet.
+    fn test_flow(
+        socket: Arc<UdpSocket>,
+        client: SocketAddr,
+        dropped: prometheus::IntCounterVec,
+    ) -> UdpFlow {
+        UdpFlow {
+            socket,
             client,
             service: Arc::from("dns"),
             activity: Activity::new(),
@@ -578,12 +583,17 @@ mod tests {
             answered: AtomicU32::new(0),
             path: Mutex::new(None),
             pending: Mutex::new(VecDeque::new()),
-            dropped: prometheus::IntCounterVec::new(
-                prometheus::Opts::new("dropped", "test"),
-                &["reason"],
-            )
-            .unwrap(),
-        };
+            dropped,
+        }
+    }
+
+    /// One datagram out and an answer back (a DNS lookup) is held for the short query timeout;
+    /// a second datagram from the client, or no answer yet, keeps the full idle timeout.
+    #[tokio::test]
+    async fn an_answered_single_query_is_held_only_for_the_query_timeout() {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let client = socket.local_addr().unwrap();
+        let flow = test_flow(socket.clone(), client, counter());
         let (idle, query) = (Duration::from_secs(60), Duration::from_secs(5));
         bump(&flow.asked);
         assert_eq!(flow.idle_limit(idle, query), idle, "not answered yet");
@@ -609,20 +619,12 @@ mod tests {
         // Sends to clients are non-blocking (`try_send_to`): let tokio learn it is writable.
         forward.writable().await.unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let dropped =
-            prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
-                .unwrap();
-        let flow = Arc::new(UdpFlow {
-            socket: forward,
-            client: client.local_addr().unwrap(),
-            service: Arc::from("dns"),
-            activity: Activity::new(),
-            asked: AtomicU32::new(0),
-            answered: AtomicU32::new(0),
-            path: Mutex::new(None),
-            pending: Mutex::new(VecDeque::new()),
-            dropped: dropped.clone(),
-        });
+        let dropped = counter();
+        let flow = Arc::new(test_flow(
+            forward,
+            client.local_addr().unwrap(),
+            dropped.clone(),
+        ));
         let flows = UdpFlows::default();
         let id = flows.alloc_id();
         lock(&flows.by_id).insert(

@@ -151,7 +151,9 @@ async fn open_and_relay(
     if write_frame(&mut send, &FlowReply::Accept).await.is_err() {
         // The agent gave up on the flow (reset or stopped it) while the connector opened it.
         let _ = c_send.reset(VarInt::from_u32(codes::FLOW_ABORTED));
-        m.flows.with_label_values(&[protocol.as_str(), "error"]).inc();
+        m.flows
+            .with_label_values(&[protocol.as_str(), "error"])
+            .inc();
         return;
     }
     m.flows.with_label_values(&[protocol.as_str(), "ok"]).inc();

@@ -402,18 +402,22 @@ async fn unread_udp_streams_of_one_agent_do_not_stop_another_agents_flows() {
     alice
         .wait_status("web", ztna_proto::ServiceState::Available)
         .await;
-    let (_ep, conn) = raw_connect(&pki.issue("agent", "mallory"), Role::Agent, im.addr)
-        .await
-        .expect("connect");
-    let (mut send, recv) = conn.open_bi().await.expect("control stream");
-    let _control = FramedRecv::new(recv);
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
+    let mallory = ztna_integration::hostile::Creds {
+        tls: pki.issue("agent", "mallory"),
         role: Role::Agent,
-        software: "mallory".into(),
-        watch: vec!["blast".into()],
     };
-    write_frame(&mut send, &hello).await.unwrap();
+    let ep = ztna_integration::hostile::client_endpoint(im.addr).unwrap();
+    let session = ztna_integration::hostile::session(
+        &ep,
+        &mallory.client_config().unwrap(),
+        im.addr,
+        Role::Agent,
+        vec!["blast".into()],
+        T,
+    )
+    .await
+    .expect("mallory's session");
+    let conn = session.conn.clone();
     let mut held = Vec::new();
     let mut arena = bytes::BytesMut::new();
     for flow_id in 1..=8u64 {

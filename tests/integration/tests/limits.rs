@@ -211,10 +211,7 @@ async fn nine_hundred_concurrent_udp_flows_of_one_agent_are_all_answered() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["dns"]));
-    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
-    c.wait_registered(1).await;
-    let mut a = start_agent(&pki, "alice", &[im.addr], &[("dns", ForwardProtocol::Udp)]).await;
-    a.wait_status("dns", ServiceState::Available).await;
+    let (c, a) = dns_chain(&pki, im.addr, echo).await;
     let port = a.port("dns", ztna_proto::Protocol::Udp);
     let started = std::time::Instant::now();
     let (mut sockets, mut unanswered, mut retried) = (Vec::new(), Vec::new(), 0);

@@ -1208,8 +1208,8 @@ async fn a_direct_path_left_without_a_service_is_closed_with_its_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_connectors_direct_path_takes_no_new_flows_and_its_running_ones_finish() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use ztna_node::io::{write_frame, FramedRecv};
-    use ztna_proto::{ClientMsg, Role, ServerMsg, PROTOCOL_VERSION};
+    use ztna_node::io::write_frame;
+    use ztna_proto::{ClientMsg, Role, ServerMsg};
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
@@ -1275,18 +1275,25 @@ async fn a_draining_connectors_direct_path_takes_no_new_flows_and_its_running_on
     let direct_to_two = t0.elapsed();
     let refusals = refused() - refused_before;
     // The relay renews the held flow's ticket at web-1, which no longer offers web.
-    let (_ep, conn) = raw_connect(&pki.issue("agent", "bob"), Role::Agent, im.addr)
-        .await
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
+    let bob = ztna_integration::hostile::Creds {
+        tls: pki.issue("agent", "bob"),
         role: Role::Agent,
-        software: "test".into(),
-        watch: vec!["web".into()],
     };
-    write_frame(&mut send, &hello).await.unwrap();
+    let ep = ztna_integration::hostile::client_endpoint(im.addr).unwrap();
+    let ztna_integration::hostile::Session {
+        control_send: mut send,
+        control_recv: mut recv,
+        ..
+    } = ztna_integration::hostile::session(
+        &ep,
+        &bob.client_config().unwrap(),
+        im.addr,
+        Role::Agent,
+        vec!["web".into()],
+        T,
+    )
+    .await
+    .unwrap();
     let mut ticket_for = async |connector: String| {
         let ask = ClientMsg::TicketRequest {
             service: "web".into(),
