@@ -67,7 +67,9 @@ pub fn main_from<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
         |config, shutdown, reloads| async move {
             let daemon = crate::Agent::bind(config).await?;
             let handle = daemon.handle();
-            reloads.spawn(move |c| handle.reload(c));
+            reloads.spawn(daemon.metrics().common.reloads.clone(), move |c| {
+                handle.reload(c)
+            });
             daemon.run(shutdown).await;
             Ok::<(), crate::StartError>(())
         },

@@ -141,14 +141,23 @@ pub struct Reloads<C> {
 
 impl<C: Send + 'static> Reloads<C> {
     /// Applies reloads in the background until the process ends. A failure (unreadable file, bad
-    /// config, bad certificate) keeps the running configuration and logs why.
-    pub fn spawn(self, apply: impl Fn(C) -> Result<String, String> + Send + 'static) {
+    /// config, bad certificate) keeps the running configuration and logs why; `gauges` record
+    /// each outcome.
+    pub fn spawn(
+        self,
+        gauges: crate::metrics::ReloadGauges,
+        apply: impl Fn(C) -> Result<String, String> + Send + 'static,
+    ) {
         let Reloads { mut hups, load } = self;
         tokio::spawn(async move {
             while hups.recv().await.is_some() {
                 match load().map_err(|e| e.to_string()).and_then(&apply) {
-                    Ok(summary) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
+                    Ok(summary) => {
+                        gauges.record(true);
+                        tracing::info!(%summary, "SIGHUP: configuration reloaded")
+                    }
                     Err(why) => {
+                        gauges.record(false);
                         tracing::error!(%why, "SIGHUP: reload failed, keeping the running configuration")
                     }
                 }

@@ -103,6 +103,35 @@ pub struct Common {
     pub cert_expiry: Gauge,
     /// Packets the kernel dropped at the daemon's QUIC socket (receive buffer full).
     pub quic_socket_drops: IntCounter,
+    /// How the last reload (SIGHUP) went: see [`ReloadGauges`].
+    pub reloads: ReloadGauges,
+}
+
+/// `ztna_config_last_reload_successful` (1 at start and after a reload that applied, 0 after
+/// one that failed) and `ztna_config_last_reload_success_timestamp_seconds` (start, or the
+/// last reload that applied): `systemctl reload` only sends SIGHUP and always succeeds, so a
+/// failed reload would otherwise show only in the log.
+#[derive(Clone)]
+pub struct ReloadGauges {
+    pub successful: prometheus::IntGauge,
+    pub success_time: Gauge,
+}
+
+impl ReloadGauges {
+    /// Records a reload's outcome.
+    pub fn record(&self, ok: bool) {
+        self.successful.set(i64::from(ok));
+        if ok {
+            self.success_time.set(unix_now());
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl Common {
@@ -125,11 +154,25 @@ impl Common {
             "ztna_quic_socket_drops_total",
             "Packets the kernel dropped at this daemon's QUIC UDP socket because its receive buffer was full (read from /proc every 5 s). QUIC resends what streams lost; UDP flows' datagrams are gone. Raise net.core.rmem_max.",
         );
+        let reloads = ReloadGauges {
+            successful: gauge(
+                &registry,
+                "ztna_config_last_reload_successful",
+                "1 if the last reload (SIGHUP) applied, or none was asked since start; 0 if it failed and the running configuration was kept (the log says why).",
+            ),
+            success_time: float_gauge(
+                &registry,
+                "ztna_config_last_reload_success_timestamp_seconds",
+                "When the configuration in use was loaded (start, or the last reload that applied), as a Unix timestamp.",
+            ),
+        };
+        reloads.record(true);
         Common {
             registry,
             build_info,
             cert_expiry,
             quic_socket_drops,
+            reloads,
         }
     }
 

@@ -285,8 +285,8 @@ async fn dashboard_and_alerts_match_what_the_daemons_export() {
         }
     }
     assert_eq!(
-        evaluated, 12,
-        "expected the 10 ZTNA alert rules and 2 recording rules to be loaded"
+        evaluated, 13,
+        "expected the 11 ZTNA alert rules and 2 recording rules to be loaded"
     );
     // The service with a policy but no connector shows up at 0 — what ZtnaServiceUnavailable needs.
     let idle = get(

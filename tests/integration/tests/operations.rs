@@ -782,6 +782,16 @@ async fn sighup_reloads_the_certificate_and_survives_a_broken_file() {
     assert_eq!(presented_cert(&pki, addr).await, old_der);
     let expiry = |t: &str| metric(t, "ztna_tls_cert_expiry_timestamp_seconds", &[]);
     let old_expiry = expiry(&http_get(ops, "/metrics").await.1);
+    // How the last reload went: `systemctl reload` itself always succeeds.
+    let reload = |t: &str| {
+        (
+            metric(t, "ztna_config_last_reload_successful", &[]),
+            metric(t, "ztna_config_last_reload_success_timestamp_seconds", &[]),
+        )
+    };
+    let at_start = reload(&http_get(ops, "/metrics").await.1);
+    assert_eq!(at_start.0, 1.0, "successful at start");
+    assert!(at_start.1 > 0.0);
 
     // Re-issue (longer validity) in place and SIGHUP.
     let mut req = ztna_pki::IssueRequest::new("intermediate", "relay");
@@ -818,6 +828,9 @@ async fn sighup_reloads_the_certificate_and_survives_a_broken_file() {
         );
     }
     let new_expiry = expiry(&http_get(ops, "/metrics").await.1);
+    let after_good = reload(&http_get(ops, "/metrics").await.1);
+    assert_eq!(after_good.0, 1.0);
+    assert!(after_good.1 >= at_start.1, "{after_good:?} {at_start:?}");
     let want = issued.not_after.unix_timestamp() as f64;
     assert!(
         new_expiry != old_expiry && (new_expiry - want).abs() < 2.0,
@@ -851,6 +864,9 @@ async fn sighup_reloads_the_certificate_and_survives_a_broken_file() {
     assert!(failed, "{}", relay.tail(20));
     assert!(relay.alive());
     assert_eq!(expiry(&http_get(ops, "/metrics").await.1), new_expiry);
+    let after_bad = reload(&http_get(ops, "/metrics").await.1);
+    println!("MEASURED reload gauges: start {at_start:?}, after a good reload {after_good:?}, after a failed one {after_bad:?}");
+    assert_eq!(after_bad, (0.0, after_good.1), "a failed reload shows");
     assert_eq!(presented_cert(&pki, addr).await, new_der);
     held.write_all(b"3").await.unwrap();
     held.read_exact(&mut one).await.unwrap();
