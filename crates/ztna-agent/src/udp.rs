@@ -160,7 +160,11 @@ impl UdpFlow {
     }
 
     fn queue(&self, payload: &[u8]) {
-        let mut q = lock(&self.pending);
+        self.push(&mut lock(&self.pending), payload);
+    }
+
+    /// Queues `payload` on the locked queue `q`.
+    fn push(&self, q: &mut VecDeque<Bytes>, payload: &[u8]) {
         if q.len() >= PENDING {
             self.drop_one("pending");
             ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, queued = PENDING, "UDP datagram dropped: the flow has no path yet and its queue is full");
@@ -173,8 +177,18 @@ impl UdpFlow {
     fn send_out(&self, arena: &mut BytesMut, payload: &[u8]) {
         self.activity.touch();
         let path = lock(&self.path).clone();
-        let Some(p) = path else {
-            return self.queue(payload);
+        let p = match path {
+            Some(p) => p,
+            None => {
+                // Queued under the queue's lock after looking at the path again: a leg set in
+                // between is seen here, or, set just after, its flush (which takes this lock
+                // after setting the path) sends this datagram. None is left behind in the queue.
+                let mut q = lock(&self.pending);
+                match lock(&self.path).clone() {
+                    Some(p) => p,
+                    None => return self.push(&mut q, payload),
+                }
+            }
         };
         let Ok(d) = datagram::encode_into(arena, p.id, payload) else {
             self.drop_one("malformed");
