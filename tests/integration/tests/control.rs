@@ -189,7 +189,18 @@ async fn a_relay_holding_only_idle_udp_flows_drains_in_under_two_seconds() {
     let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["dns"]));
     cfg.drain_timeout = Duration::from_secs(30);
     let im = start_intermediate_with(cfg);
-    let (c, a) = dns_chain(&pki, im.addr, echo).await;
+    let mut c = start_connector(&pki, "dns-1", &[im.addr], &[("dns", None, Some(echo))]);
+    c.wait_registered(1).await;
+    // Answered single queries would end after udp_query_idle_timeout (5 s): longer here, so the
+    // flows are still there, idle, when the drain starts.
+    let mut a = start_agent_with(
+        pki.issue("agent", "alice"),
+        &[im.addr],
+        &[("dns", ForwardProtocol::Udp)],
+        "udp_query_idle_timeout = \"60s\"",
+    )
+    .await;
+    a.wait_status("dns", ServiceState::Available).await;
     // Ten clients, one query each: ten idle UDP flows.
     for i in 0..10 {
         let client = UdpSocket::bind(loopback0()).await.unwrap();
