@@ -17,7 +17,8 @@ still being fixed). The last line is "hostile: N passed, N failed".
   ZH_INITIALS_RATE=5000 ZH_RSS_CAP_MB=0 tests/system/hostile.py --only initials   # issue's 5000/s, no cap
 
 The daemons' configs use only keys that the old binaries know too (listen, ops_listen, bind,
-drain_timeout, udp_idle_timeout, max_flows_per_agent, policy, services, forwards), so the same
+drain_timeout, udp_idle_timeout, max_flows_per_agent, policy, services, forwards; fd-budget also
+sets the agent's udp_query_idle_timeout, which binaries before it do not know), so the same
 cases run against builds from before the fixes; new limits are at their defaults.
 """
 import argparse, ctypes, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
@@ -629,7 +630,10 @@ def c_fd_budget():
               policies=[policy("dns"), policy("other")],
               forwards=[("dns", "udp", 28086), ("other", "tcp", 28081)],
               backends=["--udp-echo", "127.0.0.1:27006", "--echo", "127.0.0.1:27002"],
-              conn_extra='udp_idle_timeout = "15s"\n', agent_extra='udp_idle_timeout = "15s"\n',
+              # Each flow is one answered datagram: held idle for 15 s, not the 5 s of
+              # udp_query_idle_timeout (the case needs them all open at once).
+              conn_extra='udp_idle_timeout = "15s"\n',
+              agent_extra='udp_idle_timeout = "15s"\nudp_query_idle_timeout = "15s"\n',
               im_extra="max_flows_per_agent = 5000\n",
               connector_prefix=("prlimit", "--nofile=1024:1024", "--"))
     assert settle_victim(28081), w.tails()
