@@ -187,7 +187,7 @@ fn verify(
     // in the handshake, and which has not expired since).
     let cert = ztna_node::lock(&shared.intermediate_certs)
         .get(&body.intermediate)
-        .cloned()
+        .map(|(cert, _)| cert.clone())
         .ok_or_else(|| {
             (
                 "unknown_intermediate",

@@ -40,6 +40,17 @@ pub(crate) struct ConnState {
     pub credit: Option<ConnCredit>,
     /// A direct (P2P) connection from an agent: its flows also count in `direct_flows`.
     pub direct: bool,
+    /// Flows running on this connection (see [`ConnState::flow_started`]).
+    open: tokio::sync::watch::Sender<usize>,
+}
+
+/// Held by a flow's task while it runs on a connection.
+pub(crate) struct OnConn(Arc<ConnState>);
+
+impl Drop for OnConn {
+    fn drop(&mut self) {
+        self.0.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Flow credit on a connection to an intermediate: what we read from its flows (reported on
@@ -78,7 +89,20 @@ impl ConnState {
             udp: Mutex::new(HashMap::new()),
             credit: None,
             direct: false,
+            open: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Counts a flow on this connection until the returned guard is dropped.
+    pub fn flow_started(self: &Arc<Self>) -> OnConn {
+        self.open.send_modify(|n| *n += 1);
+        OnConn(self.clone())
+    }
+
+    /// Returns once no flow runs on this connection.
+    pub async fn flows_ended(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// A direct (P2P) connection from an agent.

@@ -94,8 +94,9 @@ pub(crate) struct Shared {
     /// Direct-path offers answered, waiting for their start signal.
     pub offers: direct::Offers,
     /// Certificates of the intermediates we are connected to, by SPIFFE ID: direct-path tickets
-    /// must be signed by one of them.
-    pub intermediate_certs: std::sync::Mutex<HashMap<String, ztna_node::CertificateDer<'static>>>,
+    /// must be signed by one of them. With the number of connections to it.
+    pub intermediate_certs:
+        std::sync::Mutex<HashMap<String, (ztna_node::CertificateDer<'static>, usize)>>,
     /// Backend host names to addresses (cached briefly).
     pub resolver: Resolver,
     /// Direct connections open per agent identity.

@@ -30,9 +30,17 @@ pub(crate) async fn supervise(
         let mut backoff = Reconnect::new(BackoffPolicy::default());
         // Whether a connection to this intermediate was up before.
         let mut was_up = false;
+        let mut rotations = shared.tls.rotations();
+        // A connection made with a certificate a reload replaced: it carries its running flows
+        // while the one made with the new certificate comes up, then retires.
+        let mut retiring: Option<Retiring> = None;
         loop {
             if stop.is_cancelled() || shared.is_draining() {
                 return;
+            }
+            rotations.borrow_and_update();
+            if retiring.as_ref().is_some_and(|r| r.task.is_finished()) {
+                retiring = None;
             }
             let limit = backoff.attempt_limit();
             let ended = match client::connect(&endpoint, &shared.client(), &target, limit).await {
@@ -40,19 +48,49 @@ pub(crate) async fn supervise(
                     // A reconnect is a connection up again after one was lost: an intermediate
                     // that is down and polled in vain counts when it is back, once (so does a
                     // restart after a drain), and a flapping one counts every time. Failed
-                    // attempts show in the backoff gauge and in intermediates_connected.
-                    if was_up {
+                    // attempts show in the backoff gauge and in intermediates_connected. Moving
+                    // to a new certificate is not a reconnect.
+                    if was_up && retiring.is_none() {
                         shared.metrics.reconnects.inc();
                     }
                     was_up = true;
-                    serve(&shared, conn, idx, &stop).await
+                    let session = Session {
+                        retire: CancellationToken::new(),
+                        answered: CancellationToken::new(),
+                        handover: retiring.is_some(),
+                    };
+                    let (retire, answered) = (session.retire.clone(), session.answered.clone());
+                    let mut task = tokio::spawn(
+                        serve(shared.clone(), conn, idx, stop.clone(), session)
+                            .instrument(tracing::Span::current()),
+                    );
+                    if let Some(old) = retiring.take() {
+                        tokio::spawn(hand_over(answered, old).instrument(tracing::Span::current()));
+                    }
+                    let rotated = async {
+                        if rotations.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        ended = &mut task => ended.unwrap_or_default(),
+                        _ = rotated => {
+                            info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                            retiring = Some(Retiring { retire, task });
+                            continue;
+                        }
+                    }
                 }
                 Err(reason) => {
                     warn!(%reason, "cannot connect to intermediate");
                     Ended::default()
                 }
             };
-            shared.set_registration(idx, None);
+            // A connection made with the old certificate still serves (and is what the
+            // registrations show) while the new one cannot be made.
+            if retiring.is_none() {
+                shared.set_registration(idx, None);
+            }
             if stop.is_cancelled() || shared.is_draining() {
                 return;
             }
@@ -74,6 +112,36 @@ pub(crate) async fn supervise(
     .await
 }
 
+/// A connection's part in a certificate rotation.
+struct Session {
+    /// Cancelled to retire the connection: it deregisters its services (the connection made with
+    /// the new certificate has them) and closes once its last flow ends.
+    retire: CancellationToken,
+    /// Cancelled once the intermediate answered every registration of this connection.
+    answered: CancellationToken,
+    /// It replaces a connection that still serves: the registrations keep showing that one's
+    /// until this one's are answered.
+    handover: bool,
+}
+
+struct Retiring {
+    retire: CancellationToken,
+    task: tokio::task::JoinHandle<Ended>,
+}
+
+/// How long the new connection's registrations may take before the old connection retires
+/// anyway (it is then not the one that helps).
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Retires the old connection once the new one's registrations are answered: no flow finds
+/// this connector unregistered in between.
+async fn hand_over(answered: CancellationToken, old: Retiring) {
+    let _ = tokio::time::timeout(HANDOVER_WAIT, answered.cancelled()).await;
+    old.retire.cancel();
+    let ended = old.task.await;
+    debug!(clean = ended.is_ok(), "the connection made with the old certificate is closed");
+}
+
 /// How a connection ended, for the backoff.
 #[derive(Default)]
 struct Ended {
@@ -85,13 +153,15 @@ struct Ended {
     rtt: std::time::Duration,
 }
 
-/// Runs one connection until it is lost or we stop.
+/// Runs one connection until it is lost, we stop, or it retires after a certificate rotation.
 async fn serve(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     conn: quinn::Connection,
     idx: usize,
-    stop: &CancellationToken,
+    stop: CancellationToken,
+    session: Session,
 ) -> Ended {
+    let shared = &shared;
     let software = format!("ztna-connector/{}", ztna_node::VERSION);
     let Control {
         mut send,
@@ -109,11 +179,7 @@ async fn serve(
     debug!(%observed_addr, "welcomed");
     let since = Instant::now();
     // Its certificate vouches for the direct-path tickets it issues.
-    let intermediate = ztna_node::identity::peer_id(&conn).map(|id| id.to_string());
-    let cert = ztna_node::identity::peer_chain(&conn).into_iter().next();
-    if let (Some(id), Some(cert)) = (&intermediate, &cert) {
-        ztna_node::lock(&shared.intermediate_certs).insert(id.clone(), cert.clone());
-    }
+    let _known = KnownCert::new(shared, &conn);
     // Flow credit (revision 2): said before any Register, so the intermediate knows it before it
     // routes us a flow.
     let credit = revision >= 2;
@@ -125,10 +191,9 @@ async fn serve(
             return Ended::default();
         }
     }
-    let mut names: Vec<&String> = shared.services.keys().collect();
-    names.sort();
-    for name in names {
-        let s = &shared.services[name];
+    let names = sorted_services(shared);
+    for name in &names {
+        let s = &shared.services[*name];
         let msg = ClientMsg::Register {
             service: s.name.clone(),
             tcp: s.tcp.is_some(),
@@ -137,7 +202,9 @@ async fn serve(
         if write_frame(&mut send, &msg).await.is_err() {
             return Ended::default();
         }
-        shared.set_registration(idx, Some((&s.name, Registration::Pending)));
+        if !session.handover {
+            shared.set_registration(idx, Some((&s.name, Registration::Pending)));
+        }
     }
     let state = Arc::new(if credit {
         ConnState::with_credit(conn.clone())
@@ -145,18 +212,32 @@ async fn serve(
         ConnState::new(conn.clone())
     });
     let mut drained = false;
+    // After a rotation: closed once its last flow ended. The grace lets flows the intermediate
+    // routed here before it saw the deregistration arrive.
+    let retired = async {
+        session.retire.cancelled().await;
+        tokio::time::sleep(RETIRE_GRACE).await;
+        state.flows_ended().await;
+    };
     let why = tokio::select! {
-        why = control(shared, &state, idx, send, recv, &mut drained) => why,
+        why = control(shared, &state, idx, send, recv, &mut drained, &session, names.len()) => why,
         why = accept_flows(shared, &state) => why,
         why = datagrams(shared, &state) => why,
+        _ = retired => {
+            info!("closed the connection made with the replaced certificate: its last flow ended");
+            conn.close(VarInt::from_u32(codes::SHUTDOWN), b"certificate replaced");
+            return Ended { since: Some(since), drained: false, rtt: conn.rtt() };
+        }
         _ = stop.cancelled() => {
             conn.close(VarInt::from_u32(codes::SHUTDOWN), b"connector stopped");
-            forget_cert(shared, intermediate.as_deref(), cert.as_ref());
             return Ended { since: Some(since), drained: false, rtt: conn.rtt() };
         }
     };
-    warn!(reason = %why, "lost intermediate");
-    forget_cert(shared, intermediate.as_deref(), cert.as_ref());
+    if session.retire.is_cancelled() {
+        warn!(reason = %why, "lost the connection made with the replaced certificate");
+    } else {
+        warn!(reason = %why, "lost intermediate");
+    }
     Ended {
         since: Some(since),
         drained: drained || client::closed_by_drain(&conn),
@@ -164,15 +245,42 @@ async fn serve(
     }
 }
 
-fn forget_cert(
-    shared: &Shared,
-    id: Option<&str>,
-    cert: Option<&ztna_node::CertificateDer<'static>>,
-) {
-    if let (Some(id), Some(cert)) = (id, cert) {
+/// How long a retiring connection keeps waiting for flows after it deregistered.
+const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An intermediate's certificate, known (for direct-path tickets) while a connection to it is
+/// up; two connections to one intermediate (a certificate rotation) count twice.
+struct KnownCert<'a> {
+    shared: &'a Shared,
+    id: String,
+    cert: ztna_node::CertificateDer<'static>,
+}
+
+impl<'a> KnownCert<'a> {
+    fn new(shared: &'a Shared, conn: &quinn::Connection) -> Option<KnownCert<'a>> {
+        let id = ztna_node::identity::peer_id(conn)?.to_string();
+        let cert = ztna_node::identity::peer_chain(conn).into_iter().next()?;
         let mut certs = ztna_node::lock(&shared.intermediate_certs);
-        if certs.get(id) == Some(cert) {
-            certs.remove(id);
+        match certs.get_mut(&id) {
+            Some((known, n)) if *known == cert => *n += 1,
+            _ => {
+                certs.insert(id.clone(), (cert.clone(), 1));
+            }
+        }
+        Some(KnownCert { shared, id, cert })
+    }
+}
+
+impl Drop for KnownCert<'_> {
+    fn drop(&mut self) {
+        let mut certs = ztna_node::lock(&self.shared.intermediate_certs);
+        if let Some((known, n)) = certs.get_mut(&self.id) {
+            if *known == self.cert {
+                *n -= 1;
+                if *n == 0 {
+                    certs.remove(&self.id);
+                }
+            }
         }
     }
 }
@@ -180,6 +288,7 @@ fn forget_cert(
 /// The control stream: registration answers (which may come at any time: a policy reload at the
 /// intermediate can register or reject a service later), GoAway, and our deregistration when we
 /// drain.
+#[allow(clippy::too_many_arguments)]
 async fn control(
     shared: &Arc<Shared>,
     state: &ConnState,
@@ -187,15 +296,30 @@ async fn control(
     mut send: quinn::SendStream,
     mut recv: FramedRecv,
     drained: &mut bool,
+    session: &Session,
+    mut unanswered: usize,
 ) -> String {
     let mut draining = shared.draining.subscribe();
     let mut deregistered = false;
+    if unanswered == 0 {
+        session.answered.cancel();
+    }
     loop {
+        if session.retire.is_cancelled() && !deregistered {
+            // The connection made with the new certificate has the services now; the
+            // registrations show that one's.
+            deregistered = true;
+            for service in sorted_services(shared) {
+                let msg = ClientMsg::Deregister {
+                    service: service.clone(),
+                };
+                let _ = write_frame(&mut send, &msg).await;
+            }
+            info!("certificate replaced: deregistered this connection; its running flows continue");
+        }
         if *draining.borrow_and_update() && !deregistered {
             deregistered = true;
-            let mut names: Vec<&String> = shared.services.keys().collect();
-            names.sort();
-            for service in names {
+            for service in sorted_services(shared) {
                 let msg = ClientMsg::Deregister {
                     service: service.clone(),
                 };
@@ -212,6 +336,7 @@ async fn control(
         };
         tokio::select! {
             r = draining.changed() => if r.is_err() { return std::future::pending().await },
+            _ = session.retire.cancelled(), if !deregistered => {}
             ready = report => {
                 for chunk in ready.chunks(MAX_LIST_LEN) {
                     let msg = ClientMsg::Consumed { flows: chunk.to_vec() };
@@ -227,12 +352,14 @@ async fn control(
                     } else if !deregistered {
                         info!(%service, "registered");
                         shared.set_registration(idx, Some((&service, Registration::Registered)));
+                        answer(session, &mut unanswered);
                     }
                 }
                 Ok(Some(ServerMsg::RegisterRejected { service, reason })) => {
-                    if shared.services.contains_key(&service) {
+                    if shared.services.contains_key(&service) && !session.retire.is_cancelled() {
                         warn!(%service, why = %reason, "registration rejected");
                         shared.set_registration(idx, Some((&service, Registration::Rejected(reason))));
+                        answer(session, &mut unanswered);
                     }
                 }
                 Ok(Some(ServerMsg::DirectOffer { request, agent, service, candidates })) => {
@@ -298,13 +425,33 @@ async fn control(
     }
 }
 
+fn sorted_services(shared: &Shared) -> Vec<&String> {
+    let mut names: Vec<&String> = shared.services.keys().collect();
+    names.sort();
+    names
+}
+
+/// One registration of this connection answered; all of them: the handover may go on.
+fn answer(session: &Session, unanswered: &mut usize) {
+    *unanswered = unanswered.saturating_sub(1);
+    if *unanswered == 0 {
+        session.answered.cancel();
+    }
+}
+
 async fn accept_flows(shared: &Arc<Shared>, state: &Arc<ConnState>) -> String {
     loop {
         match state.conn.accept_bi().await {
             Ok((s, r)) => {
                 let span = info_span!("flow", stream = %r.id());
+                let on_conn = state.flow_started();
+                let flow = flow::handle(shared.clone(), state.clone(), s, r, None);
                 shared.flows.spawn(
-                    flow::handle(shared.clone(), state.clone(), s, r, None).instrument(span),
+                    async move {
+                        flow.await;
+                        drop(on_conn);
+                    }
+                    .instrument(span),
                 );
             }
             Err(e) => return describe_connection_error(&e),

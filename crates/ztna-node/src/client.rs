@@ -273,6 +273,9 @@ pub struct ClientTls {
     role: Role,
     opts: crate::transport::TransportOptions,
     current: std::sync::RwLock<(crate::Identity, quinn::ClientConfig)>,
+    /// Counts reloads that brought a different certificate: connections made with the old one
+    /// move over to it (make before break), as the intermediates close them when it expires.
+    rotations: tokio::sync::watch::Sender<u64>,
 }
 
 impl ClientTls {
@@ -286,6 +289,7 @@ impl ClientTls {
             role,
             opts,
             current: std::sync::RwLock::new((identity, config)),
+            rotations: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -338,8 +342,21 @@ impl ClientTls {
             identity.expiry_unix()
         );
         expiry.set(identity.expiry_unix());
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (identity, config);
+        let rotated = {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            let rotated = current.0.chain != identity.chain;
+            *current = (identity, config);
+            rotated
+        };
+        if rotated {
+            self.rotations.send_modify(|n| *n += 1);
+        }
         Ok(summary)
+    }
+
+    /// Changes each time a reload brings a different certificate.
+    pub fn rotations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rotations.subscribe()
     }
 }
 

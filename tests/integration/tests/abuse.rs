@@ -96,6 +96,125 @@ async fn a_certificate_that_expires_during_a_connection_is_cut_at_not_after() {
     im.daemon.shutdown().await;
 }
 
+fn connectors_on(im: &IntermediateHandle) -> f64 {
+    metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_connections",
+        &[("role", "connector")],
+    )
+}
+
+/// A connector's certificate re-issued and reloaded (SIGHUP) before the old one expires: the
+/// connector moves to it make-before-break. Its new connection registers before the old one
+/// deregisters; flows that were running keep the old connection (until the old certificate's
+/// notAfter, when the intermediate cuts them); flows opened after the reload, and the
+/// registration, outlive the old certificate; an old connection with no flows left closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_expires() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let not_after = now + time::Duration::seconds(6);
+    let short = pki
+        .ca
+        .issue(&IssueRequest {
+            validity: Validity {
+                not_before: now - time::Duration::minutes(5),
+                not_after,
+            },
+            ..IssueRequest::new("connector", "web-1")
+        })
+        .unwrap();
+    let tls = pki.tls_for(&short, "connector-web-1");
+    let mut c = start_connector_with(tls, &[im.addr], &[("web", Some(echo), None)], "");
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut before = held_flow(port).await;
+
+    // Renewed in place, as an automated renewal would, and reloaded.
+    let renewed = pki
+        .ca
+        .issue(&IssueRequest::new("connector", "web-1"))
+        .unwrap();
+    pki.tls_for(&renewed, "connector-web-1");
+    c.handle.reload(c.config.clone()).expect("reload");
+    // The new connection is up and registered, the old one stays for the flow it carries.
+    let both = eventually(Duration::from_secs(5), || connectors_on(&im) == 2.0).await;
+    assert!(both, "no second connection: {}", connectors_on(&im));
+    let one_serving = eventually(Duration::from_secs(5), || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")],
+        ) == 1.0
+    })
+    .await;
+    assert!(one_serving, "the old connection did not deregister");
+    assert_eq!(registered_on(&c.registered.borrow()), 1);
+    let mut after = held_flow(port).await;
+    before.write_all(b"2").await.unwrap();
+    let mut one = [0u8; 1];
+    before.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"2", "the flow opened before the reload broke at the reload");
+
+    // Past the old notAfter: the old connection and its flow are cut, nothing else is.
+    let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
+    assert!(
+        cut_within(&mut before, Duration::from_secs(3)).await.is_some(),
+        "the flow on the old certificate outlived it"
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 1.0);
+    for i in 0..3u8 {
+        after.write_all(&[i]).await.unwrap();
+        let r = tokio::time::timeout(T, after.read_exact(&mut one)).await;
+        assert!(
+            matches!(r, Ok(Ok(_))) && one[0] == i,
+            "the flow opened after the reload was cut at the old certificate's expiry"
+        );
+    }
+    let t0 = Instant::now();
+    assert_eq!(tcp_roundtrip(port, b"new").await.unwrap(), b"new");
+    let took = t0.elapsed();
+    assert_eq!(connectors_on(&im), 1.0);
+    let reconnects = metric(
+        &c.daemon.metrics.common.render(),
+        "ztna_connector_reconnects_total",
+        &[],
+    );
+    println!(
+        "MEASURED rotation: old notAfter passed, flow opened after the reload alive, new flow in {took:?}, connector reconnects {reconnects}"
+    );
+    assert_eq!(reconnects, 0.0, "a rotation is not a reconnect");
+
+    // A second rotation with no flow on the connection: the old one closes by itself.
+    drop(after);
+    let renewed = pki
+        .ca
+        .issue(&IssueRequest::new("connector", "web-1"))
+        .unwrap();
+    pki.tls_for(&renewed, "connector-web-1");
+    c.handle.reload(c.config.clone()).expect("reload");
+    let t0 = Instant::now();
+    let saw_two = eventually(Duration::from_secs(5), || connectors_on(&im) == 2.0).await;
+    let back_to_one = eventually(Duration::from_secs(10), || connectors_on(&im) == 1.0).await;
+    println!(
+        "MEASURED idle old connection closed {:?} after the second reload",
+        t0.elapsed()
+    );
+    assert!(saw_two && back_to_one, "{}", connectors_on(&im));
+    assert_eq!(tcp_roundtrip(port, b"again").await.unwrap(), b"again");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 /// A reload that removes an agent from the policy ends that agent's open flow (REVOKED) while
 /// another agent's flow carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
