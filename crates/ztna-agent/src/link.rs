@@ -29,10 +29,18 @@ pub(crate) async fn supervise(
     async move {
         let mut backoff = Reconnect::new(BackoffPolicy::default());
         let mut generation = 0u64;
+        let mut rotations = shared.tls.rotations();
+        // A link made with a certificate a reload replaced: it carries its running flows while
+        // the one made with the new certificate comes up, then retires.
+        let mut retiring: Option<Retiring> = None;
         let _ = events.send(Event::Connecting(index));
         loop {
             if stop.is_cancelled() {
                 return;
+            }
+            rotations.borrow_and_update();
+            if retiring.as_ref().is_some_and(|r| r.task.is_finished()) {
+                retiring = None;
             }
             let client_config = shared.client();
             let limit = backoff.attempt_limit();
@@ -50,8 +58,37 @@ pub(crate) async fn supervise(
                         target: target.clone(),
                         conn,
                         control,
+                        open: tokio::sync::watch::channel(0).0,
                     });
-                    serve(&shared, link.clone(), said, &events, &stop).await
+                    let (retire, up) = (CancellationToken::new(), CancellationToken::new());
+                    let mut task = tokio::spawn(
+                        serve(
+                            shared.clone(),
+                            link,
+                            said,
+                            events.clone(),
+                            stop.clone(),
+                            retire.clone(),
+                            up.clone(),
+                        )
+                        .instrument(tracing::Span::current()),
+                    );
+                    if let Some(old) = retiring.take() {
+                        tokio::spawn(hand_over(up, old).instrument(tracing::Span::current()));
+                    }
+                    let rotated = async {
+                        if rotations.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        ended = &mut task => ended.unwrap_or_default(),
+                        _ = rotated => {
+                            info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                            retiring = Some(Retiring { retire, task });
+                            continue;
+                        }
+                    }
                 }
                 Err(why) => {
                     warn!(reason = %why, "cannot connect to intermediate");
@@ -65,17 +102,22 @@ pub(crate) async fn supervise(
                 // A restart is planned: poll at about a second until it is back.
                 backoff.planned(ended.rtt);
             }
-            // While a relay that drained is expected back, new flows that only it can carry
-            // wait for it (up to open_timeout) instead of being refused: a planned restart is
-            // then invisible to users. Otherwise it is down and flows go elsewhere or are refused.
-            let _ = events.send(if backoff.is_planned() {
-                Event::Connecting(index)
-            } else {
-                Event::Down {
-                    index,
-                    error: ended.why.clone(),
-                }
-            });
+            // A link made with the old certificate still carries flows (and is the relay's link)
+            // while the new one cannot be made.
+            if retiring.is_none() {
+                // While a relay that drained is expected back, new flows that only it can carry
+                // wait for it (up to open_timeout) instead of being refused: a planned restart
+                // is then invisible to users. Otherwise it is down and flows go elsewhere or are
+                // refused.
+                let _ = events.send(if backoff.is_planned() {
+                    Event::Connecting(index)
+                } else {
+                    Event::Down {
+                        index,
+                        error: ended.why.clone(),
+                    }
+                });
+            }
             if stop.is_cancelled() {
                 return;
             }
@@ -91,6 +133,29 @@ pub(crate) async fn supervise(
     .await
 }
 
+struct Retiring {
+    retire: CancellationToken,
+    task: tokio::task::JoinHandle<Ended>,
+}
+
+/// How long the new link may take to come up before the old one retires anyway.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a retiring link waits before it counts its flows: one chosen just before the new
+/// link came up is still opening on it.
+const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Retires the old link once the new one is up (new flows use it from then on).
+async fn hand_over(up: CancellationToken, old: Retiring) {
+    let _ = tokio::time::timeout(HANDOVER_WAIT, up.cancelled()).await;
+    old.retire.cancel();
+    let ended = old.task.await;
+    debug!(
+        clean = ended.is_ok(),
+        "the connection made with the old certificate is closed"
+    );
+}
+
 #[derive(Default)]
 struct Ended {
     since: Option<Instant>,
@@ -101,12 +166,15 @@ struct Ended {
 }
 
 async fn serve(
-    shared: &Shared,
+    shared: Arc<Shared>,
     link: Arc<Link>,
     mut said: mpsc::Receiver<ztna_proto::ClientMsg>,
-    events: &mpsc::UnboundedSender<Event>,
-    stop: &CancellationToken,
+    events: mpsc::UnboundedSender<Event>,
+    stop: CancellationToken,
+    retire: CancellationToken,
+    up: CancellationToken,
 ) -> Ended {
+    let (shared, events) = (&*shared, &events);
     let conn = &link.conn;
     let mut watch: Vec<String> = shared
         .config
@@ -136,6 +204,7 @@ async fn serve(
     info!(%identity, %observed_addr, "connected to intermediate");
     let since = Instant::now();
     let _ = events.send(Event::Up(link.clone()));
+    up.cancel();
     {
         let (events, index, generation) = (events.clone(), link.index, link.generation);
         tokio::spawn(async move {
@@ -213,10 +282,21 @@ async fn serve(
         }
         std::future::pending().await
     };
+    // After a rotation: closed once no flow holds it (UDP flows move to the new link).
+    let retired = async {
+        retire.cancelled().await;
+        tokio::time::sleep(RETIRE_GRACE).await;
+        link.flows_ended().await;
+    };
     let why = tokio::select! {
         why = control => why,
         why = datagrams => why,
         why = writer => why,
+        _ = retired => {
+            info!("closed the connection made with the replaced certificate: its last flow ended");
+            conn.close(quinn::VarInt::from_u32(ztna_proto::codes::SHUTDOWN), b"certificate replaced");
+            return Ended { since: Some(since), drained: false, why: "certificate replaced".into(), rtt: conn.rtt() };
+        }
         _ = stop.cancelled() => "agent stopping".to_string(),
     };
     let drained = drained || client::closed_by_drain(conn);

@@ -13,7 +13,7 @@ use ztna_node::io::{write_frame, FramedRecv, StreamError};
 use ztna_proto::{codes, FlowOpen, FlowReply, Protocol, RejectReason};
 
 use crate::direct::DirectPath;
-use crate::relays::{choose, Choice, Event, Link};
+use crate::relays::{choose, Choice, Event, LinkUse};
 use crate::Shared;
 
 /// How long the intermediate may take to answer an open (it tries connectors one after another
@@ -41,7 +41,7 @@ impl OpenError {
 /// What carries a flow: a relay link or a direct path to the connector.
 #[derive(Clone)]
 pub(crate) enum Via {
-    Relay(Arc<Link>),
+    Relay(Arc<LinkUse>),
     Direct(Arc<DirectPath>),
 }
 
@@ -147,10 +147,12 @@ pub(crate) async fn open_flow(
         let Some(link) = snaps.borrow().link(index) else {
             continue;
         };
+        // Held from the open on, so a link retiring after a certificate rotation waits for it.
+        let link = LinkUse::new(link);
         match try_open(shared, &link.conn, service, protocol, flow_id).await {
             Ok((send, recv, FlowReply::Accept)) => {
                 return Ok(Opened {
-                    via: Via::Relay(link),
+                    via: Via::Relay(Arc::new(link)),
                     send,
                     recv,
                 })

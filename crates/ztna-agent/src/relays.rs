@@ -34,9 +34,41 @@ pub struct Link {
     pub conn: quinn::Connection,
     /// Messages for its control stream (direct-path requests).
     pub control: mpsc::Sender<ztna_proto::ClientMsg>,
+    /// Flows it carries (see [`LinkUse`]).
+    pub open: watch::Sender<usize>,
+}
+
+/// A flow's hold on a relay link, counted while the flow lives: a link made with a certificate
+/// a reload replaced closes once no flow holds it.
+pub struct LinkUse(Arc<Link>);
+
+impl LinkUse {
+    pub fn new(link: Arc<Link>) -> LinkUse {
+        link.open.send_modify(|n| *n += 1);
+        LinkUse(link)
+    }
+}
+
+impl std::ops::Deref for LinkUse {
+    type Target = Link;
+    fn deref(&self) -> &Link {
+        &self.0
+    }
+}
+
+impl Drop for LinkUse {
+    fn drop(&mut self) {
+        self.0.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Link {
+    /// Returns once no flow holds this link.
+    pub async fn flows_ended(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
     /// Queues a control message; false if the link is going away or not keeping up.
     pub fn say(&self, msg: ztna_proto::ClientMsg) -> bool {
         self.control.try_send(msg).is_ok()

@@ -139,7 +139,10 @@ async fn hand_over(answered: CancellationToken, old: Retiring) {
     let _ = tokio::time::timeout(HANDOVER_WAIT, answered.cancelled()).await;
     old.retire.cancel();
     let ended = old.task.await;
-    debug!(clean = ended.is_ok(), "the connection made with the old certificate is closed");
+    debug!(
+        clean = ended.is_ok(),
+        "the connection made with the old certificate is closed"
+    );
 }
 
 /// How a connection ended, for the backoff.

@@ -354,6 +354,9 @@ pub struct AgentHandle {
     pub ports: Vec<(String, ztna_proto::Protocol, SocketAddr)>,
     /// What the agent knows about its relays.
     pub relays: tokio::sync::watch::Receiver<ztna_agent::Snapshot>,
+    /// The configuration it was started with, and its reload handle (what SIGHUP calls).
+    pub config: ztna_agent::Config,
+    pub handle: ztna_agent::Handle,
 }
 
 impl AgentHandle {
@@ -505,9 +508,11 @@ pub async fn try_start_agent_with(
             listen: loopback0(),
         })
         .collect();
+    let config = cfg.clone();
     let agent = ztna_agent::Agent::bind(cfg)
         .await
         .map_err(|e| e.to_string())?;
+    let handle = agent.handle();
     let ports = agent.local_addrs();
     let ops = agent.ops_addr().expect("ops addr");
     let metrics = agent.metrics();
@@ -523,6 +528,8 @@ pub async fn try_start_agent_with(
         },
         ports,
         relays,
+        config,
+        handle,
     })
 }
 

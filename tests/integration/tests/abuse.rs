@@ -161,13 +161,18 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     before.write_all(b"2").await.unwrap();
     let mut one = [0u8; 1];
     before.read_exact(&mut one).await.unwrap();
-    assert_eq!(&one, b"2", "the flow opened before the reload broke at the reload");
+    assert_eq!(
+        &one, b"2",
+        "the flow opened before the reload broke at the reload"
+    );
 
     // Past the old notAfter: the old connection and its flow are cut, nothing else is.
     let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
     tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
     assert!(
-        cut_within(&mut before, Duration::from_secs(3)).await.is_some(),
+        cut_within(&mut before, Duration::from_secs(3))
+            .await
+            .is_some(),
         "the flow on the old certificate outlived it"
     );
     assert_eq!(revocations(&im, "certificate_expired"), 1.0);
@@ -210,6 +215,107 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     );
     assert!(saw_two && back_to_one, "{}", connectors_on(&im));
     assert_eq!(tcp_roundtrip(port, b"again").await.unwrap(), b"again");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
+/// The same for an agent: after a reload with a renewed certificate, new flows use a connection
+/// made with it, a running UDP flow moves there, a running TCP flow stays on the old connection
+/// (cut at the old notAfter), and the old connection closes once nothing uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expires() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let (uecho, _seen, _u) = udp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(
+        &pki,
+        "web-1",
+        &[im.addr],
+        &[("web", Some(echo), Some(uecho))],
+    );
+    c.wait_registered(1).await;
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let not_after = now + time::Duration::seconds(6);
+    let short = pki
+        .ca
+        .issue(&IssueRequest {
+            validity: Validity {
+                not_before: now - time::Duration::minutes(5),
+                not_after,
+            },
+            ..IssueRequest::new("agent", "alice")
+        })
+        .unwrap();
+    let tls = pki.tls_for(&short, "agent-alice");
+    let forwards = [("web", ForwardProtocol::Tcp), ("web", ForwardProtocol::Udp)];
+    let mut a = start_agent_with(tls, &[im.addr], &forwards, "").await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut before = held_flow(port).await;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.connect(a.port("web", Protocol::Udp)).await.unwrap();
+    assert!(udp_round_trip(&udp, b"u0").await.is_some());
+
+    let renewed = pki.ca.issue(&IssueRequest::new("agent", "alice")).unwrap();
+    pki.tls_for(&renewed, "agent-alice");
+    a.handle.reload(a.config.clone()).expect("reload");
+    let both = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
+    assert!(both, "no second connection: {}", agents_on(&im));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut after = held_flow(port).await;
+    assert!(udp_round_trip(&udp, b"u1").await.is_some());
+
+    let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
+    assert!(
+        cut_within(&mut before, Duration::from_secs(3))
+            .await
+            .is_some(),
+        "the flow on the old certificate outlived it"
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 1.0);
+    let mut one = [0u8; 1];
+    for i in 0..3u8 {
+        after.write_all(&[i]).await.unwrap();
+        let r = tokio::time::timeout(T, after.read_exact(&mut one)).await;
+        assert!(
+            matches!(r, Ok(Ok(_))) && one[0] == i,
+            "the flow opened after the reload was cut at the old certificate's expiry"
+        );
+    }
+    let mut answered = 0;
+    for i in 0..5u8 {
+        if udp_round_trip(&udp, &[b'v', i]).await.is_some() {
+            answered += 1;
+        }
+    }
+    let udp_drops = metric(
+        &a.daemon.metrics.common.render(),
+        "ztna_agent_udp_dropped_total",
+        &[],
+    );
+    println!("MEASURED agent rotation: UDP flow from before the reload answered {answered}/5 after the old notAfter; agent UDP drops {udp_drops}");
+    assert_eq!(
+        answered, 5,
+        "the UDP flow did not move to the new connection"
+    );
+    assert_eq!(tcp_roundtrip(port, b"new").await.unwrap(), b"new");
+    assert_eq!(agents_on(&im), 1.0);
+
+    // A second rotation while only a UDP flow runs: the old connection closes by itself.
+    drop(after);
+    let renewed = pki.ca.issue(&IssueRequest::new("agent", "alice")).unwrap();
+    pki.tls_for(&renewed, "agent-alice");
+    a.handle.reload(a.config.clone()).expect("reload");
+    let saw_two = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
+    let back_to_one = eventually(Duration::from_secs(10), || agents_on(&im) == 1.0).await;
+    assert!(saw_two && back_to_one, "{}", agents_on(&im));
+    assert!(udp_round_trip(&udp, b"w").await.is_some());
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
