@@ -6,25 +6,33 @@
 #     role = "intermediate";               # intermediate | connector | agent
 #     execStart = "/nix/store/...-ztna/bin/ztna-intermediate";
 #     configFile = "/etc/ztna/intermediate.toml";
-#     credentials = { ca = "/run/keys/ca.pem"; cert = "..."; key = "..."; };
+#     credentials = { ca = "/run/keys/ca.pem"; cert = "..."; key = "..."; };  # where the operator keeps them
 #     drainTimeoutSec = 30;                # the daemon's drain_timeout
 #     watchdogSec = 30;
 #     bindsPrivilegedPort = false;         # true: CAP_NET_BIND_SERVICE (listen port < 1024)
 #     limitNOFILE = 65536;                 # open files: one UDP socket per connector flow
 #     killCommand = "/run/current-system/sw/bin/kill";
+#     installCommand = "/run/current-system/sw/bin/install";
 #     restartTriggers = [ ];               # what a config switch restarts the unit for
 #     reloadTriggers = [ ];                # what it only reloads it for (SIGHUP)
 #   }
 #
 # returns { description, after, wants, wantedBy, stopIfChanged, restartTriggers, reloadTriggers,
-# serviceConfig }, the shape of a NixOS `systemd.services.<name>` entry. Credentials arrive with LoadCredential= and the config
-# refers to them by name (ca.pem, cert.pem, key.pem): the daemons resolve relative TLS paths in
-# $CREDENTIALS_DIRECTORY, so keys are never copied into the Nix store.
+# serviceConfig }, the shape of a NixOS `systemd.services.<name>` entry.
+#
+# Certificates and key: the daemon runs as a dynamic user, which cannot read them where the
+# operator keeps them (root's, mode 0600). Before it starts, and before each reload's SIGHUP, a
+# privileged step ("+": as root, outside the sandbox) copies them into the unit's runtime
+# directory (/run/ztna-<role>, mode 0700, the dynamic user's), where the config names them
+# (`tlsFiles`). So `systemctl reload` applies a re-issued certificate; LoadCredential= copies
+# only at start, and systemd does not refresh them on reload. The copies are root's, mode 0444,
+# readable only through that 0700 directory; they are removed when the service stops, and are
+# never in the Nix store.
 let
-  credentialNames = {
-    ca = "ca.pem";
-    cert = "cert.pem";
-    key = "key.pem";
+  tlsFiles = role: {
+    ca = "/run/ztna-${role}/ca.pem";
+    cert = "/run/ztna-${role}/cert.pem";
+    key = "/run/ztna-${role}/key.pem";
   };
 
   hardening = {
@@ -73,7 +81,7 @@ let
   };
 in
 {
-  inherit credentialNames hardening;
+  inherit tlsFiles hardening;
 
   unit =
     { role
@@ -85,10 +93,19 @@ in
     , bindsPrivilegedPort ? false
     , limitNOFILE ? 65536
     , killCommand ? "kill"
+    , installCommand ? "install"
     , restartTriggers ? [ ]
     , reloadTriggers ? [ ]
     ,
     }:
+    let
+      files = tlsFiles role;
+      installTls = map (c: "+${installCommand} -m 0444 \"${credentials.${c}}\" ${files.${c}}") [
+        "ca"
+        "cert"
+        "key"
+      ];
+    in
     {
       description = "ZTNA ${role}";
       documentation = [ "https://github.com/ztna/ztna/blob/main/docs/operations.md" ];
@@ -105,17 +122,15 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${execStart} --config ${configFile}";
-        ExecReload = "${killCommand} -HUP $MAINPID";
+        RuntimeDirectory = "ztna-${role}";
+        RuntimeDirectoryMode = "0700";
+        ExecStartPre = installTls;
+        ExecReload = installTls ++ [ "${killCommand} -HUP $MAINPID" ];
         WatchdogSec = watchdogSec;
         # Long enough for the drain, plus room to tell peers and exit.
         TimeoutStopSec = drainTimeoutSec + 15;
         Restart = "always";
         RestartSec = 1;
-        LoadCredential = map (c: "${credentialNames.${c}}:${credentials.${c}}") [
-          "ca"
-          "cert"
-          "key"
-        ];
         # systemd's default soft limit (1024) was used up by ~1000 idle UDP flows (issue 12).
         LimitNOFILE = limitNOFILE;
         # A port below 1024 needs CAP_NET_BIND_SERVICE in the user namespace that owns the

@@ -37,13 +37,10 @@ let
     else
       v;
 
-  # The credentials are referred to by name; the daemon finds them in $CREDENTIALS_DIRECTORY.
+  # The unit copies the certificates and key into its runtime directory (as root, at start and
+  # before each reload: see ../lib/units.nix); the config names those copies.
   finalSettings = lib.recursiveUpdate (dropNulls cfg.settings) {
-    tls = {
-      ca = units.credentialNames.ca;
-      cert = units.credentialNames.cert;
-      key = units.credentialNames.key;
-    };
+    tls = units.tlsFiles role;
   };
   configFile = settingsFormat.generate "${name}.toml" finalSettings;
   # The unit reads its config from /etc, not from the store path: a config switch then changes
@@ -79,7 +76,8 @@ let
       type = types.str;
       example = "/run/keys/ztna/${what}.pem";
       description = ''
-        Absolute path of the ${what} (PEM), read by systemd and passed with `LoadCredential=`.
+        Absolute path of the ${what} (PEM), copied by root into the service's runtime directory
+        when it starts and before each `systemctl reload` (so a reload applies a re-issued file).
         Give a string, not a Nix path: a path literal would copy the file into the world-readable
         Nix store.
       '';
@@ -210,6 +208,7 @@ in
           # Its own listening ports, or the ops endpoint's, below 1024.
           bindsPrivilegedPort = (extra.bindsPrivilegedPort or false) || ops.port < 1024;
           killCommand = "${pkgs.coreutils}/bin/kill";
+          installCommand = "${pkgs.coreutils}/bin/install";
         };
       }
       (builtins.removeAttrs extra [ "bindsPrivilegedPort" ])

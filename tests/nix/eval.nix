@@ -72,6 +72,8 @@ let
   toplevel = h: h.config.system.build.toplevel;
   units = h: (toplevel h).units;
   failedAssertions = h: map (a: a.message) (filter (a: !a.assertion) h.config.assertions);
+  # Every value of `Key=` in a rendered unit, in order.
+  unitValues = text: key: map (l: lib.removePrefix "${key}=" l) (filter (lib.hasPrefix "${key}=") (lib.splitString "\n" text));
   # The value of `Key=` in a rendered unit, or null.
   unitValue =
     text: key:
@@ -244,7 +246,20 @@ let
           (expect (unitValue u.ztna-intermediate "TimeoutStopSec" == "35" && unitValue u.ztna-connector "TimeoutStopSec" == "55" && unitValue u.ztna-agent "TimeoutStopSec" == "40") "TimeoutStopSec = drain + 15 on all three")
           (expect ((configOf h "ztna-agent").drain_timeout == "25s" && (configOf h "ztna-connector").drain_timeout == "40s" && (configOf h "ztna-intermediate").drain_timeout == "20s") "drain_timeout rendered for all three, the agent included")
           (expect ((configOf h "ztna-intermediate").ops_listen == "127.0.0.1:9470" && (configOf h "ztna-connector").ops_listen == "127.0.0.1:9471" && (configOf h "ztna-agent").ops_listen == "127.0.0.1:9472") "ops_listen defaults 9470/9471/9472")
-          (expect ((configOf h "ztna-intermediate").tls == { ca = "ca.pem"; cert = "cert.pem"; key = "key.pem"; }) "[tls] by credential name")
+          (expect ((configOf h "ztna-intermediate").tls == { ca = "/run/ztna-intermediate/ca.pem"; cert = "/run/ztna-intermediate/cert.pem"; key = "/run/ztna-intermediate/key.pem"; }) "[tls] names the copies in the runtime directory")
+          (expect (unitValue u.ztna-connector "RuntimeDirectory" == "ztna-connector" && unitValue u.ztna-connector "RuntimeDirectoryMode" == "0700") "runtime directory /run/ztna-<role>, mode 0700")
+          (expect (builtins.match ".*LoadCredential.*" u.ztna-agent == null) "no LoadCredential (its copies are not refreshed on reload)")
+          (expect
+            (
+              let
+                copyCmd = "${(flake.mkPkgs { system = "x86_64-linux"; }).coreutils}/bin/install";
+                copies = map (c: "+${copyCmd} -m 0444 \"/run/keys/ztna/${c}.pem\" /run/ztna-agent/${c}.pem") [ "ca" "cert" "key" ];
+              in
+              unitValues u.ztna-agent "ExecStartPre" == copies
+              && lib.take 3 (unitValues u.ztna-agent "ExecReload") == copies
+              && builtins.match ".*/bin/kill -HUP [$]MAINPID" (lib.last (unitValues u.ztna-agent "ExecReload")) != null
+            )
+            "certificates and key copied by root (+) from where the operator keeps them before start and before the SIGHUP of each reload")
           (expect (h.config.boot.kernel.sysctl."net.core.rmem_max" == 16777216 && h.config.boot.kernel.sysctl."net.core.wmem_max" == 16777216) "UDP socket buffer maxima raised for the intermediate's 16 MiB buffers on a host with all three")
           (expect (let e = (x86 [ mods.default (connector { }) (agent { }) ]).config.boot.kernel.sysctl; in e."net.core.rmem_max" == 7500000 && e."net.core.wmem_max" == 7500000) "UDP socket buffer maxima raised for the 4 MiB buffers of agents and connectors")
           (expect ((x86 [ mods.default (relay { }) { boot.kernel.sysctl."net.core.rmem_max" = 33554432; } ]).config.boot.kernel.sysctl."net.core.rmem_max" == 33554432) "a higher rmem_max set elsewhere wins")

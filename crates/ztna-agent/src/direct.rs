@@ -385,10 +385,13 @@ async fn attempt(shared: &Arc<Shared>, service: &str) -> Attempt {
             asked: None,
         };
     };
+    // Held while its answer is awaited: a link retiring after a certificate rotation waits.
+    let held = crate::relays::LinkUse::new(link.clone());
     let path = match join(shared, &link, service).await {
         Some(path) => Ok(path),
         None => request(shared, &link, service).await,
     };
+    drop(held);
     Attempt {
         path,
         asked: Some(link),
@@ -726,6 +729,7 @@ async fn keep(shared: &Arc<Shared>, service: &str, path: Arc<DirectPath>, backof
             let Some(link) = link else {
                 continue;
             };
+            let link = crate::relays::LinkUse::new(link);
             let ticket = match ask_ticket(shared, &link, service, &path.connector).await {
                 Ok(Ok(Ok(ticket))) => ticket,
                 // Refused by this relay: a policy change shows up as Denied in its status

@@ -11,6 +11,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
 use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
+use ztna_node::rotation::{self, Running};
 use ztna_node::CancellationToken;
 use ztna_proto::{Role, ServerMsg, ServiceState};
 
@@ -30,131 +31,143 @@ pub(crate) async fn supervise(
         let mut backoff = Reconnect::new(BackoffPolicy::default());
         let mut generation = 0u64;
         let mut rotations = shared.tls.rotations();
-        // A link made with a certificate a reload replaced: it carries its running flows while
-        // the one made with the new certificate comes up, then retires.
-        let mut retiring: Option<Retiring> = None;
+        rotations.borrow_and_update();
+        // The link flows use, and one made with a reloaded certificate that takes over once it
+        // is up (ztna_node::rotation).
+        let mut serving: Option<Running<Ended>> = None;
+        let mut candidate: Option<Running<Ended>> = None;
+        // When to make the next connection (None: none is needed).
+        let mut attempt_at = Some(tokio::time::Instant::now());
         let _ = events.send(Event::Connecting(index));
         loop {
             if stop.is_cancelled() {
-                return;
+                break;
             }
-            rotations.borrow_and_update();
-            if retiring.as_ref().is_some_and(|r| r.task.is_finished()) {
-                retiring = None;
-            }
-            let client_config = shared.client();
-            let limit = backoff.attempt_limit();
-            let attempt = tokio::select! {
-                r = client::connect(&endpoint, &client_config, &target, limit) => r,
-                _ = stop.cancelled() => return,
-            };
-            let ended = match attempt {
-                Ok(conn) => {
-                    generation += 1;
-                    let (control, said) = mpsc::channel(64);
-                    let link = Arc::new(Link {
-                        index,
-                        generation,
-                        target: target.clone(),
-                        conn,
-                        control,
-                        open: tokio::sync::watch::channel(0).0,
-                    });
-                    let (retire, up) = (CancellationToken::new(), CancellationToken::new());
-                    let mut task = tokio::spawn(
-                        serve(
-                            shared.clone(),
-                            link,
-                            said,
-                            events.clone(),
-                            stop.clone(),
-                            retire.clone(),
-                            up.clone(),
-                        )
-                        .instrument(tracing::Span::current()),
-                    );
-                    if let Some(old) = retiring.take() {
-                        tokio::spawn(hand_over(up, old).instrument(tracing::Span::current()));
-                    }
-                    let rotated = async {
-                        if rotations.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    };
-                    tokio::select! {
-                        ended = &mut task => ended.unwrap_or_default(),
-                        _ = rotated => {
-                            info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
-                            retiring = Some(Retiring { retire, task });
-                            continue;
+            if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                attempt_at = None;
+                let client_config = shared.client();
+                let limit = backoff.attempt_limit();
+                let attempt = tokio::select! {
+                    r = client::connect(&endpoint, &client_config, &target, limit) => r,
+                    _ = stop.cancelled() => break,
+                };
+                match attempt {
+                    Ok(conn) => {
+                        generation += 1;
+                        let rotation = serving.is_some();
+                        let (control, said) = mpsc::channel(64);
+                        let link = Arc::new(Link {
+                            index,
+                            generation,
+                            target: target.clone(),
+                            conn,
+                            control,
+                            open: tokio::sync::watch::channel(0).0,
+                            rotation,
+                        });
+                        let (shared, events, stop) = (shared.clone(), events.clone(), stop.clone());
+                        let running = Running::spawn(move |retire, up| {
+                            serve(shared, link, said, events, stop, retire, up)
+                                .instrument(tracing::Span::current())
+                        });
+                        if rotation {
+                            if let Some(old) = candidate.replace(running) {
+                                old.retire();
+                            }
+                        } else {
+                            serving = Some(running);
                         }
                     }
-                }
-                Err(why) => {
-                    warn!(reason = %why, "cannot connect to intermediate");
-                    Ended {
-                        why,
-                        ..Ended::default()
+                    Err(why) => {
+                        warn!(reason = %why, "cannot connect to intermediate");
+                        if serving.is_none() && candidate.is_none() {
+                            let _ = events.send(if backoff.is_planned() {
+                                Event::Connecting(index)
+                            } else {
+                                Event::Down { index, error: why }
+                            });
+                        }
+                        let delay = backoff.next_delay(None);
+                        debug!(?delay, "reconnecting after backoff");
+                        attempt_at = Some(tokio::time::Instant::now() + delay);
                     }
+                }
+                continue;
+            }
+            let wake = async {
+                match attempt_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
             };
-            if ended.drained {
-                // A restart is planned: poll at about a second until it is back.
-                backoff.planned(ended.rtt);
-            }
-            // A link made with the old certificate still carries flows (and is the relay's link)
-            // while the new one cannot be made.
-            if retiring.is_none() {
-                // While a relay that drained is expected back, new flows that only it can carry
-                // wait for it (up to open_timeout) instead of being refused: a planned restart
-                // is then invisible to users. Otherwise it is down and flows go elsewhere or are
-                // refused.
-                let _ = events.send(if backoff.is_planned() {
-                    Event::Connecting(index)
-                } else {
-                    Event::Down {
-                        index,
-                        error: ended.why.clone(),
-                    }
-                });
-            }
-            if stop.is_cancelled() {
-                return;
-            }
-            let delay = backoff.next_delay(ended.since);
-            debug!(?delay, "reconnecting after backoff");
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => return,
+                _ = wake => {}
+                _ = stop.cancelled() => break,
+                _ = rotation::rotated(&mut rotations) => {
+                    if let Some(old) = candidate.take() {
+                        old.retire();
+                    }
+                    info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                    attempt_at = Some(tokio::time::Instant::now());
+                }
+                _ = rotation::ready(&candidate) => {
+                    // New flows use the new link from now on: the old one retires.
+                    if let Some(old) = serving.take() {
+                        old.retire();
+                    }
+                    serving = candidate.take();
+                    debug!("moved to the new certificate");
+                }
+                ended = rotation::ended(&mut candidate) => {
+                    // The old link keeps serving; try again after the backoff.
+                    let delay = backoff.next_delay(ended.since);
+                    warn!(?delay, reason = %ended.why, "the connection with the new certificate failed; the old one keeps serving, trying again");
+                    attempt_at = Some(tokio::time::Instant::now() + delay);
+                }
+                ended = rotation::ended(&mut serving) => {
+                    if let Some(next) = candidate.take() {
+                        // Lost while moving: flows wait for the new link (up to open_timeout).
+                        let _ = events.send(Event::Connecting(index));
+                        serving = Some(next);
+                        continue;
+                    }
+                    if ended.drained {
+                        // A restart is planned: poll at about a second until it is back.
+                        backoff.planned(ended.rtt);
+                    }
+                    // While a relay that drained is expected back, new flows that only it can
+                    // carry wait for it (up to open_timeout) instead of being refused: a planned
+                    // restart is then invisible to users. Otherwise it is down and flows go
+                    // elsewhere or are refused.
+                    let _ = events.send(if backoff.is_planned() {
+                        Event::Connecting(index)
+                    } else {
+                        Event::Down {
+                            index,
+                            error: ended.why.clone(),
+                        }
+                    });
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let delay = backoff.next_delay(ended.since);
+                    debug!(?delay, "reconnecting after backoff");
+                    attempt_at = Some(tokio::time::Instant::now() + delay);
+                }
             }
+        }
+        // Stopping: each link closes itself.
+        for r in [serving, candidate].into_iter().flatten() {
+            let _ = r.task.await;
         }
     }
     .instrument(span)
     .await
 }
 
-struct Retiring {
-    retire: CancellationToken,
-    task: tokio::task::JoinHandle<Ended>,
-}
-
-/// How long the new link may take to come up before the old one retires anyway.
-const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// How long a retiring link waits before it counts its flows: one chosen just before the new
 /// link came up is still opening on it.
 const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Retires the old link once the new one is up (new flows use it from then on).
-async fn hand_over(up: CancellationToken, old: Retiring) {
-    let _ = tokio::time::timeout(HANDOVER_WAIT, up.cancelled()).await;
-    old.retire.cancel();
-    let ended = old.task.await;
-    debug!(
-        clean = ended.is_ok(),
-        "the connection made with the old certificate is closed"
-    );
-}
 
 #[derive(Default)]
 struct Ended {
@@ -203,6 +216,17 @@ async fn serve(
     };
     info!(%identity, %observed_addr, "connected to intermediate");
     let since = Instant::now();
+    if retire.is_cancelled() {
+        // Replaced by a newer rotation before it was up: never offered to flows.
+        conn.close(
+            quinn::VarInt::from_u32(ztna_proto::codes::SHUTDOWN),
+            b"certificate replaced",
+        );
+        return Ended {
+            why: "certificate replaced".into(),
+            ..Ended::default()
+        };
+    }
     let _ = events.send(Event::Up(link.clone()));
     up.cancel();
     {

@@ -36,6 +36,9 @@ pub struct Link {
     pub control: mpsc::Sender<ztna_proto::ClientMsg>,
     /// Flows it carries (see [`LinkUse`]).
     pub open: watch::Sender<usize>,
+    /// It replaces a link of this relay that is up, made with a certificate a reload replaced:
+    /// the services that one reported stand until this one reports its own.
+    pub rotation: bool,
 }
 
 /// A flow's hold on a relay link, counted while the flow lives: a link made with a certificate
@@ -338,11 +341,17 @@ pub fn apply(snap: &mut Snapshot, ev: Event) {
             }
         }
         Event::Up(link) => {
+            // An older connection's news is stale (two reloads in a row).
             if let Some(r) = snap.relays.get_mut(link.index) {
-                r.conn = Conn::Up { draining: false };
-                r.generation = link.generation;
-                r.link = Some(link);
-                r.services.clear();
+                if link.generation > r.generation {
+                    let keep = link.rotation && r.is_up();
+                    r.conn = Conn::Up { draining: false };
+                    r.generation = link.generation;
+                    r.link = Some(link);
+                    if !keep {
+                        r.services.clear();
+                    }
+                }
             }
         }
         Event::Status {

@@ -237,15 +237,21 @@ impl Handle {
             udp_idle_timeout, tcp_idle_timeout, keepalive, idle_timeout, p2p, stream_window,
             connection_window, log_format,
         );
-        let summary = shared
-            .tls
-            .reload(&new.tls, &shared.metrics.common.cert_expiry)?;
-        if shared.config.p2p {
-            if let Some(endpoint) = &*ztna_node::lock(&self.endpoint) {
-                let server = direct_server_config(&shared.tls.identity(), &shared.config)
-                    .map_err(|e| e.to_string())?;
-                endpoint.set_server_config(Some(server));
-            }
+        // The direct paths' server config is built from the new identity before anything
+        // changes, so a reload either applies entirely or not at all.
+        let (summary, server) =
+            shared
+                .tls
+                .reload_with(&new.tls, &shared.metrics.common.cert_expiry, |identity| {
+                    if !shared.config.p2p {
+                        return Ok(None);
+                    }
+                    direct_server_config(identity, &shared.config)
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                })?;
+        if let (Some(server), Some(endpoint)) = (server, &*ztna_node::lock(&self.endpoint)) {
+            endpoint.set_server_config(Some(server));
         }
         Ok(summary)
     }

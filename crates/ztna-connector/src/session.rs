@@ -12,6 +12,7 @@ use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
 use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
 use ztna_node::io::{write_frame, FramedRecv};
+use ztna_node::rotation::{self, Running};
 use ztna_node::CancellationToken;
 use ztna_proto::{codes, ClientMsg, Role, ServerMsg, MAX_LIST_LEN};
 
@@ -31,85 +32,146 @@ pub(crate) async fn supervise(
         // Whether a connection to this intermediate was up before.
         let mut was_up = false;
         let mut rotations = shared.tls.rotations();
-        // A connection made with a certificate a reload replaced: it carries its running flows
-        // while the one made with the new certificate comes up, then retires.
-        let mut retiring: Option<Retiring> = None;
+        rotations.borrow_and_update();
+        // The connection whose registrations count, and one made with a reloaded certificate
+        // that takes over once the intermediate answered its registrations (rotation module).
+        let mut serving: Option<Running<Ended>> = None;
+        let mut candidate: Option<Running<Ended>> = None;
+        // When to make the next connection (None: none is needed).
+        let mut attempt_at = Some(tokio::time::Instant::now());
         loop {
-            if stop.is_cancelled() || shared.is_draining() {
+            if stop.is_cancelled() {
+                break;
+            }
+            if shared.is_draining() && serving.is_none() && candidate.is_none() {
                 return;
             }
-            rotations.borrow_and_update();
-            if retiring.as_ref().is_some_and(|r| r.task.is_finished()) {
-                retiring = None;
+            if shared.is_draining() {
+                attempt_at = None;
             }
-            let limit = backoff.attempt_limit();
-            let ended = match client::connect(&endpoint, &shared.client(), &target, limit).await {
-                Ok(conn) => {
-                    // A reconnect is a connection up again after one was lost: an intermediate
-                    // that is down and polled in vain counts when it is back, once (so does a
-                    // restart after a drain), and a flapping one counts every time. Failed
-                    // attempts show in the backoff gauge and in intermediates_connected. Moving
-                    // to a new certificate is not a reconnect.
-                    if was_up && retiring.is_none() {
-                        shared.metrics.reconnects.inc();
-                    }
-                    was_up = true;
-                    let session = Session {
-                        retire: CancellationToken::new(),
-                        answered: CancellationToken::new(),
-                        handover: retiring.is_some(),
-                    };
-                    let (retire, answered) = (session.retire.clone(), session.answered.clone());
-                    let mut task = tokio::spawn(
-                        serve(shared.clone(), conn, idx, stop.clone(), session)
-                            .instrument(tracing::Span::current()),
-                    );
-                    if let Some(old) = retiring.take() {
-                        tokio::spawn(hand_over(answered, old).instrument(tracing::Span::current()));
-                    }
-                    let rotated = async {
-                        if rotations.changed().await.is_err() {
-                            std::future::pending::<()>().await;
+            if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                attempt_at = None;
+                let limit = backoff.attempt_limit();
+                let config = shared.client();
+                let attempt = tokio::select! {
+                    r = client::connect(&endpoint, &config, &target, limit) => r,
+                    _ = stop.cancelled() => break,
+                };
+                match attempt {
+                    Ok(conn) => {
+                        let handover = serving.is_some();
+                        // A reconnect is a connection up again after one was lost: an
+                        // intermediate that is down and polled in vain counts when it is back,
+                        // once (so does a restart after a drain), and a flapping one counts
+                        // every time. Failed attempts show in the backoff gauge and in
+                        // intermediates_connected. Moving to a new certificate is not one.
+                        if was_up && !handover {
+                            shared.metrics.reconnects.inc();
                         }
-                    };
-                    tokio::select! {
-                        ended = &mut task => ended.unwrap_or_default(),
-                        _ = rotated => {
-                            info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
-                            retiring = Some(Retiring { retire, task });
-                            continue;
+                        was_up = true;
+                        let running = spawn_serve(&shared, conn, idx, &stop, handover, &target);
+                        if handover {
+                            if let Some(old) = candidate.replace(running) {
+                                old.retire();
+                            }
+                        } else {
+                            serving = Some(running);
                         }
+                    }
+                    Err(reason) => {
+                        warn!(%reason, "cannot connect to intermediate");
+                        let delay = backoff.next_delay(None);
+                        shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
+                        info!(?delay, "reconnecting after backoff");
+                        attempt_at = Some(tokio::time::Instant::now() + delay);
                     }
                 }
-                Err(reason) => {
-                    warn!(%reason, "cannot connect to intermediate");
-                    Ended::default()
+                continue;
+            }
+            let wake = async {
+                match attempt_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
             };
-            // A connection made with the old certificate still serves (and is what the
-            // registrations show) while the new one cannot be made.
-            if retiring.is_none() {
-                shared.set_registration(idx, None);
-            }
-            if stop.is_cancelled() || shared.is_draining() {
-                return;
-            }
-            if ended.drained {
-                // The intermediate drained on purpose (a restart or upgrade): poll it at about a
-                // second until it is back, whatever earlier failures did to the delays.
-                backoff.planned(ended.rtt);
-            }
-            let delay = backoff.next_delay(ended.since);
-            shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
-            info!(?delay, "reconnecting after backoff");
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => return,
+                _ = wake => {}
+                _ = stop.cancelled() => break,
+                _ = rotation::rotated(&mut rotations) => {
+                    if let Some(old) = candidate.take() {
+                        old.retire();
+                    }
+                    info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                    attempt_at = Some(tokio::time::Instant::now());
+                }
+                _ = rotation::ready(&candidate) => {
+                    // The new connection has the services: the old one retires.
+                    if let Some(old) = serving.take() {
+                        old.retire();
+                    }
+                    serving = candidate.take();
+                    debug!("moved to the new certificate");
+                }
+                ended = rotation::ended(&mut candidate) => {
+                    // The old connection keeps serving; try again after the backoff.
+                    let delay = backoff.next_delay(ended.since);
+                    warn!(?delay, "the connection with the new certificate failed; the old one keeps serving, trying again");
+                    attempt_at = Some(tokio::time::Instant::now() + delay);
+                }
+                ended = rotation::ended(&mut serving) => {
+                    if let Some(next) = candidate.take() {
+                        // Lost while moving: the new connection serves alone from now on (its
+                        // answers replace the registrations shown).
+                        serving = Some(next);
+                        continue;
+                    }
+                    shared.set_registration(idx, None);
+                    if stop.is_cancelled() || shared.is_draining() {
+                        continue;
+                    }
+                    if ended.drained {
+                        // The intermediate drained on purpose (a restart or upgrade): poll it at
+                        // about a second until it is back, whatever earlier failures did to the
+                        // delays.
+                        backoff.planned(ended.rtt);
+                    }
+                    let delay = backoff.next_delay(ended.since);
+                    shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
+                    info!(?delay, "reconnecting after backoff");
+                    attempt_at = Some(tokio::time::Instant::now() + delay);
+                }
             }
+        }
+        // Stopping: each connection closes itself.
+        for r in [serving, candidate].into_iter().flatten() {
+            let _ = r.task.await;
         }
     }
     .instrument(span)
     .await
+}
+
+/// Serves a new connection in a task of its own, watched by the liveness probe.
+fn spawn_serve(
+    shared: &Arc<Shared>,
+    conn: quinn::Connection,
+    idx: usize,
+    stop: &CancellationToken,
+    handover: bool,
+    target: &str,
+) -> Running<Ended> {
+    let (shared, stop) = (shared.clone(), stop.clone());
+    let name = format!("session with {target}");
+    Running::spawn(move |retire, answered| {
+        let health = shared.health.clone();
+        let session = Session {
+            retire,
+            answered,
+            handover,
+        };
+        let fut = serve(shared, conn, idx, stop, session).instrument(tracing::Span::current());
+        async move { health.watched(&name, fut).await }
+    })
 }
 
 /// A connection's part in a certificate rotation.
@@ -122,27 +184,6 @@ struct Session {
     /// It replaces a connection that still serves: the registrations keep showing that one's
     /// until this one's are answered.
     handover: bool,
-}
-
-struct Retiring {
-    retire: CancellationToken,
-    task: tokio::task::JoinHandle<Ended>,
-}
-
-/// How long the new connection's registrations may take before the old connection retires
-/// anyway (it is then not the one that helps).
-const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Retires the old connection once the new one's registrations are answered: no flow finds
-/// this connector unregistered in between.
-async fn hand_over(answered: CancellationToken, old: Retiring) {
-    let _ = tokio::time::timeout(HANDOVER_WAIT, answered.cancelled()).await;
-    old.retire.cancel();
-    let ended = old.task.await;
-    debug!(
-        clean = ended.is_ok(),
-        "the connection made with the old certificate is closed"
-    );
 }
 
 /// How a connection ended, for the backoff.

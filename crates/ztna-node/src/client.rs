@@ -334,8 +334,21 @@ impl ClientTls {
         tls: &crate::config::TlsConfig,
         expiry: &prometheus::Gauge,
     ) -> Result<String, String> {
+        self.reload_with(tls, expiry, |_| Ok(()))
+            .map(|(summary, ())| summary)
+    }
+
+    /// [`reload`](Self::reload), with `also` built from the new identity first (say, a server
+    /// config): if it fails, nothing changes.
+    pub fn reload_with<T>(
+        &self,
+        tls: &crate::config::TlsConfig,
+        expiry: &prometheus::Gauge,
+        also: impl FnOnce(&crate::Identity) -> Result<T, String>,
+    ) -> Result<(String, T), String> {
         let (identity, config) =
             Self::build(tls, self.role, &self.opts).map_err(|e| e.to_string())?;
+        let extra = also(&identity)?;
         let summary = format!(
             "certificate {} (expires at unix {:.0}) used for new connections",
             identity.id,
@@ -351,7 +364,7 @@ impl ClientTls {
         if rotated {
             self.rotations.send_modify(|n| *n += 1);
         }
-        Ok(summary)
+        Ok((summary, extra))
     }
 
     /// Changes each time a reload brings a different certificate.

@@ -220,6 +220,56 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     im.daemon.shutdown().await;
 }
 
+/// A rotation the intermediate refuses (here: one connection per identity) leaves the old
+/// connection serving: the connector stays registered, flows keep working, and it keeps trying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rotation_leaves_the_old_connection_serving() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.max_connections_per_identity = 1;
+    let im = start_intermediate_with(cfg);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let renewed = pki
+        .ca
+        .issue(&IssueRequest::new("connector", "web-1"))
+        .unwrap();
+    pki.tls_for(&renewed, "connector-web-1");
+    c.handle.reload(c.config.clone()).expect("reload");
+    let refused = eventually(Duration::from_secs(5), || {
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_limit_rejections_total",
+            &[("limit", "connections_per_identity")],
+        ) >= 1.0
+    })
+    .await;
+    assert!(refused, "the intermediate never refused the new connection");
+    // Past the first retry: still registered on the old connection, flows work.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(registered_on(&c.registered.borrow()), 1);
+    assert_eq!(connectors_on(&im), 1.0);
+    assert_eq!(
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")],
+        ),
+        1.0
+    );
+    for i in 0..5u8 {
+        assert_eq!(tcp_roundtrip(port, &[i]).await.unwrap(), vec![i]);
+    }
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 /// The same for an agent: after a reload with a renewed certificate, new flows use a connection
 /// made with it, a running UDP flow moves there, a running TCP flow stays on the old connection
 /// (cut at the old notAfter), and the old connection closes once nothing uses it.

@@ -1,0 +1,104 @@
+//! Moving a client's connection to a reloaded certificate, make before break.
+//!
+//! A connector or agent supervises one connection per intermediate. When a reload brings a
+//! different certificate ([`crate::client::ClientTls::rotations`]), the supervisor makes a
+//! *candidate* connection with it while the *serving* one goes on. Once the candidate is ready
+//! (registered, or up), the serving one retires: it stops taking new work and closes when its
+//! running flows end. If the candidate fails first, the serving one simply keeps serving and
+//! the supervisor tries again after its backoff.
+
+use tokio::task::JoinHandle;
+
+use crate::CancellationToken;
+
+/// One connection's task, as its supervisor holds it.
+pub struct Running<E> {
+    pub task: JoinHandle<E>,
+    /// Cancelled to retire the connection (see the module docs).
+    pub retire: CancellationToken,
+    /// Cancelled by the task once the connection can take over.
+    pub ready: CancellationToken,
+}
+
+impl<E: Send + 'static> Running<E> {
+    /// Spawns `task(retire, ready)`.
+    pub fn spawn<F>(task: impl FnOnce(CancellationToken, CancellationToken) -> F) -> Running<E>
+    where
+        F: std::future::Future<Output = E> + Send + 'static,
+    {
+        let (retire, ready) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(task(retire.clone(), ready.clone()));
+        Running {
+            task,
+            retire,
+            ready,
+        }
+    }
+
+    /// Retires it; the task runs on, detached, until its last flow ends.
+    pub fn retire(self) {
+        self.retire.cancel();
+    }
+}
+
+/// Waits for the task in `slot` to end (never, for an empty slot); the slot is then empty.
+pub async fn ended<E: Default>(slot: &mut Option<Running<E>>) -> E {
+    let out = match slot {
+        Some(r) => (&mut r.task).await.unwrap_or_default(),
+        None => std::future::pending().await,
+    };
+    *slot = None;
+    out
+}
+
+/// Waits until the task in `slot` is ready (never, for an empty slot).
+pub fn ready<E>(slot: &Option<Running<E>>) -> impl std::future::Future<Output = ()> {
+    let token = slot.as_ref().map(|r| r.ready.clone());
+    async move {
+        match token {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Waits for the next certificate rotation (never, once the sender is gone).
+pub async fn rotated(rotations: &mut tokio::sync::watch::Receiver<u64>) {
+    if rotations.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_slot_ends_with_its_task_and_an_empty_one_never() {
+        let mut slot = Some(Running::spawn(|_, ready| async move {
+            ready.cancel();
+            7u32
+        }));
+        tokio::time::timeout(Duration::from_secs(1), ready(&slot))
+            .await
+            .expect("ready");
+        let got = tokio::time::timeout(Duration::from_secs(1), ended(&mut slot)).await;
+        assert_eq!(got.ok(), Some(7));
+        assert!(slot.is_none());
+        let never = tokio::time::timeout(Duration::from_millis(50), ended::<u32>(&mut slot)).await;
+        assert!(never.is_err(), "an empty slot ended");
+    }
+
+    #[tokio::test]
+    async fn a_retired_task_is_told_and_runs_on() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let r = Running::spawn(|retire, _| async move {
+            retire.cancelled().await;
+            let _ = tx.send("retired");
+        });
+        r.retire();
+        let got = tokio::time::timeout(Duration::from_secs(1), rx).await;
+        assert_eq!(got.ok().and_then(|r| r.ok()), Some("retired"));
+    }
+}
