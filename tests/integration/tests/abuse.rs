@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztna_integration::*;
+use ztna_node::CancellationToken;
 use ztna_pki::{IssueRequest, Validity};
 use ztna_proto::{Protocol, ServiceState};
 
@@ -136,6 +137,24 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
     let mut before = held_flow(port).await;
+    // New flows all along, from before the reload to after the old notAfter: none may fail.
+    let load_stop = CancellationToken::new();
+    let load = tokio::spawn({
+        let stop = load_stop.clone();
+        async move {
+            let (mut attempts, mut failures) = (0u32, 0u32);
+            while !stop.is_cancelled() {
+                attempts += 1;
+                let msg = attempts.to_be_bytes();
+                match tokio::time::timeout(T, tcp_roundtrip(port, &msg)).await {
+                    Ok(Ok(got)) if got == msg => {}
+                    _ => failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (attempts, failures)
+        }
+    });
 
     // Renewed in place, as an automated renewal would, and reloaded.
     let renewed = pki
@@ -184,6 +203,11 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
             "the flow opened after the reload was cut at the old certificate's expiry"
         );
     }
+    load_stop.cancel();
+    let (attempts, failures) = load.await.unwrap();
+    println!("MEASURED new flows across the rotation and the old notAfter: {attempts} opened, {failures} failed");
+    assert_eq!(failures, 0, "flows failed during the rotation");
+    assert!(attempts > 50, "only {attempts} flows");
     let t0 = Instant::now();
     assert_eq!(tcp_roundtrip(port, b"new").await.unwrap(), b"new");
     let took = t0.elapsed();
