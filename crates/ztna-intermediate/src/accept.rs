@@ -1,6 +1,8 @@
 //! Accepting connections: the QUIC handshake (mutual TLS with SPIFFE roles, checked by the
 //! verifiers in `ztna_node::identity`), then a session per authenticated peer.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +32,8 @@ pub(crate) struct Pending {
     queued: AtomicUsize,
     /// A slot was freed.
     freed: tokio::sync::Notify,
+    /// Attempts in progress or queued, per source (see [`source_of`]); only sources with some.
+    sources: std::sync::Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Pending {
@@ -38,7 +42,16 @@ impl Pending {
             in_progress: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
+            sources: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Attempts in progress or queued from `source`.
+    fn of_source(&self, source: IpAddr) -> usize {
+        ztna_node::lock(&self.sources)
+            .get(&source)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn get(&self) -> usize {
@@ -59,14 +72,63 @@ impl Pending {
     }
 }
 
-/// Counts one handshake in progress while it lives; its end lets a queued one in.
-struct InProgress(Arc<Shared>);
+/// Counts one handshake in progress (globally and for its source) while it lives; its end lets
+/// a queued one in.
+struct InProgress {
+    shared: Arc<Shared>,
+    _source: FromSource,
+}
+
+impl InProgress {
+    fn new(shared: &Arc<Shared>, source: FromSource) -> InProgress {
+        InProgress {
+            shared: shared.clone(),
+            _source: source,
+        }
+    }
+}
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        let p = &self.0.handshakes_pending;
+        let p = &self.shared.handshakes_pending;
         p.in_progress.fetch_sub(1, Ordering::AcqRel);
         p.freed.notify_one();
+    }
+}
+
+/// Counts one attempt (in progress or queued) against its source while it lives.
+struct FromSource(Arc<Shared>, IpAddr);
+
+impl FromSource {
+    fn new(shared: &Arc<Shared>, source: IpAddr) -> FromSource {
+        *ztna_node::lock(&shared.handshakes_pending.sources)
+            .entry(source)
+            .or_default() += 1;
+        FromSource(shared.clone(), source)
+    }
+}
+
+impl Drop for FromSource {
+    fn drop(&mut self) {
+        let mut sources = ztna_node::lock(&self.0.handshakes_pending.sources);
+        if let Some(n) = sources.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                sources.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// What one source is, for [`Pending::of_source`]: an IPv4 address, or an IPv6 /64 (what one
+/// host or site usually holds).
+pub(crate) fn source_of(addr: std::net::SocketAddr) -> IpAddr {
+    match addr.ip().to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
     }
 }
 
@@ -96,6 +158,9 @@ pub(crate) enum Admit {
     /// A proven address with no room left to wait: drop it (the client retransmits, then tries
     /// another relay).
     Drop,
+    /// A proven address whose source already has `max_handshakes_per_source` attempts in
+    /// progress or queued: drop it (its client retransmits later).
+    DropSource,
 }
 
 /// Proven addresses waiting for a slot, at most, per handshake slot (a waiting attempt holds only
@@ -106,13 +171,25 @@ const QUEUE_PER_SLOT: usize = 4;
 /// Retry: it keeps no state, and spoofed sources never answer it. Proven addresses (they
 /// answered one) go through up to `max`, then queue in arrival order, at most
 /// [`QUEUE_PER_SLOT`] × `max` of them; beyond that they are dropped.
+///
+/// A source with `per_source_max` attempts already (`of_source`) gets a Retry while it has not
+/// proven its address, and is dropped once it has: one host cannot hold every slot.
 pub(crate) fn admit(
     pending: usize,
     queued: usize,
     validated: bool,
     retry_above: usize,
     max: usize,
+    of_source: usize,
+    per_source_max: usize,
 ) -> Admit {
+    if of_source >= per_source_max {
+        return if validated {
+            Admit::DropSource
+        } else {
+            Admit::Retry
+        };
+    }
     if validated {
         if pending < max && queued == 0 {
             Admit::Handshake
@@ -134,9 +211,10 @@ pub(crate) async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let c = &shared.config;
-    let (retry_above, max) = (
+    let (retry_above, max, per_source_max) = (
         c.handshake_retry_threshold as usize,
         c.max_handshakes as usize,
+        c.max_handshakes_per_source as usize,
     );
     let shed = &shared.metrics.handshakes_shed;
     loop {
@@ -146,17 +224,25 @@ pub(crate) async fn accept_loop(
                 let Some(incoming) = incoming else { return };
                 let p = &shared.handshakes_pending;
                 let pending = p.get();
-                match admit(pending, p.queued(), incoming.remote_address_validated(), retry_above, max) {
+                let source = source_of(incoming.remote_address());
+                let validated = incoming.remote_address_validated();
+                match admit(pending, p.queued(), validated, retry_above, max, p.of_source(source), per_source_max) {
                     Admit::Handshake => {
                         p.in_progress.fetch_add(1, Ordering::AcqRel);
-                        let guard = InProgress(shared.clone());
+                        let guard = InProgress::new(&shared, FromSource::new(&shared, source));
                         tokio::spawn(handshake(shared.clone(), incoming, guard));
                     }
                     Admit::Queue => {
                         shed.with_label_values(&["queued"]).inc();
                         p.queued.fetch_add(1, Ordering::AcqRel);
                         let waiting = Queued(shared.clone());
-                        tokio::spawn(wait_for_slot(shared.clone(), incoming, waiting, max));
+                        let held = FromSource::new(&shared, source);
+                        tokio::spawn(wait_for_slot(shared.clone(), incoming, waiting, held, max));
+                    }
+                    Admit::DropSource => {
+                        shed.with_label_values(&["per_source"]).inc();
+                        ztna_node::warn_limited!(SHED_LOG_EVERY, %source, per_source_max, "this source has max_handshakes_per_source connection attempts in progress: dropping its new ones");
+                        incoming.ignore();
                     }
                     Admit::Retry => {
                         shed.with_label_values(&["retry"]).inc();
@@ -182,6 +268,7 @@ async fn wait_for_slot(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
     waiting: Queued,
+    held: FromSource,
     max: usize,
 ) {
     let deadline = tokio::time::Instant::now() + QUEUE_WAIT;
@@ -199,7 +286,7 @@ async fn wait_for_slot(
             if p.get() < max && p.queued() > 0 {
                 p.freed.notify_one();
             }
-            let guard = InProgress(shared.clone());
+            let guard = InProgress::new(&shared, held);
             handshake(shared.clone(), incoming, guard).await;
             return;
         }
@@ -264,20 +351,48 @@ mod tests {
 
     #[test]
     fn retry_under_load_a_queue_for_proven_addresses_and_a_hard_cap() {
-        assert_eq!(admit(0, 0, false, 64, 1024), Admit::Handshake);
-        assert_eq!(admit(63, 0, false, 64, 1024), Admit::Handshake);
-        assert_eq!(admit(64, 0, false, 64, 1024), Admit::Retry);
+        assert_eq!(admit(0, 0, false, 64, 1024, 0, 128), Admit::Handshake);
+        assert_eq!(admit(63, 0, false, 64, 1024, 0, 128), Admit::Handshake);
+        assert_eq!(admit(64, 0, false, 64, 1024, 0, 128), Admit::Retry);
         // A client that answered the Retry is let through.
-        assert_eq!(admit(64, 0, true, 64, 1024), Admit::Handshake);
+        assert_eq!(admit(64, 0, true, 64, 1024, 0, 128), Admit::Handshake);
         // At the cap it waits for a slot, and so does every proven address behind it.
-        assert_eq!(admit(1024, 0, true, 64, 1024), Admit::Queue);
-        assert_eq!(admit(1000, 3, true, 64, 1024), Admit::Queue);
-        assert_eq!(admit(1024, 4095, true, 64, 1024), Admit::Queue);
-        assert_eq!(admit(1024, 4096, true, 64, 1024), Admit::Drop);
+        assert_eq!(admit(1024, 0, true, 64, 1024, 0, 128), Admit::Queue);
+        assert_eq!(admit(1000, 3, true, 64, 1024, 0, 128), Admit::Queue);
+        assert_eq!(admit(1024, 4095, true, 64, 1024, 0, 128), Admit::Queue);
+        assert_eq!(admit(1024, 4096, true, 64, 1024, 0, 128), Admit::Drop);
         // Unproven addresses never wait: they are asked to prove themselves, at the cap too
         // (and never start a handshake beyond it, whatever the Retry threshold).
-        assert_eq!(admit(1000, 3, false, 64, 1024), Admit::Retry);
-        assert_eq!(admit(5000, 0, false, 64, 1024), Admit::Retry);
-        assert_eq!(admit(1024, 0, false, 4096, 1024), Admit::Retry);
+        assert_eq!(admit(1000, 3, false, 64, 1024, 0, 128), Admit::Retry);
+        assert_eq!(admit(5000, 0, false, 64, 1024, 0, 128), Admit::Retry);
+        assert_eq!(admit(1024, 0, false, 4096, 1024, 0, 128), Admit::Retry);
+    }
+
+    #[test]
+    fn one_source_holds_at_most_its_share() {
+        // Below its share a source is treated like any other.
+        assert_eq!(admit(10, 0, true, 64, 1024, 127, 128), Admit::Handshake);
+        assert_eq!(admit(100, 0, false, 64, 1024, 127, 128), Admit::Retry);
+        // At its share: asked to prove its address first (no state kept), then dropped.
+        assert_eq!(admit(10, 0, false, 64, 1024, 128, 128), Admit::Retry);
+        assert_eq!(admit(10, 0, true, 64, 1024, 128, 128), Admit::DropSource);
+        assert_eq!(admit(1024, 0, true, 64, 1024, 500, 128), Admit::DropSource);
+    }
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let s = |a: &str| source_of(a.parse().unwrap()).to_string();
+        assert_eq!(s("192.0.2.7:443"), "192.0.2.7");
+        assert_eq!(s("[::ffff:192.0.2.7]:443"), "192.0.2.7");
+        assert_eq!(
+            s("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:443"),
+            "2001:db8:1:2::"
+        );
+        assert_eq!(
+            s("[2001:db8:1:2::1]:1"),
+            s("[2001:db8:1:2:ffff::9]:2"),
+            "one /64 is one source"
+        );
+        assert_ne!(s("[2001:db8:1:2::1]:1"), s("[2001:db8:1:3::1]:1"));
     }
 }

@@ -49,6 +49,10 @@ pub struct Config {
     /// are dropped.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: u32,
+    /// At most this many of them (in progress or waiting for a slot) from one source address
+    /// (IPv4) or /64 (IPv6): one host that stalls its handshakes cannot hold every slot.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: u32,
     /// Concurrent connections one identity (agent or connector) may hold.
     #[serde(default = "default_connections_per_identity")]
     pub max_connections_per_identity: u32,
@@ -129,6 +133,9 @@ fn default_retry_threshold() -> u32 {
 fn default_max_handshakes() -> u32 {
     2048
 }
+fn default_max_handshakes_per_source() -> u32 {
+    128
+}
 fn default_connections_per_identity() -> u32 {
     8
 }
@@ -189,6 +196,8 @@ impl Config {
                 "max_connections_per_identity",
                 self.max_connections_per_identity,
             ),
+            ("max_handshakes", self.max_handshakes),
+            ("max_handshakes_per_source", self.max_handshakes_per_source),
         ] {
             if v == 0 {
                 return Err((key.into(), "must be at least 1".into()));

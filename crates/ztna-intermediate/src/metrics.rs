@@ -106,7 +106,7 @@ impl Metrics {
             handshakes_shed: m::counter_vec(
                 r,
                 "ztna_intermediate_handshakes_shed_total",
-                "New connection attempts answered with a QUIC Retry, queued for a handshake slot (proven addresses at max_handshakes) or dropped because many handshakes were in progress.",
+                "New connection attempts answered with a QUIC Retry, queued for a handshake slot (proven addresses at max_handshakes), dropped (no slot), or dropped because their source had max_handshakes_per_source in progress (per_source).",
                 &["action"],
             ),
             handshakes_in_progress: m::gauge(

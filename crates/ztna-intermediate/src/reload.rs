@@ -35,7 +35,7 @@ pub(crate) fn apply(shared: &Shared, new: Config) -> Result<String, String> {
     let old = &shared.config;
     ztna_node::warn_unapplied!(new, old;
         listen, ops_listen, drain_timeout, keepalive, idle_timeout, max_flows_per_agent,
-        max_flows_per_connector, max_flows, handshake_retry_threshold, max_handshakes,
+        max_flows_per_connector, max_flows, handshake_retry_threshold, max_handshakes, max_handshakes_per_source,
         max_connections_per_identity, tcp_idle_timeout, udp_idle_timeout, reconnect_hint,
         log_format, stream_window, agent_connection_window, connector_connection_window,
         identity_window,

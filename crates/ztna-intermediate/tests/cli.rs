@@ -256,6 +256,16 @@ fn errors_say_what_to_fix() {
         "{err}"
     );
 
+    // Handshake limits of 0 would refuse every connection while /readyz says ready.
+    for key in ["max_handshakes", "max_handshakes_per_source"] {
+        let (code, _, err) = check(format!("{key} = 0\n{tls}"));
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(key) && err.contains("must be at least 1"),
+            "{err}"
+        );
+    }
+
     // Certificate and key that do not belong together: both files named.
     let other = tempfile::tempdir().unwrap();
     pki(other.path(), "intermediate");

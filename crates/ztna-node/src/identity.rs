@@ -517,6 +517,22 @@ fn verify_chain(
 
 /// Logs a peer chain that carries certificates other than our CA: they are not used (see
 /// [`verify_chain`]), so a leaf issued by a sub-CA fails as "unknown issuer".
+/// Certificates refused before the handshake completes are logged at most once a second: anyone
+/// can present one, as often as they like.
+const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The SPIFFE ID a refused certificate claims, for the log: unverified (anyone can put any ID in
+/// a certificate of their own), so it is named `claimed_peer`, and cut to 128 characters.
+fn claimed(end_entity: &CertificateDer<'_>) -> String {
+    let who = SpiffeId::from_cert(end_entity)
+        .map(|i| i.to_string())
+        .unwrap_or_else(|e| e);
+    match who.char_indices().nth(128) {
+        Some((cut, _)) => format!("{}…", &who[..cut]),
+        None => who,
+    }
+}
+
 fn note_foreign_intermediates(
     roots: &[CertificateDer<'static>],
     end_entity: &CertificateDer<'_>,
@@ -526,10 +542,7 @@ fn note_foreign_intermediates(
         .iter()
         .any(|c| !roots.iter().any(|r| r.as_ref() == c.as_ref()))
     {
-        let who = SpiffeId::from_cert(end_entity)
-            .map(|i| i.to_string())
-            .unwrap_or_else(|e| e);
-        tracing::warn!(peer = %who, "peer chain holds a CA certificate other than our deployment CA; it is ignored: only certificates issued directly by the deployment CA are accepted");
+        crate::warn_limited!(REFUSED_LOG_EVERY, claimed_peer = %claimed(end_entity), "peer chain holds a CA certificate other than our deployment CA; it is ignored: only certificates issued directly by the deployment CA are accepted");
     }
 }
 
@@ -585,10 +598,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         note_foreign_intermediates(&self.ca_ders, end_entity, intermediates);
         // No intermediates: only leaves issued directly by the deployment CA (see verify_chain).
         if let Err(e) = self.inner.verify_client_cert(end_entity, &[], now) {
-            let who = SpiffeId::from_cert(end_entity)
-                .map(|i| i.to_string())
-                .unwrap_or_else(|e| e);
-            tracing::warn!(peer = %who, error = %e, "refused client certificate");
+            crate::warn_limited!(REFUSED_LOG_EVERY, claimed_peer = %claimed(end_entity), error = %e, "refused client certificate");
             return Err(e);
         }
         spiffe_check(end_entity, &self.trust_domain, &self.roles)?;

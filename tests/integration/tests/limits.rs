@@ -327,3 +327,88 @@ async fn steady_dns_lookups_from_new_ports_do_not_use_up_the_agents_flows() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// One real host that starts QUIC handshakes and stalls them (it answers the Retry, then goes
+/// silent) cannot hold the relay's handshake slots: it gets at most `max_handshakes_per_source`
+/// of them, the rest of its attempts are dropped and counted, and other clients' handshakes go
+/// through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_stalling_handshakes_does_not_lock_out_other_clients() {
+    logs();
+    let pki = Pki::new();
+    let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    cfg.max_handshakes = 64;
+    cfg.handshake_retry_threshold = 16;
+    cfg.max_handshakes_per_source = 16;
+    let im = start_intermediate_with(cfg);
+    let mallory = pki.issue("agent", "mallory");
+    let identity = ztna_node::Identity::load(&mallory, Role::Agent).unwrap();
+    let config = ztna_node::transport::client_config(
+        &identity,
+        Role::Intermediate,
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .unwrap();
+    // 127.0.0.2 is this host too (loopback is a /8): the attacker is one source, the victims
+    // another.
+    let stop = ztna_node::CancellationToken::new();
+    let attack = tokio::spawn(ztna_integration::hostile::stall::stall_handshakes(
+        im.addr,
+        "127.0.0.2".parse().unwrap(),
+        config,
+        Duration::from_millis(5),
+        stop.clone(),
+    ));
+    let text = || im.daemon.metrics.common.render();
+    let in_progress = || gauge(&text(), "ztna_intermediate_handshakes_in_progress");
+    // Let the stalled attempts pile up (each lives for the relay's 5 s idle timeout).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let alice = pki.issue("agent", "alice");
+    let mut took = Vec::new();
+    let mut failed = Vec::new();
+    let mut peak = in_progress();
+    for _ in 0..10 {
+        let t0 = std::time::Instant::now();
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            raw_connect(&alice, Role::Agent, im.addr),
+        )
+        .await
+        {
+            Ok(Ok((ep, conn))) => {
+                took.push(t0.elapsed().as_secs_f64() * 1000.0);
+                conn.close(0u32.into(), b"");
+                ep.close(0u32.into(), b"");
+            }
+            Ok(Err(e)) => failed.push(e),
+            Err(_) => failed.push("no handshake within 5 s".into()),
+        }
+        peak = peak.max(in_progress());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.cancel();
+    let started = attack.await.unwrap().unwrap();
+    let shed = metric(
+        &text(),
+        "ztna_intermediate_handshakes_shed_total",
+        &[("action", "per_source")],
+    );
+    took.sort_by(f64::total_cmp);
+    println!(
+        "MEASURED {started} stalled handshake attempts from one source: {shed} dropped as per_source, \
+         at most {peak} handshakes in progress; 10 handshakes from another source: {} failed, \
+         {:.1} ms median, {:.1} ms slowest ({failed:?})",
+        failed.len(),
+        took.get(took.len() / 2).copied().unwrap_or(f64::NAN),
+        took.last().copied().unwrap_or(f64::NAN),
+    );
+    assert!(started > 500, "the attack started only {started} attempts");
+    assert!(shed > 0.0, "nothing was dropped per source");
+    assert!(peak <= 17.0 + 10.0, "{peak} handshakes in progress");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        took.last().is_some_and(|t| *t < 1000.0),
+        "a handshake took {took:?} ms"
+    );
+    im.daemon.shutdown().await;
+}

@@ -10,6 +10,7 @@ pub mod attacks;
 pub mod direct;
 pub mod initials;
 pub mod local;
+pub mod stall;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -288,8 +288,8 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     rep.rss_base_kib = rss_kib(im.pid()).unwrap_or(0.0);
 
     let mut endpoints = Vec::with_capacity(sockets);
-    for _ in 0..sockets {
-        match generator_endpoint() {
+    for i in 0..sockets {
+        match generator_endpoint(i) {
             Ok(ep) => endpoints.push(ep),
             Err(e) => {
                 rep.notes.push(format!(
@@ -577,7 +577,7 @@ async fn anchor(
         ..Anchor::default()
     };
     let endpoints = (0..sockets)
-        .map(|_| generator_endpoint())
+        .map(generator_endpoint)
         .collect::<std::io::Result<Vec<_>>>()
         .context("anchor client sockets")?;
     let up = Arc::new(AtomicUsize::new(0));
@@ -674,9 +674,12 @@ async fn bare(
 
 /// A client endpoint like an agent's, but with receive and send buffers as large as the system
 /// allows: one socket here carries `--agents-per-socket` agents, and its drops must not be
-/// counted against the intermediate.
-fn generator_endpoint() -> std::io::Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+/// counted against the intermediate. Socket `i` sends from its own loopback address
+/// (127.0.0.2 ...), as agents come from many hosts: the intermediate admits at most
+/// `max_handshakes_per_source` handshakes per source address at a time.
+fn generator_endpoint(i: usize) -> std::io::Result<quinn::Endpoint> {
+    let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 250) as u8);
+    let socket = std::net::UdpSocket::bind((ip, 0))?;
     let r = socket2::SockRef::from(&socket);
     r.set_recv_buffer_size(8 << 20)?;
     r.set_send_buffer_size(8 << 20)?;
