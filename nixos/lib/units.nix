@@ -12,7 +12,8 @@
 #     bindsPrivilegedPort = false;         # true: CAP_NET_BIND_SERVICE (listen port < 1024)
 #     limitNOFILE = 65536;                 # open files: one UDP socket per connector flow
 #     killCommand = "/run/current-system/sw/bin/kill";
-#     installCommand = "/run/current-system/sw/bin/install";
+#     coreutils = "/run/current-system/sw";  # bin/{install,mv,rm,stat}
+#     shell = "/run/current-system/sw/bin/bash";
 #     restartTriggers = [ ];               # what a config switch restarts the unit for
 #     reloadTriggers = [ ];                # what it only reloads it for (SIGHUP)
 #   }
@@ -22,18 +23,43 @@
 #
 # Certificates and key: the daemon runs as a dynamic user, which cannot read them where the
 # operator keeps them (root's, mode 0600). Before it starts, and before each reload's SIGHUP, a
-# privileged step ("+": as root, outside the sandbox) copies them into the unit's runtime
-# directory (/run/ztna-<role>, mode 0700, the dynamic user's), where the config names them
-# (`tlsFiles`). So `systemctl reload` applies a re-issued certificate; LoadCredential= copies
-# only at start, and systemd does not refresh them on reload. The copies are root's, mode 0444,
-# readable only through that 0700 directory; they are removed when the service stops, and are
-# never in the Nix store.
+# privileged step ("+": as root, outside the sandbox) copies them into /run/ztna-tls/<role>
+# (`tlsFiles`): a directory root owns, mode 0750, group the service's dynamic group (read from
+# its runtime directory /run/ztna-<role>), files root's, mode 0440. The daemon can read them and
+# change nothing there, so root never writes through a path the daemon controls. All three are
+# written first and then renamed into place: a missing or unreadable source file fails the step
+# and leaves the files in use as they were. They are removed when the service stops, and are
+# never in the Nix store. So `systemctl reload` applies a re-issued certificate (LoadCredential=
+# copies only at start: systemd does not refresh credentials on reload). The copies live on /run
+# (tmpfs), not on LoadCredential's unswappable ramfs.
 let
   tlsFiles = role: {
-    ca = "/run/ztna-${role}/ca.pem";
-    cert = "/run/ztna-${role}/cert.pem";
-    key = "/run/ztna-${role}/key.pem";
+    ca = "/run/ztna-tls/${role}/ca.pem";
+    cert = "/run/ztna-tls/${role}/cert.pem";
+    key = "/run/ztna-tls/${role}/key.pem";
   };
+
+  # The copy step as one shell command line for systemd: `$` and `%` escaped for its parser.
+  copyTls =
+    { role, credentials, coreutils, shell }:
+    let
+      bin = p: if coreutils == null then p else "${coreutils}/bin/${p}";
+      files = tlsFiles role;
+      dir = "/run/ztna-tls/${role}";
+      names = [ "ca" "cert" "key" ];
+      script = builtins.concatStringsSep "; " (
+        [
+          "set -eu"
+          "g=$(${bin "stat"} -c %g /run/ztna-${role})"
+          "${bin "install"} -d -m 0755 -o root -g root /run/ztna-tls"
+          "${bin "install"} -d -m 0750 -o root -g \"$g\" ${dir}"
+        ]
+        ++ map (c: "${bin "install"} -m 0440 -o root -g \"$g\" \"${credentials.${c}}\" ${files.${c}}.new") names
+        ++ map (c: "${bin "mv"} -f ${files.${c}}.new ${files.${c}}") names
+      );
+      escaped = builtins.replaceStrings [ "$" "%" ] [ "$$" "%%" ] script;
+    in
+    "+${shell} -c '${escaped}'";
 
   hardening = {
     # Identity and privileges.
@@ -93,18 +119,15 @@ in
     , bindsPrivilegedPort ? false
     , limitNOFILE ? 65536
     , killCommand ? "kill"
-    , installCommand ? "install"
+    , coreutils ? null
+    , shell ? "/bin/sh"
     , restartTriggers ? [ ]
     , reloadTriggers ? [ ]
     ,
     }:
     let
-      files = tlsFiles role;
-      installTls = map (c: "+${installCommand} -m 0444 \"${credentials.${c}}\" ${files.${c}}") [
-        "ca"
-        "cert"
-        "key"
-      ];
+      copy = copyTls { inherit role credentials coreutils shell; };
+      rm = if coreutils == null then "rm" else "${coreutils}/bin/rm";
     in
     {
       description = "ZTNA ${role}";
@@ -124,8 +147,9 @@ in
         ExecStart = "${execStart} --config ${configFile}";
         RuntimeDirectory = "ztna-${role}";
         RuntimeDirectoryMode = "0700";
-        ExecStartPre = installTls;
-        ExecReload = installTls ++ [ "${killCommand} -HUP $MAINPID" ];
+        ExecStartPre = copy;
+        ExecReload = [ copy "${killCommand} -HUP $MAINPID" ];
+        ExecStopPost = "+${rm} -rf /run/ztna-tls/${role}";
         WatchdogSec = watchdogSec;
         # Long enough for the drain, plus room to tell peers and exit.
         TimeoutStopSec = drainTimeoutSec + 15;

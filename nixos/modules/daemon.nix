@@ -37,7 +37,7 @@ let
     else
       v;
 
-  # The unit copies the certificates and key into its runtime directory (as root, at start and
+  # The unit copies the certificates and key to /run/ztna-tls/<role> (as root, at start and
   # before each reload: see ../lib/units.nix); the config names those copies.
   finalSettings = lib.recursiveUpdate (dropNulls cfg.settings) {
     tls = units.tlsFiles role;
@@ -76,8 +76,9 @@ let
       type = types.str;
       example = "/run/keys/ztna/${what}.pem";
       description = ''
-        Absolute path of the ${what} (PEM), copied by root into the service's runtime directory
-        when it starts and before each `systemctl reload` (so a reload applies a re-issued file).
+        Absolute path of the ${what} (PEM), copied by root to /run/ztna-tls/<role> when the
+        service starts and before each `systemctl reload` (so a reload applies a re-issued
+        file).
         Give a string, not a Nix path: a path literal would copy the file into the world-readable
         Nix store.
       '';
@@ -165,6 +166,15 @@ in
             message = "services.ztna.${role}: caFile, certFile and keyFile must be absolute paths.";
           }
           {
+            # They are copied by a shell command line in the unit (see ../lib/units.nix).
+            assertion = lib.all (p: builtins.match "[A-Za-z0-9._/@:+=-]+" p != null) [
+              cfg.caFile
+              cfg.certFile
+              cfg.keyFile
+            ];
+            message = "services.ztna.${role}: caFile, certFile and keyFile may hold only letters, digits and . _ / @ : + = - (no spaces, quotes, $ or %).";
+          }
+          {
             assertion = cfg.settings.drain_timeout == "${toString cfg.drainTimeout}s";
             message = "services.ztna.${role}: set drainTimeout (seconds; now ${toString cfg.drainTimeout}) rather than settings.drain_timeout (${cfg.settings.drain_timeout}): the unit's TimeoutStopSec follows drainTimeout, and systemd would kill a longer drain.";
           }
@@ -208,7 +218,8 @@ in
           # Its own listening ports, or the ops endpoint's, below 1024.
           bindsPrivilegedPort = (extra.bindsPrivilegedPort or false) || ops.port < 1024;
           killCommand = "${pkgs.coreutils}/bin/kill";
-          installCommand = "${pkgs.coreutils}/bin/install";
+          coreutils = "${pkgs.coreutils}";
+          shell = "${pkgs.bash}/bin/bash";
         };
       }
       (builtins.removeAttrs extra [ "bindsPrivilegedPort" ])

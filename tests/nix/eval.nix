@@ -246,20 +246,35 @@ let
           (expect (unitValue u.ztna-intermediate "TimeoutStopSec" == "35" && unitValue u.ztna-connector "TimeoutStopSec" == "55" && unitValue u.ztna-agent "TimeoutStopSec" == "40") "TimeoutStopSec = drain + 15 on all three")
           (expect ((configOf h "ztna-agent").drain_timeout == "25s" && (configOf h "ztna-connector").drain_timeout == "40s" && (configOf h "ztna-intermediate").drain_timeout == "20s") "drain_timeout rendered for all three, the agent included")
           (expect ((configOf h "ztna-intermediate").ops_listen == "127.0.0.1:9470" && (configOf h "ztna-connector").ops_listen == "127.0.0.1:9471" && (configOf h "ztna-agent").ops_listen == "127.0.0.1:9472") "ops_listen defaults 9470/9471/9472")
-          (expect ((configOf h "ztna-intermediate").tls == { ca = "/run/ztna-intermediate/ca.pem"; cert = "/run/ztna-intermediate/cert.pem"; key = "/run/ztna-intermediate/key.pem"; }) "[tls] names the copies in the runtime directory")
+          (expect ((configOf h "ztna-intermediate").tls == { ca = "/run/ztna-tls/intermediate/ca.pem"; cert = "/run/ztna-tls/intermediate/cert.pem"; key = "/run/ztna-tls/intermediate/key.pem"; }) "[tls] names the copies in /run/ztna-tls/<role>")
           (expect (unitValue u.ztna-connector "RuntimeDirectory" == "ztna-connector" && unitValue u.ztna-connector "RuntimeDirectoryMode" == "0700") "runtime directory /run/ztna-<role>, mode 0700")
           (expect (builtins.match ".*LoadCredential.*" u.ztna-agent == null) "no LoadCredential (its copies are not refreshed on reload)")
           (expect
             (
               let
-                copyCmd = "${(flake.mkPkgs { system = "x86_64-linux"; }).coreutils}/bin/install";
-                copies = map (c: "+${copyCmd} -m 0444 \"/run/keys/ztna/${c}.pem\" /run/ztna-agent/${c}.pem") [ "ca" "cert" "key" ];
+                pkgs = flake.mkPkgs { system = "x86_64-linux"; };
+                start = unitValues u.ztna-agent "ExecStartPre";
+                reload = unitValues u.ztna-agent "ExecReload";
+                copy = builtins.head start;
+                has = needle: lib.hasInfix needle copy;
               in
-              unitValues u.ztna-agent "ExecStartPre" == copies
-              && lib.take 3 (unitValues u.ztna-agent "ExecReload") == copies
-              && builtins.match ".*/bin/kill -HUP [$]MAINPID" (lib.last (unitValues u.ztna-agent "ExecReload")) != null
+              builtins.length start == 1
+              && reload == [ copy "${pkgs.coreutils}/bin/kill -HUP $MAINPID" ]
+              && lib.hasPrefix "+${pkgs.bash}/bin/bash -c '" copy
+              && all has [
+                "set -eu"
+                "${pkgs.coreutils}/bin/stat -c %%g /run/ztna-agent"
+                "-d -m 0750 -o root -g \"$$g\" /run/ztna-tls/agent"
+                "-m 0440 -o root -g \"$$g\" \"/run/keys/ztna/key.pem\" /run/ztna-tls/agent/key.pem.new"
+                "-m 0440 -o root -g \"$$g\" \"/run/keys/ztna/ca.pem\" /run/ztna-tls/agent/ca.pem.new"
+                "${pkgs.coreutils}/bin/mv -f /run/ztna-tls/agent/key.pem.new /run/ztna-tls/agent/key.pem"
+              ]
+              # Every file is written before any is renamed into place.
+              && lib.hasInfix "key.pem.new; ${pkgs.coreutils}/bin/mv -f /run/ztna-tls/agent/ca.pem.new" copy
+              && unitValue u.ztna-agent "ExecStopPost" == "+${pkgs.coreutils}/bin/rm -rf /run/ztna-tls/agent"
             )
-            "certificates and key copied by root (+) from where the operator keeps them before start and before the SIGHUP of each reload")
+            "certificates and key copied by root (+) into root's /run/ztna-tls/<role> (0750, the service's group) before start and before the SIGHUP of each reload, all written then renamed; removed on stop")
+          (expect (failedAssertions (x86 [ mods.default (agent { keyFile = "/run/keys/my key.pem"; }) ]) == [ "services.ztna.agent: caFile, certFile and keyFile may hold only letters, digits and . _ / @ : + = - (no spaces, quotes, $ or %)." ]) "a key path the copy step cannot quote is an assertion")
           (expect (h.config.boot.kernel.sysctl."net.core.rmem_max" == 16777216 && h.config.boot.kernel.sysctl."net.core.wmem_max" == 16777216) "UDP socket buffer maxima raised for the intermediate's 16 MiB buffers on a host with all three")
           (expect (let e = (x86 [ mods.default (connector { }) (agent { }) ]).config.boot.kernel.sysctl; in e."net.core.rmem_max" == 7500000 && e."net.core.wmem_max" == 7500000) "UDP socket buffer maxima raised for the 4 MiB buffers of agents and connectors")
           (expect ((x86 [ mods.default (relay { }) { boot.kernel.sysctl."net.core.rmem_max" = 33554432; } ]).config.boot.kernel.sysctl."net.core.rmem_max" == 33554432) "a higher rmem_max set elsewhere wins")
@@ -420,6 +435,7 @@ in
         inherit libPath subset repo;
         hostPaths = {
           coreutils = "/usr";
+          bash = "/usr";
           ztna-intermediate = "/usr/local";
           ztna-connector = "/usr/local";
           ztna-agent = "/usr/local";

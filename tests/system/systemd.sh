@@ -217,6 +217,29 @@ else
   case_fail "connector reload moves to a re-issued certificate" "hold=$(cat "$WORK/hold3" 2>/dev/null) moved=$moved new_flow=$new_flow expiry $c_before -> $c_after"
 fi
 
+# --- 4c. the copies: root's, readable by the service only; a reload with a missing file changes
+# nothing ------------------------------------------------------------------------------------------
+dir_perm=$(in_ct stat -c '%U %a' /run/ztna-tls/connector 2>&1)
+key_perm=$(in_ct stat -c '%U %a' /run/ztna-tls/connector/key.pem 2>&1)
+svc_gid=$(in_ct stat -c '%g' /run/ztna-connector 2>&1)
+dir_gid=$(in_ct stat -c '%g' /run/ztna-tls/connector 2>&1)
+cert_sum=$(in_ct sha256sum /run/ztna-tls/connector/cert.pem | cut -d' ' -f1)
+# A re-issued certificate whose key file is missing (a renewal hook that died half-way).
+cp -a "$ROOTFS/etc/ztna/creds/connector" "$WORK/creds-connector"
+issue connector web-1 45
+rm "$ROOTFS/etc/ztna/creds/connector/key.pem"
+if in_ct systemctl reload ztna-connector 2>/dev/null; then reload_rc=0; else reload_rc=1; fi
+cert_sum_after=$(in_ct sha256sum /run/ztna-tls/connector/cert.pem | cut -d' ' -f1)
+# Back to the files in use (a consistent set) for the cases below.
+rm -rf "$ROOTFS/etc/ztna/creds/connector"; cp -a "$WORK/creds-connector" "$ROOTFS/etc/ztna/creds/connector"
+state=$(show ztna-connector ActiveState)
+if [ "$dir_perm" = "root 750" ] && [ "$key_perm" = "root 440" ] && [ "$svc_gid" = "$dir_gid" ] \
+  && [ $reload_rc = 1 ] && [ "$cert_sum" = "$cert_sum_after" ] && [ "$state" = active ] && H tcp 28080; then
+  case_ok "TLS copies root's and group-readable only; a reload missing a file changes nothing" "dir $dir_perm (group = the service's $svc_gid), key $key_perm; reload without key.pem failed, copies unchanged, connector $state"
+else
+  case_fail "TLS copies root's and group-readable only; a reload missing a file changes nothing" "dir '$dir_perm' gid $dir_gid (service $svc_gid), key '$key_perm', reload rc $reload_rc, cert $cert_sum -> $cert_sum_after, state $state"
+fi
+
 # --- 5. systemctl stop drains under load and exits 0 within TimeoutStopSec ---------------------------
 # Wait until flows work end to end.
 for _ in $(seq 100); do H tcp 28080 && break; sleep 0.1; done

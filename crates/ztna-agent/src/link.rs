@@ -66,9 +66,13 @@ pub(crate) async fn supervise(
                             rotation,
                         });
                         let (shared, events, stop) = (shared.clone(), events.clone(), stop.clone());
+                        let name = format!("link to {target}");
                         let running = Running::spawn(move |retire, up| {
-                            serve(shared, link, said, events, stop, retire, up)
-                                .instrument(tracing::Span::current())
+                            let health = shared.health.clone();
+                            let fut = serve(shared, link, said, events, stop, retire, up)
+                                .instrument(tracing::Span::current());
+                            // Its control stream and datagrams are watched by the liveness probe.
+                            async move { health.watched(&name, fut).await }
                         });
                         if rotation {
                             if let Some(old) = candidate.replace(running) {
@@ -101,6 +105,17 @@ pub(crate) async fn supervise(
                 }
             };
             tokio::select! {
+                // A candidate that is ready takes over before anything else is looked at: the
+                // relays already use it (agent), or it holds the registrations (connector).
+                biased;
+                _ = rotation::ready(&candidate) => {
+                    // New flows use the new link from now on: the old one retires.
+                    if let Some(old) = serving.take() {
+                        old.retire();
+                    }
+                    serving = candidate.take();
+                    debug!("moved to the new certificate");
+                }
                 _ = wake => {}
                 _ = stop.cancelled() => break,
                 _ = rotation::rotated(&mut rotations) => {
@@ -109,14 +124,6 @@ pub(crate) async fn supervise(
                     }
                     info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
                     attempt_at = Some(tokio::time::Instant::now());
-                }
-                _ = rotation::ready(&candidate) => {
-                    // New flows use the new link from now on: the old one retires.
-                    if let Some(old) = serving.take() {
-                        old.retire();
-                    }
-                    serving = candidate.take();
-                    debug!("moved to the new certificate");
                 }
                 ended = rotation::ended(&mut candidate) => {
                     // The old link keeps serving; try again after the backoff.
@@ -227,8 +234,10 @@ async fn serve(
             ..Ended::default()
         };
     }
-    let _ = events.send(Event::Up(link.clone()));
+    // Ready before the relay manager hears of it, so the supervisor never takes a link the
+    // manager uses for a candidate it may drop.
     up.cancel();
+    let _ = events.send(Event::Up(link.clone()));
     {
         let (events, index, generation) = (events.clone(), link.index, link.generation);
         tokio::spawn(async move {

@@ -3,6 +3,7 @@
 //! we stop; deregister on drain; reconnect with backoff after any loss (polling at ~1 s while an
 //! intermediate that drained restarts).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,10 +80,14 @@ pub(crate) async fn supervise(
                         }
                     }
                     Err(reason) => {
-                        warn!(%reason, "cannot connect to intermediate");
                         let delay = backoff.next_delay(None);
-                        shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
-                        info!(?delay, "reconnecting after backoff");
+                        if serving.is_none() {
+                            warn!(%reason, "cannot connect to intermediate");
+                            shared.metrics.reconnect_backoff.set(delay.as_secs_f64());
+                            info!(?delay, "reconnecting after backoff");
+                        } else {
+                            warn!(%reason, ?delay, "cannot connect with the new certificate; the old connection keeps serving, trying again");
+                        }
                         attempt_at = Some(tokio::time::Instant::now() + delay);
                     }
                 }
@@ -95,6 +100,17 @@ pub(crate) async fn supervise(
                 }
             };
             tokio::select! {
+                // A candidate that is ready takes over before anything else is looked at: the
+                // relays already use it (agent), or it holds the registrations (connector).
+                biased;
+                _ = rotation::ready(&candidate) => {
+                    // The new connection has the services: the old one retires.
+                    if let Some(old) = serving.take() {
+                        old.retire();
+                    }
+                    serving = candidate.take();
+                    debug!("moved to the new certificate");
+                }
                 _ = wake => {}
                 _ = stop.cancelled() => break,
                 _ = rotation::rotated(&mut rotations) => {
@@ -103,14 +119,6 @@ pub(crate) async fn supervise(
                     }
                     info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
                     attempt_at = Some(tokio::time::Instant::now());
-                }
-                _ = rotation::ready(&candidate) => {
-                    // The new connection has the services: the old one retires.
-                    if let Some(old) = serving.take() {
-                        old.retire();
-                    }
-                    serving = candidate.take();
-                    debug!("moved to the new certificate");
                 }
                 ended = rotation::ended(&mut candidate) => {
                     // The old connection keeps serving; try again after the backoff.
@@ -264,7 +272,7 @@ async fn serve(
         state.flows_ended().await;
     };
     let why = tokio::select! {
-        why = control(shared, &state, idx, send, recv, &mut drained, &session, names.len()) => why,
+        why = control(shared, &state, idx, send, recv, &mut drained, &session) => why,
         why = accept_flows(shared, &state) => why,
         why = datagrams(shared, &state) => why,
         _ = retired => {
@@ -341,12 +349,15 @@ async fn control(
     mut recv: FramedRecv,
     drained: &mut bool,
     session: &Session,
-    mut unanswered: usize,
 ) -> String {
     let mut draining = shared.draining.subscribe();
     let mut deregistered = false;
-    if unanswered == 0 {
-        session.answered.cancel();
+    let mut answers = Answers {
+        got: BTreeMap::new(),
+        publishing: !session.handover,
+    };
+    if let Err(why) = answers.check(shared, idx, session) {
+        return why;
     }
     loop {
         if session.retire.is_cancelled() && !deregistered {
@@ -395,15 +406,19 @@ async fn control(
                         debug!(%service, "ignoring a registration we did not ask for");
                     } else if !deregistered {
                         info!(%service, "registered");
-                        shared.set_registration(idx, Some((&service, Registration::Registered)));
-                        answer(session, &mut unanswered);
+                        answers.record(shared, idx, &service, Registration::Registered);
+                        if let Err(why) = answers.check(shared, idx, session) {
+                            return why;
+                        }
                     }
                 }
                 Ok(Some(ServerMsg::RegisterRejected { service, reason })) => {
                     if shared.services.contains_key(&service) && !session.retire.is_cancelled() {
                         warn!(%service, why = %reason, "registration rejected");
-                        shared.set_registration(idx, Some((&service, Registration::Rejected(reason))));
-                        answer(session, &mut unanswered);
+                        answers.record(shared, idx, &service, Registration::Rejected(reason));
+                        if let Err(why) = answers.check(shared, idx, session) {
+                            return why;
+                        }
                     }
                 }
                 Ok(Some(ServerMsg::DirectOffer { request, agent, service, candidates })) => {
@@ -475,11 +490,56 @@ fn sorted_services(shared: &Shared) -> Vec<&String> {
     names
 }
 
-/// One registration of this connection answered; all of them: the handover may go on.
-fn answer(session: &Session, unanswered: &mut usize) {
-    *unanswered = unanswered.saturating_sub(1);
-    if *unanswered == 0 {
+/// The intermediate's answers to this connection's registrations. A connection that serves
+/// shows them at once; a candidate in a certificate rotation keeps them until every service has
+/// an answer, and takes over only if each service registered on the serving connection is
+/// registered on it too (a new certificate the policy refuses leaves the old one serving).
+struct Answers {
+    got: BTreeMap<String, Registration>,
+    publishing: bool,
+}
+
+impl Answers {
+    fn record(&mut self, shared: &Shared, idx: usize, service: &str, r: Registration) {
+        if self.publishing {
+            shared.set_registration(idx, Some((service, r.clone())));
+        }
+        self.got.insert(service.to_string(), r);
+    }
+
+    /// Once every service has an answer: ready (the handover may go on), or, for a candidate
+    /// refused what the serving connection has, the reason to give up.
+    fn check(&mut self, shared: &Shared, idx: usize, session: &Session) -> Result<(), String> {
+        if self.got.len() < shared.services.len() || session.answered.is_cancelled() {
+            return Ok(());
+        }
+        if !self.publishing {
+            let shown = shared
+                .registrations
+                .borrow()
+                .get(idx)
+                .cloned()
+                .unwrap_or_default();
+            let lost: Vec<&String> = shown
+                .iter()
+                .filter(|(s, r)| {
+                    **r == Registration::Registered
+                        && self.got.get(*s) != Some(&Registration::Registered)
+                })
+                .map(|(s, _)| s)
+                .collect();
+            if !lost.is_empty() {
+                return Err(format!(
+                    "the intermediate does not register {lost:?} for the new certificate; the old connection keeps serving"
+                ));
+            }
+            for (service, r) in &self.got {
+                shared.set_registration(idx, Some((service, r.clone())));
+            }
+            self.publishing = true;
+        }
         session.answered.cancel();
+        Ok(())
     }
 }
 

@@ -294,6 +294,58 @@ async fn a_refused_rotation_leaves_the_old_connection_serving() {
     im.daemon.shutdown().await;
 }
 
+/// A reload with a certificate whose identity the policy does not let serve: the new
+/// connection's registrations are rejected, so it does not take over; the old connection keeps
+/// the service registered and flows working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_to_an_identity_the_policy_refuses_leaves_the_old_connection_serving() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let policy = vec![PolicyRule {
+        service: "web".into(),
+        connectors: vec![Pki::id("connector", "web-1")],
+        agents: vec![format!("spiffe://{TD}/agent/*")],
+    }];
+    let im = start_intermediate(&pki, policy);
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    // The wrong certificate in the connector's files (say, another host's).
+    let other = pki
+        .ca
+        .issue(&IssueRequest::new("connector", "web-2"))
+        .unwrap();
+    pki.tls_for(&other, "connector-web-1");
+    c.handle.reload(c.config.clone()).expect("reload");
+    // The new connection comes up, is refused the service, and goes away again.
+    let tried = eventually(Duration::from_secs(5), || connectors_on(&im) == 2.0).await;
+    assert!(tried, "the new connection never came up");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let regs = c.registered.borrow().clone();
+    assert_eq!(
+        regs[0].get("web"),
+        Some(&ztna_connector::Registration::Registered),
+        "{regs:?}"
+    );
+    assert_eq!(
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_service_connectors",
+            &[("service", "web")],
+        ),
+        1.0
+    );
+    for i in 0..5u8 {
+        assert_eq!(tcp_roundtrip(port, &[i]).await.unwrap(), vec![i]);
+    }
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
+
 /// The same for an agent: after a reload with a renewed certificate, new flows use a connection
 /// made with it, a running UDP flow moves there, a running TCP flow stays on the old connection
 /// (cut at the old notAfter), and the old connection closes once nothing uses it.

@@ -126,7 +126,8 @@ let
         cli = [ "promtool" ];
       };
     };
-    coreutils = tool "coreutils" [ "cat" "install" "kill" "mkdir" "touch" ];
+    coreutils = tool "coreutils" [ "cat" "install" "kill" "mkdir" "mv" "rm" "stat" "touch" ];
+    bash = tool "bash" [ "bash" "sh" ];
     findutils = tool "findutils" [ "find" "xargs" ];
     gnugrep = tool "gnugrep" [ "grep" ];
     gnused = tool "gnused" [ "sed" ];
