@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use ztna_proto::ticket::{Ticket, TicketBody, MAX_TICKET_LIFETIME_MS};
 use ztna_proto::{Protocol, ServerMsg, MAX_CANDIDATES};
 
@@ -296,11 +296,16 @@ pub(crate) fn answered(
     }
 }
 
-/// An agent's report on a brokered attempt.
-pub(crate) fn result(shared: &Shared, service: &str, success: bool, reason: &str) {
+/// An agent's report on an attempt it asked this intermediate about (a direct-path or ticket
+/// request not yet reported on); any other report is ignored.
+pub(crate) fn result(shared: &Shared, agent: &Peer, service: &str, success: bool, reason: &str) {
+    if !agent.take_asked_direct(service) {
+        ztna_node::warn_limited!(DIRECT_LOG_EVERY, %service, "report on a direct-path attempt this agent did not ask about here, ignored");
+        return;
+    }
     if success {
         count(shared, "success");
-        info!(%service, "direct path up");
+        ztna_node::info_limited!(DIRECT_LOG_EVERY, %service, "direct path up");
     } else {
         count(shared, "failed");
         ztna_node::info_limited!(DIRECT_LOG_EVERY, %service, why = %reason, "direct path attempt failed; flows use the relay");

@@ -82,6 +82,9 @@ pub struct Peer {
     pub health: ConnectorHealth,
     /// Direct-path and ticket requests this peer may make (each makes us message a connector).
     pub direct_budget: ztna_node::ratelimit::TokenBucket,
+    /// An agent's direct-path and ticket requests not yet reported on, by service: only those
+    /// may be reported (`DirectResult`), so an agent cannot make up attempts in the P2P counts.
+    pub direct_asked: Mutex<HashMap<String, u8>>,
     /// A connector's flow credit, once it said it reports consumption (protocol revision 2):
     /// what each agent may have unconsumed in flight towards it.
     pub credit: std::sync::OnceLock<Arc<ztna_node::credit::SendBudget>>,
@@ -93,7 +96,38 @@ pub struct Peer {
     pub signer: Option<Arc<ztna_node::Identity>>,
 }
 
+/// Services with requests awaiting a report, and requests per service, that an agent
+/// connection may have (more are not recorded: their reports are then not counted).
+const MAX_ASKED_SERVICES: usize = 64;
+const MAX_ASKED_PER_SERVICE: u8 = 4;
+
 impl Peer {
+    /// Notes a direct-path or ticket request for `service` (see `direct_asked`).
+    pub fn asked_direct(&self, service: &str) {
+        let mut asked = ztna_node::lock(&self.direct_asked);
+        if let Some(n) = asked.get_mut(service) {
+            *n = (*n + 1).min(MAX_ASKED_PER_SERVICE);
+        } else if asked.len() < MAX_ASKED_SERVICES {
+            asked.insert(service.to_string(), 1);
+        }
+    }
+
+    /// Takes one request for `service` awaiting a report; false if there is none.
+    pub fn take_asked_direct(&self, service: &str) -> bool {
+        let mut asked = ztna_node::lock(&self.direct_asked);
+        match asked.get_mut(service) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                asked.remove(service);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn new(
         conn: quinn::Connection,
         id: SpiffeId,
@@ -118,6 +152,7 @@ impl Peer {
             load: AtomicUsize::new(0),
             health: ConnectorHealth::default(),
             direct_budget: ztna_node::ratelimit::TokenBucket::new(8, 2.0),
+            direct_asked: Mutex::new(HashMap::new()),
             credit: std::sync::OnceLock::new(),
             consumed: ztna_node::credit::Meter::new(),
             signer,

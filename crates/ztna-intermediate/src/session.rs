@@ -325,6 +325,7 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                 service,
                 candidates,
             })) => {
+                peer.asked_direct(&service);
                 tokio::spawn(
                     direct::broker(shared.clone(), peer.clone(), service, candidates)
                         .in_current_span(),
@@ -334,8 +335,9 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                 service,
                 success,
                 reason,
-            })) => direct::result(shared, &service, success, &reason),
+            })) => direct::result(shared, peer, &service, success, &reason),
             Ok(Some(ClientMsg::TicketRequest { service, connector })) => {
+                peer.asked_direct(&service);
                 direct::refresh(shared, peer, &service, &connector);
             }
             Ok(Some(other)) => {
@@ -551,17 +553,17 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 let allowed = shared.policy().may_serve(&service, &peer.id_str);
                 shared.registry.offer(&service, peer, tcp, udp, allowed);
                 if allowed {
-                    info!(%service, tcp, udp, "service registered");
+                    ztna_node::info_limited!(LIMIT_LOG_EVERY, %service, tcp, udp, "service registered");
                     ServerMsg::Registered { service }
                 } else {
                     let reason = format!("policy does not allow {} to serve {service}", peer.id);
-                    warn!(%service, "registration denied by policy");
+                    ztna_node::warn_limited!(LIMIT_LOG_EVERY, %service, "registration denied by policy");
                     ServerMsg::RegisterRejected { service, reason }
                 }
             }
             Ok(Some(ClientMsg::Deregister { service })) => {
                 shared.registry.withdraw(&service, peer.conn_id);
-                info!(%service, "service deregistered");
+                ztna_node::info_limited!(LIMIT_LOG_EVERY, %service, "service deregistered");
                 continue;
             }
             Ok(Some(ClientMsg::DirectAnswer {

@@ -111,8 +111,19 @@ pub fn server_config(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(opts.transport_config()));
+    // Packets buffered for an attempt not yet accepted (waiting for a handshake slot): quinn's
+    // defaults (10 MiB each, 100 MiB in all) suit 0-RTT data, which we never accept. A client
+    // only retransmits its Initial meanwhile; a source stuffing queued attempts with packets
+    // would otherwise hold memory before it has authenticated.
+    cfg.incoming_buffer_size(INCOMING_BUFFER);
+    cfg.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
+
+/// See [`server_config`]: a few retransmitted Initials per waiting attempt.
+pub const INCOMING_BUFFER: u64 = 16 * 1024;
+/// See [`server_config`].
+pub const INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
 
 /// QUIC client config that only accepts a server with `server_role`.
 pub fn client_config(

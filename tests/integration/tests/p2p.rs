@@ -1336,3 +1336,90 @@ async fn a_draining_connectors_direct_path_takes_no_new_flows_and_its_running_on
     c2.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// An agent cannot make up P2P results: reports on attempts it never asked this intermediate
+/// about are ignored (not counted as success or failure); a real attempt still counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_on_attempts_never_asked_about_are_not_counted() {
+    use ztna_integration::hostile::{session, Creds};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector_with(
+        pki.issue("connector", "web-1"),
+        &[im.addr],
+        &[("web", Some(echo), None)],
+        "p2p = true",
+    );
+    c.wait_registered(1).await;
+    let creds = Creds {
+        tls: pki.issue("agent", "mallory"),
+        role: ztna_proto::Role::Agent,
+    };
+    let ep = ztna_integration::hostile::client_endpoint(im.addr).unwrap();
+    let mut s = session(
+        &ep,
+        &creds.client_config().unwrap(),
+        im.addr,
+        ztna_proto::Role::Agent,
+        vec![],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let counts = || {
+        let text = im.daemon.metrics.common.render();
+        ["success", "failed"]
+            .map(|r| metric(&text, "ztna_intermediate_p2p_total", &[("result", r)]))
+    };
+    for _ in 0..1000 {
+        let msg = ztna_proto::ClientMsg::DirectResult {
+            service: "web".into(),
+            success: true,
+            reason: String::new(),
+        };
+        ztna_node::io::write_frame(&mut s.control_send, &msg)
+            .await
+            .unwrap();
+    }
+    // A message after them, answered: the results before it were all read.
+    let msg = ztna_proto::ClientMsg::DirectRequest {
+        service: "web".into(),
+        candidates: vec![],
+    };
+    ztna_node::io::write_frame(&mut s.control_send, &msg)
+        .await
+        .unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.control_recv.next::<ztna_proto::ServerMsg>(),
+    )
+    .await;
+    assert!(matches!(answered, Ok(Ok(Some(_)))), "{answered:?}");
+    let after = counts();
+    println!("MEASURED 1000 unsolicited DirectResults: p2p_total success/failed {after:?}");
+    assert_eq!(after, [0.0, 0.0], "made-up results were counted");
+    // Now it did ask: one report counts, a second one does not.
+    for expect in [1.0, 1.0] {
+        let msg = ztna_proto::ClientMsg::DirectResult {
+            service: "web".into(),
+            success: false,
+            reason: "test".into(),
+        };
+        ztna_node::io::write_frame(&mut s.control_send, &msg)
+            .await
+            .unwrap();
+        let ok = eventually(Duration::from_secs(2), || counts()[1] == expect).await;
+        assert!(ok, "{:?}", counts());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counts()[1],
+        1.0,
+        "a second report on one request was counted"
+    );
+    s.conn.close(0u32.into(), b"");
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
