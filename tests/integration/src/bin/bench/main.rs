@@ -43,7 +43,7 @@ const USAGE: &str =
     "usage: ztna-bench [--mode tcp,rtt,setup,p2p,wan,udp,scale] [--mib N] [--repeat N]
                   [--rounds N] [--setups N] [--rtt 50ms,100ms] [--wan-secs S] [--udp-secs S]
                   [--burst-trials N] [--burst-run N] [--agents N] [--agents-per-socket N]
-                  [--quiet-secs S] [--keepalive 1s]";
+                  [--source-addresses N] [--quiet-secs S] [--keepalive 1s]";
 /// No single measurement may hold the run longer than this.
 const STEP_LIMIT: Duration = Duration::from_secs(300);
 
@@ -60,6 +60,7 @@ struct Args {
     burst_run: u32,
     agents: usize,
     per_socket: usize,
+    sources: usize,
     quiet: Duration,
     /// Scale mode: keepalive of the agents (idle timeout 3x, at least 5 s, on both sides);
     /// `None` = the shipped defaults.
@@ -81,6 +82,7 @@ impl Args {
             burst_run: 1,
             agents: 10_000,
             per_socket: 100,
+            sources: 250,
             quiet: Duration::from_secs(10),
             keepalive: None,
         };
@@ -126,6 +128,7 @@ impl Args {
                 "--burst-run" => a.burst_run = num(&v)?.min(1000.0) as u32,
                 "--agents" => a.agents = num(&v)? as usize,
                 "--agents-per-socket" => a.per_socket = num(&v)? as usize,
+                "--source-addresses" => a.sources = (num(&v)? as usize).min(250),
                 "--quiet-secs" => a.quiet = Duration::from_secs_f64(num(&v)?.min(120.0)),
                 "--keepalive" => {
                     a.keepalive = Some(
@@ -426,6 +429,7 @@ async fn run(args: &Args, ztna: Handle, hop_srv: Handle, hop_cli: Handle) -> Res
         let opts = scale::Opts {
             agents: args.agents,
             per_socket: args.per_socket,
+            sources: args.sources,
             quiet: args.quiet,
             keepalive: args.keepalive,
         };
@@ -1208,9 +1212,11 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
     if let Some(s) = &f.scale {
         println!();
         println!(
-            "Scale: {} agent connections (distinct identities, {} client sockets) against one \
-             intermediate process:",
-            s.agents, s.sockets
+            "Scale: {} agent connections (distinct identities, {} client sockets from {} \
+             loopback addresses) against one intermediate process:",
+            s.agents,
+            s.sockets,
+            s.sockets.min(args.sources)
         );
         println!(
             "  certificates issued in {:.1} s; {} connected in {:.1} s (≤128 handshakes in \

@@ -28,6 +28,8 @@ const RAMP_CONCURRENCY: usize = 128;
 pub struct Opts {
     pub agents: usize,
     pub per_socket: usize,
+    /// Loopback addresses the client sockets send from (1: every agent behind one NAT).
+    pub sources: usize,
     pub quiet: Duration,
     /// Keepalive of both sides (idle timeout 3x, at least 5 s); `None` = shipped defaults.
     pub keepalive: Option<Duration>,
@@ -269,7 +271,15 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
     // clients are configs of their own, so that no TLS session they cached reaches the
     // intermediate's handshakes.
     let anchor_configs = issue(pki.clone(), n, opts.keepalive).await?;
-    match anchor(&cfg_path, &anchor_configs, sockets, opts.quiet).await {
+    match anchor(
+        &cfg_path,
+        &anchor_configs,
+        sockets,
+        opts.sources,
+        opts.quiet,
+    )
+    .await
+    {
         Ok(a) => rep.anchor = Some(a),
         Err(e) => rep.notes.push(format!("the quinn anchor failed: {e:#}")),
     }
@@ -289,7 +299,7 @@ pub async fn run(pki: Arc<Pki>, bins: &Bins, opts: &Opts) -> Result<Report> {
 
     let mut endpoints = Vec::with_capacity(sockets);
     for i in 0..sockets {
-        match generator_endpoint(i) {
+        match generator_endpoint(i, opts.sources) {
             Ok(ep) => endpoints.push(ep),
             Err(e) => {
                 rep.notes.push(format!(
@@ -566,6 +576,7 @@ async fn anchor(
     cfg_path: &std::path::Path,
     configs: &[quinn::ClientConfig],
     sockets: usize,
+    sources: usize,
     quiet: Duration,
 ) -> Result<Anchor> {
     let n = configs.len();
@@ -577,7 +588,7 @@ async fn anchor(
         ..Anchor::default()
     };
     let endpoints = (0..sockets)
-        .map(generator_endpoint)
+        .map(|i| generator_endpoint(i, sources))
         .collect::<std::io::Result<Vec<_>>>()
         .context("anchor client sockets")?;
     let up = Arc::new(AtomicUsize::new(0));
@@ -674,11 +685,11 @@ async fn bare(
 
 /// A client endpoint like an agent's, but with receive and send buffers as large as the system
 /// allows: one socket here carries `--agents-per-socket` agents, and its drops must not be
-/// counted against the intermediate. Socket `i` sends from its own loopback address
-/// (127.0.0.2 ...), as agents come from many hosts: the intermediate admits at most
-/// `max_handshakes_per_source` handshakes per source address at a time.
-fn generator_endpoint(i: usize) -> std::io::Result<quinn::Endpoint> {
-    let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 250) as u8);
+/// counted against the intermediate. Socket `i` sends from loopback address 127.0.0.2 + i
+/// modulo `sources` (at most 250), as agents come from many hosts: the intermediate admits at
+/// most `max_handshakes_per_source` handshakes per source address at a time.
+fn generator_endpoint(i: usize, sources: usize) -> std::io::Result<quinn::Endpoint> {
+    let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % sources.clamp(1, 250)) as u8);
     let socket = std::net::UdpSocket::bind((ip, 0))?;
     let r = socket2::SockRef::from(&socket);
     r.set_recv_buffer_size(8 << 20)?;
