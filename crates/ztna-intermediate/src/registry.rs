@@ -82,6 +82,10 @@ pub struct Peer {
     pub health: ConnectorHealth,
     /// Direct-path and ticket requests this peer may make (each makes us message a connector).
     pub direct_budget: ztna_node::ratelimit::TokenBucket,
+    /// A connector's Register and Deregister messages: each wakes every agent session that
+    /// watches services. A connector registers its services when it connects and deregisters
+    /// them when it drains; one that flips them faster is closed.
+    pub registration_budget: ztna_node::ratelimit::TokenBucket,
     /// An agent's direct-path and ticket requests not yet reported on, by service: only those
     /// may be reported (`DirectResult`), so an agent cannot make up attempts in the P2P counts.
     pub direct_asked: Mutex<HashMap<String, u8>>,
@@ -95,6 +99,11 @@ pub struct Peer {
     /// changes our key does not break its direct paths until it reconnects).
     pub signer: Option<Arc<ztna_node::Identity>>,
 }
+
+/// Register/Deregister messages a connector connection may send at once (all its services,
+/// twice over), and per second after that.
+pub const REGISTRATION_BURST: u32 = 2 * MAX_OFFERS_PER_CONNECTION as u32;
+pub const REGISTRATIONS_PER_SECOND: f64 = 4.0;
 
 /// Services with requests awaiting a report, and requests per service, that an agent
 /// connection may have (more are not recorded: their reports are then not counted).
@@ -153,6 +162,10 @@ impl Peer {
             health: ConnectorHealth::default(),
             direct_budget: ztna_node::ratelimit::TokenBucket::new(8, 2.0),
             direct_asked: Mutex::new(HashMap::new()),
+            registration_budget: ztna_node::ratelimit::TokenBucket::new(
+                REGISTRATION_BURST,
+                REGISTRATIONS_PER_SECOND,
+            ),
             credit: std::sync::OnceLock::new(),
             consumed: ztna_node::credit::Meter::new(),
             signer,

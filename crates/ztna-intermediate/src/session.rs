@@ -537,6 +537,21 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 close(&peer.conn, codes::OK, "control stream closed");
                 return "connector closed its control stream".to_string();
             }
+            Ok(Some(ClientMsg::Register { .. } | ClientMsg::Deregister { .. }))
+                if !peer.registration_budget.take() =>
+            {
+                shared
+                    .metrics
+                    .limit_rejections
+                    .with_label_values(&["registrations"])
+                    .inc();
+                warn!(
+                    "connector registers and deregisters services faster than {} a second, closing",
+                    crate::registry::REGISTRATIONS_PER_SECOND
+                );
+                close(&peer.conn, codes::PROTOCOL, "registration changes too fast");
+                return "registration changes too fast".to_string();
+            }
             Ok(Some(ClientMsg::Register { service, .. }))
                 if !shared.registry.offers(&service, peer.conn_id)
                     && shared.registry.offers_of(peer.conn_id)

@@ -412,3 +412,77 @@ async fn one_source_stalling_handshakes_does_not_lock_out_other_clients() {
     );
     im.daemon.shutdown().await;
 }
+
+/// A connector that flips a service's registration in a loop (each flip wakes every agent
+/// session watching services) is closed once it goes past its budget; an honest connector's
+/// registration at connect, and its service, are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_flipping_its_registrations_is_closed() {
+    use ztna_integration::hostile::{client_endpoint, session};
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut honest = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    honest.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let rogue = creds(pki.issue("connector", "web-9"), Role::Connector);
+    let ep = client_endpoint(im.addr).unwrap();
+    let mut s = session(
+        &ep,
+        &rogue.client_config().unwrap(),
+        im.addr,
+        Role::Connector,
+        vec![],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let mut sent = 0u32;
+    for i in 0..10_000u32 {
+        let msg = if i % 2 == 0 {
+            ztna_proto::ClientMsg::Register {
+                service: "web".into(),
+                tcp: true,
+                udp: false,
+            }
+        } else {
+            ztna_proto::ClientMsg::Deregister {
+                service: "web".into(),
+            }
+        };
+        if ztna_node::io::write_frame(&mut s.control_send, &msg)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let why = tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+        .await
+        .map(|e| ztna_node::identity::describe_connection_error(&e));
+    let rejected = metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_limit_rejections_total",
+        &[("limit", "registrations")],
+    );
+    println!("MEASURED registration flips: {sent} written before the write failed; closed: {why:?}; limit_rejections{{registrations}} {rejected}");
+    assert!(
+        why.as_deref()
+            .is_ok_and(|w| w.contains("registration changes too fast")),
+        "{why:?}"
+    );
+    assert_eq!(rejected, 1.0);
+    assert_eq!(registered_on(&honest.registered.borrow()), 1);
+    assert_eq!(
+        tcp_roundtrip(a.port("web", ztna_proto::Protocol::Tcp), b"still")
+            .await
+            .unwrap(),
+        b"still"
+    );
+    a.daemon.shutdown().await;
+    honest.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
