@@ -30,8 +30,9 @@
 # written first and then renamed into place: a missing or unreadable source file fails the step
 # and leaves the files in use as they were. They are removed when the service stops, and are
 # never in the Nix store. So `systemctl reload` applies a re-issued certificate (LoadCredential=
-# copies only at start: systemd does not refresh credentials on reload). The copies live on /run
-# (tmpfs), not on LoadCredential's unswappable ramfs.
+# copies only at start: systemd does not refresh credentials on reload). The cost: the copies
+# live on /run (tmpfs), which can be swapped out, where LoadCredential's ramfs cannot; on a host
+# with swap, encrypt it.
 let
   tlsFiles = role: {
     ca = "/run/ztna-tls/${role}/ca.pem";

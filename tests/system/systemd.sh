@@ -207,14 +207,20 @@ for _ in $(seq 50); do
   sleep 0.1
 done
 sleep 1
-touch "$WORK/go3"; wait $hold3_pid
-c_after=$(H metric 29471 ztna_tls_cert_expiry_timestamp_seconds)
 new_flow=0; H tcp 28080 && new_flow=1
-if [ "$(cat "$WORK/hold3" 2>/dev/null)" = ok ] && [ $moved = 1 ] && [ $new_flow = 1 ] \
+touch "$WORK/go3"; wait $hold3_pid
+# Once the held flow has ended, the old connection closes: proof the new one took over.
+retired=0
+for _ in $(seq 50); do
+  in_ct journalctl -u ztna-connector --no-pager -n 60 | grep -q "closed the connection made with the replaced certificate" && retired=1 && break
+  sleep 0.1
+done
+c_after=$(H metric 29471 ztna_tls_cert_expiry_timestamp_seconds)
+if [ "$(cat "$WORK/hold3" 2>/dev/null)" = ok ] && [ $moved = 1 ] && [ $retired = 1 ] && [ $new_flow = 1 ] \
   && [ -n "$c_after" ] && [ "$c_before" != "$c_after" ] && [ "$(show ztna-connector NRestarts)" = 0 ]; then
-  case_ok "connector reload moves to a re-issued certificate" "expiry $c_before -> $c_after, new connection made, the held flow intact, a new flow works, no restart"
+  case_ok "connector reload moves to a re-issued certificate" "expiry $c_before -> $c_after, new connection made, the held flow intact, a new flow works, the old connection closed after it, no restart"
 else
-  case_fail "connector reload moves to a re-issued certificate" "hold=$(cat "$WORK/hold3" 2>/dev/null) moved=$moved new_flow=$new_flow expiry $c_before -> $c_after"
+  case_fail "connector reload moves to a re-issued certificate" "hold=$(cat "$WORK/hold3" 2>/dev/null) moved=$moved retired=$retired new_flow=$new_flow expiry $c_before -> $c_after"
 fi
 
 # --- 4c. the copies: root's, readable by the service only; a reload with a missing file changes

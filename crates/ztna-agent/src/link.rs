@@ -36,6 +36,7 @@ pub(crate) async fn supervise(
         // is up (ztna_node::rotation).
         let mut serving: Option<Running<Ended>> = None;
         let mut candidate: Option<Running<Ended>> = None;
+        let (mut serving_generation, mut candidate_generation) = (0u64, 0u64);
         // When to make the next connection (None: none is needed).
         let mut attempt_at = Some(tokio::time::Instant::now());
         let _ = events.send(Event::Connecting(index));
@@ -55,6 +56,11 @@ pub(crate) async fn supervise(
                     Ok(conn) => {
                         generation += 1;
                         let rotation = serving.is_some();
+                        if rotation {
+                            candidate_generation = generation;
+                        } else {
+                            serving_generation = generation;
+                        }
                         let (control, said) = mpsc::channel(64);
                         let link = Arc::new(Link {
                             index,
@@ -114,6 +120,7 @@ pub(crate) async fn supervise(
                         old.retire();
                     }
                     serving = candidate.take();
+                    serving_generation = candidate_generation;
                     debug!("moved to the new certificate");
                 }
                 _ = wake => {}
@@ -133,9 +140,14 @@ pub(crate) async fn supervise(
                 }
                 ended = rotation::ended(&mut serving) => {
                     if let Some(next) = candidate.take() {
-                        // Lost while moving: flows wait for the new link (up to open_timeout).
-                        let _ = events.send(Event::Connecting(index));
+                        // Lost while moving: flows wait for the new link (up to open_timeout),
+                        // unless it is up already (then the manager has it, and this is stale).
+                        let _ = events.send(Event::Lost {
+                            index,
+                            generation: serving_generation,
+                        });
                         serving = Some(next);
+                        serving_generation = candidate_generation;
                         continue;
                     }
                     if ended.drained {

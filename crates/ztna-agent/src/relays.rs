@@ -283,6 +283,12 @@ impl Snapshot {
 /// What link tasks and flows report to the manager.
 pub enum Event {
     Connecting(usize),
+    /// The link of this generation ended while a newer one is being made (a certificate
+    /// rotation): flows wait for the newer one, unless it is up already.
+    Lost {
+        index: usize,
+        generation: u64,
+    },
     Up(Arc<Link>),
     Status {
         index: usize,
@@ -325,6 +331,11 @@ pub fn apply(snap: &mut Snapshot, ev: Event) {
             .filter(|r| r.generation == generation && r.is_up())
     }
     match ev {
+        Event::Lost { index, generation } => {
+            if current(snap, index, generation).is_some() {
+                apply(snap, Event::Connecting(index));
+            }
+        }
         Event::Connecting(i) => {
             if let Some(r) = snap.relays.get_mut(i) {
                 // What it had when it went away (polls after a drain add nothing: their

@@ -290,6 +290,9 @@ async fn serve(
     } else {
         warn!(reason = %why, "lost intermediate");
     }
+    // Ended on our side (a candidate the intermediate would not register, a control stream
+    // error): nothing serves its flows any more, so the intermediate must not route any here.
+    conn.close(VarInt::from_u32(codes::SHUTDOWN), b"session ended");
     Ended {
         since: Some(since),
         drained: drained || client::closed_by_drain(&conn),
@@ -340,7 +343,6 @@ impl Drop for KnownCert<'_> {
 /// The control stream: registration answers (which may come at any time: a policy reload at the
 /// intermediate can register or reject a service later), GoAway, and our deregistration when we
 /// drain.
-#[allow(clippy::too_many_arguments)]
 async fn control(
     shared: &Arc<Shared>,
     state: &ConnState,

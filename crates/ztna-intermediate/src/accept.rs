@@ -76,11 +76,11 @@ impl Pending {
 /// a queued one in.
 struct InProgress {
     shared: Arc<Shared>,
-    _source: FromSource,
+    _source: Option<FromSource>,
 }
 
 impl InProgress {
-    fn new(shared: &Arc<Shared>, source: FromSource) -> InProgress {
+    fn new(shared: &Arc<Shared>, source: Option<FromSource>) -> InProgress {
         InProgress {
             shared: shared.clone(),
             _source: source,
@@ -172,8 +172,10 @@ const QUEUE_PER_SLOT: usize = 4;
 /// answered one) go through up to `max`, then queue in arrival order, at most
 /// [`QUEUE_PER_SLOT`] × `max` of them; beyond that they are dropped.
 ///
-/// A source with `per_source_max` attempts already (`of_source`) gets a Retry while it has not
-/// proven its address, and is dropped once it has: one host cannot hold every slot.
+/// A proven source with `per_source_max` attempts already (`of_source`, which counts proven
+/// attempts only) is dropped: one host cannot hold every slot. Unproven attempts are not counted
+/// per source (a spoofer could otherwise use up a victim's share); at most `retry_above` of
+/// them start a handshake at a time in all.
 pub(crate) fn admit(
     pending: usize,
     queued: usize,
@@ -183,12 +185,8 @@ pub(crate) fn admit(
     of_source: usize,
     per_source_max: usize,
 ) -> Admit {
-    if of_source >= per_source_max {
-        return if validated {
-            Admit::DropSource
-        } else {
-            Admit::Retry
-        };
+    if validated && of_source >= per_source_max {
+        return Admit::DropSource;
     }
     if validated {
         if pending < max && queued == 0 {
@@ -229,7 +227,8 @@ pub(crate) async fn accept_loop(
                 match admit(pending, p.queued(), validated, retry_above, max, p.of_source(source), per_source_max) {
                     Admit::Handshake => {
                         p.in_progress.fetch_add(1, Ordering::AcqRel);
-                        let guard = InProgress::new(&shared, FromSource::new(&shared, source));
+                        let held = validated.then(|| FromSource::new(&shared, source));
+                        let guard = InProgress::new(&shared, held);
                         tokio::spawn(handshake(shared.clone(), incoming, guard));
                     }
                     Admit::Queue => {
@@ -286,7 +285,7 @@ async fn wait_for_slot(
             if p.get() < max && p.queued() > 0 {
                 p.freed.notify_one();
             }
-            let guard = InProgress::new(&shared, held);
+            let guard = InProgress::new(&shared, Some(held));
             handshake(shared.clone(), incoming, guard).await;
             return;
         }
@@ -373,8 +372,10 @@ mod tests {
         // Below its share a source is treated like any other.
         assert_eq!(admit(10, 0, true, 64, 1024, 127, 128), Admit::Handshake);
         assert_eq!(admit(100, 0, false, 64, 1024, 127, 128), Admit::Retry);
-        // At its share: asked to prove its address first (no state kept), then dropped.
-        assert_eq!(admit(10, 0, false, 64, 1024, 128, 128), Admit::Retry);
+        // At its share: dropped once proven. Unproven attempts are not held to it (their source
+        // may be spoofed), only to the Retry threshold.
+        assert_eq!(admit(10, 0, false, 64, 1024, 128, 128), Admit::Handshake);
+        assert_eq!(admit(64, 0, false, 64, 1024, 128, 128), Admit::Retry);
         assert_eq!(admit(10, 0, true, 64, 1024, 128, 128), Admit::DropSource);
         assert_eq!(admit(1024, 0, true, 64, 1024, 500, 128), Admit::DropSource);
     }

@@ -238,6 +238,7 @@ pub(crate) async fn broker(
         return refuse("failed", "no ticket could be signed".to_string());
     };
     debug!(%service, connector = %connector.id, "direct path brokered");
+    let start_service = service.clone();
     let start = ServerMsg::DirectStart {
         service,
         connector: connector.id_str.to_string(),
@@ -245,6 +246,8 @@ pub(crate) async fn broker(
         ticket,
     };
     let go = ServerMsg::DirectGo { request };
+    // The agent reports how this attempt went (`result`).
+    agent.asked_direct(&start_service);
     // Both sides start punching at about the same moment: the one farther away is told first,
     // the nearer one half a round-trip difference later.
     let (a, c) = (agent.conn.rtt() / 2, connector.conn.rtt() / 2);
@@ -330,6 +333,8 @@ pub(crate) fn refresh(shared: &Shared, agent: &Peer, service: &str, connector: &
         return;
     };
     if let Some(ticket) = ticket(shared, &agent.id_str, &serving, vec![service.to_string()]) {
+        // A ticket to join a running path is reported on (`result`); one that renews it is not.
+        agent.asked_direct(service);
         agent.say(ServerMsg::Ticket {
             service: service.to_string(),
             connector: connector.to_string(),

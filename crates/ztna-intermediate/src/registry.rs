@@ -88,7 +88,7 @@ pub struct Peer {
     pub registration_budget: ztna_node::ratelimit::TokenBucket,
     /// An agent's direct-path and ticket requests not yet reported on, by service: only those
     /// may be reported (`DirectResult`), so an agent cannot make up attempts in the P2P counts.
-    pub direct_asked: Mutex<HashMap<String, u8>>,
+    pub direct_asked: Mutex<HashMap<String, (u8, std::time::Instant)>>,
     /// A connector's flow credit, once it said it reports consumption (protocol revision 2):
     /// what each agent may have unconsumed in flight towards it.
     pub credit: std::sync::OnceLock<Arc<ztna_node::credit::SendBudget>>,
@@ -109,32 +109,48 @@ pub const REGISTRATIONS_PER_SECOND: f64 = 4.0;
 /// connection may have (more are not recorded: their reports are then not counted).
 const MAX_ASKED_SERVICES: usize = 64;
 const MAX_ASKED_PER_SERVICE: u8 = 4;
+/// How long after its last DirectStart or Ticket a report on a service is taken: an agent
+/// reports within its answer and handshake timeouts; a ticket refresh of a running path is
+/// never reported, and its entry lapses.
+const ASKED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Peer {
-    /// Notes a direct-path or ticket request for `service` (see `direct_asked`).
+    /// Notes a DirectStart or Ticket sent to this agent for `service` (see `direct_asked`).
     pub fn asked_direct(&self, service: &str) {
+        let now = std::time::Instant::now();
         let mut asked = ztna_node::lock(&self.direct_asked);
-        if let Some(n) = asked.get_mut(service) {
-            *n = (*n + 1).min(MAX_ASKED_PER_SERVICE);
-        } else if asked.len() < MAX_ASKED_SERVICES {
-            asked.insert(service.to_string(), 1);
+        if asked.len() >= MAX_ASKED_SERVICES {
+            asked.retain(|_, (_, at)| now.duration_since(*at) < ASKED_FOR);
+        }
+        let full = asked.len() >= MAX_ASKED_SERVICES;
+        match asked.get_mut(service) {
+            Some((n, at)) => {
+                if now.duration_since(*at) >= ASKED_FOR {
+                    *n = 0;
+                }
+                *n = (*n + 1).min(MAX_ASKED_PER_SERVICE);
+                *at = now;
+            }
+            None if !full => {
+                asked.insert(service.to_string(), (1, now));
+            }
+            None => {}
         }
     }
 
-    /// Takes one request for `service` awaiting a report; false if there is none.
+    /// Takes one DirectStart or Ticket for `service` awaiting a report; false if there is none.
     pub fn take_asked_direct(&self, service: &str) -> bool {
         let mut asked = ztna_node::lock(&self.direct_asked);
-        match asked.get_mut(service) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                true
-            }
-            Some(_) => {
-                asked.remove(service);
-                true
-            }
-            None => false,
+        let Some((n, at)) = asked.get_mut(service) else {
+            return false;
+        };
+        let live = at.elapsed() < ASKED_FOR;
+        if live && *n > 1 {
+            *n -= 1;
+        } else {
+            asked.remove(service);
         }
+        live
     }
 
     pub fn new(

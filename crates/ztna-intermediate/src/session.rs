@@ -325,7 +325,6 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                 service,
                 candidates,
             })) => {
-                peer.asked_direct(&service);
                 tokio::spawn(
                     direct::broker(shared.clone(), peer.clone(), service, candidates)
                         .in_current_span(),
@@ -337,7 +336,6 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                 reason,
             })) => direct::result(shared, peer, &service, success, &reason),
             Ok(Some(ClientMsg::TicketRequest { service, connector })) => {
-                peer.asked_direct(&service);
                 direct::refresh(shared, peer, &service, &connector);
             }
             Ok(Some(other)) => {

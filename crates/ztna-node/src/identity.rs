@@ -515,8 +515,6 @@ fn verify_chain(
     }
 }
 
-/// Logs a peer chain that carries certificates other than our CA: they are not used (see
-/// [`verify_chain`]), so a leaf issued by a sub-CA fails as "unknown issuer".
 /// Certificates refused before the handshake completes are logged at most once a second: anyone
 /// can present one, as often as they like.
 const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -533,6 +531,8 @@ fn claimed(end_entity: &CertificateDer<'_>) -> String {
     }
 }
 
+/// Logs a peer chain that carries certificates other than our CA: they are not used (see
+/// [`verify_chain`]), so a leaf issued by a sub-CA fails as "unknown issuer".
 fn note_foreign_intermediates(
     roots: &[CertificateDer<'static>],
     end_entity: &CertificateDer<'_>,

@@ -119,7 +119,8 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     let now = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap();
-    let not_after = now + time::Duration::seconds(6);
+    // Long enough for start-up, the reload and the checks below on a loaded machine.
+    let not_after = now + time::Duration::seconds(15);
     let short = pki
         .ca
         .issue(&IssueRequest {
@@ -374,7 +375,8 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
     let now = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap();
-    let not_after = now + time::Duration::seconds(6);
+    // Long enough for start-up, the reload and the checks below on a loaded machine.
+    let not_after = now + time::Duration::seconds(15);
     let short = pki
         .ca
         .issue(&IssueRequest {

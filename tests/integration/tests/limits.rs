@@ -335,6 +335,8 @@ async fn steady_dns_lookups_from_new_ports_do_not_use_up_the_agents_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_stalling_handshakes_does_not_lock_out_other_clients() {
     logs();
+    // The attacker holds about a thousand sockets at a time.
+    ztna_node::fdlimit::raise_nofile();
     let pki = Pki::new();
     let mut cfg = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
     cfg.max_handshakes = 64;
@@ -404,11 +406,15 @@ async fn one_source_stalling_handshakes_does_not_lock_out_other_clients() {
     );
     assert!(started > 500, "the attack started only {started} attempts");
     assert!(shed > 0.0, "nothing was dropped per source");
-    assert!(peak <= 17.0 + 10.0, "{peak} handshakes in progress");
+    // Its proven attempts (16) and the unproven ones below the Retry threshold (16), the probe.
+    assert!(peak <= 16.0 + 16.0 + 2.0, "{peak} handshakes in progress");
     assert!(failed.is_empty(), "{failed:?}");
+    // Not stuck behind the attacker's attempts (a slot frees after seconds): a lost packet on a
+    // loaded machine may cost one retransmission (about 1 s).
+    let median = took[took.len() / 2];
     assert!(
-        took.last().is_some_and(|t| *t < 1000.0),
-        "a handshake took {took:?} ms"
+        median < 500.0 && took.last().is_some_and(|t| *t < 3000.0),
+        "handshakes took {took:?} ms"
     );
     im.daemon.shutdown().await;
 }

@@ -1400,7 +1400,7 @@ async fn reports_on_attempts_never_asked_about_are_not_counted() {
     let after = counts();
     println!("MEASURED 1000 unsolicited DirectResults: p2p_total success/failed {after:?}");
     assert_eq!(after, [0.0, 0.0], "made-up results were counted");
-    // Now it did ask: one report counts, a second one does not.
+    // Now it asked, and was sent a DirectStart: one report counts, a second one does not.
     for expect in [1.0, 1.0] {
         let msg = ztna_proto::ClientMsg::DirectResult {
             service: "web".into(),
@@ -1413,7 +1413,21 @@ async fn reports_on_attempts_never_asked_about_are_not_counted() {
         let ok = eventually(Duration::from_secs(2), || counts()[1] == expect).await;
         assert!(ok, "{:?}", counts());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A message after it, answered (a ticket for a connector that does not exist is refused):
+    // the report before it was read.
+    let msg = ztna_proto::ClientMsg::TicketRequest {
+        service: "web".into(),
+        connector: "spiffe://test.example/connector/nobody".into(),
+    };
+    ztna_node::io::write_frame(&mut s.control_send, &msg)
+        .await
+        .unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.control_recv.next::<ztna_proto::ServerMsg>(),
+    )
+    .await;
+    assert!(matches!(answered, Ok(Ok(Some(_)))), "{answered:?}");
     assert_eq!(
         counts()[1],
         1.0,
