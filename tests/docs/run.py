@@ -3,8 +3,8 @@
 
 Extracted from the Markdown (never copied here):
   - README.md, section "A real deployment": the first ```sh block;
-  - docs/operations.md, sections "Certificate rotation" and "Adding a connector": the first
-    ```sh block of each.
+  - docs/operations.md, sections "Certificate rotation", "Adding a connector" and "CA rotation":
+    the first ```sh block of each.
 The blocks run in that order in one scratch directory on loopback (in a private network
 namespace when run as root, so the documented ports cannot collide with anything), with the
 built binaries on PATH and `examples/` reachable as in a checkout. A line that starts a daemon
@@ -164,10 +164,10 @@ class Runner:
         os.makedirs(shim)
         with open(os.path.join(shim, "systemctl"), "w") as f:
             f.write('#!/bin/sh\n'
-                    '# Test double: `systemctl reload UNIT` = SIGHUP to the daemon the docs runner\n'
-                    '# started for UNIT (what the unit\'s ExecReload does).\n'
+                    '# Test double: `systemctl reload UNIT` = SIGHUP to each daemon the docs runner\n'
+                    '# started for UNIT (what the unit\'s ExecReload does on each host).\n'
                     'case "$1" in\n'
-                    '  reload) exec kill -HUP "$(cat "$ZTNA_DOCS_STATE/$2.pid")" ;;\n'
+                    '  reload) for p in $(cat "$ZTNA_DOCS_STATE/$2.pids"); do kill -HUP "$p" || exit 1; done ;;\n'
                     '  *) echo "systemctl test double: only reload is supported" >&2; exit 1 ;;\n'
                     'esac\n')
         os.chmod(os.path.join(shim, "systemctl"), 0o755)
@@ -218,9 +218,8 @@ class Runner:
                 p = subprocess.Popen(["bash", "-c", "exec " + line], cwd=self.work, env=env,
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT)
                 self.procs.append((unit, p, ops, log))
-                if not os.path.exists(os.path.join(self.state, f"{unit}.pid")):
-                    with open(os.path.join(self.state, f"{unit}.pid"), "w") as f:
-                        f.write(str(p.pid))
+                with open(os.path.join(self.state, f"{unit}.pids"), "a") as f:
+                    f.write(f"{p.pid}\n")
                 end = time.time() + 20
                 while time.time() < end and p.poll() is None and http_get(ops, "/readyz")[0] != 200:
                     time.sleep(0.1)
@@ -318,6 +317,21 @@ def main():
                     time.sleep(0.1)
                 run.result(n >= 2, "operations.md add connector: the intermediate has 2 connectors for web",
                            f"  ztna_intermediate_service_connectors{{service=\"web\"}} = {n}")
+
+                # CA rotation: nobody disconnected, both connectors still there, flows work.
+                if run.run_block("operations.md CA rotation", sh_block("docs/operations.md", "CA rotation")):
+                    time.sleep(1)
+                    revoked = run.metric(im, "ztna_intermediate_revocations_total", {})
+                    n = run.metric(im, "ztna_intermediate_service_connectors", {"service": "web"})
+                    logs = "".join(open(l).read() for u, _, _, l in run.procs if u == "ztna-connector")
+                    run.result(revoked == 0 and n >= 2 and logs.count("certificate replaced: connecting") >= 2,
+                               "operations.md CA rotation: no peer disconnected, 2 connectors moved to new certificates",
+                               f"  revocations_total {revoked}, service_connectors {n}")
+                    try:
+                        ok = roundtrip(local, b"after CA rotation\n") == b"after CA rotation\n"
+                    except OSError:
+                        ok = False
+                    run.result(ok, "operations.md CA rotation: flows work with the new CA only")
     finally:
         run.stop()
         srv.close()

@@ -457,6 +457,118 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
     im.daemon.shutdown().await;
 }
 
+/// A CA rotation with the deployment running, in three reloads of every daemon: trust both CAs,
+/// move every certificate to the new CA (connectors and agents move over make before break),
+/// then trust only the new CA. New flows all along: none fails, and no peer is disconnected
+/// when the old CA goes; a certificate of the old CA is refused afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_in_three_reloads_fails_no_flow() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let base = intermediate_config(&pki, loopback0(), open_policy(&["web"]));
+    let im = ztna_intermediate::Intermediate::bind(base.clone()).unwrap();
+    let (addr, im_handle, metrics) = (im.local_addr().unwrap(), im.handle(), im.metrics());
+    let stop = ztna_node::CancellationToken::new();
+    let task = tokio::spawn(im.run(stop.clone()));
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let load_stop = CancellationToken::new();
+    let load = tokio::spawn({
+        let stop = load_stop.clone();
+        async move {
+            let (mut attempts, mut failures) = (0u32, 0u32);
+            while !stop.is_cancelled() {
+                attempts += 1;
+                let msg = attempts.to_be_bytes();
+                match tokio::time::timeout(T, tcp_roundtrip(port, &msg)).await {
+                    Ok(Ok(got)) if got == msg => {}
+                    _ => failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (attempts, failures)
+        }
+    });
+    let reload_all = |what: &str| {
+        let im_summary = im_handle.reload(base.clone()).expect("intermediate reload");
+        c.handle.reload(c.config.clone()).expect("connector reload");
+        a.handle.reload(a.config.clone()).expect("agent reload");
+        println!("{what}: intermediate: {im_summary}");
+        im_summary
+    };
+    let old_pem = std::fs::read_to_string(&pki.ca_path).unwrap();
+    let new_ca = ztna_pki::Ca::generate(TD, Validity::days(30)).unwrap();
+
+    // 1. Trust both: the CA file every daemon names becomes a bundle.
+    std::fs::write(&pki.ca_path, format!("{old_pem}{}", new_ca.cert_pem())).unwrap();
+    let s1 = reload_all("both CAs");
+    assert!(s1.contains("0 peers disconnected"), "{s1}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 2. Every certificate re-issued by the new CA, in place; the intermediate first.
+    let handshakes = || {
+        metric(
+            &metrics.common.render(),
+            "ztna_intermediate_handshakes_total",
+            &[("result", "ok")],
+        )
+    };
+    let before = handshakes();
+    for (role, name) in [
+        ("intermediate", "relay"),
+        ("connector", "web-1"),
+        ("agent", "alice"),
+    ] {
+        let issued = new_ca.issue(&IssueRequest::new(role, name)).unwrap();
+        pki.tls_for(&issued, &format!("{role}-{name}"));
+    }
+    let s2 = reload_all("new certificates");
+    assert!(s2.contains("0 peers disconnected"), "{s2}");
+    // The connector and the agent connect with their new certificates, and their old
+    // connections retire once their flows (the load's, short) are done.
+    let moved = eventually(Duration::from_secs(10), || {
+        let text = metrics.common.render();
+        let on = |role| metric(&text, "ztna_intermediate_connections", &[("role", role)]);
+        handshakes() >= before + 2.0 && on("connector") == 1.0 && on("agent") == 1.0
+    })
+    .await;
+    assert!(moved, "old connections still up");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 3. Trust only the new CA: nobody is left on the old one.
+    std::fs::write(&pki.ca_path, new_ca.cert_pem()).unwrap();
+    let s3 = reload_all("new CA only");
+    assert!(s3.contains("0 peers disconnected"), "{s3}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load_stop.cancel();
+    let (attempts, failures) = load.await.unwrap();
+    let revoked = metric(
+        &metrics.common.render(),
+        "ztna_intermediate_revocations_total",
+        &[],
+    );
+    println!("MEASURED CA rotation in three reloads: {attempts} new flows, {failures} failed; peers revoked {revoked}");
+    assert_eq!(failures, 0, "flows failed during the CA rotation");
+    assert!(attempts > 50, "only {attempts} flows");
+    assert_eq!(revoked, 0.0);
+    assert_eq!(registered_on(&c.registered.borrow()), 1);
+    // A certificate of the old CA is refused now.
+    let stale = pki.issue("agent", "mallory");
+    let why = refused(&stale, ztna_proto::Role::Agent, addr).await;
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("deployment CA")),
+        "an old-CA agent was not refused: {why:?}"
+    );
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
+
 /// A reload that removes an agent from the policy ends that agent's open flow (REVOKED) while
 /// another agent's flow carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
