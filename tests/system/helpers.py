@@ -224,7 +224,9 @@ if __name__ == "__main__":
         print(body, end="")
         sys.exit(0 if code == 200 else 1)
     elif cmd == "metric":
+        # metric PORT NAME [LABEL]: the first series of NAME (with LABEL, e.g. role="connector").
         code, body = get(int(args[0]), "/metrics")
         for line in body.splitlines():
-            if line.startswith(args[1] + " ") or line.startswith(args[1] + "{"):
+            if (line.startswith(args[1] + " ") or line.startswith(args[1] + "{")) \
+                    and (len(args) < 3 or args[2] in line):
                 print(line.rsplit(" ", 1)[1]); break
