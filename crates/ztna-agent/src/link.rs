@@ -68,7 +68,7 @@ pub(crate) async fn supervise(
                             target: target.clone(),
                             conn,
                             control,
-                            open: tokio::sync::watch::channel(0).0,
+                            users: Default::default(),
                             rotation,
                         });
                         let (shared, events, stop) = (shared.clone(), events.clone(), stop.clone());
@@ -183,10 +183,6 @@ pub(crate) async fn supervise(
     .instrument(span)
     .await
 }
-
-/// How long a retiring link waits before it counts its flows: one chosen just before the new
-/// link came up is still opening on it.
-const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Default)]
 struct Ended {
@@ -328,11 +324,7 @@ async fn serve(
         std::future::pending().await
     };
     // After a rotation: closed once no flow holds it (UDP flows move to the new link).
-    let retired = async {
-        retire.cancelled().await;
-        tokio::time::sleep(RETIRE_GRACE).await;
-        link.flows_ended().await;
-    };
+    let retired = link.users.retired_and_unused(&retire);
     let why = tokio::select! {
         why = control => why,
         why = datagrams => why,

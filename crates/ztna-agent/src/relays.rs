@@ -35,7 +35,7 @@ pub struct Link {
     /// Messages for its control stream (direct-path requests).
     pub control: mpsc::Sender<ztna_proto::ClientMsg>,
     /// Flows it carries (see [`LinkUse`]).
-    pub open: watch::Sender<usize>,
+    pub users: ztna_node::rotation::Users,
     /// It replaces a link of this relay that is up, made with a certificate a reload replaced:
     /// the services that one reported stand until this one reports its own.
     pub rotation: bool,
@@ -47,7 +47,7 @@ pub struct LinkUse(Arc<Link>);
 
 impl LinkUse {
     pub fn new(link: Arc<Link>) -> LinkUse {
-        link.open.send_modify(|n| *n += 1);
+        link.users.add();
         LinkUse(link)
     }
 }
@@ -61,17 +61,11 @@ impl std::ops::Deref for LinkUse {
 
 impl Drop for LinkUse {
     fn drop(&mut self) {
-        self.0.open.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.users.remove();
     }
 }
 
 impl Link {
-    /// Returns once no flow holds this link.
-    pub async fn flows_ended(&self) {
-        let mut rx = self.open.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
-    }
-
     /// Queues a control message; false if the link is going away or not keeping up.
     pub fn say(&self, msg: ztna_proto::ClientMsg) -> bool {
         self.control.try_send(msg).is_ok()

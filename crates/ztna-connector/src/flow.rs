@@ -41,7 +41,7 @@ pub(crate) struct ConnState {
     /// A direct (P2P) connection from an agent: its flows also count in `direct_flows`.
     pub direct: bool,
     /// Flows running on this connection (see [`ConnState::flow_started`]).
-    open: tokio::sync::watch::Sender<usize>,
+    pub users: ztna_node::rotation::Users,
 }
 
 /// Held by a flow's task while it runs on a connection.
@@ -49,7 +49,7 @@ pub(crate) struct OnConn(Arc<ConnState>);
 
 impl Drop for OnConn {
     fn drop(&mut self) {
-        self.0.open.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.users.remove();
     }
 }
 
@@ -89,20 +89,14 @@ impl ConnState {
             udp: Mutex::new(HashMap::new()),
             credit: None,
             direct: false,
-            open: tokio::sync::watch::channel(0).0,
+            users: Default::default(),
         }
     }
 
     /// Counts a flow on this connection until the returned guard is dropped.
     pub fn flow_started(self: &Arc<Self>) -> OnConn {
-        self.open.send_modify(|n| *n += 1);
+        self.users.add();
         OnConn(self.clone())
-    }
-
-    /// Returns once no flow runs on this connection.
-    pub async fn flows_ended(&self) {
-        let mut rx = self.open.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// A direct (P2P) connection from an agent.

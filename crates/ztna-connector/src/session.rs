@@ -266,11 +266,7 @@ async fn serve(
     let mut drained = false;
     // After a rotation: closed once its last flow ended. The grace lets flows the intermediate
     // routed here before it saw the deregistration arrive.
-    let retired = async {
-        session.retire.cancelled().await;
-        tokio::time::sleep(RETIRE_GRACE).await;
-        state.flows_ended().await;
-    };
+    let retired = state.users.retired_and_unused(&session.retire);
     let why = tokio::select! {
         why = control(shared, &state, idx, send, recv, &mut drained, &session) => why,
         why = accept_flows(shared, &state) => why,
@@ -299,9 +295,6 @@ async fn serve(
         rtt: conn.rtt(),
     }
 }
-
-/// How long a retiring connection keeps waiting for flows after it deregistered.
-const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An intermediate's certificate, known (for direct-path tickets) while a connection to it is
 /// up; two connections to one intermediate (a certificate rotation) count twice.

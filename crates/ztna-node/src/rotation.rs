@@ -11,6 +11,39 @@ use tokio::task::JoinHandle;
 
 use crate::CancellationToken;
 
+/// How long a retiring connection waits before it counts its flows: one chosen just before the
+/// candidate took over is still opening on it.
+pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The flows using one connection (each holds a guard that calls [`Users::add`] and, when
+/// dropped, [`Users::remove`]), so that a retiring connection knows when its last one ended.
+pub struct Users(tokio::sync::watch::Sender<usize>);
+
+impl Default for Users {
+    fn default() -> Users {
+        Users(tokio::sync::watch::channel(0).0)
+    }
+}
+
+impl Users {
+    pub fn add(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    pub fn remove(&self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// Returns once the connection is retired ([`Running::retire`]), [`RETIRE_GRACE`] has
+    /// passed, and no flow uses it: then it may close.
+    pub async fn retired_and_unused(&self, retire: &CancellationToken) {
+        retire.cancelled().await;
+        tokio::time::sleep(RETIRE_GRACE).await;
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
 /// One connection's task, as its supervisor holds it.
 pub struct Running<E> {
     pub task: JoinHandle<E>,
@@ -88,6 +121,27 @@ mod tests {
         assert!(slot.is_none());
         let never = tokio::time::timeout(Duration::from_millis(50), ended::<u32>(&mut slot)).await;
         assert!(never.is_err(), "an empty slot ended");
+    }
+
+    #[tokio::test]
+    async fn a_retired_connection_is_unused_only_after_its_grace_and_last_flow() {
+        let users = std::sync::Arc::new(Users::default());
+        let retire = CancellationToken::new();
+        users.add();
+        let done = tokio::spawn({
+            let (users, retire) = (users.clone(), retire.clone());
+            async move { users.retired_and_unused(&retire).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!done.is_finished(), "unused before it was retired");
+        retire.cancel();
+        tokio::time::sleep(RETIRE_GRACE + Duration::from_millis(300)).await;
+        assert!(!done.is_finished(), "unused while a flow still used it");
+        users.remove();
+        tokio::time::timeout(Duration::from_secs(1), done)
+            .await
+            .expect("not unused after its last flow")
+            .unwrap();
     }
 
     #[tokio::test]

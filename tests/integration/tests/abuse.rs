@@ -49,6 +49,53 @@ fn revocations(im: &IntermediateHandle, reason: &str) -> f64 {
     )
 }
 
+/// A certificate of `role`/`name` valid until `secs` seconds from now, written as `file` (with the
+/// other files of `pki`), and its notAfter.
+fn short_lived(
+    pki: &Pki,
+    role: &str,
+    name: &str,
+    file: &str,
+    secs: i64,
+) -> (ztna_node::config::TlsConfig, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let not_after = now + time::Duration::seconds(secs);
+    let issued = pki
+        .ca
+        .issue(&IssueRequest {
+            validity: Validity {
+                not_before: now - time::Duration::minutes(5),
+                not_after,
+            },
+            ..IssueRequest::new(role, name)
+        })
+        .unwrap();
+    (pki.tls_for(&issued, file), not_after)
+}
+
+/// New TCP flows through `port`, one every 20 ms, each a checked round trip, until `stop`:
+/// (opened, failed).
+fn flow_load(
+    port: std::net::SocketAddr,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<(u32, u32)> {
+    tokio::spawn(async move {
+        let (mut attempts, mut failures) = (0u32, 0u32);
+        while !stop.is_cancelled() {
+            attempts += 1;
+            let msg = attempts.to_be_bytes();
+            match tokio::time::timeout(T, tcp_roundtrip(port, &msg)).await {
+                Ok(Ok(got)) if got == msg => {}
+                _ => failures += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (attempts, failures)
+    })
+}
+
 /// An agent whose certificate expires while connected is disconnected at notAfter (with the
 /// reason, counted), its open flow ends, and it cannot come back with that certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,21 +106,7 @@ async fn a_certificate_that_expires_during_a_connection_is_cut_at_not_after() {
     let im = start_intermediate(&pki, open_policy(&["web"]));
     let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
     c.wait_registered(1).await;
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap();
-    let not_after = now + time::Duration::seconds(4);
-    let issued = pki
-        .ca
-        .issue(&IssueRequest {
-            validity: Validity {
-                not_before: now - time::Duration::minutes(5),
-                not_after,
-            },
-            ..IssueRequest::new("agent", "shortlived")
-        })
-        .unwrap();
-    let tls = pki.tls_for(&issued, "agent-shortlived");
+    let (tls, not_after) = short_lived(&pki, "agent", "shortlived", "agent-shortlived", 4);
     let mut a = start_agent_with(tls, &[im.addr], &[("web", ForwardProtocol::Tcp)], "").await;
     a.wait_status("web", ServiceState::Available).await;
     let mut held = held_flow(a.port("web", Protocol::Tcp)).await;
@@ -116,22 +149,8 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
     let im = start_intermediate(&pki, open_policy(&["web"]));
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap();
     // Long enough for start-up, the reload and the checks below on a loaded machine.
-    let not_after = now + time::Duration::seconds(15);
-    let short = pki
-        .ca
-        .issue(&IssueRequest {
-            validity: Validity {
-                not_before: now - time::Duration::minutes(5),
-                not_after,
-            },
-            ..IssueRequest::new("connector", "web-1")
-        })
-        .unwrap();
-    let tls = pki.tls_for(&short, "connector-web-1");
+    let (tls, not_after) = short_lived(&pki, "connector", "web-1", "connector-web-1", 15);
     let mut c = start_connector_with(tls, &[im.addr], &[("web", Some(echo), None)], "");
     c.wait_registered(1).await;
     let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
@@ -140,22 +159,7 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     let mut before = held_flow(port).await;
     // New flows all along, from before the reload to after the old notAfter: none may fail.
     let load_stop = CancellationToken::new();
-    let load = tokio::spawn({
-        let stop = load_stop.clone();
-        async move {
-            let (mut attempts, mut failures) = (0u32, 0u32);
-            while !stop.is_cancelled() {
-                attempts += 1;
-                let msg = attempts.to_be_bytes();
-                match tokio::time::timeout(T, tcp_roundtrip(port, &msg)).await {
-                    Ok(Ok(got)) if got == msg => {}
-                    _ => failures += 1,
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (attempts, failures)
-        }
-    });
+    let load = flow_load(port, load_stop.clone());
 
     // Renewed in place, as an automated renewal would, and reloaded.
     let renewed = pki
@@ -372,22 +376,8 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
         &[("web", Some(echo), Some(uecho))],
     );
     c.wait_registered(1).await;
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap();
     // Long enough for start-up, the reload and the checks below on a loaded machine.
-    let not_after = now + time::Duration::seconds(15);
-    let short = pki
-        .ca
-        .issue(&IssueRequest {
-            validity: Validity {
-                not_before: now - time::Duration::minutes(5),
-                not_after,
-            },
-            ..IssueRequest::new("agent", "alice")
-        })
-        .unwrap();
-    let tls = pki.tls_for(&short, "agent-alice");
+    let (tls, not_after) = short_lived(&pki, "agent", "alice", "agent-alice", 15);
     let forwards = [("web", ForwardProtocol::Tcp), ("web", ForwardProtocol::Udp)];
     let mut a = start_agent_with(tls, &[im.addr], &forwards, "").await;
     a.wait_status("web", ServiceState::Available).await;
@@ -477,22 +467,7 @@ async fn a_ca_rotation_in_three_reloads_fails_no_flow() {
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
     let load_stop = CancellationToken::new();
-    let load = tokio::spawn({
-        let stop = load_stop.clone();
-        async move {
-            let (mut attempts, mut failures) = (0u32, 0u32);
-            while !stop.is_cancelled() {
-                attempts += 1;
-                let msg = attempts.to_be_bytes();
-                match tokio::time::timeout(T, tcp_roundtrip(port, &msg)).await {
-                    Ok(Ok(got)) if got == msg => {}
-                    _ => failures += 1,
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (attempts, failures)
-        }
-    });
+    let load = flow_load(port, load_stop.clone());
     let reload_all = |what: &str| {
         let im_summary = im_handle.reload(base.clone()).expect("intermediate reload");
         c.handle.reload(c.config.clone()).expect("connector reload");

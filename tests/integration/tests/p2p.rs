@@ -1337,6 +1337,20 @@ async fn a_draining_connectors_direct_path_takes_no_new_flows_and_its_running_on
     im.daemon.shutdown().await;
 }
 
+/// Sends `msg` on a hostile session's control stream and waits for the intermediate's answer:
+/// everything sent before it has been read.
+async fn say_and_hear(s: &mut ztna_integration::hostile::Session, msg: &ztna_proto::ClientMsg) {
+    ztna_node::io::write_frame(&mut s.control_send, msg)
+        .await
+        .unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.control_recv.next::<ztna_proto::ServerMsg>(),
+    )
+    .await;
+    assert!(matches!(answered, Ok(Ok(Some(_)))), "{answered:?}");
+}
+
 /// An agent cannot make up P2P results: reports on attempts it never asked this intermediate
 /// about are ignored (not counted as success or failure); a real attempt still counts once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1384,19 +1398,11 @@ async fn reports_on_attempts_never_asked_about_are_not_counted() {
             .unwrap();
     }
     // A message after them, answered: the results before it were all read.
-    let msg = ztna_proto::ClientMsg::DirectRequest {
+    let request = ztna_proto::ClientMsg::DirectRequest {
         service: "web".into(),
         candidates: vec![],
     };
-    ztna_node::io::write_frame(&mut s.control_send, &msg)
-        .await
-        .unwrap();
-    let answered = tokio::time::timeout(
-        Duration::from_secs(5),
-        s.control_recv.next::<ztna_proto::ServerMsg>(),
-    )
-    .await;
-    assert!(matches!(answered, Ok(Ok(Some(_)))), "{answered:?}");
+    say_and_hear(&mut s, &request).await;
     let after = counts();
     println!("MEASURED 1000 unsolicited DirectResults: p2p_total success/failed {after:?}");
     assert_eq!(after, [0.0, 0.0], "made-up results were counted");
@@ -1415,19 +1421,11 @@ async fn reports_on_attempts_never_asked_about_are_not_counted() {
     }
     // A message after it, answered (a ticket for a connector that does not exist is refused):
     // the report before it was read.
-    let msg = ztna_proto::ClientMsg::TicketRequest {
+    let ticket = ztna_proto::ClientMsg::TicketRequest {
         service: "web".into(),
         connector: "spiffe://test.example/connector/nobody".into(),
     };
-    ztna_node::io::write_frame(&mut s.control_send, &msg)
-        .await
-        .unwrap();
-    let answered = tokio::time::timeout(
-        Duration::from_secs(5),
-        s.control_recv.next::<ztna_proto::ServerMsg>(),
-    )
-    .await;
-    assert!(matches!(answered, Ok(Ok(Some(_)))), "{answered:?}");
+    say_and_hear(&mut s, &ticket).await;
     assert_eq!(
         counts()[1],
         1.0,
