@@ -21,7 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::clock::Activity;
 use ztna_node::datagram::{self as dg, Sent};
 use ztna_node::flows::{FlowGuard, Kind};
-use ztna_node::io::{write_raw_frame, FramedRecv, StreamError};
+use ztna_node::io::{take_ready, write_raw_frames, FramedRecv, StreamError};
 use ztna_node::{lock, CancellationToken};
 use ztna_proto::{codes, datagram, Protocol};
 
@@ -195,13 +195,12 @@ impl UdpFlow {
             ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: cannot be encoded");
             return;
         };
+        // The payload inside the encoded datagram, in case it has to ride the stream instead.
+        let body = d.slice(d.len() - payload.len()..);
         match dg::send(p.via.conn(), d) {
             Sent::Queued => {}
             Sent::TooLarge => {
-                if p.overflow
-                    .try_send(Bytes::copy_from_slice(payload))
-                    .is_err()
-                {
+                if p.overflow.try_send(body).is_err() {
                     self.drop_one("stream_full");
                     ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: too large for a QUIC datagram and the flow's stream queue is full");
                 }
@@ -544,7 +543,13 @@ async fn run_leg(
         };
         tokio::select! {
             f = leg.recv.next_frame() => match f {
-                Ok(Some(p)) => flow.to_client(&p),
+                Ok(Some(p)) => {
+                    flow.to_client(&p);
+                    // The rest of what arrived with it, without another turn of this loop.
+                    while let Some(p) = leg.recv.buffered_frame() {
+                        flow.to_client(&p);
+                    }
+                }
                 Ok(None) => return LegEnd::Over,
                 Err(e) => {
                     let drained = matches!(&e, StreamError::Read(ReadError::Reset(c)) if *c == VarInt::from_u32(codes::DRAINING));
@@ -557,7 +562,10 @@ async fn run_leg(
             },
             p = leg.overflow.recv() => {
                 if let Some(p) = p {
-                    if write_raw_frame(&mut leg.send, p).await.is_err() {
+                    // Everything queued behind it goes in the same write.
+                    let mut batch = vec![p];
+                    take_ready(&mut leg.overflow, &mut batch);
+                    if write_raw_frames(&mut leg.send, &mut batch).await.is_err() {
                         return LegEnd::Move { broken: true };
                     }
                 }

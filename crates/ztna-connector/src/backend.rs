@@ -6,8 +6,9 @@
 //! within the TTL and a burst of flows makes one lookup, not one each. When a name stops
 //! resolving (the resolver is down, or does not answer), the last good answer is used for up to
 //! an hour: a DNS outage does not become a backend outage. TCP tries every address
-//! in the resolver's order, each within what is left of `connect_timeout`; UDP uses the first
-//! address, and the flow's socket is connected to it (the injection defence stays as it is).
+//! in the resolver's order, each within what is left of `connect_timeout`. UDP uses the first
+//! address this host can send to (one it has a route to), and the flow's socket is connected to
+//! it (the injection defence stays as it is).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -347,7 +348,12 @@ pub async fn connect_tcp(
             )),
         }
     }
-    Err(match (backend.addr(), failures.as_slice()) {
+    Err(none_took(backend, service, &failures))
+}
+
+/// Why no address of `backend` could be used, one reason per address tried.
+fn none_took(backend: &Backend, service: &str, failures: &[(SocketAddr, String)]) -> String {
+    match (backend.addr(), failures) {
         // An IP address: the wording operators already know.
         (Some(_), [(_, why)]) => format!("backend {backend} of {service} {why}"),
         (None, [(addr, why)]) => format!("backend {backend} ({addr}) of {service} {why}"),
@@ -359,7 +365,39 @@ pub async fn connect_tcp(
                 .collect::<Vec<_>>()
                 .join("; ")
         ),
-    })
+    }
+}
+
+/// Opens a UDP flow's socket, connected to the first address of `backend` the host can send
+/// to (`buffer`: its socket buffers). UDP has no handshake to tell a live backend from a dead
+/// one, but an address this host has no route to, or may not send to, fails at once
+/// (`connect`: an IPv6 address on a host without IPv6, a broadcast address), and then the next
+/// one is used, in the resolver's order. Returns the socket and the address, or why none could
+/// be used (worded as [`connect_tcp`] words it).
+pub async fn open_udp(
+    resolver: &Resolver,
+    backend: &Backend,
+    service: &str,
+    limit: Duration,
+    buffer: usize,
+) -> Result<(tokio::net::UdpSocket, SocketAddr), String> {
+    let addrs = resolver
+        .resolve(backend, limit)
+        .await
+        .map_err(|why| format!("backend {backend} of {service}: {why}"))?;
+    let mut failures: Vec<(SocketAddr, String)> = Vec::new();
+    for addr in &addrs {
+        match ztna_node::udp::connected(*addr, buffer).await {
+            Ok(s) => {
+                if !failures.is_empty() {
+                    tracing::debug!(%backend, %addr, ?failures, "UDP backend on a later address");
+                }
+                return Ok((s, *addr));
+            }
+            Err(e) => failures.push((*addr, format!("cannot be sent to: {e}"))),
+        }
+    }
+    Err(none_took(backend, service, &failures))
 }
 
 #[cfg(test)]
@@ -554,6 +592,35 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(r.resolve(&db, limit).await.unwrap(), good);
         assert!(t0.elapsed() >= STALE_WAIT, "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test]
+    async fn udp_uses_the_first_address_it_can_send_to() {
+        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = echo.local_addr().unwrap().port();
+        // The broadcast address comes first: a socket without SO_BROADCAST may not send there,
+        // so `connect` refuses it at once (EACCES), as it refuses an address with no route.
+        let broadcast: IpAddr = "255.255.255.255".parse().unwrap();
+        let r = Resolver::fixed(&[
+            ("dns.test", &[broadcast, LOOPBACK]),
+            ("bad.test", &[broadcast]),
+        ]);
+        let dns = Backend::parse(&format!("dns.test:{port}")).unwrap();
+        let limit = Duration::from_secs(2);
+        let (s, used) = open_udp(&r, &dns, "dns", limit, 1 << 16).await.unwrap();
+        assert_eq!(used, SocketAddr::new(LOOPBACK, port));
+        s.send(b"ping").await.unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = echo.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&b"ping"[..], s.local_addr().unwrap()));
+        let bad = Backend::parse(&format!("bad.test:{port}")).unwrap();
+        let e = open_udp(&r, &bad, "dns", limit, 1 << 16).await.unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "backend bad.test:{port} (255.255.255.255:{port}) of dns cannot be sent to"
+            )),
+            "{e}"
+        );
     }
 
     #[tokio::test]

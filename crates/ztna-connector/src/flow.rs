@@ -13,10 +13,12 @@ use ztna_node::clock::Activity;
 use ztna_node::credit::{FlowCredit, Meter, SendBudget};
 use ztna_node::datagram::{self as dg, Sent};
 use ztna_node::flows::{FlowGuard, Kind};
-use ztna_node::io::{prepare_tcp, splice_tcp, write_frame, write_raw_frame, FramedRecv, SpliceCtl};
+use ztna_node::io::{
+    prepare_tcp, splice_tcp, write_frame, write_raw_frames, FramedRecv, SpliceCtl, FRAME_BATCH,
+};
 use ztna_proto::{datagram, varint, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
-use crate::backend::{connect_tcp, Backend};
+use crate::backend::{connect_tcp, open_udp, Backend};
 use crate::{FlowMeta, Shared};
 
 const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -395,31 +397,19 @@ async fn udp_flow(
 ) {
     let service: Arc<str> = Arc::from(open.service.as_str());
     let m = &shared.metrics;
-    // A name: its first address (UDP has no handshake to tell a dead address from a live one).
-    let first = shared
-        .resolver
-        .resolve(backend, shared.config.connect_timeout)
-        .await
-        .and_then(|addrs| {
-            addrs
-                .first()
-                .copied()
-                .ok_or_else(|| format!("{} resolves to no address", backend.host()))
-        });
-    let backend = match first {
-        Ok(addr) => addr,
+    // A *connected* socket: the kernel drops datagrams from any address but the backend.
+    let opened = open_udp(
+        &shared.resolver,
+        backend,
+        &service,
+        shared.config.connect_timeout,
+        UDP_SOCKET_BUFFER,
+    )
+    .await;
+    let (socket, backend) = match opened {
+        Ok((s, addr)) => (Arc::new(s), addr),
         Err(why) => {
             m.backend_errors.with_label_values(&[&service]).inc();
-            let why = format!("backend {backend} of {service}: {why}");
-            return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
-        }
-    };
-    // A *connected* socket: the kernel drops datagrams from any address but the backend.
-    let socket = match ztna_node::udp::connected(backend, UDP_SOCKET_BUFFER).await {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            m.backend_errors.with_label_values(&[&service]).inc();
-            let why = format!("cannot open a UDP socket to backend {backend} of {service}: {e}");
             return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
         }
     };
@@ -463,14 +453,15 @@ async fn udp_flow(
                 &mut send,
             );
             // Payloads too large for a datagram arrive on the stream; its end is the flow's end.
+            let carried = m
+                .udp_stream_carried
+                .with_label_values(&[&service, "to_backend"]);
             let from_agent = async {
                 loop {
                     match recv.next_frame().await {
                         Ok(Some(p)) => {
                             guard.activity.touch();
-                            m.udp_stream_carried
-                                .with_label_values(&[&service, "to_backend"])
-                                .inc();
+                            carried.inc();
                             if let Some(f) = state.flows().get(&open.flow_id) {
                                 to_backend(shared, f, &p);
                             }
@@ -535,10 +526,29 @@ async fn backend_reader(
         return;
     };
     let mut arena = BytesMut::new();
+    // Payloads too large for a datagram, gathered while more datagrams are ready at once, then
+    // written to the stream together.
+    let mut batch: Vec<Bytes> = Vec::with_capacity(FRAME_BATCH);
     loop {
         datagram::reserve(&mut arena, hdr_len + MAX_UDP);
         arena.extend_from_slice(&hdr[..hdr_len]);
-        let (n, from) = match ztna_node::udp::recv_buf_from(socket, &mut arena).await {
+        let got = if batch.is_empty() {
+            ztna_node::udp::recv_buf_from(socket, &mut arena).await
+        } else {
+            ztna_node::udp::try_recv_buf_from(socket, &mut arena)
+        };
+        let flush = !batch.is_empty() && (got.is_err() || batch.len() >= FRAME_BATCH);
+        if flush {
+            // Nothing more ready, a full batch, or an error to handle below: out they go first.
+            if write_raw_frames(send, &mut batch).await.is_err() {
+                return;
+            }
+            if matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                arena.clear();
+                continue;
+            }
+        }
+        let (n, from) = match got {
             Ok(r) => {
                 let lost = overflows.delta(r.overflows);
                 if lost > 0 {
@@ -577,9 +587,7 @@ async fn backend_reader(
         match dg::send(&state.conn, out.clone()) {
             Sent::Queued => to_agent.inc_by(n as u64),
             Sent::TooLarge => {
-                if write_raw_frame(send, out.slice(hdr_len..)).await.is_err() {
-                    return;
-                }
+                batch.push(out.slice(hdr_len..));
                 carried.inc();
                 to_agent.inc_by(n as u64);
             }

@@ -66,7 +66,7 @@ pub struct Service {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Resolved {
-    /// In the order TCP tries them (UDP uses the first).
+    /// In the order TCP and UDP try them.
     pub addresses: Vec<String>,
     /// Why the name did not resolve.
     pub error: Option<String>,

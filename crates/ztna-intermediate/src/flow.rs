@@ -14,7 +14,8 @@ use tracing::{debug, info_span, Instrument};
 use ztna_node::credit::FlowCredit;
 use ztna_node::flows::{FlowGuard, Kind};
 use ztna_node::io::{
-    splice_quic, write_frame, write_raw_frame, FramedRecv, QuicSide, SpliceCtl, StreamError,
+    splice_quic, take_ready, write_frame, write_raw_frames, FramedRecv, QuicSide, SpliceCtl,
+    StreamError, FRAME_BATCH,
 };
 use ztna_proto::{codes, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
@@ -485,16 +486,17 @@ async fn forward_frames(
     let to_w = &mut *to;
     let write = async move {
         let mut overflow_open = true;
+        let mut batch = Vec::with_capacity(FRAME_BATCH);
         loop {
-            let payload = tokio::select! {
+            tokio::select! {
                 p = queued.recv() => match p {
-                    Some(p) => p,
+                    Some(p) => batch.push(p),
                     None => return true,
                 },
                 p = overflow.recv(), if overflow_open => match p {
                     Some(p) => {
                         carried.inc();
-                        p
+                        batch.push(p);
                     }
                     None => {
                         overflow_open = false;
@@ -502,8 +504,15 @@ async fn forward_frames(
                     }
                 },
             };
+            // Whatever else is ready, from both queues, goes in the same write.
+            take_ready(&mut queued, &mut batch);
+            let relayed = batch.len();
+            if overflow_open {
+                take_ready(&mut overflow, &mut batch);
+            }
+            carried.inc_by((batch.len() - relayed) as u64);
             guard.activity.touch();
-            if write_raw_frame(to_w, payload).await.is_err() {
+            if write_raw_frames(to_w, &mut batch).await.is_err() {
                 return false;
             }
         }

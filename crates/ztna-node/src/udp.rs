@@ -224,6 +224,32 @@ pub async fn recv_buf_from(
     }
 }
 
+/// [`recv_buf_from`] without waiting: `WouldBlock` when no datagram is ready.
+pub fn try_recv_buf_from(
+    socket: &UdpSocket,
+    buf: &mut bytes::BytesMut,
+) -> std::io::Result<Received> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        let spare = buf.spare_capacity_mut();
+        let r = socket.try_io(tokio::io::Interest::READABLE, || recvmsg(fd, spare))?;
+        // SAFETY: the kernel initialised `r.len <= cap` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + r.len) };
+        Ok(r)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (len, from) = socket.try_recv_buf_from(buf)?;
+        Ok(Received {
+            len,
+            from,
+            overflows: None,
+        })
+    }
+}
+
 /// Turns a socket's cumulative `SO_RXQ_OVFL` readings into counter increments.
 #[derive(Debug, Default)]
 pub struct OverflowCounter {

@@ -57,7 +57,8 @@ async fn backends_by_name_through_the_system_resolver() {
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
-    // UDP uses the name's first address: put the backend there, whichever family it is.
+    // UDP uses the name's first address it can send to (both are loopback here): put the
+    // backend there, whichever family it is.
     let first: SocketAddr = tokio::net::lookup_host("localhost:0")
         .await
         .expect("localhost resolves")

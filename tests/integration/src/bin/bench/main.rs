@@ -269,7 +269,17 @@ struct UdpRow {
     mbit: f64,
     direct: udp_rate::RateResult,
     relay: udp_rate::RateResult,
+    /// CPU seconds of the three daemons over the relay run.
+    relay_cpu: f64,
     drops: Vec<String>,
+}
+
+impl UdpRow {
+    /// CPU seconds of the three daemons per GiB of payload delivered through them.
+    fn cpu_per_gib(&self) -> f64 {
+        let gib = self.relay.received[1] as f64 * self.size as f64 / (1u64 << 30) as f64;
+        self.relay_cpu / gib
+    }
 }
 
 struct Burst {
@@ -783,6 +793,7 @@ async fn udp(args: &Args, f: &mut Figures, b: &Backends, relay: &ProcRelay) -> R
             )
             .await?;
             let before = relay.drop_snapshot().await;
+            let cpu = CpuOf::Pids(relay.pids()).mark();
             run_id += 1;
             let r = step(
                 &format!("udp: relay {size} B at {mbit} Mbit/s"),
@@ -797,6 +808,7 @@ async fn udp(args: &Args, f: &mut Figures, b: &Backends, relay: &ProcRelay) -> R
                 ),
             )
             .await?;
+            let relay_cpu = cpu.since();
             let drops = relays::snapshot_deltas(&before, &relay.drop_snapshot().await);
             if r.received[0] == 0 {
                 progress("udp: warning: the flow's warm-up never reached the sink");
@@ -806,6 +818,7 @@ async fn udp(args: &Args, f: &mut Figures, b: &Backends, relay: &ProcRelay) -> R
                 mbit,
                 direct,
                 relay: r,
+                relay_cpu,
                 drops,
             });
         }
@@ -1141,18 +1154,25 @@ fn report(args: &Args, f: &Figures, nproc: usize) {
             args.udp_secs
         );
         println!(
-            "  {:<16}{:>12}{:>12}{:>12}{:>12}{:>14}",
-            "size @ offered", "direct", "relay", "offered", "one-way p50", "p99 (µs)"
+            "  {:<16}{:>12}{:>12}{:>12}{:>12}{:>14}{:>18}",
+            "size @ offered",
+            "direct",
+            "relay",
+            "offered",
+            "one-way p50",
+            "p99 (µs)",
+            "relay CPU-s/GiB"
         );
         for u in &f.udp {
             println!(
-                "  {:<16}{:>12}{:>12}{:>12}{:>12}{:>14}",
+                "  {:<16}{:>12}{:>12}{:>12}{:>12}{:>14}{:>18}",
                 format!("{} B @ {}M", u.size, u.mbit),
                 fmt_pct(u.direct.delivered(1)),
                 fmt_pct(u.relay.delivered(1)),
                 format!("{:.0}M", u.relay.offered_mbit[1]),
                 opt(u.relay.latency.p50(), 0),
                 opt(u.relay.latency.p99(), 0),
+                opt(Some(u.cpu_per_gib()), 2),
             );
             if !u.drops.is_empty() {
                 println!("      drops: {}", u.drops.join("; "));
