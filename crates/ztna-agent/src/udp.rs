@@ -195,12 +195,15 @@ impl UdpFlow {
             ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: cannot be encoded");
             return;
         };
-        // The payload inside the encoded datagram, in case it has to ride the stream instead.
-        let body = d.slice(d.len() - payload.len()..);
         match dg::send(p.via.conn(), d) {
             Sent::Queued => {}
             Sent::TooLarge => {
-                if p.overflow.try_send(body).is_err() {
+                // A copy of its own: a slice of the arena would hold a whole arena chunk
+                // (256 KiB) per queued payload.
+                if p.overflow
+                    .try_send(Bytes::copy_from_slice(payload))
+                    .is_err()
+                {
                     self.drop_one("stream_full");
                     ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: too large for a QUIC datagram and the flow's stream queue is full");
                 }

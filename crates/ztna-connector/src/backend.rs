@@ -320,10 +320,7 @@ pub async fn connect_tcp(
     limit: Duration,
 ) -> Result<(TcpStream, SocketAddr), String> {
     let deadline = Instant::now() + limit;
-    let addrs = resolver
-        .resolve(backend, limit)
-        .await
-        .map_err(|why| format!("backend {backend} of {service}: {why}"))?;
+    let addrs = addresses(resolver, backend, service, limit).await?;
     let mut failures: Vec<(SocketAddr, String)> = Vec::new();
     for addr in &addrs {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -349,6 +346,20 @@ pub async fn connect_tcp(
         }
     }
     Err(none_took(backend, service, &failures))
+}
+
+/// The addresses of `backend` to try, in order, or why there are none (naming the backend and
+/// `service`).
+async fn addresses(
+    resolver: &Resolver,
+    backend: &Backend,
+    service: &str,
+    limit: Duration,
+) -> Result<Vec<SocketAddr>, String> {
+    resolver
+        .resolve(backend, limit)
+        .await
+        .map_err(|why| format!("backend {backend} of {service}: {why}"))
 }
 
 /// Why no address of `backend` could be used, one reason per address tried.
@@ -381,10 +392,7 @@ pub async fn open_udp(
     limit: Duration,
     buffer: usize,
 ) -> Result<(tokio::net::UdpSocket, SocketAddr), String> {
-    let addrs = resolver
-        .resolve(backend, limit)
-        .await
-        .map_err(|why| format!("backend {backend} of {service}: {why}"))?;
+    let addrs = addresses(resolver, backend, service, limit).await?;
     let mut failures: Vec<(SocketAddr, String)> = Vec::new();
     for addr in &addrs {
         match ztna_node::udp::connected(*addr, buffer).await {
@@ -394,7 +402,7 @@ pub async fn open_udp(
                 }
                 return Ok((s, *addr));
             }
-            Err(e) => failures.push((*addr, format!("cannot be sent to: {e}"))),
+            Err(e) => failures.push((*addr, format!("cannot be used: {e}"))),
         }
     }
     Err(none_took(backend, service, &failures))
@@ -617,7 +625,7 @@ mod tests {
         let e = open_udp(&r, &bad, "dns", limit, 1 << 16).await.unwrap_err();
         assert!(
             e.starts_with(&format!(
-                "backend bad.test:{port} (255.255.255.255:{port}) of dns cannot be sent to"
+                "backend bad.test:{port} (255.255.255.255:{port}) of dns cannot be used"
             )),
             "{e}"
         );

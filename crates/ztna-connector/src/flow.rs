@@ -528,21 +528,32 @@ async fn backend_reader(
     let mut arena = BytesMut::new();
     // Payloads too large for a datagram, gathered while more datagrams are ready at once, then
     // written to the stream together.
+    // Counted once written.
     let mut batch: Vec<Bytes> = Vec::with_capacity(FRAME_BATCH);
+    // Reads since the batch's first payload: at most FRAME_BATCH before it goes out, whatever
+    // they bring (datagram-sized ones too), so a payload is not held back behind a steady flow.
+    let mut reads = 0;
     loop {
         datagram::reserve(&mut arena, hdr_len + MAX_UDP);
         arena.extend_from_slice(&hdr[..hdr_len]);
         let got = if batch.is_empty() {
             ztna_node::udp::recv_buf_from(socket, &mut arena).await
         } else {
+            // A non-blocking read is not budgeted by tokio: this keeps the task yielding.
+            tokio::task::coop::consume_budget().await;
+            reads += 1;
             ztna_node::udp::try_recv_buf_from(socket, &mut arena)
         };
-        let flush = !batch.is_empty() && (got.is_err() || batch.len() >= FRAME_BATCH);
+        let flush = !batch.is_empty() && (got.is_err() || reads >= FRAME_BATCH);
         if flush {
-            // Nothing more ready, a full batch, or an error to handle below: out they go first.
+            // Nothing more ready, enough gathered, or an error to handle below: out they go.
+            let (payloads, bytes) = (batch.len(), batch.iter().map(|b| b.len()).sum::<usize>());
             if write_raw_frames(send, &mut batch).await.is_err() {
                 return;
             }
+            carried.inc_by(payloads as u64);
+            to_agent.inc_by(bytes as u64);
+            reads = 0;
             if matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
                 arena.clear();
                 continue;
@@ -586,11 +597,7 @@ async fn backend_reader(
         let out = arena.split().freeze();
         match dg::send(&state.conn, out.clone()) {
             Sent::Queued => to_agent.inc_by(n as u64),
-            Sent::TooLarge => {
-                batch.push(out.slice(hdr_len..));
-                carried.inc();
-                to_agent.inc_by(n as u64);
-            }
+            Sent::TooLarge => batch.push(out.slice(hdr_len..)),
             Sent::BufferFull => {
                 drop_full.inc();
                 ztna_node::warn_limited!(DROP_LOG_EVERY, %service, "UDP datagram to the agent dropped: send buffer full (congested)");

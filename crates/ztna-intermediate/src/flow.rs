@@ -486,6 +486,7 @@ async fn forward_frames(
     let to_w = &mut *to;
     let write = async move {
         let mut overflow_open = true;
+        let mut overflow_first = false;
         let mut batch = Vec::with_capacity(FRAME_BATCH);
         loop {
             tokio::select! {
@@ -504,13 +505,25 @@ async fn forward_frames(
                     }
                 },
             };
-            // Whatever else is ready, from both queues, goes in the same write.
-            take_ready(&mut queued, &mut batch);
-            let relayed = batch.len();
-            if overflow_open {
-                take_ready(&mut overflow, &mut batch);
+            // Whatever else is ready, from both queues, goes in the same write; the queues
+            // take turns at filling the batch first, so neither crowds the other out.
+            overflow_first = !overflow_first;
+            let mut from_overflow = 0;
+            let mut take_overflow = |batch: &mut Vec<Bytes>| {
+                if overflow_open {
+                    let n = batch.len();
+                    take_ready(&mut overflow, batch);
+                    from_overflow += batch.len() - n;
+                }
+            };
+            if overflow_first {
+                take_overflow(&mut batch);
             }
-            carried.inc_by((batch.len() - relayed) as u64);
+            take_ready(&mut queued, &mut batch);
+            if !overflow_first {
+                take_overflow(&mut batch);
+            }
+            carried.inc_by(from_overflow as u64);
             guard.activity.touch();
             if write_raw_frames(to_w, &mut batch).await.is_err() {
                 return false;

@@ -195,6 +195,16 @@ pub async fn recv_from(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Re
     }
 }
 
+/// One `recvmsg` into the spare capacity of `buf`, extending its length.
+#[cfg(target_os = "linux")]
+fn recv_spare(socket: &UdpSocket, buf: &mut bytes::BytesMut) -> std::io::Result<Received> {
+    use std::os::fd::AsRawFd;
+    let r = recvmsg(socket.as_raw_fd(), buf.spare_capacity_mut())?;
+    // SAFETY: the kernel initialised `r.len <= cap` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + r.len) };
+    Ok(r)
+}
+
 /// Receives one datagram into the spare capacity of `buf` (extending its length), reporting
 /// kernel receive-buffer drops. `buf` must have spare capacity for the largest datagram.
 pub async fn recv_buf_from(
@@ -203,15 +213,9 @@ pub async fn recv_buf_from(
 ) -> std::io::Result<Received> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
-        let fd = socket.as_raw_fd();
-        let spare = buf.spare_capacity_mut();
-        let r = socket
-            .async_io(tokio::io::Interest::READABLE, || recvmsg(fd, spare))
-            .await?;
-        // SAFETY: the kernel initialised `r.len <= cap` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + r.len) };
-        Ok(r)
+        socket
+            .async_io(tokio::io::Interest::READABLE, || recv_spare(socket, buf))
+            .await
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -231,13 +235,7 @@ pub fn try_recv_buf_from(
 ) -> std::io::Result<Received> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
-        let fd = socket.as_raw_fd();
-        let spare = buf.spare_capacity_mut();
-        let r = socket.try_io(tokio::io::Interest::READABLE, || recvmsg(fd, spare))?;
-        // SAFETY: the kernel initialised `r.len <= cap` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + r.len) };
-        Ok(r)
+        socket.try_io(tokio::io::Interest::READABLE, || recv_spare(socket, buf))
     }
     #[cfg(not(target_os = "linux"))]
     {
