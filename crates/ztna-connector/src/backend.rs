@@ -8,7 +8,8 @@
 //! an hour: a DNS outage does not become a backend outage. TCP tries every address
 //! in the resolver's order, each within what is left of `connect_timeout`. UDP uses the first
 //! address this host can send to (one it has a route to), and the flow's socket is connected to
-//! it (the injection defence stays as it is).
+//! it (the injection defence stays as it is); when that address's host refuses the flow's
+//! datagrams (ICMP), the flow moves to the next address of the same family.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -379,28 +380,83 @@ fn none_took(backend: &Backend, service: &str, failures: &[(SocketAddr, String)]
     }
 }
 
+/// A UDP flow's socket, connected to one of its backend's addresses. Shared by the flow's two
+/// directions: either may learn that the backend's host refused a datagram.
+#[derive(Debug)]
+pub struct UdpBackend {
+    pub socket: tokio::net::UdpSocket,
+    /// Every address of the backend, in the resolver's order (never empty).
+    addrs: Vec<SocketAddr>,
+    /// Index of the one the socket is connected to.
+    at: std::sync::atomic::AtomicUsize,
+    /// Held while moving to another address.
+    moving: std::sync::Mutex<()>,
+}
+
+impl UdpBackend {
+    /// The address the socket is connected to now.
+    pub fn addr(&self) -> SocketAddr {
+        let at = self.at.load(std::sync::atomic::Ordering::Relaxed);
+        self.addrs[at % self.addrs.len()]
+    }
+
+    /// The backend's host refused a datagram sent to `refused` (ICMP port unreachable; the
+    /// kernel reports it on the socket's next send or receive, whichever comes first):
+    /// connects the socket to the backend's next address of the same family, round robin, and
+    /// returns it. None when there is no other, or the socket has already moved on from
+    /// `refused` (both directions may report the same refusal); the flow then stays where it
+    /// is, and a backend that comes back gets its next datagrams.
+    pub fn refused(&self, refused: SocketAddr) -> Option<SocketAddr> {
+        use std::sync::atomic::Ordering;
+        let _one_move_at_a_time = ztna_node::lock(&self.moving);
+        let n = self.addrs.len();
+        let at = self.at.load(Ordering::Relaxed) % n;
+        if self.addrs[at] != refused {
+            return None;
+        }
+        for i in 1..n {
+            let j = (at + i) % n;
+            let next = self.addrs[j];
+            // Another family needs another socket: not this flow's.
+            if next.is_ipv4() == refused.is_ipv4()
+                && ztna_node::udp::reconnect(&self.socket, next).is_ok()
+            {
+                self.at.store(j, Ordering::Relaxed);
+                return Some(next);
+            }
+        }
+        None
+    }
+}
+
 /// Opens a UDP flow's socket, connected to the first address of `backend` the host can send
 /// to (`buffer`: its socket buffers). UDP has no handshake to tell a live backend from a dead
 /// one, but an address this host has no route to, or may not send to, fails at once
 /// (`connect`: an IPv6 address on a host without IPv6, a broadcast address), and then the next
-/// one is used, in the resolver's order. Returns the socket and the address, or why none could
-/// be used (worded as [`connect_tcp`] words it).
+/// one is used, in the resolver's order; an address whose host refuses datagrams later is left
+/// through [`UdpBackend::refused`]. Returns the socket, or why no address could be used
+/// (worded as [`connect_tcp`] words it).
 pub async fn open_udp(
     resolver: &Resolver,
     backend: &Backend,
     service: &str,
     limit: Duration,
     buffer: usize,
-) -> Result<(tokio::net::UdpSocket, SocketAddr), String> {
+) -> Result<UdpBackend, String> {
     let addrs = addresses(resolver, backend, service, limit).await?;
     let mut failures: Vec<(SocketAddr, String)> = Vec::new();
-    for addr in &addrs {
+    for (at, addr) in addrs.iter().enumerate() {
         match ztna_node::udp::connected(*addr, buffer).await {
-            Ok(s) => {
+            Ok(socket) => {
                 if !failures.is_empty() {
                     tracing::debug!(%backend, %addr, ?failures, "UDP backend on a later address");
                 }
-                return Ok((s, *addr));
+                return Ok(UdpBackend {
+                    socket,
+                    addrs,
+                    at: std::sync::atomic::AtomicUsize::new(at),
+                    moving: std::sync::Mutex::new(()),
+                });
             }
             Err(e) => failures.push((*addr, format!("cannot be used: {e}"))),
         }
@@ -615,8 +671,9 @@ mod tests {
         ]);
         let dns = Backend::parse(&format!("dns.test:{port}")).unwrap();
         let limit = Duration::from_secs(2);
-        let (s, used) = open_udp(&r, &dns, "dns", limit, 1 << 16).await.unwrap();
-        assert_eq!(used, SocketAddr::new(LOOPBACK, port));
+        let u = open_udp(&r, &dns, "dns", limit, 1 << 16).await.unwrap();
+        assert_eq!(u.addr(), SocketAddr::new(LOOPBACK, port));
+        let s = &u.socket;
         s.send(b"ping").await.unwrap();
         let mut buf = [0u8; 16];
         let (n, from) = echo.recv_from(&mut buf).await.unwrap();
@@ -629,6 +686,37 @@ mod tests {
             )),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_udp_flow_moves_round_robin_within_its_family() {
+        let port = 9; // nothing is sent: only where the socket points matters
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), LOOPBACK);
+        let v6: IpAddr = "::1".parse().unwrap();
+        let r = Resolver::fixed(&[("dns.test", &[a, v6, b])]);
+        let dns = Backend::parse(&format!("dns.test:{port}")).unwrap();
+        let u = open_udp(&r, &dns, "dns", Duration::from_secs(2), 1 << 16)
+            .await
+            .unwrap();
+        let at = |ip| SocketAddr::new(ip, port);
+        assert_eq!(u.addr(), at(a));
+        // The IPv6 address needs another socket: skipped.
+        assert_eq!(u.refused(at(a)), Some(at(b)));
+        assert_eq!(u.socket.peer_addr().unwrap(), at(b));
+        // The other direction reporting the same refusal moves nothing.
+        assert_eq!(u.refused(at(a)), None);
+        assert_eq!(u.addr(), at(b));
+        // Round robin: back to the first.
+        assert_eq!(u.refused(at(b)), Some(at(a)));
+        assert_eq!(u.socket.peer_addr().unwrap(), at(a));
+        // A backend with one address stays where it is.
+        let one = Resolver::fixed(&[("one.test", &[b])]);
+        let one_b = Backend::parse(&format!("one.test:{port}")).unwrap();
+        let u = open_udp(&one, &one_b, "dns", Duration::from_secs(2), 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(u.refused(at(b)), None);
+        assert_eq!(u.addr(), at(b));
     }
 
     #[tokio::test]

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::net::UdpSocket;
 use tracing::debug;
 use ztna_node::clock::Activity;
 use ztna_node::credit::{FlowCredit, Meter, SendBudget};
@@ -18,7 +17,7 @@ use ztna_node::io::{
 };
 use ztna_proto::{datagram, varint, FlowAgent, FlowOpen, FlowReply, Protocol, RejectReason};
 
-use crate::backend::{connect_tcp, open_udp, Backend};
+use crate::backend::{connect_tcp, open_udp, Backend, UdpBackend};
 use crate::{FlowMeta, Shared};
 
 const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,7 +75,7 @@ impl ConnCredit {
 }
 
 struct UdpFlow {
-    socket: Arc<UdpSocket>,
+    backend: Arc<UdpBackend>,
     service: Arc<str>,
     activity: Activity,
     /// Resolved once per flow, so the per-datagram path does no label lookup.
@@ -153,7 +152,7 @@ pub(crate) fn dispatch(shared: &Shared, state: &ConnState, d: &Bytes) {
 }
 
 fn to_backend(shared: &Shared, flow: &UdpFlow, payload: &[u8]) {
-    match flow.socket.try_send(payload) {
+    match flow.backend.socket.try_send(payload) {
         Ok(n) => flow.to_backend.inc_by(n as u64),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             shared
@@ -171,7 +170,19 @@ fn to_backend(shared: &Shared, flow: &UdpFlow, payload: &[u8]) {
                 .with_label_values(&["backend_error"])
                 .inc();
             ztna_node::warn_limited!(DROP_LOG_EVERY, service = %flow.service, error = %e, "UDP datagram to the backend dropped: send failed");
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                // An earlier datagram was refused by the backend's host (ICMP).
+                moved(&flow.service, &flow.backend, flow.backend.addr());
+            }
         }
+    }
+}
+
+/// After the backend's host refused a datagram sent to `refused`: the flow moves to the
+/// backend's next address, if it has one (see [`UdpBackend::refused`]).
+fn moved(service: &str, backend: &UdpBackend, refused: SocketAddr) {
+    if let Some(next) = backend.refused(refused) {
+        ztna_node::warn_limited!(DROP_LOG_EVERY, %service, from = %refused, to = %next, "the backend's host refused the UDP flow's datagrams: it moves to the backend's next address");
     }
 }
 
@@ -406,8 +417,8 @@ async fn udp_flow(
         UDP_SOCKET_BUFFER,
     )
     .await;
-    let (socket, backend) = match opened {
-        Ok((s, addr)) => (Arc::new(s), addr),
+    let backend = match opened {
+        Ok(b) => Arc::new(b),
         Err(why) => {
             m.backend_errors.with_label_values(&[&service]).inc();
             return reject(shared, send, open, RejectReason::BackendUnreachable, why).await;
@@ -419,7 +430,7 @@ async fn udp_flow(
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(UdpFlow {
-                    socket: socket.clone(),
+                    backend: backend.clone(),
                     service: service.clone(),
                     activity: guard.activity.clone(),
                     to_backend: m.bytes.with_label_values(&[&service, "to_backend"]),
@@ -445,8 +456,7 @@ async fn udp_flow(
             let reader = backend_reader(
                 shared,
                 state,
-                &socket,
-                backend,
+                &backend,
                 open.flow_id,
                 &service,
                 &guard.activity,
@@ -502,14 +512,14 @@ async fn udp_flow(
 async fn backend_reader(
     shared: &Shared,
     state: &ConnState,
-    socket: &UdpSocket,
-    backend: SocketAddr,
+    backend: &UdpBackend,
     flow_id: u64,
     service: &str,
     activity: &Activity,
     send: &mut SendStream,
 ) {
     let m = &shared.metrics;
+    let socket = &backend.socket;
     let rejected = m.udp_rejected.with_label_values(&[service]);
     let to_agent = m.bytes.with_label_values(&[service, "to_agent"]);
     let carried = m
@@ -575,10 +585,13 @@ async fn backend_reader(
                     // The backend's host refused a datagram we sent (ICMP port unreachable: no
                     // one listens there now). The kernel reports it on whichever call comes
                     // next, usually this read rather than a send, so it is counted here as a
-                    // drop like a failed send. The flow stays: a backend that comes back gets
-                    // the flow's next datagrams.
+                    // drop like a failed send. The flow stays: it moves to the backend's next
+                    // address of the same family if it has one, round robin; otherwise a
+                    // backend that comes back gets the flow's next datagrams.
                     drop_refused.inc();
-                    ztna_node::warn_limited!(DROP_LOG_EVERY, %service, %backend, "UDP datagram to the backend dropped: the backend's host refused it (nothing listens on that port)");
+                    let refused = backend.addr();
+                    ztna_node::warn_limited!(DROP_LOG_EVERY, %service, backend = %refused, "UDP datagram to the backend dropped: the backend's host refused it (nothing listens on that port)");
+                    moved(service, backend, refused);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -586,7 +599,7 @@ async fn backend_reader(
                 return;
             }
         };
-        if from != backend {
+        if from != backend.addr() {
             // Not from the flow's backend (the connected socket should already prevent this).
             rejected.inc();
             ztna_node::warn_limited!(DROP_LOG_EVERY, %service, %from, "refused UDP datagram from unexpected source");

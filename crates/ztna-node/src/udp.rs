@@ -33,6 +33,12 @@ pub async fn connected(peer: SocketAddr, bytes: usize) -> std::io::Result<UdpSoc
     Ok(socket)
 }
 
+/// Points a connected UDP socket at `peer` instead (same address family), at once: datagrams
+/// sent from now on go there, and only `peer`'s are received.
+pub fn reconnect(socket: &UdpSocket, peer: SocketAddr) -> std::io::Result<()> {
+    socket2::SockRef::from(socket).connect(&peer.into())
+}
+
 /// A UDP socket bound to `addr` (a local forward), with buffers of `bytes`.
 pub async fn bound(addr: SocketAddr, bytes: usize) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind(addr).await?;

@@ -114,18 +114,28 @@ async fn every_address_is_tried_and_a_name_that_does_not_resolve_is_refused_prom
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
-    // 127.0.0.2 is loopback as well, and nothing listens there: connection refused.
+    // 127.0.0.2 is loopback as well, and nothing listens there: connection refused (TCP), ICMP
+    // port unreachable (UDP).
     let ips: [IpAddr; 2] = ["127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap()];
     let resolver = Resolver::fixed(&[("db.test", &ips)]);
     let db = format!("db.test:{}", echo.port());
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dns = format!("db.test:{}", udp.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let _ = udp.send_to(&buf[..n], from).await;
+        }
+    });
     let gone = "gone.test:5432".to_string();
-    let im = start_intermediate(&pki, open_policy(&["db", "gone", "gone-udp"]));
+    let im = start_intermediate(&pki, open_policy(&["db", "dns", "gone", "gone-udp"]));
     let mut c = start_connector_resolving(
         &pki,
         "web-1",
         &[im.addr],
         &[
             ("db", Some(&db), None),
+            ("dns", None, Some(&dns)),
             ("gone", Some(&gone), None),
             ("gone-udp", None, Some(&gone)),
         ],
@@ -136,7 +146,11 @@ async fn every_address_is_tried_and_a_name_that_does_not_resolve_is_refused_prom
         &pki,
         "alice",
         &[im.addr],
-        &[("db", ForwardProtocol::Tcp), ("gone", ForwardProtocol::Tcp)],
+        &[
+            ("db", ForwardProtocol::Tcp),
+            ("dns", ForwardProtocol::Udp),
+            ("gone", ForwardProtocol::Tcp),
+        ],
     )
     .await;
     a.wait_status("db", ServiceState::Available).await;
@@ -202,6 +216,42 @@ async fn every_address_is_tried_and_a_name_that_does_not_resolve_is_refused_prom
     assert_eq!(errors("db"), 0.0, "a refused first address is not an error");
     assert_eq!(errors("gone"), 2.0);
     assert_eq!(errors("gone-udp"), 1.0);
+    // UDP: the first address's host refuses the flow's first datagram (ICMP); the flow moves to
+    // the next address, and the client's retry is answered from there.
+    a.wait_status("dns", ServiceState::Available).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(a.port("dns", Protocol::Udp)).await.unwrap();
+    let mut buf = [0u8; 64];
+    let mut answered_after = None;
+    for attempt in 0..20 {
+        client.send(b"who is db").await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut buf)).await
+        {
+            assert_eq!(&buf[..n], b"who is db");
+            answered_after = Some(attempt);
+            break;
+        }
+    }
+    let answered_after = answered_after.expect("no answer from db.test's second address in 5 s");
+    for i in 0..5 {
+        let msg = format!("query {i}");
+        client.send(msg.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("answered once moved")
+            .unwrap();
+        assert_eq!(&buf[..n], msg.as_bytes());
+    }
+    let refused = metric(
+        &c.daemon.metrics.common.render(),
+        "ztna_connector_udp_dropped_total",
+        &[("reason", "backend_error")],
+    );
+    assert!(
+        refused >= 1.0,
+        "the first address never refused (answered after {answered_after} retries): the test proves nothing"
+    );
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
