@@ -286,12 +286,16 @@ async fn serve(
     } else {
         warn!(reason = %why, "lost intermediate");
     }
+    // Read before our own close below, which replaces the connection's close reason: when the
+    // relay closed right after its drain began, its GoAway may never have left, and the DRAINING
+    // close code is all that says the restart is planned.
+    let drained = drained || client::closed_by_drain(&conn);
     // Ended on our side (a candidate the intermediate would not register, a control stream
     // error): nothing serves its flows any more, so the intermediate must not route any here.
     conn.close(VarInt::from_u32(codes::SHUTDOWN), b"session ended");
     Ended {
         since: Some(since),
-        drained: drained || client::closed_by_drain(&conn),
+        drained,
         rtt: conn.rtt(),
     }
 }

@@ -374,7 +374,8 @@ impl ClientTls {
 }
 
 /// True when the intermediate closed `conn` at the end of a drain (restart or upgrade), as
-/// opposed to a failure: the client's reconnect backoff starts over.
+/// opposed to a failure: the client's reconnect backoff starts over. Ask before closing `conn`
+/// on our side: quinn's `close` replaces the reason the peer gave.
 pub fn closed_by_drain(conn: &quinn::Connection) -> bool {
     matches!(
         conn.close_reason(),

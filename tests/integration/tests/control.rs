@@ -1,7 +1,8 @@
 //! Control plane under real traffic: cancel-safe control streams (frames split across packets
 //! while timers and datagrams fire), drains that idle UDP flows do not pin, UDP flows that move
 //! to another relay on GoAway without loss, agents that never pick a draining relay, a lone relay
-//! that is used again within 2 s of its return, and policy reloads that re-evaluate
+//! that is used again within 2 s of its return (also when its close code alone says it drained),
+//! and policy reloads that re-evaluate
 //! registrations in both directions.
 
 use std::sync::Arc;
@@ -592,6 +593,107 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
     c.daemon.shutdown().await;
     stop.cancel();
     let _ = tokio::time::timeout(T, task).await;
+}
+
+/// A relay with no flows closes right after its drain starts, so the GoAway its session wrote
+/// may never leave: the connection's close code (DRAINING) is then all the connector hears. It
+/// must still take it for a planned restart and poll the relay at about a second, each attempt
+/// ending when the next is due, not wait out a 3 s handshake timeout as after a failure (a relay
+/// back meanwhile went unused for over 2 s: a CI failure of the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_polls_a_relay_that_closed_with_the_draining_code_alone() {
+    logs();
+    let pki = Pki::new();
+    let identity =
+        ztna_node::Identity::load(&pki.issue("intermediate", "fake"), Role::Intermediate)
+            .expect("identity");
+    let server = ztna_node::transport::server_config(
+        &identity,
+        &[Role::Connector],
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .expect("server config");
+    let ep = quinn::Endpoint::server(server, loopback0()).expect("endpoint");
+    let addr = ep.local_addr().unwrap();
+    let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(addr), None)]);
+    // The stand-in welcomes the connector, registers its service, then closes with the
+    // DRAINING code and no GoAway.
+    let inc = tokio::time::timeout(T, ep.accept())
+        .await
+        .expect("the connector never connected")
+        .expect("endpoint open");
+    let conn = inc.await.expect("handshake");
+    let (mut send, recv) = conn.accept_bi().await.expect("control stream");
+    let mut recv = FramedRecv::new(recv);
+    recv.expect::<ClientMsg>(T).await.expect("Hello");
+    let welcome = ServerMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        identity: "spiffe://test.example/connector/web-1".into(),
+        observed_addr: conn.remote_address(),
+    };
+    send.write_all(&frame::encode(&welcome).unwrap())
+        .await
+        .unwrap();
+    loop {
+        match recv.expect::<ClientMsg>(T).await.expect("control frame") {
+            ClientMsg::Register { service, .. } => {
+                let ok = frame::encode(&ServerMsg::Registered { service }).unwrap();
+                send.write_all(&ok).await.unwrap();
+                break;
+            }
+            _ => continue,
+        }
+    }
+    c.wait_registered(1).await;
+    conn.close(
+        quinn::VarInt::from_u32(ztna_proto::codes::DRAINING),
+        b"intermediate drained",
+    );
+    let closed = Instant::now();
+    // "Restarting": every attempt's Initials go unanswered for 2.5 s. A new attempt has a new
+    // destination connection ID; retransmissions of one attempt repeat it.
+    let mut attempts: Vec<(quinn::ConnectionId, Duration)> = Vec::new();
+    let down = Duration::from_millis(2500);
+    while let Ok(Some(inc)) =
+        tokio::time::timeout(down.saturating_sub(closed.elapsed()), ep.accept()).await
+    {
+        let cid = inc.orig_dst_cid();
+        if !attempts.iter().any(|(c, _)| *c == cid) {
+            attempts.push((cid, closed.elapsed()));
+        }
+        inc.ignore();
+    }
+    // Back: attempts are answered (one the connector gave up on meanwhile fails: the next).
+    let back = Instant::now();
+    let welcomed = async {
+        loop {
+            let Some(inc) = ep.accept().await else { return };
+            let Ok(conn) = inc.await else { continue };
+            let Ok((_send, recv)) = conn.accept_bi().await else {
+                continue;
+            };
+            if FramedRecv::new(recv).expect::<ClientMsg>(T).await.is_ok() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(T, welcomed)
+        .await
+        .expect("the connector never came back");
+    let returned = back.elapsed();
+    println!("MEASURED attempts while the relay was away (ms after its close): {:?}; Hello {returned:?} after it was back",
+        attempts.iter().map(|(_, t)| t.as_millis()).collect::<Vec<_>>());
+    assert!(
+        attempts.len() >= 2,
+        "one attempt in the {down:?} the relay was away: the connector took the close for a failure, not a drain (attempts at {:?} after it)",
+        attempts.iter().map(|(_, t)| *t).collect::<Vec<_>>()
+    );
+    assert!(
+        attempts[0].1 >= Duration::from_millis(400),
+        "first attempt {:?} after the close: the backoff after a failure, not the poll after a drain",
+        attempts[0].1
+    );
+    c.daemon.shutdown().await;
 }
 
 /// While the only relay is away for a planned restart (it drained, so the agent expects it
