@@ -218,7 +218,7 @@ async fn serve(
         observed_addr,
         identity,
         mut send,
-        ..
+        revision,
     } = match client::hello(conn, Role::Agent, software, watch, CONNECT_TIMEOUT).await {
         Ok(c) => c,
         Err(why) => {
@@ -294,6 +294,7 @@ async fn serve(
                     | ServerMsg::DirectRefused { .. }
                     | ServerMsg::Ticket { .. }),
                 )) => shared.direct.deliver(msg),
+                Ok(Some(other)) if ztna_node::renew::answered(&other) => {}
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
                 Ok(None) => return "the intermediate closed the control stream".to_string(),
                 Err(e) => {
@@ -316,12 +317,25 @@ async fn serve(
         }
     };
     let writer = async {
-        while let Some(msg) = said.recv().await {
+        // After a certificate rotation (revision 3): this connection runs on under the new one,
+        // so its running flows outlive the old notAfter.
+        let mut renewals = ztna_node::renew::Follower::new(&shared.tls, revision);
+        let mut open = true;
+        loop {
+            let msg = tokio::select! {
+                m = said.recv(), if open => match m {
+                    Some(m) => m,
+                    None => {
+                        open = false;
+                        continue;
+                    }
+                },
+                m = renewals.next(&shared.tls, conn) => m,
+            };
             if let Err(e) = ztna_node::io::write_frame(&mut send, &msg).await {
                 return format!("control stream write failed: {e}");
             }
         }
-        std::future::pending().await
     };
     // After a rotation: closed once no flow holds it (UDP flows move to the new link).
     let retired = link.users.retired_and_unused(&retire);

@@ -268,7 +268,7 @@ async fn serve(
     // routed here before it saw the deregistration arrive.
     let retired = state.users.retired_and_unused(&session.retire);
     let why = tokio::select! {
-        why = control(shared, &state, idx, send, recv, &mut drained, &session) => why,
+        why = control(shared, &state, idx, send, recv, &mut drained, &session, revision) => why,
         why = accept_flows(shared, &state) => why,
         why = datagrams(shared, &state) => why,
         _ = retired => {
@@ -338,8 +338,9 @@ impl Drop for KnownCert<'_> {
 }
 
 /// The control stream: registration answers (which may come at any time: a policy reload at the
-/// intermediate can register or reject a service later), GoAway, and our deregistration when we
-/// drain.
+/// intermediate can register or reject a service later), GoAway, our deregistration when we
+/// drain, and the renewal of the connection's certificate after a rotation (revision 3).
+#[allow(clippy::too_many_arguments)]
 async fn control(
     shared: &Arc<Shared>,
     state: &ConnState,
@@ -348,8 +349,10 @@ async fn control(
     mut recv: FramedRecv,
     drained: &mut bool,
     session: &Session,
+    revision: u16,
 ) -> String {
     let mut draining = shared.draining.subscribe();
+    let mut renewals = ztna_node::renew::Follower::new(&shared.tls, revision);
     let mut deregistered = false;
     let mut answers = Answers {
         got: BTreeMap::new(),
@@ -391,6 +394,11 @@ async fn control(
         tokio::select! {
             r = draining.changed() => if r.is_err() { return std::future::pending().await },
             _ = session.retire.cancelled(), if !deregistered => {}
+            renewal = renewals.next(&shared.tls, &state.conn) => {
+                if write_frame(&mut send, &renewal).await.is_err() {
+                    return "control stream write failed".to_string();
+                }
+            }
             ready = report => {
                 for chunk in ready.chunks(MAX_LIST_LEN) {
                     let msg = ClientMsg::Consumed { flows: chunk.to_vec() };
@@ -475,6 +483,7 @@ async fn control(
                     info!(why = %reason, deadline_ms, hint = ?reconnect, "intermediate is draining; running flows continue, reconnecting when it closes");
                     *drained = true;
                 }
+                Ok(Some(other)) if ztna_node::renew::answered(&other) => {}
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
                 Ok(None) => return "the intermediate closed the control stream".to_string(),
                 Err(e) => return format!("control stream: {e}"),

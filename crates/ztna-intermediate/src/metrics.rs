@@ -21,6 +21,7 @@ pub struct Metrics {
     pub handshakes_in_progress: IntGauge,
     pub quic_connections: IntGauge,
     pub revocations: IntCounterVec,
+    pub renewals: IntCounterVec,
     pub udp_stream_carried: IntCounterVec,
     pub drain_timeout: prometheus::Gauge,
     pub drain_started: prometheus::Gauge,
@@ -125,6 +126,12 @@ impl Metrics {
                 "Connections, flows and registrations ended because access was revoked.",
                 &["reason"],
             ),
+            renewals: m::counter_vec(
+                r,
+                "ztna_intermediate_renewals_total",
+                "Certificate renewals of established connections (protocol revision 3), by result.",
+                &["result"],
+            ),
             udp_stream_carried: m::counter_vec(
                 r,
                 "ztna_intermediate_udp_stream_payloads_total",
@@ -184,6 +191,9 @@ impl Metrics {
             "policy_registration",
         ] {
             me.revocations.with_label_values(&[r]);
+        }
+        for r in ["accepted", "refused"] {
+            me.renewals.with_label_values(&[r]);
         }
         for d in ["to_connector", "to_agent"] {
             me.udp_stream_carried.with_label_values(&[d]);

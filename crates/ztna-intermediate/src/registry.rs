@@ -67,8 +67,13 @@ pub struct Peer {
     pub role: Role,
     /// Stable id of this connection within the process.
     pub conn_id: u64,
-    /// notAfter of its certificate: the connection is closed then.
-    pub expires: Option<SystemTime>,
+    /// notAfter of its certificate: the connection is closed then. A renewal moves it.
+    pub expires: tokio::sync::watch::Sender<Option<SystemTime>>,
+    /// The chain of its last accepted renewal (`ztna_node::renew`), if any: what a CA reload
+    /// re-verifies instead of the handshake's.
+    renewed: Mutex<Option<Vec<ztna_node::CertificateDer<'static>>>>,
+    /// Renewals it may ask for (each costs a chain verification): a rotation brings one.
+    pub renew_budget: ztna_node::ratelimit::TokenBucket,
     /// Control messages to send to it (the session's writer task sends them in order). Boxed:
     /// a channel allocates 32 slots at once, which for messages held inline cost about 3 KiB
     /// per idle connection.
@@ -99,6 +104,11 @@ pub struct Peer {
     /// changes our key does not break its direct paths until it reconnects).
     pub signer: Option<Arc<ztna_node::Identity>>,
 }
+
+/// Renewals a connection may ask for at once, and per second after that (one a minute: a
+/// certificate is re-issued far less often; a refused one may be retried).
+const RENEW_BURST: u32 = 4;
+const RENEWS_PER_SECOND: f64 = 1.0 / 60.0;
 
 /// Register/Deregister messages a connector connection may send at once (all its services,
 /// twice over), and per second after that.
@@ -170,7 +180,9 @@ impl Peer {
             role: id.role,
             id,
             conn_id,
-            expires,
+            expires: tokio::sync::watch::channel(expires).0,
+            renewed: Mutex::new(None),
+            renew_budget: ztna_node::ratelimit::TokenBucket::new(RENEW_BURST, RENEWS_PER_SECOND),
             control,
             routes: Mutex::new(HashMap::new()),
             next_flow_id: AtomicU64::new(1),
@@ -206,10 +218,19 @@ impl Peer {
         self.control.send(Box::new(msg)).await.is_ok()
     }
 
-    /// The certificate chain it authenticated with (the TLS session keeps it; re-verified when
-    /// the CA changes).
+    /// The certificate chain it authenticated with (the TLS session keeps it), or the one of its
+    /// last renewal; re-verified when the CA changes.
     pub fn chain(&self) -> Vec<ztna_node::CertificateDer<'static>> {
-        ztna_node::identity::peer_chain(&self.conn)
+        match &*lock(&self.renewed) {
+            Some(chain) => chain.clone(),
+            None => ztna_node::identity::peer_chain(&self.conn),
+        }
+    }
+
+    /// Runs the connection on under a renewed certificate: its chain and notAfter.
+    pub fn renewed(&self, chain: Vec<ztna_node::CertificateDer<'static>>, not_after: SystemTime) {
+        *lock(&self.renewed) = Some(chain);
+        self.expires.send_replace(Some(not_after));
     }
 
     /// Counts a flow on this connection while the returned guard lives.

@@ -254,12 +254,16 @@ fn protocol_error(conn: &quinn::Connection, what: &str, e: &StreamError) -> Stri
 }
 
 /// Closes the connection when the peer's certificate expires: an established connection must
-/// not outlive the credential it was authorized with.
+/// not outlive the credential it was authorized with (a renewal moves the moment, see [`renew`]).
 async fn expire(shared: &Shared, peer: &Peer) -> String {
-    let Some(at) = peer.expires else {
-        return std::future::pending().await;
-    };
+    let mut expires = peer.expires.subscribe();
     loop {
+        let Some(at) = *expires.borrow_and_update() else {
+            if expires.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            continue;
+        };
         let left = at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
@@ -267,7 +271,10 @@ async fn expire(shared: &Shared, peer: &Peer) -> String {
             break;
         }
         // Re-check at least daily: the wall clock may be stepped.
-        tokio::time::sleep(left.min(Duration::from_secs(86_400))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(left.min(Duration::from_secs(86_400))) => {}
+            _ = expires.changed() => {}
+        }
     }
     shared
         .metrics
@@ -277,6 +284,78 @@ async fn expire(shared: &Shared, peer: &Peer) -> String {
     warn!("peer certificate expired, closing the connection");
     close(&peer.conn, codes::REVOKED, "certificate expired");
     "certificate expired".to_string()
+}
+
+/// A peer's renewal of its certificate on this connection (`ztna_node::renew`): checked as a new
+/// handshake would be, against the CA in force, for the same SPIFFE ID; the connection then
+/// expires with the new certificate. The answer is for the peer's log.
+fn renew(
+    shared: &Shared,
+    peer: &Peer,
+    chain: Vec<Vec<u8>>,
+    scheme: u16,
+    signature: &[u8],
+) -> ServerMsg {
+    let counted = |result: &str| shared.metrics.renewals.with_label_values(&[result]).inc();
+    if !peer.renew_budget.take() {
+        counted("refused");
+        ztna_node::warn_limited!(LIMIT_LOG_EVERY, "renewal refused: too many");
+        return ServerMsg::RenewRefused {
+            reason: "too many renewals on this connection; try again in a minute".to_string(),
+        };
+    }
+    // Under the CA in force now; a reload that swaps it during the check re-verifies below.
+    let reloads = shared.reloads.load(Ordering::SeqCst);
+    let checked = ztna_node::renew::check(
+        &peer.conn,
+        &shared.identity(),
+        &peer.id,
+        peer.role,
+        chain,
+        scheme,
+        signature,
+    );
+    let renewed = match checked {
+        Ok(r) => r,
+        Err(reason) => {
+            counted("refused");
+            ztna_node::warn_limited!(LIMIT_LOG_EVERY, %reason, "renewal refused; the connection keeps its certificate and ends at its notAfter");
+            return ServerMsg::RenewRefused { reason };
+        }
+    };
+    let not_after = renewed.not_after;
+    peer.renewed(renewed.chain, not_after);
+    if shared.reloads.load(Ordering::SeqCst) != reloads {
+        if let Err(why) = shared
+            .identity()
+            .verify_client_chain(&peer.chain(), &[peer.role])
+        {
+            shared
+                .metrics
+                .revocations
+                .with_label_values(&["ca_changed"])
+                .inc();
+            close(
+                &peer.conn,
+                codes::REVOKED,
+                &format!("certificate no longer accepted: {why}"),
+            );
+            counted("refused");
+            return ServerMsg::RenewRefused {
+                reason: format!("certificate no longer accepted: {why}"),
+            };
+        }
+    }
+    counted("accepted");
+    let not_after_unix = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    info!(
+        not_after_unix,
+        "certificate renewed on this connection: it now ends at the new notAfter"
+    );
+    ServerMsg::Renewed { not_after_unix }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,6 +416,16 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
             })) => direct::result(shared, peer, &service, success, &reason),
             Ok(Some(ClientMsg::TicketRequest { service, connector })) => {
                 direct::refresh(shared, peer, &service, &connector);
+            }
+            Ok(Some(ClientMsg::Renew {
+                chain,
+                scheme,
+                signature,
+            })) => {
+                let answer = renew(shared, peer, chain, scheme, &signature);
+                if !peer.tell(answer).await {
+                    return lost(&peer.conn);
+                }
             }
             Ok(Some(other)) => {
                 warn!(msg = ?other, "unexpected control message from agent, closing");
@@ -621,6 +710,11 @@ async fn connector_control(shared: &Shared, peer: &Arc<Peer>, mut recv: FramedRe
                 }
                 continue;
             }
+            Ok(Some(ClientMsg::Renew {
+                chain,
+                scheme,
+                signature,
+            })) => renew(shared, peer, chain, scheme, &signature),
             Ok(Some(ClientMsg::Hello { .. })) => {
                 warn!("second Hello, closing");
                 close(&peer.conn, codes::PROTOCOL, "duplicate Hello");

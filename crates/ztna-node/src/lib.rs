@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod ratelimit;
+pub mod renew;
 pub mod rotation;
 pub mod signals;
 pub mod status;

@@ -29,7 +29,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// * 2: flow credit. A connector may send [`ClientMsg::CreditReports`] and
 ///   [`ClientMsg::Consumed`]; the intermediate then adds [`FlowAgent`] to every flow it opens
 ///   there and reports what it consumes with [`ServerMsg::Consumed`].
-pub const PROTOCOL_REVISION: u16 = 2;
+/// * 3: certificate renewal in place. A client may send [`ClientMsg::Renew`] with its re-issued
+///   certificate; the intermediate answers [`ServerMsg::Renewed`] (the connection now expires
+///   with the new certificate) or [`ServerMsg::RenewRefused`].
+pub const PROTOCOL_REVISION: u16 = 3;
 
 /// Application error codes used to close connections and reset streams.
 ///

@@ -182,7 +182,21 @@ pub enum ClientMsg {
     /// has read so far. Lets the intermediate bound what one agent has in flight towards this
     /// connector, so one agent's stalled flows cannot fill the window all agents share.
     Consumed { flows: Vec<(u64, u64)> },
+    /// Agent or connector (revision 3): its certificate was re-issued, and this connection, made
+    /// with the old one, is to run on under the new one instead of ending at the old notAfter.
+    /// `chain` is the new chain (DER, leaf first). `signature` is made with the new key, under
+    /// TLS `scheme`, over keying material exported from this connection's TLS session for the
+    /// new leaf (see `ztna_node::renew`): it proves the holder of the new key is this
+    /// connection's peer, and is worth nothing on any other connection.
+    Renew {
+        chain: Vec<Vec<u8>>,
+        scheme: u16,
+        signature: Vec<u8>,
+    },
 }
+
+/// Most certificates in a renewal's chain (leaf and intermediates).
+pub const MAX_CHAIN_LEN: usize = 4;
 
 /// Intermediate → client, on the control stream.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -261,6 +275,16 @@ pub enum ServerMsg {
     /// intermediate has read from it so far.
     Consumed {
         flows: Vec<(u64, u64)>,
+    },
+    /// Answer to [`ClientMsg::Renew`]: the connection now expires at `not_after_unix` (seconds),
+    /// the new certificate's notAfter.
+    Renewed {
+        not_after_unix: u64,
+    },
+    /// Answer to [`ClientMsg::Renew`]: refused, with the reason; the connection keeps its
+    /// certificate and ends at its notAfter.
+    RenewRefused {
+        reason: String,
     },
 }
 
@@ -383,6 +407,15 @@ impl Message for ClientMsg {
             }
             ClientMsg::CreditReports { .. } => Ok(()),
             ClientMsg::Consumed { flows } => list("consumed", flows, |_| Ok(())),
+            ClientMsg::Renew { chain, .. } => {
+                if chain.is_empty() || chain.len() > MAX_CHAIN_LEN {
+                    return Err(format!(
+                        "renewal chain of {} certificates (1 to {MAX_CHAIN_LEN})",
+                        chain.len()
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -443,6 +476,8 @@ impl Message for ServerMsg {
             }
             ServerMsg::CreditReports { .. } => Ok(()),
             ServerMsg::Consumed { flows } => list("consumed", flows, |_| Ok(())),
+            ServerMsg::Renewed { .. } => Ok(()),
+            ServerMsg::RenewRefused { reason } => text("reason", reason),
         }
     }
 }
@@ -555,6 +590,19 @@ mod tests {
             any::<u64>().prop_map(|receive_window| ClientMsg::CreditReports { receive_window }),
             proptest::collection::vec(any::<(u64, u64)>(), 0..MAX_LIST_LEN)
                 .prop_map(|flows| ClientMsg::Consumed { flows }),
+            (
+                proptest::collection::vec(
+                    proptest::collection::vec(any::<u8>(), 0..600),
+                    1..=MAX_CHAIN_LEN
+                ),
+                any::<u16>(),
+                proptest::collection::vec(any::<u8>(), 0..128)
+            )
+                .prop_map(|(chain, scheme, signature)| ClientMsg::Renew {
+                    chain,
+                    scheme,
+                    signature
+                }),
         ]
     }
     fn server_msg() -> impl Strategy<Value = ServerMsg> {
@@ -590,6 +638,8 @@ mod tests {
             any::<u64>().prop_map(|identity_window| ServerMsg::CreditReports { identity_window }),
             proptest::collection::vec(any::<(u64, u64)>(), 0..MAX_LIST_LEN)
                 .prop_map(|flows| ServerMsg::Consumed { flows }),
+            any::<u64>().prop_map(|not_after_unix| ServerMsg::Renewed { not_after_unix }),
+            name().prop_map(|reason| ServerMsg::RenewRefused { reason }),
         ]
     }
     fn state() -> impl Strategy<Value = ServiceState> {
@@ -651,6 +701,13 @@ mod tests {
             }
             let ok = frame::encode(&FlowOpen { service: "s".repeat(MAX_NAME_LEN), protocol: Protocol::Tcp, flow_id: 0 }).unwrap();
             prop_assert!(frame::decode_payload::<FlowOpen>(&ok[frame::HEADER_LEN..]).is_ok());
+        }
+
+        #[test]
+        fn a_renewal_without_a_chain_or_with_too_long_a_one_is_refused_at_decode(n in prop_oneof![Just(0usize), (MAX_CHAIN_LEN + 1)..(3 * MAX_CHAIN_LEN)]) {
+            let m = frame::encode(&ClientMsg::Renew { chain: vec![vec![1, 2, 3]; n], scheme: 0x0403, signature: vec![] }).unwrap();
+            let e = frame::decode_payload::<ClientMsg>(&m[frame::HEADER_LEN..]).unwrap_err().to_string();
+            prop_assert!(e.contains("renewal chain"), "{}", e);
         }
 
         #[test]

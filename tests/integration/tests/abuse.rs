@@ -21,6 +21,26 @@ async fn held_flow(port: std::net::SocketAddr) -> TcpStream {
     s
 }
 
+/// True when a held flow still carries a byte both ways (within `T`).
+async fn echoes(s: &mut TcpStream, b: u8) -> bool {
+    if s.write_all(&[b]).await.is_err() {
+        return false;
+    }
+    let mut one = [0u8; 1];
+    matches!(
+        tokio::time::timeout(T, s.read_exact(&mut one)).await,
+        Ok(Ok(_))
+    ) && one[0] == b
+}
+
+fn renewals(im: &IntermediateHandle, result: &str) -> f64 {
+    metric(
+        &im.daemon.metrics.common.render(),
+        "ztna_intermediate_renewals_total",
+        &[("result", result)],
+    )
+}
+
 /// Waits until a held flow is cut (reset or closed), returning how long that took.
 async fn cut_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     let t0 = Instant::now();
@@ -140,9 +160,10 @@ fn connectors_on(im: &IntermediateHandle) -> f64 {
 
 /// A connector's certificate re-issued and reloaded (SIGHUP) before the old one expires: the
 /// connector moves to it make-before-break. Its new connection registers before the old one
-/// deregisters; flows that were running keep the old connection (until the old certificate's
-/// notAfter, when the intermediate cuts them); flows opened after the reload, and the
-/// registration, outlive the old certificate; an old connection with no flows left closes.
+/// deregisters; flows that were running keep the old connection, which the connector renews to
+/// the new certificate, so they outlive the old notAfter too (they were cut there before
+/// renewal in place); flows opened after the reload, and the registration, outlive it; an old
+/// connection with no flows left closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_expires() {
     logs();
@@ -190,16 +211,32 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
         "the flow opened before the reload broke at the reload"
     );
 
-    // Past the old notAfter: the old connection and its flow are cut, nothing else is.
+    // Past the old notAfter: nothing is cut, not even the flow on the old connection.
     let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
     tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
-    assert!(
-        cut_within(&mut before, Duration::from_secs(3))
-            .await
-            .is_some(),
-        "the flow on the old certificate outlived it"
+    let mut kept = 0;
+    for i in 0..3u8 {
+        kept += u32::from(echoes(&mut before, b'a' + i).await);
+    }
+    println!(
+        "MEASURED connector rotation: flow from before the reload, on the old connection, echoed {kept}/3 after the old notAfter; renewals accepted {}",
+        renewals(&im, "accepted")
     );
-    assert_eq!(revocations(&im, "certificate_expired"), 1.0);
+    assert_eq!(
+        kept, 3,
+        "the flow on the old connection was cut at the old certificate's notAfter"
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
+    assert!(renewals(&im, "accepted") >= 1.0);
+    assert_eq!(renewals(&im, "refused"), 0.0);
+    // Its last flow gone, the old connection closes.
+    drop(before);
+    let one_left = eventually(Duration::from_secs(5), || connectors_on(&im) == 1.0).await;
+    assert!(
+        one_left,
+        "the old connection stayed: {}",
+        connectors_on(&im)
+    );
     for i in 0..3u8 {
         after.write_all(&[i]).await.unwrap();
         let r = tokio::time::timeout(T, after.read_exact(&mut one)).await;
@@ -360,8 +397,9 @@ async fn a_rotation_to_an_identity_the_policy_refuses_leaves_the_old_connection_
 }
 
 /// The same for an agent: after a reload with a renewed certificate, new flows use a connection
-/// made with it, a running UDP flow moves there, a running TCP flow stays on the old connection
-/// (cut at the old notAfter), and the old connection closes once nothing uses it.
+/// made with it, a running UDP flow moves there, a running TCP flow stays on the old connection,
+/// renewed in place, and outlives the old notAfter; the old connection closes once nothing uses
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expires() {
     logs();
@@ -398,13 +436,19 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
 
     let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
     tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
-    assert!(
-        cut_within(&mut before, Duration::from_secs(3))
-            .await
-            .is_some(),
-        "the flow on the old certificate outlived it"
+    let mut kept = 0;
+    for i in 0..3u8 {
+        kept += u32::from(echoes(&mut before, b'a' + i).await);
+    }
+    println!("MEASURED agent rotation: TCP flow from before the reload echoed {kept}/3 after the old notAfter");
+    assert_eq!(
+        kept, 3,
+        "the TCP flow on the old connection was cut at the old certificate's notAfter"
     );
-    assert_eq!(revocations(&im, "certificate_expired"), 1.0);
+    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
+    assert!(renewals(&im, "accepted") >= 1.0);
+    assert_eq!(renewals(&im, "refused"), 0.0);
+    drop(before);
     let mut one = [0u8; 1];
     for i in 0..3u8 {
         after.write_all(&[i]).await.unwrap();
@@ -431,7 +475,8 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
         "the UDP flow did not move to the new connection"
     );
     assert_eq!(tcp_roundtrip(port, b"new").await.unwrap(), b"new");
-    assert_eq!(agents_on(&im), 1.0);
+    let one_left = eventually(Duration::from_secs(5), || agents_on(&im) == 1.0).await;
+    assert!(one_left, "the old connection stayed: {}", agents_on(&im));
 
     // A second rotation while only a UDP flow runs: the old connection closes by itself.
     drop(after);
@@ -1075,4 +1120,154 @@ async fn the_service_connectors_series_follow_a_policy_reload() {
     c.daemon.shutdown().await;
     stop.cancel();
     let _ = tokio::time::timeout(T, task).await;
+}
+
+/// Opens the control stream of a crafted client and says Hello as an agent; the intermediate's
+/// revision.
+async fn crafted_hello(
+    conn: &quinn::Connection,
+) -> (quinn::SendStream, ztna_node::io::FramedRecv, u16) {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = ztna_node::io::FramedRecv::new(recv);
+    let hello = ztna_proto::ClientMsg::Hello {
+        version: ztna_proto::PROTOCOL_VERSION,
+        role: ztna_proto::Role::Agent,
+        software: "crafted".into(),
+        watch: vec![],
+    };
+    ztna_node::io::write_frame(&mut send, &hello).await.unwrap();
+    match recv.expect::<ztna_proto::ServerMsg>(T).await.unwrap() {
+        ztna_proto::ServerMsg::Welcome { version, .. } => (send, recv, version),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Sends a renewal and returns the intermediate's answer: Ok(not_after_unix) or Err(reason).
+async fn renew_on(
+    send: &mut quinn::SendStream,
+    recv: &mut ztna_node::io::FramedRecv,
+    msg: &ztna_proto::ClientMsg,
+) -> Result<u64, String> {
+    ztna_node::io::write_frame(send, msg).await.unwrap();
+    loop {
+        match recv.expect::<ztna_proto::ServerMsg>(T).await.unwrap() {
+            ztna_proto::ServerMsg::Renewed { not_after_unix } => return Ok(not_after_unix),
+            ztna_proto::ServerMsg::RenewRefused { reason } => return Err(reason),
+            _ => continue,
+        }
+    }
+}
+
+/// A renewal is what lets a connection outlive its certificate, so only the connection's own
+/// peer may make one, for its own identity, with a certificate of the deployment's CA. A crafted
+/// client with a valid agent certificate (expiring in 6 s) tries: another agent's certificate, a
+/// renewal signed for its other connection (replayed), a certificate of another CA, a connector
+/// certificate, garbage, and too many renewals. Each is refused with the reason and counted; its
+/// connection ends at the old notAfter all the same. Its one proper renewal is accepted, with the
+/// new notAfter, and that connection outlives the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_it() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let (tls, not_after) = short_lived(&pki, "agent", "mallory", "agent-mallory-old", 6);
+    let (_ep1, conn1) = raw_connect(&tls, ztna_proto::Role::Agent, im.addr)
+        .await
+        .unwrap();
+    let (_ep2, conn2) = raw_connect(&tls, ztna_proto::Role::Agent, im.addr)
+        .await
+        .unwrap();
+    let (mut s1, mut r1, revision) = crafted_hello(&conn1).await;
+    assert!(revision >= 3, "intermediate revision {revision}");
+    let (mut s2, mut r2, _) = crafted_hello(&conn2).await;
+    let load = |tls: &ztna_node::config::TlsConfig| {
+        ztna_node::Identity::load(tls, ztna_proto::Role::Agent).unwrap()
+    };
+    let renewed = load(&pki.issue("agent", "mallory"));
+    let alice = load(&pki.issue("agent", "alice"));
+    let foreign = load(&Pki::new().issue("agent", "mallory"));
+    let request = |conn: &quinn::Connection, id: &ztna_node::Identity| {
+        ztna_node::renew::request(conn, id).unwrap()
+    };
+
+    let mut refusals = Vec::new();
+    // On the first connection: three forgeries, then the real one, then one too many.
+    for (case, msg, expected) in [
+        (
+            "another agent's certificate",
+            request(&conn1, &alice),
+            "agent/alice",
+        ),
+        (
+            "replayed from the other connection",
+            request(&conn2, &renewed),
+            "not signed for this connection",
+        ),
+        (
+            "another CA",
+            request(&conn1, &foreign),
+            "not issued by the deployment CA",
+        ),
+    ] {
+        let reason = renew_on(&mut s1, &mut r1, &msg).await.expect_err(case);
+        assert!(reason.contains(expected), "{case}: {reason}");
+        refusals.push((case, reason));
+    }
+    let until = renew_on(&mut s1, &mut r1, &request(&conn1, &renewed))
+        .await
+        .expect("the proper renewal");
+    let expected = renewed
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(until, expected, "Renewed names the new notAfter");
+    let reason = renew_on(&mut s1, &mut r1, &request(&conn1, &renewed))
+        .await
+        .expect_err("a fifth renewal within a minute");
+    assert!(reason.contains("too many"), "{reason}");
+    refusals.push(("one too many", reason));
+    // On the second: a connector's certificate and garbage.
+    let connector = ztna_node::Identity::load(
+        &pki.issue("connector", "mallory"),
+        ztna_proto::Role::Connector,
+    )
+    .unwrap();
+    let garbage = ztna_proto::ClientMsg::Renew {
+        chain: vec![vec![0x30, 0x03, 0x02, 0x01, 0x00]],
+        scheme: 0x0403,
+        signature: vec![0; 64],
+    };
+    for (case, msg) in [
+        ("a connector certificate", request(&conn2, &connector)),
+        ("garbage", garbage),
+    ] {
+        let reason = renew_on(&mut s2, &mut r2, &msg).await.expect_err(case);
+        refusals.push((case, reason));
+    }
+    println!("MEASURED renewal refusals: {refusals:#?}");
+    assert_eq!(renewals(&im, "refused"), 6.0);
+    assert_eq!(renewals(&im, "accepted"), 1.0);
+
+    // Past the old notAfter: the connection with only refused renewals is cut, the renewed one
+    // is not.
+    let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
+    let cut = conn2.close_reason().map(|e| e.to_string());
+    println!(
+        "MEASURED past the old notAfter: refused connection {cut:?}, renewed connection {:?}",
+        conn1.close_reason()
+    );
+    assert!(
+        cut.as_deref()
+            .is_some_and(|c| c.contains("certificate expired")),
+        "the connection whose renewals were refused outlived its certificate: {cut:?}"
+    );
+    assert!(
+        conn1.close_reason().is_none(),
+        "the renewed connection was cut at the old notAfter: {:?}",
+        conn1.close_reason()
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 1.0);
+    im.daemon.shutdown().await;
 }
