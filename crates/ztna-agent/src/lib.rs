@@ -83,10 +83,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn client(&self) -> quinn::ClientConfig {
-        self.tls.config()
-    }
-
     pub fn report(&self, ev: Event) {
         let _ = self.events.send(ev);
     }

@@ -46,7 +46,7 @@ pub(crate) async fn supervise(
             }
             if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
                 attempt_at = None;
-                let client_config = shared.client();
+                let (identity, client_config) = shared.tls.current();
                 let limit = backoff.attempt_limit();
                 let attempt = tokio::select! {
                     r = client::connect(&endpoint, &client_config, &target, limit) => r,
@@ -73,9 +73,14 @@ pub(crate) async fn supervise(
                         });
                         let (shared, events, stop) = (shared.clone(), events.clone(), stop.clone());
                         let name = format!("link to {target}");
-                        let running = Running::spawn(move |retire, up| {
+                        let in_place = ztna_node::renew::InPlace::new(identity.id.clone());
+                        let renewal = Renewal {
+                            made_with: identity,
+                            in_place: in_place.clone(),
+                        };
+                        let running = Running::spawn(in_place, move |retire, up| {
                             let health = shared.health.clone();
-                            let fut = serve(shared, link, said, events, stop, retire, up)
+                            let fut = serve(shared, link, said, events, stop, retire, up, renewal)
                                 .instrument(tracing::Span::current());
                             // Its control stream and datagrams are watched by the liveness probe.
                             async move { health.watched(&name, fut).await }
@@ -129,8 +134,18 @@ pub(crate) async fn supervise(
                     if let Some(old) = candidate.take() {
                         old.retire();
                     }
-                    info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
-                    attempt_at = Some(tokio::time::Instant::now());
+                    if rotation::renews_in_place(&serving, &shared.tls.id()) {
+                        info!("certificate replaced: renewing the connection in place");
+                    } else {
+                        info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                        attempt_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                _ = rotation::renewal_refused(&serving) => {
+                    if candidate.is_none() && attempt_at.is_none() {
+                        info!("renewal refused: connecting with the new certificate; flows running on the old connection finish there");
+                        attempt_at = Some(tokio::time::Instant::now());
+                    }
                 }
                 ended = rotation::ended(&mut candidate) => {
                     // The old link keeps serving; try again after the backoff.
@@ -184,6 +199,14 @@ pub(crate) async fn supervise(
     .await
 }
 
+/// What a link's session needs to renew its connection's certificate in place.
+struct Renewal {
+    /// The identity the connection was made with.
+    made_with: ztna_node::Identity,
+    /// Shared with the supervisor.
+    in_place: Arc<ztna_node::renew::InPlace>,
+}
+
 #[derive(Default)]
 struct Ended {
     since: Option<Instant>,
@@ -193,6 +216,7 @@ struct Ended {
     rtt: std::time::Duration,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     shared: Arc<Shared>,
     link: Arc<Link>,
@@ -201,6 +225,7 @@ async fn serve(
     stop: CancellationToken,
     retire: CancellationToken,
     up: CancellationToken,
+    renewal: Renewal,
 ) -> Ended {
     let (shared, events) = (&*shared, &events);
     let conn = &link.conn;
@@ -254,6 +279,13 @@ async fn serve(
         });
     }
     let mut drained = false;
+    // After a certificate rotation (revision 3): this connection runs on under the new one.
+    let (mut renewals, renewal_answers) = ztna_node::renew::Follower::new(
+        &shared.tls,
+        &renewal.made_with,
+        renewal.in_place,
+        revision,
+    );
     let control = async {
         loop {
             match recv.next::<ServerMsg>().await {
@@ -294,7 +326,7 @@ async fn serve(
                     | ServerMsg::DirectRefused { .. }
                     | ServerMsg::Ticket { .. }),
                 )) => shared.direct.deliver(msg),
-                Ok(Some(other)) if ztna_node::renew::answered(&other) => {}
+                Ok(Some(other)) if renewal_answers.take(&other) => {}
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
                 Ok(None) => return "the intermediate closed the control stream".to_string(),
                 Err(e) => {
@@ -317,9 +349,6 @@ async fn serve(
         }
     };
     let writer = async {
-        // After a certificate rotation (revision 3): this connection runs on under the new one,
-        // so its running flows outlive the old notAfter.
-        let mut renewals = ztna_node::renew::Follower::new(&shared.tls, revision);
         let mut open = true;
         loop {
             let msg = tokio::select! {

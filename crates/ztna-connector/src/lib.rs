@@ -104,10 +104,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn client(&self) -> quinn::ClientConfig {
-        self.tls.config()
-    }
-
     pub fn is_draining(&self) -> bool {
         *self.draining.borrow()
     }

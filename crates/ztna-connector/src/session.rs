@@ -53,7 +53,7 @@ pub(crate) async fn supervise(
             if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
                 attempt_at = None;
                 let limit = backoff.attempt_limit();
-                let config = shared.client();
+                let (identity, config) = shared.tls.current();
                 let attempt = tokio::select! {
                     r = client::connect(&endpoint, &config, &target, limit) => r,
                     _ = stop.cancelled() => break,
@@ -70,7 +70,8 @@ pub(crate) async fn supervise(
                             shared.metrics.reconnects.inc();
                         }
                         was_up = true;
-                        let running = spawn_serve(&shared, conn, idx, &stop, handover, &target);
+                        let running =
+                            spawn_serve(&shared, conn, idx, &stop, handover, &target, identity);
                         if handover {
                             if let Some(old) = candidate.replace(running) {
                                 old.retire();
@@ -117,8 +118,18 @@ pub(crate) async fn supervise(
                     if let Some(old) = candidate.take() {
                         old.retire();
                     }
-                    info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
-                    attempt_at = Some(tokio::time::Instant::now());
+                    if rotation::renews_in_place(&serving, &shared.tls.id()) {
+                        info!("certificate replaced: renewing the connection in place");
+                    } else {
+                        info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                        attempt_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                _ = rotation::renewal_refused(&serving) => {
+                    if candidate.is_none() && attempt_at.is_none() {
+                        info!("renewal refused: connecting with the new certificate; flows running on the old connection finish there");
+                        attempt_at = Some(tokio::time::Instant::now());
+                    }
                 }
                 ended = rotation::ended(&mut candidate) => {
                     // The old connection keeps serving; try again after the backoff.
@@ -167,15 +178,19 @@ fn spawn_serve(
     stop: &CancellationToken,
     handover: bool,
     target: &str,
+    made_with: ztna_node::Identity,
 ) -> Running<Ended> {
     let (shared, stop) = (shared.clone(), stop.clone());
     let name = format!("session with {target}");
-    Running::spawn(move |retire, answered| {
+    let in_place = ztna_node::renew::InPlace::new(made_with.id.clone());
+    Running::spawn(in_place.clone(), move |retire, answered| {
         let health = shared.health.clone();
         let session = Session {
             retire,
             answered,
             handover,
+            made_with,
+            in_place,
         };
         let fut = serve(shared, conn, idx, stop, session).instrument(tracing::Span::current());
         async move { health.watched(&name, fut).await }
@@ -192,6 +207,10 @@ struct Session {
     /// It replaces a connection that still serves: the registrations keep showing that one's
     /// until this one's are answered.
     handover: bool,
+    /// The identity the connection was made with (a renewal replaces its certificate).
+    made_with: ztna_node::Identity,
+    /// Shared with the supervisor: whether it can be renewed in place, and its refusals.
+    in_place: std::sync::Arc<ztna_node::renew::InPlace>,
 }
 
 /// How a connection ended, for the backoff.
@@ -352,7 +371,12 @@ async fn control(
     revision: u16,
 ) -> String {
     let mut draining = shared.draining.subscribe();
-    let mut renewals = ztna_node::renew::Follower::new(&shared.tls, revision);
+    let (mut renewals, renewal_answers) = ztna_node::renew::Follower::new(
+        &shared.tls,
+        &session.made_with,
+        session.in_place.clone(),
+        revision,
+    );
     let mut deregistered = false;
     let mut answers = Answers {
         got: BTreeMap::new(),
@@ -483,7 +507,7 @@ async fn control(
                     info!(why = %reason, deadline_ms, hint = ?reconnect, "intermediate is draining; running flows continue, reconnecting when it closes");
                     *drained = true;
                 }
-                Ok(Some(other)) if ztna_node::renew::answered(&other) => {}
+                Ok(Some(other)) if renewal_answers.take(&other) => {}
                 Ok(Some(other)) => debug!(msg = ?other, "control message"),
                 Ok(None) => return "the intermediate closed the control stream".to_string(),
                 Err(e) => return format!("control stream: {e}"),

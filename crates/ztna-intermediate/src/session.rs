@@ -270,9 +270,10 @@ async fn expire(shared: &Shared, peer: &Peer) -> String {
         if left.is_zero() {
             break;
         }
-        // Re-check at least daily: the wall clock may be stepped.
+        // Re-check at least hourly: the wall clock may be stepped (and a renewed connection may
+        // live long).
         tokio::select! {
-            _ = tokio::time::sleep(left.min(Duration::from_secs(86_400))) => {}
+            _ = tokio::time::sleep(left.min(Duration::from_secs(3_600))) => {}
             _ = expires.changed() => {}
         }
     }
@@ -330,16 +331,20 @@ fn renew(
             .identity()
             .verify_client_chain(&peer.chain(), &[peer.role])
         {
-            shared
-                .metrics
-                .revocations
-                .with_label_values(&["ca_changed"])
-                .inc();
-            close(
-                &peer.conn,
-                codes::REVOKED,
-                &format!("certificate no longer accepted: {why}"),
-            );
+            // The reload's walk may have closed it already (and counted it).
+            if peer.conn.close_reason().is_none() {
+                warn!(%why, "renewed certificate no longer accepted after a reload during the renewal, disconnecting");
+                shared
+                    .metrics
+                    .revocations
+                    .with_label_values(&["ca_changed"])
+                    .inc();
+                close(
+                    &peer.conn,
+                    codes::REVOKED,
+                    &format!("certificate no longer accepted: {why}"),
+                );
+            }
             counted("refused");
             return ServerMsg::RenewRefused {
                 reason: format!("certificate no longer accepted: {why}"),

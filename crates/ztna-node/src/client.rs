@@ -312,6 +312,14 @@ impl ClientTls {
         self.read().1.clone()
     }
 
+    /// The identity in use and the QUIC client config made from it, read together: a
+    /// connection made with this config was made with this identity (whose certificate a
+    /// renewal then replaces, see [`crate::renew`]).
+    pub fn current(&self) -> (crate::Identity, quinn::ClientConfig) {
+        let r = self.read();
+        (r.0.clone(), r.1.clone())
+    }
+
     pub fn id(&self) -> crate::SpiffeId {
         self.read().0.id.clone()
     }

@@ -552,14 +552,14 @@ fn spiffe_check(
     roles: &[Role],
 ) -> Result<SpiffeId, rustls::Error> {
     let id = SpiffeId::from_cert(der).map_err(|e| {
-        tracing::warn!(error = %e, "refused peer certificate");
+        crate::warn_limited!(REFUSED_LOG_EVERY, error = %e, "refused peer certificate");
         rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
             VerifyError(e),
         ))))
     })?;
     if id.trust_domain != trust_domain || !roles.contains(&id.role) {
         let want: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-        tracing::warn!(peer = %id, expected_roles = ?want, %trust_domain, "refused peer: wrong role or trust domain");
+        crate::warn_limited!(REFUSED_LOG_EVERY, peer = %id, expected_roles = ?want, %trust_domain, "refused peer: wrong role or trust domain");
         return Err(rustls::Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,
         ));
@@ -786,14 +786,14 @@ impl Identity {
         chain: &[CertificateDer<'static>],
         roles: &[Role],
     ) -> Result<SpiffeId, String> {
-        let (leaf, rest) = chain
-            .split_first()
-            .ok_or_else(|| "no certificate".to_string())?;
+        let leaf = chain.first().ok_or_else(|| "no certificate".to_string())?;
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| e.to_string())?;
+        // The leaf alone, as the handshake does (see `verify_chain`): the rest of a chain a peer
+        // sends must not let a sub-CA's leaves in.
         verifier
-            .verify_client_cert(leaf, rest, UnixTime::now())
+            .verify_client_cert(leaf, &[], UnixTime::now())
             .map_err(|e| match e {
                 rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
                 | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {

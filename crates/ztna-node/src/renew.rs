@@ -5,7 +5,7 @@
 //! [`crate::rotation`]), but a TCP flow cannot move between QUIC connections: without this, a
 //! flow still running on the old connection was cut at the old certificate's notAfter.
 //!
-//! So the client also sends its new chain over the old connection ([`ClientMsg::Renew`]), with
+//! So the client sends its new certificate over the connection ([`ClientMsg::Renew`]), with
 //! a signature made with the new key over keying material exported from that connection's TLS
 //! session for the new leaf ([RFC 5705] / [RFC 8446 §7.5] exporter). The exporter is a secret
 //! of that one session: the signature proves that whoever holds the new key is this
@@ -15,18 +15,26 @@
 //! (a renewal never changes who the peer is: policy decisions made for it stay true), then lets
 //! the connection run until the new notAfter.
 //!
+//! A connection renewed in place is the whole rotation: the supervisor makes a connection with
+//! the new certificate (make before break) only when renewing is not possible: an intermediate
+//! older than revision 3, a new identity, or a refusal ([`InPlace`]). A refused renewal is
+//! retried every minute (what the intermediate's budget allows) until it is accepted or the
+//! connection ends.
+//!
 //! [RFC 5705]: https://www.rfc-editor.org/rfc/rfc5705
 //! [RFC 8446 §7.5]: https://www.rfc-editor.org/rfc/rfc8446#section-7.5
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
-use ztna_proto::{ClientMsg, Role};
+use ztna_proto::{ClientMsg, Role, ServerMsg};
 
 use crate::client::ClientTls;
 use crate::identity::{cert_not_after, verify_signature, Identity, SpiffeId};
 
-/// Exporter label (RFC 8446 §7.5; "EXPORTER-" prefix for labels outside the IANA registry).
+/// Exporter label (RFC 8446 §7.5 / RFC 5705; private to this protocol, not IANA-registered).
 const LABEL: &[u8] = b"EXPORTER-ztna-renew-v1";
 /// Prefix of what is signed, so the signature means nothing elsewhere (tickets are signed with
 /// the intermediates' keys, never with a client's, but the key could be used for more one day).
@@ -44,7 +52,8 @@ fn signed_part(conn: &quinn::Connection, leaf: &[u8]) -> Result<Vec<u8>, String>
     Ok(msg)
 }
 
-/// The renewal a client sends over `conn` to carry it over to `new`'s certificate.
+/// The renewal a client sends over `conn` to carry it over to `new`'s certificate: the leaf
+/// alone (the intermediate trusts leaves issued by its CA directly, nothing else).
 pub fn request(conn: &quinn::Connection, new: &Identity) -> Result<ClientMsg, String> {
     let leaf = new
         .chain
@@ -53,20 +62,24 @@ pub fn request(conn: &quinn::Connection, new: &Identity) -> Result<ClientMsg, St
     let msg = signed_part(conn, leaf)?;
     let (scheme, signature) = new.sign(&msg).map_err(|e| e.to_string())?;
     Ok(ClientMsg::Renew {
-        chain: new.chain.iter().map(|c| c.to_vec()).collect(),
+        chain: vec![leaf.to_vec()],
         scheme,
         signature,
     })
 }
 
-/// A renewal that passed [`check`]: the new chain and its leaf's notAfter.
+/// A renewal that passed [`check`]: the new leaf and its notAfter.
 pub struct Renewed {
     pub chain: Vec<CertificateDer<'static>>,
     pub not_after: SystemTime,
 }
 
+/// Longest reason a refusal carries (the peer refuses longer text at decode).
+const MAX_REASON: usize = 512;
+
 /// The intermediate's check of a renewal received on `conn`, whose peer is `peer` (`role`), under
-/// `ours` (the CA in force now). The reason for a refusal is worded for the peer's log.
+/// `ours` (the CA in force now). Only the first certificate of `chain` counts: it must be issued
+/// by the CA directly, as at a handshake. The reason for a refusal is worded for the peer's log.
 pub fn check(
     conn: &quinn::Connection,
     ours: &Identity,
@@ -76,100 +89,243 @@ pub fn check(
     scheme: u16,
     signature: &[u8],
 ) -> Result<Renewed, String> {
-    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
+    check_leaf(conn, ours, peer, role, chain, scheme, signature).map_err(|mut e| {
+        if e.len() > MAX_REASON {
+            let mut end = MAX_REASON;
+            while !e.is_char_boundary(end) {
+                end -= 1;
+            }
+            e.truncate(end);
+        }
+        e
+    })
+}
+
+fn check_leaf(
+    conn: &quinn::Connection,
+    ours: &Identity,
+    peer: &SpiffeId,
+    role: Role,
+    chain: Vec<Vec<u8>>,
+    scheme: u16,
+    signature: &[u8],
+) -> Result<Renewed, String> {
+    let leaf = CertificateDer::from(
+        chain
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no certificate".to_string())?,
+    );
+    let chain = vec![leaf];
     let id = ours.verify_client_chain(&chain, &[role])?;
     if id != *peer {
         return Err(format!(
             "the new certificate is for {id}; this connection is {peer}, and a renewal cannot change it"
         ));
     }
-    let leaf = chain.first().ok_or_else(|| "no certificate".to_string())?;
-    let msg = signed_part(conn, leaf)?;
-    verify_signature(leaf, scheme, &msg, signature)
+    let msg = signed_part(conn, &chain[0])?;
+    verify_signature(&chain[0], scheme, &msg, signature)
         .map_err(|e| format!("not signed for this connection with the new key: {e}"))?;
-    let not_after =
-        cert_not_after(leaf).ok_or_else(|| "the new certificate has no notAfter".to_string())?;
+    let not_after = cert_not_after(&chain[0])
+        .ok_or_else(|| "the new certificate has no notAfter".to_string())?;
     Ok(Renewed { chain, not_after })
 }
 
-/// A client's side, for one connection to an intermediate of revision 3 or later: after each
-/// certificate rotation that brings a new certificate for the same identity, the renewal to
-/// send on it. Connections made with the old certificate then keep their running flows past
-/// its notAfter; a rotation to another identity renews nothing (a new connection is the only
-/// way to become someone else).
+/// How long after a refusal a renewal is tried again (the intermediate allows one a minute).
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(61);
+
+/// What a connection's session and its supervisor share: whether the connection can be renewed
+/// in place (then a rotation needs no new connection), and its refusals (then it does).
+pub struct InPlace {
+    /// The identity the connection was made with.
+    made_with: SpiffeId,
+    /// The intermediate announced revision 3 or later.
+    capable: AtomicBool,
+    /// Counts refusals.
+    refusals: tokio::sync::watch::Sender<u64>,
+    /// Refusals the supervisor has seen ([`InPlace::refused`]).
+    handled: AtomicU64,
+}
+
+impl InPlace {
+    pub fn new(made_with: SpiffeId) -> Arc<InPlace> {
+        Arc::new(InPlace {
+            made_with,
+            capable: AtomicBool::new(false),
+            refusals: tokio::sync::watch::channel(0).0,
+            handled: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a rotation to `id` can be done by renewing this connection.
+    pub fn can_renew_to(&self, id: &SpiffeId) -> bool {
+        self.capable.load(Ordering::Acquire) && self.made_with == *id
+    }
+
+    /// Returns once a renewal of this connection was refused since the last time this returned
+    /// (for its supervisor: a refusal is seen whenever it happened).
+    pub async fn refused(&self) {
+        let seen = self.handled.load(Ordering::Acquire);
+        let mut rx = self.refusals.subscribe();
+        let now = match rx.wait_for(|n| *n > seen).await {
+            Ok(n) => Some(*n),
+            Err(_) => None,
+        };
+        let Some(now) = now else {
+            return std::future::pending().await;
+        };
+        self.handled.store(now, Ordering::Release);
+    }
+}
+
+/// The intermediate's answer to a renewal, from the control stream's reader to the [`Follower`].
+#[derive(Debug)]
+enum Answer {
+    Renewed,
+    Refused,
+}
+
+/// The control stream reader's end: hands the answers to renewals to the [`Follower`].
+pub struct Answers(tokio::sync::mpsc::UnboundedSender<Answer>);
+
+impl Answers {
+    /// Takes (and logs) an answer to a renewal; false for any other message.
+    pub fn take(&self, msg: &ServerMsg) -> bool {
+        let answer = match msg {
+            ServerMsg::Renewed { not_after_unix } => {
+                tracing::info!(
+                    not_after_unix,
+                    "certificate renewed on this connection: it and its flows run on under the new certificate"
+                );
+                Answer::Renewed
+            }
+            ServerMsg::RenewRefused { reason } => {
+                tracing::warn!(%reason, retry_in = ?RETRY_AFTER, "the intermediate refused to renew this connection's certificate; new flows move to a connection made with the new one, running ones end at the old notAfter unless a retry is accepted");
+                Answer::Refused
+            }
+            _ => return false,
+        };
+        let _ = self.0.send(answer);
+        true
+    }
+}
+
+/// A client's side, for one connection to an intermediate: after each certificate rotation that
+/// brings a new certificate for the same identity, the renewal to send on it (revision 3 or
+/// later), again a minute after a refusal, until one is accepted. A rotation to another
+/// identity renews nothing (a new connection is the only way to become someone else).
 pub struct Follower {
     rotations: tokio::sync::watch::Receiver<u64>,
-    /// The leaf this connection runs under now, as far as we know.
-    leaf: Vec<u8>,
-    id: SpiffeId,
+    /// The leaf the intermediate holds for this connection: made with, or last renewed to.
+    confirmed: Vec<u8>,
+    /// The leaf of a renewal sent and not answered yet.
+    pending: Option<Vec<u8>>,
+    /// After a refusal: not before this.
+    retry_at: Option<tokio::time::Instant>,
+    /// The leaf whose identity change was last logged.
+    told: Vec<u8>,
+    answers: tokio::sync::mpsc::UnboundedReceiver<Answer>,
+    in_place: Arc<InPlace>,
     enabled: bool,
 }
 
 impl Follower {
-    /// `revision`: the intermediate's (`Welcome`). Made when the connection is up: the identity
-    /// then is the one it was made with.
-    pub fn new(tls: &ClientTls, revision: u16) -> Follower {
-        let identity = tls.identity();
-        let mut rotations = tls.rotations();
-        rotations.borrow_and_update();
-        Follower {
-            leaf: identity
-                .chain
-                .first()
-                .map(|c| c.to_vec())
-                .unwrap_or_default(),
-            id: identity.id,
-            rotations,
-            enabled: revision >= 3,
-        }
+    /// For a connection made with `made_with`, whose intermediate said `revision` (`Welcome`).
+    pub fn new(
+        tls: &ClientTls,
+        made_with: &Identity,
+        in_place: Arc<InPlace>,
+        revision: u16,
+    ) -> (Follower, Answers) {
+        // Subscribed first: a reload from here on is seen, one before shows in the leaf.
+        let rotations = tls.rotations();
+        let enabled = revision >= 3;
+        in_place.capable.store(enabled, Ordering::Release);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let confirmed = made_with
+            .chain
+            .first()
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        (
+            Follower {
+                rotations,
+                told: confirmed.clone(),
+                confirmed,
+                pending: None,
+                retry_at: None,
+                answers: rx,
+                in_place,
+                enabled,
+            },
+            Answers(tx),
+        )
     }
 
-    /// Waits for a rotation of `tls` that calls for a renewal of `conn`, and returns it
-    /// (cancel-safe).
+    /// Waits until `conn` is due for a renewal to `tls`'s certificate, and returns it
+    /// (cancel-safe: state changes only between awaits).
     pub async fn next(&mut self, tls: &ClientTls, conn: &quinn::Connection) -> ClientMsg {
+        if !self.enabled {
+            return std::future::pending().await;
+        }
         loop {
-            if !self.enabled {
-                return std::future::pending().await;
-            }
-            crate::rotation::rotated(&mut self.rotations).await;
-            let new = tls.identity();
-            let Some(leaf) = new.chain.first() else {
-                continue;
-            };
-            if leaf.as_ref() == self.leaf.as_slice() {
-                continue;
-            }
-            if new.id != self.id {
-                tracing::info!(old = %self.id, new = %new.id, "the new certificate is for another identity: this connection keeps the old one, and ends at its notAfter");
-                continue;
-            }
-            match request(conn, &new) {
-                Ok(msg) => {
-                    self.leaf = leaf.to_vec();
+            if self.pending.is_none() && self.retry_at.is_none() {
+                if let Some(msg) = self.due(tls, conn) {
                     return msg;
                 }
-                Err(why) => {
-                    tracing::warn!(%why, "cannot renew this connection's certificate; it ends at the old notAfter");
+            }
+            let retry = async {
+                match self.retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                _ = crate::rotation::rotated(&mut self.rotations) => {}
+                _ = retry => self.retry_at = None,
+                answer = self.answers.recv() => match answer {
+                    Some(Answer::Renewed) => {
+                        if let Some(leaf) = self.pending.take() {
+                            self.confirmed = leaf;
+                        }
+                    }
+                    Some(Answer::Refused) => {
+                        self.pending = None;
+                        self.retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
+                        self.in_place.refusals.send_modify(|n| *n += 1);
+                    }
+                    // The reader is gone: so is the connection.
+                    None => return std::future::pending().await,
+                },
             }
         }
     }
-}
 
-/// Logs an intermediate's answer to a renewal; false for any other message.
-pub fn answered(msg: &ztna_proto::ServerMsg) -> bool {
-    match msg {
-        ztna_proto::ServerMsg::Renewed { not_after_unix } => {
-            tracing::info!(
-                not_after_unix,
-                "certificate renewed on this connection: its flows run on past the old certificate's expiry"
-            );
-            true
+    /// The renewal to send now, if the certificate in use is not the one the intermediate holds
+    /// for this connection.
+    fn due(&mut self, tls: &ClientTls, conn: &quinn::Connection) -> Option<ClientMsg> {
+        let new = tls.identity();
+        let leaf = new.chain.first()?;
+        if leaf.as_ref() == self.confirmed.as_slice() {
+            return None;
         }
-        ztna_proto::ServerMsg::RenewRefused { reason } => {
-            tracing::warn!(%reason, "the intermediate refused to renew this connection's certificate: its flows end at the old notAfter");
-            true
+        if new.id != self.in_place.made_with {
+            if self.told.as_slice() != leaf.as_ref() {
+                self.told = leaf.to_vec();
+                tracing::info!(old = %self.in_place.made_with, new = %new.id, "the new certificate is for another identity: this connection keeps the old one");
+            }
+            return None;
         }
-        _ => false,
+        match request(conn, &new) {
+            Ok(msg) => {
+                self.pending = Some(leaf.to_vec());
+                Some(msg)
+            }
+            Err(why) => {
+                tracing::warn!(%why, "cannot renew this connection's certificate; trying again in a minute");
+                self.retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
+                None
+            }
+        }
     }
 }

@@ -1,13 +1,20 @@
-//! Moving a client's connection to a reloaded certificate, make before break.
+//! Moving a client's connection to a reloaded certificate: renewed in place, or else make before
+//! break.
 //!
 //! A connector or agent supervises one connection per intermediate. When a reload brings a
-//! different certificate ([`crate::client::ClientTls::rotations`]), the supervisor makes a
-//! *candidate* connection with it while the *serving* one goes on. Once the candidate is ready
+//! different certificate ([`crate::client::ClientTls::rotations`]) for the same identity, the
+//! serving connection is renewed in place ([`crate::renew`]) where the intermediate can do
+//! that. Otherwise (an older intermediate, a new identity, a refused renewal), the supervisor
+//! makes a *candidate* connection with it while the *serving* one goes on. Once the candidate is ready
 //! (registered, or up), the serving one retires: it stops taking new work and closes when its
 //! running flows end. If the candidate fails first, the serving one simply keeps serving and
 //! the supervisor tries again after its backoff.
 
+use std::sync::Arc;
+
 use tokio::task::JoinHandle;
+
+use crate::renew::InPlace;
 
 use crate::CancellationToken;
 
@@ -51,11 +58,16 @@ pub struct Running<E> {
     pub retire: CancellationToken,
     /// Cancelled by the task once the connection can take over.
     pub ready: CancellationToken,
+    /// Whether the connection can be renewed in place, shared with its session.
+    pub in_place: Arc<InPlace>,
 }
 
 impl<E: Send + 'static> Running<E> {
-    /// Spawns `task(retire, ready)`.
-    pub fn spawn<F>(task: impl FnOnce(CancellationToken, CancellationToken) -> F) -> Running<E>
+    /// Spawns `task(retire, ready)` for a connection whose session shares `in_place`.
+    pub fn spawn<F>(
+        in_place: Arc<InPlace>,
+        task: impl FnOnce(CancellationToken, CancellationToken) -> F,
+    ) -> Running<E>
     where
         F: std::future::Future<Output = E> + Send + 'static,
     {
@@ -65,6 +77,7 @@ impl<E: Send + 'static> Running<E> {
             task,
             retire,
             ready,
+            in_place,
         }
     }
 
@@ -95,6 +108,22 @@ pub fn ready<E>(slot: &Option<Running<E>>) -> impl std::future::Future<Output = 
     }
 }
 
+/// Whether a rotation to `id` can be done by renewing the connection in `slot` in place.
+pub fn renews_in_place<E>(slot: &Option<Running<E>>, id: &crate::SpiffeId) -> bool {
+    slot.as_ref().is_some_and(|r| r.in_place.can_renew_to(id))
+}
+
+/// Returns when a renewal of the connection in `slot` is refused (never, for an empty slot).
+pub fn renewal_refused<E>(slot: &Option<Running<E>>) -> impl std::future::Future<Output = ()> {
+    let in_place = slot.as_ref().map(|r| r.in_place.clone());
+    async move {
+        match in_place {
+            Some(p) => p.refused().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Waits for the next certificate rotation (never, once the sender is gone).
 pub async fn rotated(rotations: &mut tokio::sync::watch::Receiver<u64>) {
     if rotations.changed().await.is_err() {
@@ -107,9 +136,13 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn in_place() -> Arc<InPlace> {
+        InPlace::new(crate::SpiffeId::parse("spiffe://test.example/agent/a").unwrap())
+    }
+
     #[tokio::test]
     async fn a_slot_ends_with_its_task_and_an_empty_one_never() {
-        let mut slot = Some(Running::spawn(|_, ready| async move {
+        let mut slot = Some(Running::spawn(in_place(), |_, ready| async move {
             ready.cancel();
             7u32
         }));
@@ -147,7 +180,7 @@ mod tests {
     #[tokio::test]
     async fn a_retired_task_is_told_and_runs_on() {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let r = Running::spawn(|retire, _| async move {
+        let r = Running::spawn(in_place(), |retire, _| async move {
             retire.cancelled().await;
             let _ = tx.send("retired");
         });

@@ -158,14 +158,24 @@ fn connectors_on(im: &IntermediateHandle) -> f64 {
     )
 }
 
-/// A connector's certificate re-issued and reloaded (SIGHUP) before the old one expires: the
-/// connector moves to it make-before-break. Its new connection registers before the old one
-/// deregisters; flows that were running keep the old connection, which the connector renews to
-/// the new certificate, so they outlive the old notAfter too (they were cut there before
-/// renewal in place); flows opened after the reload, and the registration, outlive it; an old
-/// connection with no flows left closes.
+/// Reissues `role`/`name`'s certificate (valid for the default span), writes it over `file`, and
+/// reloads the daemon with `reload`.
+fn reissue(pki: &Pki, role: &str, name: &str, file: &str, reload: impl FnOnce()) {
+    let renewed = pki.ca.issue(&IssueRequest::new(role, name)).unwrap();
+    pki.tls_for(&renewed, file);
+    reload();
+}
+
+/// A connector's certificate re-issued and reloaded (SIGHUP) before the old one expires: its
+/// connection is renewed in place (the intermediate checks the new certificate and lets the
+/// connection run until the new notAfter). No second connection, no re-registration; a flow
+/// that was running and flows opened all along outlive the old notAfter. Rotations beyond the
+/// intermediate's renewal budget (four at once) are refused, and the connector then moves make
+/// before break: a new connection registers before the old one deregisters, and the old one
+/// closes once no flow uses it; no flow fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_expires() {
+async fn a_connector_reloaded_with_a_new_certificate_is_renewed_in_place_or_moves_before_the_old_one_expires(
+) {
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
@@ -183,15 +193,65 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     let load = flow_load(port, load_stop.clone());
 
     // Renewed in place, as an automated renewal would, and reloaded.
-    let renewed = pki
-        .ca
-        .issue(&IssueRequest::new("connector", "web-1"))
-        .unwrap();
-    pki.tls_for(&renewed, "connector-web-1");
-    c.handle.reload(c.config.clone()).expect("reload");
-    // The new connection is up and registered, the old one stays for the flow it carries.
+    reissue(&pki, "connector", "web-1", "connector-web-1", || {
+        c.handle.reload(c.config.clone()).expect("reload");
+    });
+    let renewed = eventually(Duration::from_secs(5), || renewals(&im, "accepted") == 1.0).await;
+    assert!(renewed, "the connection was not renewed in place");
+    assert_eq!(connectors_on(&im), 1.0, "a second connection for a renewal");
+    assert!(
+        echoes(&mut before, b'2').await,
+        "the flow broke at the reload"
+    );
+
+    // Past the old notAfter: nothing is cut.
+    let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
+    let mut kept = 0;
+    for i in 0..3u8 {
+        kept += u32::from(echoes(&mut before, b'a' + i).await);
+    }
+    println!(
+        "MEASURED connector rotation: flow from before the reload echoed {kept}/3 after the old notAfter; renewals accepted {}, connections {}",
+        renewals(&im, "accepted"),
+        connectors_on(&im)
+    );
+    assert_eq!(
+        kept, 3,
+        "the flow was cut at the old certificate's notAfter"
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
+    assert_eq!(connectors_on(&im), 1.0);
+    assert_eq!(
+        registered_on(&c.registered.borrow()),
+        1,
+        "the renewal touched the registration"
+    );
+
+    // Three more renewals use up the intermediate's budget of four; the next is refused, and
+    // the connector moves to a new connection made with the new certificate.
+    for n in 2..=4 {
+        reissue(&pki, "connector", "web-1", "connector-web-1", || {
+            c.handle.reload(c.config.clone()).expect("reload");
+        });
+        let renewed = eventually(Duration::from_secs(5), || {
+            renewals(&im, "accepted") == n as f64
+        })
+        .await;
+        assert!(renewed, "renewal {n} not accepted");
+    }
+    reissue(&pki, "connector", "web-1", "connector-web-1", || {
+        c.handle.reload(c.config.clone()).expect("reload");
+    });
+    let t0 = Instant::now();
+    let refused = eventually(Duration::from_secs(5), || renewals(&im, "refused") == 1.0).await;
+    assert!(refused, "the fifth renewal within a minute was not refused");
     let both = eventually(Duration::from_secs(5), || connectors_on(&im) == 2.0).await;
-    assert!(both, "no second connection: {}", connectors_on(&im));
+    assert!(
+        both,
+        "no second connection after the refusal: {}",
+        connectors_on(&im)
+    );
     let one_serving = eventually(Duration::from_secs(5), || {
         metric(
             &im.daemon.metrics.common.render(),
@@ -202,85 +262,34 @@ async fn a_connector_reloaded_with_a_new_certificate_moves_before_the_old_one_ex
     .await;
     assert!(one_serving, "the old connection did not deregister");
     assert_eq!(registered_on(&c.registered.borrow()), 1);
-    let mut after = held_flow(port).await;
-    before.write_all(b"2").await.unwrap();
-    let mut one = [0u8; 1];
-    before.read_exact(&mut one).await.unwrap();
-    assert_eq!(
-        &one, b"2",
-        "the flow opened before the reload broke at the reload"
-    );
-
-    // Past the old notAfter: nothing is cut, not even the flow on the old connection.
-    let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
-    tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
-    let mut kept = 0;
-    for i in 0..3u8 {
-        kept += u32::from(echoes(&mut before, b'a' + i).await);
-    }
-    println!(
-        "MEASURED connector rotation: flow from before the reload, on the old connection, echoed {kept}/3 after the old notAfter; renewals accepted {}",
-        renewals(&im, "accepted")
-    );
-    assert_eq!(
-        kept, 3,
-        "the flow on the old connection was cut at the old certificate's notAfter"
-    );
-    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
-    assert!(renewals(&im, "accepted") >= 1.0);
-    assert_eq!(renewals(&im, "refused"), 0.0);
-    // Its last flow gone, the old connection closes.
-    drop(before);
-    let one_left = eventually(Duration::from_secs(5), || connectors_on(&im) == 1.0).await;
+    // The flow from before stays on the old connection; once it ends, the connection closes.
     assert!(
-        one_left,
+        echoes(&mut before, b'z').await,
+        "the flow broke at the move"
+    );
+    drop(before);
+    let back_to_one = eventually(Duration::from_secs(10), || connectors_on(&im) == 1.0).await;
+    println!(
+        "MEASURED refused renewal: moved to a new connection, the old one closed {:?} after the reload",
+        t0.elapsed()
+    );
+    assert!(
+        back_to_one,
         "the old connection stayed: {}",
         connectors_on(&im)
     );
-    for i in 0..3u8 {
-        after.write_all(&[i]).await.unwrap();
-        let r = tokio::time::timeout(T, after.read_exact(&mut one)).await;
-        assert!(
-            matches!(r, Ok(Ok(_))) && one[0] == i,
-            "the flow opened after the reload was cut at the old certificate's expiry"
-        );
-    }
     load_stop.cancel();
     let (attempts, failures) = load.await.unwrap();
-    println!("MEASURED new flows across the rotation and the old notAfter: {attempts} opened, {failures} failed");
-    assert_eq!(failures, 0, "flows failed during the rotation");
+    println!("MEASURED new flows across five rotations and the old notAfter: {attempts} opened, {failures} failed");
+    assert_eq!(failures, 0, "flows failed during the rotations");
     assert!(attempts > 50, "only {attempts} flows");
-    let t0 = Instant::now();
     assert_eq!(tcp_roundtrip(port, b"new").await.unwrap(), b"new");
-    let took = t0.elapsed();
-    assert_eq!(connectors_on(&im), 1.0);
     let reconnects = metric(
         &c.daemon.metrics.common.render(),
         "ztna_connector_reconnects_total",
         &[],
     );
-    println!(
-        "MEASURED rotation: old notAfter passed, flow opened after the reload alive, new flow in {took:?}, connector reconnects {reconnects}"
-    );
     assert_eq!(reconnects, 0.0, "a rotation is not a reconnect");
-
-    // A second rotation with no flow on the connection: the old one closes by itself.
-    drop(after);
-    let renewed = pki
-        .ca
-        .issue(&IssueRequest::new("connector", "web-1"))
-        .unwrap();
-    pki.tls_for(&renewed, "connector-web-1");
-    c.handle.reload(c.config.clone()).expect("reload");
-    let t0 = Instant::now();
-    let saw_two = eventually(Duration::from_secs(5), || connectors_on(&im) == 2.0).await;
-    let back_to_one = eventually(Duration::from_secs(10), || connectors_on(&im) == 1.0).await;
-    println!(
-        "MEASURED idle old connection closed {:?} after the second reload",
-        t0.elapsed()
-    );
-    assert!(saw_two && back_to_one, "{}", connectors_on(&im));
-    assert_eq!(tcp_roundtrip(port, b"again").await.unwrap(), b"again");
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
@@ -312,8 +321,10 @@ async fn the_old_connection_still_serves(
     }
 }
 
-/// A rotation the intermediate refuses (here: one connection per identity) leaves the old
-/// connection serving: the connector stays registered, flows keep working, and it keeps trying.
+/// With one connection per identity allowed, a rotation is renewed in place (no second
+/// connection needed). Once renewals are refused (the budget), the move to a new connection is
+/// refused too (the limit): that leaves the old connection serving; the connector stays
+/// registered, flows keep working, and it keeps trying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_rotation_leaves_the_old_connection_serving() {
     logs();
@@ -327,12 +338,22 @@ async fn a_refused_rotation_leaves_the_old_connection_serving() {
     let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
-    let renewed = pki
-        .ca
-        .issue(&IssueRequest::new("connector", "web-1"))
-        .unwrap();
-    pki.tls_for(&renewed, "connector-web-1");
-    c.handle.reload(c.config.clone()).expect("reload");
+    // Renewed in place while the intermediate's budget lasts (four): the limit is no obstacle.
+    for n in 1..=4 {
+        reissue(&pki, "connector", "web-1", "connector-web-1", || {
+            c.handle.reload(c.config.clone()).expect("reload");
+        });
+        let renewed = eventually(Duration::from_secs(5), || {
+            renewals(&im, "accepted") == n as f64
+        })
+        .await;
+        assert!(renewed, "renewal {n} not accepted");
+    }
+    assert_eq!(connectors_on(&im), 1.0);
+    // The fifth is refused: the connector tries a new connection, which the limit refuses.
+    reissue(&pki, "connector", "web-1", "connector-web-1", || {
+        c.handle.reload(c.config.clone()).expect("reload");
+    });
     let refused = eventually(Duration::from_secs(5), || {
         metric(
             &im.daemon.metrics.common.render(),
@@ -396,12 +417,14 @@ async fn a_rotation_to_an_identity_the_policy_refuses_leaves_the_old_connection_
     im.daemon.shutdown().await;
 }
 
-/// The same for an agent: after a reload with a renewed certificate, new flows use a connection
-/// made with it, a running UDP flow moves there, a running TCP flow stays on the old connection,
-/// renewed in place, and outlives the old notAfter; the old connection closes once nothing uses
-/// it.
+/// The same for an agent: after a reload with a renewed certificate, its connection is renewed
+/// in place, and a TCP and a UDP flow that were running outlive the old notAfter. Once its
+/// renewals are refused (the intermediate's budget), it moves make before break: new flows and
+/// the UDP flow use a connection made with the new certificate, the TCP flow stays on the old
+/// connection, which closes once nothing uses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expires() {
+async fn an_agent_reloaded_with_a_new_certificate_is_renewed_in_place_or_moves_before_the_old_one_expires(
+) {
     logs();
     let pki = Pki::new();
     let (echo, _e) = tcp_echo().await;
@@ -425,14 +448,15 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
     udp.connect(a.port("web", Protocol::Udp)).await.unwrap();
     assert!(udp_round_trip(&udp, b"u0").await.is_some());
 
-    let renewed = pki.ca.issue(&IssueRequest::new("agent", "alice")).unwrap();
-    pki.tls_for(&renewed, "agent-alice");
-    a.handle.reload(a.config.clone()).expect("reload");
-    let both = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
-    assert!(both, "no second connection: {}", agents_on(&im));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut after = held_flow(port).await;
-    assert!(udp_round_trip(&udp, b"u1").await.is_some());
+    let reload = |a: &AgentHandle| {
+        reissue(&pki, "agent", "alice", "agent-alice", || {
+            a.handle.reload(a.config.clone()).expect("reload");
+        })
+    };
+    reload(&a);
+    let renewed = eventually(Duration::from_secs(5), || renewals(&im, "accepted") == 1.0).await;
+    assert!(renewed, "the connection was not renewed in place");
+    assert_eq!(agents_on(&im), 1.0, "a second connection for a renewal");
 
     let wait = not_after - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
     tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
@@ -440,62 +464,71 @@ async fn an_agent_reloaded_with_a_new_certificate_moves_before_the_old_one_expir
     for i in 0..3u8 {
         kept += u32::from(echoes(&mut before, b'a' + i).await);
     }
-    println!("MEASURED agent rotation: TCP flow from before the reload echoed {kept}/3 after the old notAfter");
-    assert_eq!(
-        kept, 3,
-        "the TCP flow on the old connection was cut at the old certificate's notAfter"
-    );
-    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
-    assert!(renewals(&im, "accepted") >= 1.0);
-    assert_eq!(renewals(&im, "refused"), 0.0);
-    drop(before);
-    let mut one = [0u8; 1];
-    for i in 0..3u8 {
-        after.write_all(&[i]).await.unwrap();
-        let r = tokio::time::timeout(T, after.read_exact(&mut one)).await;
-        assert!(
-            matches!(r, Ok(Ok(_))) && one[0] == i,
-            "the flow opened after the reload was cut at the old certificate's expiry"
-        );
-    }
     let mut answered = 0;
     for i in 0..5u8 {
         if udp_round_trip(&udp, &[b'v', i]).await.is_some() {
             answered += 1;
         }
     }
+    println!("MEASURED agent rotation: after the old notAfter, TCP flow from before the reload echoed {kept}/3, UDP flow answered {answered}/5");
+    assert_eq!(
+        kept, 3,
+        "the TCP flow was cut at the old certificate's notAfter"
+    );
+    assert_eq!(
+        answered, 5,
+        "the UDP flow was cut at the old certificate's notAfter"
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
+    assert_eq!(agents_on(&im), 1.0);
+
+    // Renewals beyond the budget are refused: the agent moves to a new connection.
+    for n in 2..=4 {
+        reload(&a);
+        let renewed = eventually(Duration::from_secs(5), || {
+            renewals(&im, "accepted") == n as f64
+        })
+        .await;
+        assert!(renewed, "renewal {n} not accepted");
+    }
+    reload(&a);
+    let refused = eventually(Duration::from_secs(5), || renewals(&im, "refused") == 1.0).await;
+    assert!(refused, "the fifth renewal within a minute was not refused");
+    let both = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
+    assert!(
+        both,
+        "no second connection after the refusal: {}",
+        agents_on(&im)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut after = held_flow(port).await;
+    assert!(udp_round_trip(&udp, b"u1").await.is_some());
+    assert!(
+        echoes(&mut before, b'z').await,
+        "the TCP flow broke at the move"
+    );
+    drop(before);
+    // The UDP flow moved: the old connection, now without flows, closes.
+    let back_to_one = eventually(Duration::from_secs(10), || agents_on(&im) == 1.0).await;
+    assert!(back_to_one, "the old connection stayed: {}", agents_on(&im));
+    assert!(udp_round_trip(&udp, b"w").await.is_some());
+    assert!(echoes(&mut after, b'y').await);
     let udp_drops = metric(
         &a.daemon.metrics.common.render(),
         "ztna_agent_udp_dropped_total",
         &[],
     );
-    println!("MEASURED agent rotation: UDP flow from before the reload answered {answered}/5 after the old notAfter; agent UDP drops {udp_drops}");
-    assert_eq!(
-        answered, 5,
-        "the UDP flow did not move to the new connection"
-    );
-    assert_eq!(tcp_roundtrip(port, b"new").await.unwrap(), b"new");
-    let one_left = eventually(Duration::from_secs(5), || agents_on(&im) == 1.0).await;
-    assert!(one_left, "the old connection stayed: {}", agents_on(&im));
-
-    // A second rotation while only a UDP flow runs: the old connection closes by itself.
-    drop(after);
-    let renewed = pki.ca.issue(&IssueRequest::new("agent", "alice")).unwrap();
-    pki.tls_for(&renewed, "agent-alice");
-    a.handle.reload(a.config.clone()).expect("reload");
-    let saw_two = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
-    let back_to_one = eventually(Duration::from_secs(10), || agents_on(&im) == 1.0).await;
-    assert!(saw_two && back_to_one, "{}", agents_on(&im));
-    assert!(udp_round_trip(&udp, b"w").await.is_some());
+    println!("MEASURED agent moved after a refused renewal; agent UDP drops {udp_drops}");
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
 
 /// A CA rotation with the deployment running, in three reloads of every daemon: trust both CAs,
-/// move every certificate to the new CA (connectors and agents move over make before break),
-/// then trust only the new CA. New flows all along: none fails, and no peer is disconnected
-/// when the old CA goes; a certificate of the old CA is refused afterwards.
+/// move every certificate to the new CA (connectors' and agents' connections are renewed in
+/// place), then trust only the new CA. New flows all along: none fails, a flow held from before
+/// the rotation survives it, and no peer is disconnected when the old CA goes; a certificate of
+/// the old CA is refused afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_rotation_in_three_reloads_fails_no_flow() {
     logs();
@@ -511,6 +544,7 @@ async fn a_ca_rotation_in_three_reloads_fails_no_flow() {
     let mut a = start_agent(&pki, "alice", &[addr], &[("web", ForwardProtocol::Tcp)]).await;
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
+    let mut held = held_flow(port).await;
     let load_stop = CancellationToken::new();
     let load = flow_load(port, load_stop.clone());
     let reload_all = |what: &str| {
@@ -548,15 +582,21 @@ async fn a_ca_rotation_in_three_reloads_fails_no_flow() {
     }
     let s2 = reload_all("new certificates");
     assert!(s2.contains("0 peers disconnected"), "{s2}");
-    // The connector and the agent connect with their new certificates, and their old
-    // connections retire once their flows (the load's, short) are done.
+    // The connector's and the agent's connections are renewed to their new certificates in
+    // place: no new connection.
     let moved = eventually(Duration::from_secs(10), || {
         let text = metrics.common.render();
         let on = |role| metric(&text, "ztna_intermediate_connections", &[("role", role)]);
-        handshakes() >= before + 2.0 && on("connector") == 1.0 && on("agent") == 1.0
+        let renewed = metric(
+            &text,
+            "ztna_intermediate_renewals_total",
+            &[("result", "accepted")],
+        );
+        renewed == 2.0 && on("connector") == 1.0 && on("agent") == 1.0
     })
     .await;
-    assert!(moved, "old connections still up");
+    assert!(moved, "the connections were not renewed in place");
+    assert_eq!(handshakes(), before, "a new connection for a renewal");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 3. Trust only the new CA: nobody is left on the old one.
@@ -571,7 +611,9 @@ async fn a_ca_rotation_in_three_reloads_fails_no_flow() {
         "ztna_intermediate_revocations_total",
         &[],
     );
-    println!("MEASURED CA rotation in three reloads: {attempts} new flows, {failures} failed; peers revoked {revoked}");
+    let kept = echoes(&mut held, b'h').await;
+    println!("MEASURED CA rotation in three reloads: {attempts} new flows, {failures} failed; peers revoked {revoked}; flow held from before alive: {kept}");
+    assert!(kept, "the flow held from before the rotation was cut");
     assert_eq!(failures, 0, "flows failed during the CA rotation");
     assert!(attempts > 50, "only {attempts} flows");
     assert_eq!(revoked, 0.0);
@@ -1161,8 +1203,9 @@ async fn renew_on(
 /// A renewal is what lets a connection outlive its certificate, so only the connection's own
 /// peer may make one, for its own identity, with a certificate of the deployment's CA. A crafted
 /// client with a valid agent certificate (expiring in 6 s) tries: another agent's certificate, a
-/// renewal signed for its other connection (replayed), a certificate of another CA, a connector
-/// certificate, garbage, and too many renewals. Each is refused with the reason and counted; its
+/// renewal signed for its other connection (replayed), a certificate of another CA, the new
+/// certificate signed with the old key (a stolen old key), a connector certificate, garbage,
+/// and too many renewals. Each is refused with the reason and counted; its
 /// connection ends at the old notAfter all the same. Its one proper renewal is accepted, with the
 /// new notAfter, and that connection outlives the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1183,8 +1226,30 @@ async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_i
     let load = |tls: &ztna_node::config::TlsConfig| {
         ztna_node::Identity::load(tls, ztna_proto::Role::Agent).unwrap()
     };
+    let old = load(&tls);
     let renewed = load(&pki.issue("agent", "mallory"));
     let alice = load(&pki.issue("agent", "alice"));
+    // What a thief of the old key alone could send: the new certificate, which is public, with
+    // a signature of the old key.
+    let old_key_signs =
+        |conn: &quinn::Connection, new: &ztna_node::Identity, old: &ztna_node::Identity| {
+            let ztna_proto::ClientMsg::Renew { chain, .. } =
+                ztna_node::renew::request(conn, new).unwrap()
+            else {
+                unreachable!("request makes a Renew")
+            };
+            let ztna_proto::ClientMsg::Renew {
+                scheme, signature, ..
+            } = ztna_node::renew::request(conn, old).unwrap()
+            else {
+                unreachable!("request makes a Renew")
+            };
+            ztna_proto::ClientMsg::Renew {
+                chain,
+                scheme,
+                signature,
+            }
+        };
     let foreign = load(&Pki::new().issue("agent", "mallory"));
     let request = |conn: &quinn::Connection, id: &ztna_node::Identity| {
         ztna_node::renew::request(conn, id).unwrap()
@@ -1227,7 +1292,8 @@ async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_i
         .expect_err("a fifth renewal within a minute");
     assert!(reason.contains("too many"), "{reason}");
     refusals.push(("one too many", reason));
-    // On the second: a connector's certificate and garbage.
+    // On the second: the new certificate signed with the old key, a connector's certificate and
+    // garbage.
     let connector = ztna_node::Identity::load(
         &pki.issue("connector", "mallory"),
         ztna_proto::Role::Connector,
@@ -1238,15 +1304,25 @@ async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_i
         scheme: 0x0403,
         signature: vec![0; 64],
     };
-    for (case, msg) in [
-        ("a connector certificate", request(&conn2, &connector)),
-        ("garbage", garbage),
+    for (case, msg, expected) in [
+        (
+            "the new certificate signed with the old key",
+            old_key_signs(&conn2, &renewed, &old),
+            "not signed for this connection",
+        ),
+        (
+            "a connector certificate",
+            request(&conn2, &connector),
+            "wrong role",
+        ),
+        ("garbage", garbage, "certificate"),
     ] {
         let reason = renew_on(&mut s2, &mut r2, &msg).await.expect_err(case);
+        assert!(reason.contains(expected), "{case}: {reason}");
         refusals.push((case, reason));
     }
     println!("MEASURED renewal refusals: {refusals:#?}");
-    assert_eq!(renewals(&im, "refused"), 6.0);
+    assert_eq!(renewals(&im, "refused"), 7.0);
     assert_eq!(renewals(&im, "accepted"), 1.0);
 
     // Past the old notAfter: the connection with only refused renewals is cut, the renewed one

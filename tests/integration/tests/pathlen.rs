@@ -141,3 +141,68 @@ async fn a_sub_ca_cannot_mint_an_intermediate() {
     rogue.close(0u32.into(), b"done");
     accepting.abort();
 }
+
+/// Nor by renewing an established connection: a sub-CA's leaf for the connection's own
+/// identity, sent with the sub-CA and signed properly for the connection, is refused, and the
+/// connection still ends at its certificate's notAfter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_ca_cannot_renew_a_connection() {
+    logs();
+    let pki = Pki::new();
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let good = pki.issue("agent", "mallory");
+    let (_ep, conn) = raw_connect(&good, Role::Agent, im.addr).await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = ztna_node::io::FramedRecv::new(recv);
+    let hello = ztna_proto::ClientMsg::Hello {
+        version: ztna_proto::PROTOCOL_VERSION,
+        role: Role::Agent,
+        software: "crafted".into(),
+        watch: vec![],
+    };
+    ztna_node::io::write_frame(&mut send, &hello).await.unwrap();
+    let welcome = recv
+        .expect::<ztna_proto::ServerMsg>(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(welcome, ztna_proto::ServerMsg::Welcome { .. }));
+    let rogue = ztna_node::Identity::load(&issue_via_sub_ca(&pki, "agent", "mallory"), Role::Agent)
+        .expect("the rogue identity loads (its CA file is the deployment's)");
+    let ztna_proto::ClientMsg::Renew {
+        scheme, signature, ..
+    } = ztna_node::renew::request(&conn, &rogue).unwrap()
+    else {
+        unreachable!("request makes a Renew")
+    };
+    // The leaf and the sub-CA that vouches for it.
+    let chain = rogue.chain.iter().take(2).map(|c| c.to_vec()).collect();
+    let msg = ztna_proto::ClientMsg::Renew {
+        chain,
+        scheme,
+        signature,
+    };
+    ztna_node::io::write_frame(&mut send, &msg).await.unwrap();
+    let answer = recv
+        .expect::<ztna_proto::ServerMsg>(Duration::from_secs(5))
+        .await
+        .unwrap();
+    println!("MEASURED a sub-CA's renewal: {answer:?}");
+    match answer {
+        ztna_proto::ServerMsg::RenewRefused { reason } => {
+            assert!(
+                reason.contains("not issued by the deployment CA"),
+                "{reason}"
+            )
+        }
+        other => panic!("a sub-CA's leaf renewed the connection: {other:?}"),
+    }
+    assert_eq!(
+        metric(
+            &im.daemon.metrics.common.render(),
+            "ztna_intermediate_renewals_total",
+            &[("result", "accepted")],
+        ),
+        0.0
+    );
+    im.daemon.shutdown().await;
+}
