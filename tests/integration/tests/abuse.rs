@@ -1347,3 +1347,56 @@ async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_i
     assert_eq!(revocations(&im, "certificate_expired"), 1.0);
     im.daemon.shutdown().await;
 }
+
+/// A refused renewal is retried a minute later on the same connection: an agent rotates five
+/// times at once; the fifth renewal is refused (the intermediate's budget of four), so new flows
+/// move to a new connection, and a TCP flow left on the old one is carried over to the new
+/// certificate by the retry once the budget allows it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_renewal_is_retried_a_minute_later() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let mut c = start_connector(&pki, "web-1", &[im.addr], &[("web", Some(echo), None)]);
+    c.wait_registered(1).await;
+    let mut a = start_agent(&pki, "alice", &[im.addr], &[("web", ForwardProtocol::Tcp)]).await;
+    a.wait_status("web", ServiceState::Available).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut held = held_flow(port).await;
+    for n in 1..=4 {
+        reissue(&pki, "agent", "alice", "agent-alice", || {
+            a.handle.reload(a.config.clone()).expect("reload");
+        });
+        let renewed = eventually(Duration::from_secs(5), || {
+            renewals(&im, "accepted") == n as f64
+        })
+        .await;
+        assert!(renewed, "renewal {n} not accepted");
+    }
+    reissue(&pki, "agent", "alice", "agent-alice", || {
+        a.handle.reload(a.config.clone()).expect("reload");
+    });
+    let refused = eventually(Duration::from_secs(5), || renewals(&im, "refused") == 1.0).await;
+    assert!(refused, "the fifth renewal within a minute was not refused");
+    let t0 = Instant::now();
+    let moved = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
+    assert!(moved, "no new connection after the refusal");
+    // The old connection stays for the held flow, and retries.
+    let retried = eventually(Duration::from_secs(80), || renewals(&im, "accepted") == 5.0).await;
+    println!(
+        "MEASURED refused renewal retried and accepted {:?} after the refusal; connections {}",
+        t0.elapsed(),
+        agents_on(&im)
+    );
+    assert!(retried, "the refused renewal was not retried");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(55),
+        "retried before the budget allowed"
+    );
+    assert_eq!(renewals(&im, "refused"), 1.0, "retried too often");
+    assert!(echoes(&mut held, b'r').await, "the held flow broke");
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
