@@ -115,19 +115,12 @@ pub(crate) async fn supervise(
                 _ = wake => {}
                 _ = stop.cancelled() => break,
                 _ = rotation::rotated(&mut rotations) => {
-                    if let Some(old) = candidate.take() {
-                        old.retire();
-                    }
-                    if rotation::renews_in_place(&serving, &shared.tls.id()) {
-                        info!("certificate replaced: renewing the connection in place");
-                    } else {
-                        info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+                    if rotation::rotated_needs_connection(&serving, &mut candidate, &shared.tls.id()) {
                         attempt_at = Some(tokio::time::Instant::now());
                     }
                 }
                 _ = rotation::renewal_refused(&serving) => {
-                    if candidate.is_none() && attempt_at.is_none() {
-                        info!("renewal refused: connecting with the new certificate; flows running on the old connection finish there");
+                    if rotation::refused_needs_connection(&candidate, attempt_at.is_some()) {
                         attempt_at = Some(tokio::time::Instant::now());
                     }
                 }

@@ -158,25 +158,11 @@ pub(crate) async fn run(
     ztna_node::lock(&shared.peers).insert(conn_id, peer.clone());
     // A reload between its handshake and now did not see it in `peers`: check it here against
     // the CA now in force (after the insert, so a later reload's walk sees it instead).
-    if shared.reloads.load(Ordering::SeqCst) != reloads {
-        if let Err(why) = shared
-            .identity()
-            .verify_client_chain(&peer.chain(), &[role])
-        {
-            warn!(%why, "certificate no longer accepted after a reload during its handshake, disconnecting");
-            shared
-                .metrics
-                .revocations
-                .with_label_values(&["ca_changed"])
-                .inc();
-            close(
-                &conn,
-                codes::REVOKED,
-                &format!("certificate no longer accepted: {why}"),
-            );
-            ztna_node::lock(&shared.peers).remove(&conn_id);
-            return;
-        }
+    if shared.reloads.load(Ordering::SeqCst) != reloads
+        && revoke_if_not_accepted(&shared, &peer, "during its handshake").is_err()
+    {
+        ztna_node::lock(&shared.peers).remove(&conn_id);
+        return;
     }
     // Its handshake RTT now; then every few seconds with all peers (`status_loop`).
     shared
@@ -253,6 +239,29 @@ fn protocol_error(conn: &quinn::Connection, what: &str, e: &StreamError) -> Stri
     }
 }
 
+/// After a CA reload that a check of `peer` may have missed (`when`: during its handshake or its
+/// renewal): re-checks its chain against the CA now in force, and closes it if refused (unless
+/// the reload's own walk already did). The reason, if refused.
+fn revoke_if_not_accepted(shared: &Shared, peer: &Peer, when: &str) -> Result<(), String> {
+    let Err(why) = shared
+        .identity()
+        .verify_client_chain(&peer.chain(), &[peer.role])
+    else {
+        return Ok(());
+    };
+    let reason = format!("certificate no longer accepted: {why}");
+    if peer.conn.close_reason().is_none() {
+        warn!(%why, "certificate no longer accepted after a reload {when}, disconnecting");
+        shared
+            .metrics
+            .revocations
+            .with_label_values(&["ca_changed"])
+            .inc();
+        close(&peer.conn, codes::REVOKED, &reason);
+    }
+    Err(reason)
+}
+
 /// Closes the connection when the peer's certificate expires: an established connection must
 /// not outlive the credential it was authorized with (a renewal moves the moment, see [`renew`]).
 async fn expire(shared: &Shared, peer: &Peer) -> String {
@@ -327,28 +336,9 @@ fn renew(
     let not_after = renewed.not_after;
     peer.renewed(renewed.chain, not_after);
     if shared.reloads.load(Ordering::SeqCst) != reloads {
-        if let Err(why) = shared
-            .identity()
-            .verify_client_chain(&peer.chain(), &[peer.role])
-        {
-            // The reload's walk may have closed it already (and counted it).
-            if peer.conn.close_reason().is_none() {
-                warn!(%why, "renewed certificate no longer accepted after a reload during the renewal, disconnecting");
-                shared
-                    .metrics
-                    .revocations
-                    .with_label_values(&["ca_changed"])
-                    .inc();
-                close(
-                    &peer.conn,
-                    codes::REVOKED,
-                    &format!("certificate no longer accepted: {why}"),
-                );
-            }
+        if let Err(reason) = revoke_if_not_accepted(shared, peer, "during its renewal") {
             counted("refused");
-            return ServerMsg::RenewRefused {
-                reason: format!("certificate no longer accepted: {why}"),
-            };
+            return ServerMsg::RenewRefused { reason };
         }
     }
     counted("accepted");

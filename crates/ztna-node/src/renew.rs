@@ -89,27 +89,6 @@ pub fn check(
     scheme: u16,
     signature: &[u8],
 ) -> Result<Renewed, String> {
-    check_leaf(conn, ours, peer, role, chain, scheme, signature).map_err(|mut e| {
-        if e.len() > MAX_REASON {
-            let mut end = MAX_REASON;
-            while !e.is_char_boundary(end) {
-                end -= 1;
-            }
-            e.truncate(end);
-        }
-        e
-    })
-}
-
-fn check_leaf(
-    conn: &quinn::Connection,
-    ours: &Identity,
-    peer: &SpiffeId,
-    role: Role,
-    chain: Vec<Vec<u8>>,
-    scheme: u16,
-    signature: &[u8],
-) -> Result<Renewed, String> {
     let leaf = CertificateDer::from(
         chain
             .into_iter()
@@ -117,18 +96,33 @@ fn check_leaf(
             .ok_or_else(|| "no certificate".to_string())?,
     );
     let chain = vec![leaf];
-    let id = ours.verify_client_chain(&chain, &[role])?;
+    let id = ours.verify_client_chain(&chain, &[role]).map_err(capped)?;
     if id != *peer {
-        return Err(format!(
+        return Err(capped(format!(
             "the new certificate is for {id}; this connection is {peer}, and a renewal cannot change it"
-        ));
+        )));
     }
     let msg = signed_part(conn, &chain[0])?;
-    verify_signature(&chain[0], scheme, &msg, signature)
-        .map_err(|e| format!("not signed for this connection with the new key: {e}"))?;
+    verify_signature(&chain[0], scheme, &msg, signature).map_err(|e| {
+        capped(format!(
+            "not signed for this connection with the new key: {e}"
+        ))
+    })?;
     let not_after = cert_not_after(&chain[0])
         .ok_or_else(|| "the new certificate has no notAfter".to_string())?;
     Ok(Renewed { chain, not_after })
+}
+
+/// `e` cut to [`MAX_REASON`] bytes.
+fn capped(mut e: String) -> String {
+    if e.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !e.is_char_boundary(end) {
+            end -= 1;
+        }
+        e.truncate(end);
+    }
+    e
 }
 
 /// How long after a refusal a renewal is tried again (the intermediate allows one a minute).

@@ -113,6 +113,35 @@ pub fn renews_in_place<E>(slot: &Option<Running<E>>, id: &crate::SpiffeId) -> bo
     slot.as_ref().is_some_and(|r| r.in_place.can_renew_to(id))
 }
 
+/// A rotation of the certificate to one of `id`: retires a candidate made for an earlier one,
+/// and says whether a new connection is needed (not when the serving one is renewed in place).
+pub fn rotated_needs_connection<E: Send + 'static>(
+    serving: &Option<Running<E>>,
+    candidate: &mut Option<Running<E>>,
+    id: &crate::SpiffeId,
+) -> bool {
+    if let Some(old) = candidate.take() {
+        old.retire();
+    }
+    if renews_in_place(serving, id) {
+        tracing::info!("certificate replaced: renewing the connection in place");
+        false
+    } else {
+        tracing::info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+        true
+    }
+}
+
+/// After a refused renewal of the serving connection: whether to make a connection with the new
+/// certificate now (not when one is made or due already).
+pub fn refused_needs_connection<E>(candidate: &Option<Running<E>>, attempt_due: bool) -> bool {
+    let needed = candidate.is_none() && !attempt_due;
+    if needed {
+        tracing::info!("renewal refused: connecting with the new certificate; flows running on the old connection finish there");
+    }
+    needed
+}
+
 /// Returns when a renewal of the connection in `slot` is refused (never, for an empty slot).
 pub fn renewal_refused<E>(slot: &Option<Running<E>>) -> impl std::future::Future<Output = ()> {
     let in_place = slot.as_ref().map(|r| r.in_place.clone());

@@ -166,6 +166,23 @@ fn reissue(pki: &Pki, role: &str, name: &str, file: &str, reload: impl FnOnce())
     reload();
 }
 
+/// Reloads (`reload`, with a re-issued certificate) until the intermediate has accepted four
+/// renewals (its budget), then once more, and waits for that fifth one to be refused.
+async fn renew_past_the_budget(im: &IntermediateHandle, mut reload: impl FnMut()) {
+    let start = renewals(im, "accepted") as u32;
+    for n in start + 1..=4 {
+        reload();
+        let renewed = eventually(Duration::from_secs(5), || {
+            renewals(im, "accepted") == f64::from(n)
+        })
+        .await;
+        assert!(renewed, "renewal {n} not accepted");
+    }
+    reload();
+    let refused = eventually(Duration::from_secs(5), || renewals(im, "refused") == 1.0).await;
+    assert!(refused, "the fifth renewal within a minute was not refused");
+}
+
 /// A connector's certificate re-issued and reloaded (SIGHUP) before the old one expires: its
 /// connection is renewed in place (the intermediate checks the new certificate and lets the
 /// connection run until the new notAfter). No second connection, no re-registration; a flow
@@ -230,22 +247,13 @@ async fn a_connector_reloaded_with_a_new_certificate_is_renewed_in_place_or_move
 
     // Three more renewals use up the intermediate's budget of four; the next is refused, and
     // the connector moves to a new connection made with the new certificate.
-    for n in 2..=4 {
+    let t0 = Instant::now();
+    renew_past_the_budget(&im, || {
         reissue(&pki, "connector", "web-1", "connector-web-1", || {
             c.handle.reload(c.config.clone()).expect("reload");
-        });
-        let renewed = eventually(Duration::from_secs(5), || {
-            renewals(&im, "accepted") == n as f64
         })
-        .await;
-        assert!(renewed, "renewal {n} not accepted");
-    }
-    reissue(&pki, "connector", "web-1", "connector-web-1", || {
-        c.handle.reload(c.config.clone()).expect("reload");
-    });
-    let t0 = Instant::now();
-    let refused = eventually(Duration::from_secs(5), || renewals(&im, "refused") == 1.0).await;
-    assert!(refused, "the fifth renewal within a minute was not refused");
+    })
+    .await;
     let both = eventually(Duration::from_secs(5), || connectors_on(&im) == 2.0).await;
     assert!(
         both,
@@ -270,7 +278,7 @@ async fn a_connector_reloaded_with_a_new_certificate_is_renewed_in_place_or_move
     drop(before);
     let back_to_one = eventually(Duration::from_secs(10), || connectors_on(&im) == 1.0).await;
     println!(
-        "MEASURED refused renewal: moved to a new connection, the old one closed {:?} after the reload",
+        "MEASURED refused renewal: moved to a new connection, the old one closed {:?} after the reloads past the budget began",
         t0.elapsed()
     );
     assert!(
@@ -339,21 +347,13 @@ async fn a_refused_rotation_leaves_the_old_connection_serving() {
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
     // Renewed in place while the intermediate's budget lasts (four): the limit is no obstacle.
-    for n in 1..=4 {
+    // The fifth is refused: the connector tries a new connection, which the limit refuses.
+    renew_past_the_budget(&im, || {
         reissue(&pki, "connector", "web-1", "connector-web-1", || {
             c.handle.reload(c.config.clone()).expect("reload");
-        });
-        let renewed = eventually(Duration::from_secs(5), || {
-            renewals(&im, "accepted") == n as f64
         })
-        .await;
-        assert!(renewed, "renewal {n} not accepted");
-    }
-    assert_eq!(connectors_on(&im), 1.0);
-    // The fifth is refused: the connector tries a new connection, which the limit refuses.
-    reissue(&pki, "connector", "web-1", "connector-web-1", || {
-        c.handle.reload(c.config.clone()).expect("reload");
-    });
+    })
+    .await;
     let refused = eventually(Duration::from_secs(5), || {
         metric(
             &im.daemon.metrics.common.render(),
@@ -483,17 +483,7 @@ async fn an_agent_reloaded_with_a_new_certificate_is_renewed_in_place_or_moves_b
     assert_eq!(agents_on(&im), 1.0);
 
     // Renewals beyond the budget are refused: the agent moves to a new connection.
-    for n in 2..=4 {
-        reload(&a);
-        let renewed = eventually(Duration::from_secs(5), || {
-            renewals(&im, "accepted") == n as f64
-        })
-        .await;
-        assert!(renewed, "renewal {n} not accepted");
-    }
-    reload(&a);
-    let refused = eventually(Duration::from_secs(5), || renewals(&im, "refused") == 1.0).await;
-    assert!(refused, "the fifth renewal within a minute was not refused");
+    renew_past_the_budget(&im, || reload(&a)).await;
     let both = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
     assert!(
         both,
@@ -1364,21 +1354,12 @@ async fn a_refused_renewal_is_retried_a_minute_later() {
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
     let mut held = held_flow(port).await;
-    for n in 1..=4 {
+    renew_past_the_budget(&im, || {
         reissue(&pki, "agent", "alice", "agent-alice", || {
             a.handle.reload(a.config.clone()).expect("reload");
-        });
-        let renewed = eventually(Duration::from_secs(5), || {
-            renewals(&im, "accepted") == n as f64
         })
-        .await;
-        assert!(renewed, "renewal {n} not accepted");
-    }
-    reissue(&pki, "agent", "alice", "agent-alice", || {
-        a.handle.reload(a.config.clone()).expect("reload");
-    });
-    let refused = eventually(Duration::from_secs(5), || renewals(&im, "refused") == 1.0).await;
-    assert!(refused, "the fifth renewal within a minute was not refused");
+    })
+    .await;
     let t0 = Instant::now();
     let moved = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
     assert!(moved, "no new connection after the refusal");

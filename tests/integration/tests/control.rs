@@ -97,23 +97,30 @@ async fn the_intermediate_reads_control_frames_split_across_packets_whole() {
     im.daemon.shutdown().await;
 }
 
+/// A QUIC server with an intermediate's certificate that accepts `client`s: an intermediate
+/// stand-in whose every message a test writes by hand.
+fn stand_in(pki: &Pki, client: Role) -> (quinn::Endpoint, std::net::SocketAddr) {
+    let identity =
+        ztna_node::Identity::load(&pki.issue("intermediate", "fake"), Role::Intermediate)
+            .expect("identity");
+    let server = ztna_node::transport::server_config(
+        &identity,
+        &[client],
+        &ztna_node::transport::TransportOptions::default(),
+    )
+    .expect("server config");
+    let ep = quinn::Endpoint::server(server, loopback0()).expect("endpoint");
+    let addr = ep.local_addr().unwrap();
+    (ep, addr)
+}
+
 /// An intermediate stand-in that speaks to a real agent: it welcomes it, then sends a service
 /// status one byte every 50 ms while datagrams arrive; the agent must read it whole and stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reads_a_status_frame_split_across_packets_whole() {
     logs();
     let pki = Pki::new();
-    let identity =
-        ztna_node::Identity::load(&pki.issue("intermediate", "fake"), Role::Intermediate)
-            .expect("identity");
-    let server = ztna_node::transport::server_config(
-        &identity,
-        &[Role::Agent],
-        &ztna_node::transport::TransportOptions::default(),
-    )
-    .expect("server config");
-    let ep = quinn::Endpoint::server(server, loopback0()).expect("endpoint");
-    let addr = ep.local_addr().unwrap();
+    let (ep, addr) = stand_in(&pki, Role::Agent);
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
     let fake = tokio::spawn(async move {
@@ -604,17 +611,7 @@ async fn a_lone_relay_restarted_after_a_drain_is_used_within_two_seconds() {
 async fn a_connector_polls_a_relay_that_closed_with_the_draining_code_alone() {
     logs();
     let pki = Pki::new();
-    let identity =
-        ztna_node::Identity::load(&pki.issue("intermediate", "fake"), Role::Intermediate)
-            .expect("identity");
-    let server = ztna_node::transport::server_config(
-        &identity,
-        &[Role::Connector],
-        &ztna_node::transport::TransportOptions::default(),
-    )
-    .expect("server config");
-    let ep = quinn::Endpoint::server(server, loopback0()).expect("endpoint");
-    let addr = ep.local_addr().unwrap();
+    let (ep, addr) = stand_in(&pki, Role::Connector);
     let mut c = start_connector(&pki, "web-1", &[addr], &[("web", Some(addr), None)]);
     // The stand-in welcomes the connector, registers its service, then closes with the
     // DRAINING code and no GoAway.
