@@ -56,6 +56,8 @@ pub struct DirectPath {
     /// SPIFFE ID of the connector.
     pub connector: String,
     pub conn: quinn::Connection,
+    /// Its datagram send buffer, shared fairly by the UDP flows on it.
+    pub fair: ztna_node::datagram::Fair,
     /// The control stream: tickets out, the connector's answers back.
     control: tokio::sync::Mutex<(quinn::SendStream, FramedRecv)>,
     /// Whether the connector answers tickets presented on the control stream (connectors
@@ -78,6 +80,7 @@ impl DirectPath {
     ) -> DirectPath {
         DirectPath {
             connector,
+            fair: ztna_node::datagram::Fair::new(&conn),
             conn,
             control: tokio::sync::Mutex::new(control),
             answers: AtomicBool::new(true),

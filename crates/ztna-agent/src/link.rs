@@ -11,6 +11,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
 use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
+use ztna_node::renew::Need;
 use ztna_node::rotation::{self, Running};
 use ztna_node::CancellationToken;
 use ztna_proto::{Role, ServerMsg, ServiceState};
@@ -47,6 +48,15 @@ pub(crate) async fn supervise(
             if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
                 attempt_at = None;
                 let (identity, client_config) = shared.tls.current();
+                match rotation::connection_needed(&serving, &identity) {
+                    Need::No => continue,
+                    Need::Later(d) => {
+                        attempt_at = Some(tokio::time::Instant::now() + d);
+                        continue;
+                    }
+                    Need::Now if serving.is_some() => info!("certificate replaced: connecting with the new one; flows running on the old connection finish there"),
+                    Need::Now => {}
+                }
                 let limit = backoff.attempt_limit();
                 let attempt = tokio::select! {
                     r = client::connect(&endpoint, &client_config, &target, limit) => r,
@@ -66,6 +76,7 @@ pub(crate) async fn supervise(
                             index,
                             generation,
                             target: target.clone(),
+                            fair: ztna_node::datagram::Fair::new(&conn),
                             conn,
                             control,
                             users: Default::default(),
@@ -131,12 +142,15 @@ pub(crate) async fn supervise(
                 _ = wake => {}
                 _ = stop.cancelled() => break,
                 _ = rotation::rotated(&mut rotations) => {
-                    if rotation::rotated_needs_connection(&serving, &mut candidate, &shared.tls.id()) {
-                        attempt_at = Some(tokio::time::Instant::now());
+                    // A connection with the new certificate, unless the serving one is renewed
+                    // in place (decided when the attempt is due).
+                    if let Some(old) = candidate.take() {
+                        old.retire();
                     }
+                    attempt_at = Some(tokio::time::Instant::now());
                 }
                 _ = rotation::renewal_refused(&serving) => {
-                    if rotation::refused_needs_connection(&candidate, attempt_at.is_some()) {
+                    if candidate.is_none() && attempt_at.is_none() {
                         attempt_at = Some(tokio::time::Instant::now());
                     }
                 }

@@ -53,6 +53,14 @@ impl Via {
         }
     }
 
+    /// The connection's datagram send buffer, shared fairly by its UDP flows.
+    pub fn fair(&self) -> &ztna_node::datagram::Fair {
+        match self {
+            Via::Relay(l) => &l.fair,
+            Via::Direct(d) => &d.fair,
+        }
+    }
+
     /// The `path` label of `ztna_agent_flows_total`.
     pub fn label(&self) -> &'static str {
         match self {

@@ -32,6 +32,8 @@ pub struct Link {
     pub generation: u64,
     pub target: String,
     pub conn: quinn::Connection,
+    /// Its datagram send buffer, shared fairly by the UDP flows on it.
+    pub fair: ztna_node::datagram::Fair,
     /// Messages for its control stream (direct-path requests).
     pub control: mpsc::Sender<ztna_proto::ClientMsg>,
     /// Flows it carries (see [`LinkUse`]).

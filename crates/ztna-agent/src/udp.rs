@@ -127,6 +127,8 @@ struct UdpFlow {
     path: Mutex<Option<Path>>,
     pending: Mutex<VecDeque<Bytes>>,
     dropped: prometheus::IntCounterVec,
+    /// Its share of the datagram send buffer of the connection it is on.
+    meter: dg::FlowMeter,
 }
 
 impl UdpFlow {
@@ -195,7 +197,7 @@ impl UdpFlow {
             ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, size = payload.len(), "UDP datagram dropped: cannot be encoded");
             return;
         };
-        match dg::send(p.via.conn(), d) {
+        match dg::send_fair(p.via.fair(), &self.meter, p.via.conn(), d) {
             Sent::Queued => {}
             Sent::TooLarge => {
                 // A copy of its own: a slice of the arena would hold a whole arena chunk
@@ -210,7 +212,7 @@ impl UdpFlow {
             }
             Sent::BufferFull => {
                 self.drop_one("send_buffer_full");
-                ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, "UDP datagram dropped: send buffer full (the path to the intermediate is congested)");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, service = %self.service, "UDP datagram dropped: send buffer full (the path is congested; a flow sending more than its share of it is dropped first)");
             }
             // The leg's connection is gone: keep it for the next leg.
             Sent::Gone => self.queue(payload),
@@ -306,6 +308,7 @@ pub(crate) async fn udp(
             path: Mutex::new(None),
             pending: Mutex::new(VecDeque::new()),
             dropped: shared.metrics.udp_dropped.clone(),
+            meter: Default::default(),
         });
         bump(&flow.asked);
         flow.queue(payload);
@@ -609,6 +612,7 @@ mod tests {
             path: Mutex::new(None),
             pending: Mutex::new(VecDeque::new()),
             dropped,
+            meter: Default::default(),
         }
     }
 

@@ -36,6 +36,8 @@ const CREDIT_ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// Per-connection state: the UDP flows whose datagrams arrive on this connection.
 pub(crate) struct ConnState {
     pub conn: quinn::Connection,
+    /// Its datagram send buffer, shared fairly by the UDP flows on it.
+    pub fair: dg::Fair,
     udp: Mutex<HashMap<u64, UdpFlow>>,
     /// Flow credit with an intermediate of protocol revision 2 or later (not on direct paths).
     pub credit: Option<ConnCredit>,
@@ -86,6 +88,7 @@ struct UdpFlow {
 impl ConnState {
     pub fn new(conn: quinn::Connection) -> ConnState {
         ConnState {
+            fair: dg::Fair::new(&conn),
             conn,
             udp: Mutex::new(HashMap::new()),
             credit: None,
@@ -536,6 +539,8 @@ async fn backend_reader(
         return;
     };
     let mut arena = BytesMut::new();
+    // This flow's share of the connection's datagram send buffer.
+    let meter = dg::FlowMeter::default();
     // Payloads too large for a datagram, gathered while more datagrams are ready at once, then
     // written to the stream together.
     // Counted once written.
@@ -608,12 +613,12 @@ async fn backend_reader(
         }
         activity.touch();
         let out = arena.split().freeze();
-        match dg::send(&state.conn, out.clone()) {
+        match dg::send_fair(&state.fair, &meter, &state.conn, out.clone()) {
             Sent::Queued => to_agent.inc_by(n as u64),
             Sent::TooLarge => batch.push(out.slice(hdr_len..)),
             Sent::BufferFull => {
                 drop_full.inc();
-                ztna_node::warn_limited!(DROP_LOG_EVERY, %service, "UDP datagram to the agent dropped: send buffer full (congested)");
+                ztna_node::warn_limited!(DROP_LOG_EVERY, %service, "UDP datagram to the agent dropped: send buffer full (the path is congested; a flow sending more than its share of it is dropped first)");
             }
             Sent::Gone => {
                 drop_gone.inc();

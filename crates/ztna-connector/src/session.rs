@@ -13,6 +13,7 @@ use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
 use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
 use ztna_node::io::{write_frame, FramedRecv};
+use ztna_node::renew::Need;
 use ztna_node::rotation::{self, Running};
 use ztna_node::CancellationToken;
 use ztna_proto::{codes, ClientMsg, Role, ServerMsg, MAX_LIST_LEN};
@@ -52,8 +53,17 @@ pub(crate) async fn supervise(
             }
             if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
                 attempt_at = None;
-                let limit = backoff.attempt_limit();
                 let (identity, config) = shared.tls.current();
+                match rotation::connection_needed(&serving, &identity) {
+                    Need::No => continue,
+                    Need::Later(d) => {
+                        attempt_at = Some(tokio::time::Instant::now() + d);
+                        continue;
+                    }
+                    Need::Now if serving.is_some() => info!("certificate replaced: connecting with the new one; flows running on the old connection finish there"),
+                    Need::Now => {}
+                }
+                let limit = backoff.attempt_limit();
                 let attempt = tokio::select! {
                     r = client::connect(&endpoint, &config, &target, limit) => r,
                     _ = stop.cancelled() => break,
@@ -115,12 +125,15 @@ pub(crate) async fn supervise(
                 _ = wake => {}
                 _ = stop.cancelled() => break,
                 _ = rotation::rotated(&mut rotations) => {
-                    if rotation::rotated_needs_connection(&serving, &mut candidate, &shared.tls.id()) {
-                        attempt_at = Some(tokio::time::Instant::now());
+                    // A connection with the new certificate, unless the serving one is renewed
+                    // in place (decided when the attempt is due).
+                    if let Some(old) = candidate.take() {
+                        old.retire();
                     }
+                    attempt_at = Some(tokio::time::Instant::now());
                 }
                 _ = rotation::renewal_refused(&serving) => {
-                    if rotation::refused_needs_connection(&candidate, attempt_at.is_some()) {
+                    if candidate.is_none() && attempt_at.is_none() {
                         attempt_at = Some(tokio::time::Instant::now());
                     }
                 }
@@ -217,6 +230,17 @@ struct Ended {
     rtt: std::time::Duration,
 }
 
+impl Ended {
+    /// Lost before it served (no Welcome, or a failed write of our first messages): a failure,
+    /// unless the intermediate's close says it drained.
+    fn lost_early(conn: &quinn::Connection) -> Ended {
+        Ended {
+            drained: client::closed_by_drain(conn),
+            ..Ended::default()
+        }
+    }
+}
+
 /// Runs one connection until it is lost, we stop, or it retires after a certificate rotation.
 async fn serve(
     shared: Arc<Shared>,
@@ -237,7 +261,7 @@ async fn serve(
         Ok(c) => c,
         Err(reason) => {
             warn!(%reason, "intermediate did not welcome this connector");
-            return Ended::default();
+            return Ended::lost_early(&conn);
         }
     };
     debug!(%observed_addr, "welcomed");
@@ -252,7 +276,7 @@ async fn serve(
             receive_window: shared.config.connection_window,
         };
         if write_frame(&mut send, &msg).await.is_err() {
-            return Ended::default();
+            return Ended::lost_early(&conn);
         }
     }
     let names = sorted_services(shared);
@@ -264,7 +288,7 @@ async fn serve(
             udp: s.udp.is_some(),
         };
         if write_frame(&mut send, &msg).await.is_err() {
-            return Ended::default();
+            return Ended::lost_early(&conn);
         }
         if !session.handover {
             shared.set_registration(idx, Some((&s.name, Registration::Pending)));

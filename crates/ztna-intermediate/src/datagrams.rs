@@ -66,7 +66,7 @@ pub(crate) async fn relay(shared: Arc<Shared>, peer: Arc<Peer>, direction: &'sta
             );
             continue;
         };
-        let outcome = dg::send(&route.peer.conn, out);
+        let outcome = dg::send_fair(&route.peer.fair, &route.meter, &route.peer.conn, out);
         match outcome {
             Sent::Queued => bytes.inc_by(payload.len() as u64),
             Sent::TooLarge => match route.overflow.try_send(payload.clone()) {

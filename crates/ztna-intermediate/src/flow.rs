@@ -369,6 +369,7 @@ impl UdpRoutes {
             a_id,
             Route {
                 peer: connector.clone(),
+                meter: Default::default(),
                 flow_id: c_id,
                 overflow: to_c,
                 activity: activity.clone(),
@@ -378,6 +379,7 @@ impl UdpRoutes {
             c_id,
             Route {
                 peer: agent.clone(),
+                meter: Default::default(),
                 flow_id: a_id,
                 overflow: to_a,
                 activity: activity.clone(),

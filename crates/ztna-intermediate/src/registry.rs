@@ -26,6 +26,8 @@ pub use ztna_node::lock;
 pub struct Route {
     pub peer: Arc<Peer>,
     pub flow_id: u64,
+    /// This flow's share of `peer`'s datagram send buffer.
+    pub meter: Arc<ztna_node::datagram::FlowMeter>,
     /// Payloads too large for a datagram towards `peer` are carried on the flow's stream.
     pub overflow: mpsc::Sender<bytes::Bytes>,
     pub activity: Activity,
@@ -61,6 +63,8 @@ impl ConnectorHealth {
 /// One authenticated peer connection (agent or connector).
 pub struct Peer {
     pub conn: quinn::Connection,
+    /// Its datagram send buffer, shared fairly by the UDP flows relayed to it.
+    pub fair: ztna_node::datagram::Fair,
     pub id: SpiffeId,
     /// `id` as text, made once (policy checks, limits, logs).
     pub id_str: Arc<str>,
@@ -103,6 +107,12 @@ pub struct Peer {
     /// are signed with this key, the one whose certificate the connector holds (a reload that
     /// changes our key does not break its direct paths until it reconnects).
     pub signer: Option<Arc<ztna_node::Identity>>,
+}
+
+/// What a connection ran under before a renewal ([`Peer::renewed`]).
+pub struct Previous {
+    chain: Option<Vec<ztna_node::CertificateDer<'static>>>,
+    expires: Option<SystemTime>,
 }
 
 /// Renewals a connection may ask for at once, and per second after that (one a minute: a
@@ -175,6 +185,7 @@ impl Peer {
             .first()
             .and_then(|c| ztna_node::identity::cert_not_after(c));
         Peer {
+            fair: ztna_node::datagram::Fair::new(&conn),
             conn,
             id_str: Arc::from(id.to_string()),
             role: id.role,
@@ -227,10 +238,22 @@ impl Peer {
         }
     }
 
-    /// Runs the connection on under a renewed certificate: its chain and notAfter.
-    pub fn renewed(&self, chain: Vec<ztna_node::CertificateDer<'static>>, not_after: SystemTime) {
-        *lock(&self.renewed) = Some(chain);
-        self.expires.send_replace(Some(not_after));
+    /// Runs the connection on under a renewed certificate: its chain and notAfter. Returns what
+    /// it ran under before (for [`Peer::restore`]).
+    pub fn renewed(
+        &self,
+        chain: Vec<ztna_node::CertificateDer<'static>>,
+        not_after: SystemTime,
+    ) -> Previous {
+        let chain = lock(&self.renewed).replace(chain);
+        let expires = self.expires.send_replace(Some(not_after));
+        Previous { chain, expires }
+    }
+
+    /// Undoes a renewal: the connection runs under what it ran under before.
+    pub fn restore(&self, previous: Previous) {
+        *lock(&self.renewed) = previous.chain;
+        self.expires.send_replace(previous.expires);
     }
 
     /// Counts a flow on this connection while the returned guard lives.

@@ -334,11 +334,19 @@ fn renew(
         }
     };
     let not_after = renewed.not_after;
-    peer.renewed(renewed.chain, not_after);
+    let previous = peer.renewed(renewed.chain, not_after);
     if shared.reloads.load(Ordering::SeqCst) != reloads {
-        if let Err(reason) = revoke_if_not_accepted(shared, peer, "during its renewal") {
+        // A reload during the check: the new chain is re-checked against the CA now in force. If
+        // refused, the renewal is, and the connection goes back to its previous certificate
+        // (checked in turn: the reload may have refused that one too).
+        let now = shared.identity();
+        if let Err(why) = now.verify_client_chain(&peer.chain(), &[peer.role]) {
+            peer.restore(previous);
+            let _ = revoke_if_not_accepted(shared, peer, "during its renewal");
             counted("refused");
-            return ServerMsg::RenewRefused { reason };
+            return ServerMsg::RenewRefused {
+                reason: format!("certificate no longer accepted: {why}"),
+            };
         }
     }
     counted("accepted");

@@ -24,7 +24,7 @@
 //! [RFC 5705]: https://www.rfc-editor.org/rfc/rfc5705
 //! [RFC 8446 §7.5]: https://www.rfc-editor.org/rfc/rfc8446#section-7.5
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -42,7 +42,7 @@ const CONTEXT: &[u8] = b"ztna certificate renewal v1\0";
 
 /// What the new key signs: the context string, then 32 bytes exported from `conn`'s TLS session
 /// with the new leaf as the exporter's context.
-fn signed_part(conn: &quinn::Connection, leaf: &[u8]) -> Result<Vec<u8>, String> {
+pub fn signed_part(conn: &quinn::Connection, leaf: &[u8]) -> Result<Vec<u8>, String> {
     let mut secret = [0u8; 32];
     conn.export_keying_material(&mut secret, LABEL, leaf)
         .map_err(|_| "the TLS session exports no keying material".to_string())?;
@@ -128,32 +128,71 @@ fn capped(mut e: String) -> String {
 /// How long after a refusal a renewal is tried again (the intermediate allows one a minute).
 pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(61);
 
-/// What a connection's session and its supervisor share: whether the connection can be renewed
-/// in place (then a rotation needs no new connection), and its refusals (then it does).
+/// What a connection's session and its supervisor share: how far renewing it in place got, so
+/// that the supervisor makes a connection with a new certificate only when that is needed.
 pub struct InPlace {
     /// The identity the connection was made with.
     made_with: SpiffeId,
-    /// The intermediate announced revision 3 or later.
-    capable: AtomicBool,
-    /// Counts refusals.
+    state: std::sync::Mutex<State>,
+    /// Counts refusals (and renewals that could not be made).
     refusals: tokio::sync::watch::Sender<u64>,
     /// Refusals the supervisor has seen ([`InPlace::refused`]).
     handled: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The session has read Welcome (until then, whether it can renew is not known).
+    welcomed: bool,
+    /// The intermediate announced revision 3 or later.
+    capable: bool,
+    /// The leaf the intermediate holds for the connection.
+    confirmed: Vec<u8>,
+    /// The last renewal was refused (or could not be made), and none was accepted since.
+    refused: bool,
+}
+
+/// Whether a supervisor should make a connection now ([`InPlace::connection_needed`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Need {
+    Now,
+    /// Not yet: ask again after this long (the connection is still saying Hello).
+    Later(std::time::Duration),
+    /// The serving connection holds the current certificate, or is being renewed to it.
+    No,
 }
 
 impl InPlace {
     pub fn new(made_with: SpiffeId) -> Arc<InPlace> {
         Arc::new(InPlace {
             made_with,
-            capable: AtomicBool::new(false),
+            state: Default::default(),
             refusals: tokio::sync::watch::channel(0).0,
             handled: AtomicU64::new(0),
         })
     }
 
-    /// Whether a rotation to `id` can be done by renewing this connection.
-    pub fn can_renew_to(&self, id: &SpiffeId) -> bool {
-        self.capable.load(Ordering::Acquire) && self.made_with == *id
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        crate::lock(&self.state)
+    }
+
+    /// For the supervisor of the serving connection, when a connection with `current` (the
+    /// certificate in use now) might be made: not while the serving one holds it or is being
+    /// renewed to it in place.
+    pub fn connection_needed(&self, current: &Identity) -> Need {
+        let st = self.state();
+        if !st.welcomed {
+            return Need::Later(std::time::Duration::from_millis(100));
+        }
+        let leaf = current.chain.first().map(|c| c.as_ref());
+        if leaf == Some(st.confirmed.as_slice()) {
+            return Need::No;
+        }
+        if st.capable && !st.refused && current.id == self.made_with {
+            tracing::info!("certificate replaced: renewing the connection in place");
+            return Need::No;
+        }
+        Need::Now
     }
 
     /// Returns once a renewal of this connection was refused since the last time this returned
@@ -169,6 +208,11 @@ impl InPlace {
             return std::future::pending().await;
         };
         self.handled.store(now, Ordering::Release);
+    }
+
+    fn refuse(&self) {
+        self.state().refused = true;
+        self.refusals.send_modify(|n| *n += 1);
     }
 }
 
@@ -194,7 +238,7 @@ impl Answers {
                 Answer::Renewed
             }
             ServerMsg::RenewRefused { reason } => {
-                tracing::warn!(%reason, retry_in = ?RETRY_AFTER, "the intermediate refused to renew this connection's certificate; new flows move to a connection made with the new one, running ones end at the old notAfter unless a retry is accepted");
+                tracing::warn!(%reason, retry_in = ?RETRY_AFTER, "the intermediate refused to renew this connection's certificate: it ends at its current certificate's notAfter unless a retry is accepted (new flows use a connection made with the new certificate, where one can be made)");
                 Answer::Refused
             }
             _ => return false,
@@ -204,18 +248,21 @@ impl Answers {
     }
 }
 
+/// How long an answer to a renewal is waited for before it counts as refused.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A client's side, for one connection to an intermediate: after each certificate rotation that
 /// brings a new certificate for the same identity, the renewal to send on it (revision 3 or
 /// later), again a minute after a refusal, until one is accepted. A rotation to another
 /// identity renews nothing (a new connection is the only way to become someone else).
 pub struct Follower {
     rotations: tokio::sync::watch::Receiver<u64>,
-    /// The leaf the intermediate holds for this connection: made with, or last renewed to.
-    confirmed: Vec<u8>,
-    /// The leaf of a renewal sent and not answered yet.
-    pending: Option<Vec<u8>>,
+    /// The leaf of a renewal sent and not answered yet, and until when it is waited for.
+    pending: Option<(Vec<u8>, tokio::time::Instant)>,
     /// After a refusal: not before this.
     retry_at: Option<tokio::time::Instant>,
+    /// Something changed (a rotation, an answer, a retry due): look again.
+    dirty: bool,
     /// The leaf whose identity change was last logged.
     told: Vec<u8>,
     answers: tokio::sync::mpsc::UnboundedReceiver<Answer>,
@@ -234,20 +281,25 @@ impl Follower {
         // Subscribed first: a reload from here on is seen, one before shows in the leaf.
         let rotations = tls.rotations();
         let enabled = revision >= 3;
-        in_place.capable.store(enabled, Ordering::Release);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let confirmed = made_with
+        let leaf = made_with
             .chain
             .first()
             .map(|c| c.to_vec())
             .unwrap_or_default();
+        {
+            let mut st = in_place.state();
+            st.welcomed = true;
+            st.capable = enabled;
+            st.confirmed = leaf.clone();
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (
             Follower {
                 rotations,
-                told: confirmed.clone(),
-                confirmed,
                 pending: None,
                 retry_at: None,
+                dirty: true,
+                told: leaf,
                 answers: rx,
                 in_place,
                 enabled,
@@ -263,36 +315,57 @@ impl Follower {
             return std::future::pending().await;
         }
         loop {
-            if self.pending.is_none() && self.retry_at.is_none() {
+            if self.dirty && self.pending.is_none() && self.retry_at.is_none() {
+                self.dirty = false;
                 if let Some(msg) = self.due(tls, conn) {
                     return msg;
                 }
             }
-            let retry = async {
-                match self.retry_at {
+            let timer = self
+                .retry_at
+                .or_else(|| self.pending.as_ref().map(|(_, until)| *until));
+            let wake = async {
+                match timer {
                     Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                _ = crate::rotation::rotated(&mut self.rotations) => {}
-                _ = retry => self.retry_at = None,
-                answer = self.answers.recv() => match answer {
-                    Some(Answer::Renewed) => {
-                        if let Some(leaf) = self.pending.take() {
-                            self.confirmed = leaf;
+                _ = crate::rotation::rotated(&mut self.rotations) => self.dirty = true,
+                _ = wake => {
+                    if self.retry_at.take().is_none() && self.pending.take().is_some() {
+                        tracing::warn!(wait = ?ANSWER_WAIT, "no answer to the renewal of this connection's certificate: taken for a refusal");
+                        self.refused();
+                    }
+                    self.dirty = true;
+                }
+                answer = self.answers.recv() => {
+                    self.dirty = true;
+                    match answer {
+                        Some(Answer::Renewed) => {
+                            if let Some((leaf, _)) = self.pending.take() {
+                                let mut st = self.in_place.state();
+                                st.confirmed = leaf;
+                                st.refused = false;
+                            }
                         }
+                        Some(Answer::Refused) => {
+                            self.pending = None;
+                            self.refused();
+                        }
+                        // The reader is gone: so is the connection.
+                        None => return std::future::pending().await,
                     }
-                    Some(Answer::Refused) => {
-                        self.pending = None;
-                        self.retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
-                        self.in_place.refusals.send_modify(|n| *n += 1);
-                    }
-                    // The reader is gone: so is the connection.
-                    None => return std::future::pending().await,
-                },
+                }
             }
         }
+    }
+
+    /// A refusal (or a renewal that could not be made or was not answered): the supervisor
+    /// makes a connection with the new certificate; this one tries again a minute later.
+    fn refused(&mut self) {
+        self.retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
+        self.in_place.refuse();
     }
 
     /// The renewal to send now, if the certificate in use is not the one the intermediate holds
@@ -300,7 +373,7 @@ impl Follower {
     fn due(&mut self, tls: &ClientTls, conn: &quinn::Connection) -> Option<ClientMsg> {
         let new = tls.identity();
         let leaf = new.chain.first()?;
-        if leaf.as_ref() == self.confirmed.as_slice() {
+        if leaf.as_ref() == self.in_place.state().confirmed.as_slice() {
             return None;
         }
         if new.id != self.in_place.made_with {
@@ -312,12 +385,12 @@ impl Follower {
         }
         match request(conn, &new) {
             Ok(msg) => {
-                self.pending = Some(leaf.to_vec());
+                self.pending = Some((leaf.to_vec(), tokio::time::Instant::now() + ANSWER_WAIT));
                 Some(msg)
             }
             Err(why) => {
                 tracing::warn!(%why, "cannot renew this connection's certificate; trying again in a minute");
-                self.retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
+                self.refused();
                 None
             }
         }

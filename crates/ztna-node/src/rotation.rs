@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
-use crate::renew::InPlace;
+use crate::renew::{InPlace, Need};
 
 use crate::CancellationToken;
 
@@ -108,38 +108,14 @@ pub fn ready<E>(slot: &Option<Running<E>>) -> impl std::future::Future<Output = 
     }
 }
 
-/// Whether a rotation to `id` can be done by renewing the connection in `slot` in place.
-pub fn renews_in_place<E>(slot: &Option<Running<E>>, id: &crate::SpiffeId) -> bool {
-    slot.as_ref().is_some_and(|r| r.in_place.can_renew_to(id))
-}
-
-/// A rotation of the certificate to one of `id`: retires a candidate made for an earlier one,
-/// and says whether a new connection is needed (not when the serving one is renewed in place).
-pub fn rotated_needs_connection<E: Send + 'static>(
-    serving: &Option<Running<E>>,
-    candidate: &mut Option<Running<E>>,
-    id: &crate::SpiffeId,
-) -> bool {
-    if let Some(old) = candidate.take() {
-        old.retire();
+/// Whether a supervisor whose serving connection is in `serving` (none: it is reconnecting)
+/// should make a connection now, `current` being the certificate in use: not while the serving
+/// connection holds it or is being renewed to it in place ([`crate::renew::InPlace`]).
+pub fn connection_needed<E>(serving: &Option<Running<E>>, current: &crate::Identity) -> Need {
+    match serving {
+        None => Need::Now,
+        Some(r) => r.in_place.connection_needed(current),
     }
-    if renews_in_place(serving, id) {
-        tracing::info!("certificate replaced: renewing the connection in place");
-        false
-    } else {
-        tracing::info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
-        true
-    }
-}
-
-/// After a refused renewal of the serving connection: whether to make a connection with the new
-/// certificate now (not when one is made or due already).
-pub fn refused_needs_connection<E>(candidate: &Option<Running<E>>, attempt_due: bool) -> bool {
-    let needed = candidate.is_none() && !attempt_due;
-    if needed {
-        tracing::info!("renewal refused: connecting with the new certificate; flows running on the old connection finish there");
-    }
-    needed
 }
 
 /// Returns when a renewal of the connection in `slot` is refused (never, for an empty slot).

@@ -1,7 +1,8 @@
 //! An in-process UDP delay proxy (netem is not available here): every datagram is held for a
 //! fixed one-way delay in each direction, and a settable fraction is dropped on arrival, one by
 //! one or in runs of consecutive datagrams (as a full queue drops them), and datagrams above a
-//! settable size are dropped (a link with a smaller MTU).
+//! settable size are dropped (a link with a smaller MTU), and a settable rate is enforced in each
+//! direction by dropping what exceeds it (a policer: a link slower than the daemons).
 //! Clients talk to `addr`; each client address gets its own upstream socket (like a NAT), so
 //! the server sees one address per client.
 
@@ -31,6 +32,8 @@ pub struct ProxyStats {
     pub overflow: AtomicU64,
     /// Dropped for being larger than the path's MTU setting.
     pub too_big: AtomicU64,
+    /// Dropped for exceeding the rate setting.
+    pub policed: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -42,6 +45,8 @@ struct Shared {
     max_run: Arc<AtomicU32>,
     /// Largest UDP payload passed, both directions (0: no limit).
     max_size: Arc<AtomicUsize>,
+    /// Bytes per second passed in each direction (0: no limit).
+    rate: Arc<AtomicU64>,
     stats: Arc<ProxyStats>,
     queued: Arc<AtomicU64>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -67,6 +72,12 @@ impl Proxy {
         self.shared.max_size.store(bytes, Ordering::Relaxed);
     }
 
+    /// Passes at most `bytes_per_sec` of UDP payload per second in each direction from now on,
+    /// with bursts of up to 64 KiB, and drops the rest; 0 lifts the limit.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.shared.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
     pub fn stats(&self) -> &ProxyStats {
         &self.shared.stats
     }
@@ -89,6 +100,7 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
         loss_ppm: Arc::default(),
         max_run: Arc::new(AtomicU32::new(1)),
         max_size: Arc::default(),
+        rate: Arc::default(),
         stats: Arc::default(),
         queued: Arc::default(),
         tasks: Arc::default(),
@@ -98,9 +110,10 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
         let mut uplinks: HashMap<SocketAddr, mpsc::UnboundedSender<(Instant, Bytes)>> =
             HashMap::new();
         let mut rng = Loss::new(0x9e37_79b9_7f4a_7c15);
+        let mut policer = Policer::default();
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
-            if !s2.admit(&mut rng, n) {
+            if !s2.admit(&mut rng, &mut policer, n) {
                 continue;
             }
             let tx = match uplinks.get(&from) {
@@ -122,11 +135,16 @@ pub async fn start(upstream: SocketAddr, one_way: Duration) -> Result<Proxy> {
 }
 
 impl Shared {
-    /// Applies the MTU and loss settings and the queue bound to a datagram of `n` bytes.
-    fn admit(&self, loss: &mut Loss, n: usize) -> bool {
+    /// Applies the MTU, rate and loss settings and the queue bound to a datagram of `n` bytes
+    /// (`policer`: its direction's).
+    fn admit(&self, loss: &mut Loss, policer: &mut Policer, n: usize) -> bool {
         let max = self.max_size.load(Ordering::Relaxed);
         if max > 0 && n > max {
             self.stats.too_big.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if !policer.admit(self.rate.load(Ordering::Relaxed), n) {
+            self.stats.policed.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let (ppm, max_run) = (
@@ -175,9 +193,10 @@ impl Shared {
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = Loss::new(u64::from(client.port()) << 32 | 0x2545_f491);
+            let mut policer = Policer::default();
             let mut buf = vec![0u8; 65_536];
             while let Ok(n) = up.recv(&mut buf).await {
-                if me.admit(&mut rng, n) {
+                if me.admit(&mut rng, &mut policer, n) {
                     let due = Instant::now() + me.delay;
                     let _ = down_tx.send((due, Bytes::copy_from_slice(&buf[..n])));
                 }
@@ -211,6 +230,40 @@ fn big_buffers(s: UdpSocket) -> UdpSocket {
     let _ = r.set_recv_buffer_size(4 << 20);
     let _ = r.set_send_buffer_size(4 << 20);
     s
+}
+
+/// A token bucket for one direction: `rate` bytes a second, bursts up to [`BURST`].
+#[derive(Default)]
+struct Policer {
+    tokens: f64,
+    last: Option<std::time::Instant>,
+}
+
+/// Largest burst a policer passes at once.
+const BURST: f64 = 64.0 * 1024.0;
+
+impl Policer {
+    fn admit(&mut self, rate: u64, n: usize) -> bool {
+        if rate == 0 {
+            self.last = None;
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let elapsed = self
+            .last
+            .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+        self.tokens = match self.last {
+            None => BURST,
+            Some(_) => (self.tokens + elapsed * rate as f64).min(BURST),
+        };
+        self.last = Some(now);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Loss of one direction: a run of 1..=max_run consecutive datagrams starts with the probability

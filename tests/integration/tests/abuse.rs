@@ -166,19 +166,20 @@ fn reissue(pki: &Pki, role: &str, name: &str, file: &str, reload: impl FnOnce())
     reload();
 }
 
-/// Reloads (`reload`, with a re-issued certificate) until the intermediate has accepted four
-/// renewals (its budget), then once more, and waits for that fifth one to be refused.
-async fn renew_past_the_budget(im: &IntermediateHandle, mut reload: impl FnMut()) {
+/// Reloads (`reload(n)`, with the n-th re-issued certificate) until the intermediate has
+/// accepted four renewals (its budget), then once more, and waits for that fifth one to be
+/// refused.
+async fn renew_past_the_budget(im: &IntermediateHandle, mut reload: impl FnMut(u32)) {
     let start = renewals(im, "accepted") as u32;
     for n in start + 1..=4 {
-        reload();
+        reload(n);
         let renewed = eventually(Duration::from_secs(5), || {
             renewals(im, "accepted") == f64::from(n)
         })
         .await;
         assert!(renewed, "renewal {n} not accepted");
     }
-    reload();
+    reload(5);
     let refused = eventually(Duration::from_secs(5), || renewals(im, "refused") == 1.0).await;
     assert!(refused, "the fifth renewal within a minute was not refused");
 }
@@ -248,7 +249,7 @@ async fn a_connector_reloaded_with_a_new_certificate_is_renewed_in_place_or_move
     // Three more renewals use up the intermediate's budget of four; the next is refused, and
     // the connector moves to a new connection made with the new certificate.
     let t0 = Instant::now();
-    renew_past_the_budget(&im, || {
+    renew_past_the_budget(&im, |_| {
         reissue(&pki, "connector", "web-1", "connector-web-1", || {
             c.handle.reload(c.config.clone()).expect("reload");
         })
@@ -348,7 +349,7 @@ async fn a_refused_rotation_leaves_the_old_connection_serving() {
     let port = a.port("web", Protocol::Tcp);
     // Renewed in place while the intermediate's budget lasts (four): the limit is no obstacle.
     // The fifth is refused: the connector tries a new connection, which the limit refuses.
-    renew_past_the_budget(&im, || {
+    renew_past_the_budget(&im, |_| {
         reissue(&pki, "connector", "web-1", "connector-web-1", || {
             c.handle.reload(c.config.clone()).expect("reload");
         })
@@ -483,7 +484,7 @@ async fn an_agent_reloaded_with_a_new_certificate_is_renewed_in_place_or_moves_b
     assert_eq!(agents_on(&im), 1.0);
 
     // Renewals beyond the budget are refused: the agent moves to a new connection.
-    renew_past_the_budget(&im, || reload(&a)).await;
+    renew_past_the_budget(&im, |_| reload(&a)).await;
     let both = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
     assert!(
         both,
@@ -1221,21 +1222,14 @@ async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_i
     let alice = load(&pki.issue("agent", "alice"));
     // What a thief of the old key alone could send: the new certificate, which is public, with
     // a signature of the old key.
+    // Exactly what the new key would sign for this connection, signed with the old key.
     let old_key_signs =
         |conn: &quinn::Connection, new: &ztna_node::Identity, old: &ztna_node::Identity| {
-            let ztna_proto::ClientMsg::Renew { chain, .. } =
-                ztna_node::renew::request(conn, new).unwrap()
-            else {
-                unreachable!("request makes a Renew")
-            };
-            let ztna_proto::ClientMsg::Renew {
-                scheme, signature, ..
-            } = ztna_node::renew::request(conn, old).unwrap()
-            else {
-                unreachable!("request makes a Renew")
-            };
+            let leaf = new.chain[0].clone();
+            let msg = ztna_node::renew::signed_part(conn, &leaf).unwrap();
+            let (scheme, signature) = old.sign(&msg).unwrap();
             ztna_proto::ClientMsg::Renew {
-                chain,
+                chain: vec![leaf.to_vec()],
                 scheme,
                 signature,
             }
@@ -1341,7 +1335,8 @@ async fn only_a_renewal_proven_on_the_connection_for_the_same_identity_extends_i
 /// A refused renewal is retried a minute later on the same connection: an agent rotates five
 /// times at once; the fifth renewal is refused (the intermediate's budget of four), so new flows
 /// move to a new connection, and a TCP flow left on the old one is carried over to the new
-/// certificate by the retry once the budget allows it again.
+/// certificate by the retry once the budget allows it again. The fourth certificate expires 75 s
+/// after it was issued, after the retry: without the retry, the flow is cut then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_renewal_is_retried_a_minute_later() {
     logs();
@@ -1354,12 +1349,20 @@ async fn a_refused_renewal_is_retried_a_minute_later() {
     a.wait_status("web", ServiceState::Available).await;
     let port = a.port("web", Protocol::Tcp);
     let mut held = held_flow(port).await;
-    renew_past_the_budget(&im, || {
-        reissue(&pki, "agent", "alice", "agent-alice", || {
+    let mut fourth_expires = None;
+    renew_past_the_budget(&im, |n| {
+        if n == 4 {
+            let (_, not_after) = short_lived(&pki, "agent", "alice", "agent-alice", 75);
+            fourth_expires = Some(not_after);
             a.handle.reload(a.config.clone()).expect("reload");
-        })
+        } else {
+            reissue(&pki, "agent", "alice", "agent-alice", || {
+                a.handle.reload(a.config.clone()).expect("reload");
+            })
+        }
     })
     .await;
+    let fourth_expires = fourth_expires.expect("a fourth certificate");
     let t0 = Instant::now();
     let moved = eventually(Duration::from_secs(5), || agents_on(&im) == 2.0).await;
     assert!(moved, "no new connection after the refusal");
@@ -1376,7 +1379,15 @@ async fn a_refused_renewal_is_retried_a_minute_later() {
         "retried before the budget allowed"
     );
     assert_eq!(renewals(&im, "refused"), 1.0, "retried too often");
-    assert!(echoes(&mut held, b'r').await, "the held flow broke");
+    // Past the fourth certificate's notAfter: the retry carried the flow over.
+    let wait =
+        fourth_expires - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64().max(0.0))).await;
+    assert!(
+        echoes(&mut held, b'r').await,
+        "the held flow was cut at the fourth certificate's notAfter"
+    );
+    assert_eq!(revocations(&im, "certificate_expired"), 0.0);
     a.daemon.shutdown().await;
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;

@@ -143,8 +143,7 @@ async fn a_sub_ca_cannot_mint_an_intermediate() {
 }
 
 /// Nor by renewing an established connection: a sub-CA's leaf for the connection's own
-/// identity, sent with the sub-CA and signed properly for the connection, is refused, and the
-/// connection still ends at its certificate's notAfter.
+/// identity, sent with the sub-CA and signed properly for the connection, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_ca_cannot_renew_a_connection() {
     logs();
