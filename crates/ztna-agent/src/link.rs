@@ -11,7 +11,6 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use ztna_node::backoff::{BackoffPolicy, Reconnect, CONNECT_TIMEOUT};
 use ztna_node::client::{self, Control};
 use ztna_node::identity::describe_connection_error;
-use ztna_node::renew::Need;
 use ztna_node::rotation::{self, Running};
 use ztna_node::CancellationToken;
 use ztna_proto::{Role, ServerMsg, ServiceState};
@@ -48,14 +47,9 @@ pub(crate) async fn supervise(
             if attempt_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
                 attempt_at = None;
                 let (identity, client_config) = shared.tls.current();
-                match rotation::connection_needed(&serving, &identity) {
-                    Need::No => continue,
-                    Need::Later(d) => {
-                        attempt_at = Some(tokio::time::Instant::now() + d);
-                        continue;
-                    }
-                    Need::Now if serving.is_some() => info!("certificate replaced: connecting with the new one; flows running on the old connection finish there"),
-                    Need::Now => {}
+                if let Err(next) = rotation::connection_needed(&serving, &identity) {
+                    attempt_at = next;
+                    continue;
                 }
                 let limit = backoff.attempt_limit();
                 let attempt = tokio::select! {

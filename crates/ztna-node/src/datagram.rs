@@ -86,9 +86,14 @@ pub struct FlowMeter {
 impl Fair {
     /// For `conn`, new (its datagram send buffer is empty).
     pub fn new(conn: &quinn::Connection) -> Fair {
+        Fair::with_capacity(conn.datagram_send_buffer_space())
+    }
+
+    /// For a connection whose datagram send buffer holds `capacity` bytes.
+    fn with_capacity(capacity: usize) -> Fair {
         Fair {
             start: Instant::now(),
-            capacity: conn.datagram_send_buffer_space(),
+            capacity,
             window: AtomicU64::new(0),
             offered: AtomicU64::new(0),
             flows: AtomicU64::new(0),
@@ -149,14 +154,7 @@ mod tests {
     use super::*;
 
     fn fair() -> Fair {
-        Fair {
-            start: Instant::now(),
-            capacity: 1 << 20,
-            window: AtomicU64::new(0),
-            offered: AtomicU64::new(0),
-            flows: AtomicU64::new(0),
-            share: AtomicU64::new(u64::MAX),
-        }
+        Fair::with_capacity(1 << 20)
     }
 
     /// Offers `per_window` bytes in 1200-byte datagrams for each meter in windows `from..to`;

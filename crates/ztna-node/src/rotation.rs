@@ -108,13 +108,25 @@ pub fn ready<E>(slot: &Option<Running<E>>) -> impl std::future::Future<Output = 
     }
 }
 
-/// Whether a supervisor whose serving connection is in `serving` (none: it is reconnecting)
-/// should make a connection now, `current` being the certificate in use: not while the serving
-/// connection holds it or is being renewed to it in place ([`crate::renew::InPlace`]).
-pub fn connection_needed<E>(serving: &Option<Running<E>>, current: &crate::Identity) -> Need {
-    match serving {
-        None => Need::Now,
-        Some(r) => r.in_place.connection_needed(current),
+/// When an attempt of a supervisor whose serving connection is in `serving` (none: it is
+/// reconnecting) comes due, `current` being the certificate in use: `Ok` to connect now, or
+/// `Err(next)`, no connection now and the next attempt at `next` (none: none is needed, as the
+/// serving connection holds `current` or is being renewed to it in place, see
+/// [`crate::renew::InPlace`]).
+pub fn connection_needed<E>(
+    serving: &Option<Running<E>>,
+    current: &crate::Identity,
+) -> Result<(), Option<tokio::time::Instant>> {
+    let Some(r) = serving else {
+        return Ok(());
+    };
+    match r.in_place.connection_needed(current) {
+        Need::No => Err(None),
+        Need::Later(d) => Err(Some(tokio::time::Instant::now() + d)),
+        Need::Now => {
+            tracing::info!("certificate replaced: connecting with the new one; flows running on the old connection finish there");
+            Ok(())
+        }
     }
 }
 
