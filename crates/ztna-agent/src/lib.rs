@@ -55,6 +55,8 @@ pub enum StartError {
 const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// A UDP flow quiet for this long does not hold a drain.
 const UDP_DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// How often the status line is refreshed besides on every relay change (as the connector's).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// What the flow table knows of each flow.
 #[derive(Clone)]
@@ -340,15 +342,19 @@ impl Agent {
             "agent starting"
         );
         tokio::spawn(relays::manage(self.events, shared.relays.clone()));
-        // Status, readiness and availability metrics follow every snapshot.
+        // Status, readiness and availability metrics follow every snapshot, and the flow
+        // count once a second (a drain's "N flows left" counts down as flows finish).
         let status = {
             let shared = shared.clone();
             let mut snaps = shared.relays.subscribe();
             tokio::spawn(async move {
+                let mut tick = tokio::time::interval(STATUS_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     shared.update_status(&snaps.borrow_and_update());
-                    if snaps.changed().await.is_err() {
-                        return;
+                    tokio::select! {
+                        changed = snaps.changed() => if changed.is_err() { return },
+                        _ = tick.tick() => {}
                     }
                 }
             })

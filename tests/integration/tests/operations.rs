@@ -1993,3 +1993,50 @@ async fn an_intermediate_pings_idle_peers_only_as_a_backstop() {
     assert_eq!(agents_on(&im), 2.0, "the intermediate lost an idle agent");
     im.daemon.shutdown().await;
 }
+
+/// A draining agent's status (`/readyz`, systemd's `STATUS=`) counts its flows down as they
+/// finish: an operator watching a drain sees it progress, not the count of when it began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agents_status_counts_its_flows_down() {
+    logs();
+    let pki = Pki::new();
+    let (echo, _e) = tcp_echo().await;
+    let im = start_intermediate(&pki, open_policy(&["web"]));
+    let (c, a) = web_chain(&pki, im.addr, echo).await;
+    let port = a.port("web", Protocol::Tcp);
+    let mut flows = Vec::new();
+    for msg in [b"one", b"two"] {
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(msg).await.unwrap();
+        let mut got = [0u8; 3];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, msg, "the flow did not carry");
+        flows.push(s);
+    }
+    let status = || async { http_get(a.ops, "/readyz").await.1 };
+    a.daemon.stop.cancel();
+    let two = eventually_async(Duration::from_secs(3), || async {
+        status().await.contains("draining: 2 flows left")
+    })
+    .await;
+    assert!(two, "status at the drain's start: {}", status().await);
+    // One client leaves; the agent's side of that flow ends and the status follows.
+    drop(flows.pop());
+    let t = Instant::now();
+    // The status is refreshed every second: 2.5 s leaves room for a loaded machine.
+    let one = eventually_async(Duration::from_millis(2500), || async {
+        status().await.contains("draining: 1 flows left")
+    })
+    .await;
+    println!(
+        "MEASURED draining agent status: {:?} after a flow ended: {}",
+        t.elapsed(),
+        status().await
+    );
+    assert!(one, "status after a flow ended: {}", status().await);
+    drop(flows);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), a.daemon.task).await;
+    assert!(stopped.is_ok(), "the agent did not finish its drain");
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
