@@ -129,8 +129,8 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     socket: std::net::UdpSocket,
 ) -> io::Result<quinn::Endpoint> {
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime found"))?;
+    // Segmentation offload for bulk senders only (crate::gso), as on the relay.
+    let runtime = crate::gso::Runtime::shared();
     let watched = Arc::new(Watched::new(runtime.wrap_udp_socket(socket)?)?);
     quinn::Endpoint::new_with_abstract_socket(config, server, watched, runtime)
 }
