@@ -3,13 +3,24 @@
 //! outcome the caller counts, and a payload too large for the path is one it can carry another
 //! way (on the flow's stream).
 //!
-//! The flows of a connection share its datagram send buffer, and a datagram that finds it full is
-//! dropped whichever flow it belongs to: one flow sending far more than the path carries (a
-//! bulk transfer, a video burst) would keep the buffer full and starve every other flow (a DNS
-//! query's answer) as much as itself. [`Fair`] keeps the buffer's second half for the flows that
-//! send no more than their share: once it is half full, a flow that offered more than the fair
-//! share in the last 100 ms (the connection's offered bytes over its sending flows) is dropped,
-//! while the others still get through.
+//! The flows of a connection share its datagram send buffer (1 MiB). On a congested path a flow
+//! sending far more than the path carries (a bulk transfer, a video burst) would keep it full:
+//! every other flow's datagram would be dropped as often as the bulk flow's, and the ones that
+//! got in would wait behind a full buffer, 0.8 s on a 10 Mbit/s path (`dig` beside `iperf3` in
+//! the namespace suite). [`Fair`] gives each flow a class from what it offered in the last 100 ms:
+//! - **small** (under 64 KiB, 5 Mbit/s: a DNS, VoIP or interactive flow): queued while the
+//!   buffer has room;
+//! - **heavy** (more than the fair share, the connection's offered bytes over its sending
+//!   flows, plus an eighth): queued while the buffer holds less than the path sent in the last
+//!   20 ms, and never past half of it;
+//! - **bulk** (the rest, such as a lone large flow): queued while the buffer holds less than the
+//!   path sent in the last 100 ms.
+//!
+//! The limits apply only while a queue stands (64 KiB or more at the end of the last 100 ms):
+//! when the path keeps up, bursts of any size may use the whole buffer. So a small flow waits
+//! behind at most 100 ms of queue (20 ms once it counts in the share), and a bulk flow still
+//! keeps the path busy. (A lone flow's 50 ms queue cost it a twentieth of what it delivered
+//! while recovering from a lossy burst, in `ztna-bench --mode udp`; 100 ms costs nothing there.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,23 +41,40 @@ pub enum Sent {
 
 /// Queues `d` on `conn` unless that would drop older datagrams or it cannot fit the path.
 pub fn send(conn: &quinn::Connection, d: Bytes) -> Sent {
-    send_if(conn, d, |_| true)
+    let space = conn.datagram_send_buffer_space();
+    send_if(conn, d, space, |_| true)
 }
 
 /// [`send`], for one of the flows sharing `conn` through `fair` (`meter`: this flow's).
 pub fn send_fair(fair: &Fair, meter: &FlowMeter, conn: &quinn::Connection, d: Bytes) -> Sent {
-    let heavy = fair.offer(meter, d.len() as u64);
-    send_if(conn, d, |space| !heavy || space >= fair.capacity / 2)
+    let len = d.len() as u64;
+    let occupied = |space: usize| fair.capacity.saturating_sub(space) as u64;
+    let space = conn.datagram_send_buffer_space();
+    let class = fair.offer(meter, len, occupied(space));
+    let sent = send_if(conn, d, space, |space| match class {
+        Class::Small => true,
+        Class::Bulk => occupied(space) < fair.bulk_limit.load(Ordering::Relaxed),
+        Class::Heavy => occupied(space) < fair.heavy_limit.load(Ordering::Relaxed),
+    });
+    if sent == Sent::Queued {
+        fair.queued.fetch_add(len, Ordering::Relaxed);
+    }
+    sent
 }
 
-/// [`send`] if `room(space left in the buffer)` allows it (else [`Sent::BufferFull`]).
-fn send_if(conn: &quinn::Connection, d: Bytes, room: impl FnOnce(usize) -> bool) -> Sent {
+/// [`send`] if `room(space left in the buffer)` allows it (else [`Sent::BufferFull`]); `space`:
+/// the buffer's free space, read just before.
+fn send_if(
+    conn: &quinn::Connection,
+    d: Bytes,
+    space: usize,
+    room: impl FnOnce(usize) -> bool,
+) -> Sent {
     match conn.max_datagram_size() {
         None => return Sent::Gone,
         Some(max) if d.len() > max => return Sent::TooLarge,
         _ => {}
     }
-    let space = conn.datagram_send_buffer_space();
     if space < d.len() || !room(space) {
         return Sent::BufferFull;
     }
@@ -59,6 +87,21 @@ fn send_if(conn: &quinn::Connection, d: Bytes, room: impl FnOnce(usize) -> bool)
 
 /// How long the offered bytes of a connection and of its flows are counted together.
 const WINDOW: Duration = Duration::from_millis(100);
+/// A heavy flow's datagrams are queued while the buffer holds less than the path sent in this
+/// long, a bulk flow's while it holds less than it sent in [`BULK_QUEUE`]...
+const HEAVY_QUEUE: Duration = Duration::from_millis(20);
+const BULK_QUEUE: Duration = Duration::from_millis(100);
+/// ...or less than this (what a reader hands over at once: 32 datagrams of 1500 B is 47 KiB). A
+/// flow that offered less than this in the last window is small, and a queue this long stands.
+const QUEUE_MIN: u64 = 64 * 1024;
+
+/// A flow's class on its connection (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Small,
+    Bulk,
+    Heavy,
+}
 
 /// One connection's datagram send buffer, shared fairly by its flows (see the module docs).
 pub struct Fair {
@@ -72,6 +115,16 @@ pub struct Fair {
     flows: AtomicU64,
     /// The last window's fair share per flow (`u64::MAX` when there was none).
     share: AtomicU64,
+    /// Bytes queued into the buffer (by [`send_fair`]) since `start`.
+    queued: AtomicU64,
+    /// When the last window closed (ms since `start`), and `queued` and the buffer's occupancy
+    /// then: what the path sent since is what left the buffer.
+    mark_ms: AtomicU64,
+    mark_queued: AtomicU64,
+    mark_occupied: AtomicU64,
+    /// The occupancy below which a bulk / a heavy flow's datagram is queued.
+    bulk_limit: AtomicU64,
+    heavy_limit: AtomicU64,
 }
 
 /// One flow's offered bytes on a [`Fair`] connection (its own, whichever task sends them).
@@ -98,18 +151,24 @@ impl Fair {
             offered: AtomicU64::new(0),
             flows: AtomicU64::new(0),
             share: AtomicU64::new(u64::MAX),
+            queued: AtomicU64::new(0),
+            mark_ms: AtomicU64::new(0),
+            mark_queued: AtomicU64::new(0),
+            mark_occupied: AtomicU64::new(0),
+            bulk_limit: AtomicU64::new(capacity as u64),
+            heavy_limit: AtomicU64::new((capacity / 2) as u64),
         }
     }
 
-    /// Counts `n` bytes offered by the flow of `meter`; true if it offered more than its fair
-    /// share in the last window (then it gets only the buffer's first half).
-    fn offer(&self, meter: &FlowMeter, n: u64) -> bool {
-        let now = (self.start.elapsed().as_millis() / WINDOW.as_millis()) as u64;
-        self.offer_in(now, meter, n)
+    /// Counts `n` bytes offered by the flow of `meter` while the buffer holds `occupied` bytes;
+    /// the flow's class, from what it offered in the last window.
+    fn offer(&self, meter: &FlowMeter, n: u64, occupied: u64) -> Class {
+        self.offer_at(self.start.elapsed().as_millis() as u64, meter, n, occupied)
     }
 
-    /// [`Fair::offer`] in window `now`.
-    fn offer_in(&self, now: u64, meter: &FlowMeter, n: u64) -> bool {
+    /// [`Fair::offer`] at `ms` since `start`.
+    fn offer_at(&self, ms: u64, meter: &FlowMeter, n: u64, occupied: u64) -> Class {
+        let now = ms / WINDOW.as_millis() as u64;
         let current = self.window.load(Ordering::Acquire);
         if current != now
             && self
@@ -118,6 +177,7 @@ impl Fair {
                 .is_ok()
         {
             // This thread closes the window (others count on into the next one).
+            self.measure_path(ms, occupied);
             let offered = self.offered.swap(0, Ordering::AcqRel);
             let flows = self.flows.swap(0, Ordering::AcqRel);
             // No share to keep to for a flow alone, or after a quiet spell.
@@ -140,7 +200,38 @@ impl Fair {
         self.offered.fetch_add(n, Ordering::AcqRel);
         // An eighth of slack: flows offering about as much as each other are all within it.
         let share = self.share.load(Ordering::Acquire);
-        meter.last.load(Ordering::Relaxed) > share.saturating_add(share / 8)
+        let last = meter.last.load(Ordering::Relaxed);
+        if last < QUEUE_MIN {
+            Class::Small
+        } else if last > share.saturating_add(share / 8) {
+            Class::Heavy
+        } else {
+            Class::Bulk
+        }
+    }
+
+    /// At a window's close: the rate at which the buffer drained since the last one (what the
+    /// path carried, if a queue stood), and from it the queues bulk and heavy flows may build.
+    fn measure_path(&self, ms: u64, occupied: u64) {
+        let queued = self.queued.load(Ordering::Relaxed);
+        let since = ms
+            .saturating_sub(self.mark_ms.swap(ms, Ordering::Relaxed))
+            .max(1);
+        let came = queued.saturating_sub(self.mark_queued.swap(queued, Ordering::Relaxed));
+        let was = self.mark_occupied.swap(occupied, Ordering::Relaxed);
+        let (full, half) = (self.capacity as u64, (self.capacity / 2) as u64);
+        if occupied < QUEUE_MIN {
+            // The path keeps up: no limit but the buffer's.
+            self.bulk_limit.store(full, Ordering::Relaxed);
+            self.heavy_limit.store(half, Ordering::Relaxed);
+            return;
+        }
+        let left = (was + came).saturating_sub(occupied);
+        let sent_in = |t: Duration| left * t.as_millis() as u64 / since;
+        let bulk = sent_in(BULK_QUEUE).clamp(QUEUE_MIN, full.max(QUEUE_MIN));
+        let heavy = sent_in(HEAVY_QUEUE).clamp(QUEUE_MIN, half.max(QUEUE_MIN));
+        self.bulk_limit.store(bulk, Ordering::Relaxed);
+        self.heavy_limit.store(heavy, Ordering::Relaxed);
     }
 }
 
@@ -158,48 +249,53 @@ mod tests {
     }
 
     /// Offers `per_window` bytes in 1200-byte datagrams for each meter in windows `from..to`;
-    /// whether each meter was heavy at the end.
-    fn run(f: &Fair, meters: &[(&FlowMeter, u64)], windows: std::ops::Range<u64>) -> Vec<bool> {
-        let mut heavy = vec![false; meters.len()];
+    /// each meter's class at the end.
+    fn run(f: &Fair, meters: &[(&FlowMeter, u64)], windows: std::ops::Range<u64>) -> Vec<Class> {
+        let mut class = vec![Class::Small; meters.len()];
         for w in windows {
             for (i, (m, per_window)) in meters.iter().enumerate() {
                 for _ in 0..per_window / 1200 {
-                    heavy[i] = f.offer_in(w, m, 1200);
+                    class[i] = f.offer_at(w * 100, m, 1200, 0);
                 }
             }
         }
-        heavy
+        class
     }
 
+    use Class::*;
+
     #[test]
-    fn a_flow_alone_is_never_heavy() {
+    fn a_large_flow_alone_is_bulk_never_heavy_and_a_modest_one_small() {
         let f = fair();
         let bulk = FlowMeter::default();
-        assert_eq!(run(&f, &[(&bulk, 10_000_000)], 0..5), [false]);
+        assert_eq!(run(&f, &[(&bulk, 10_000_000)], 0..5), [Bulk]);
+        // 400 kbit/s (a video call's audio and more): small.
+        let call = FlowMeter::default();
+        assert_eq!(run(&fair(), &[(&call, 5_000)], 0..5), [Small]);
     }
 
     #[test]
-    fn beside_a_light_flow_a_bulk_one_is_heavy_and_the_light_one_not() {
+    fn beside_a_light_flow_a_bulk_one_is_heavy_and_the_light_one_small() {
         let f = fair();
         let (bulk, query) = (FlowMeter::default(), FlowMeter::default());
-        // The first window has no share yet.
+        // The first window has no history yet.
         assert_eq!(
             run(&f, &[(&bulk, 10_000_000), (&query, 2_400)], 0..1),
-            [false, false]
+            [Small, Small]
         );
         assert_eq!(
             run(&f, &[(&bulk, 10_000_000), (&query, 2_400)], 1..4),
-            [true, false]
+            [Heavy, Small]
         );
-        // The bulk flow stops: a window later it is light again.
+        // The bulk flow slows down: a window later it is small again.
         assert_eq!(
             run(&f, &[(&bulk, 2_400), (&query, 2_400)], 4..6),
-            [false, false]
+            [Small, Small]
         );
     }
 
     #[test]
-    fn flows_offering_alike_are_none_heavy() {
+    fn large_flows_offering_alike_are_none_heavy() {
         let f = fair();
         let (a, b, c) = (
             FlowMeter::default(),
@@ -207,7 +303,34 @@ mod tests {
             FlowMeter::default(),
         );
         let alike = [(&a, 3_000_000), (&b, 3_120_000), (&c, 2_940_000)];
-        assert_eq!(run(&f, &alike, 0..6), [false, false, false]);
+        assert_eq!(run(&f, &alike, 0..6), [Bulk, Bulk, Bulk]);
+    }
+
+    /// With a queue standing, a bulk flow's queue is what the path drained in 100 ms and a heavy
+    /// one's in 20 ms: 125 KB and 64 KiB (the floor) on a 10 Mbit/s path, the floor for both on a
+    /// 4 Mbit/s one, the buffer / half of it (the ceilings) on a fast one. Once no queue stands,
+    /// only the buffer limits.
+    #[test]
+    fn bulk_and_heavy_queues_follow_what_the_path_carries() {
+        let limits_at = |bytes_per_s: u64, occupied: u64| {
+            let f = fair();
+            let m = FlowMeter::default();
+            // Each 100 ms window: the buffer holds `occupied` at its end while `bytes_per_s / 10`
+            // more are queued (and as many sent by the path).
+            for w in 0..5u64 {
+                f.offer_at(w * 100, &m, 1200, occupied);
+                f.queued.fetch_add(bytes_per_s / 10, Ordering::Relaxed);
+            }
+            (
+                f.bulk_limit.load(Ordering::Relaxed),
+                f.heavy_limit.load(Ordering::Relaxed),
+            )
+        };
+        assert_eq!(limits_at(1_250_000, 600_000), (125_000, QUEUE_MIN));
+        assert_eq!(limits_at(500_000, 600_000), (QUEUE_MIN, QUEUE_MIN));
+        assert_eq!(limits_at(10_000_000, 600_000), (1_000_000, 200_000));
+        assert_eq!(limits_at(125_000_000, 600_000), (1 << 20, 1 << 19));
+        assert_eq!(limits_at(1_250_000, 1_000), (1 << 20, 1 << 19));
     }
 
     #[test]
@@ -216,9 +339,10 @@ mod tests {
         let (bulk, query) = (FlowMeter::default(), FlowMeter::default());
         assert_eq!(
             run(&f, &[(&bulk, 10_000_000), (&query, 2_400)], 0..3),
-            [true, false]
+            [Heavy, Small]
         );
         // Nothing for a second; then the bulk flow alone.
-        assert_eq!(run(&f, &[(&bulk, 10_000_000)], 13..14), [false]);
+        assert_eq!(run(&f, &[(&bulk, 10_000_000)], 13..14), [Small]);
+        assert_eq!(run(&f, &[(&bulk, 10_000_000)], 14..15), [Bulk]);
     }
 }
