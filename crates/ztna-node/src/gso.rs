@@ -8,10 +8,11 @@
 //! connection (`ztna-bench --mode scale`).
 //!
 //! [`Runtime`] runs each of quinn's tasks (one driver per connection, one per endpoint) with a
-//! count of the bytes it has sent, and its sockets offer GSO to a task only once that count
-//! passes [`BULK`]. Until then quinn sends one packet per transmit, so its buffer stays one
-//! packet long. A connection carrying a bulk flow passes [`BULK`] within its first
-//! milliseconds, and from then on batches as before.
+//! count of the bytes it sent in the current second, and its sockets offer GSO to a task only
+//! while that count is past [`BULK`]. Until then quinn sends one packet per transmit, so its
+//! buffer stays one packet long. A connection carrying a bulk flow passes [`BULK`] within the
+//! first milliseconds of each second and batches from then on; keepalives (about 40 B a second)
+//! and loss probes never do.
 
 use std::cell::Cell;
 use std::fmt;
@@ -21,19 +22,28 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncTimer, AsyncUdpSocket, TokioRuntime, UdpPoller};
 
-/// Bytes a task sends before its socket offers it segmentation offload: 64 KiB, some 45
-/// full-size packets. A handshake (a few KiB) and months of keepalives stay below it for long
-/// (an idle connection sends about 40 B a second); a bulk flow passes it at once.
+/// Bytes a task sends in one [`PERIOD`] before its socket offers it segmentation offload: 64 KiB
+/// (some 45 full-size packets, 512 kbit/s). A handshake (about 7 KiB) and keepalives stay below
+/// it; a bulk flow passes it at once.
 pub const BULK: u64 = 64 * 1024;
+/// The period [`BULK`] counts over.
+pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// Bytes a task sent since `since` (the start of its current period).
+#[derive(Clone, Copy)]
+struct Sent {
+    bytes: u64,
+    since: Instant,
+}
 
 tokio::task_local! {
-    /// Bytes sent so far by the quinn task being polled.
-    static SENT: Cell<u64>;
+    /// What the quinn task being polled sent in its current period.
+    static SENT: Cell<Sent>;
 }
 
 /// quinn's Tokio runtime, with each spawned task counting what it sends (see the module docs).
@@ -52,7 +62,11 @@ impl quinn::Runtime for Runtime {
     }
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        tokio::spawn(SENT.scope(Cell::new(0), future));
+        let sent = Sent {
+            bytes: 0,
+            since: Instant::now(),
+        };
+        tokio::spawn(SENT.scope(Cell::new(sent), future));
     }
 
     fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
@@ -83,13 +97,26 @@ impl fmt::Debug for Socket {
     }
 }
 
-/// The segments to offer a task that has sent `sent` bytes (`None`: not a counted task), when
-/// the socket can send `max` at once.
+/// The segments to offer a task that has sent `sent` bytes in its current period (`None`: not a
+/// counted task), when the socket can send `max` at once.
 fn segments(sent: Option<u64>, max: usize) -> usize {
     match sent {
         Some(sent) if sent < BULK => 1,
         _ => max,
     }
+}
+
+/// What the current task sent in its current period (`None` outside quinn's tasks).
+fn sent_now(now: Instant) -> Option<u64> {
+    SENT.try_with(|s| {
+        let s = s.get();
+        if now.saturating_duration_since(s.since) < PERIOD {
+            s.bytes
+        } else {
+            0
+        }
+    })
+    .ok()
 }
 
 impl AsyncUdpSocket for Socket {
@@ -99,7 +126,18 @@ impl AsyncUdpSocket for Socket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         self.inner.try_send(transmit)?;
-        let _ = SENT.try_with(|s| s.set(s.get().saturating_add(transmit.contents.len() as u64)));
+        let now = Instant::now();
+        let _ = SENT.try_with(|s| {
+            let mut sent = s.get();
+            if now.saturating_duration_since(sent.since) >= PERIOD {
+                sent = Sent {
+                    bytes: 0,
+                    since: now,
+                };
+            }
+            sent.bytes = sent.bytes.saturating_add(transmit.contents.len() as u64);
+            s.set(sent);
+        });
         Ok(())
     }
 
@@ -117,10 +155,7 @@ impl AsyncUdpSocket for Socket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        segments(
-            SENT.try_with(Cell::get).ok(),
-            self.inner.max_transmit_segments(),
-        )
+        segments(sent_now(Instant::now()), self.inner.max_transmit_segments())
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -148,15 +183,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sends_are_counted_in_quinn_tasks_only() {
-        assert!(SENT.try_with(Cell::get).is_err());
+    async fn sends_are_counted_in_quinn_tasks_only_and_per_period() {
+        assert_eq!(sent_now(Instant::now()), None);
         let (tx, rx) = tokio::sync::oneshot::channel();
         quinn::Runtime::spawn(
             &Runtime,
             Box::pin(async move {
-                let _ = tx.send(SENT.try_with(Cell::get).ok());
+                let start = Instant::now();
+                let fresh = sent_now(start);
+                SENT.with(|s| {
+                    s.set(Sent {
+                        bytes: BULK,
+                        since: start,
+                    })
+                });
+                let within = sent_now(start + PERIOD / 2);
+                let after = sent_now(start + PERIOD);
+                let _ = tx.send((fresh, within, after));
             }),
         );
-        assert_eq!(rx.await.ok(), Some(Some(0)));
+        // A new task has sent nothing; a period's bytes count only within that period.
+        assert_eq!(rx.await.ok(), Some((Some(0), Some(BULK), Some(0))));
     }
 }

@@ -181,9 +181,9 @@ async fn a_bulk_udp_flow_does_not_starve_a_query_flow_on_a_congested_path() {
         fraction >= 0.9,
         "the bulk flow starved the queries: {got}/{sent} answered"
     );
-    // Nor did they wait behind its queue: the path's 10 ms round trip plus the 20 ms of queue a
-    // heavy flow may build (at most 100 ms while the queries do not count in the share; a full
-    // 1 MiB buffer would be 400 ms here), with room for a loaded machine.
+    // Nor did they wait behind its queue: the path's 10 ms round trip plus the 64 KiB a heavy
+    // flow may queue (26 ms here; a full 1 MiB buffer would be 400 ms), with room for a loaded
+    // machine.
     assert!(
         p50 <= Duration::from_millis(150),
         "the queries waited behind the bulk flow's queue: {p50:?} (p50)"
