@@ -100,7 +100,8 @@ const WINDOW: Duration = Duration::from_millis(100);
 const HEAVY_QUEUE: Duration = Duration::from_millis(20);
 const BULK_QUEUE: Duration = Duration::from_millis(100);
 /// ...or less than this (what a reader hands over at once: 32 datagrams of 1500 B is 47 KiB). A
-/// flow that offered less than this in the last window is small, and a queue this long stands.
+/// flow that offered less than this in the last window and so far in this one is small; a
+/// queue of half this or more at a window's end stands.
 const QUEUE_MIN: u64 = 64 * 1024;
 
 /// A flow's class on its connection (see the module docs).
@@ -169,7 +170,7 @@ impl Fair {
     }
 
     /// Counts `n` bytes offered by the flow of `meter` while the buffer holds `occupied` bytes;
-    /// the flow's class, from what it offered in the last window.
+    /// the flow's class, from what it offered in the last window and so far in this one.
     fn offer(&self, meter: &FlowMeter, n: u64, occupied: u64) -> Class {
         self.offer_at(self.start.elapsed().as_millis() as u64, meter, n, occupied)
     }
