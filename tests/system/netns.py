@@ -684,38 +684,11 @@ def main():
                          "UDP datagram to the local client dropped: the forward's send buffer is full")
     c15()
 
-    @case("16. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
-    def c16():
-        src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
-        h = hashlib.sha256()
-        with open(src, "wb") as f:
-            for _ in range(64):
-                chunk = os.urandom(1 << 20)
-                h.update(chunk); f.write(chunk)
-        scp = subprocess.Popen(nsx("agent", "scp", "-q", "-P", "2222", "-i", os.path.join(WORK, "clientkey"),
-                                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                                   "-l", "150000", f"root@127.0.0.1:{src}", dst),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait(lambda: os.path.exists(dst) and os.path.getsize(dst) > (1 << 20), 30, step=0.05), "scp never started"
-        t0 = time.time()
-        at = os.path.getsize(dst)
-        procs["agent"]["proc"].send_signal(signal.SIGTERM)
-        _, err = scp.communicate(timeout=120)
-        took = time.time() - t0
-        code = procs["agent"]["proc"].wait(timeout=60)
-        same = hashlib.sha256(open(dst, "rb").read()).hexdigest() == h.hexdigest()
-        line = (f"SIGTERM at {at / 1048576:.1f} of 64 MiB; scp exit {scp.returncode} {err.strip()!r}, "
-                f"finished {took:.2f} s later, sha256 {'match' if same else 'MISMATCH'}; agent exit {code}")
-        assert scp.returncode == 0 and same, line
-        assert code == 0, line
-        return line
-    c16()
-
-    @case("17. a bulk UDP flow on a congested 10 Mbit/s uplink leaves DNS on the same connection answered "
+    @case("16. a bulk UDP flow on a congested 10 Mbit/s uplink leaves DNS on the same connection answered "
           "(iperf3 -u -b 40M -l 1200 beside dig every 50 ms): >= 95 % of the queries, median <= 400 ms")
-    def c17():
+    def c16():
         links = [veth("agent", r) for r in ["relay-a", "relay-b"]]
-        dstop, dout = os.path.join(WORK, "dig17.stop"), os.path.join(WORK, "dig17.out")
+        dstop, dout = os.path.join(WORK, "dig16.stop"), os.path.join(WORK, "dig16.out")
         fair_before = metric("agent", "ztna_agent_udp_dropped_total", 'reason="send_buffer_full"') or 0
         # A short queue: the uplink drops what it cannot send, so QUIC's congestion control (not a
         # growing kernel queue) limits the connection, and its datagram buffer fills.
@@ -771,6 +744,34 @@ def main():
         assert answered >= 0.95 * len(digs), line
         assert median <= 0.4, line
         assert len(digs) >= 15, line
+        return line
+    c16()
+
+    # Last: it stops the agent.
+    @case("17. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
+    def c17():
+        src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
+        h = hashlib.sha256()
+        with open(src, "wb") as f:
+            for _ in range(64):
+                chunk = os.urandom(1 << 20)
+                h.update(chunk); f.write(chunk)
+        scp = subprocess.Popen(nsx("agent", "scp", "-q", "-P", "2222", "-i", os.path.join(WORK, "clientkey"),
+                                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                   "-l", "150000", f"root@127.0.0.1:{src}", dst),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait(lambda: os.path.exists(dst) and os.path.getsize(dst) > (1 << 20), 30, step=0.05), "scp never started"
+        t0 = time.time()
+        at = os.path.getsize(dst)
+        procs["agent"]["proc"].send_signal(signal.SIGTERM)
+        _, err = scp.communicate(timeout=120)
+        took = time.time() - t0
+        code = procs["agent"]["proc"].wait(timeout=60)
+        same = hashlib.sha256(open(dst, "rb").read()).hexdigest() == h.hexdigest()
+        line = (f"SIGTERM at {at / 1048576:.1f} of 64 MiB; scp exit {scp.returncode} {err.strip()!r}, "
+                f"finished {took:.2f} s later, sha256 {'match' if same else 'MISMATCH'}; agent exit {code}")
+        assert scp.returncode == 0 and same, line
+        assert code == 0, line
         return line
     c17()
 
