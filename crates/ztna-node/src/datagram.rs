@@ -59,11 +59,7 @@ pub fn send_fair(fair: &Fair, meter: &FlowMeter, conn: &quinn::Connection, d: By
     let occupied = |space: usize| fair.capacity.saturating_sub(space) as u64;
     let space = conn.datagram_send_buffer_space();
     let class = fair.offer(meter, len, occupied(space));
-    let sent = send_if(conn, d, space, |space| match class {
-        Class::Small => true,
-        Class::Bulk => occupied(space) < fair.bulk_limit.load(Ordering::Relaxed),
-        Class::Heavy => occupied(space) < fair.heavy_limit.load(Ordering::Relaxed),
-    });
+    let sent = send_if(conn, d, space, |space| occupied(space) < fair.limit(class));
     if sent == Sent::Queued {
         fair.queued.fetch_add(len, Ordering::Relaxed);
     }
@@ -131,9 +127,9 @@ pub struct Fair {
     mark_ms: AtomicU64,
     mark_queued: AtomicU64,
     mark_occupied: AtomicU64,
-    /// The occupancy below which a bulk / a heavy flow's datagram is queued.
-    bulk_limit: AtomicU64,
-    heavy_limit: AtomicU64,
+    /// What the path carried, in bytes a second, while a queue stood at the last measurement
+    /// (`u64::MAX`: none stood); the classes' limits follow from it ([`Fair::limit`]).
+    drain: AtomicU64,
 }
 
 /// One flow's offered bytes on a [`Fair`] connection (its own, whichever task sends them).
@@ -164,8 +160,7 @@ impl Fair {
             mark_ms: AtomicU64::new(0),
             mark_queued: AtomicU64::new(0),
             mark_occupied: AtomicU64::new(0),
-            bulk_limit: AtomicU64::new(capacity as u64),
-            heavy_limit: AtomicU64::new((capacity / 2) as u64),
+            drain: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -221,8 +216,22 @@ impl Fair {
         }
     }
 
-    /// At a window's close: the rate at which the buffer drained since the last one (what the
-    /// path carried, if a queue stood), and from it the queues bulk and heavy flows may build.
+    /// The occupancy below which a datagram of a flow of `class` is queued.
+    fn limit(&self, class: Class) -> u64 {
+        let (queue, ceiling) = match class {
+            Class::Small => return u64::MAX,
+            Class::Bulk => (BULK_QUEUE, self.capacity as u64),
+            Class::Heavy => (HEAVY_QUEUE, (self.capacity / 2) as u64),
+        };
+        match self.drain.load(Ordering::Relaxed) {
+            u64::MAX => ceiling,
+            per_s => (per_s.saturating_mul(queue.as_millis() as u64) / 1000)
+                .clamp(QUEUE_MIN, ceiling.max(QUEUE_MIN)),
+        }
+    }
+
+    /// At a window's close: the rate at which the buffer drained since the last one, which is
+    /// what the path carried if a queue stood.
     fn measure_path(&self, ms: u64, occupied: u64) {
         let since = ms.saturating_sub(self.mark_ms.load(Ordering::Relaxed));
         if since < WINDOW.as_millis() as u64 / 2 {
@@ -234,20 +243,14 @@ impl Fair {
         let queued = self.queued.load(Ordering::Relaxed);
         let came = queued.saturating_sub(self.mark_queued.swap(queued, Ordering::Relaxed));
         let was = self.mark_occupied.swap(occupied, Ordering::Relaxed);
-        let (full, half) = (self.capacity as u64, (self.capacity / 2) as u64);
         // Below half the floor (not the floor itself, which a flow held at the floor hovers
         // around): the path keeps up, no limit but the buffer's.
-        if occupied < QUEUE_MIN / 2 {
-            self.bulk_limit.store(full, Ordering::Relaxed);
-            self.heavy_limit.store(half, Ordering::Relaxed);
-            return;
-        }
-        let left = (was + came).saturating_sub(occupied);
-        let sent_in = |t: Duration| left * t.as_millis() as u64 / since;
-        let bulk = sent_in(BULK_QUEUE).clamp(QUEUE_MIN, full.max(QUEUE_MIN));
-        let heavy = sent_in(HEAVY_QUEUE).clamp(QUEUE_MIN, half.max(QUEUE_MIN));
-        self.bulk_limit.store(bulk, Ordering::Relaxed);
-        self.heavy_limit.store(heavy, Ordering::Relaxed);
+        let drain = if occupied < QUEUE_MIN / 2 {
+            u64::MAX
+        } else {
+            (was + came).saturating_sub(occupied) * 1000 / since
+        };
+        self.drain.store(drain, Ordering::Relaxed);
     }
 }
 
@@ -322,6 +325,25 @@ mod tests {
         assert_eq!(run(&f, &alike, 0..6), [Bulk, Bulk, Bulk]);
     }
 
+    /// `windows` 100 ms windows in which the buffer holds `occupied` at each end while
+    /// `per_window` more are queued (and as many sent by the path).
+    fn congested(
+        f: &Fair,
+        m: &FlowMeter,
+        windows: std::ops::Range<u64>,
+        per_window: u64,
+        occupied: u64,
+    ) {
+        for w in windows {
+            f.offer_at(w * 100, m, 1200, occupied);
+            f.queued.fetch_add(per_window, Ordering::Relaxed);
+        }
+    }
+
+    fn limits(f: &Fair) -> (u64, u64) {
+        (f.limit(Bulk), f.limit(Heavy))
+    }
+
     /// With a queue standing, a bulk flow's queue is what the path drained in 100 ms and a heavy
     /// one's in 20 ms: 125 KB and 64 KiB (the floor) on a 10 Mbit/s path, the floor for both on a
     /// 4 Mbit/s one, the buffer / half of it (the ceilings) on a fast one. Once no queue stands,
@@ -330,17 +352,8 @@ mod tests {
     fn bulk_and_heavy_queues_follow_what_the_path_carries() {
         let limits_at = |bytes_per_s: u64, occupied: u64| {
             let f = fair();
-            let m = FlowMeter::default();
-            // Each 100 ms window: the buffer holds `occupied` at its end while `bytes_per_s / 10`
-            // more are queued (and as many sent by the path).
-            for w in 0..5u64 {
-                f.offer_at(w * 100, &m, 1200, occupied);
-                f.queued.fetch_add(bytes_per_s / 10, Ordering::Relaxed);
-            }
-            (
-                f.bulk_limit.load(Ordering::Relaxed),
-                f.heavy_limit.load(Ordering::Relaxed),
-            )
+            congested(&f, &FlowMeter::default(), 0..5, bytes_per_s / 10, occupied);
+            limits(&f)
         };
         assert_eq!(limits_at(1_250_000, 600_000), (125_000, QUEUE_MIN));
         assert_eq!(limits_at(500_000, 600_000), (QUEUE_MIN, QUEUE_MIN));
@@ -359,26 +372,17 @@ mod tests {
     fn a_late_sender_does_not_reopen_a_closed_window() {
         let f = fair();
         let m = FlowMeter::default();
-        for w in 0..4u64 {
-            f.offer_at(w * 100, &m, 1200, 600_000);
-            f.queued.fetch_add(125_000, Ordering::Relaxed);
-        }
-        let state = || {
-            (
-                f.window.load(Ordering::Relaxed),
-                f.bulk_limit.load(Ordering::Relaxed),
-                f.heavy_limit.load(Ordering::Relaxed),
-            )
-        };
-        assert_eq!(state(), (3, 125_000, QUEUE_MIN));
+        congested(&f, &m, 0..4, 125_000, 600_000);
+        let state = || (f.window.load(Ordering::Relaxed), limits(&f));
+        assert_eq!(state(), (3, (125_000, QUEUE_MIN)));
         // Window 3 was closed at 300 ms; a sender still at 299 ms comes in late.
         f.offer_at(299, &m, 1200, 600_000);
-        assert_eq!(state(), (3, 125_000, QUEUE_MIN));
+        assert_eq!(state(), (3, (125_000, QUEUE_MIN)));
         // A close 20 ms after the last measurement (as after a late close) measures nothing: over
         // so short a time, nothing queued would read as a path that carries nothing.
         f.mark_ms.store(380, Ordering::Relaxed);
         f.offer_at(400, &m, 1200, 600_000);
-        assert_eq!(state(), (4, 125_000, QUEUE_MIN));
+        assert_eq!(state(), (4, (125_000, QUEUE_MIN)));
     }
 
     #[test]
