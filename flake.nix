@@ -67,7 +67,18 @@
             # crane's default; spelled out because `cargoExtraArgs` below replaces it.
             cargoExtraArgs = "--locked";
           };
-          cargoArtifacts = craneLib.buildDepsOnly commonArgs;
+          cargoArtifacts = craneLib.buildDepsOnly (
+            commonArgs
+            // {
+              # crane replaces the sources of every crate it finds with dummies before building
+              # the dependencies; vendor/quinn-proto (patched quinn-proto, vendor/README.md) is a
+              # dependency of quinn, which would not build against a dummy.
+              extraDummyScript = ''
+                rm -rf $out/vendor/quinn-proto
+                cp -r --no-preserve=mode ${./vendor/quinn-proto} $out/vendor/quinn-proto
+              '';
+            }
+          );
           # Generating completions and man pages runs the binary: only where the build platform
           # can execute it (not when cross-compiling).
           docs =

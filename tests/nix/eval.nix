@@ -325,6 +325,26 @@ let
       ++ [ (expect (self.packages.x86_64-linux.ztna-intermediate-image.tag == workspaceVersion) "image tag ${workspaceVersion}") ])
       "packages and image tags carry the workspace version ${workspaceVersion}; every crate builds with --locked";
 
+    # A [patch.crates-io] crate is a dependency of registry crates (quinn needs quinn-proto): the
+    # dependency build, in which crane replaces the sources of every crate it finds with dummies,
+    # must get its real source back.
+    patched-deps =
+      let
+        cargo = builtins.fromTOML (builtins.readFile (repo + "/Cargo.toml"));
+        patched = lib.mapAttrsToList (_: d: d.path) (cargo.patch."crates-io" or { });
+        script = self.packages.x86_64-linux.ztna-intermediate.cargoArtifacts.extraDummyScript or "";
+      in
+      ok
+        ([ (expect (patched != [ ]) "Cargo.toml patches crates.io (vendor/quinn-proto)") ]
+          ++ map
+          (p: [
+            (expect (builtins.pathExists (repo + "/${p}/Cargo.toml")) "${p}/Cargo.toml exists")
+            (expect (hasInfix "$out/${p}" script) "the dependency build restores ${p} (extraDummyScript: ${script})")
+            (expect (builtins.elem p (cargo.workspace.exclude or [ ])) "${p} is not a workspace member")
+          ])
+          patched)
+        "the dependency build keeps the real source of ${toString patched} (Cargo.toml [patch.crates-io]), which is not a workspace member";
+
     completions =
       let
         native = self.packages.x86_64-linux;

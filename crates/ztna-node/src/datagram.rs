@@ -26,9 +26,9 @@
 //! it delivered while recovering from a lossy burst, in `ztna-bench --mode udp`; 100 ms costs
 //! nothing there.)
 //!
-//! quinn writes queued datagrams into a packet before stream data, so while a datagram queue
-//! stands the connection's TCP flows get only what room packets have left; a short queue does
-//! not change that (see the README's known limitations).
+//! Upstream quinn writes queued datagrams into a packet before stream data, so while a datagram
+//! queue stood the connection's TCP flows got only the room packets had left; our quinn-proto
+//! (`vendor/README.md`) lets the two take turns.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -194,3 +194,138 @@ async fn a_bulk_udp_flow_does_not_starve_a_query_flow_on_a_congested_path() {
     c.daemon.shutdown().await;
     im.daemon.shutdown().await;
 }
+
+/// A TCP backend that sends zeros to every client as fast as it reads them (a download).
+async fn tcp_source() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let chunk = [0u8; 16 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Reads from `s` until `stop`, counting into `n`.
+async fn count_into(mut s: tokio::net::TcpStream, n: Arc<AtomicU64>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(k) = s.read(&mut buf).await {
+        if k == 0 {
+            break;
+        }
+        n.fetch_add(k as u64, Ordering::Relaxed);
+    }
+}
+
+/// The same 2.5 MB/s path between connector and intermediate carries a TCP download (scp, a
+/// package mirror) and a bulk UDP flow at almost five times the path's rate. quinn writes queued
+/// datagrams into each packet before stream data, so while the UDP flow keeps a queue the
+/// download would get only the room packets have left (a seventh of them with 1200-byte
+/// datagrams). Both must get a fair part of the path: each at least a quarter of what the path
+/// carried for the two, and the download at least a third of what it got alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_udp_flow_does_not_starve_a_tcp_download_on_the_same_connection() {
+    logs();
+    let pki = Pki::new();
+    let (source, _s) = tcp_source().await;
+    let (bulk, _b) = blaster().await;
+    let im = start_intermediate(&pki, open_policy(&["files", "bulk"]));
+    let path = ztna_integration::proxy::start(im.addr, Duration::from_millis(5))
+        .await
+        .unwrap();
+    path.set_rate(2_500_000);
+    let mut c = start_connector(
+        &pki,
+        "c-1",
+        &[path.addr],
+        &[("files", Some(source), None), ("bulk", None, Some(bulk))],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent(
+        &pki,
+        "alice",
+        &[im.addr],
+        &[
+            ("files", ForwardProtocol::Tcp),
+            ("bulk", ForwardProtocol::Udp),
+        ],
+    )
+    .await;
+    a.wait_status("files", ServiceState::Available).await;
+    a.wait_status("bulk", ServiceState::Available).await;
+
+    let tcp_bytes = Arc::new(AtomicU64::new(0));
+    let download = tokio::net::TcpStream::connect(a.port("files", Protocol::Tcp))
+        .await
+        .unwrap();
+    let reader_tcp = tokio::spawn(count_into(download, tcp_bytes.clone()));
+    // The download alone, once it is past slow start.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t = tcp_bytes.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let alone = (tcp_bytes.load(Ordering::Relaxed) - t) as f64 / 2.0;
+
+    let b = Arc::new(UdpSocket::bind(loopback0()).await.unwrap());
+    b.connect(a.port("bulk", Protocol::Udp)).await.unwrap();
+    let udp_bytes = Arc::new(AtomicU64::new(0));
+    let reader_udp = {
+        let (b, udp_bytes) = (b.clone(), udp_bytes.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok(n) = b.recv(&mut buf).await {
+                udp_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let mut next_bulk = t0;
+    let mut counted = None;
+    while t0.elapsed() < Duration::from_secs(4) {
+        // Measure over the last 3 s, once the UDP flow's queue stands.
+        if counted.is_none() && t0.elapsed() >= Duration::from_secs(1) {
+            counted = Some((
+                Instant::now(),
+                tcp_bytes.load(Ordering::Relaxed),
+                udp_bytes.load(Ordering::Relaxed),
+            ));
+        }
+        b.send(b"2000").await.unwrap();
+        next_bulk += Duration::from_millis(200);
+        tokio::time::sleep_until(next_bulk.into()).await;
+    }
+    let (since, tcp0, udp0) = counted.unwrap();
+    let secs = since.elapsed().as_secs_f64();
+    let tcp = (tcp_bytes.load(Ordering::Relaxed) - tcp0) as f64 / secs;
+    let udp = (udp_bytes.load(Ordering::Relaxed) - udp0) as f64 / secs;
+    let both = tcp + udp;
+    println!(
+        "MEASURED over a 2.5 MB/s path: download alone {:.2} MB/s; beside bulk UDP (12 MB/s offered) download {:.2} MB/s, UDP {:.2} MB/s (download {:.2} of the two)",
+        alone / 1e6,
+        tcp / 1e6,
+        udp / 1e6,
+        tcp / both
+    );
+    assert!(
+        alone > 1_000_000.0,
+        "the download alone got only {alone:.0} B/s: the path or the test is broken"
+    );
+    assert!(
+        tcp >= both / 4.0 && tcp >= alone / 3.0,
+        "the UDP flow starved the download: {tcp:.0} B/s beside {udp:.0} B/s of UDP (alone {alone:.0})"
+    );
+    assert!(
+        udp >= both / 4.0,
+        "the download starved the UDP flow: {udp:.0} B/s beside {tcp:.0} B/s"
+    );
+    reader_tcp.abort();
+    reader_udp.abort();
+    a.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+    im.daemon.shutdown().await;
+}
