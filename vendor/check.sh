@@ -2,6 +2,8 @@
 # Proves that vendor/quinn-proto is quinn-proto 0.11.19 from crates.io (the checksum Cargo.lock
 # had before the patch) with vendor/quinn-proto.patch applied, and nothing else: downloads the
 # crate (or takes it from cargo's cache), checks it, patches a copy and compares.
+# With --test it then runs quinn-proto's own unit tests on vendor/quinn-proto (with the lock file
+# the crate shipped), so the patches are held to upstream's tests too.
 set -euo pipefail
 cd "$(dirname "$0")"
 version=0.11.19
@@ -28,3 +30,10 @@ if ! diff -r "$up" quinn-proto; then
   exit 1
 fi
 echo "vendor/quinn-proto = quinn-proto $version (sha256 ${sha256:0:16}…) + quinn-proto.patch ($(grep -c '^@@' quinn-proto.patch) hunks)"
+if [ "${1:-}" = "--test" ]; then
+  tar xzf "$crate" -C "$work" "quinn-proto-$version/Cargo.lock"
+  mkdir "$work/t" && cp -r quinn-proto "$work/t/" && cp "$up/Cargo.lock" "$work/t/quinn-proto/"
+  (cd "$work/t/quinn-proto" && CARGO_TARGET_DIR="$work/target" cargo test --quiet --lib --no-default-features \
+    --features rustls-ring,log 2>&1 | tail -3) | tee "$work/test.log"
+  grep -q "test result: ok" "$work/test.log" || { echo "vendor/check.sh: quinn-proto's own tests failed on vendor/quinn-proto"; exit 1; }
+fi

@@ -243,7 +243,7 @@ impl Endpoint {
                 }
                 RouteDatagramTo::Connection(ch) => Some(DatagramEvent::ConnectionEvent(
                     ch,
-                    ConnectionEvent(ConnectionEventInner::Datagram(event)),
+                    ConnectionEvent(ConnectionEventInner::Datagram(Box::new(event))),
                 )),
             }
         } else if event.first_decode.initial_header().is_some() {
@@ -678,7 +678,7 @@ impl Endpoint {
                 trace!(id = ch.0, icid = %dst_cid, "new connection");
 
                 for event in incoming_buffer.datagrams {
-                    conn.handle_event(ConnectionEvent(ConnectionEventInner::Datagram(event)))
+                    conn.handle_event(ConnectionEvent(ConnectionEventInner::Datagram(Box::new(event))))
                 }
 
                 Ok((ch, conn))

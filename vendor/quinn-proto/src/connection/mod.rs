@@ -1118,13 +1118,14 @@ impl Connection {
     pub fn handle_event(&mut self, event: ConnectionEvent) {
         use ConnectionEventInner::*;
         match event.0 {
-            Datagram(DatagramConnectionEvent {
-                now,
-                remote,
-                ecn,
-                first_decode,
-                remaining,
-            }) => {
+            Datagram(event) => {
+                let DatagramConnectionEvent {
+                    now,
+                    remote,
+                    ecn,
+                    first_decode,
+                    remaining,
+                } = *event;
                 // If this packet could initiate a migration and we're a client or a server that
                 // forbids migration, drop the datagram. This could be relaxed to heuristically
                 // permit NAT-rebinding-like migration.
@@ -3631,11 +3632,7 @@ impl Connection {
     #[cfg(test)]
     pub(crate) fn decode_packet(&self, event: &ConnectionEvent) -> Option<Vec<u8>> {
         let (first_decode, remaining) = match &event.0 {
-            ConnectionEventInner::Datagram(DatagramConnectionEvent {
-                first_decode,
-                remaining,
-                ..
-            }) => (first_decode, remaining),
+            ConnectionEventInner::Datagram(event) => (&event.first_decode, &event.remaining),
             _ => return None,
         };
 
