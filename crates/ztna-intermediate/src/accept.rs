@@ -229,14 +229,14 @@ pub(crate) async fn accept_loop(
                         p.in_progress.fetch_add(1, Ordering::AcqRel);
                         let held = validated.then(|| FromSource::new(&shared, source));
                         let guard = InProgress::new(&shared, held);
-                        tokio::spawn(handshake(shared.clone(), incoming, guard));
+                        tokio::spawn(handshake(shared.clone(), Box::new(incoming), guard));
                     }
                     Admit::Queue => {
                         shed.with_label_values(&["queued"]).inc();
                         p.queued.fetch_add(1, Ordering::AcqRel);
                         let waiting = Queued(shared.clone());
                         let held = FromSource::new(&shared, source);
-                        tokio::spawn(wait_for_slot(shared.clone(), incoming, waiting, held, max));
+                        tokio::spawn(wait_for_slot(shared.clone(), Box::new(incoming), waiting, held, max));
                     }
                     Admit::DropSource => {
                         shed.with_label_values(&["per_source"]).inc();
@@ -265,7 +265,7 @@ pub(crate) async fn accept_loop(
 /// dropped after [`QUEUE_WAIT`].
 async fn wait_for_slot(
     shared: Arc<Shared>,
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     waiting: Queued,
     held: FromSource,
     max: usize,
@@ -301,7 +301,9 @@ async fn wait_for_slot(
     }
 }
 
-async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, _in_progress: InProgress) {
+/// `incoming` is boxed: the task of an accepted connection lives as long as the connection, and
+/// an `Incoming` (384 bytes, twice over in the task's state) would take room in it all along.
+async fn handshake(shared: Arc<Shared>, incoming: Box<quinn::Incoming>, _in_progress: InProgress) {
     let remote = ztna_node::transport::canonical(incoming.remote_address());
     let handshakes = &shared.metrics.handshakes;
     let reloads = shared.reloads.load(Ordering::SeqCst);

@@ -225,8 +225,10 @@ impl Peer {
     }
 
     /// Queues a control message, waiting for room; false once the peer's session has ended.
-    pub async fn tell(&self, msg: ServerMsg) -> bool {
-        self.control.send(Box::new(msg)).await.is_ok()
+    pub fn tell(&self, msg: ServerMsg) -> impl std::future::Future<Output = bool> + '_ {
+        // Boxed before the first await: a waiting caller's task holds a pointer, not the message.
+        let msg = Box::new(msg);
+        async move { self.control.send(msg).await.is_ok() }
     }
 
     /// The certificate chain it authenticated with (the TLS session keeps it), or the one of its

@@ -134,12 +134,17 @@ pub(crate) async fn run(
         refuse(&conn, &mut send, codes::UNAUTHORIZED, &reason).await;
         return;
     }
-    let welcome = ServerMsg::Welcome {
-        version: PROTOCOL_REVISION,
-        identity: id.to_string(),
-        observed_addr: ztna_node::transport::canonical(conn.remote_address()),
+    // In a block: a message still in scope would take room in the session's task for as long
+    // as the connection lives.
+    let welcomed = {
+        let welcome = ServerMsg::Welcome {
+            version: PROTOCOL_REVISION,
+            identity: id.to_string(),
+            observed_addr: ztna_node::transport::canonical(conn.remote_address()),
+        };
+        write_frame(&mut send, &welcome).await.is_ok()
     };
-    if write_frame(&mut send, &welcome).await.is_err() {
+    if !welcomed {
         return;
     }
     if role == Role::Connector {
@@ -177,7 +182,9 @@ pub(crate) async fn run(
     info!(%software, "{role} connected");
     let why = match role {
         Role::Agent => agent(&shared, &peer, send, recv, rx, watch).await,
-        _ => connector(&shared, &peer, send, recv, rx).await,
+        // Boxed: a connector's session is the larger, and a relay holds few of them against
+        // thousands of agents.
+        _ => Box::pin(connector(&shared, &peer, send, recv, rx)).await,
     };
     // The session is what authorizes the connection (certificate expiry, CA reloads and the
     // per-identity limit all work on sessions): it never outlives it. Ended from the peer's side
@@ -211,7 +218,8 @@ async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: u32, reas
 /// Sends the peer's queued control messages, in order.
 async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<Box<ServerMsg>>) -> String {
     while let Some(msg) = rx.recv().await {
-        if let Err(e) = write_frame(&mut send, &msg).await {
+        // Boxed: an idle connection's task would otherwise keep room for a write it rarely makes.
+        if let Err(e) = Box::pin(write_frame(&mut send, &msg)).await {
             return format!("control stream write failed: {e}");
         }
     }
@@ -395,7 +403,7 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                     service,
                     reason: reason.clone(),
                 };
-                return say_then_close(peer, msg, codes::UNAUTHORIZED, &reason).await;
+                return Box::pin(say_then_close(peer, msg, codes::UNAUTHORIZED, &reason)).await;
             }
             Ok(Some(ClientMsg::DirectRequest { service, .. })) if !peer.direct_budget.take() => {
                 direct::over_budget(shared, peer, service);
@@ -426,7 +434,9 @@ async fn agent_control(shared: &Arc<Shared>, peer: &Arc<Peer>, mut recv: FramedR
                 signature,
             })) => {
                 let answer = renew(shared, peer, chain, scheme, &signature);
-                if !peer.tell(answer).await {
+                // Boxed, as every rare wait here: the task's state is as large as its largest
+                // wait, for as long as the connection lives.
+                if !Box::pin(peer.tell(answer)).await {
                     return lost(&peer.conn);
                 }
             }
