@@ -226,6 +226,16 @@ def real_servers(pki_dir):
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "sshd.log"), "w")), "role": "", "host": "backend", "config": ""}
 
 
+def random_file(path, mib):
+    """Writes `mib` MiB of random bytes to `path`; their sha256 (hex)."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk); f.write(chunk)
+    return h.hexdigest()
+
+
 def dig(name, *extra):
     return subprocess.run(nsx("agent", "dig", "@127.0.0.1", "-p", "5353", "+time=2", "+tries=2", *extra, name),
                           capture_output=True, text=True, timeout=30)
@@ -752,11 +762,7 @@ def main():
     def c17():
         links = [veth("agent", r) for r in ["relay-a", "relay-b"]]
         src, dst = os.path.join(WORK, "up.bin"), os.path.join(WORK, "up-got.bin")
-        h = hashlib.sha256()
-        with open(src, "wb") as f:
-            for _ in range(6):
-                chunk = os.urandom(1 << 20)
-                h.update(chunk); f.write(chunk)
+        want = random_file(src, 6)
         size = os.path.getsize(src)
         fair_before = metric("agent", "ztna_agent_udp_dropped_total", 'reason="send_buffer_full"') or 0
         for link in links:
@@ -787,7 +793,7 @@ def main():
         finally:
             for link in links:
                 run(*nsx("agent", "tc", "qdisc", "del", "dev", link, "root"), check=False)
-        same = os.path.exists(dst) and hashlib.sha256(open(dst, "rb").read()).hexdigest() == h.hexdigest()
+        same = os.path.exists(dst) and hashlib.sha256(open(dst, "rb").read()).hexdigest() == want
         rate = size * 8 / took
         fair = (metric("agent", "ztna_agent_udp_dropped_total", 'reason="send_buffer_full"') or 0) - fair_before
         line = (f"scp uploaded {size / 1048576:.0f} MiB in {took:.1f} s ({rate / 1e6:.2f} Mbit/s of the 10) beside iperf3 -u "
@@ -806,11 +812,7 @@ def main():
     @case("18. agent SIGTERM during an scp download: the transfer completes intact, the agent exits 0")
     def c18():
         src, dst = os.path.join(WORK, "big.bin"), os.path.join(WORK, "got.bin")
-        h = hashlib.sha256()
-        with open(src, "wb") as f:
-            for _ in range(64):
-                chunk = os.urandom(1 << 20)
-                h.update(chunk); f.write(chunk)
+        want = random_file(src, 64)
         scp = subprocess.Popen(nsx("agent", "scp", "-q", "-P", "2222", "-i", os.path.join(WORK, "clientkey"),
                                    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                                    "-l", "150000", f"root@127.0.0.1:{src}", dst),
@@ -822,7 +824,7 @@ def main():
         _, err = scp.communicate(timeout=120)
         took = time.time() - t0
         code = procs["agent"]["proc"].wait(timeout=60)
-        same = hashlib.sha256(open(dst, "rb").read()).hexdigest() == h.hexdigest()
+        same = hashlib.sha256(open(dst, "rb").read()).hexdigest() == want
         line = (f"SIGTERM at {at / 1048576:.1f} of 64 MiB; scp exit {scp.returncode} {err.strip()!r}, "
                 f"finished {took:.2f} s later, sha256 {'match' if same else 'MISMATCH'}; agent exit {code}")
         assert scp.returncode == 0 and same, line

@@ -50,6 +50,48 @@ fn full_drops(text: &str, name: &str) -> f64 {
     metric(text, name, &[("reason", "send_buffer_full")])
 }
 
+/// An intermediate whose connector reaches it over a 2.5 MB/s path (5 ms each way), serving
+/// `light` (name, TCP backend, UDP backend) and the UDP service "bulk" at `bulk`, and an agent
+/// forwarding both (`light` over `protocol`), both services available.
+async fn congested_chain(
+    pki: &Pki,
+    light: (
+        &str,
+        Option<std::net::SocketAddr>,
+        Option<std::net::SocketAddr>,
+    ),
+    protocol: ForwardProtocol,
+    bulk: std::net::SocketAddr,
+) -> (
+    IntermediateHandle,
+    ztna_integration::proxy::Proxy,
+    ConnectorHandle,
+    AgentHandle,
+) {
+    let im = start_intermediate(pki, open_policy(&[light.0, "bulk"]));
+    let path = ztna_integration::proxy::start(im.addr, Duration::from_millis(5))
+        .await
+        .unwrap();
+    path.set_rate(2_500_000);
+    let mut c = start_connector(
+        pki,
+        "c-1",
+        &[path.addr],
+        &[light, ("bulk", None, Some(bulk))],
+    );
+    c.wait_registered(1).await;
+    let mut a = start_agent(
+        pki,
+        "alice",
+        &[im.addr],
+        &[(light.0, protocol), ("bulk", ForwardProtocol::Udp)],
+    )
+    .await;
+    a.wait_status(light.0, ServiceState::Available).await;
+    a.wait_status("bulk", ServiceState::Available).await;
+    (im, path, c, a)
+}
+
 /// The connector reaches the intermediate over a 2.5 MB/s path (20 Mbit/s, 5 ms each way). A
 /// bulk UDP flow gets a steady 12 MB/s from its backend (almost five times the path)
 /// while a second flow of the same agent sends a 1000-byte query every 5 ms for 3 s. The queries' answers
@@ -62,30 +104,8 @@ async fn a_bulk_udp_flow_does_not_starve_a_query_flow_on_a_congested_path() {
     let pki = Pki::new();
     let (echo, _seen, _e) = udp_echo().await;
     let (bulk, _b) = blaster().await;
-    let im = start_intermediate(&pki, open_policy(&["dns", "bulk"]));
-    let path = ztna_integration::proxy::start(im.addr, Duration::from_millis(5))
-        .await
-        .unwrap();
-    path.set_rate(2_500_000);
-    let mut c = start_connector(
-        &pki,
-        "c-1",
-        &[path.addr],
-        &[("dns", None, Some(echo)), ("bulk", None, Some(bulk))],
-    );
-    c.wait_registered(1).await;
-    let mut a = start_agent(
-        &pki,
-        "alice",
-        &[im.addr],
-        &[
-            ("dns", ForwardProtocol::Udp),
-            ("bulk", ForwardProtocol::Udp),
-        ],
-    )
-    .await;
-    a.wait_status("dns", ServiceState::Available).await;
-    a.wait_status("bulk", ServiceState::Available).await;
+    let (im, path, c, a) =
+        congested_chain(&pki, ("dns", None, Some(echo)), ForwardProtocol::Udp, bulk).await;
 
     let q = Arc::new(UdpSocket::bind(loopback0()).await.unwrap());
     q.connect(a.port("dns", Protocol::Udp)).await.unwrap();
@@ -235,30 +255,13 @@ async fn a_bulk_udp_flow_does_not_starve_a_tcp_download_on_the_same_connection()
     let pki = Pki::new();
     let (source, _s) = tcp_source().await;
     let (bulk, _b) = blaster().await;
-    let im = start_intermediate(&pki, open_policy(&["files", "bulk"]));
-    let path = ztna_integration::proxy::start(im.addr, Duration::from_millis(5))
-        .await
-        .unwrap();
-    path.set_rate(2_500_000);
-    let mut c = start_connector(
+    let (im, _path, c, a) = congested_chain(
         &pki,
-        "c-1",
-        &[path.addr],
-        &[("files", Some(source), None), ("bulk", None, Some(bulk))],
-    );
-    c.wait_registered(1).await;
-    let mut a = start_agent(
-        &pki,
-        "alice",
-        &[im.addr],
-        &[
-            ("files", ForwardProtocol::Tcp),
-            ("bulk", ForwardProtocol::Udp),
-        ],
+        ("files", Some(source), None),
+        ForwardProtocol::Tcp,
+        bulk,
     )
     .await;
-    a.wait_status("files", ServiceState::Available).await;
-    a.wait_status("bulk", ServiceState::Available).await;
 
     let tcp_bytes = Arc::new(AtomicU64::new(0));
     let download = tokio::net::TcpStream::connect(a.port("files", Protocol::Tcp))
