@@ -71,11 +71,13 @@
             commonArgs
             // {
               # crane replaces the sources of every crate it finds with dummies before building
-              # the dependencies; vendor/quinn-proto (patched quinn-proto, vendor/README.md) is a
-              # dependency of quinn, which would not build against a dummy.
+              # the dependencies; vendor/quinn-proto and vendor/quinn (patched, vendor/README.md)
+              # are dependencies, which would not build as dummies (nor build others against them).
               extraDummyScript = ''
                 rm -rf $out/vendor/quinn-proto
                 cp -r --no-preserve=mode ${./vendor/quinn-proto} $out/vendor/quinn-proto
+                rm -rf $out/vendor/quinn
+                cp -r --no-preserve=mode ${./vendor/quinn} $out/vendor/quinn
               '';
             }
           );

@@ -335,11 +335,11 @@ let
         script = self.packages.x86_64-linux.ztna-intermediate.cargoArtifacts.extraDummyScript or "";
       in
       ok
-        ([ (expect (patched != [ ]) "Cargo.toml patches crates.io (vendor/quinn-proto)") ]
+        ([ (expect (patched != [ ]) "Cargo.toml patches crates.io (vendor/quinn-proto, vendor/quinn)") ]
           ++ map
           (p: [
             (expect (builtins.pathExists (repo + "/${p}/Cargo.toml")) "${p}/Cargo.toml exists")
-            (expect (hasInfix "$out/${p}" script) "the dependency build restores ${p} (extraDummyScript: ${script})")
+            (expect (hasInfix "$out/${p}\n" script) "the dependency build restores ${p} (extraDummyScript: ${script})")
             (expect (builtins.elem p (cargo.workspace.exclude or [ ])) "${p} is not a workspace member")
           ])
           patched)

@@ -107,7 +107,7 @@ impl Intermediate {
             ztna_node::transport::restart_aware_endpoint_config(&identity),
             Some(server),
             socket,
-            ztna_node::gso::Runtime::shared(),
+            std::sync::Arc::new(quinn::TokioRuntime),
         )
         .map_err(bind_err)?;
         let ops = Ops::bind(config.ops_listen).map_err(|source| StartError::Ops {

@@ -129,8 +129,7 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     socket: std::net::UdpSocket,
 ) -> io::Result<quinn::Endpoint> {
-    // Segmentation offload for bulk senders only (crate::gso), as on the relay.
-    let runtime = crate::gso::Runtime::shared();
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
     let watched = Arc::new(Watched::new(runtime.wrap_udp_socket(socket)?)?);
     quinn::Endpoint::new_with_abstract_socket(config, server, watched, runtime)
 }

@@ -11,7 +11,6 @@ pub mod daemon;
 pub mod datagram;
 pub mod fdlimit;
 pub mod flows;
-pub mod gso;
 pub mod health;
 pub mod identity;
 pub mod io;

@@ -413,7 +413,7 @@ impl Endpoint {
                 reset_token: ResetToken::new(&*self.config.reset_key, id),
             });
         }
-        ConnectionEvent(ConnectionEventInner::NewIdentifiers(ids, now))
+        ConnectionEvent(ConnectionEventInner::NewIdentifiers(Box::new((ids, now))))
     }
 
     /// Generate a connection ID for `ch`

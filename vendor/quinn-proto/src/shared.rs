@@ -15,7 +15,8 @@ pub(crate) enum ConnectionEventInner {
     // hold 32 events, and an unboxed ~200-byte event made that 6.5 KiB of every idle connection.
     Datagram(Box<DatagramConnectionEvent>),
     /// New connection identifiers have been issued for the Connection
-    NewIdentifiers(Vec<IssuedCid>, Instant),
+    // Boxed (ztna patch), so that the event is two words: see `Datagram`.
+    NewIdentifiers(Box<(Vec<IssuedCid>, Instant)>),
 }
 
 /// Variant of [`ConnectionEventInner`].
