@@ -45,7 +45,7 @@ done
 
 if [ "${1:-}" = "--test" ]; then
   for entry in "${crates[@]}"; do
-    read -r name version sha256 features <<<"$entry"
+    read -r name _ _ features <<<"$entry"
     t="$work/t/$name"
     mkdir -p "$t" && cp -r "$name/." "$t/" && cp "$work/$name.lock" "$t/Cargo.lock"
     # quinn's tests run against the patched quinn-proto, as the workspace builds it.
